@@ -1,0 +1,52 @@
+"""Command line entry point. Subcommands are discovered from `MedDiffFMLib.commands`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+from typing import List, Optional
+
+from . import __version__, commands
+from .errors import Cancelled, MedDiffFMError
+
+log = logging.getLogger("MedDiffFMLib")
+
+
+def _command_modules():
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            yield importlib.import_module(f"{commands.__name__}.{info.name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m MedDiffFMLib",
+        description="MedDiffFM: 3D CT diffusion foundation model (synthesis, denoising, anomaly "
+        "detection, super-resolution, lesion generation and inpainting).",
+    )
+    parser.add_argument("--version", action="version", version=f"MedDiffFMLib {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="TASK")
+    sub.required = True
+    for module in _command_modules():
+        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        return int(args._run(args) or 0)
+    except Cancelled:
+        print("error: cancelled; no output was written", file=sys.stderr)
+        return 130
+    except MedDiffFMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,1 @@
+"""One CLI subcommand per module. Each module defines NAME, HELP, add_arguments(parser), run(args)."""

@@ -1,0 +1,37 @@
+"""Shared test fixtures: where the real CT data lives, and torch kept to one thread per worker."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CT_DATA = Path(os.environ.get("MEDDIFFFM_CT_DATA", REPO.parent / "shared" / "data" / "ct"))
+
+if not (CT_DATA / "MANIFEST.md").exists():
+    raise RuntimeError(
+        f"Real CT test data not found at {CT_DATA}. Set MEDDIFFFM_CT_DATA to the folder holding "
+        "MANIFEST.md (../shared/data/ct next to the repository)."
+    )
+
+# Paths to cases used across the suite (see MANIFEST.md for their licences and geometry).
+CHEST_NRRD = CT_DATA / "pyradiomics_lung1" / "lung1_image.nrrd"
+CHEST_NODULE_NRRD = CT_DATA / "pyradiomics_lung1" / "lung1_label.nrrd"
+ABDOMEN_SMALL_NII = CT_DATA / "totalsegmentator" / "example_ct_sm" / "example_ct_sm.nii.gz"
+ABDOMEN_NII = CT_DATA / "totalsegmentator" / "example_ct" / "example_ct.nii.gz"
+ABDOMEN_TOTALSEG_NII = CT_DATA / "totalsegmentator" / "example_ct" / "example_seg_fast_force_split.nii.gz"
+LIMB_NII = CT_DATA / "ibsi_sts" / "STS_001" / "CT_image.nii.gz"
+LIMB_MASK_NII = CT_DATA / "ibsi_sts" / "STS_001" / "CT_mask.nii.gz"
+HEAD_TILTED_DICOM = CT_DATA / "dcm_qa_ct_ge_head" / "dicom"
+ABDOMEN_DICOM = CT_DATA / "mirp_crlm" / "CRLM-CT-1004" / "image"
+THREE_SLICE_DICOM = CT_DATA / "dcmqi_ct3slice" / "ct-3slice"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread_torch():
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(1)
