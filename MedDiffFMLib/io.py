@@ -1,0 +1,290 @@
+"""Reading and writing CT volumes and label maps with their geometry (SimpleITK underneath).
+
+Arrays are (z, y, x) as `SimpleITK.GetArrayFromImage` gives them; `spacing` and `origin` are (x, y, z)
+in mm (LPS) and `direction` is the row-major 3x3 matrix as 9 floats, exactly as SimpleITK stores them.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .validation import check_dimensions, check_mask, check_output_path, format_values
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: File name endings SimpleITK reads/writes as a single volume.
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+#: Default tolerance (mm for spacing/origin, unitless for direction cosines) for "same grid".
+#: NIfTI stores geometry as float32, so exact equality is too strict after a round trip.
+GRID_TOLERANCE = 1e-3
+
+
+@dataclass
+class Volume:
+    """A 3D image on a physical grid. `array` is (z, y, x); geometry tuples are SimpleITK's (x, y, z)."""
+
+    array: np.ndarray
+    spacing: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+    origin: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: Tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+    def __post_init__(self):
+        self.spacing = tuple(float(s) for s in self.spacing)
+        self.origin = tuple(float(o) for o in self.origin)
+        self.direction = tuple(float(d) for d in self.direction)
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def spacing_zyx(self) -> Tuple[float, float, float]:
+        """Spacing in array axis order, for code that works on `array` directly."""
+        return tuple(reversed(self.spacing))
+
+    def with_array(self, array: np.ndarray) -> "Volume":
+        """A new Volume on the same grid holding `array` (must have the same shape)."""
+        if tuple(array.shape) != self.shape:
+            raise ValueError(f"array shape {tuple(array.shape)} differs from the grid shape {self.shape}")
+        return Volume(array, self.spacing, self.origin, self.direction)
+
+    def to_sitk(self) -> sitk.Image:
+        image = sitk.GetImageFromArray(self.array)
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image, dtype=None) -> "Volume":
+        """Volume from a 3D scalar SimpleITK image; 2D, 4D and multi-component images are refused."""
+        if image.GetNumberOfComponentsPerPixel() != 1:
+            raise InputError(
+                f"the image has {image.GetNumberOfComponentsPerPixel()} components per voxel (colour or "
+                "vector image); MedDiffFM needs a single-channel (grey-value) CT volume")
+        check_dimensions(tuple(reversed(image.GetSize())))
+        array = sitk.GetArrayFromImage(image)
+        if dtype is not None:
+            array = array.astype(dtype, copy=False)
+        return cls(array, image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+
+    def grid_differences(self, other: "Volume", tol: float = GRID_TOLERANCE) -> List[str]:
+        """Human-readable list of how the grids of `self` and `other` differ (empty if they match)."""
+        diffs = []
+        if self.shape[-3:] != other.shape[-3:]:
+            diffs.append(f"size (z,y,x) {self.shape[-3:]} vs {other.shape[-3:]}")
+        for name in ("spacing", "origin", "direction"):
+            mine, theirs = np.asarray(getattr(self, name)), np.asarray(getattr(other, name))
+            if not np.allclose(mine, theirs, rtol=0.0, atol=tol):
+                diffs.append(f"{name} {format_values(mine)} vs {format_values(theirs)}")
+        return diffs
+
+    def same_grid(self, other: "Volume", tol: float = GRID_TOLERANCE) -> bool:
+        return not self.grid_differences(other, tol)
+
+
+def read_volume(path: PathLike) -> Volume:
+    """Read a CT as float32 HU: a NIfTI/NRRD/MHA file, a DICOM series folder or one file of a series.
+
+    A folder with several DICOM series gives the series with the most files (logged).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"input not found: {path}")
+    if path.is_dir():
+        image = _read_dicom_folder(path, series_id=None)
+    elif _is_dicom_file(path):
+        series_id = sitk.ImageFileReader()
+        series_id.SetFileName(str(path))
+        series_id.ReadImageInformation()
+        uid = series_id.GetMetaData("0020|000e").strip() if series_id.HasMetaDataKey("0020|000e") else None
+        image = _read_dicom_folder(path.parent, series_id=uid)
+    else:
+        image = _read_file(path)
+    return Volume.from_sitk(image, dtype=np.float32)
+
+
+def read_mask(path: PathLike, like: Volume) -> Volume:
+    """Read a label map (integer labels, 0 = background) that must lie on the grid of `like`.
+
+    Nothing is resampled: a mask on another grid is an error that says how the grids differ.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"mask not found: {path}")
+    image = _read_dicom_folder(path, None) if path.is_dir() else _read_file(path)
+    mask = Volume.from_sitk(image)
+    check_mask(mask, like, name=f"mask {path.name}")
+    return mask.with_array(as_label_array(mask.array, name=path.name))
+
+
+def as_label_array(array: np.ndarray, name: str = "mask") -> np.ndarray:
+    """Labels as the smallest fitting integer dtype; refuse fractional or negative values."""
+    if not np.issubdtype(array.dtype, np.integer):
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            raise InputError(
+                f"{name} holds non-integer values; a mask must be a label map (0 = background, "
+                "1, 2, ... = labels). Threshold or round it first.")
+    if array.size and array.min() < 0:
+        raise InputError(f"{name} holds negative labels (min {array.min()}); labels must be >= 0")
+    top = int(array.max()) if array.size else 0
+    dtype = np.uint8 if top <= np.iinfo(np.uint8).max else np.uint16 if top <= np.iinfo(np.uint16).max else np.int32
+    return array.astype(dtype)
+
+
+def write_volume(vol: Volume, path: PathLike, overwrite: bool = False,
+                 inputs: Iterable[PathLike] = ()) -> Path:
+    """Write `vol` atomically to a NIfTI/NRRD/MHA file; returns the path written.
+
+    Refuses an existing file unless `overwrite`, and always refuses any path listed in `inputs`.
+    """
+    path = Path(path)
+    if not path.name.lower().endswith(VOLUME_SUFFIXES):
+        raise InputError(f"cannot write {path.name}: use one of {', '.join(VOLUME_SUFFIXES)}")
+    check_output_path(path, inputs=inputs, overwrite=overwrite)
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(vol.to_sitk(), str(tmp), useCompression=True)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(final: PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `final` (same suffix); it replaces `final` only on success."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder -> os.replace is atomic; the temp name ends like `final` so writers pick the format.
+    tmp = final.parent / f".tmp-{uuid.uuid4().hex[:8]}-{final.name}"
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _read_file(path: Path) -> sitk.Image:
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(
+            f"cannot read {path} as an image ({_first_line(exc)}). Supported: NIfTI (.nii, .nii.gz), "
+            "NRRD (.nrrd), MetaImage (.mha/.mhd) files and DICOM series folders.") from None
+
+
+def _is_dicom_file(path: Path) -> bool:
+    if path.suffix.lower() in (".dcm", ".ima"):
+        return True
+    if path.name.lower().endswith(VOLUME_SUFFIXES):
+        return False
+    with open(path, "rb") as handle:
+        return handle.read(132)[128:132] == b"DICM"
+
+
+def _read_dicom_folder(folder: Path, series_id: Optional[str]) -> sitk.Image:
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series_ids:
+        raise InputError(
+            f"no DICOM series found in folder {folder}. Give a folder holding the DICOM files of one CT "
+            "series, or a NIfTI/NRRD/MHA file.")
+    files_by_series = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+                       for uid in series_ids}
+    if series_id is None or series_id not in files_by_series:
+        series_id = max(files_by_series, key=lambda uid: len(files_by_series[uid]))
+        if len(files_by_series) > 1:
+            log.info("%s holds %d DICOM series; reading the largest (%d files, SeriesInstanceUID %s)",
+                     folder, len(files_by_series), len(files_by_series[series_id]), series_id)
+    files = files_by_series[series_id]
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        image = _read_dicom_with_pydicom(files, exc)
+    _warn_irregular_slices(files)
+    return image
+
+
+def _warn_irregular_slices(files: Sequence[str]) -> None:
+    """Log gantry tilt and uneven slice gaps: SimpleITK then uses a mean spacing (geometry approximate)."""
+    if len(files) < 3:
+        return
+    positions, normal, tilt = [], None, 0.0
+    for name in files:
+        header = sitk.ImageFileReader()
+        header.SetFileName(name)
+        header.ReadImageInformation()
+        if not header.HasMetaDataKey("0020|0032") or not header.HasMetaDataKey("0020|0037"):
+            return
+        positions.append([float(v) for v in header.GetMetaData("0020|0032").split("\\")])
+        if normal is None:
+            cosines = [float(v) for v in header.GetMetaData("0020|0037").split("\\")]
+            normal = np.cross(cosines[:3], cosines[3:])
+            if header.HasMetaDataKey("0018|1120"):
+                tilt = float(header.GetMetaData("0018|1120") or 0.0)
+    gaps = np.diff(np.sort(np.asarray(positions) @ normal))
+    if abs(tilt) > 0.01:
+        log.warning("DICOM series has gantry tilt %.1f deg; slices are sheared and the geometry is "
+                    "approximate (no tilt correction applied)", tilt)
+    if gaps.size and gaps.max() - gaps.min() > 0.01 * max(gaps.mean(), 1e-6):
+        log.warning("DICOM slice gaps are uneven (%.2f..%.2f mm); SimpleITK assumes one mean spacing, "
+                    "so the z geometry is approximate", gaps.min(), gaps.max())
+
+
+def _read_dicom_with_pydicom(files: Sequence[str], sitk_error: Exception) -> sitk.Image:
+    """Fallback decoder for compressed transfer syntaxes (e.g. JPEG 2000) SimpleITK's GDCM cannot decode.
+
+    Geometry comes from SimpleITK's header reading; pixels from pydicom with pylibjpeg plugins.
+    """
+    try:
+        import pydicom
+    except ImportError:
+        pydicom = None
+    if pydicom is None:
+        raise InputError(_decoder_message(files[0], sitk_error)) from None
+    slices = []
+    for name in files:
+        ds = pydicom.dcmread(name)
+        try:
+            pixels = ds.pixel_array.astype(np.float32)
+        except Exception as exc:  # pydicom raises several types for a missing decoder plugin
+            raise InputError(_decoder_message(name, exc)) from None
+        slope = float(getattr(ds, "RescaleSlope", 1.0))
+        intercept = float(getattr(ds, "RescaleIntercept", 0.0))
+        slices.append(pixels * slope + intercept)
+    # File order from GetGDCMSeriesFileNames is already sorted along the slice normal.
+    image = sitk.GetImageFromArray(np.stack(slices))
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    last = pydicom.dcmread(files[-1], stop_before_pixels=True)
+    cosines = np.array([float(v) for v in first.ImageOrientationPatient])
+    normal = np.cross(cosines[:3], cosines[3:])
+    p0 = np.array([float(v) for v in first.ImagePositionPatient])
+    p1 = np.array([float(v) for v in last.ImagePositionPatient])
+    dz = float((p1 - p0) @ normal) / max(len(files) - 1, 1) or 1.0
+    row, col = (float(v) for v in first.PixelSpacing)
+    image.SetSpacing((col, row, abs(dz)))
+    image.SetOrigin(tuple(p0))
+    image.SetDirection(tuple(np.column_stack([cosines[:3], cosines[3:], normal * np.sign(dz)]).ravel()))
+    return image
+
+
+def _decoder_message(name: str, exc: Exception) -> str:
+    return (f"cannot decode the pixel data of DICOM file {name} ({_first_line(exc)}). Compressed DICOM "
+            "(JPEG 2000, JPEG-LS, JPEG lossless) needs decoder packages: pip install pydicom pylibjpeg "
+            "pylibjpeg-openjpeg pylibjpeg-libjpeg (or python-gdcm), then retry.")
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__

@@ -1,0 +1,133 @@
+"""Input checks shared by every task: is this a usable 3D CT, a usable mask, a safe output path?
+
+Hard problems raise `InputError` with what is wrong and what to do; softer ones come back as a list of
+warning strings that callers log or show.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, List, Sequence
+
+import numpy as np
+
+from .errors import InputError
+
+if TYPE_CHECKING:  # io imports this module; only type names are needed here
+    from .io import Volume
+
+log = logging.getLogger(__name__)
+
+#: Any CT region the model covers contains air (-1000 HU) or at least fat (about -100 HU).
+CT_MIN_EXPECTED_HU = -200.0
+#: Largest ratio of the coarsest to the finest voxel spacing accepted.
+MAX_ANISOTROPY = 20.0
+#: Spacing ratio above which results on the coarse axis are warned to be blurry.
+WARN_ANISOTROPY = 6.0
+#: Fewer voxels than this along an axis is too small for the network's patches.
+MIN_AXIS_VOXELS = 8
+
+
+def check_dimensions(shape_zyx: Sequence[int]) -> None:
+    """Refuse anything that is not a 3D volume with more than one voxel along each axis."""
+    shape = tuple(int(s) for s in shape_zyx)
+    if len(shape) == 2 or (len(shape) == 3 and min(shape) == 1):
+        raise InputError(
+            f"the image is 2D (size z,y,x = {shape}); MedDiffFM works on 3D CT volumes. Give the whole "
+            "series (DICOM folder) or a 3D NIfTI/NRRD file, not a single slice.")
+    if len(shape) == 4:
+        raise InputError(
+            f"the image is 4D (size {shape}); MedDiffFM needs one 3D CT volume. Split the time/channel "
+            "dimension and give one 3D volume.")
+    if len(shape) != 3:
+        raise InputError(f"the image has {len(shape)} dimensions (size {shape}); expected a 3D CT volume")
+
+
+def check_ct(vol: "Volume") -> List[str]:
+    """Raise InputError if `vol` is not a usable 3D CT in HU; return warnings for usable-but-odd input."""
+    warnings = []
+    check_dimensions(vol.array.shape)
+    if min(vol.array.shape) < MIN_AXIS_VOXELS:
+        raise InputError(
+            f"the volume is too thin (size z,y,x = {vol.array.shape}); at least {MIN_AXIS_VOXELS} voxels "
+            "are needed along every axis")
+    array = vol.array
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = int(array.size - np.count_nonzero(finite))
+        raise InputError(
+            f"the image has {bad} NaN or infinite voxels; replace them (e.g. with -1000 HU for air) "
+            "before running MedDiffFM")
+    _check_spacing(vol.spacing, warnings)
+    lo, hi = float(array.min()), float(array.max())
+    if lo > CT_MIN_EXPECTED_HU or hi - lo < 100.0:
+        raise InputError(
+            f"the intensities ({lo:.4g}..{hi:.4g}) do not look like CT in Hounsfield units: no voxel is "
+            f"below {CT_MIN_EXPECTED_HU:.0f} HU (air is -1000 HU, fat about -100 HU). MedDiffFM is for CT; "
+            "MR or intensity-normalised images cannot be used. If this is CT stored without its rescale "
+            "slope/intercept, convert it to HU first.")
+    if lo < -4000.0 or hi > 40000.0:
+        warnings.append(f"unusual intensity range {lo:.0f}..{hi:.0f} HU; values are clipped to the "
+                        "region window anyway")
+    for message in warnings:
+        log.warning(message)
+    return warnings
+
+
+def _check_spacing(spacing: Sequence[float], warnings: List[str]) -> None:
+    spacing = np.asarray(spacing, dtype=float)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise InputError(f"voxel spacing {format_values(spacing)} mm is invalid; every spacing must be > 0")
+    ratio = float(spacing.max() / spacing.min())
+    if ratio > MAX_ANISOTROPY:
+        raise InputError(
+            f"voxel spacing {format_values(spacing)} mm (x,y,z) is extremely anisotropic (ratio "
+            f"{ratio:.0f} > {MAX_ANISOTROPY:.0f}); this is not a usable 3D CT. Check the slice spacing "
+            "in the file header.")
+    if ratio > WARN_ANISOTROPY:
+        warnings.append(f"voxel spacing {format_values(spacing)} mm (x,y,z) is anisotropic (ratio {ratio:.1f}); "
+                        "detail along the coarse axis is limited")
+
+
+def format_values(values: Sequence[float]) -> str:
+    """`(0.5703, 0.5703, 5)`: short numbers for messages."""
+    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
+
+
+def check_mask(mask: "Volume", vol: "Volume", name: str = "mask") -> List[int]:
+    """Check a label map against its image; return the sorted nonzero labels present.
+
+    Refuses grid mismatch (size, spacing, origin, direction), non-integer or negative values and empty masks.
+    """
+    from .io import as_label_array
+
+    check_dimensions(mask.array.shape)
+    diffs = vol.grid_differences(mask)
+    if diffs:
+        raise InputError(
+            f"{name} is not on the grid of the image: " + "; ".join(diffs)
+            + ". Resample the mask onto the image with nearest-neighbour interpolation (e.g. 3D Slicer "
+            "'Resample Scalar/Vector/DWI Volume' or MedDiffFMLib.preprocess.resample_like) and retry.")
+    labels = np.unique(as_label_array(mask.array, name=name))
+    labels = [int(v) for v in labels if v != 0]
+    if not labels:
+        raise InputError(f"{name} is empty (no voxel above 0); draw or select a non-empty region")
+    return labels
+
+
+def check_output_path(out: "os.PathLike[str] | str", inputs: Iterable["os.PathLike[str] | str"] = (),
+                      overwrite: bool = False) -> None:
+    """Refuse writing onto an input, onto a folder, or onto an existing file unless `overwrite`."""
+    out = Path(out)
+    for source in inputs:
+        source = Path(source)
+        if out.resolve() == source.resolve() or (out.exists() and source.exists() and out.samefile(source)):
+            raise InputError(f"output {out} is an input file; choose another output path")
+        if source.is_dir() and source.resolve() in out.resolve().parents:
+            raise InputError(f"output {out} is inside the input folder {source}; choose another folder")
+    if out.is_dir():
+        raise InputError(f"output {out} is a folder; give a file name such as {out / 'result.nii.gz'}")
+    if out.exists() and not overwrite:
+        raise InputError(f"output {out} already exists; choose another name or allow overwriting "
+                         "(--overwrite)")
