@@ -1,0 +1,66 @@
+"""Everything the network sees besides the noisy image: anatomy, global position, voxel spacing.
+
+Channel order (see DESIGN.md): anatomy (cfg.anatomy encoding), 3 global coordinates (z, y, x),
+6L sin/cos encodings of them, 3 log2 effective voxel spacings (z, y, x) in mm.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .anatomy import AnatomySpec, encode_anatomy
+from .config import ModelConfig
+from .position import global_coords, positional_encoding
+
+
+def anatomy_spec(cfg: ModelConfig) -> AnatomySpec:
+    return AnatomySpec.from_dict(cfg.anatomy)
+
+
+def condition_channels(cfg: ModelConfig) -> int:
+    return anatomy_spec(cfg).num_channels + 3 + 6 * cfg.pe_frequencies + 3
+
+
+def assemble(cfg: ModelConfig, anatomy: torch.Tensor, coords: torch.Tensor,
+             spacing_zyx: Sequence[float]) -> torch.Tensor:
+    """Stack encoded anatomy (A, d, h, w), coordinates (3, d, h, w) and spacing into (C, d, h, w)."""
+    spacing = torch.log2(torch.as_tensor(spacing_zyx, dtype=torch.float32))
+    spacing = spacing.reshape(3, 1, 1, 1).expand((3,) + tuple(coords.shape[1:]))
+    return torch.cat([anatomy.float(), coords, positional_encoding(coords, cfg.pe_frequencies), spacing])
+
+
+class VolumeCondition:
+    """Condition channels for any window of a volume, built on demand (a full-volume stack would not fit).
+
+    `shape_zyx` is the grid being sampled; it may be a sub-box (at `offset_zyx`) of a larger volume of
+    `full_shape_zyx`, whose frame then defines the global coordinates (e.g. inpainting a bounding box).
+    `anatomy_labels` is a label map on the sampled grid (None: no anatomy given, channels are zero, as in
+    the training-time anatomy dropout).
+    """
+
+    def __init__(self, cfg: ModelConfig, shape_zyx: Sequence[int], spacing_zyx: Sequence[float],
+                 region: str, anatomy_labels: Optional[np.ndarray] = None,
+                 offset_zyx: Sequence[int] = (0, 0, 0), full_shape_zyx: Optional[Sequence[int]] = None):
+        self.cfg = cfg
+        self.shape = tuple(int(s) for s in shape_zyx)
+        self.spacing = tuple(float(s) for s in spacing_zyx)
+        self.region = cfg.region_index(region)
+        self.offset = tuple(int(o) for o in offset_zyx)
+        self.full_shape = tuple(int(s) for s in (full_shape_zyx or self.shape))
+        if anatomy_labels is not None and tuple(anatomy_labels.shape) != self.shape:
+            raise ValueError(f"anatomy label map {anatomy_labels.shape} does not match the grid {self.shape}")
+        self.labels = anatomy_labels
+        self.spec = anatomy_spec(cfg)
+
+    def window(self, start: Sequence[int], size: Sequence[int]) -> torch.Tensor:
+        """(C, d, h, w) condition for the box [start, start + size) of the sampled grid."""
+        box = tuple(slice(a, a + s) for a, s in zip(start, size))
+        if self.labels is None:
+            anatomy = torch.zeros((self.spec.num_channels,) + tuple(size))
+        else:
+            anatomy = torch.as_tensor(encode_anatomy(self.labels[box], self.spec))
+        g0 = [a + o for a, o in zip(start, self.offset)]
+        coords = global_coords(self.full_shape, g0, [a + s for a, s in zip(g0, size)], size)
+        return assemble(self.cfg, anatomy, coords, self.spacing)
