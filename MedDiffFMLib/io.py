@@ -74,7 +74,8 @@ class Volume:
             raise InputError(
                 f"the image has {image.GetNumberOfComponentsPerPixel()} components per voxel (colour or "
                 "vector image); MedDiffFM needs a single-channel (grey-value) CT volume")
-        check_dimensions(tuple(reversed(image.GetSize())))
+        if image.GetDimension() != 3:  # thin 3D volumes are valid here; check_ct refuses them for tasks
+            check_dimensions(tuple(reversed(image.GetSize())))
         array = sitk.GetArrayFromImage(image)
         if dtype is not None:
             array = array.astype(dtype, copy=False)

@@ -9,44 +9,36 @@ import SimpleITK as sitk
 from .errors import InputError
 from .io import Volume
 
-#: Coarse region classes (class label = index), as in the paper plus `other` for extremities/whole body.
-REGIONS = ("head_neck", "chest", "abdomen", "other")
-
-#: (level, width) in HU per region: the paper's windows; `other` uses the head-and-neck soft window.
-REGION_WINDOWS: Dict[str, Tuple[float, float]] = {
-    "head_neck": (50.0, 400.0),
-    "chest": (-500.0, 1800.0),
-    "abdomen": (60.0, 360.0),
-    "other": (50.0, 400.0),
-}
+# Regions and their paper windows live in config (the model config records them); re-exported here.
+from .config import PAPER_WINDOWS as REGION_WINDOWS, REGIONS  # noqa: E402,F401
 
 Window = Union[str, Sequence[float]]
 
 
 def as_window(window: Window) -> Tuple[float, float]:
-    """(level, width) from a region name or a (level, width) pair."""
+    """(lo, hi) HU bounds from a region name or an explicit (lo, hi) pair, e.g. (-160, 240)."""
     if isinstance(window, str):
         if window not in REGION_WINDOWS:
             raise InputError(f"unknown region {window!r}; choose one of {', '.join(REGIONS)}")
         return REGION_WINDOWS[window]
-    level, width = (float(v) for v in window)
-    if width <= 0:
-        raise InputError(f"window width must be > 0 HU, got {width}")
-    return level, width
+    low, high = (float(v) for v in window)
+    if high <= low:
+        raise InputError(f"a HU window is (lo, hi) with hi > lo, got ({low}, {high})")
+    return low, high
 
 
 def window_to_unit(hu, window: Window):
     """Clip HU to the window and map it linearly to [-1, 1] (numpy arrays, torch tensors or floats)."""
-    level, width = as_window(window)
-    low, high = level - width / 2.0, level + width / 2.0
+    low, high = as_window(window)
+    width = high - low
     clipped = hu.clip(low, high) if hasattr(hu, "clip") else min(max(hu, low), high)
     return (clipped - low) * (2.0 / width) - 1.0
 
 
 def unit_to_hu(x, window: Window):
     """Inverse of `window_to_unit` on the window's range: [-1, 1] back to HU (no clipping)."""
-    level, width = as_window(window)
-    return (x + 1.0) * (width / 2.0) + (level - width / 2.0)
+    low, high = as_window(window)
+    return (x + 1.0) * ((high - low) / 2.0) + low
 
 
 def resample(vol: Volume, spacing: Sequence[float] = (1.0, 1.0, 1.0), is_mask: bool = False) -> Volume:
@@ -85,3 +77,62 @@ def _resample_onto(vol: Volume, reference: sitk.Image, is_mask: bool) -> Volume:
         image = sitk.Cast(image, sitk.sitkFloat32)
     out = sitk.Resample(image, reference, sitk.Transform(), interpolator, fill)
     return Volume.from_sitk(out, dtype=vol.array.dtype if is_mask else np.float32)
+
+
+#: guess_region works on this isotropic spacing (mm): fast, and fine enough for whole-body features.
+REGION_GUESS_SPACING = 3.0
+#: Fraction of the body that is air/lung (threshold anatomy) above which a scan is called chest.
+CHEST_LUNG_FRACTION = 0.2
+#: Fraction of axial slices whose bone encloses most of the body (a skull) for head_neck.
+HEAD_SKULL_SLICE_FRACTION = 0.3
+#: Median axial body cross-section (cm^2) below which a scan is not a trunk (neck, head, limb).
+TRUNK_MIN_AREA_CM2 = 350.0
+
+
+def guess_region(vol: Volume) -> Tuple[str, str]:
+    """Guess the body region from the image; returns (region, a sentence saying how it decided).
+
+    Rules, in order, on threshold anatomy at 3 mm: lung air >= 20% of the body -> chest; bone enclosing
+    most of the body cross-section (a skull) in >= 30% of slices -> head_neck; a small cross-section
+    (< 350 cm^2) -> head_neck if it holds an airway, else other (limb); otherwise abdomen.
+    Crops that cut through the lungs (lung open to the image border) are not recognised as chest.
+    """
+    from scipy import ndimage
+
+    from .anatomy import threshold_anatomy
+
+    coarse = resample(vol, (REGION_GUESS_SPACING,) * 3)
+    labels = threshold_anatomy(coarse)
+    body = labels > 0
+    if not body.any():
+        return "other", "no body found above -500 HU; defaulting to 'other' (set the region yourself)"
+    lung_fraction = float(np.count_nonzero(labels == 1)) / np.count_nonzero(body)
+    if lung_fraction >= CHEST_LUNG_FRACTION:
+        return "chest", (f"chest: {lung_fraction:.0%} of the body is air/lung "
+                         f"(>= {CHEST_LUNG_FRACTION:.0%})")
+    slice_areas = body.sum(axis=(1, 2))
+    occupied = slice_areas > 0
+    skull_slices = 0
+    for bone, area in zip(labels[occupied] == 4, slice_areas[occupied]):
+        enclosed = ndimage.binary_fill_holes(ndimage.binary_closing(bone))
+        skull_slices += int(np.count_nonzero(enclosed) > 0.5 * area)
+    skull_fraction = skull_slices / int(np.count_nonzero(occupied))
+    if skull_fraction >= HEAD_SKULL_SLICE_FRACTION:
+        return "head_neck", (f"head_neck: bone encloses most of the body cross-section (a skull) in "
+                             f"{skull_fraction:.0%} of slices (>= {HEAD_SKULL_SLICE_FRACTION:.0%})")
+    pixel_cm2 = REGION_GUESS_SPACING ** 2 / 100.0
+    median_area = float(np.median(slice_areas[occupied])) * pixel_cm2
+    facts = (f"median body cross-section {median_area:.0f} cm^2, air/lung {lung_fraction:.0%} of the body, "
+             f"skull in {skull_fraction:.0%} of slices")
+    if median_area < TRUNK_MIN_AREA_CM2:
+        if lung_fraction >= 0.01 and not _touches_border(body):
+            return "head_neck", f"head_neck: small cross-section with an airway ({facts})"
+        return "other", f"other (extremity or crop): small cross-section, no lung, no skull ({facts})"
+    return "abdomen", f"abdomen: trunk-sized cross-section without much lung or a skull ({facts})"
+
+
+def _touches_border(body: np.ndarray) -> bool:
+    """True if the body reaches the in-plane image border in most slices (a cropped field of view)."""
+    edges = body[:, 0, :].any(1) | body[:, -1, :].any(1) | body[:, :, 0].any(1) | body[:, :, -1].any(1)
+    occupied = body.any(axis=(1, 2))
+    return bool(np.count_nonzero(edges & occupied) > 0.5 * np.count_nonzero(occupied))

@@ -1,0 +1,152 @@
+"""Anatomy label maps (the fine-grained condition of the network) and their channel encoding.
+
+Three sources:
+- `threshold`: download-free, always works: body mask + air/lung, fat, soft tissue, bone from HU.
+- `totalsegmentator`: the paper's 117 TotalSegmentator classes + a body class (118), used when the
+  TotalSegmentator package and its weights are installed.
+- `user`: a label map supplied by the user (e.g. exported from 3D Slicer), on the image grid.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+import numpy as np
+
+from .errors import InputError, ResourceError
+from .io import Volume, read_volume, write_volume
+
+log = logging.getLogger(__name__)
+
+#: Threshold-anatomy classes (0 = outside the body).
+THRESHOLD_CLASSES = {1: "air/lung", 2: "fat", 3: "soft tissue", 4: "bone"}
+#: Body = smoothed HU above this, largest connected component, holes filled per axial slice.
+BODY_HU = -500.0
+#: Separate parts at least this fraction of the largest one also count as body (legs, arms).
+BODY_PART_FRACTION = 0.1
+#: Upper HU bounds of air/lung, fat and soft tissue on the smoothed image; bone is above the last.
+TISSUE_UPPER_HU = (-300.0, -30.0, 250.0)
+#: Gaussian smoothing (mm) before thresholding, so low-dose noise does not speckle the classes.
+SMOOTHING_MM = 1.0
+
+#: TotalSegmentator v2 `total` task: 117 classes; MedDiffFM adds the rest of the body as class 118.
+TOTALSEG_CLASSES = 117
+TOTALSEG_BODY_LABEL = TOTALSEG_CLASSES + 1
+
+SOURCES = ("threshold", "totalsegmentator", "user")
+ENCODINGS = ("onehot", "binary")
+
+
+@dataclass
+class AnatomySpec:
+    """Which anatomy a model expects: its source, the number of classes K (labels 1..K) and the encoding.
+
+    Channel values are in {0, 1} for both encodings: `onehot` has one channel per class 1..K;
+    `binary` has ceil(log2(K + 1)) channels holding the bits of the label (least significant first).
+    Label 0 (outside the body) is all zeros in both.
+    """
+
+    source: str = "threshold"
+    encoding: str = "onehot"
+    num_classes: int = len(THRESHOLD_CLASSES)
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise InputError(f"unknown anatomy source {self.source!r}; choose one of {', '.join(SOURCES)}")
+        if self.encoding not in ENCODINGS:
+            raise InputError(f"unknown anatomy encoding {self.encoding!r}; choose one of {', '.join(ENCODINGS)}")
+        if self.num_classes < 1:
+            raise InputError(f"anatomy num_classes must be >= 1, got {self.num_classes}")
+
+    @property
+    def num_channels(self) -> int:
+        if self.encoding == "onehot":
+            return self.num_classes
+        return max(1, math.ceil(math.log2(self.num_classes + 1)))
+
+    def to_dict(self) -> Dict[str, Union[str, int]]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Union[str, int]]) -> "AnatomySpec":
+        return cls(source=str(data["source"]), encoding=str(data["encoding"]),
+                   num_classes=int(data["num_classes"]))
+
+
+def encode_anatomy(labels: np.ndarray, spec: AnatomySpec) -> np.ndarray:
+    """Label map (z, y, x) -> float32 channels (C, z, y, x) as declared by `spec`."""
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() > spec.num_classes):
+        raise InputError(f"anatomy labels span {labels.min()}..{labels.max()} but the model expects "
+                         f"0..{spec.num_classes} ({spec.source} anatomy)")
+    if spec.encoding == "onehot":
+        classes = np.arange(1, spec.num_classes + 1).reshape((-1,) + (1,) * labels.ndim)
+        return (labels[None] == classes).astype(np.float32)
+    bits = np.arange(spec.num_channels).reshape((-1,) + (1,) * labels.ndim)
+    return ((labels.astype(np.int64)[None] >> bits) & 1).astype(np.float32)
+
+
+def decode_anatomy(channels: np.ndarray, spec: AnatomySpec) -> np.ndarray:
+    """Inverse of `encode_anatomy` (channels thresholded at 0.5): (C, z, y, x) -> uint labels (z, y, x)."""
+    on = np.asarray(channels) > 0.5
+    if spec.encoding == "onehot":
+        labels = np.where(on.any(axis=0), on.argmax(axis=0) + 1, 0)
+    else:
+        weights = (1 << np.arange(on.shape[0])).reshape((-1,) + (1,) * (on.ndim - 1))
+        labels = (on * weights).sum(axis=0)
+    return labels.astype(np.uint8 if spec.num_classes < 256 else np.uint16)
+
+
+def _smoothed_hu(vol: Volume) -> np.ndarray:
+    from scipy import ndimage
+
+    sigma = [SMOOTHING_MM / s for s in vol.spacing_zyx]
+    return ndimage.gaussian_filter(vol.array.astype(np.float32), sigma=sigma, truncate=2.0)
+
+
+def body_mask(vol: Volume, smoothed: Optional[np.ndarray] = None) -> np.ndarray:
+    """Boolean (z, y, x) body mask: HU > -500 (smoothed), largest 3D parts, holes filled per axial slice."""
+    from scipy import ndimage
+
+    smoothed = _smoothed_hu(vol) if smoothed is None else smoothed
+    mask = smoothed > BODY_HU
+    # An in-plane opening cuts thin bridges (table, cables, blankets) before picking the largest part.
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    opened = ndimage.binary_opening(mask, structure=in_plane, iterations=2)
+    components, count = ndimage.label(opened)
+    if count == 0:
+        return np.zeros(mask.shape, bool)
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    # The largest component, plus parts nearly as big (the other leg, raised arms); drops table and noise.
+    keep = np.flatnonzero(sizes >= BODY_PART_FRACTION * sizes.max())
+    body = np.isin(components, keep)
+    # Holes per axial slice: lungs and bowel gas are enclosed in-plane, not in 3D (trachea, cropped ends).
+    return ndimage.binary_fill_holes(body, structure=in_plane)
+
+
+def threshold_anatomy(vol: Volume) -> np.ndarray:
+    """uint8 label map (z, y, x): 0 outside body, 1 air/lung, 2 fat, 3 soft tissue, 4 bone."""
+    smoothed = _smoothed_hu(vol)
+    body = body_mask(vol, smoothed)
+    labels = (np.digitize(smoothed, TISSUE_UPPER_HU) + 1).astype(np.uint8)
+    labels[~body] = 0
+    return labels
+
+
+def class_volumes_ml(labels: np.ndarray, spacing: Tuple[float, float, float],
+                     names: Optional[Dict[int, str]] = None) -> Dict[str, float]:
+    """Volume in ml of each nonzero label (keyed by name where `names` has one)."""
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    counts = np.bincount(labels.ravel().astype(np.int64))
+    names = names or {}
+    return {names.get(k, str(k)): round(float(counts[k]) * voxel_ml, 2)
+            for k in range(1, counts.size) if counts[k]}
