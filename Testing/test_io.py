@@ -1,0 +1,144 @@
+"""CT and mask I/O on the real cases: geometry round trips, DICOM series choice, atomic safe writing."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import (CHEST_NODULE_NRRD, CHEST_NRRD, HEAD_TILTED_DICOM, LIMB_MASK_NII, LIMB_NII,
+                      THREE_SLICE_DICOM)
+from MedDiffFMLib.errors import InputError
+from MedDiffFMLib.io import Volume, atomic_path, read_mask, read_volume, write_volume
+
+
+def assert_same_volume(a: Volume, b: Volume, atol: float = 1e-5):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a.spacing, b.spacing, atol=atol)
+    np.testing.assert_allclose(a.origin, b.origin, atol=atol)
+    np.testing.assert_allclose(a.direction, b.direction, atol=atol)
+    np.testing.assert_array_equal(a.array, b.array)
+
+
+@pytest.mark.parametrize("source, suffix", [
+    (CHEST_NRRD, ".nrrd"), (LIMB_NII, ".nii.gz"), (LIMB_NII, ".mha"),
+    (HEAD_TILTED_DICOM, ".nii.gz"),
+])
+def test_geometry_round_trip_on_real_cases(source, suffix, tmp_path):
+    original = read_volume(source)
+    # NIfTI keeps geometry in float32: allow its rounding, nothing more.
+    atol = 1e-6 if suffix in (".nrrd", ".mha") else 1e-4
+    first = read_volume(write_volume(original, tmp_path / f"a{suffix}"))
+    assert_same_volume(original, first, atol=atol)
+    second = read_volume(write_volume(first, tmp_path / f"b{suffix}"))
+    assert_same_volume(first, second, atol=1e-6)
+
+
+def test_read_volume_matches_manifest_and_simpleitk():
+    vol = read_volume(CHEST_NRRD)
+    assert vol.shape == (48, 512, 512) and vol.array.dtype == np.float32
+    np.testing.assert_allclose(vol.spacing, (0.5703125, 0.5703125, 5.0))
+    assert vol.spacing_zyx == (5.0, 0.5703125, 0.5703125)
+    assert (vol.array.min(), vol.array.max()) == (-1024.0, 3071.0)
+    np.testing.assert_array_equal(vol.array, sitk.GetArrayFromImage(sitk.ReadImage(str(CHEST_NRRD))))
+
+
+def test_gantry_tilted_head_series_loads_with_warning(caplog):
+    vol = read_volume(HEAD_TILTED_DICOM)
+    assert vol.shape == (28, 512, 512)
+    np.testing.assert_allclose(vol.spacing[:2], (0.4882812, 0.4882812), atol=1e-6)
+    assert (vol.array.min(), vol.array.max()) == (-1500.0, 2121.0)
+    assert "gantry tilt 18.5" in caplog.text
+
+
+def test_dicom_folder_with_two_series_reads_the_largest(tmp_path):
+    for source in (HEAD_TILTED_DICOM, THREE_SLICE_DICOM):
+        for f in source.iterdir():
+            shutil.copy(f, tmp_path / f"{source.parent.name}_{f.name}")
+    assert read_volume(tmp_path).shape == (28, 512, 512)
+    # One file of a series reads that whole series, even when it is the smaller one.
+    one_file = sorted(tmp_path.glob("dcmqi*"))[0]
+    assert read_volume(one_file).shape == (3, 512, 512)
+
+
+def test_jpeg2000_dicom_series_decodes_to_the_same_hu(tmp_path):
+    from pydicom import dcmread
+    from pydicom.uid import JPEG2000Lossless
+
+    for f in sorted(THREE_SLICE_DICOM.iterdir()):
+        ds = dcmread(f)
+        ds.compress(JPEG2000Lossless)
+        ds.save_as(tmp_path / f.name)
+    assert dcmread(next(tmp_path.iterdir())).file_meta.TransferSyntaxUID == JPEG2000Lossless
+    expected = read_volume(THREE_SLICE_DICOM)
+    assert_same_volume(read_volume(tmp_path), expected, atol=1e-4)
+
+
+def test_folder_without_dicom_and_unreadable_file_are_input_errors(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(InputError, match="no DICOM series"):
+        read_volume(tmp_path)
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"\x1f\x8b garbage")
+    with pytest.raises(InputError, match="cannot read"):
+        read_volume(broken)
+    with pytest.raises(InputError, match="not found"):
+        read_volume(tmp_path / "missing.nrrd")
+
+
+def test_read_mask_on_the_image_grid():
+    image = read_volume(LIMB_NII)
+    mask = read_mask(LIMB_MASK_NII, like=image)
+    assert mask.array.dtype == np.uint8 and set(np.unique(mask.array)) == {0, 1}
+    gtv_ml = mask.array.sum() * np.prod(mask.spacing) / 1000
+    assert gtv_ml == pytest.approx(365.3, rel=0.01)  # MANIFEST.md
+
+
+def test_read_mask_refuses_other_grid_and_fractions(tmp_path):
+    with pytest.raises(InputError, match="not on the grid.*size"):
+        read_mask(CHEST_NODULE_NRRD, like=read_volume(LIMB_NII))
+    limb = read_volume(LIMB_NII)
+    shifted = read_mask(LIMB_MASK_NII, like=limb)
+    shifted.origin = (shifted.origin[0] + 2.0,) + shifted.origin[1:]
+    write_volume(shifted, tmp_path / "shifted.nii.gz")
+    with pytest.raises(InputError, match="origin"):
+        read_mask(tmp_path / "shifted.nii.gz", like=limb)
+    fractional = limb.with_array(np.full(limb.shape, 0.5, np.float32))
+    write_volume(fractional, tmp_path / "soft.nii.gz")
+    with pytest.raises(InputError, match="non-integer"):
+        read_mask(tmp_path / "soft.nii.gz", like=limb)
+
+
+def test_write_volume_refuses_existing_and_input_paths(tmp_path):
+    vol = read_volume(LIMB_NII)
+    out = write_volume(vol, tmp_path / "out.nrrd")
+    before = out.read_bytes()
+    with pytest.raises(InputError, match="already exists"):
+        write_volume(vol.with_array(vol.array + 1), out)
+    assert out.read_bytes() == before
+    write_volume(vol.with_array(vol.array + 1), out, overwrite=True)
+    assert read_volume(out).array[0, 0, 0] == vol.array[0, 0, 0] + 1
+    with pytest.raises(InputError, match="is an input"):
+        write_volume(vol, out, overwrite=True, inputs=[out])
+    with pytest.raises(InputError, match="inside the input folder"):
+        write_volume(vol, HEAD_TILTED_DICOM / "x.nii.gz", inputs=[HEAD_TILTED_DICOM])
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    final = tmp_path / "result.nii.gz"
+    with pytest.raises(RuntimeError):
+        with atomic_path(final) as tmp:
+            assert tmp.parent == tmp_path and tmp.name.endswith(".nii.gz")
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("simulated crash")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_volume_helpers_keep_geometry():
+    vol = read_volume(LIMB_NII)
+    other = vol.with_array(np.zeros(vol.shape, np.uint8))
+    assert other.same_grid(vol) and other.array.dtype == np.uint8
+    with pytest.raises(ValueError):
+        vol.with_array(np.zeros((2, 2, 2)))
+    assert_same_volume(Volume.from_sitk(vol.to_sitk()), vol, atol=0)
