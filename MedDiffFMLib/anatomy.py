@@ -21,7 +21,8 @@ from typing import Dict, Optional, Tuple, Union
 import numpy as np
 
 from .errors import InputError, ResourceError
-from .io import Volume, read_volume, write_volume
+from .io import Volume, as_label_array, read_mask, read_volume, write_volume
+from .validation import check_mask
 
 log = logging.getLogger(__name__)
 
@@ -150,3 +151,82 @@ def class_volumes_ml(labels: np.ndarray, spacing: Tuple[float, float, float],
     names = names or {}
     return {names.get(k, str(k)): round(float(counts[k]) * voxel_ml, 2)
             for k in range(1, counts.size) if counts[k]}
+
+
+def totalsegmentator_problem(fast: bool = False) -> Optional[str]:
+    """None if TotalSegmentator and its `total` weights are installed, else what is missing and how to fix it."""
+    home = Path(os.environ.get("TOTALSEG_HOME_DIR", Path.home() / ".totalsegmentator"))
+    results = home / "nnunet" / "results"
+    # Weight folders of the `total` task: one 3 mm model for --fast, five 1.5 mm part models otherwise.
+    patterns = ["Dataset297_*"] if fast else [f"Dataset{n}_*" for n in range(291, 296)]
+    missing = []
+    if shutil.which("TotalSegmentator") is None:
+        missing.append("the TotalSegmentator package (command 'TotalSegmentator' not on PATH)")
+    absent = [p for p in patterns if not any(results.glob(p))]
+    if absent:
+        missing.append(f"its weights for the 'total' task ({', '.join(absent)} in {results})")
+    if not missing:
+        return None
+    task = "total_fast" if fast else "total"
+    return ("TotalSegmentator anatomy is unavailable: missing " + " and ".join(missing) + ". To install: "
+            f"pip install TotalSegmentator; on a machine with internet run 'totalseg_download_weights -t {task}', "
+            "copy its ~/.totalsegmentator folder to this machine and set TOTALSEG_HOME_DIR to that folder.")
+
+
+def totalsegmentator_anatomy(vol: Union[Volume, str, "os.PathLike[str]"], fast: bool = False,
+                             timeout_s: Optional[float] = None) -> np.ndarray:
+    """TotalSegmentator `total` labels 1..117 plus body (118) on the grid of `vol`, as uint8 (z, y, x).
+
+    Runs the TotalSegmentator command in a subprocess; raises ResourceError (with install instructions)
+    when the package or its weights are missing.
+    """
+    problem = totalsegmentator_problem(fast)
+    if problem:
+        raise ResourceError(problem)
+    vol = vol if isinstance(vol, Volume) else read_volume(vol)
+    with tempfile.TemporaryDirectory(prefix="meddifffm-totalseg-") as tmp:
+        image_path, seg_path = Path(tmp) / "ct.nii.gz", Path(tmp) / "seg.nii.gz"
+        write_volume(vol, image_path)
+        command = ["TotalSegmentator", "-i", str(image_path), "-o", str(seg_path), "--ml"]
+        if fast:
+            command.append("--fast")
+        log.info("running %s", " ".join(command))
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        if done.returncode != 0 or not seg_path.exists():
+            tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+            raise ResourceError("TotalSegmentator failed (exit %d): %s" % (done.returncode, " | ".join(tail)))
+        organs = read_mask(seg_path, like=vol).array
+    labels = organs.astype(np.uint8)
+    labels[(labels == 0) & body_mask(vol)] = TOTALSEG_BODY_LABEL
+    return labels
+
+
+def get_anatomy(vol: Volume, source: str = "auto",
+                user_labels: Union[Volume, np.ndarray, None] = None) -> Tuple[np.ndarray, str]:
+    """Anatomy label map for `vol` and the source actually used.
+
+    `auto`: the user's labels if given, else TotalSegmentator if installed, else threshold anatomy (logged).
+    An explicit source never falls back: a model conditioned on one source needs exactly that source.
+    """
+    if source == "auto":
+        if user_labels is not None:
+            source = "user"
+        else:
+            problem = totalsegmentator_problem()
+            if problem:
+                log.info("%s Using the download-free threshold anatomy instead.", problem)
+                source = "threshold"
+            else:
+                source = "totalsegmentator"
+    if source == "threshold":
+        return threshold_anatomy(vol), source
+    if source == "totalsegmentator":
+        return totalsegmentator_anatomy(vol), source
+    if source == "user":
+        if user_labels is None:
+            raise InputError("anatomy source 'user' needs a label map (user_labels / --anatomy-labels)")
+        if isinstance(user_labels, np.ndarray):
+            user_labels = vol.with_array(user_labels) if user_labels.shape == vol.shape else Volume(user_labels)
+        check_mask(user_labels, vol, name="anatomy label map")
+        return as_label_array(user_labels.array, name="anatomy label map"), source
+    raise InputError(f"unknown anatomy source {source!r}; choose auto or one of {', '.join(SOURCES)}")

@@ -6,11 +6,10 @@ from typing import Dict, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
+# Regions and their paper windows live in config (the model config records them); re-exported here.
+from .config import PAPER_WINDOWS as REGION_WINDOWS, REGIONS  # noqa: F401
 from .errors import InputError
 from .io import Volume
-
-# Regions and their paper windows live in config (the model config records them); re-exported here.
-from .config import PAPER_WINDOWS as REGION_WINDOWS, REGIONS  # noqa: E402,F401
 
 Window = Union[str, Sequence[float]]
 

@@ -1,0 +1,95 @@
+"""Resampling, HU windows and their inverse, and the body-region guess, on the real cases."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import (ABDOMEN_SMALL_NII, CHEST_NODULE_NRRD, CHEST_NRRD, HEAD_TILTED_DICOM, LIMB_NII)
+from MedDiffFMLib.errors import InputError
+from MedDiffFMLib.io import read_mask, read_volume
+from MedDiffFMLib.preprocess import (REGION_WINDOWS, REGIONS, guess_region, resample, resample_like,
+                                     unit_to_hu, window_to_unit)
+
+
+@pytest.fixture(scope="module")
+def chest():
+    return read_volume(CHEST_NRRD)
+
+
+def test_paper_windows():
+    assert REGIONS == ("head_neck", "chest", "abdomen", "other")
+    # (lo, hi) HU from the paper's level/width: L50/W400, L-500/W1800, L60/W360.
+    assert REGION_WINDOWS["head_neck"] == (-150, 250)
+    assert REGION_WINDOWS["chest"] == (-1400, 400)
+    assert REGION_WINDOWS["abdomen"] == (-120, 240)
+    assert window_to_unit(-1400.0, "chest") == -1.0
+    assert window_to_unit(-500.0, "chest") == 0.0
+    assert window_to_unit(400.0, "chest") == 1.0
+    assert window_to_unit(5000.0, (-120, 240)) == 1.0
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_window_inverse_is_identity_on_the_window(chest, region):
+    low, high = REGION_WINDOWS[region]
+    unit = window_to_unit(chest.array, region)
+    assert unit.dtype == np.float32 and unit.min() >= -1.0 and unit.max() <= 1.0
+    # Bone (3071 HU) saturates every window; air (-1024 HU) all but the chest window (lo -1400).
+    assert unit.max() == 1.0
+    assert unit.min() == pytest.approx(-1.0 if region != "chest" else (-1024 + 1400) / 900 - 1, abs=1e-6)
+    expected = np.clip(chest.array, low, high)
+    np.testing.assert_allclose(unit_to_hu(unit, region), expected, atol=1e-4 * (high - low))
+    x = np.linspace(-1, 1, 101)
+    np.testing.assert_allclose(window_to_unit(unit_to_hu(x, region), region), x, atol=1e-12)
+
+
+def test_window_on_torch_tensors_matches_numpy(chest):
+    hu = chest.array[20, ::8, ::8]
+    np.testing.assert_allclose(window_to_unit(torch.from_numpy(hu), "abdomen").numpy(),
+                               window_to_unit(hu, "abdomen"), atol=1e-6)
+
+
+def test_unknown_region_and_bad_window():
+    with pytest.raises(InputError, match="unknown region"):
+        window_to_unit(0.0, "pelvis")
+    with pytest.raises(InputError, match="hi > lo"):
+        window_to_unit(0.0, (40, 0))
+
+
+def test_resample_to_1mm_keeps_extent_and_hu(chest):
+    iso = resample(chest, (1.0, 1.0, 1.0))
+    assert iso.spacing == (1.0, 1.0, 1.0) and iso.origin == chest.origin and iso.direction == chest.direction
+    assert iso.shape == (240, 292, 292)  # round(48*5), round(512*0.5703)
+    # Same physical extent and the same tissue mix: mean HU within a few HU.
+    assert abs(float(iso.array.mean()) - float(chest.array.mean())) < 5.0
+
+
+def test_resample_mask_is_nearest_and_keeps_volume(chest):
+    nodule = read_mask(CHEST_NODULE_NRRD, like=chest)
+    iso = resample(nodule, (1.0, 1.0, 1.0), is_mask=True)
+    assert iso.array.dtype == nodule.array.dtype and set(np.unique(iso.array)) == {0, 1}
+    ml = lambda v: v.array.astype(bool).sum() * np.prod(v.spacing) / 1000  # noqa: E731
+    assert ml(nodule) == pytest.approx(1.4, rel=0.1)  # MANIFEST.md
+    assert ml(iso) == pytest.approx(ml(nodule), rel=0.15)
+
+
+def test_resample_back_to_the_original_grid():
+    limb = read_volume(LIMB_NII)
+    back = resample_like(resample(limb, (2.0, 2.0, 2.0)), limb)
+    assert back.same_grid(limb)
+    # Down- and up-sampling blurs edges only: the median error stays small against a 2400 HU range.
+    assert np.median(np.abs(back.array - limb.array)) < 15.0
+
+
+def test_resample_refuses_bad_spacing(chest):
+    with pytest.raises(InputError, match="positive"):
+        resample(chest, (1.0, 0.0, 1.0))
+
+
+@pytest.mark.parametrize("path, region", [
+    (CHEST_NRRD, "chest"), (ABDOMEN_SMALL_NII, "abdomen"), (HEAD_TILTED_DICOM, "head_neck"), (LIMB_NII, "other"),
+])
+def test_guess_region_on_real_cases(path, region):
+    guessed, reason = guess_region(read_volume(path))
+    assert guessed == region
+    assert reason.startswith(region) and "%" in reason
