@@ -1,0 +1,205 @@
+"""Sliding-window sampling of whole volumes with a patch-level denoiser.
+
+At every timestep the volume is covered by overlapping windows; the network's noise estimates of all
+windows are **averaged** voxel by voxel into one full-volume estimate (the paper's "smoothed noise
+estimates", after Oezdenizci et al.), and a single update is applied to the whole volume. Because x0 is
+linear in eps, averaging eps is the same as averaging the per-window x0 predictions.
+
+Borders: along each axis the last window is placed flush with the end, so every voxel is covered. An axis
+shorter than the window is padded at its far end (reflect where possible, else edge replication) for the
+network and cropped back afterwards; the condition channels are padded the same way.
+
+Hooks for tasks built on top (DiffPIR denoising, RePaint inpainting, ...):
+- `x0_transform(x0, t, t_prev) -> x0`: applied to the clamped x0 estimate before the update (data step);
+- `after_step(x_prev, t_prev, generator) -> x_prev`: applied after the update (e.g. paste the known
+  region noised to level t_prev), with the sampler's own seeded generator.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import diffusion
+from .conditioning import VolumeCondition, condition_channels
+from .diffusion import Schedule
+from .errors import ResourceError
+
+log = logging.getLogger(__name__)
+
+#: model_fn(x_t (B,1,d,h,w), t (B,) long, cond (B,C,d,h,w), region (B,) long) -> eps (B,1,d,h,w)
+ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Progress = Optional[Callable[[int, int], None]]
+
+#: Condition windows are kept (on the sampling device) between steps when they fit in this many bytes.
+CONDITION_CACHE_BYTES = 512 * 2 ** 20
+
+
+def window_starts(size: int, window: int, overlap: float) -> List[int]:
+    """Start indices of windows along one axis: stride window*(1-overlap), the last flush with the end.
+
+    An axis no longer than the window gets the single start 0 (the sampler pads it to the window).
+    """
+    if window < 1:
+        raise ValueError(f"window size must be >= 1, got {window}")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"window overlap must be in [0, 1), got {overlap}")
+    if size <= window:
+        return [0]
+    stride = max(1, int(round(window * (1.0 - overlap))))
+    starts = list(range(0, size - window, stride))
+    return starts + [size - window]
+
+
+def window_grid(shape: Sequence[int], window: int, overlap: float) -> List[Tuple[int, int, int]]:
+    """All window start corners (z, y, x) covering a volume of `shape`."""
+    per_axis = [window_starts(int(n), window, overlap) for n in shape]
+    return list(itertools.product(*per_axis))
+
+
+def _pad_end(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Pad the last three dims of a (N, C, d, h, w) tensor at their far ends up to `shape`."""
+    extra = [max(0, int(s) - n) for s, n in zip(shape, x.shape[-3:])]
+    if not any(extra):
+        return x
+    pads = []
+    for e in reversed(extra):  # F.pad lists the last dim first
+        pads += [0, e]
+    reflect_ok = all(e < n for e, n in zip(extra, x.shape[-3:]))
+    return F.pad(x, pads, mode="reflect" if reflect_ok else "replicate")
+
+
+class SlidingWindowSampler:
+    """Evaluate a patch denoiser over a whole volume and run reverse diffusion on it.
+
+    `model_fn` sees windows of `window`^3 voxels in batches of `batch_size`; `cond` provides each window's
+    condition channels and the body-region class. Network evaluation may run under autocast
+    (`autocast_dtype`, e.g. torch.bfloat16 on CUDA); averaging and all schedule maths stay float32/64.
+    """
+
+    def __init__(self, model_fn: ModelFn, cond: VolumeCondition, schedule: Schedule, window: int,
+                 overlap: float = 0.5, batch_size: int = 4, device: "torch.device | str" = "cpu",
+                 autocast_dtype: Optional[torch.dtype] = None):
+        if batch_size < 1:
+            raise ValueError(f"window batch size must be >= 1, got {batch_size}")
+        self.model_fn = model_fn
+        self.cond = cond
+        self.schedule = schedule
+        self.window = int(window)
+        self.batch_size = int(batch_size)
+        self.device = torch.device(device)
+        self.autocast_dtype = autocast_dtype
+        self.shape = tuple(cond.shape)
+        self.padded_shape = tuple(max(n, self.window) for n in self.shape)
+        self.starts = window_grid(self.shape, self.window, overlap)
+        self._region = torch.tensor(cond.region, dtype=torch.long, device=self.device)
+        self._cond_cache = None
+        cache_bytes = len(self.starts) * condition_bytes(cond, self.window)
+        if cache_bytes <= CONDITION_CACHE_BYTES:
+            self._cond_cache = [self._condition(s) for s in self.starts]
+
+    @property
+    def num_windows(self) -> int:
+        return len(self.starts)
+
+    def _condition(self, start: Sequence[int]) -> torch.Tensor:
+        """(C, w, w, w) condition of the window at `start`, padded like the image on short axes."""
+        size = [min(self.window, n) for n in self.shape]
+        cond = self.cond.window(start, size)[None]
+        return _pad_end(cond, (self.window,) * 3)[0].to(self.device)
+
+    def eps(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        """Full-volume noise estimate (1, 1, *shape), float32: the mean over all windows covering a voxel."""
+        x_pad = _pad_end(x_t.to(self.device, torch.float32), self.padded_shape)
+        total = torch.zeros_like(x_pad)
+        count = torch.zeros_like(x_pad)
+        i = 0
+        while i < len(self.starts):
+            batch = list(range(i, min(i + self.batch_size, len(self.starts))))
+            eps = self._evaluate(x_pad, t, batch)
+            if eps is None:  # out of memory: batch_size was halved, try again
+                continue
+            for k, j in enumerate(batch):
+                box = self._box(self.starts[j])
+                total[box] += eps[k]
+                count[box] += 1
+            i += len(batch)
+        d, h, w = self.shape
+        return (total / count)[..., :d, :h, :w]
+
+    def _box(self, start: Sequence[int]):
+        return (0, slice(None)) + tuple(slice(a, a + self.window) for a in start)
+
+    def _evaluate(self, x_pad: torch.Tensor, t: int, batch: List[int]) -> Optional[torch.Tensor]:
+        """eps (B, 1, w, w, w) for windows `batch`, or None after halving batch_size on CUDA OOM."""
+        x = torch.stack([x_pad[self._box(self.starts[j])] for j in batch])
+        if self._cond_cache is not None:
+            cond = torch.stack([self._cond_cache[j] for j in batch])
+        else:
+            cond = torch.stack([self._condition(self.starts[j]) for j in batch])
+        n = len(batch)
+        t_batch = torch.full((n,), int(t), dtype=torch.long, device=self.device)
+        region = self._region.expand(n)
+        try:
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                                 enabled=self.autocast_dtype is not None):
+                return self.model_fn(x, t_batch, cond, region).float()
+        except torch.cuda.OutOfMemoryError:
+            if self.batch_size == 1:
+                raise ResourceError(
+                    f"out of GPU memory evaluating one {self.window}^3 window even at window batch size 1; "
+                    "free GPU memory (close other programs), use a smaller model, or run on the CPU "
+                    "(--device cpu)") from None
+            torch.cuda.empty_cache()
+            self.batch_size //= 2
+            log.warning("out of GPU memory: window batch size reduced to %d", self.batch_size)
+            return None
+
+    def predict_x0(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        """One-step clean-image estimate at timestep t, clamped to [-1, 1]."""
+        return diffusion.predict_x0(self.schedule, x_t.to(self.device), t, self.eps(x_t, t)).clamp(-1, 1)
+
+    def run(self, x_init: torch.Tensor, steps: Sequence[int], seed: int,
+            x0_transform: Optional[Callable[[torch.Tensor, int, int], torch.Tensor]] = None,
+            after_step: Optional[Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]] = None,
+            eta: float = 1.0, zeta: Optional[float] = None, progress: Progress = None) -> torch.Tensor:
+        """Reverse diffusion from `x_init` (1, 1, *shape) at steps[0] down through `steps` to a clean image.
+
+        Each step: eps (window-averaged) -> x0 (clamped) -> `x0_transform` -> update to the next step
+        (`diffusion.reverse_step` with `eta`, or `diffusion.diffpir_step` when `zeta` is given) ->
+        `after_step`. Noise comes from one CPU torch.Generator seeded with `seed`, so results do not
+        depend on the device's random number generator. Returns x0 as float32 on the sampler's device.
+        """
+        steps = [int(s) for s in steps]
+        if list(steps) != sorted(set(steps), reverse=True):
+            raise ValueError(f"steps must be strictly decreasing, got {steps}")
+        if tuple(x_init.shape[-3:]) != self.shape:
+            raise ValueError(f"x_init has shape {tuple(x_init.shape)}, the sampler's grid is {self.shape}")
+        generator = torch.Generator().manual_seed(int(seed))
+        x = x_init.to(self.device, torch.float32)
+        total = len(steps)
+        for i, t in enumerate(steps):
+            t_prev = steps[i + 1] if i + 1 < total else -1
+            x0 = self.predict_x0(x, t)
+            if x0_transform is not None:
+                x0 = x0_transform(x0, t, t_prev)
+            noise = None
+            if t_prev >= 0 and (zeta is not None or eta > 0):
+                noise = torch.randn(x.shape, generator=generator).to(self.device)
+            if zeta is None:
+                x = diffusion.reverse_step(self.schedule, x, t, t_prev, x0, eta=eta, noise=noise)
+            else:
+                x = diffusion.diffpir_step(self.schedule, x, t, t_prev, x0, zeta, noise)
+            if after_step is not None:
+                x = after_step(x, t_prev, generator)
+            if progress is not None:
+                progress(i + 1, total)
+        return x
+
+
+def condition_bytes(cond: VolumeCondition, window: int) -> int:
+    """Bytes of one window's float32 condition channels."""
+    return 4 * condition_channels(cond.cfg) * window ** 3

@@ -1,0 +1,178 @@
+"""Plumbing shared by the inference tasks: device, model, region, anatomy, sampler, memory check.
+
+Tasks take a loaded model: any torch module with a `cfg` (`ModelConfig`) attribute that is called as
+`model(x_t, t, cond, region) -> eps` (a `MedDiffNet`, or a wrapper that adds a ControlNet).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from ..conditioning import VolumeCondition, condition_channels
+from ..diffusion import Schedule
+from ..errors import InputError, ResourceError
+from ..io import Volume
+from ..sampling import SlidingWindowSampler
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def choose_device(name: str = "auto") -> torch.device:
+    """`auto`: CUDA when available, else CPU. Asking for CUDA without a usable GPU is an error."""
+    if name not in DEVICES:
+        raise InputError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was requested but PyTorch sees no CUDA GPU; use --device cpu "
+                         "(slower) or install a CUDA build of PyTorch")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[torch.dtype]:
+    """Network precision: bf16 autocast on GPUs that support it (`auto`/`bf16`), else float32 (None)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise InputError(f"unknown precision {precision!r}; choose auto, fp32 or bf16")
+    if precision == "fp32" or device.type != "cuda":
+        return None
+    if not torch.cuda.is_bf16_supported():
+        if precision == "bf16":
+            raise InputError("this GPU does not support bfloat16; use precision fp32")
+        return None
+    return torch.bfloat16
+
+
+def load_model(name_or_path: str, device: torch.device) -> torch.nn.Module:
+    """Load a registered model name or a model file, in eval mode on `device`."""
+    from ..checkpoints import load_model as load_checkpoint
+
+    model, _cfg, info = load_checkpoint(name_or_path, device)
+    log.info("model %s loaded (%s)", name_or_path, info)
+    return model.eval()
+
+
+def model_config(model: torch.nn.Module) -> ModelConfig:
+    cfg = getattr(model, "cfg", None)
+    if not isinstance(cfg, ModelConfig):
+        raise InputError("the model has no MedDiffFM configuration (cfg); load it with "
+                         "MedDiffFMLib.checkpoints.load_model")
+    return cfg
+
+
+def schedule_for(cfg: ModelConfig) -> Schedule:
+    return Schedule.from_name(cfg.schedule, cfg.num_train_timesteps)
+
+
+def resolve_region(vol: Optional[Volume], region: Optional[str], cfg: ModelConfig) -> str:
+    """The body region to condition on: the user's choice, or guessed from `vol` (logged with its reason)."""
+    if region in (None, "auto"):
+        if vol is None:
+            raise InputError(f"no body region given and no image to guess it from; choose one of "
+                             f"{', '.join(cfg.regions)}")
+        from ..preprocess import guess_region
+
+        region, reason = guess_region(vol)
+        log.info("body region guessed: %s", reason)
+    if region not in cfg.regions:
+        raise InputError(f"unknown body region {region!r}; this model knows {', '.join(cfg.regions)}")
+    return region
+
+
+def anatomy_for(vol: Volume, cfg: ModelConfig, user_labels: Optional[Volume] = None) -> np.ndarray:
+    """Anatomy label map on `vol`'s grid from the source the model was trained with (or the user's map)."""
+    from ..anatomy import get_anatomy
+
+    source = "user" if user_labels is not None else str(cfg.anatomy["source"])
+    labels, used = get_anatomy(vol, source=source, user_labels=user_labels)
+    log.info("anatomy condition: %s labels", used)
+    return labels
+
+
+def model_window(cfg: ModelConfig, region: str) -> Tuple[float, float]:
+    """The (lo, hi) HU window the model was trained with for `region`."""
+    return tuple(float(v) for v in cfg.windows[region])
+
+
+def make_sampler(model: torch.nn.Module, shape_zyx: Sequence[int], spacing_zyx: Sequence[float], region: str,
+                 anatomy_labels: Optional[np.ndarray], device: torch.device, overlap: float = 0.5,
+                 window_batch: int = 4, precision: str = "auto",
+                 cond: Optional[VolumeCondition] = None) -> SlidingWindowSampler:
+    """A sliding-window sampler over a grid, with the model's patch size as the window, after a memory check.
+
+    `cond` replaces the condition built from the other arguments (e.g. a sub-box of a larger volume, or a
+    condition carrying a ControlNet's control volume, see `finetune.ControlledCondition`).
+    """
+    cfg = model_config(model)
+    if not 0.0 <= overlap < 1.0:
+        raise InputError(f"window overlap must be in [0, 1), got {overlap}")
+    if window_batch < 1:
+        raise InputError(f"window batch size must be >= 1, got {window_batch}")
+    check_memory(cfg, shape_zyx, window_batch, device)
+    if cond is None:
+        cond = VolumeCondition(cfg, shape_zyx, spacing_zyx, region, anatomy_labels)
+    sampler = SlidingWindowSampler(model, cond, schedule_for(cfg), cfg.patch_size, overlap=overlap,
+                                   batch_size=window_batch, device=device,
+                                   autocast_dtype=autocast_dtype(device, precision))
+    log.info("%d windows of %d^3 voxels per step (overlap %.2f)", sampler.num_windows, cfg.patch_size, overlap)
+    return sampler
+
+
+def estimate_memory(cfg: ModelConfig, shape_zyx: Sequence[int], window_batch: int) -> Tuple[int, int]:
+    """Rough peak bytes (volume-sized arrays, network per window batch) of a sliding-window task.
+
+    Volume: about 16 float32 copies (state, averaging buffers, input, noise, outputs, numpy HU arrays).
+    Network (no gradients): the skip activations of every level plus a few working maps at the finest
+    level, for input and condition channels too, plus the attention matrices, all float32, per window.
+    """
+    voxels = int(np.prod([max(int(n), cfg.patch_size) for n in shape_zyx]))
+    volume_bytes = 16 * 4 * voxels
+    w = cfg.patch_size
+    per_window = (1 + condition_channels(cfg)) * w ** 3 * 4 * 2
+    for level, (channels, attention, head_channels) in enumerate(
+            zip(cfg.channels, cfg.attention_levels, cfg.num_head_channels)):
+        side = w // 2 ** level
+        per_window += (cfg.num_res_blocks + 2) * channels * side ** 3 * 4
+        if attention:
+            heads = max(1, channels // max(1, head_channels))
+            per_window += heads * side ** 6 * 4
+    per_window += 6 * cfg.channels[0] * w ** 3 * 4
+    return volume_bytes, per_window * window_batch
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Free bytes on `device` (None when unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def check_memory(cfg: ModelConfig, shape_zyx: Sequence[int], window_batch: int, device: torch.device) -> None:
+    """Refuse a job whose estimated memory clearly exceeds what is free, saying what to change."""
+    volume_bytes, network_bytes = estimate_memory(cfg, shape_zyx, window_batch)
+    free = available_memory(device)
+    gib = 2.0 ** 30
+    log.info("memory estimate: %.2f GiB volume arrays + %.2f GiB network (window batch %d)",
+             volume_bytes / gib, network_bytes / gib, window_batch)
+    if free is None:
+        return
+    needed = network_bytes + volume_bytes
+    if needed > free:
+        hints = []
+        if window_batch > 1:
+            hints.append("a smaller window batch (--window-batch 1)")
+        hints.append("a smaller volume (crop to the region of interest)")
+        if device.type == "cuda":
+            hints.append("the CPU (--device cpu), which has more memory but is slower")
+        raise ResourceError(
+            f"this job needs about {needed / gib:.1f} GiB but only {free / gib:.1f} GiB is free on "
+            f"{device.type}; try " + ", or ".join(hints))
