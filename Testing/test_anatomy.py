@@ -1,0 +1,129 @@
+"""Anatomy label maps on real CT (checked against TotalSegmentator and GTV masks), encoding, sources."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import (ABDOMEN_NII, ABDOMEN_SMALL_NII, ABDOMEN_TOTALSEG_NII, CHEST_NRRD, LIMB_MASK_NII,
+                      LIMB_NII)
+from MedDiffFMLib.anatomy import (TOTALSEG_BODY_LABEL, AnatomySpec, decode_anatomy, encode_anatomy,
+                                  get_anatomy, threshold_anatomy, totalsegmentator_anatomy,
+                                  totalsegmentator_problem)
+from MedDiffFMLib.errors import InputError, ResourceError
+from MedDiffFMLib.io import read_mask, read_volume
+
+AIR, FAT, SOFT, BONE = 1, 2, 3, 4
+TOTALSEG_LUNG_LOBES = [10, 11, 12, 13, 14]  # labels_total.json
+
+
+@pytest.fixture(scope="module")
+def chest():
+    vol = read_volume(CHEST_NRRD)
+    return vol, threshold_anatomy(vol)
+
+
+def test_chest_anatomy_is_plausible(chest):
+    vol, labels = chest
+    assert labels.dtype == np.uint8 and labels.shape == vol.shape
+    body = labels > 0
+    lung_fraction = np.count_nonzero(labels == AIR) / np.count_nonzero(body)
+    assert 0.15 < lung_fraction < 0.45  # 24 cm of chest: lungs are a large part of the body
+    voxel_ml = np.prod(vol.spacing) / 1000
+    assert np.count_nonzero(labels == BONE) * voxel_ml > 100  # spine, ribs, sternum
+    # Outside the body is air (and the table): nearly all of it below -900 HU.
+    assert np.mean(vol.array[~body] < -900) > 0.9
+    # Lungs are holes inside the body in every axial slice that has lung.
+    assert np.count_nonzero(labels[20] == AIR) > 0.1 * np.count_nonzero(body[20])
+
+
+def test_threshold_anatomy_agrees_with_totalsegmentator_on_abdomen():
+    vol = read_volume(ABDOMEN_NII)
+    labels = threshold_anatomy(vol)
+    reference = read_mask(ABDOMEN_TOTALSEG_NII, like=vol).array
+    # Every organ TotalSegmentator found lies inside our body mask.
+    assert np.mean(labels[reference > 0] > 0) > 0.995
+    lungs = np.isin(reference, TOTALSEG_LUNG_LOBES)
+    assert np.mean(labels[lungs] == AIR) > 0.95
+
+
+def test_tumour_of_limb_is_soft_tissue_inside_the_body():
+    vol = read_volume(LIMB_NII)
+    labels = threshold_anatomy(vol)
+    gtv = read_mask(LIMB_MASK_NII, like=vol).array > 0
+    assert np.all(labels[gtv] > 0)
+    assert np.mean(labels[gtv] == SOFT) > 0.95
+
+
+@pytest.mark.parametrize("encoding, num_classes, channels", [
+    ("onehot", 4, 4), ("binary", 4, 3), ("onehot", TOTALSEG_BODY_LABEL, 118), ("binary", TOTALSEG_BODY_LABEL, 7),
+])
+def test_encoding_round_trip(chest, encoding, num_classes, channels):
+    spec = AnatomySpec(source="threshold", encoding=encoding, num_classes=num_classes)
+    assert spec.num_channels == channels
+    labels = chest[1][20:24, ::16, ::16]
+    if num_classes > 4:  # exercise every label value, not only the threshold classes
+        labels = (np.arange(labels.size).reshape(labels.shape) % (num_classes + 1)).astype(np.uint8)
+    encoded = encode_anatomy(labels, spec)
+    assert encoded.dtype == np.float32 and encoded.shape == (channels,) + labels.shape
+    assert set(np.unique(encoded)) <= {0.0, 1.0}
+    assert not encoded[:, labels == 0].any()  # outside the body encodes as all zeros
+    np.testing.assert_array_equal(decode_anatomy(encoded, spec), labels)
+    assert AnatomySpec.from_dict(spec.to_dict()) == spec
+
+
+def test_encoding_refuses_labels_the_model_does_not_know():
+    with pytest.raises(InputError, match="0..4"):
+        encode_anatomy(np.full((2, 2, 2), 7, np.uint8), AnatomySpec())
+    with pytest.raises(InputError, match="encoding"):
+        AnatomySpec(encoding="rgb")
+
+
+def test_missing_totalsegmentator_says_what_and_falls_back(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    problem = totalsegmentator_problem()
+    assert "TotalSegmentator package" in problem and "weights" in problem and "TOTALSEG_HOME_DIR" in problem
+    vol = read_volume(ABDOMEN_SMALL_NII)
+    with pytest.raises(ResourceError, match="totalseg_download_weights"):
+        totalsegmentator_anatomy(vol)
+    with caplog.at_level(logging.INFO):
+        labels, source = get_anatomy(vol, source="auto")
+    assert source == "threshold" and "threshold anatomy instead" in caplog.text
+    np.testing.assert_array_equal(labels, threshold_anatomy(vol))
+
+
+def test_totalsegmentator_subprocess_and_body_class(tmp_path, monkeypatch):
+    """A stand-in TotalSegmentator command (copies the stored reference output) exercises the real call."""
+    reference_seg = ABDOMEN_SMALL_NII.parent / "example_seg.nii.gz"
+    fake = tmp_path / "bin" / "TotalSegmentator"
+    fake.parent.mkdir()
+    fake.write_text(f"#!{sys.executable}\nimport shutil, sys\n"
+                    f"args = sys.argv[1:]\nshutil.copy({str(reference_seg)!r}, args[args.index('-o') + 1])\n")
+    fake.chmod(0o755)
+    for n in range(291, 296):
+        (tmp_path / "home" / "nnunet" / "results" / f"Dataset{n}_total").mkdir(parents=True)
+    monkeypatch.setenv("PATH", str(fake.parent))
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "home"))
+    assert totalsegmentator_problem() is None
+    vol = read_volume(ABDOMEN_SMALL_NII)
+    labels, source = get_anatomy(vol, source="auto")
+    organs = read_mask(reference_seg, like=vol).array
+    assert source == "totalsegmentator"
+    np.testing.assert_array_equal(labels[organs > 0], organs[organs > 0])
+    body_only = labels == TOTALSEG_BODY_LABEL
+    assert body_only.any() and not np.any(organs[body_only])
+    assert np.all(labels[threshold_anatomy(vol) == 0] != TOTALSEG_BODY_LABEL)
+
+
+def test_user_labels_must_match_the_image():
+    vol = read_volume(LIMB_NII)
+    gtv = read_mask(LIMB_MASK_NII, like=vol)
+    labels, source = get_anatomy(vol, source="user", user_labels=gtv)
+    assert source == "user" and np.array_equal(labels, gtv.array)
+    with pytest.raises(InputError, match="not on the grid"):
+        get_anatomy(vol, source="user", user_labels=gtv.array[:-1])
+    with pytest.raises(InputError, match="needs a label map"):
+        get_anatomy(vol, source="user")
