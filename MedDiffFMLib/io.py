@@ -96,6 +96,15 @@ class Volume:
         return not self.grid_differences(other, tol)
 
 
+def sibling_path(path: PathLike, tag: str, suffix: Optional[str] = None) -> Path:
+    """`out/ct.nii.gz` + `_anatomy` -> `out/ct_anatomy.nii.gz` (`suffix` replaces the volume suffix)."""
+    path = Path(path)
+    name = path.name
+    ending = next((s for s in VOLUME_SUFFIXES if name.lower().endswith(s)), path.suffix)
+    stem = name[: len(name) - len(ending)]
+    return path.with_name(stem + tag + (ending if suffix is None else suffix))
+
+
 def read_volume(path: PathLike) -> Volume:
     """Read a CT as float32 HU: a NIfTI/NRRD/MHA file, a DICOM series folder or one file of a series.
 
@@ -289,3 +298,44 @@ def _decoder_message(name: str, exc: Exception) -> str:
 def _first_line(exc: Exception) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[-1] if lines else type(exc).__name__
+
+
+def write_preview(vol: Volume, path: PathLike, window: Tuple[float, float], labels: Optional[np.ndarray] = None,
+                  title: str = "", overwrite: bool = False, inputs: Iterable[PathLike] = ()) -> Path:
+    """PNG of the three orthogonal mid slices (axial, coronal, sagittal) at true aspect ratio.
+
+    `window` (lo, hi) sets the grey range; `labels` (z, y, x), if given, adds a row with them overlaid.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    check_output_path(path, inputs=inputs, overwrite=overwrite)
+    sz, sy, sx = vol.spacing_zyx
+    mid = [n // 2 for n in vol.shape]
+    # (cut, aspect, origin): coronal/sagittal drawn with z up, i.e. superior at the top in LPS.
+    views = [(lambda a: a[mid[0]], sy / sx, "upper"), (lambda a: a[:, mid[1]], sz / sx, "lower"),
+             (lambda a: a[:, :, mid[2]], sz / sy, "lower")]
+    rows = 1 if labels is None else 2
+    fig, axes = plt.subplots(rows, 3, figsize=(12, 4 * rows), squeeze=False)
+    for col, (cut, aspect, origin) in enumerate(views):
+        for row in range(rows):
+            ax = axes[row][col]
+            ax.imshow(cut(vol.array), cmap="gray", vmin=window[0], vmax=window[1], aspect=aspect, origin=origin)
+            if row == 1:
+                shown = np.ma.masked_equal(cut(labels), 0)
+                ax.imshow(shown, cmap="tab10", vmin=0, vmax=10, alpha=0.45, aspect=aspect, origin=origin,
+                          interpolation="nearest")
+            ax.set_axis_off()
+        axes[0][col].set_title(("axial", "coronal", "sagittal")[col])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=80)
+    finally:
+        plt.close(fig)
+    return path

@@ -104,10 +104,10 @@ def guess_region(vol: Volume) -> Tuple[str, str]:
     labels = threshold_anatomy(coarse)
     body = labels > 0
     if not body.any():
-        return "other", "no body found above -500 HU; defaulting to 'other' (set the region yourself)"
+        return "other", "no body found above -500 HU; region unknown, set it yourself"
     lung_fraction = float(np.count_nonzero(labels == 1)) / np.count_nonzero(body)
     if lung_fraction >= CHEST_LUNG_FRACTION:
-        return "chest", (f"chest: {lung_fraction:.0%} of the body is air/lung "
+        return "chest", (f"{lung_fraction:.0%} of the body is air/lung "
                          f"(>= {CHEST_LUNG_FRACTION:.0%})")
     slice_areas = body.sum(axis=(1, 2))
     occupied = slice_areas > 0
@@ -117,7 +117,7 @@ def guess_region(vol: Volume) -> Tuple[str, str]:
         skull_slices += int(np.count_nonzero(enclosed) > 0.5 * area)
     skull_fraction = skull_slices / int(np.count_nonzero(occupied))
     if skull_fraction >= HEAD_SKULL_SLICE_FRACTION:
-        return "head_neck", (f"head_neck: bone encloses most of the body cross-section (a skull) in "
+        return "head_neck", (f"bone encloses most of the body cross-section (a skull) in "
                              f"{skull_fraction:.0%} of slices (>= {HEAD_SKULL_SLICE_FRACTION:.0%})")
     pixel_cm2 = REGION_GUESS_SPACING ** 2 / 100.0
     median_area = float(np.median(slice_areas[occupied])) * pixel_cm2
@@ -125,9 +125,9 @@ def guess_region(vol: Volume) -> Tuple[str, str]:
              f"skull in {skull_fraction:.0%} of slices")
     if median_area < TRUNK_MIN_AREA_CM2:
         if lung_fraction >= 0.01 and not _touches_border(body):
-            return "head_neck", f"head_neck: small cross-section with an airway ({facts})"
-        return "other", f"other (extremity or crop): small cross-section, no lung, no skull ({facts})"
-    return "abdomen", f"abdomen: trunk-sized cross-section without much lung or a skull ({facts})"
+            return "head_neck", f"small cross-section with an airway ({facts})"
+        return "other", f"extremity or crop: small cross-section, no lung, no skull ({facts})"
+    return "abdomen", f"trunk-sized cross-section without much lung or a skull ({facts})"
 
 
 def _touches_border(body: np.ndarray) -> bool:

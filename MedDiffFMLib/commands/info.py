@@ -1,0 +1,83 @@
+"""CLI `info`: geometry, HU range, body-region guess and anatomy class volumes of a CT."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Dict
+
+import numpy as np
+
+NAME = "info"
+HELP = ("Describe a CT (file or DICOM folder): geometry, HU range, input checks, guessed body region with "
+        "its reason, and the volumes of the threshold-anatomy classes.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", type=Path, help="CT: NIfTI/NRRD/MHA file or DICOM series folder")
+    parser.add_argument("--mask", type=Path, help="label map on the same grid: its labels and volumes are listed")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = describe(args.input, args.mask)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def describe(path: Path, mask_path: "Path | None" = None) -> Dict[str, Any]:
+    """Everything `info` reports, as plain JSON-ready values."""
+    from ..anatomy import THRESHOLD_CLASSES, class_volumes_ml, threshold_anatomy
+    from ..io import read_mask, read_volume
+    from ..preprocess import guess_region
+    from ..validation import check_ct
+
+    vol = read_volume(path)
+    warnings = check_ct(vol)
+    region, reason = guess_region(vol)
+    hu = vol.array
+    size_xyz = list(reversed(vol.shape))
+    report: Dict[str, Any] = {
+        "input": str(path),
+        "size_xyz": size_xyz,
+        "spacing_mm": list(vol.spacing),
+        "origin_mm": list(vol.origin),
+        "direction": list(vol.direction),
+        "extent_mm": [round(n * s, 2) for n, s in zip(size_xyz, vol.spacing)],
+        "hu_range": [float(hu.min()), float(hu.max())],
+        "hu_percentiles_1_50_99": [float(v) for v in np.percentile(hu, [1, 50, 99])],
+        "warnings": warnings,
+        "region": region,
+        "region_reason": reason,
+        "anatomy_ml": class_volumes_ml(threshold_anatomy(vol), vol.spacing, THRESHOLD_CLASSES),
+    }
+    if mask_path is not None:
+        mask = read_mask(mask_path, like=vol)
+        report["mask"] = {"path": str(mask_path), "label_ml": class_volumes_ml(mask.array, mask.spacing)}
+    return report
+
+
+def format_report(report: Dict[str, Any]) -> str:
+    def numbers(values) -> str:
+        return " x ".join(f"{v:g}" for v in values)
+
+    lines = [
+        f"input:      {report['input']}",
+        f"size:       {numbers(report['size_xyz'])} voxels (x, y, z)",
+        f"spacing:    {numbers(round(v, 4) for v in report['spacing_mm'])} mm",
+        f"extent:     {numbers(report['extent_mm'])} mm",
+        f"origin:     ({', '.join(f'{v:.2f}' for v in report['origin_mm'])}) mm (LPS)",
+        f"direction:  ({', '.join(f'{v:.3f}' for v in report['direction'])})",
+        f"HU range:   {report['hu_range'][0]:g} .. {report['hu_range'][1]:g} "
+        f"(1/50/99 %: {', '.join(f'{v:g}' for v in report['hu_percentiles_1_50_99'])})",
+        f"region:     {report['region']} ({report['region_reason']})",
+        "anatomy:    " + ", ".join(f"{k} {v:g} ml" for k, v in report["anatomy_ml"].items())
+        + " (threshold anatomy)",
+    ]
+    if "mask" in report:
+        lines.append("mask:       " + ", ".join(f"label {k}: {v:g} ml" for k, v in report["mask"]["label_ml"].items()))
+    lines += [f"warning:    {w}" for w in report["warnings"]]
+    return "\n".join(lines)
