@@ -1,0 +1,103 @@
+"""Lesion inpainting (paper, section 3.5): RePaint (Lugmayr et al. 2022) on the sliding-window sampler.
+
+Only the box around the mask (plus a margin) is sampled. After every reverse step the known image,
+noised to the new level, replaces the state outside the mask on the whole box before the next windowing:
+    x_{t-1} = mask * x_{t-1}^unknown + (1 - mask) * q_sample(x0_known, t-1).
+RePaint's resampling harmonises the two parts: every `jump_length` steps the state is noised forward
+again by `jump_length` steps and denoised anew, `resample` times in all. The final paste is done in HU,
+so every voxel outside the mask is returned exactly as given.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+
+from ..diffusion import Schedule, q_sample, reverse_step, timesteps
+from ..errors import InputError
+from ..finetune import ControlledNet, check_task
+from ..io import Volume
+from ..preprocess import unit_to_hu
+from .lesion import DEFAULT_MARGIN_MM, prepare_box
+from .super_resolution import initial_noise
+
+Progress = Optional[Callable[[int, int], None]]
+
+#: RePaint's defaults: jump back 10 steps, pass every jumped segment 10 times.
+DEFAULT_JUMP_LENGTH = 10
+DEFAULT_RESAMPLE = 10
+
+
+def repaint_path(n: int, jump_length: int, resample: int) -> List[int]:
+    """Indices into `steps + [clean]` visited by RePaint, starting at 0 (x at steps[0]) and ending at n.
+
+    A step to a higher index is a reverse (denoising) step; to a lower index, forward noising. Jumps
+    happen every `jump_length` steps, counted from the clean end as RePaint does, `resample - 1` times each.
+    """
+    if jump_length < 1 or resample < 1:
+        raise InputError(f"RePaint needs jump_length >= 1 and resample >= 1, got {jump_length} and {resample}")
+    remaining = {n - 1 - r: resample - 1 for r in range(0, n - jump_length, jump_length)}
+    path, i = [0], 0
+    while i < n:
+        i += 1
+        path.append(i)
+        if remaining.get(i, 0) > 0:
+            remaining[i] -= 1
+            for _ in range(jump_length):
+                i -= 1
+                path.append(i)
+    return path
+
+
+def renoise(schedule: Schedule, x_s: torch.Tensor, s: int, t: int, noise: torch.Tensor) -> torch.Tensor:
+    """Forward diffusion from level s to a noisier level t > s: q(x_t | x_s)."""
+    ratio = schedule.abar(t) / schedule.abar(s)
+    return float(ratio.sqrt()) * x_s + float((1 - ratio).sqrt()) * noise
+
+
+def inpaint(volume: Volume, mask: Volume, model: torch.nn.Module, nfe: int = 100,
+            jump_length: int = DEFAULT_JUMP_LENGTH, resample: int = DEFAULT_RESAMPLE,
+            margin_mm: float = DEFAULT_MARGIN_MM, region: Optional[str] = None, seed: int = 0,
+            overlap: float = 0.5, window_batch: int = 4, precision: str = "auto",
+            progress: Progress = None) -> Volume:
+    """A copy of `volume` with the voxels inside `mask` (> 0) synthesised to fit their surroundings.
+
+    `model` is a lesion `ControlledNet` (the mask is its control: a lesion grows there) or a base model
+    (the region is filled with plausible normal tissue). The network runs about
+    nfe + (resample - 1) * jump_length * (nfe // jump_length) times per window.
+    """
+    if isinstance(model, ControlledNet):
+        check_task(model, "lesion")
+    job = prepare_box(volume, mask, model, region, margin_mm, overlap, window_batch, precision)
+    sampler, schedule = job.sampler, job.sampler.schedule
+    device = job.known.device
+    unknown = torch.from_numpy(job.inside)[None, None].to(device)
+    steps = timesteps(nfe, schedule.T - 1)
+    levels = steps + [-1]
+    path = repaint_path(len(steps), jump_length, resample)
+    total = sum(1 for a, b in zip(path, path[1:]) if b > a)
+    generator = torch.Generator().manual_seed(int(seed))
+
+    def randn() -> torch.Tensor:
+        return torch.randn(job.known.shape, generator=generator).to(device)
+
+    x = initial_noise(job.inside.shape, seed).to(device)
+    done = 0
+    for a, b in zip(path, path[1:]):
+        if b < a:  # RePaint jump: back to the noisier level
+            x = renoise(schedule, x, levels[a], levels[b], randn())
+            continue
+        t, t_prev = levels[a], levels[b]
+        x0 = sampler.predict_x0(x, t)
+        x = reverse_step(schedule, x, t, t_prev, x0, eta=1.0, noise=randn() if t_prev >= 0 else None)
+        known = q_sample(schedule, job.known, t_prev, randn()) if t_prev >= 0 else job.known
+        x = torch.where(unknown, x, known)
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    generated = unit_to_hu(x[0, 0].cpu().numpy(), job.window)
+    out = volume.array.astype(np.float32, copy=True)
+    out[job.box] = np.where(job.inside, generated, out[job.box])
+    return volume.with_array(out)

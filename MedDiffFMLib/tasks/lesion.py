@@ -1,0 +1,110 @@
+"""Lesion generation (paper, section 3.5): synthesise the CT around a lesion mask with a lesion ControlNet.
+
+Only a box around the mask is sampled (its bounding box plus a margin, grown to at least one network
+window where the volume allows); the box keeps its place in the whole volume through the global
+coordinates, and the generated box is pasted into a copy of the input. `prepare_box` is shared with
+lesion inpainting, which samples the same box but keeps the known voxels.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..conditioning import VolumeCondition
+from ..diffusion import timesteps
+from ..errors import InputError
+from ..finetune import ControlledCondition, ControlledNet, check_task
+from ..io import Volume
+from ..preprocess import unit_to_hu, window_to_unit
+from ..sampling import SlidingWindowSampler
+from ..validation import check_ct, check_mask
+from .common import anatomy_for, make_sampler, model_config, model_window, resolve_region
+from .super_resolution import initial_noise
+
+Progress = Optional[Callable[[int, int], None]]
+Box = Tuple[slice, slice, slice]
+
+#: Context kept around the lesion on every side (mm).
+DEFAULT_MARGIN_MM = 10.0
+
+
+def mask_box(mask: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float, min_size: int) -> Box:
+    """Bounding box of `mask` > 0 grown by `margin_mm` on every side, then (centred) to at least
+    `min_size` voxels per axis, clamped to the volume."""
+    if margin_mm < 0:
+        raise InputError(f"the margin around the mask must be >= 0 mm, got {margin_mm}")
+    box = []
+    for axis, (n, spacing) in enumerate(zip(mask.shape, spacing_zyx)):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        present = np.flatnonzero(mask.any(axis=other))
+        grow = int(math.ceil(margin_mm / spacing))
+        lo, hi = max(0, int(present[0]) - grow), min(n, int(present[-1]) + 1 + grow)
+        missing = min(min_size, n) - (hi - lo)
+        if missing > 0:
+            lo = max(0, lo - missing // 2)
+            hi = min(n, lo + min(min_size, n))
+            lo = hi - min(min_size, n)
+        box.append(slice(lo, hi))
+    return tuple(box)
+
+
+@dataclass
+class BoxJob:
+    """A box of a volume prepared for sliding-window sampling, with its known image in [-1, 1]."""
+
+    box: Box
+    inside: np.ndarray  # bool, the mask on the box
+    known: torch.Tensor  # (1, 1, *box shape) the input in [-1, 1]
+    window: Tuple[float, float]
+    sampler: SlidingWindowSampler
+
+
+def prepare_box(volume: Volume, mask: Volume, model: torch.nn.Module, region: Optional[str], margin_mm: float,
+                overlap: float, window_batch: int, precision: str, mask_name: str = "mask") -> BoxJob:
+    """Check the inputs and set up sampling of the box around `mask` in the frame of the whole volume.
+
+    A `ControlledNet` gets the mask as its control volume; a plain base model gets the usual condition.
+    """
+    check_ct(volume)
+    check_mask(mask, volume, name=mask_name)
+    cfg = model_config(model)
+    region = resolve_region(volume, region, cfg)
+    window = model_window(cfg, region)
+    inside_all = mask.array > 0
+    box = mask_box(inside_all, volume.spacing_zyx, margin_mm, cfg.patch_size)
+    inside = inside_all[box]
+    anatomy = anatomy_for(volume, cfg)[box]
+    place = dict(offset_zyx=[s.start for s in box], full_shape_zyx=volume.shape)
+    if isinstance(model, ControlledNet):
+        cond = ControlledCondition(cfg, inside.astype(np.float32), volume.spacing_zyx, region, anatomy, **place)
+    else:
+        cond = VolumeCondition(cfg, inside.shape, volume.spacing_zyx, region, anatomy, **place)
+    device = next(model.parameters()).device
+    sampler = make_sampler(model, inside.shape, volume.spacing_zyx, region, None, device, overlap, window_batch,
+                           precision, cond=cond)
+    known = torch.from_numpy(window_to_unit(volume.array[box].astype(np.float32), window))[None, None]
+    return BoxJob(box, inside, known.to(device), window, sampler)
+
+
+def generate_lesion(volume: Volume, lesion_mask: Volume, model: torch.nn.Module, nfe: int = 100,
+                    margin_mm: float = DEFAULT_MARGIN_MM, region: Optional[str] = None, seed: int = 0,
+                    overlap: float = 0.5, window_batch: int = 4, precision: str = "auto",
+                    progress: Progress = None) -> Volume:
+    """A copy of `volume` whose box around `lesion_mask` is synthesised anew, with a lesion where the mask is.
+
+    `model` is a lesion `ControlledNet`. The whole box is generated (voxels outside the lesion too); to keep
+    the surroundings of the lesion as they are, use `inpaint`. Intensities in the box lie within the
+    region's window.
+    """
+    check_task(model, "lesion")
+    job = prepare_box(volume, lesion_mask, model, region, margin_mm, overlap, window_batch, precision,
+                      mask_name="lesion mask")
+    steps = timesteps(nfe, job.sampler.schedule.T - 1)
+    x = job.sampler.run(initial_noise(job.inside.shape, seed), steps, seed, progress=progress)
+    out = volume.array.astype(np.float32, copy=True)
+    out[job.box] = unit_to_hu(x[0, 0].cpu().numpy(), job.window)
+    return volume.with_array(out)
