@@ -1,0 +1,81 @@
+"""Whole-volume CT synthesis from pure noise with the sliding-window sampler (paper, Fig. 4).
+
+The output grid (size, spacing, origin, direction) is the user's choice, or that of a reference CT or an
+anatomy label map. The network is conditioned on the body region and, when given, on anatomy: a label
+map on the output grid, or the anatomy computed from the reference CT. Without anatomy the anatomy
+channels are zero, as in the training-time anatomy dropout.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .. import diffusion
+from ..errors import InputError
+from ..io import Volume
+from ..preprocess import unit_to_hu
+from ..validation import check_ct, check_dimensions, MIN_AXIS_VOXELS
+from . import common
+
+#: Default network evaluations (strided ancestral sampling).
+DEFAULT_NFE = 100
+
+
+def synthesize(model: torch.nn.Module, region: Optional[str] = None,
+               size_xyz: Optional[Sequence[int]] = None, spacing_xyz: Optional[Sequence[float]] = None,
+               reference: Optional[Volume] = None, anatomy_labels: Optional[Volume] = None,
+               nfe: int = DEFAULT_NFE, eta: float = 1.0, seed: int = 0,
+               device: Union[str, torch.device] = "cpu", overlap: float = 0.5, window_batch: int = 4,
+               precision: str = "auto", progress: Optional[Callable[[int, int], None]] = None) -> Volume:
+    """Synthesise a CT (HU) with the model's window for `region`.
+
+    Grid: `reference`'s, else `anatomy_labels`'s, else `size_xyz` voxels of `spacing_xyz` mm (origin 0,
+    identity direction). Anatomy: `anatomy_labels` if given, else computed from `reference`, else none.
+    `region` None is guessed from the reference. `eta` 1 = ancestral (DDPM) steps, 0 = DDIM.
+    """
+    device = torch.device(device)
+    cfg = common.model_config(model)
+    grid = _output_grid(size_xyz, spacing_xyz, reference, anatomy_labels)
+    region = common.resolve_region(reference, region, cfg)
+    labels = None
+    if anatomy_labels is not None:
+        labels = common.anatomy_for(grid, cfg, user_labels=anatomy_labels)
+    elif reference is not None:
+        labels = common.anatomy_for(reference, cfg)
+    if not 0.0 <= eta <= 1.0:
+        raise InputError(f"eta must be in [0, 1] (1 = DDPM, 0 = DDIM), got {eta}")
+
+    sampler = common.make_sampler(model, grid.shape, grid.spacing_zyx, region, labels, device,
+                                  overlap=overlap, window_batch=window_batch, precision=precision)
+    steps = diffusion.timesteps(nfe, cfg.num_train_timesteps - 1)
+    generator = torch.Generator().manual_seed(int(seed))
+    x_init = torch.randn((1, 1) + grid.shape, generator=generator)
+    # The sampler's own generator is seeded differently from the initial noise's, so they are independent.
+    x0 = sampler.run(x_init, steps, seed + 1, eta=eta, progress=progress)
+    hu = unit_to_hu(x0[0, 0].cpu().numpy(), common.model_window(cfg, region))
+    return grid.with_array(hu.astype(np.float32))
+
+
+def _output_grid(size_xyz, spacing_xyz, reference: Optional[Volume], anatomy_labels: Optional[Volume]) -> Volume:
+    """An empty Volume (zeros) on the output grid."""
+    if reference is not None:
+        check_ct(reference)
+        like = reference
+    elif anatomy_labels is not None:
+        like = anatomy_labels
+    else:
+        if size_xyz is None or spacing_xyz is None:
+            raise InputError("give the output size and spacing (--size X Y Z --spacing X Y Z), a reference "
+                             "CT (--reference) or an anatomy label map (--anatomy)")
+        size = tuple(int(n) for n in size_xyz)
+        spacing = tuple(float(s) for s in spacing_xyz)
+        if len(size) != 3 or len(spacing) != 3:
+            raise InputError(f"size and spacing need three values (x y z), got {size_xyz} and {spacing_xyz}")
+        if min(size) < MIN_AXIS_VOXELS or min(spacing) <= 0:
+            raise InputError(f"output size must be >= {MIN_AXIS_VOXELS} voxels and spacing > 0 mm per axis, "
+                             f"got size {size}, spacing {spacing}")
+        check_dimensions(tuple(reversed(size)))
+        return Volume(np.zeros(tuple(reversed(size)), np.float32), spacing)
+    return Volume(np.zeros(like.shape, np.float32), like.spacing, like.origin, like.direction)

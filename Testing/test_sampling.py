@@ -1,0 +1,192 @@
+"""Sliding-window sampler: window placement, averaging, and sampling against a closed-form Gaussian prior."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from analytic_prior import AnalyticGaussian
+from MedDiffFMLib import diffusion
+from MedDiffFMLib.conditioning import VolumeCondition
+from MedDiffFMLib.errors import Cancelled, ResourceError
+from MedDiffFMLib.sampling import SlidingWindowSampler, window_grid, window_starts
+
+SHAPE = (24, 20, 18)
+STD = 0.2
+
+
+@pytest.fixture(scope="module")
+def prior():
+    return AnalyticGaussian(std=STD)
+
+
+def make_sampler(model, window, shape=SHAPE, overlap=0.5, batch_size=4):
+    cond = VolumeCondition(model.cfg, shape, (1.0, 1.0, 1.0), "abdomen")
+    return SlidingWindowSampler(model, cond, model.schedule, window, overlap=overlap, batch_size=batch_size)
+
+
+def sample(sampler, nfe, eta, seed=1):
+    x_init = torch.randn((1, 1) + sampler.shape, generator=torch.Generator().manual_seed(seed))
+    return sampler.run(x_init, diffusion.timesteps(nfe, 999), seed=seed + 100, eta=eta)
+
+
+def exact_chain_std(schedule, std, steps, eta):
+    """Std of the samples the discretised sampler should give for the Gaussian prior: every step is
+    x_prev = k x_t + (terms in mu) + s z with the optimal denoiser, so Var_prev = k^2 Var_t + s^2."""
+    var = 1.0
+    for i, t in enumerate(steps):
+        t_prev = steps[i + 1] if i + 1 < len(steps) else -1
+        a_t = float(schedule.abar(t))
+        # Optimal x0 for mu = 0: x0 = x_t sqrt(a) std^2 / (a std^2 + 1 - a); the update is linear in x_t.
+        def step(x_t_value, noise_value):
+            x_t = torch.full((1,), x_t_value)
+            x0 = x_t * math.sqrt(a_t) * std ** 2 / (a_t * std ** 2 + 1 - a_t)
+            return float(diffusion.reverse_step(schedule, x_t, t, t_prev, x0, eta=eta,
+                                                noise=torch.full((1,), noise_value)))
+        k = step(1.0, 0.0) - step(0.0, 0.0)
+        s = step(0.0, 1.0) - step(0.0, 0.0) if t_prev >= 0 and eta > 0 else 0.0
+        var = k ** 2 * var + s ** 2
+    return math.sqrt(var)
+
+
+@pytest.mark.parametrize("size", [8, 15, 16, 17, 33, 47])
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.75])
+def test_windows_cover_every_voxel(size, overlap):
+    window = 16
+    starts = window_starts(size, window, overlap)
+    assert starts[0] == 0 and starts == sorted(set(starts))
+    assert all(s + window <= max(size, window) for s in starts)
+    covered = np.zeros(size, int)
+    for s in starts:
+        covered[s:s + window] += 1
+    assert covered.min() >= 1
+    if size > window:
+        assert starts[-1] == size - window  # flush with the end
+        assert np.diff(starts).max() <= round(window * (1 - overlap))
+    assert len(window_grid((size, 17, 9), window, overlap)) == len(starts) * len(window_starts(17, 16, overlap))
+
+
+def test_noise_estimates_are_averaged_over_windows():
+    """A model whose answer depends on the window (its mean z coordinate): each voxel must get the mean
+    over exactly the windows that contain it."""
+    base = AnalyticGaussian()
+    c = base.coord_channel
+
+    def window_mean_z(x_t, t, cond, region):
+        return cond[:, c:c + 1].mean(dim=(2, 3, 4), keepdim=True).expand_as(x_t)
+
+    shape = (37, 17, 16)
+    sampler = make_sampler(base, 16, shape=shape, overlap=0.5, batch_size=3)
+    sampler.model_fn = window_mean_z
+    eps = sampler.eps(torch.zeros((1, 1) + shape), 500)[0, 0]
+    total, count = np.zeros(shape), np.zeros(shape)
+    z = np.linspace(-1, 1, shape[0])
+    for start in window_grid(shape, 16, 0.5):
+        box = tuple(slice(a, a + 16) for a in start)
+        total[box] += z[start[0]:start[0] + 16].mean()
+        count[box] += 1
+    np.testing.assert_allclose(eps.numpy(), total / count, atol=1e-6)
+
+
+def test_sliding_window_equals_full_volume(prior):
+    """With a pointwise (position-dependent) model, window averaging must reproduce the one-window result."""
+    x_t = torch.randn((1, 1) + SHAPE, generator=torch.Generator().manual_seed(0))
+    windowed, full = make_sampler(prior, 16), make_sampler(prior, 24)
+    assert windowed.num_windows == 8 and full.num_windows == 1
+    torch.testing.assert_close(windowed.eps(x_t, 700), full.eps(x_t, 700), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sample(windowed, 20, 1.0), sample(full, 20, 1.0), atol=1e-4, rtol=1e-4)
+
+
+def test_ddpm_reproduces_gaussian_prior(prior):
+    """Ancestral DDPM over all 1000 steps, sliding windows: samples have the prior's mean and std."""
+    residual = sample(make_sampler(prior, 16), 1000, 1.0) - prior.mean_volume(SHAPE)
+    assert abs(float(residual.mean())) < 0.01
+    assert float(residual.std()) == pytest.approx(STD, rel=0.03)
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.0])
+@pytest.mark.parametrize("window", [16, 24])
+def test_strided_sampling_matches_exact_moments(prior, eta, window):
+    """50 strided steps (ancestral and DDIM): mean mu and the std the discretised chain must give."""
+    steps = diffusion.timesteps(50, 999)
+    residual = sample(make_sampler(prior, window), 50, eta) - prior.mean_volume(SHAPE)
+    expected = exact_chain_std(prior.schedule, STD, steps, eta)
+    assert 0.15 < expected < 0.2  # strided sampling is under-dispersed, and the test must see it
+    assert abs(float(residual.mean())) < 0.01
+    assert float(residual.std()) == pytest.approx(expected, rel=0.03)
+
+
+def test_volume_smaller_than_window_is_padded_and_cropped(prior):
+    shape = (9, 20, 13)
+    sampler = make_sampler(prior, 16, shape=shape)
+    assert sampler.padded_shape == (16, 20, 16)
+    x_t = torch.randn((1, 1) + shape, generator=torch.Generator().manual_seed(3))
+    eps = sampler.eps(x_t, 300)
+    assert eps.shape == (1, 1) + shape
+    # The model is pointwise, so padding must not change the answer on the real voxels.
+    expected = prior(x_t, torch.tensor([300]), VolumeCondition(prior.cfg, shape, (1, 1, 1), "abdomen")
+                     .window((0, 0, 0), shape)[None], torch.tensor([2]))
+    torch.testing.assert_close(eps, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_seeded_and_reproducible(prior):
+    sampler = make_sampler(prior, 16)
+    a, b, c = sample(sampler, 10, 1.0, seed=5), sample(sampler, 10, 1.0, seed=5), sample(sampler, 10, 1.0, seed=6)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_progress_and_cancel(prior):
+    sampler = make_sampler(prior, 16)
+    seen = []
+    sample_steps = diffusion.timesteps(7, 999)
+    sampler.run(torch.zeros((1, 1) + SHAPE), sample_steps, seed=0, progress=lambda i, n: seen.append((i, n)))
+    assert seen == [(i, 7) for i in range(1, 8)]
+
+    def cancel(i, n):
+        if i == 2:
+            raise Cancelled("stop")
+    with pytest.raises(Cancelled):
+        sampler.run(torch.zeros((1, 1) + SHAPE), sample_steps, seed=0, progress=cancel)
+
+
+def test_hooks_are_called_with_steps_and_generator(prior):
+    sampler = make_sampler(prior, 16)
+    calls = []
+
+    def x0_transform(x0, t, t_prev):
+        calls.append(("x0", t, t_prev))
+        return torch.zeros_like(x0)
+
+    def after_step(x, t_prev, generator):
+        calls.append(("after", t_prev, isinstance(generator, torch.Generator)))
+        return x
+    out = sampler.run(torch.randn((1, 1) + SHAPE), [20, 10, 0], seed=0, x0_transform=x0_transform,
+                      after_step=after_step)
+    assert calls == [("x0", 20, 10), ("after", 10, True), ("x0", 10, 0), ("after", 0, True),
+                     ("x0", 0, -1), ("after", -1, True)]
+    assert torch.equal(out, torch.zeros_like(out))  # the last update returns the transformed x0
+
+
+def test_out_of_memory_halves_window_batch(prior):
+    calls = []
+
+    def picky(x_t, t, cond, region):
+        calls.append(x_t.shape[0])
+        if x_t.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return prior(x_t, t, cond, region)
+
+    x_t = torch.randn((1, 1) + SHAPE, generator=torch.Generator().manual_seed(0))
+    sampler = make_sampler(prior, 16, batch_size=8)
+    sampler.model_fn = picky
+    torch.testing.assert_close(sampler.eps(x_t, 400), make_sampler(prior, 16).eps(x_t, 400))
+    assert sampler.batch_size == 2 and calls[:2] == [8, 4]
+
+    def never(x_t, t, cond, region):
+        raise torch.cuda.OutOfMemoryError("simulated")
+    sampler.model_fn = never
+    with pytest.raises(ResourceError, match="window batch size 1"):
+        sampler.eps(x_t, 400)
