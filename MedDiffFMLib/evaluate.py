@@ -1,0 +1,389 @@
+"""Evaluation harness: low-dose denoising and anomaly detection, side by side, as CSV + Markdown + PNG.
+
+Denoising: each clean CT is cut to a block of contiguous axial slices (optionally an in-plane
+centre crop), low dose is simulated in the projection domain (`lowdose`) at each photon level, and
+every method in `methods` denoises the same noisy volume. The clean reference is the original CT
+(the simulation adds only reconstructed noise to it). PSNR/SSIM are computed in the [-160, 240] HU
+window (as the MedDiff-FM paper) and each method's wall time per volume is recorded.
+
+A method is any `callable(noisy: Volume, sigma_hu: float | None) -> Volume`; `sigma_hu` is the
+true noise std of the simulation ("oracle"), or None when methods must estimate it themselves.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import baselines, metrics
+from .errors import InputError, ResourceError
+from .io import VOLUME_SUFFIXES, Volume, atomic_path, read_volume
+from .lowdose import simulate_low_dose
+
+log = logging.getLogger(__name__)
+
+DenoiseMethod = Callable[[Volume, Optional[float]], Volume]
+Progress = Optional[Callable[[int, int], None]]
+
+#: Name of the unprocessed low-dose image in tables and figures.
+INPUT_METHOD = "low-dose input"
+DENOISE_COLUMNS = ("case", "photons", "method", "psnr", "ssim", "seconds", "noise_std_hu")
+ANOMALY_COLUMNS = ("case", "pixel_auroc", "image_auroc", "best_dice", "best_dice_threshold", "pro",
+                   "lesion_slices", "healthy_slices")
+
+
+# ---------------------------------------------------------------- inputs
+
+def collect_ct_paths(paths: Sequence[Path]) -> List[Path]:
+    """Expand inputs: a file is one CT; a folder holding NIfTI/NRRD/MHA files gives each of them;
+    any other folder is one DICOM series."""
+    found: List[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise InputError(f"input not found: {path}")
+        volume_files = sorted(p for p in path.iterdir() if p.name.lower().endswith(VOLUME_SUFFIXES)) \
+            if path.is_dir() else []
+        found.extend(volume_files or [path])
+    return found
+
+
+def case_names(paths: Sequence[Path]) -> List[str]:
+    """Short unique names: the file name without suffix, prefixed by its folder when that repeats."""
+    def stem(p: Path) -> str:
+        name = p.name
+        for suffix in VOLUME_SUFFIXES:
+            if name.lower().endswith(suffix):
+                return name[: -len(suffix)]
+        return name
+
+    stems = [stem(p) for p in paths]
+    names = [s if stems.count(s) == 1 else f"{p.parent.name}_{s}" for p, s in zip(paths, stems)]
+    if len(set(names)) != len(names):
+        raise InputError(f"two inputs would get the same case name ({names}); rename or move one.")
+    return names
+
+
+def crop_volume(vol: Volume, z: slice, y: slice, x: slice) -> Volume:
+    """Sub-volume with its origin moved so every voxel keeps its physical position."""
+    starts, array = [], vol.array[z, y, x]
+    for axis_slice, size in zip((x, y, z), reversed(vol.shape)):
+        start, _, step = axis_slice.indices(size)
+        if step != 1:
+            raise InputError("crop_volume needs contiguous slices (step 1).")
+        starts.append(start)
+    direction = np.asarray(vol.direction).reshape(3, 3)
+    origin = np.asarray(vol.origin) + direction @ (np.asarray(starts) * np.asarray(vol.spacing))
+    return Volume(array.copy(), vol.spacing, tuple(origin), vol.direction)
+
+
+def central_block(vol: Volume, n_slices: int, crop_yx: Optional[int] = None) -> Volume:
+    """The `n_slices` contiguous axial slices in the middle of `vol`, optionally a centred
+    `crop_yx` x `crop_yx` in-plane square (kept whole where the image is smaller)."""
+    if n_slices < 1:
+        raise InputError(f"number of slices must be >= 1, got {n_slices}.")
+    depth, height, width = vol.shape
+    z0 = max((depth - n_slices) // 2, 0)
+    in_plane = []
+    for size in (height, width):
+        keep = size if not crop_yx else min(crop_yx, size)
+        in_plane.append(slice((size - keep) // 2, (size - keep) // 2 + keep))
+    return crop_volume(vol, slice(z0, z0 + min(n_slices, depth)), *in_plane)
+
+
+def load_cases(paths: Sequence[Path], n_slices: int, crop_yx: Optional[int] = None) -> List[Tuple[str, Volume]]:
+    """Read each CT (see `collect_ct_paths`) and cut its central block of slices."""
+    files = collect_ct_paths(paths)
+    return [(name, central_block(read_volume(p), n_slices, crop_yx)) for name, p in zip(case_names(files), files)]
+
+
+# ---------------------------------------------------------------- methods
+
+#: Classical methods by the short name the CLI uses.
+CLASSICAL_METHODS = ("gaussian", "nlm", "bm3d")
+
+
+def classical_methods(include: Sequence[str] = CLASSICAL_METHODS, gaussian_sigma_px: float = 1.0,
+                      window: Tuple[float, float] = metrics.DENOISING_WINDOW_HU) -> Dict[str, DenoiseMethod]:
+    """Gaussian smoothing, non-local means and BM3D (those named in `include`), keyed by display name."""
+    unknown = set(include) - set(CLASSICAL_METHODS)
+    if unknown:
+        raise InputError(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(CLASSICAL_METHODS)}.")
+    available = {
+        "gaussian": (f"Gaussian {gaussian_sigma_px:g} px",
+                     lambda vol, sigma: baselines.gaussian(vol, gaussian_sigma_px)),
+        "nlm": ("NLM", lambda vol, sigma: baselines.nlm(vol, sigma, window=window)),
+        "bm3d": ("BM3D", lambda vol, sigma: baselines.bm3d_denoise(vol, sigma, window=window)),
+    }
+    return {label: method for key, (label, method) in available.items() if key in include}
+
+
+def meddifffm_method(model: str, nfe: int = 50, seed: int = 0, **options) -> DenoiseMethod:
+    """MedDiffFM denoising (`tasks.denoise.denoise`) as a harness method; `options` pass through.
+
+    The task estimates the noise level itself unless `noise_level` is among `options`, so it is
+    compared blind even when the classical methods get the oracle noise std.
+    """
+    try:
+        from .tasks.denoise import denoise
+    except ImportError as exc:
+        raise ResourceError(f"MedDiffFM denoising is not available ({exc}).") from None
+
+    def run(vol: Volume, sigma_hu: Optional[float]) -> Volume:
+        return denoise(vol, model=model, nfe=nfe, seed=seed, **options)
+
+    return run
+
+
+# ---------------------------------------------------------------- denoising
+
+@dataclass
+class DenoiseReport:
+    """Result rows (see DENOISE_COLUMNS) and, per case and dose, the middle slice of every image."""
+
+    rows: List[Dict[str, object]] = field(default_factory=list)
+    examples: Dict[str, Dict[float, Dict[str, np.ndarray]]] = field(default_factory=dict)
+
+
+def evaluate_denoising(cases: Sequence[Tuple[str, Volume]], methods: Dict[str, DenoiseMethod],
+                       photons: Sequence[float] = (1e5, 2.5e4), seed: int = 0, oracle_sigma: bool = True,
+                       window: Tuple[float, float] = metrics.DENOISING_WINDOW_HU,
+                       progress: Progress = None) -> DenoiseReport:
+    """Simulate each dose on each clean case and score every method on it (see module docstring)."""
+    if not cases or not photons:
+        raise InputError("evaluate_denoising needs at least one case and one photon level.")
+    if INPUT_METHOD in methods:
+        raise InputError(f"{INPUT_METHOD!r} is reserved for the unprocessed input; rename that method.")
+    report = DenoiseReport()
+    total, done = len(cases) * len(photons) * (len(methods) + 1), 0
+    for case_index, (name, clean) in enumerate(cases):
+        report.examples[name] = {}
+        for dose_index, dose in enumerate(photons):
+            noisy = simulate_low_dose(clean, photons=dose, seed=seed + 1000 * case_index + dose_index)
+            noise_std = float(np.std(noisy.array.astype(np.float64) - clean.array))
+            outputs = {INPUT_METHOD: (noisy, 0.0)}
+            for method_name, method in methods.items():
+                start = time.perf_counter()
+                denoised = method(noisy, noise_std if oracle_sigma else None)
+                outputs[method_name] = (denoised, time.perf_counter() - start)
+            for method_name, (image, seconds) in outputs.items():
+                if image.shape != clean.shape:
+                    raise InputError(f"method {method_name!r} returned shape {image.shape}, "
+                                     f"expected {clean.shape}.")
+                scores = metrics.hu_window_metrics(image.array, clean.array, window)
+                report.rows.append({"case": name, "photons": dose, "method": method_name,
+                                    "psnr": scores["psnr"], "ssim": scores["ssim"], "seconds": seconds,
+                                    "noise_std_hu": noise_std})
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+            middle = clean.shape[0] // 2
+            example = {m: image.array[middle] for m, (image, _) in outputs.items()}
+            example["clean"] = clean.array[middle]
+            report.examples[name][dose] = example
+            log.info("%s at %g photons: %s", name, dose, ", ".join(
+                f"{r['method']} {r['psnr']:.2f} dB" for r in report.rows[-len(outputs):]))
+    return report
+
+
+def mean_over_cases(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
+    """Per (photons, method): PSNR, SSIM and seconds averaged over cases, in first-seen order."""
+    groups: Dict[Tuple[float, str], List[Dict[str, object]]] = {}
+    for row in rows:
+        groups.setdefault((row["photons"], row["method"]), []).append(row)
+    return [{"case": f"mean of {len(group)}", "photons": dose, "method": method,
+             **{key: float(np.mean([r[key] for r in group])) for key in ("psnr", "ssim", "seconds",
+                                                                          "noise_std_hu")}}
+            for (dose, method), group in groups.items()]
+
+
+def write_denoise_report(report: DenoiseReport, out_dir: Path,
+                         window: Tuple[float, float] = metrics.DENOISING_WINDOW_HU) -> List[Path]:
+    """denoise_results.csv, denoise_results.md and one denoise_<case>.png per case; returns the paths."""
+    out_dir = Path(out_dir)
+    summary = mean_over_cases(report.rows)
+    written = [write_csv(report.rows + summary, DENOISE_COLUMNS, out_dir / "denoise_results.csv")]
+    text = (f"# Low-dose CT denoising\n\nPSNR (dB) / SSIM in the [{window[0]:g}, {window[1]:g}] HU window; "
+            "seconds = wall time per volume.\n\n## Mean over cases\n\n"
+            + denoise_summary_markdown(summary) + "\n## Per case\n\n"
+            + markdown_table(report.rows, DENOISE_COLUMNS))
+    written.append(write_text(text, out_dir / "denoise_results.md"))
+    for case, by_dose in report.examples.items():
+        scores = {(r["photons"], r["method"]): r["psnr"] for r in report.rows if r["case"] == case}
+        written.append(_denoise_figure(case, by_dose, scores, window, out_dir / f"denoise_{case}.png"))
+    return written
+
+
+def denoise_summary_markdown(summary_rows: Sequence[Dict[str, object]]) -> str:
+    """One row per method, one 'PSNR / SSIM (s)' column per photon level."""
+    doses = list(dict.fromkeys(r["photons"] for r in summary_rows))
+    methods = list(dict.fromkeys(r["method"] for r in summary_rows))
+    cell = {(r["method"], r["photons"]): f"{r['psnr']:.2f} / {r['ssim']:.3f} ({r['seconds']:.1f} s)"
+            for r in summary_rows}
+    lines = ["| method | " + " | ".join(f"I0 = {d:g}" for d in doses) + " |",
+             "|---|" + "---|" * len(doses)]
+    lines += ["| " + m + " | " + " | ".join(cell.get((m, d), "") for d in doses) + " |" for m in methods]
+    return "\n".join(lines) + "\n"
+
+
+def _denoise_figure(case: str, by_dose: Dict[float, Dict[str, np.ndarray]], psnr: Dict[Tuple[float, str], float],
+                    window: Tuple[float, float], path: Path) -> Path:
+    """Rows = doses; columns = input, each method, clean, |error| of the method with the best PSNR."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    doses = list(by_dose)
+    columns = [m for m in by_dose[doses[0]] if m != "clean"] + ["clean", "error"]
+    fig, axes = plt.subplots(len(doses), len(columns), squeeze=False,
+                             figsize=(2.2 * len(columns), 2.4 * len(doses)))
+    for row, dose in enumerate(doses):
+        images = by_dose[dose]
+        best = max((m for m in images if m not in ("clean", INPUT_METHOD)),
+                   key=lambda m: psnr[(dose, m)], default=INPUT_METHOD)
+        for col, name in enumerate(columns):
+            ax = axes[row, col]
+            ax.set_axis_off()
+            if name == "error":
+                error = np.abs(np.clip(images[best], *window) - np.clip(images["clean"], *window))
+                ax.imshow(error, cmap="magma", vmin=0, vmax=(window[1] - window[0]) / 4)
+                ax.set_title(f"|error| {best}", fontsize=7)
+                continue
+            ax.imshow(images[name], cmap="gray", vmin=window[0], vmax=window[1])
+            title = name if name == "clean" else f"{name}\n{psnr[(dose, name)]:.2f} dB"
+            ax.set_title(title, fontsize=7)
+        axes[row, 0].text(-0.08, 0.5, f"I0 = {dose:g}", rotation=90, va="center", ha="right",
+                          transform=axes[row, 0].transAxes, fontsize=8)
+    fig.suptitle(f"{case}: middle slice, window [{window[0]:g}, {window[1]:g}] HU", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- anomaly detection
+
+@dataclass
+class AnomalyCase:
+    """An anomaly score map (higher = more abnormal), its lesion mask (same zyx shape), and
+    optionally the CT in HU for the figure."""
+
+    name: str
+    scores: np.ndarray
+    mask: np.ndarray
+    image: Optional[np.ndarray] = None
+
+
+def evaluate_anomaly(cases: Sequence[AnomalyCase], max_fpr: float = 0.3) -> List[Dict[str, object]]:
+    """Pixel AUROC, best Dice (and its threshold), PRO up to `max_fpr` per case, and image-level AUROC
+    over axial slices (slice score = its highest voxel score; a slice is a lesion slice when the mask
+    touches it; NaN unless a case has both kinds). A last row pools all slices of all cases for the
+    image AUROC and averages the other metrics."""
+    rows, slice_scores, slice_labels = [], [], []
+    for case in cases:
+        scores, mask = np.asarray(case.scores, dtype=np.float64), np.asarray(case.mask) > 0
+        if scores.shape != mask.shape or scores.ndim != 3:
+            raise InputError(f"case {case.name}: scores {scores.shape} and mask {mask.shape} must be "
+                             "3D volumes on the same grid.")
+        if case.image is not None and np.shape(case.image) != scores.shape:
+            raise InputError(f"case {case.name}: the image {np.shape(case.image)} is not on the score grid "
+                             f"{scores.shape}.")
+        if not mask.any():
+            raise InputError(f"case {case.name}: the lesion mask is empty; anomaly metrics need a lesion.")
+        per_slice = scores.reshape(len(scores), -1).max(axis=1)
+        has_lesion = mask.reshape(len(mask), -1).any(axis=1)
+        slice_scores.append(per_slice)
+        slice_labels.append(has_lesion)
+        dice_value, threshold = metrics.best_dice(scores, mask)
+        rows.append({"case": case.name, "pixel_auroc": metrics.pixel_auroc(scores, mask),
+                     "image_auroc": _auroc_if_defined(per_slice, has_lesion),
+                     "best_dice": dice_value, "best_dice_threshold": threshold,
+                     "pro": metrics.pro_score(scores, mask, max_fpr),
+                     "lesion_slices": int(has_lesion.sum()), "healthy_slices": int((~has_lesion).sum())})
+    pooled = {"case": f"all {len(rows)} cases",
+              "image_auroc": _auroc_if_defined(np.concatenate(slice_scores), np.concatenate(slice_labels))}
+    for key in ("pixel_auroc", "best_dice", "pro", "lesion_slices", "healthy_slices"):
+        values = [r[key] for r in rows]
+        pooled[key] = sum(values) if key.endswith("slices") else float(np.mean(values))
+    pooled["best_dice_threshold"] = float("nan")
+    return rows + [pooled]
+
+
+def _auroc_if_defined(scores: np.ndarray, labels: np.ndarray) -> float:
+    if labels.all() or not labels.any():
+        return float("nan")
+    return metrics.image_auroc(scores, labels)
+
+
+def write_anomaly_report(rows: Sequence[Dict[str, object]], cases: Sequence[AnomalyCase],
+                         out_dir: Path, max_fpr: float = 0.3) -> List[Path]:
+    """anomaly_results.csv, anomaly_results.md and one anomaly_<case>.png per case."""
+    out_dir = Path(out_dir)
+    written = [write_csv(rows, ANOMALY_COLUMNS, out_dir / "anomaly_results.csv")]
+    text = (f"# Anomaly detection\n\nPixel AUROC, image-level AUROC over axial slices, best Dice over "
+            f"thresholds, PRO integrated to FPR {max_fpr:g} (normalised).\n\n" + markdown_table(rows, ANOMALY_COLUMNS))
+    written.append(write_text(text, out_dir / "anomaly_results.md"))
+    written += [_anomaly_figure(case, out_dir / f"anomaly_{case.name}.png") for case in cases]
+    return written
+
+
+def _anomaly_figure(case: AnomalyCase, path: Path) -> Path:
+    """The axial slice with the most lesion: CT (if given), score map, both with the mask outline."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mask = np.asarray(case.mask) > 0
+    z = int(np.argmax(mask.reshape(len(mask), -1).sum(axis=1)))
+    panels = ([("CT", case.image[z], "gray", metrics.DENOISING_WINDOW_HU)] if case.image is not None else [])
+    panels.append(("anomaly score", case.scores[z], "inferno", (None, None)))
+    fig, axes = plt.subplots(1, len(panels), squeeze=False, figsize=(3.2 * len(panels), 3.4))
+    for ax, (title, image, cmap, (low, high)) in zip(axes[0], panels):
+        ax.imshow(image, cmap=cmap, vmin=low, vmax=high)
+        ax.contour(mask[z], levels=[0.5], colors="cyan", linewidths=0.8)
+        ax.set_title(title, fontsize=8)
+        ax.set_axis_off()
+    fig.suptitle(f"{case.name}: slice {z} (lesion outlined)", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- tables
+
+def _format(value: object) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        return f"{value:g}" if abs(value) >= 1000 else f"{value:.4f}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[Dict[str, object]], columns: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_format(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: Sequence[Dict[str, object]], columns: Sequence[str], path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    return Path(path)
+
+
+def write_text(text: str, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+    return Path(path)
+
