@@ -123,7 +123,10 @@ def read_volume(path: PathLike) -> Volume:
         image = _read_dicom_folder(path.parent, series_id=uid)
     else:
         image = _read_file(path)
-    return Volume.from_sitk(image, dtype=np.float32)
+    vol = Volume.from_sitk(image, dtype=np.float32)
+    if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
+        _restore_nifti_nonfinite(path, vol.array)
+    return vol
 
 
 def read_mask(path: PathLike, like: Volume) -> Volume:
@@ -191,6 +194,20 @@ def _read_file(path: Path) -> sitk.Image:
         raise InputError(
             f"cannot read {path} as an image ({_first_line(exc)}). Supported: NIfTI (.nii, .nii.gz), "
             "NRRD (.nrrd), MetaImage (.mha/.mhd) files and DICOM series folders.") from None
+
+
+def _restore_nifti_nonfinite(path: Path, array: np.ndarray) -> None:
+    """Put back NaN/inf voxels that ITK's NIfTI reader silently turns into 0, so checks can see them."""
+    import nibabel
+
+    image = nibabel.load(str(path))
+    if image.get_data_dtype().kind != "f" or len(image.shape) != 3:
+        return  # integer data cannot hold NaN/inf
+    data = np.asanyarray(image.dataobj)
+    bad = ~np.isfinite(data)
+    if bad.any():
+        # nibabel indexes voxels (i, j, k) = (x, y, z); SimpleITK arrays are (z, y, x) of the same voxels.
+        array[bad.T] = data.T[bad.T]
 
 
 def _is_dicom_file(path: Path) -> bool:

@@ -142,3 +142,17 @@ def test_volume_helpers_keep_geometry():
     with pytest.raises(ValueError):
         vol.with_array(np.zeros((2, 2, 2)))
     assert_same_volume(Volume.from_sitk(vol.to_sitk()), vol, atol=0)
+
+
+def test_nifti_nan_and_inf_are_not_hidden(tmp_path):
+    """ITK's NIfTI reader turns NaN/inf into 0; read_volume restores them so check_ct can refuse them."""
+    vol = read_volume(LIMB_NII)
+    broken = vol.array.copy()
+    broken[30, 100, 100:103] = np.nan
+    broken[5, 7, 9] = -np.inf
+    path = tmp_path / "broken.nii.gz"
+    sitk.WriteImage(vol.with_array(broken).to_sitk(), str(path))
+    back = read_volume(path).array
+    np.testing.assert_array_equal(np.isnan(back), np.isnan(broken))
+    assert back[5, 7, 9] == -np.inf
+    np.testing.assert_array_equal(back[np.isfinite(broken)], broken[np.isfinite(broken)])

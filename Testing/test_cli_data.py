@@ -1,0 +1,125 @@
+"""CLI `info` and `preprocess` on real CT, and every bad input of issue A item 6 (made from real CT)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import CHEST_NODULE_NRRD, LIMB_MASK_NII, LIMB_NII, REPO
+from MedDiffFMLib.cli import main
+from MedDiffFMLib.io import read_volume, write_volume
+from MedDiffFMLib.preprocess import resample, unit_to_hu
+
+
+@pytest.fixture(scope="module")
+def limb():
+    return read_volume(LIMB_NII)
+
+
+def make_bad_inputs(limb, folder):
+    """Each bad input from a real CT, with the phrase its error message must contain."""
+    image = limb.to_sitk()
+    cases = {}
+
+    def save(name, img, phrase):
+        sitk.WriteImage(img, str(folder / name))
+        cases[name] = phrase
+
+    save("slice2d.nii.gz", image[:, :, 30], "is 2D")
+    save("one_slice3d.nii.gz", image[:, :, 30:31], "is 2D")
+    save("series4d.nii.gz", sitk.JoinSeries([image, image]), "is 4D")
+    nan = limb.array.copy()
+    nan[30, 100, 100:110] = np.nan
+    save("nan.nii.gz", limb.with_array(nan).to_sitk(), "10 NaN or infinite")
+    mr_like = (limb.array - limb.array.min()) * 1.5  # 0..3600, no air: an MR-like range
+    save("mr_like.nii.gz", limb.with_array(mr_like).to_sitk(), "do not look like CT")
+    unit = (limb.array - limb.array.min()) / np.ptp(limb.array)
+    save("normalised.nii.gz", limb.with_array(unit.astype(np.float32)).to_sitk(), "do not look like CT")
+    thick = limb.to_sitk()
+    thick.SetSpacing((0.2, 0.2, 5.0))
+    save("anisotropic.nii.gz", thick, "extremely anisotropic")
+    (folder / "garbage.nrrd").write_bytes(b"NRRD0004\nthis is not an image\n")
+    cases["garbage.nrrd"] = "cannot read"
+    return cases
+
+
+def test_each_bad_image_gives_its_error_and_exit_code_2(limb, tmp_path, capsys):
+    for name, phrase in make_bad_inputs(limb, tmp_path).items():
+        assert main(["info", str(tmp_path / name)]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and phrase in err, (name, err)
+        out = tmp_path / f"out_{name.split('.')[0]}.nii.gz"
+        assert main(["preprocess", str(tmp_path / name), "-o", str(out)]) == 2, name
+        assert phrase in capsys.readouterr().err
+        assert not out.exists()
+
+
+def test_bad_masks_give_their_errors(limb, tmp_path, capsys):
+    empty = tmp_path / "empty.nii.gz"
+    write_volume(limb.with_array(np.zeros(limb.shape, np.uint8)), empty)
+    for mask, phrase in [(empty, "is empty"), (CHEST_NODULE_NRRD, "not on the grid of the image: size")]:
+        assert main(["info", str(LIMB_NII), "--mask", str(mask)]) == 2
+        assert phrase in capsys.readouterr().err
+        assert main(["preprocess", str(LIMB_NII), "--mask", str(mask), "-o", str(tmp_path / "o.nii.gz")]) == 2
+        assert phrase in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [empty]  # nothing written
+
+
+def test_info_json_on_real_case(capsys):
+    assert main(["info", str(LIMB_NII), "--mask", str(LIMB_MASK_NII), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["size_xyz"] == [198, 202, 59]
+    assert report["hu_range"] == [-1000.0, 1397.0]
+    assert report["region"] == "other" and report["region_reason"]
+    assert report["mask"]["label_ml"]["1"] == pytest.approx(365.3, rel=0.01)
+    assert set(report["anatomy_ml"]) == {"air/lung", "fat", "soft tissue", "bone"}
+
+
+def test_preprocess_writes_window_anatomy_mask_sidecar_preview(limb, tmp_path, capsys):
+    out = tmp_path / "limb.nii.gz"
+    args = ["preprocess", str(LIMB_NII), "-o", str(out), "--spacing", "2", "--mask", str(LIMB_MASK_NII)]
+    assert main(args) == 0
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["limb.json", "limb.nii.gz", "limb_anatomy.nii.gz", "limb_mask.nii.gz", "limb_preview.png"]
+    image = read_volume(out)
+    assert image.spacing == (2.0, 2.0, 2.0) and image.origin == pytest.approx(limb.origin)
+    assert image.array.min() >= -1 and image.array.max() <= 1
+    sidecar = json.loads((tmp_path / "limb.json").read_text())
+    assert sidecar["region"] == "other" and sidecar["window_hu"] == [-150.0, 250.0]
+    assert sidecar["original_grid"]["size_xyz"] == [198, 202, 59]
+    # The written image is the resampled CT clipped to the window: the inverse map recovers it.
+    expected = np.clip(resample(limb, (2.0, 2.0, 2.0)).array, -150, 250)
+    np.testing.assert_allclose(unit_to_hu(image.array, sidecar["window_hu"]), expected, atol=0.05)
+    anatomy = read_volume(tmp_path / "limb_anatomy.nii.gz")
+    assert anatomy.same_grid(image) and set(np.unique(anatomy.array)) == {0, 1, 2, 3, 4}
+    mask = read_volume(tmp_path / "limb_mask.nii.gz")
+    assert mask.array.sum() * 8 / 1000 == pytest.approx(365.3, rel=0.05)
+    assert (tmp_path / "limb_preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Existing outputs are kept unless --overwrite; a user region overrides the guess.
+    before = out.read_bytes()
+    assert main(args + ["--region", "chest"]) == 2 and "already exists" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert main(args + ["--region", "chest", "--overwrite"]) == 0
+    sidecar = json.loads((tmp_path / "limb.json").read_text())
+    assert sidecar["region"] == "chest" and sidecar["window_hu"] == [-1400.0, 400.0]
+
+
+def test_preprocess_never_writes_onto_its_input(tmp_path, capsys):
+    source = tmp_path / "ct.nii.gz"
+    source.write_bytes(LIMB_NII.read_bytes())
+    assert main(["preprocess", str(source), "-o", str(source), "--overwrite"]) == 2
+    assert "is an input" in capsys.readouterr().err
+    assert source.read_bytes() == LIMB_NII.read_bytes()
+
+
+def test_python_m_entry_point_reports_bad_input(limb, tmp_path):
+    sitk.WriteImage(limb.to_sitk()[:, :, 30], str(tmp_path / "slice.nii.gz"))
+    done = subprocess.run([sys.executable, "-m", "MedDiffFMLib", "info", str(tmp_path / "slice.nii.gz")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "error: the image is 2D" in done.stderr
