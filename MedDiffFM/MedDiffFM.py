@@ -1,0 +1,351 @@
+"""3D Slicer module MedDiffFM: the MedDiff-FM CT diffusion foundation model on volume nodes.
+
+The work happens in a separate `python -m MedDiffFMLib` process (see MedDiffFMUtils.process); this
+file holds the Slicer-facing parts: module description, panel, parameter node, Logic and self-test.
+"""
+import os
+from typing import Annotated
+
+import slicer
+import vtk
+from slicer.util import VTKObservationMixin
+
+try:
+    import qt
+    from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+    from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                               ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+except ImportError:
+    # slicer-core (the MRML layer without the application, used by tests and batch scripts): only the
+    # Logic is usable there; the GUI classes get an empty base and are never instantiated.
+    class _WithoutApplication:
+        pass
+
+    qt = parameterNodeWrapper = None
+    ScriptedLoadableModule = ScriptedLoadableModuleLogic = _WithoutApplication
+    ScriptedLoadableModuleTest = ScriptedLoadableModuleWidget = _WithoutApplication
+
+from MedDiffFMUtils import dependencies, library, volumes
+from MedDiffFMUtils.logic import MedDiffFMTasks
+from MedDiffFMUtils.process import TaskCancelled
+from MedDiffFMUtils.tasks import TASKS
+
+MINIMUM_SLICER_VERSION = "5.6"
+
+
+class MedDiffFM(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "MedDiffFM"
+        self.parent.categories = ["Filtering"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["MedDiffFM developers"]
+        self.parent.helpText = f"""
+CT diffusion foundation model (MedDiff-FM): synthesize, denoise, detect anomalies, super-resolve,
+generate lesions and inpaint 3D CT volumes. Results are added as new nodes; inputs are never changed.
+Draw masks (lesion site, region to inpaint) as a segment in the Segment Editor.
+The first Apply installs PyTorch, MONAI and other Python packages after asking. A CUDA GPU is used
+when present; on the CPU everything works, slowly (lower NFE for a quick preview).
+Requires 3D Slicer {MINIMUM_SLICER_VERSION} or later.
+"""
+        self.parent.acknowledgementText = """
+Based on "MedDiff-FM: A Diffusion-based Foundation Model for Versatile Medical Image Applications".
+The panel and process handling follow the conventions of the SlicerTotalSegmentator and
+SlicerMONAIAuto3DSeg extensions.
+"""
+
+
+if parameterNodeWrapper is not None:
+    @parameterNodeWrapper
+    class MedDiffFMParameterNode:
+        """Panel state, saved with the scene. Negative noise level / threshold = automatic; nfe 0 = task default."""
+        inputVolume: slicer.vtkMRMLScalarVolumeNode
+        maskSegmentation: slicer.vtkMRMLSegmentationNode
+        maskSegmentId: str = ""
+        model: str = ""
+        task: str = "denoise"
+        synthesizeOnInputGrid: bool = True
+        synthesizeSizeX: Annotated[int, WithinRange(8, 2048)] = 128
+        synthesizeSizeY: Annotated[int, WithinRange(8, 2048)] = 128
+        synthesizeSizeZ: Annotated[int, WithinRange(8, 2048)] = 64
+        synthesizeSpacingXY: Annotated[float, WithinRange(0.1, 20.0)] = 1.0
+        synthesizeSpacingZ: Annotated[float, WithinRange(0.1, 20.0)] = 2.5
+        noiseLevel: Annotated[float, WithinRange(-1.0, 1000.0)] = -1.0
+        anomalyThreshold: Annotated[float, WithinRange(-1.0, 1000.0)] = -1.0
+        nfe: Annotated[int, WithinRange(0, 1000)] = 0
+        seed: Annotated[int, WithinRange(0, 2 ** 31 - 1)] = 0
+        overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.25
+        windowBatch: Annotated[int, WithinRange(1, 64)] = 4
+        forceCpu: bool = False
+
+
+class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    POLL_INTERVAL_MS = 200
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._run = None  # the TaskRun while a job runs
+        self._pollTimer = None
+        self._dependenciesChecked = False
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedDiffFM.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = MedDiffFMLogic()
+        self.logic.logCallback = self.addLog
+        self.logic.progressCallback = self.onProgress
+
+        for index, info in enumerate(TASKS.values()):
+            self.ui.taskTabWidget.setTabText(index, info.title)
+        self._populateModels()
+        self.ui.progressBar.hide()
+
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(self.POLL_INTERVAL_MS)
+        self._pollTimer.timeout.connect(self._pollRun)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        # Widgets the parameter node wrapper cannot bind by itself (dynamic choices, segment ids).
+        self.ui.maskSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._onMaskChanged)
+        self.ui.maskSegmentSelector.connect("currentSegmentChanged(QString)", self._onMaskChanged)
+        self.ui.modelComboBox.currentIndexChanged.connect(self._onModelChanged)
+        self.ui.taskTabWidget.currentChanged.connect(self._onTaskChanged)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        if self._run is not None:
+            self._run.cancel()
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
+
+    def onSceneStartClose(self, caller, event):
+        if self._run is not None:
+            self._run.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
+            self._updateGUI()
+
+    # --- widgets bound by hand ---------------------------------------------------------------------
+
+    def _populateModels(self):
+        combo = self.ui.modelComboBox
+        combo.clear()
+        models = library.availableModels()
+        for name, description in models:
+            combo.addItem(name, name)
+            combo.setItemData(combo.count - 1, description, qt.Qt.ToolTipRole)
+        if not models:
+            combo.addItem(library.MODEL_NOT_INSTALLED, "")
+        combo.enabled = bool(models)
+
+    def _onModelChanged(self, index):
+        if self._parameterNode:
+            self._parameterNode.model = self.ui.modelComboBox.itemData(index) or ""
+
+    def _onTaskChanged(self, index):
+        if self._parameterNode:
+            self._parameterNode.task = list(TASKS)[index]
+
+    def _onMaskChanged(self, *args):
+        if self._parameterNode:
+            with slicer.util.NodeModify(self._parameterNode):
+                self._parameterNode.maskSegmentation = self.ui.maskSegmentSelector.currentNode()
+                self._parameterNode.maskSegmentId = self.ui.maskSegmentSelector.currentSegmentID() or ""
+
+    def _updateGUI(self, caller=None, event=None):
+        p = self._parameterNode
+        if p is None:
+            return
+        for widget in (self.ui.modelComboBox, self.ui.taskTabWidget, self.ui.maskSegmentSelector):
+            widget.blockSignals(True)
+        modelIndex = self.ui.modelComboBox.findData(p.model)
+        if modelIndex >= 0:
+            self.ui.modelComboBox.currentIndex = modelIndex
+        elif self.ui.modelComboBox.count:  # saved model gone or none chosen yet: take the first
+            p.model = self.ui.modelComboBox.itemData(0) or ""
+        self.ui.taskTabWidget.currentIndex = list(TASKS).index(p.task) if p.task in TASKS else 0
+        self.ui.maskSegmentSelector.setCurrentNode(p.maskSegmentation)
+        self.ui.maskSegmentSelector.setCurrentSegmentID(p.maskSegmentId)
+        for widget in (self.ui.modelComboBox, self.ui.taskTabWidget, self.ui.maskSegmentSelector):
+            widget.blockSignals(False)
+        self._updateApplyButton()
+
+    def _missingInput(self):
+        """Why Apply cannot run now, or '' when it can."""
+        p = self._parameterNode
+        info = TASKS.get(p.task)
+        if info is None:
+            return "Select a task."
+        if not p.model:
+            return f"No model available ({library.MODEL_NOT_INSTALLED})."
+        needsVolume = p.synthesizeOnInputGrid if p.task == "synthesize" else info.needsInputVolume
+        if needsVolume and not p.inputVolume:
+            return "Select an input volume."
+        if info.needsMask and not (p.maskSegmentation and p.maskSegmentId):
+            return "Select the mask segment (paint it in the Segment Editor)."
+        return ""
+
+    def _updateApplyButton(self):
+        if self._run is not None:
+            self.ui.applyButton.text = "Cancel"
+            self.ui.applyButton.toolTip = "Stop the running job; the scene stays as it was."
+            self.ui.applyButton.enabled = True
+            return
+        problem = self._missingInput()
+        self.ui.applyButton.text = "Apply"
+        self.ui.applyButton.toolTip = problem or f"Run {TASKS[self._parameterNode.task].title}."
+        self.ui.applyButton.enabled = not problem
+
+    # --- running -------------------------------------------------------------------------------------
+
+    def addLog(self, text):
+        self.ui.logTextEdit.appendPlainText(text)
+
+    def onProgress(self, step, total):
+        self.ui.progressBar.maximum = max(total, 1)
+        self.ui.progressBar.value = step
+
+    def onApplyButton(self):
+        if self._run is not None:
+            self.addLog("Cancelling...")
+            self._run.cancel()
+            return
+        with slicer.util.tryWithErrorDisplay("MedDiffFM could not start.", waitCursor=True):
+            self._ensureDependencies()
+            self.ui.logTextEdit.clear()
+            self.ui.progressBar.value = 0
+            self._run = self._startRun()
+            self._setRunning(True)
+
+    def _ensureDependencies(self):
+        if self._dependenciesChecked:
+            return
+        dependencies.setupPythonRequirements(library.libraryRoot(), self.addLog)
+        self.addLog(dependencies.computeDeviceMessage())
+        self._dependenciesChecked = True
+
+    def _startRun(self):
+        p = self._parameterNode
+        options = dict(model=p.model, nfe=p.nfe or None, seed=p.seed, forceCpu=p.forceCpu,
+                       overlap=p.overlap, windowBatch=p.windowBatch, wait=False)
+        if p.task == "synthesize":
+            if p.synthesizeOnInputGrid:
+                return self.logic.synthesize(p.inputVolume, **options)
+            return self.logic.synthesize(
+                size=(p.synthesizeSizeX, p.synthesizeSizeY, p.synthesizeSizeZ),
+                spacing=(p.synthesizeSpacingXY, p.synthesizeSpacingXY, p.synthesizeSpacingZ), **options)
+        if p.task == "denoise":
+            return self.logic.denoise(p.inputVolume, noiseLevel=p.noiseLevel if p.noiseLevel >= 0 else None, **options)
+        if p.task == "detect-anomalies":
+            return self.logic.detectAnomalies(
+                p.inputVolume, threshold=p.anomalyThreshold if p.anomalyThreshold >= 0 else None, **options)
+        if p.task == "super-resolve":
+            return self.logic.superResolve(p.inputVolume, **options)
+        if p.task == "generate-lesion":
+            return self.logic.generateLesion(p.inputVolume, p.maskSegmentation, p.maskSegmentId, **options)
+        return self.logic.inpaint(p.inputVolume, p.maskSegmentation, p.maskSegmentId, **options)
+
+    def _setRunning(self, running):
+        self.ui.progressBar.visible = running
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.taskTabWidget, self.ui.samplingCollapsibleButton):
+            widget.enabled = not running
+        if running:
+            self._pollTimer.start()
+        else:
+            self._pollTimer.stop()
+        self._updateApplyButton()
+
+    def _pollRun(self):
+        """Timer slot: hand the job's new output to the log/progress bar; finish up when it ends."""
+        run = self._run
+        if run is None or not run.poll():
+            return
+        self._run = None
+        self._setRunning(False)
+        if isinstance(run.error, TaskCancelled):
+            self.addLog(str(run.error))
+        elif run.error is not None:
+            self.addLog(f"Failed: {run.error}")
+            slicer.util.errorDisplay(f"MedDiffFM failed: {run.error}")
+        else:
+            self.addLog("Done.")
+
+
+class MedDiffFMLogic(ScriptedLoadableModuleLogic, MedDiffFMTasks):
+    """Console use: `logic = MedDiffFMLogic(); denoised = logic.denoise(volumeNode, nfe=20, seed=0)`.
+
+    See MedDiffFMUtils.logic.MedDiffFMTasks for every task and option.
+    """
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        MedDiffFMTasks.__init__(self)
+
+    def getParameterNode(self):
+        return MedDiffFMParameterNode(super().getParameterNode())
+
+
+class MedDiffFMTest(ScriptedLoadableModuleTest):
+    """Run in Slicer (Reload and Test, or ctest): geometry survives the trip through files."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_ObliqueGeometryRoundTrip()
+
+    def test_ObliqueGeometryRoundTrip(self):
+        import tempfile
+
+        import numpy as np
+        array = np.arange(6 * 7 * 8, dtype=np.int16).reshape(6, 7, 8)
+        angle = np.deg2rad(20)
+        ijkToRAS = np.array([[np.cos(angle) * 0.7, -np.sin(angle) * 0.8, 0, -12.5],
+                             [np.sin(angle) * 0.7, np.cos(angle) * 0.8, 0, 40.0],
+                             [0, 0, 2.5, -100.0],
+                             [0, 0, 0, 1]])
+        node = slicer.util.addVolumeFromArray(array, ijkToRAS=ijkToRAS, name="CT")
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "ct.nrrd")
+            volumes.writeVolumeNode(node, path)
+            loaded = volumes.addVolumeNodeFromFile(path, "CT copy")
+        np.testing.assert_allclose(volumes.ijkToRASArray(loaded), ijkToRAS, atol=1e-6)
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(loaded), array)
+        self.delayDisplay("Geometry round trip passed")

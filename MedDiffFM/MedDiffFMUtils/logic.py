@@ -1,0 +1,198 @@
+"""MedDiffFMLogic's work, without Qt: export nodes, run `python -m MedDiffFMLib TASK`, import results.
+
+Every task method takes MRML nodes and returns new MRML nodes; input nodes are only read. With
+`wait=False` a method returns the started `TaskRun` instead, whose `poll()` the caller drives (the
+module widget does it from a QTimer) and whose `result` holds the new nodes once it has finished.
+"""
+import logging
+import os
+import shutil
+import tempfile
+
+import slicer
+
+from . import library, volumes
+from .process import TaskRun, pythonExecutable
+from .tasks import ANOMALY_SEGMENTATION_SUFFIX, TASKS
+
+# Colour map of the anomaly map; a procedural table that every Slicer scene has.
+ANOMALY_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"
+
+
+def _slicerApp():
+    return getattr(slicer, "app", None)
+
+
+def _addNodesOrNone(*loaders):
+    """Run node-creating callables; if one fails, remove the nodes already made (no half results)."""
+    nodes = []
+    try:
+        for load in loaders:
+            nodes.append(load())
+    except Exception:
+        for node in nodes:
+            slicer.mrmlScene.RemoveNode(node)
+        raise
+    return nodes
+
+
+class MedDiffFMTasks:
+    """Console-scriptable MedDiffFM tasks on MRML nodes (mixed into MedDiffFMLogic)."""
+
+    def __init__(self):
+        self.logCallback = logging.info  # called with each output line of a job
+        self.progressCallback = None  # called with (step, total)
+
+    # --- tasks -------------------------------------------------------------------------------
+
+    def synthesize(self, referenceVolumeNode=None, size=None, spacing=None, wait=True, **options):
+        """Generate a new CT on the grid of `referenceVolumeNode`, or of `size` (x, y, z voxels) and
+        `spacing` (x, y, z mm). Returns the new volume node."""
+        if referenceVolumeNode is None and (size is None or spacing is None):
+            raise ValueError("Give a reference volume, or both size (x, y, z voxels) and spacing (x, y, z mm).")
+        arguments, inputs = [], {}
+        if referenceVolumeNode is not None:
+            inputs["--reference"] = referenceVolumeNode
+            name = f"{referenceVolumeNode.GetName()} {TASKS['synthesize'].resultSuffix}"
+        else:
+            arguments += ["--size", *size, "--spacing", *spacing]
+            name = f"MedDiffFM {TASKS['synthesize'].resultSuffix}"
+
+        def importResults(workDir):
+            node = volumes.addVolumeNodeFromFile(self._outputPath(workDir), name, referenceVolumeNode)
+            self._show(node)
+            return node
+        return self._runTask("synthesize", None, arguments, importResults, wait, options, namedInputs=inputs)
+
+    def denoise(self, volumeNode, noiseLevel=None, window=None, wait=True, **options):
+        """Denoise a CT. `noiseLevel` (in the model's [-1, 1] units) None = estimate it; `window`
+        (low, high) HU = the denoising window. Returns the new volume node."""
+        arguments = []
+        if noiseLevel is not None:
+            arguments += ["--noise-level", noiseLevel]
+        if window is not None:
+            arguments += ["--window", *window]
+        return self._runTask("denoise", volumeNode, arguments, self._importVolume("denoise", volumeNode), wait, options)
+
+    def detectAnomalies(self, volumeNode, threshold=None, wait=True, **options):
+        """Detect anomalies. Returns (anomaly map volume node, segmentation node of the thresholded map)."""
+        arguments = [] if threshold is None else ["--threshold", threshold]
+        baseName = volumeNode.GetName()
+
+        def importResults(workDir):
+            mapNode, segmentationNode = _addNodesOrNone(
+                lambda: volumes.addVolumeNodeFromFile(
+                    self._outputPath(workDir), f"{baseName} {TASKS['detect-anomalies'].resultSuffix}", volumeNode),
+                lambda: volumes.addSegmentationNodeFromMaskFile(
+                    self._anomalyMaskPath(workDir), f"{baseName} {ANOMALY_SEGMENTATION_SUFFIX}",
+                    ANOMALY_SEGMENTATION_SUFFIX, volumeNode))
+            mapNode.GetDisplayNode().SetAndObserveColorNodeID(ANOMALY_COLOR_NODE_ID)
+            self._show(volumeNode, foreground=mapNode)
+            return mapNode, segmentationNode
+        return self._runTask("detect-anomalies", volumeNode, arguments, importResults, wait, options,
+                             outputArguments=lambda workDir: ["--mask-output", self._anomalyMaskPath(workDir)])
+
+    def superResolve(self, volumeNode, wait=True, **options):
+        """Super-resolve a CT. Returns a new volume node on the finer grid."""
+        return self._runTask("super-resolve", volumeNode, [], self._importVolume("super-resolve", volumeNode),
+                             wait, options)
+
+    def generateLesion(self, volumeNode, segmentationNode, segmentId, wait=True, **options):
+        """Generate a lesion inside the segment `segmentId`. Returns the new volume node."""
+        return self._runTask("generate-lesion", volumeNode, [], self._importVolume("generate-lesion", volumeNode),
+                             wait, options, mask=(segmentationNode, segmentId))
+
+    def inpaint(self, volumeNode, segmentationNode, segmentId, wait=True, **options):
+        """Replace the region of segment `segmentId` with plausible tissue. Returns the new volume node."""
+        return self._runTask("inpaint", volumeNode, [], self._importVolume("inpaint", volumeNode),
+                             wait, options, mask=(segmentationNode, segmentId))
+
+    # --- shared machinery -----------------------------------------------------------------------
+
+    @staticmethod
+    def samplingArguments(model="default", nfe=None, seed=0, forceCpu=False, overlap=None, windowBatch=None):
+        """CLI options shared by all tasks (the `**options` of every task method).
+
+        model: name in Resources/Models.json or a model file; nfe: network evaluations (None = the
+        task's default); seed: random seed (same seed, same result on CPU); forceCpu: never use a GPU;
+        overlap: sliding-window overlap fraction; windowBatch: windows evaluated together.
+        """
+        arguments = ["--model", model, "--seed", seed, "--device", "cpu" if forceCpu else "auto"]
+        if nfe is not None:
+            arguments += ["--nfe", nfe]
+        if overlap is not None:
+            arguments += ["--overlap", overlap]
+        if windowBatch is not None:
+            arguments += ["--window-batch", windowBatch]
+        return arguments
+
+    def _runTask(self, task, volumeNode, taskArguments, importResults, wait, options,
+                 mask=None, namedInputs=None, outputArguments=None):
+        samplingArguments = self.samplingArguments(**options)  # rejects unknown option names early
+        workDir = tempfile.mkdtemp(prefix="MedDiffFM-", dir=self._temporaryRoot())
+        try:
+            command = [pythonExecutable(), "-m", "MedDiffFMLib", task]
+            if volumeNode is not None:
+                command.append(self._export(volumeNode, workDir, "input.nrrd"))
+            command += ["-o", self._outputPath(workDir)]
+            for flag, node in (namedInputs or {}).items():
+                command += [flag, self._export(node, workDir, f"{flag.strip('-')}.nrrd")]
+            if mask is not None:
+                maskPath = os.path.join(workDir, "mask.nrrd")
+                volumes.writeSegmentMask(mask[0], mask[1], volumeNode, maskPath)
+                command += ["--mask", maskPath]
+            if outputArguments is not None:
+                command += outputArguments(workDir)
+            command += taskArguments + samplingArguments + ["--progress", "machine"]
+        except Exception:
+            shutil.rmtree(workDir, ignore_errors=True)
+            raise
+        run = TaskRun(command, workDir, lambda: importResults(workDir), env=self._environment(),
+                      cwd=library.libraryRoot(), logCallback=self.logCallback,
+                      progressCallback=self.progressCallback)
+        # cwd = library root: `python -m` puts the working directory first on sys.path, so the job
+        # imports this very copy of MedDiffFMLib whatever else is installed.
+        self.logCallback(f"Running MedDiffFM {task}...")
+        run.start()
+        return run.wait() if wait else run
+
+    @staticmethod
+    def _export(volumeNode, workDir, fileName):
+        path = os.path.join(workDir, fileName)
+        volumes.writeVolumeNode(volumeNode, path)
+        return path
+
+    @staticmethod
+    def _outputPath(workDir):
+        return os.path.join(workDir, "output.nrrd")
+
+    @staticmethod
+    def _anomalyMaskPath(workDir):
+        return os.path.join(workDir, "anomaly-mask.nrrd")
+
+    def _importVolume(self, task, inputNode):
+        name = f"{inputNode.GetName()} {TASKS[task].resultSuffix}"
+
+        def importResults(workDir):
+            node = volumes.addVolumeNodeFromFile(self._outputPath(workDir), name, inputNode)
+            self._show(node)
+            return node
+        return importResults
+
+    @staticmethod
+    def _temporaryRoot():
+        app = _slicerApp()
+        return app.temporaryPath if app is not None else None
+
+    @staticmethod
+    def _environment():
+        # Inside Slicer, start from the environment Slicer itself was started with: the app's own
+        # (Qt plugin and library paths) can break the PythonSlicer child.
+        return slicer.util.startupEnvironment() if _slicerApp() is not None else None
+
+    @staticmethod
+    def _show(background, foreground=None):
+        if _slicerApp() is None:  # no views without the application
+            return
+        slicer.util.setSliceViewerLayers(background=background, foreground=foreground,
+                                         foregroundOpacity=0.5 if foreground is not None else None, fit=True)

@@ -1,0 +1,177 @@
+"""Run one `python -m MedDiffFMLib TASK ...` job as a separate process and follow it.
+
+The job runs outside Slicer's Python so the GUI stays responsive and a cancel can kill it outright.
+A reader thread moves the child's output lines into a queue; `poll()` drains the queue on the caller's
+thread (the GUI calls it from a `qt.QTimer`, `wait()` calls it in a loop), turns
+`MEDDIFFFM_PROGRESS <step> <total>` lines into progress callbacks and everything else into log lines.
+Results are imported only after the process has succeeded, so a failed or cancelled job adds nothing
+to the scene; the job's temporary folder is always removed.
+"""
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+PROGRESS_PREFIX = "MEDDIFFFM_PROGRESS"
+_END_OF_OUTPUT = None  # queue marker: the child closed its output
+
+
+def parseProgressLine(line):
+    """Return (step, total) for a `MEDDIFFFM_PROGRESS <step> <total>` line, else None."""
+    parts = line.split()
+    if len(parts) != 3 or parts[0] != PROGRESS_PREFIX:
+        return None
+    try:
+        return int(parts[1]), int(parts[2])
+    except ValueError:
+        return None
+
+
+def errorMessageFromOutput(lines, returnCode):
+    """The message to show for a failed run: the CLI's `error: ...` line, else the last output lines."""
+    for line in reversed(lines):
+        if line.startswith("error:"):
+            return line[len("error:"):].strip()
+    tail = "\n".join(lines[-15:]).strip()
+    return f"MedDiffFMLib exited with code {returnCode}" + (f":\n{tail}" if tail else " and printed nothing.")
+
+
+class TaskFailed(RuntimeError):
+    """The command line job failed; the message is the job's own error message."""
+
+    def __init__(self, message, returnCode):
+        super().__init__(message)
+        self.returnCode = returnCode
+
+
+class TaskCancelled(RuntimeError):
+    """The job was cancelled by the user; nothing was added to the scene."""
+
+
+def killProcessTree(process):
+    """Kill a process and everything it started (workers, data loaders)."""
+    try:
+        import psutil
+    except ImportError:  # psutil missing: children may survive, but the job itself stops
+        process.kill()
+        return
+    try:
+        parent = psutil.Process(process.pid)
+        children = parent.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for child in children + [parent]:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+class TaskRun:
+    """One command line job: start(), then poll() until it returns True, or wait().
+
+    `importResults()` is called on the polling thread after a successful exit and its return value
+    becomes `result`; `workDir` (the job's temporary folder) is deleted when the job ends.
+    """
+
+    def __init__(self, command, workDir, importResults, env=None, cwd=None,
+                 logCallback=None, progressCallback=None):
+        self.command = [str(part) for part in command]
+        self.workDir = workDir
+        self.importResults = importResults
+        self.env = env
+        self.cwd = cwd
+        self.logCallback = logCallback
+        self.progressCallback = progressCallback
+        self.outputLines = []
+        self.result = None
+        self.error = None
+        self.finished = False
+        self._cancelRequested = False
+        self._process = None
+        self._lines = queue.Queue()
+
+    def start(self):
+        env = dict(os.environ if self.env is None else self.env)
+        env["PYTHONUNBUFFERED"] = "1"  # progress lines must arrive while the job runs, not at exit
+        self._process = subprocess.Popen(
+            self.command, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,  # one stream keeps messages in order
+            text=True, encoding="utf-8", errors="replace", bufsize=1)
+        threading.Thread(target=self._readOutput, name="MedDiffFM output reader", daemon=True).start()
+        return self
+
+    def _readOutput(self):
+        for line in self._process.stdout:
+            self._lines.put(line.rstrip("\r\n"))
+        self._process.stdout.close()
+        self._lines.put(_END_OF_OUTPUT)
+
+    def cancel(self):
+        """Stop the job; the next poll() finishes it with a TaskCancelled error."""
+        self._cancelRequested = True
+        if self._process is not None and self._process.poll() is None:
+            killProcessTree(self._process)
+
+    def poll(self):
+        """Handle the output that arrived; return True once the job has finished (see result/error)."""
+        if self.finished:
+            return True
+        outputEnded = False
+        while True:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is _END_OF_OUTPUT:
+                outputEnded = True
+                break
+            self._handleLine(line)
+        if outputEnded:
+            self._finish(self._process.wait())
+        return self.finished
+
+    def wait(self, pollInterval=0.1):
+        """Block until the job ends; return the imported result or raise its error."""
+        while not self.poll():
+            time.sleep(pollInterval)
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def _handleLine(self, line):
+        progress = parseProgressLine(line)
+        if progress is not None:
+            if self.progressCallback:
+                self.progressCallback(*progress)
+            return
+        self.outputLines.append(line)
+        if self.logCallback:
+            self.logCallback(line)
+
+    def _finish(self, returnCode):
+        try:
+            if self._cancelRequested:
+                self.error = TaskCancelled("Cancelled; the scene was left unchanged.")
+            elif returnCode != 0:
+                self.error = TaskFailed(errorMessageFromOutput(self.outputLines, returnCode), returnCode)
+            else:
+                try:
+                    self.result = self.importResults()
+                except Exception as exc:  # reported like a job failure; the caller re-raises it
+                    self.error = exc
+        finally:
+            shutil.rmtree(self.workDir, ignore_errors=True)
+            self.finished = True
+
+
+def pythonExecutable():
+    """The Python that runs jobs: PythonSlicer inside Slicer (whose sys.executable is the app), else this one."""
+    if "slicer" in sys.modules and hasattr(sys.modules["slicer"], "app"):
+        found = shutil.which("PythonSlicer")
+        if found:
+            return found
+    return sys.executable

@@ -1,0 +1,110 @@
+"""MRML nodes <-> image files for the MedDiffFMLib command line.
+
+Volumes go out through SimpleITK (the reader MedDiffFMLib itself uses) with the node's IJK-to-RAS
+geometry converted to LPS, and come back the same way into *new* nodes: input nodes are only read.
+Works in the Slicer application and under slicer-core (no `slicer.modules`, no Qt).
+"""
+import numpy as np
+import SimpleITK as sitk
+import slicer
+import vtk
+
+from .geometry import ijkToRASFromSitkGeometry, sitkGeometryFromIJKToRAS
+
+
+def ijkToRASArray(volumeNode):
+    """The node's 4x4 IJK-to-RAS matrix as a numpy array."""
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
+def _writeArray(array, ijkToRAS, path):
+    image = sitk.GetImageFromArray(array)  # copies, so the node's voxels are never touched
+    spacing, origin, direction = sitkGeometryFromIJKToRAS(ijkToRAS)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(direction)
+    sitk.WriteImage(image, str(path), useCompression=False)
+
+
+def writeVolumeNode(volumeNode, path):
+    """Write a scalar volume node's voxels and geometry to `path` (NRRD or NIfTI by extension).
+
+    The geometry is the node's own (local) grid; a parent transform is not applied, and results are
+    placed under the same transform (see `addVolumeNodeFromFile`).
+    """
+    if volumeNode is None or volumeNode.GetImageData() is None:
+        raise ValueError("The input volume is empty: select a volume that has been loaded.")
+    if volumeNode.GetImageData().GetNumberOfScalarComponents() != 1:
+        raise ValueError(f"'{volumeNode.GetName()}' is not a single-component (scalar) volume; "
+                         "MedDiffFM needs a grayscale CT.")
+    _writeArray(slicer.util.arrayFromVolume(volumeNode), ijkToRASArray(volumeNode), path)
+
+
+def writeSegmentMask(segmentationNode, segmentId, referenceVolumeNode, path):
+    """Write one segment as a 0/1 uint8 mask on the grid of `referenceVolumeNode`."""
+    segmentation = segmentationNode.GetSegmentation()
+    segment = segmentation.GetSegment(segmentId) if segmentId else None
+    if segment is None:
+        raise ValueError(f"Segment '{segmentId}' not found in '{segmentationNode.GetName()}': "
+                         "select the segment that marks the region.")
+    labelmapNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__MedDiffFM_mask__")
+    try:
+        segmentIds = vtk.vtkStringArray()
+        segmentIds.InsertNextValue(segmentId)
+        exported = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentationNode, segmentIds, labelmapNode, referenceVolumeNode)
+        if not exported or labelmapNode.GetImageData() is None:
+            raise ValueError(f"Segment '{segment.GetName()}' could not be turned into a mask on the grid "
+                             f"of '{referenceVolumeNode.GetName()}'.")
+        mask = (slicer.util.arrayFromVolume(labelmapNode) > 0).astype(np.uint8)
+        if not mask.any():
+            raise ValueError(f"Segment '{segment.GetName()}' is empty inside '{referenceVolumeNode.GetName()}': "
+                             "paint the region in the Segment Editor first.")
+        _writeArray(mask, ijkToRASArray(labelmapNode), path)
+    finally:
+        slicer.mrmlScene.RemoveNode(labelmapNode)
+
+
+def readImage(path):
+    """Read an image file; return (voxel array zyx, 4x4 IJK-to-RAS matrix)."""
+    image = sitk.ReadImage(str(path))
+    ijkToRAS = ijkToRASFromSitkGeometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    return sitk.GetArrayFromImage(image), ijkToRAS
+
+
+def _placeLike(node, likeNode):
+    """Put a new node under the same parent transform as the node it was made from."""
+    if likeNode is not None and likeNode.GetParentTransformNode() is not None:
+        node.SetAndObserveTransformNodeID(likeNode.GetParentTransformNode().GetID())
+
+
+def addVolumeNodeFromFile(path, name, likeNode=None):
+    """Load an image file into a new scalar volume node (geometry from the file)."""
+    array, ijkToRAS = readImage(path)
+    node = slicer.util.addVolumeFromArray(array, ijkToRAS=ijkToRAS, name=name)
+    _placeLike(node, likeNode)
+    return node
+
+
+def addSegmentationNodeFromMaskFile(path, name, segmentName, likeNode=None):
+    """Load a 0/1 mask file into a new segmentation node holding one segment named `segmentName`."""
+    array, ijkToRAS = readImage(path)
+    labelmapNode = slicer.util.addVolumeFromArray((array > 0).astype(np.uint8), ijkToRAS=ijkToRAS,
+                                                  name=segmentName, nodeClassName="vtkMRMLLabelMapVolumeNode")
+    try:
+        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        segmentationNode.CreateDefaultDisplayNodes()
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmapNode, segmentationNode):
+            slicer.mrmlScene.RemoveNode(segmentationNode)
+            raise RuntimeError(f"Could not import the mask {path} as a segmentation.")
+        segmentation = segmentationNode.GetSegmentation()
+        if segmentation.GetNumberOfSegments() == 0:  # nothing found: say so with an empty segment
+            segmentation.AddEmptySegment(segmentName, segmentName)
+        else:  # the import names it after a colour table entry
+            segmentation.GetNthSegment(0).SetName(segmentName)
+    finally:
+        slicer.mrmlScene.RemoveNode(labelmapNode)
+    _placeLike(segmentationNode, likeNode)
+    return segmentationNode

@@ -1,0 +1,419 @@
+"""The Slicer module's Logic on the real MRML layer (slicer-core: MRML scene and nodes, no Qt app).
+
+Real CT from ../shared/data/ct goes into volume nodes; files written for the command line are read
+back with plain SimpleITK and compared with geometry computed here independently. The process
+runner is tested against small scripts with known behaviour (progress, failure, cancel with a
+grandchild process); the Logic's task methods against a stand-in `MedDiffFMLib` package whose
+`__main__` does a simple known transformation, and against the real command line where it exists.
+"""
+import json
+import os
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import ABDOMEN_SMALL_NII, LIMB_MASK_NII, LIMB_NII, REPO
+
+sys.path.insert(0, str(REPO / "MedDiffFM"))  # where Slicer finds the module (its module path)
+
+import slicer  # noqa: E402  (slicer-core)
+import vtk  # noqa: E402
+
+import MedDiffFM  # noqa: E402
+from MedDiffFMUtils import geometry, library, process, volumes  # noqa: E402
+from MedDiffFMUtils import logic as logic_module  # noqa: E402
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+# What Slicer's Segmentations module registers at application start (empty segments need it).
+_converters = slicer.vtkSegmentationConverterFactory.GetInstance()
+if not _converters.GetConverterRules():
+    _converters.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+    _converters.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
+
+
+@pytest.fixture
+def scene():
+    slicer.mrmlScene = slicer.vtkMRMLScene()
+    colors = slicer.vtkMRMLColorLogic()  # what the application does at start: default colour tables
+    colors.SetMRMLScene(slicer.mrmlScene)
+    yield slicer.mrmlScene
+    colors.SetMRMLScene(None)
+    slicer.mrmlScene.Clear(1)
+
+
+def oblique(image, degrees=15.0):
+    """The same voxels tilted about z: a direction matrix that is not diagonal."""
+    a = np.deg2rad(degrees)
+    rotation = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    tilted = sitk.Image(image)
+    tilted.SetDirection(tuple((rotation @ np.array(image.GetDirection()).reshape(3, 3)).ravel()))
+    return tilted
+
+
+def crop(image, size=(48, 48, 16)):
+    start = [(full - part) // 2 for full, part in zip(image.GetSize(), size)]
+    return sitk.RegionOfInterest(image, size, start)
+
+
+def ijk_to_ras_by_hand(image):
+    """IJK-to-RAS of a SimpleITK image written out from the definitions (independent of geometry.py)."""
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    matrix = np.eye(4)
+    matrix[:3, :3] = LPS_TO_RAS @ direction @ np.diag(image.GetSpacing())
+    matrix[:3, 3] = LPS_TO_RAS @ np.array(image.GetOrigin())
+    return matrix
+
+
+def node_from_image(image, name):
+    return slicer.util.addVolumeFromArray(sitk.GetArrayFromImage(image), ijkToRAS=ijk_to_ras_by_hand(image), name=name)
+
+
+@pytest.fixture
+def ct_image():
+    return oblique(crop(sitk.ReadImage(str(ABDOMEN_SMALL_NII))))
+
+
+@pytest.fixture
+def ct_node(scene, ct_image):
+    return node_from_image(ct_image, "CT")
+
+
+def assert_same_geometry(image, reference):
+    np.testing.assert_allclose(image.GetSpacing(), reference.GetSpacing(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(image.GetOrigin(), reference.GetOrigin(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(image.GetDirection(), reference.GetDirection(), rtol=0, atol=1e-6)
+    assert image.GetSize() == reference.GetSize()
+
+
+# --- geometry ---------------------------------------------------------------------------------------
+
+
+def test_geometry_known_answer():
+    # x axis along R with 0.5 mm, y along A with 0.8 mm, z along -S (slices stored head-first) 3 mm.
+    ijk_to_ras = np.array([[0.5, 0, 0, 10.0], [0, 0.8, 0, -20.0], [0, 0, -3.0, 30.0], [0, 0, 0, 1]])
+    spacing, origin, direction = geometry.sitkGeometryFromIJKToRAS(ijk_to_ras)
+    assert spacing == pytest.approx((0.5, 0.8, 3.0))
+    assert origin == pytest.approx((-10.0, 20.0, 30.0))  # LPS: x and y change sign
+    assert direction == pytest.approx((-1, 0, 0, 0, -1, 0, 0, 0, -1))
+    np.testing.assert_allclose(geometry.ijkToRASFromSitkGeometry(spacing, origin, direction), ijk_to_ras)
+
+
+# --- node <-> file ------------------------------------------------------------------------------------
+
+
+def test_exported_volume_has_node_voxels_and_geometry(ct_node, ct_image, tmp_path):
+    before = slicer.util.arrayFromVolume(ct_node).copy()
+    matrix_before = volumes.ijkToRASArray(ct_node)
+    path = tmp_path / "ct.nrrd"
+    volumes.writeVolumeNode(ct_node, path)
+
+    written = sitk.ReadImage(str(path))
+    assert_same_geometry(written, ct_image)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(ct_image))
+    # the input node is only read
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(ct_node), before)
+    np.testing.assert_array_equal(volumes.ijkToRASArray(ct_node), matrix_before)
+
+
+def test_imported_result_lands_on_input_grid_under_its_transform(ct_node, ct_image, tmp_path):
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    ct_node.SetAndObserveTransformNodeID(transform.GetID())
+    result = sitk.Cast(ct_image, sitk.sitkFloat32) + 5.0  # what a task would write: same grid
+    path = tmp_path / "out.nrrd"
+    sitk.WriteImage(result, str(path))
+
+    node = volumes.addVolumeNodeFromFile(path, "CT denoised", likeNode=ct_node)
+    assert node.GetName() == "CT denoised"
+    np.testing.assert_allclose(volumes.ijkToRASArray(node), volumes.ijkToRASArray(ct_node), atol=1e-5)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(node), slicer.util.arrayFromVolume(ct_node) + 5.0)
+    assert node.GetTransformNodeID() == transform.GetID()
+
+
+def sphere_segmentation(volume_node, center_ijk, radius_vox):
+    """A segmentation with one spherical segment, stored (like the Segment Editor does) on a sub-extent."""
+    shape = slicer.util.arrayFromVolume(volume_node).shape
+    k, j, i = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    ck, cj, ci = center_ijk
+    full = ((i - ci) ** 2 + (j - cj) ** 2 + ((k - ck) * 2) ** 2 <= radius_vox ** 2).astype(np.uint8)
+    # keep only the bounding box of the sphere, with the box's own origin
+    box = tuple(slice(max(c - r, 0), c + r + 1) for c, r in zip((ck, cj, ci), (radius_vox // 2 + 1, radius_vox, radius_vox)))
+    offset = np.array([box[2].start, box[1].start, box[0].start, 1.0])
+    ijk_to_ras = volumes.ijkToRASArray(volume_node)
+    box_to_ras = ijk_to_ras.copy()
+    box_to_ras[:, 3] = ijk_to_ras @ offset
+    labelmap = slicer.util.addVolumeFromArray(full[box].copy(), ijkToRAS=box_to_ras, name="lesion",
+                                              nodeClassName="vtkMRMLLabelMapVolumeNode")
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    slicer.mrmlScene.RemoveNode(labelmap)
+    return segmentation, segmentation.GetSegmentation().GetNthSegmentID(0), full
+
+
+def test_segment_exported_as_mask_on_volume_grid(ct_node, ct_image, tmp_path):
+    segmentation, segment_id, expected = sphere_segmentation(ct_node, center_ijk=(8, 20, 26), radius_vox=6)
+    path = tmp_path / "mask.nrrd"
+    volumes.writeSegmentMask(segmentation, segment_id, ct_node, path)
+
+    mask = sitk.ReadImage(str(path))
+    assert_same_geometry(mask, ct_image)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), expected)
+    assert slicer.mrmlScene.GetNodesByClass("vtkMRMLLabelMapVolumeNode").GetNumberOfItems() == 0  # temp node gone
+
+
+def test_empty_or_unknown_segment_is_refused(ct_node, tmp_path):
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    empty_id = segmentation.GetSegmentation().AddEmptySegment("lesion")
+    with pytest.raises(ValueError, match="empty"):
+        volumes.writeSegmentMask(segmentation, empty_id, ct_node, tmp_path / "m.nrrd")
+    with pytest.raises(ValueError, match="not found"):
+        volumes.writeSegmentMask(segmentation, "nonexistent", ct_node, tmp_path / "m.nrrd")
+    assert not (tmp_path / "m.nrrd").exists()
+
+
+def test_mask_file_becomes_segmentation_node(ct_node, tmp_path):
+    mask_image = sitk.ReadImage(str(LIMB_MASK_NII))  # real GTV mask, on the limb CT's grid
+    path = tmp_path / "gtv.nrrd"
+    sitk.WriteImage(mask_image, str(path))
+    limb = node_from_image(sitk.ReadImage(str(LIMB_NII)), "limb")
+
+    node = volumes.addSegmentationNodeFromMaskFile(path, "limb anomalies", "anomalies", likeNode=limb)
+    assert node.GetSegmentation().GetNumberOfSegments() == 1
+    segment_id = node.GetSegmentation().GetNthSegmentID(0)
+    assert node.GetSegmentation().GetSegment(segment_id).GetName() == "anomalies"
+    back = tmp_path / "back.nrrd"
+    volumes.writeSegmentMask(node, segment_id, limb, back)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(back))),
+                                  (sitk.GetArrayFromImage(mask_image) > 0).astype(np.uint8))
+
+    nothing = tmp_path / "nothing.nrrd"  # no anomaly found: the segmentation says so with an empty segment
+    sitk.WriteImage(mask_image * 0, str(nothing))
+    empty = volumes.addSegmentationNodeFromMaskFile(nothing, "limb anomalies", "anomalies", likeNode=limb)
+    assert empty.GetSegmentation().GetNumberOfSegments() == 1
+    assert empty.GetSegmentation().GetNthSegment(0).GetName() == "anomalies"
+
+
+# --- process runner ----------------------------------------------------------------------------------
+
+
+def test_progress_lines_are_recognised_exactly():
+    assert process.parseProgressLine("MEDDIFFFM_PROGRESS 3 20") == (3, 20)
+    assert process.parseProgressLine("MEDDIFFFM_PROGRESS 3") is None
+    assert process.parseProgressLine("MEDDIFFFM_PROGRESS a b") is None
+    assert process.parseProgressLine("INFO MEDDIFFFM_PROGRESS 3 20") is None
+
+
+def script(tmp_path, body):
+    path = tmp_path / "job.py"
+    path.write_text(textwrap.dedent(body))
+    return [sys.executable, str(path)]
+
+
+def make_run(command, tmp_path, result="imported"):
+    work_dir = tmp_path / "work"
+    work_dir.mkdir()
+    events = {"log": [], "progress": [], "imported": 0}
+
+    def import_results():
+        events["imported"] += 1
+        return result
+    run = process.TaskRun(command, str(work_dir), import_results, logCallback=events["log"].append,
+                          progressCallback=lambda step, total: events["progress"].append((step, total)))
+    return run, events, work_dir
+
+
+def test_runner_reports_progress_and_log_then_imports(tmp_path):
+    command = script(tmp_path, """
+        import sys
+        print("loading model")
+        for step in range(1, 4):
+            print(f"MEDDIFFFM_PROGRESS {step} 3")
+        print("warning on stderr", file=sys.stderr)
+        """)
+    run, events, work_dir = make_run(command, tmp_path)
+    assert run.start().wait() == "imported"
+    assert events["progress"] == [(1, 3), (2, 3), (3, 3)]
+    assert events["log"] == ["loading model", "warning on stderr"]
+    assert events["imported"] == 1
+    assert not work_dir.exists()
+
+
+def test_runner_failure_raises_cli_message_and_imports_nothing(tmp_path):
+    command = script(tmp_path, """
+        import sys
+        print("MEDDIFFFM_PROGRESS 1 10")
+        print("error: the mask is empty; paint the region first", file=sys.stderr)
+        sys.exit(2)
+        """)
+    run, events, work_dir = make_run(command, tmp_path)
+    with pytest.raises(process.TaskFailed, match="^the mask is empty; paint the region first$") as failure:
+        run.start().wait()
+    assert failure.value.returnCode == 2
+    assert events["imported"] == 0
+    assert not work_dir.exists()
+
+
+def test_cancel_kills_the_process_tree_and_leaves_no_output(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    output = tmp_path / "output.nrrd"
+    command = script(tmp_path, f"""
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        print("child", child.pid)
+        print("MEDDIFFFM_PROGRESS 1 100")
+        time.sleep(60)
+        open({str(output)!r}, "w").write("finished")
+        """)
+    run, events, work_dir = make_run(command, tmp_path)
+    run.start()
+    started = time.monotonic()
+    while not events["progress"]:
+        assert not run.poll(), "the job ended before it could be cancelled"
+        assert time.monotonic() - started < 30
+        time.sleep(0.05)
+    grandchild = int(events["log"][0].split()[1])
+    run.cancel()
+    with pytest.raises(process.TaskCancelled):
+        run.wait()
+    assert time.monotonic() - started < 30
+    assert events["imported"] == 0
+    assert not output.exists()
+    assert not work_dir.exists()
+    assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+
+
+# --- the module file and its Logic ------------------------------------------------------------------
+
+
+def test_module_imports_without_the_application():
+    assert MedDiffFM.qt is None  # slicer-core: the GUI parts are inert, the Logic is complete
+    logic = MedDiffFM.MedDiffFMLogic()
+    assert callable(logic.denoise) and callable(logic.inpaint)
+    assert library.libraryRoot() == str(REPO)
+
+
+def test_sampling_options_map_to_cli_flags():
+    arguments = logic_module.MedDiffFMTasks.samplingArguments(model="tiny", nfe=8, seed=3, forceCpu=True)
+    assert [str(a) for a in arguments] == ["--model", "tiny", "--seed", "3", "--device", "cpu", "--nfe", "8"]
+    with pytest.raises(TypeError):
+        logic_module.MedDiffFMTasks.samplingArguments(noise=1)
+
+
+# A stand-in for `python -m MedDiffFMLib`: records its arguments and writes results with known
+# contents on the input's grid (super-resolve: twice as many slices at half the spacing).
+FAKE_CLI = """
+import argparse, json, os, sys
+import numpy as np
+import SimpleITK as sitk
+
+parser = argparse.ArgumentParser()
+parser.add_argument("task")
+parser.add_argument("input", nargs="?")
+parser.add_argument("-o", dest="output")
+parser.add_argument("--mask")
+parser.add_argument("--mask-output")
+parser.add_argument("--reference")
+args, _ = parser.parse_known_args()
+json.dump(sys.argv[1:], open(os.path.join(os.path.dirname(__file__), "..", "argv.json"), "w"))
+print("MEDDIFFFM_PROGRESS 1 1")
+image = sitk.ReadImage(args.input or args.reference)
+array = sitk.GetArrayFromImage(image).astype(np.float32)
+if args.task == "super-resolve":
+    out = sitk.GetImageFromArray(np.repeat(array, 2, axis=0))
+    out.SetSpacing(image.GetSpacing()[:2] + (image.GetSpacing()[2] / 2,))
+    out.SetOrigin(image.GetOrigin())
+    out.SetDirection(image.GetDirection())
+elif args.task == "detect-anomalies":
+    score = (array > 100).astype(np.float32)
+    out = sitk.GetImageFromArray(score)
+    out.CopyInformation(image)
+    mask = sitk.GetImageFromArray((score > 0.5).astype(np.uint8))
+    mask.CopyInformation(image)
+    sitk.WriteImage(mask, args.mask_output)
+else:
+    if args.mask:
+        array[sitk.GetArrayFromImage(sitk.ReadImage(args.mask)) > 0] = -1000
+    out = sitk.GetImageFromArray(array + 1)
+    out.CopyInformation(image)
+sitk.WriteImage(out, args.output)
+"""
+
+
+@pytest.fixture
+def fake_cli(tmp_path, monkeypatch):
+    package = tmp_path / "lib" / "MedDiffFMLib"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(FAKE_CLI)
+    monkeypatch.setattr(library, "libraryRoot", lambda: str(tmp_path / "lib"))
+    return lambda: json.loads((tmp_path / "lib" / "argv.json").read_text())
+
+
+def test_logic_denoise_makes_new_node_on_input_grid(ct_node, fake_cli):
+    before = slicer.util.arrayFromVolume(ct_node).copy()
+    logic = MedDiffFM.MedDiffFMLogic()
+    progress = []
+    logic.progressCallback = lambda step, total: progress.append((step, total))
+    node = logic.denoise(ct_node, noiseLevel=0.1, nfe=5, seed=7, model="tiny")
+
+    argv = fake_cli()
+    assert argv[0] == "denoise" and argv[1].endswith("input.nrrd") and argv[2:4] == ["-o", argv[3]]
+    for flag, value in [("--noise-level", "0.1"), ("--nfe", "5"), ("--seed", "7"), ("--model", "tiny"),
+                        ("--device", "auto"), ("--progress", "machine")]:
+        assert argv[argv.index(flag) + 1] == value
+    assert progress == [(1, 1)]
+    assert node.GetName() == "CT denoised" and node is not ct_node
+    np.testing.assert_allclose(volumes.ijkToRASArray(node), volumes.ijkToRASArray(ct_node), atol=1e-5)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), before + 1)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(ct_node), before)
+    assert not os.path.exists(os.path.dirname(argv[1]))  # temporary folder removed
+
+
+def test_logic_inpaint_sends_the_segment_as_mask(ct_node, fake_cli):
+    segmentation, segment_id, sphere = sphere_segmentation(ct_node, center_ijk=(8, 24, 24), radius_vox=5)
+    before = slicer.util.arrayFromVolume(ct_node).copy()
+    node = MedDiffFM.MedDiffFMLogic().inpaint(ct_node, segmentation, segment_id, nfe=3)
+
+    result = slicer.util.arrayFromVolume(node)
+    assert node.GetName() == "CT inpainted"
+    np.testing.assert_array_equal(result[sphere > 0], -999)
+    np.testing.assert_array_equal(result[sphere == 0], before[sphere == 0] + 1)
+
+
+def test_logic_detect_anomalies_gives_colour_map_and_segmentation(ct_node, fake_cli):
+    map_node, segmentation = MedDiffFM.MedDiffFMLogic().detectAnomalies(ct_node, threshold=0.5)
+
+    argv = fake_cli()
+    assert argv[argv.index("--threshold") + 1] == "0.5" and "--mask-output" in argv
+    assert map_node.GetName() == "CT anomaly map" and segmentation.GetName() == "CT anomalies"
+    assert map_node.GetDisplayNode().GetColorNode().GetName() == "PET-Heat"
+    expected = slicer.util.arrayFromVolume(ct_node) > 100
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(map_node), expected.astype(np.float32))
+    segment_id = segmentation.GetSegmentation().GetNthSegmentID(0)
+    labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segment_id)
+    slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation, ids, labelmap, ct_node)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(labelmap) > 0, expected)
+
+
+def test_logic_super_resolve_takes_the_new_grid_from_the_result(ct_node, fake_cli):
+    node = MedDiffFM.MedDiffFMLogic().superResolve(ct_node)
+    matrix, input_matrix = volumes.ijkToRASArray(node), volumes.ijkToRASArray(ct_node)
+    np.testing.assert_allclose(matrix[:, :2], input_matrix[:, :2], atol=1e-5)
+    np.testing.assert_allclose(matrix[:3, 2], input_matrix[:3, 2] / 2, atol=1e-5)  # half the slice spacing
+    np.testing.assert_allclose(matrix[:3, 3], input_matrix[:3, 3], atol=1e-4)
+    assert slicer.util.arrayFromVolume(node).shape[0] == 2 * slicer.util.arrayFromVolume(ct_node).shape[0]
+
+
+def test_logic_failure_leaves_the_scene_unchanged(ct_node, fake_cli, tmp_path):
+    (tmp_path / "lib" / "MedDiffFMLib" / "__main__.py").write_text(
+        "import sys\nprint('error: model \\'nope\\' is not in Resources/Models.json', file=sys.stderr)\nsys.exit(2)\n")
+    nodes_before = slicer.mrmlScene.GetNumberOfNodes()
+    with pytest.raises(process.TaskFailed, match="model 'nope' is not in Resources/Models.json"):
+        MedDiffFM.MedDiffFMLogic().denoise(ct_node, model="nope")
+    assert slicer.mrmlScene.GetNumberOfNodes() == nodes_before
