@@ -5,6 +5,9 @@ architecture, its shared weights are copied from the base UNet, and its residual
 zero-initialised convolutions, so before any training the controlled model predicts exactly what the
 base model predicts. Only the ControlNet trains; the base stays frozen.
 
+Fine-tuning reuses `training.train` (a ControlledNet builder and a ControlNet-only export); a ControlNet
+model file holds only the ControlNet weights and names its base model by the SHA-256 of its weights.
+
 The control signal is one extra volume at full patch resolution (the upsampled thick-slice CT for
 super-resolution, the lesion mask for lesion generation). It travels as the last channel of the condition
 (`ControlledCondition` for sampling), so the sliding-window sampler windows it with everything else and
@@ -12,16 +15,27 @@ a `ControlledNet` is called exactly like a `MedDiffNet`.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import copy
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from .conditioning import VolumeCondition, condition_channels
+from . import checkpoints
+from .anatomy import encode_anatomy, threshold_anatomy
+from .checkpoints import available_models, check_architecture, load_model, read_model_info, resolve_model, save_model
+from .conditioning import VolumeCondition, anatomy_spec, assemble, condition_channels
 from .config import ModelConfig
-from .errors import InputError
+from .dataset import case_spacings, split_cases
+from .errors import CheckpointError, InputError
+from .io import read_mask, read_volume
 from .network import MedDiffNet, unet_kwargs
+from .position import global_coords
+from .preprocess import guess_region, resample, window_to_unit
+from .training import train
+from .validation import check_ct
 
 #: Fine-tuning tasks and what their control volume holds.
 TASKS = {
@@ -31,7 +45,7 @@ TASKS = {
 
 
 class ControlledNet(nn.Module):
-    """eps = net(x_t, t, cond, region, control): the frozen base model plus ControlNet residuals."""
+    """eps = net(x_t, t, cond + [control], region): the frozen base model plus ControlNet residuals."""
 
     def __init__(self, base: MedDiffNet, task: str):
         super().__init__()
@@ -95,3 +109,211 @@ def check_task(model: nn.Module, task: str) -> None:
         what = f"a {found} ControlNet" if found else "not a ControlNet fine-tuned model"
         raise InputError(f"this task needs a model fine-tuned for {task} (`finetune --task {task}`); the "
                          f"given model is {what}")
+
+
+# -- model files -------------------------------------------------------------------------------------
+#: `kind` recorded in a ControlNet's JSON description (base models have none).
+CONTROLNET_KIND = "controlnet"
+_PREFIX = "controlnet."
+
+
+def base_record(base_name_or_path: str) -> dict:
+    """How a ControlNet names its base model: the name or path given, and the SHA-256 of its weights."""
+
+    weights = resolve_model(base_name_or_path)
+    return {"name": str(base_name_or_path), "sha256": read_model_info(weights)["sha256"]}
+
+
+def save_controlled(state_dict: Dict[str, torch.Tensor], cfg: ModelConfig, path, task: str, base: dict,
+                    info: Optional[dict] = None, half: bool = True) -> Path:
+    """Write only the ControlNet weights of a `ControlledNet` state dict, with its task and base model record,
+    in the model file format of `checkpoints.save_model`; returns the weights path."""
+
+    tensors = {k[len(_PREFIX):]: v for k, v in state_dict.items() if k.startswith(_PREFIX)}
+    if not tensors:
+        raise ValueError("the state dict holds no ControlNet weights (keys starting with 'controlnet.')")
+    record = dict(info or {})
+    record.update(kind=CONTROLNET_KIND, task=task, base_model=base)
+    return save_model(tensors, cfg, path, record, half=half)
+
+
+def load_controlled(weights: Path, info: dict, device="cpu") -> Tuple[ControlledNet, ModelConfig, dict]:
+    """(ControlledNet in eval mode, ModelConfig, info) for a ControlNet model file (see `checkpoints.load_model`).
+
+    The base model is the one recorded by name; if that is missing or differs, any installed model whose
+    weights have the recorded SHA-256 is used instead.
+    """
+
+    base_weights = find_base(info["base_model"], weights.name)
+    base, cfg, _ = load_model(base_weights)
+    if cfg.to_dict() != ModelConfig.from_dict(info["config"]).to_dict():
+        raise CheckpointError(f"{weights.name}: the base model {base_weights.name} has another configuration "
+                              "than the one this ControlNet was trained with")
+    model = ControlledNet(base, info["task"])
+    tensors = checkpoints._load_verified(weights, info["sha256"])
+    check_architecture(model.controlnet.state_dict(), tensors, weights.name)
+    model.controlnet.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
+    return model.to(device).eval(), cfg, info
+
+
+def find_base(base: dict, name: str) -> Path:
+    """Weights path of the installed model whose SHA-256 is `base["sha256"]` (the recorded name first)."""
+
+    candidates = [base["name"]] + [m for m in available_models() if m != base["name"]]
+    for candidate in candidates:
+        try:
+            weights = resolve_model(candidate)
+            if read_model_info(weights)["sha256"] == base["sha256"]:
+                return weights
+        except CheckpointError:
+            continue
+    raise CheckpointError(
+        f"{name} is a ControlNet for the base model {base['name']!r} (weights SHA-256 {base['sha256'][:12]}...), "
+        "which is not installed (or was retrained since): install that base model, or fine-tune a new "
+        "ControlNet on the current one (`finetune --base ...`)")
+
+
+# -- training pairs ----------------------------------------------------------------------------------
+class SuperResolutionPairs(torch.utils.data.Dataset):
+    """Thin-slice patches of a `dataset.CTPatchDataset` with their control channel: the same patch averaged
+    over groups of `factor` slices and interpolated back onto its grid (the degradation super-resolution undoes)."""
+
+    def __init__(self, patches, factor: int = 5):
+        if int(factor) != factor or factor < 2:
+            raise InputError(f"the slice factor must be an integer >= 2, got {factor}")
+        self.patches = patches
+        self.factor = int(factor)
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def summary(self) -> dict:
+        return {**self.patches.summary(), "task": "super-resolution", "slice_factor": self.factor}
+
+    def __getitem__(self, index: int) -> dict:
+        from .tasks.super_resolution import degrade
+
+        item = dict(self.patches[index])
+        item["cond"] = torch.cat([item["cond"], degrade(item["image"], self.factor)])
+        return item
+
+
+#: Lesion voxels kept per case as candidate patch centres.
+MAX_LESION_CENTRES = 20000
+#: Lesion label maps next to the shared CT data's images (image file name -> mask file name).
+LESION_MASK_FILES = {"lung1_image.nrrd": "lung1_label.nrrd", "CT_image.nii.gz": "CT_mask.nii.gz"}
+
+
+def lesion_cases(data_root, split: str) -> list:
+    """(CT path, lesion mask path, region) of the shared-data `split` cases that have a lesion mask."""
+
+    cases = []
+    for case in split_cases(data_root, split):
+        path = Path(case.path)
+        if path.name in LESION_MASK_FILES:
+            cases.append((str(path), str(path.with_name(LESION_MASK_FILES[path.name])), case.region))
+    if not cases:
+        raise InputError(f"no {split} case under {data_root} has a lesion mask")
+    return cases
+
+
+class LesionPatches(torch.utils.data.Dataset):
+    """Patches of CTs with lesion masks; the lesion mask of the patch is the control channel.
+
+    Each case is resampled once to the model's first training grid (`dataset.case_spacings`). With
+    probability `lesion_probability` a patch is centred on a random lesion voxel (shifted by up to a quarter
+    patch), otherwise placed anywhere. Item `i` is drawn from `numpy.random.default_rng([seed, i])`.
+    """
+
+    def __init__(self, cases, cfg: ModelConfig, seed: int = 0, lesion_probability: float = 0.8,
+                 anatomy_dropout: Optional[float] = None, length: int = 1_000_000):
+        if not 0.0 <= lesion_probability <= 1.0:
+            raise InputError(f"the lesion-centred patch probability must be in [0, 1], got {lesion_probability}")
+        if not cases:
+            raise InputError("no lesion training cases given")
+        self.cfg = cfg
+        self.seed = int(seed)
+        self.length = int(length)
+        self.lesion_probability = float(lesion_probability)
+        self.anatomy_dropout = cfg.anatomy_dropout if anatomy_dropout is None else float(anatomy_dropout)
+        self.cases = [(str(c), str(m), r) for c, m, r in cases]
+        self.entries = [self._prepare(*case) for case in self.cases]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def summary(self) -> dict:
+        return {"task": "lesion", "cases": [Path(c).parent.name + "/" + Path(c).name for c, _, _ in self.cases],
+                "lesion_probability": self.lesion_probability, "anatomy_dropout": self.anatomy_dropout}
+
+    def _prepare(self, ct_path: str, mask_path: str, region: Optional[str]) -> dict:
+        vol = read_volume(ct_path)
+        check_ct(vol)
+        mask = read_mask(mask_path, like=vol)
+        region = region or guess_region(vol)[0]
+        grid_zyx = case_spacings(vol.spacing_zyx, self.cfg.train_spacings)[0]
+        image = resample(vol, tuple(reversed(grid_zyx)))
+        lesion = resample(mask, tuple(reversed(grid_zyx)), is_mask=True).array > 0
+        if min(image.shape) < self.cfg.patch_size:
+            raise InputError(f"{ct_path} is {image.shape} voxels at {grid_zyx} mm, smaller than the "
+                             f"{self.cfg.patch_size}^3 patch; use larger lesion cases")
+        if not lesion.any():
+            raise InputError(f"lesion mask {mask_path} is empty after resampling to {grid_zyx} mm")
+        centres = np.argwhere(lesion)
+        centres = centres[::max(1, len(centres) // MAX_LESION_CENTRES)]  # an even subset bounds the memory
+        return {"image": window_to_unit(image.array, self.cfg.windows[region]).astype(np.float16),
+                "labels": threshold_anatomy(image), "lesion": lesion, "centres": centres,
+                "spacing_zyx": grid_zyx, "region": self.cfg.region_index(region)}
+
+    def __getitem__(self, index: int) -> dict:
+
+        rng = np.random.default_rng([self.seed, int(index)])
+        entry = self.entries[int(rng.integers(len(self.entries)))]
+        size = self.cfg.patch_size
+        shape = np.array(entry["image"].shape)
+        if rng.random() < self.lesion_probability:
+            centre = entry["centres"][rng.integers(len(entry["centres"]))]
+            centre = centre + rng.integers(-(size // 4), size // 4 + 1, size=3)
+            start = np.clip(centre - size // 2, 0, shape - size)
+        else:
+            start = np.array([rng.integers(0, n - size + 1) for n in shape])
+        box = tuple(slice(int(a), int(a) + size) for a in start)
+        spec = anatomy_spec(self.cfg)
+        if rng.random() < self.anatomy_dropout:
+            anatomy = torch.zeros((spec.num_channels, size, size, size))
+        else:
+            anatomy = torch.from_numpy(encode_anatomy(entry["labels"][box], spec))
+        coords = global_coords(shape, start, start + size, (size,) * 3)
+        cond = assemble(self.cfg, anatomy, coords, entry["spacing_zyx"])
+        control = torch.from_numpy(entry["lesion"][box].astype(np.float32))[None]
+        image = torch.from_numpy(entry["image"][box].astype(np.float32))[None]
+        return {"image": image, "cond": torch.cat([cond, control]),
+                "region": torch.tensor(entry["region"]), "mode": "crop"}
+
+
+# -- fine-tuning -------------------------------------------------------------------------------------
+def finetune(base: str, task: str, data, out_dir, settings, val_data=None, resume: bool = False,
+             progress=None) -> dict:
+    """Train a ControlNet for `task` on the frozen model `base` (name or path) with `training.train`.
+
+    `data`/`val_data` yield the base condition with the control volume as the last channel
+    (`SuperResolutionPairs`, `LesionPatches`). The run folder's `ema.safetensors` (+ .json) is a ControlNet
+    model file that `checkpoints.load_model` loads together with its base.
+    """
+
+
+    if task not in TASKS:
+        raise InputError(f"unknown fine-tuning task {task!r}; choose one of {', '.join(TASKS)}")
+    base_model, cfg, _ = load_model(base)
+    if isinstance(base_model, ControlledNet):
+        raise InputError(f"{base} is already a ControlNet model; fine-tune on a base model")
+    record = base_record(base)
+
+    def build(_cfg: ModelConfig) -> ControlledNet:
+        return ControlledNet(copy.deepcopy(base_model), task)
+
+    def export(state_dict, cfg_: ModelConfig, path, info, half: bool = True) -> Path:
+        return save_controlled(state_dict, cfg_, path, task, record, info, half)
+
+    return train(cfg, data, out_dir, settings, val_data=val_data, resume=resume, progress=progress,
+                 build_model=build, export_model=export)
