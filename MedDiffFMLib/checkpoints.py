@@ -1,0 +1,251 @@
+"""Model files without pickle: weights in safetensors, everything else in JSON, and a small registry.
+
+A model `<name>` is two files: `<name>.safetensors` (weights, fp16 or fp32) and `<name>.json` (the
+ModelConfig, anatomy encoding, patch size, windows, training record and the SHA-256 of the weights file).
+`load_model` checks the hash before parsing anything and never unpickles.
+
+Training state (model, EMA, optimizer moments, RNG states) is saved the same way: tensors in a
+safetensors file, scalars in JSON, then a tiny `last.json` pointer is replaced atomically, so a run killed
+mid-write still resumes from the previous complete state.
+
+Models are found by name in `Resources/Models.json` (files under `Resources/Models/`), then in the user
+cache folder ($MEDDIFFFM_HOME or ~/.cache/meddifffm).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+
+from .config import ModelConfig
+from .errors import CheckpointError
+from .io import atomic_path
+
+RESOURCES = Path(__file__).resolve().parents[1] / "Resources"
+REGISTRY = RESOURCES / "Models.json"
+FORMAT = "meddifffm-model-1"
+STATE_FORMAT = "meddifffm-train-state-1"
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def cache_dir() -> Path:
+    """User folder for downloaded or user-trained models."""
+    return Path(os.environ.get("MEDDIFFFM_HOME") or Path.home() / ".cache" / "meddifffm")
+
+
+def sha256_file(path: PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _weights_and_sidecar(path: PathLike) -> Tuple[Path, Path]:
+    """`x`, `x.safetensors` or `x.json` -> (x.safetensors, x.json)."""
+    path = Path(path)
+    base = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    return base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
+
+
+# -- models ------------------------------------------------------------------------------------------
+def save_model(state_dict: Dict[str, torch.Tensor], cfg: ModelConfig, path: PathLike,
+               info: Optional[dict] = None, half: bool = True) -> Path:
+    """Write `<path>.safetensors` + `<path>.json` atomically; returns the weights path.
+
+    `info` (training record: steps, wall hours, device, validation losses, data summary...) is stored in
+    the JSON next to the config; `half` stores fp16 weights (loaded back as fp32).
+    """
+    from safetensors.torch import save_file
+
+    weights, sidecar = _weights_and_sidecar(path)
+    dtype = torch.float16 if half else torch.float32
+    tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in state_dict.items()}
+    config = cfg.to_dict()
+    with atomic_path(weights) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "config": json.dumps(config)})
+    record = {"format": FORMAT, "config": config, "patch_size": cfg.patch_size, "anatomy": cfg.anatomy,
+              "windows": {k: list(v) for k, v in cfg.windows.items()}, "dtype": str(dtype).replace("torch.", ""),
+              "weights": weights.name, "sha256": sha256_file(weights), "size": weights.stat().st_size}
+    record.update(info or {})
+    with atomic_path(sidecar) as tmp:
+        tmp.write_text(json.dumps(record, indent=1))
+    return weights
+
+
+def read_model_info(path: PathLike) -> dict:
+    """The JSON record of a model file (no weights loaded)."""
+    _, sidecar = _weights_and_sidecar(path)
+    if not sidecar.exists():
+        raise CheckpointError(f"model description {sidecar} not found; a MedDiffFM model is a .safetensors file "
+                              "with a .json of the same name next to it")
+    try:
+        info = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"model description {sidecar} is not valid JSON ({exc}); re-download or "
+                              "re-export the model") from None
+    if info.get("format") != FORMAT or "config" not in info or "sha256" not in info:
+        raise CheckpointError(f"{sidecar} is not a MedDiffFM model description (format {info.get('format')!r})")
+    return info
+
+
+def load_model(name_or_path: PathLike, device: Union[str, torch.device] = "cpu"):
+    """(MedDiffNet in eval mode, ModelConfig, info) from a registered name or a file path
+    (a `finetune.ControlledNet` for a ControlNet model file)."""
+    from .network import MedDiffNet
+
+    weights = resolve_model(name_or_path)
+    info = read_model_info(weights)
+    if info.get("kind") == "controlnet":  # fine-tuned: a ControlNet file that names its frozen base model
+        from .finetune import load_controlled
+
+        return load_controlled(weights, info, device)
+    tensors = _load_verified(weights, info["sha256"])
+    try:
+        cfg = ModelConfig.from_dict(info["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{weights.name}: the model config is unusable ({exc})") from None
+    model = MedDiffNet(cfg)
+    check_architecture(model.state_dict(), tensors, weights.name)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
+    return model.to(device).eval(), cfg, info
+
+
+def _load_verified(weights: Path, expected_sha: Optional[str]) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not weights.exists():
+        raise CheckpointError(f"model weights {weights} not found")
+    if expected_sha is not None:
+        actual = sha256_file(weights)
+        if actual != expected_sha:
+            raise CheckpointError(
+                f"{weights.name} is damaged or was replaced: its SHA-256 {actual[:12]}... does not match the "
+                f"recorded {expected_sha[:12]}...; re-download or re-export the model")
+    try:
+        return load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types for truncated/garbage headers
+        raise CheckpointError(f"{weights.name} is not a readable safetensors file ({exc}); the file is "
+                              "truncated or corrupt (MedDiffFM never loads pickled .pt/.pth weights)") from None
+
+
+def check_architecture(expected: Dict[str, torch.Tensor], found: Dict[str, torch.Tensor], name: str) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{k} {tuple(found[k].shape)} vs {tuple(expected[k].shape)}"
+             for k in sorted(set(expected) & set(found)) if found[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                parts.append(f"{len(items)} {label} (e.g. {items[0]})")
+        raise CheckpointError(f"{name}: the weights do not fit the architecture in its config: "
+                              + "; ".join(parts))
+
+
+# -- registry ----------------------------------------------------------------------------------------
+def registry(path: Path = REGISTRY) -> List[dict]:
+    """Entries of Resources/Models.json (see Resources/Models.schema.json)."""
+    if not path.exists():
+        return []
+    return json.loads(path.read_text())["models"]
+
+
+def available_models() -> List[str]:
+    names = [m["name"] for m in registry()]
+    if cache_dir().is_dir():
+        names += sorted(p.stem for p in cache_dir().glob("*.safetensors") if p.stem not in names)
+    return names
+
+
+def resolve_model(name_or_path: PathLike) -> Path:
+    """Weights path for a model name (repo Resources first, then the user cache) or an existing path."""
+    text = str(name_or_path)
+    weights, sidecar = _weights_and_sidecar(text)
+    if weights.exists() or sidecar.exists() or os.sep in text or text.endswith((".safetensors", ".json")):
+        return weights
+    for entry in registry():
+        if entry["name"] == text:
+            for folder in (RESOURCES, cache_dir()):
+                candidate = folder / entry["file"]
+                if candidate.exists():
+                    return candidate
+            where = f"download it from {entry['url']} into {cache_dir()}" if entry.get("url") else \
+                f"its file {entry['file']} is missing from {RESOURCES} and {cache_dir()}"
+            raise CheckpointError(f"model {text!r} is registered but not installed: {where}")
+    cached = cache_dir() / f"{text}.safetensors"
+    if cached.exists():
+        return cached
+    raise CheckpointError(f"unknown model {text!r}; available: {', '.join(available_models()) or 'none'} "
+                          f"(or give the path of a .safetensors file)")
+
+
+def register_model(source: PathLike, name: str, description: str, licence: str = "Apache-2.0",
+                   measured_times: Optional[dict] = None, registry_path: Path = REGISTRY) -> dict:
+    """Copy a model (weights + JSON) to Resources/Models/meddifffm-<name>.* and add/replace its entry
+    in the registry; returns the entry. The copy is verified (SHA-256) before the registry changes."""
+    import shutil
+
+    src_weights, src_sidecar = _weights_and_sidecar(source)
+    info = read_model_info(src_weights)
+    folder = registry_path.parent / "Models"
+    weights, sidecar = _weights_and_sidecar(folder / f"meddifffm-{name}")
+    for src, dst in ((src_weights, weights), (src_sidecar, sidecar)):
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+    _load_verified(weights, info["sha256"])
+    entry = {"name": name, "file": str(weights.relative_to(registry_path.parent)), "url": None,
+             "sha256": info["sha256"], "size": weights.stat().st_size, "description": description,
+             "preset": info["config"]["name"], "licence": licence,
+             "training": {k: info.get(k) for k in ("steps", "wall_hours", "device", "validation_loss")}}
+    if measured_times:
+        entry["measured_times"] = measured_times
+    models = [m for m in registry(registry_path) if m["name"] != name] + [entry]
+    with atomic_path(registry_path) as tmp:
+        tmp.write_text(json.dumps({"models": models}, indent=1) + "\n")
+    return entry
+
+
+# -- training state ----------------------------------------------------------------------------------
+def save_training_state(out_dir: PathLike, step: int, tensors: Dict[str, torch.Tensor], scalars: dict,
+                        keep: int = 2) -> Path:
+    """Write state-<step>.safetensors/.json, then point `last.json` at them; keep the newest `keep`."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    stem = f"state-{step:08d}"
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(out_dir / f"{stem}.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": STATE_FORMAT})
+    record = {"format": STATE_FORMAT, "step": step, "sha256": sha256_file(out_dir / f"{stem}.safetensors"),
+              **scalars}
+    with atomic_path(out_dir / f"{stem}.json") as tmp:
+        tmp.write_text(json.dumps(record))
+    with atomic_path(out_dir / "last.json") as tmp:  # the commit point: everything above is complete
+        tmp.write_text(json.dumps({"state": stem, "step": step}))
+    states = sorted(out_dir.glob("state-*.json"))
+    for old in states[:-keep]:
+        for path in (old, old.with_suffix(".safetensors")):
+            path.unlink(missing_ok=True)
+    return out_dir / f"{stem}.safetensors"
+
+
+def load_training_state(out_dir: PathLike) -> Optional[Tuple[Dict[str, torch.Tensor], dict]]:
+    """(tensors, scalars) of the state `last.json` points at, or None when there is no saved state."""
+    pointer = Path(out_dir) / "last.json"
+    if not pointer.exists():
+        return None
+    try:
+        stem = json.loads(pointer.read_text())["state"]
+        record = json.loads((Path(out_dir) / f"{stem}.json").read_text())
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"cannot resume from {out_dir}: the training state is unreadable ({exc}); "
+                              "start a new run in another folder") from None
+    tensors = _load_verified(Path(out_dir) / f"{stem}.safetensors", record["sha256"])
+    return tensors, record

@@ -1,0 +1,100 @@
+"""CLI `train`: pre-train a MedDiffFM model on CT volumes (CPU, one GPU, or N GPUs with torchrun)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+NAME = "train"
+HELP = ("Pre-train the diffusion model on CT volumes with multi-level patches. Resumable (--resume); "
+        "multi-GPU: torchrun --standalone --nproc_per_node=N -m MedDiffFMLib train ...")
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ct"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="default", help="model preset: tiny, default or paper")
+    parser.add_argument("--config", type=Path, help="JSON ModelConfig (overrides --preset)")
+    parser.add_argument("--data", nargs="+", default=["train"],
+                        help="'train' or 'validation' (split of the shared CT data), a folder, or CT files")
+    parser.add_argument("--val-data", nargs="*",
+                        help="validation CTs (default: the 'validation' split when --data is 'train')")
+    parser.add_argument("--data-root", type=Path,
+                        default=Path(os.environ.get("MEDDIFFFM_CT_DATA", DEFAULT_DATA_ROOT)),
+                        help="folder of the shared CT data (for the split names)")
+    parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, EMA model)")
+    parser.add_argument("--cache-dir", type=Path, help="preprocessed-volume cache (default: <out>/../cache)")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/last.json if present")
+    parser.add_argument("--init-from", help="start from the weights of this model (name or .safetensors path)")
+    parser.add_argument("--steps", type=int, default=1000, help="total optimizer steps (including resumed ones)")
+    parser.add_argument("--batch-size", type=int, default=2, help="patches per micro-batch per process")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mode-weights", default="whole=0.2,crop2x=0.3,crop=0.5",
+                        help="mix of patch modes, e.g. whole=0.2,crop2x=0.3,crop=0.5")
+    parser.add_argument("--low-noise-fraction", type=float, default=0.5,
+                        help="share of timesteps drawn from t < --low-noise-max-t")
+    parser.add_argument("--low-noise-max-t", type=int, default=250)
+    parser.add_argument("--validate-every", type=int, default=200)
+    parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    parser.add_argument("--checkpoint-minutes", type=float, default=5.0, help="also checkpoint after this long")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    parser.add_argument("--fp32-export", action="store_true", help="store exported EMA weights as fp32")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..config import ModelConfig, preset
+    from ..dataset import CTPatchDataset, split_cases
+    from ..errors import InputError
+    from ..training import TrainSettings, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        cfg = ModelConfig.from_dict(json.loads(args.config.read_text())) if args.config else preset(args.preset)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    if args.init_from and not args.config:
+        from ..checkpoints import read_model_info, resolve_model
+
+        cfg = ModelConfig.from_dict(read_model_info(resolve_model(args.init_from))["config"])
+        log.info("--init-from: using the configuration of %s (%s)", args.init_from, cfg.name)
+
+    def cases(spec):
+        if len(spec) == 1 and spec[0] in ("train", "validation"):
+            return split_cases(args.data_root, spec[0])
+        return spec[0] if len(spec) == 1 and Path(spec[0]).is_dir() else list(spec)
+
+    val_spec = args.val_data if args.val_data is not None else (["validation"] if args.data == ["train"] else [])
+    cache = args.cache_dir or args.out.parent / "cache"
+    settings = TrainSettings(
+        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, seed=args.seed,
+        low_noise_fraction=args.low_noise_fraction, low_noise_max_t=args.low_noise_max_t,
+        validate_every=args.validate_every, checkpoint_every=args.checkpoint_every,
+        checkpoint_minutes=args.checkpoint_minutes, num_workers=args.num_workers,
+        channels_last=args.channels_last, compile=args.compile, half_export=not args.fp32_export)
+    data = CTPatchDataset(cases(args.data), cfg, cache, seed=args.seed, mode_weights=_mode_weights(args.mode_weights))
+    val = CTPatchDataset(cases(val_spec), cfg, cache, seed=args.seed + 1, anatomy_dropout=0.0) if val_spec else None
+    record = train(cfg, data, args.out, settings, val_data=val, resume=args.resume, init_from=args.init_from)
+    log.info("finished at step %d (%.2f h); EMA model: %s", record["step"], record["wall_hours"],
+             args.out / "ema.safetensors")
+    return 0
+
+
+def _mode_weights(text: str) -> dict:
+    from ..errors import InputError
+
+    try:
+        return {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise InputError(f"--mode-weights must look like whole=0.2,crop2x=0.3,crop=0.5, got {text!r}") from None

@@ -1,0 +1,270 @@
+"""Training data: CT files -> cached preprocessed volumes -> an endless, seeded stream of network inputs.
+
+Each case is preprocessed once per training spacing (read, checked, resampled, windowed with its region's
+window, anatomy labels) and cached as a compressed `.npz` whose name is a hash of the file contents and
+every preprocessing setting, so a changed setting or input file never reuses a stale cache entry.
+
+Item `i` of `CTPatchDataset` is drawn from `numpy.random.default_rng([seed, i])`: the same index always
+gives the same patch, whatever the worker, process or order. Distributed training therefore only needs
+each rank to ask for different indices (`torch.utils.data.DistributedSampler` or the training loop's
+own rank-interleaved indices); no per-rank seed handling is required.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .anatomy import encode_anatomy, threshold_anatomy
+from .conditioning import anatomy_spec, assemble
+from .config import ModelConfig
+from .errors import InputError
+from .io import VOLUME_SUFFIXES, Volume, atomic_path, read_mask, read_volume
+from .patches import MODES, sample_patch
+from .preprocess import guess_region, resample, window_to_unit
+from .validation import check_ct
+
+log = logging.getLogger(__name__)
+
+#: Bump when the preprocessing code changes in a way that makes old cache entries wrong.
+CACHE_VERSION = 1
+#: Patch modes mixed at random (paper: image level, 2x region level, patch level).
+DEFAULT_MODE_WEIGHTS = {"whole": 0.2, "crop2x": 0.3, "crop": 0.5}
+#: A training grid may be at most this much finer than the native slice spacing (no invented slices).
+MAX_SLICE_UPSAMPLING = 2.0
+
+
+@dataclass(frozen=True)
+class CTCase:
+    """One training CT: its path, body region (None: guessed) and an optional anatomy label map."""
+
+    path: str
+    region: Optional[str] = None
+    mask: Optional[str] = None
+    subject: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The fixed train/validation split of the shared CT data (../shared/data/ct, see its MANIFEST.md).
+# case id: (path relative to the data folder, body region, subject). Crops of one subject share a subject
+# so they always fall on the same side. dcmqi_ct3slice (3 slices) is too thin to train on and left out.
+SHARED_CASES: Dict[str, Tuple[str, str, str]] = {
+    "pyradiomics_lung1": ("pyradiomics_lung1/lung1_image.nrrd", "chest", "lung1"),
+    "ts_example_ct": ("totalsegmentator/example_ct/example_ct.nii.gz", "abdomen", "ts_example"),
+    "ts_example_ct_sm": ("totalsegmentator/example_ct_sm/example_ct_sm.nii.gz", "abdomen", "ts_example"),
+    "ts_pulmonary_ct_cropped": ("totalsegmentator/pulmonary_ct_cropped/ct_cropped.nii.gz", "chest", "ts_aorta"),
+    "ts_aorta_ct_cropped": ("totalsegmentator/aorta_ct_cropped/ct_cropped.nii.gz", "chest", "ts_aorta"),
+    "dcm_qa_ct_ge_head": ("dcm_qa_ct_ge_head/dicom", "head_neck", "ge_head"),
+    "crlm_ct_1004": ("mirp_crlm/CRLM-CT-1004/image", "abdomen", "crlm_1004"),
+}
+SHARED_CASES.update({
+    f"ibsi_sts_{n:03d}": (f"ibsi_sts/STS_{n:03d}/CT_image.nii.gz", "other", f"STS_{n:03d}")
+    for n in (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 15, 24, 25, 26, 28)
+})
+#: Held-out subjects: a chest (lung1), an abdomen (the TotalSegmentator example, both crops), a limb.
+VALIDATION_SUBJECTS = ("lung1", "ts_example", "STS_002")
+
+
+def split_cases(data_root: Union[str, Path], split: str) -> List[CTCase]:
+    """The `train` or `validation` cases of the shared CT data under `data_root`."""
+    if split not in ("train", "validation"):
+        raise InputError(f"unknown data split {split!r}; choose 'train' or 'validation'")
+    cases = []
+    for case_id, (rel, region, subject) in sorted(SHARED_CASES.items()):
+        if (subject in VALIDATION_SUBJECTS) == (split == "validation"):
+            cases.append(CTCase(str(Path(data_root) / rel), region=region, subject=subject))
+    missing = [c.path for c in cases if not Path(c.path).exists()]
+    if missing:
+        raise InputError(f"{len(missing)} cases of the {split} split are missing under {data_root} "
+                         f"(first: {missing[0]}); point --data-root at the shared CT folder")
+    return cases
+
+
+def as_cases(files: Union[str, Path, Sequence[Union[str, Path, CTCase]]],
+             masks: Optional[Sequence[Optional[Union[str, Path]]]] = None) -> List[CTCase]:
+    """CTCase list from a folder (every volume file directly inside it), a list of paths or CTCases."""
+    if isinstance(files, (str, Path)):
+        folder = Path(files)
+        if not folder.is_dir():
+            raise InputError(f"training data {folder} is not a folder; give a folder or a list of CT files")
+        files = sorted(p for p in folder.iterdir() if p.name.lower().endswith(VOLUME_SUFFIXES))
+        if not files:
+            raise InputError(f"no CT volumes ({', '.join(VOLUME_SUFFIXES)}) found in {folder}")
+    if masks is not None and len(masks) != len(files):
+        raise InputError(f"{len(masks)} anatomy masks for {len(files)} CT files; give one (or None) per file")
+    cases = []
+    for i, item in enumerate(files):
+        case = item if isinstance(item, CTCase) else CTCase(str(item))
+        if masks is not None and masks[i] is not None:
+            case = CTCase(case.path, case.region, str(masks[i]), case.subject)
+        cases.append(case)
+    return cases
+
+
+def case_spacings(native_zyx: Sequence[float], train_spacings: Sequence[Sequence[float]]) -> List[Tuple[float, ...]]:
+    """The training grids (z, y, x mm) used for one case: each configured spacing, with the slice spacing
+    raised to at least native / MAX_SLICE_UPSAMPLING so no grid invents more than one slice in between."""
+    floor_z = float(native_zyx[0]) / MAX_SLICE_UPSAMPLING
+    grids = []
+    for z, y, x in train_spacings:
+        grid = (max(float(z), floor_z), float(y), float(x))
+        if grid not in grids:
+            grids.append(grid)
+    return grids
+
+
+class CTPatchDataset(torch.utils.data.Dataset):
+    """Endless, seeded multi-level patches from a set of CTs: dict(image, cond, region, mode).
+
+    `image` is (1, P, P, P) in [-1, 1], `cond` the condition channels of `conditioning.assemble`,
+    `region` the body-region class index. Body regions are sampled evenly (then a case, then one of its
+    cached spacings), so a few large-region sets do not drown the others.
+    `length` only sets what `len()` reports (an epoch for samplers); any index is valid.
+    """
+
+    def __init__(self, files, cfg: ModelConfig, cache_dir: Union[str, Path], masks=None, seed: int = 0,
+                 mode_weights: Optional[Dict[str, float]] = None, anatomy_dropout: Optional[float] = None,
+                 length: int = 1_000_000, memory_budget_mb: float = 2048.0):
+        self.cfg = cfg
+        self.cases = as_cases(files, masks)
+        if not self.cases:
+            raise InputError("no training cases given")
+        self.seed = int(seed)
+        self.length = int(length)
+        self.anatomy_dropout = cfg.anatomy_dropout if anatomy_dropout is None else float(anatomy_dropout)
+        weights = dict(DEFAULT_MODE_WEIGHTS if mode_weights is None else mode_weights)
+        unknown = set(weights) - set(MODES)
+        if unknown or sum(weights.values()) <= 0 or min(weights.values()) < 0:
+            raise InputError(f"patch mode weights must be >= 0 for modes {', '.join(MODES)}, got {weights}")
+        self.mode_weights = np.array([weights.get(m, 0.0) for m in MODES]) / sum(weights.values())
+        self.spec = anatomy_spec(cfg)
+        self.cache_dir = Path(cache_dir)
+        self.entries: List[List[Path]] = []  # per case: one cache file per training spacing
+        self.regions: List[str] = []
+        for case in self.cases:
+            region, entries = self._prepare(case)
+            self.regions.append(region)
+            self.entries.append(entries)
+        self._by_region = {r: [i for i, cr in enumerate(self.regions) if cr == r] for r in sorted(set(self.regions))}
+        self._memory: "OrderedDict[Path, dict]" = OrderedDict()
+        self._memory_budget = memory_budget_mb * 2 ** 20
+
+    def __len__(self) -> int:
+        return self.length
+
+    def summary(self) -> dict:
+        """What the model was trained on (recorded in the checkpoint)."""
+        return {"cases": [Path(c.path).name if not c.subject else f"{c.subject}:{Path(c.path).name}"
+                          for c in self.cases],
+                "regions": {r: len(ix) for r, ix in self._by_region.items()},
+                "mode_weights": dict(zip(MODES, self.mode_weights.round(4).tolist())),
+                "anatomy_dropout": self.anatomy_dropout, "train_spacings": [list(s) for s in self.cfg.train_spacings]}
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, int(index)])
+        region = list(self._by_region)[rng.integers(len(self._by_region))]
+        members = self._by_region[region]
+        case = members[rng.integers(len(members))]
+        entry = self._load(self.entries[case][rng.integers(len(self.entries[case]))])
+        mode = MODES[rng.choice(len(MODES), p=self.mode_weights)]
+        patch = sample_patch(entry["image"], entry["labels"], entry["spacing_zyx"], mode, self.cfg.patch_size, rng)
+        if rng.random() < self.anatomy_dropout:
+            anatomy = torch.zeros((self.spec.num_channels,) + tuple(patch["anatomy_labels"].shape))
+        else:
+            anatomy = torch.from_numpy(encode_anatomy(patch["anatomy_labels"].numpy(), self.spec))
+        cond = assemble(self.cfg, anatomy, patch["coords"], patch["spacing_zyx"])
+        return {"image": patch["image"], "cond": cond,
+                "region": torch.tensor(self.cfg.region_index(region)), "mode": mode}
+
+    # -- preprocessing cache --------------------------------------------------------------------------
+    def _prepare(self, case: CTCase) -> Tuple[str, List[Path]]:
+        """Region of the case and its cache files, preprocessing whatever is not cached yet."""
+        digest = _content_hash(Path(case.path))
+        mask_digest = _content_hash(Path(case.mask)) if case.mask else None
+        # A DICOM series has to be read to know its slice spacing; a file header is enough otherwise.
+        vol = self._read(case) if Path(case.path).is_dir() else None
+        native = vol.spacing_zyx if vol is not None else _header_spacing_zyx(Path(case.path))
+        region = case.region
+        if region is None:
+            vol = self._read(case)
+            region, reason = guess_region(vol)
+            log.info("%s: body region %s (%s)", case.path, region, reason)
+        self.cfg.region_index(region)  # refuses an unknown region with the list of known ones
+        entries = []
+        for grid in case_spacings(native, self.cfg.train_spacings):
+            params = {"version": CACHE_VERSION, "image": digest, "mask": mask_digest, "region": region,
+                      "window": list(self.cfg.windows[region]), "spacing_zyx": list(grid),
+                      "anatomy": self.spec.to_dict()}
+            key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:20]
+            path = self.cache_dir / f"{Path(case.path).name.split('.')[0]}-{key}.npz"
+            if not path.exists():
+                vol = vol if vol is not None else self._read(case)
+                self._write_entry(path, case, vol, region, grid, params)
+            entries.append(path)
+        return region, entries
+
+    def _read(self, case: CTCase) -> Volume:
+        vol = read_volume(case.path)
+        check_ct(vol)
+        return vol
+
+    def _write_entry(self, path: Path, case: CTCase, vol: Volume, region: str, grid_zyx, params: dict) -> None:
+        resampled = resample(vol, tuple(reversed(grid_zyx)))
+        if case.mask:
+            labels = resample(read_mask(case.mask, like=vol), tuple(reversed(grid_zyx)), is_mask=True).array
+            encode_anatomy(labels, self.spec)  # refuses labels outside the model's classes
+        else:
+            labels = threshold_anatomy(resampled)
+        # float16 keeps [-1, 1] to ~5e-4 (under 1 HU for every window) at half the disk and memory.
+        image = window_to_unit(resampled.array, self.cfg.windows[region]).astype(np.float16)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            np.savez_compressed(handle, image=image, labels=labels.astype(np.uint8),
+                                spacing_zyx=np.asarray(grid_zyx, dtype=np.float64),
+                                params=np.asarray(json.dumps(params)))
+        log.info("cached %s at %s mm (z,y,x) -> %s", case.path, grid_zyx, path.name)
+
+    def _load(self, path: Path) -> dict:
+        if path in self._memory:
+            self._memory.move_to_end(path)
+            return self._memory[path]
+        with np.load(path) as data:
+            entry = {"image": data["image"], "labels": data["labels"],
+                     "spacing_zyx": tuple(float(s) for s in data["spacing_zyx"])}
+        self._memory[path] = entry
+        while len(self._memory) > 1 and _bytes(self._memory) > self._memory_budget:
+            self._memory.popitem(last=False)
+        return entry
+
+
+def _bytes(memory: "OrderedDict[Path, dict]") -> int:
+    return sum(e["image"].nbytes + e["labels"].nbytes for e in memory.values())
+
+
+def _content_hash(path: Path) -> str:
+    """sha256 of a file, or of a DICOM folder's files (names and contents, sorted)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _header_spacing_zyx(path: Path) -> Tuple[float, float, float]:
+    """Voxel spacing (z, y, x) of an image file from its header, without reading the pixels."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return tuple(reversed(reader.GetSpacing()))

@@ -1,0 +1,419 @@
+"""Pre-training loop: epsilon prediction with L1 loss, EMA, gradient accumulation, DDP and exact resume.
+
+One command scales from CPU to N GPUs:
+    python -m MedDiffFMLib train --preset default --data train --out runs/default
+    torchrun --standalone --nproc_per_node=4 -m MedDiffFMLib train --preset default --data train --out runs/default
+
+Reproducibility: the data item for (step, micro-batch, rank, sample) has a fixed index (see
+`dataset.CTPatchDataset`), and timesteps/noise come from one seeded generator per rank whose state is
+checkpointed with the model, EMA and optimizer. Resuming therefore gives the same weights as an
+uninterrupted run with the same seed (bit-identical on CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .checkpoints import check_architecture, load_model, load_training_state, save_model, save_training_state
+from .config import ModelConfig
+from .diffusion import Schedule, q_sample, training_timesteps
+from .errors import CheckpointError
+from .network import MedDiffNet, parameter_count
+
+log = logging.getLogger(__name__)
+
+#: Validation loss is reported per noise range: [0, 100), [100, 250), [250, 500), [500, 1000).
+VALIDATION_BUCKETS = ((0, 100), (100, 250), (250, 500), (500, 1000))
+VALIDATION_SEED = 1234
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 1000
+    batch_size: int = 2
+    grad_accum: int = 1
+    lr: float = 1e-4
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    # Extra weight on the low-noise range the restoration tasks start from (synthesis still sees all t).
+    low_noise_fraction: float = 0.5
+    low_noise_max_t: int = 250
+    seed: int = 0
+    log_every: int = 10
+    validate_every: int = 200
+    validation_patches: int = 8
+    checkpoint_every: int = 500
+    checkpoint_minutes: float = 5.0
+    num_workers: int = 0
+    channels_last: bool = False
+    compile: bool = False
+    half_export: bool = True
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class Rank:
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Rank:
+    """Join the process group when launched by torchrun (RANK/WORLD_SIZE set); otherwise one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Rank()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    owns = not dist.is_initialized()
+    if owns:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return Rank(rank, world, local, owns)
+
+
+def _device(rank: Rank) -> torch.device:
+    return torch.device(f"cuda:{rank.local}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def _batches(data, start_step: int, settings: TrainSettings, rank: Rank) -> Iterator[dict]:
+    """Micro-batches from `start_step` on; item index = fixed function of (step, micro, rank, sample)."""
+    b, accum = settings.batch_size, settings.grad_accum
+
+    def index_batches():
+        step = start_step
+        while True:
+            for micro in range(accum):
+                first = ((step * accum + micro) * rank.world + rank.rank) * b
+                yield list(range(first, first + b))
+            step += 1
+
+    loader = torch.utils.data.DataLoader(data, batch_sampler=index_batches(), num_workers=settings.num_workers,
+                                         persistent_workers=settings.num_workers > 0)
+    return iter(loader)
+
+
+class EMA:
+    """Exponential moving average of the weights, with the usual warm-up min(decay, (1 + n) / (10 + n))."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, updates: int) -> None:
+        decay = min(self.decay, (1 + updates) / (10 + updates))
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].lerp_(v.float(), 1 - decay)
+            else:
+                self.shadow[k].copy_(v)
+
+
+def validation_batch(val_data, n: int) -> dict:
+    """The fixed validation patches: items 0..n-1 of a dataset (seeded, so always the same patches)."""
+    return torch.utils.data.default_collate([val_data[i] for i in range(n)])
+
+
+@torch.no_grad()
+def validation_losses(model: torch.nn.Module, schedule: Schedule, batch: dict,
+                      device: torch.device) -> Dict[str, float]:
+    """L1 epsilon loss per noise range, at fixed timesteps and noise (comparable across runs and steps)."""
+    gen = torch.Generator().manual_seed(VALIDATION_SEED)
+    x0 = batch["image"].to(device)
+    n = x0.shape[0]
+    losses = {}
+    for lo, hi in VALIDATION_BUCKETS:
+        t = torch.from_numpy(np.linspace(lo, hi - 1, n).round().astype(np.int64))
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        x_t = q_sample(schedule, x0, t, noise)
+        eps = model(x_t, t.to(device), batch["cond"].to(device), batch["region"].to(device))
+        losses[f"t{lo}-{hi}"] = float((eps.float() - noise).abs().mean())
+    losses["mean"] = float(np.mean(list(losses.values())))
+    return losses
+
+
+def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=None, resume: bool = False,
+          init_from: Optional[str] = None, progress: Optional[Callable[[int, int], None]] = None,
+          build_model: Callable[[ModelConfig], torch.nn.Module] = MedDiffNet,
+          export_model: Callable[..., Path] = save_model) -> dict:
+    """Train `cfg` on `data` (a CTPatchDataset) into `out_dir`; returns the final record.
+
+    `resume` continues from `out_dir/last.json` when present (and starts fresh otherwise); `init_from` starts
+    a new run from the weights of an existing model (name or path). `build_model(cfg)` and
+    `export_model(state_dict, cfg, path, info, half=...)` let fine-tuning reuse the loop (e.g. a ControlNet
+    on a frozen base: only parameters that require gradients are optimised).
+    """
+    rank = setup_distributed()
+    device = _device(rank)
+    out_dir = Path(out_dir)
+    torch.manual_seed(settings.seed)  # identical initial weights on every rank and every run
+    model = build_model(cfg).to(device)
+    if init_from:
+        model.load_state_dict(_init_weights(init_from, model))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
+    ema = EMA(model, settings.ema_decay)
+    gen = torch.Generator().manual_seed(_rank_seed(settings.seed, rank.rank))
+    start, wall_before, best = 0, 0.0, float("inf")
+    if resume:
+        restored = _restore(out_dir, cfg, model, ema, optimizer, gen, rank)
+        if restored is not None:
+            start, wall_before, best = restored
+    if settings.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    net = model
+    if rank.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank.local] if device.type == "cuda" else None)
+    forward = torch.compile(net) if settings.compile else net
+    schedule = Schedule.from_name(cfg.schedule, cfg.num_train_timesteps)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    val_batch = validation_batch(val_data, settings.validation_patches) if (val_data is not None and rank.main) else None
+    if rank.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log.info("training %s (%.2fM parameters) on %s x%d from step %d to %d", cfg.name,
+                 parameter_count(model) / 1e6, device, rank.world, start, settings.steps)
+    logger = _LossLog(out_dir, start) if rank.main else None
+    batches = _batches(data, start, settings, rank)
+    bar = _progress_bar(start, settings.steps, rank.main and progress is None)
+    started, last_save = time.monotonic(), time.monotonic()
+    val = {}
+    step = start
+    for step in range(start + 1, settings.steps + 1):
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for micro in range(settings.grad_accum):
+            batch = next(batches)
+            x0 = batch["image"].to(device)
+            cond, region = batch["cond"].to(device), batch["region"].to(device)
+            t = training_timesteps(x0.shape[0], schedule.T, gen, settings.low_noise_fraction, settings.low_noise_max_t)
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            x_t = q_sample(schedule, x0, t, noise)
+            if settings.channels_last:
+                x_t, cond = x_t.to(memory_format=torch.channels_last_3d), cond.to(memory_format=torch.channels_last_3d)
+            sync = micro == settings.grad_accum - 1 or rank.world == 1
+            with (contextlib.nullcontext() if sync else net.no_sync()), autocast():
+                eps = forward(x_t, t.to(device), cond, region)
+                loss = (eps.float() - noise).abs().mean() / settings.grad_accum
+            loss.backward()
+            loss_sum += float(loss.detach())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip))
+        optimizer.step()
+        ema.update(model, step)
+        loss_value = _mean_over_ranks(loss_sum, rank, device)
+        if rank.main:
+            logger.add(step, loss_value, grad_norm)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+        if progress is not None:
+            progress(step, settings.steps)
+        wall = wall_before + time.monotonic() - started
+        if val_batch is not None and (step % settings.validate_every == 0 or step == settings.steps):
+            val = validation_losses(_ema_model(cfg, ema, device, build_model), schedule, val_batch, device)
+            logger.add_validation(step, val)
+            log.info("step %d validation (EMA) %s", step, " ".join(f"{k}={v:.4f}" for k, v in val.items()))
+        due = (step % settings.checkpoint_every == 0 or step == settings.steps
+               or time.monotonic() - last_save > 60 * settings.checkpoint_minutes)
+        if rank.main and due:
+            improved = bool(val) and val["mean"] < best
+            best = val["mean"] if improved else best
+            _save(out_dir, cfg, settings, model, ema, optimizer, gen, step, wall, best, data, val, device, improved,
+                  export_model)
+            logger.flush(plot=True)
+            last_save = time.monotonic()
+    bar.close()
+    record = {"step": step, "loss": logger.recent_mean() if rank.main else None, "validation": val,
+              "wall_hours": (wall_before + time.monotonic() - started) / 3600}
+    if rank.owns_group:
+        dist.barrier()
+        dist.destroy_process_group()
+    record.update(model=model, ema=ema.shadow)
+    return record
+
+
+def _init_weights(init_from: str, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    source, _, _ = load_model(init_from)
+    weights = source.state_dict()
+    check_architecture(model.state_dict(), weights, f"--init-from {init_from}")
+    return weights
+
+
+def _ema_model(cfg: ModelConfig, ema: EMA, device: torch.device, build_model=MedDiffNet) -> torch.nn.Module:
+    model = build_model(cfg).to(device)
+    model.load_state_dict(ema.shadow)
+    return model.eval()
+
+
+def _mean_over_ranks(value: float, rank: Rank, device: torch.device) -> float:
+    if rank.world == 1:
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor)
+    return float(tensor) / rank.world
+
+
+def _progress_bar(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+# -- checkpoint state ----------------------------------------------------------------------------------
+def _save(out_dir: Path, cfg: ModelConfig, settings: TrainSettings, model, ema: EMA, optimizer, gen,
+          step: int, wall: float, best: float, data, val: dict, device: torch.device, improved: bool,
+          export_model=save_model) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.shadow.items()})
+    opt = optimizer.state_dict()
+    optimizer_scalars = {}
+    for index, values in opt["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{index}.{key}"] = value
+            else:
+                optimizer_scalars.setdefault(str(index), {})[key] = value
+    tensors["rng.train"] = gen.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    scalars = {"config": cfg.to_dict(), "settings": asdict(settings), "wall_seconds": wall, "best_validation": best,
+               "optimizer": {"param_groups": opt["param_groups"], "scalars": optimizer_scalars}}
+    save_training_state(out_dir, step, tensors, scalars)
+    info = {"steps": step, "wall_hours": round(wall / 3600, 4), "device": _device_name(device),
+            "validation_loss": val, "training_data": getattr(data, "summary", lambda: {})(),
+            "settings": asdict(settings), "weights_kind": "ema"}
+    export_model(ema.shadow, cfg, out_dir / "ema", info, half=settings.half_export)
+    if improved:
+        export_model(ema.shadow, cfg, out_dir / "ema-best", info, half=settings.half_export)
+
+
+def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, gen, rank: Rank):
+    loaded = load_training_state(out_dir)
+    if loaded is None:
+        if rank.main:
+            log.info("no training state in %s; starting a new run", out_dir)
+        return None
+    tensors, record = loaded
+    if record["config"] != json.loads(json.dumps(cfg.to_dict())):
+        raise CheckpointError(f"{out_dir} holds a run of another model configuration; resume with the same "
+                              "preset/config or train into a new folder")
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.shadow = {k[len("ema."):]: v.to(next(model.parameters()).device)
+                  for k, v in tensors.items() if k.startswith("ema.")}
+    state: Dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for index, values in record["optimizer"]["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": record["optimizer"]["param_groups"]})
+    gen.set_state(tensors["rng.train"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if rank.main:
+        log.info("resumed %s at step %d", out_dir, record["step"])
+    return record["step"], record["wall_seconds"], record["best_validation"]
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+# -- loss log ----------------------------------------------------------------------------------------
+class _LossLog:
+    """loss.csv (every step), validation.csv and loss_curve.png in the run folder (rank 0 only)."""
+
+    def __init__(self, out_dir: Path, start: int):
+        self.loss_path, self.val_path = out_dir / "loss.csv", out_dir / "validation.csv"
+        # On resume, drop rows past the restored step (written after the last checkpoint).
+        self.rows = [r for r in _read_csv(self.loss_path) if int(r["step"]) <= start]
+        self.val_rows = [r for r in _read_csv(self.val_path) if int(r["step"]) <= start]
+        self.pending = False
+        self.started = time.time()
+
+    def add(self, step: int, loss: float, grad_norm: float) -> None:
+        self.rows.append({"step": step, "loss": f"{loss:.6f}", "grad_norm": f"{grad_norm:.4f}",
+                          "time": f"{time.time():.1f}"})
+        self.pending = True
+        if step % 50 == 0:
+            self.flush(plot=False)
+
+    def add_validation(self, step: int, losses: Dict[str, float]) -> None:
+        self.val_rows.append({"step": step, **{k: f"{v:.6f}" for k, v in losses.items()}})
+        self.flush(plot=True)
+
+    def recent_mean(self, n: int = 10) -> float:
+        return float(np.mean([float(r["loss"]) for r in self.rows[-n:]])) if self.rows else float("nan")
+
+    def flush(self, plot: bool) -> None:
+        _write_csv(self.loss_path, self.rows)
+        _write_csv(self.val_path, self.val_rows)
+        if plot and self.rows:
+            _plot(self.loss_path.parent / "loss_curve.png", self.rows, self.val_rows)
+
+
+def _read_csv(path: Path) -> List[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _write_csv(path: Path, rows: List[dict]) -> None:
+    from .io import atomic_path
+
+    if not rows:
+        return
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[-1].keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _plot(path: Path, rows: List[dict], val_rows: List[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_path
+
+    steps = np.array([int(r["step"]) for r in rows])
+    loss = np.array([float(r["loss"]) for r in rows])
+    window = max(1, min(100, len(loss) // 10))
+    smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, loss, color="0.8", lw=0.5, label="training loss")
+    ax.plot(steps[window - 1:], smooth, color="C0", label=f"mean of {window} steps")
+    for i, key in enumerate(k for k in (val_rows[0] if val_rows else {}) if k.startswith("t")):
+        ax.plot([int(r["step"]) for r in val_rows], [float(r[key]) for r in val_rows], "o-", ms=3,
+                color=f"C{i + 1}", label=f"validation {key} (EMA)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("L1 loss on epsilon")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
