@@ -123,19 +123,25 @@ def classical_methods(include: Sequence[str] = CLASSICAL_METHODS, gaussian_sigma
     return {label: method for key, (label, method) in available.items() if key in include}
 
 
-def meddifffm_method(model: str, nfe: int = 50, seed: int = 0, **options) -> DenoiseMethod:
-    """MedDiffFM denoising (`tasks.denoise.denoise`) as a harness method; `options` pass through.
+def meddifffm_method(model: str, nfe: Optional[int] = None, seed: int = 0, device: str = "auto",
+                     **options) -> DenoiseMethod:
+    """MedDiffFM denoising (`tasks.denoise.denoise`, DiffPIR) as a harness method.
 
-    The task estimates the noise level itself unless `noise_level` is among `options`, so it is
-    compared blind even when the classical methods get the oracle noise std.
+    `model` is a registered model name or a model file; it is loaded once. The method gets the same
+    noise std as the classical methods (the oracle, or None to estimate it). `options` (window,
+    lam, overlap, window_batch, ...) pass through to `denoise`.
     """
     try:
-        from .tasks.denoise import denoise
+        from .tasks import common
+        from .tasks.denoise import DEFAULT_NFE, denoise
     except ImportError as exc:
         raise ResourceError(f"MedDiffFM denoising is not available ({exc}).") from None
+    torch_device = common.choose_device(device)
+    network = common.load_model(model, torch_device)
 
     def run(vol: Volume, sigma_hu: Optional[float]) -> Volume:
-        return denoise(vol, model=model, nfe=nfe, seed=seed, **options)
+        return denoise(vol, network, nfe=nfe or DEFAULT_NFE, noise_level=sigma_hu, seed=seed,
+                       device=torch_device, **options).denoised
 
     return run
 

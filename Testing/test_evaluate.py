@@ -135,3 +135,24 @@ def test_cli_denoise_and_errors(tmp_path, capsys):
     assert main(["evaluate", "anomaly", "--scores", str(LIMB_NII), str(LIMB_NII), "--masks", str(LIMB_NII),
                  "--out", str(out)]) == 2
     assert "one mask" in capsys.readouterr().err
+
+
+def test_meddifffm_plugs_in(tmp_path):
+    """The real denoising task runs as a harness method (random tiny model: wiring, not quality)."""
+    import torch
+
+    from MedDiffFMLib.checkpoints import save_model
+    from MedDiffFMLib.config import preset
+    from MedDiffFMLib.errors import CheckpointError
+    from MedDiffFMLib.network import MedDiffNet
+
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    weights = save_model(MedDiffNet(cfg).state_dict(), cfg, tmp_path / "tiny")
+    method = harness.meddifffm_method(str(weights), nfe=2, region="chest", device="cpu")
+    chest = harness.central_block(read_volume(CHEST_NRRD), 8, 40)
+    report = harness.evaluate_denoising([("chest", chest)], {"MedDiffFM": method}, photons=(5e4,))
+    row = report.rows[-1]
+    assert row["method"] == "MedDiffFM" and row["seconds"] > 0 and np.isfinite(row["psnr"])
+    with pytest.raises(CheckpointError):
+        harness.meddifffm_method(str(tmp_path / "missing.safetensors"))

@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     den.add_argument("--sigma", choices=("oracle", "estimate"), default="oracle",
                      help="give NLM/BM3D the simulation's true noise std, or let them estimate it")
     den.add_argument("--model", help="also run MedDiffFM denoising with this model name or file")
-    den.add_argument("--nfe", type=int, default=50, help="MedDiffFM network evaluations")
+    den.add_argument("--nfe", type=int, help="MedDiffFM network evaluations (default: the denoising task's)")
+    den.add_argument("--device", default="auto", help="MedDiffFM device: auto, cpu or cuda")
     den.add_argument("--seed", type=int, default=0, help="seed of the noise simulation and of MedDiffFM")
     den.set_defaults(_benchmark=_run_denoise)
 
@@ -59,7 +60,8 @@ def _run_denoise(args: argparse.Namespace) -> int:
     methods = harness.classical_methods(args.methods, args.gaussian_sigma)
     if args.model:
         try:
-            methods["MedDiffFM"] = harness.meddifffm_method(args.model, nfe=args.nfe, seed=args.seed)
+            methods["MedDiffFM"] = harness.meddifffm_method(args.model, nfe=args.nfe, seed=args.seed,
+                                                          device=args.device)
         except ResourceError as exc:
             log.warning("MedDiffFM left out of the comparison: %s", exc)
     report = harness.evaluate_denoising(cases, methods, photons=args.photons, seed=args.seed,
