@@ -62,7 +62,9 @@ def test_dicom_folder_with_two_series_reads_the_largest(tmp_path):
     assert read_volume(one_file).shape == (3, 512, 512)
 
 
-def test_jpeg2000_dicom_series_decodes_to_the_same_hu(tmp_path):
+@pytest.fixture
+def jpeg2000_series(tmp_path):
+    """The real 3-slice CT series re-encoded as lossless JPEG 2000."""
     from pydicom import dcmread
     from pydicom.uid import JPEG2000Lossless
 
@@ -71,8 +73,30 @@ def test_jpeg2000_dicom_series_decodes_to_the_same_hu(tmp_path):
         ds.compress(JPEG2000Lossless)
         ds.save_as(tmp_path / f.name)
     assert dcmread(next(tmp_path.iterdir())).file_meta.TransferSyntaxUID == JPEG2000Lossless
+    return tmp_path
+
+
+def test_jpeg2000_dicom_series_decodes_to_the_same_hu(jpeg2000_series):
+    assert_same_volume(read_volume(jpeg2000_series), read_volume(THREE_SLICE_DICOM), atol=1e-4)
+
+
+def test_pydicom_fallback_when_simpleitk_cannot_decode(jpeg2000_series, monkeypatch):
     expected = read_volume(THREE_SLICE_DICOM)
-    assert_same_volume(read_volume(tmp_path), expected, atol=1e-4)
+
+    def no_decoder(self):
+        raise RuntimeError("GDCM: unsupported transfer syntax")
+
+    monkeypatch.setattr(sitk.ImageSeriesReader, "Execute", no_decoder)
+    assert_same_volume(read_volume(jpeg2000_series), expected, atol=1e-4)
+    # Without a pydicom decoder plugin either, the message names the packages to install.
+    from pydicom.dataset import Dataset
+
+    def no_plugin(self):
+        raise RuntimeError("unable to decode the pixel data: no decoding plugins are installed")
+
+    monkeypatch.setattr(Dataset, "pixel_array", property(no_plugin))
+    with pytest.raises(InputError, match="pylibjpeg-openjpeg"):
+        read_volume(jpeg2000_series)
 
 
 def test_folder_without_dicom_and_unreadable_file_are_input_errors(tmp_path):
