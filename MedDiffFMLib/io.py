@@ -116,10 +116,10 @@ def read_volume(path: PathLike) -> Volume:
     if path.is_dir():
         image = _read_dicom_folder(path, series_id=None)
     elif _is_dicom_file(path):
-        series_id = sitk.ImageFileReader()
-        series_id.SetFileName(str(path))
-        series_id.ReadImageInformation()
-        uid = series_id.GetMetaData("0020|000e").strip() if series_id.HasMetaDataKey("0020|000e") else None
+        header = sitk.ImageFileReader()
+        header.SetFileName(str(path))
+        header.ReadImageInformation()
+        uid = header.GetMetaData("0020|000e").strip() if header.HasMetaDataKey("0020|000e") else None
         image = _read_dicom_folder(path.parent, series_id=uid)
     else:
         image = _read_file(path)
@@ -132,15 +132,50 @@ def read_volume(path: PathLike) -> Volume:
 def read_mask(path: PathLike, like: Volume) -> Volume:
     """Read a label map (integer labels, 0 = background) that must lie on the grid of `like`.
 
-    Nothing is resampled: a mask on another grid is an error that says how the grids differ.
+    Nothing is resampled. A mask stored on a block of the image grid (3D Slicer saves segmentations
+    cropped to their extent) is placed onto the full grid; any other grid is an error saying how it differs.
     """
     path = Path(path)
     if not path.exists():
         raise InputError(f"mask not found: {path}")
-    image = _read_dicom_folder(path, None) if path.is_dir() else _read_file(path)
+    if path.is_dir() or _is_dicom_file(path):
+        raise InputError(f"mask {path.name}: give a label-map file (.nii.gz, .nrrd, .seg.nrrd, .mha); DICOM "
+                         "masks (DICOM SEG) are not read, export them as a label map first")
+    image = _read_file(path)
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"mask {path.name} has {image.GetNumberOfComponentsPerPixel()} layers (overlapping segments); "
+            "export a single label map (3D Slicer: Segmentations > Export to files / labelmap) and retry")
     mask = Volume.from_sitk(image)
+    placed = _place_on_grid(mask, like)
+    if placed is not None:
+        log.info("mask %s covers a %s block of the image grid; placed on the full grid (zeros around)",
+                 path.name, "x".join(str(n) for n in reversed(mask.shape)))
+        mask = placed
     check_mask(mask, like, name=f"mask {path.name}")
     return mask.with_array(as_label_array(mask.array, name=path.name))
+
+
+def _place_on_grid(block: Volume, like: Volume, tol: float = GRID_TOLERANCE) -> Optional[Volume]:
+    """`block` padded onto the grid of `like` if it is an aligned sub-block of it, else None."""
+    if block.shape == like.shape or block.array.ndim != 3:
+        return None
+    if not (np.allclose(block.spacing, like.spacing, atol=tol)
+            and np.allclose(block.direction, like.direction, atol=tol)):
+        return None
+    # Physical offset of the block's first voxel, in voxels of `like` along its own axes (x, y, z).
+    axes = np.asarray(like.direction).reshape(3, 3) * np.asarray(like.spacing)
+    offset_xyz = np.linalg.solve(axes, np.subtract(block.origin, like.origin))
+    start_xyz = np.round(offset_xyz).astype(int)
+    if not np.allclose(offset_xyz, start_xyz, atol=tol):
+        return None
+    start = start_xyz[::-1]
+    stop = start + np.asarray(block.shape)
+    if np.any(start < 0) or np.any(stop > np.asarray(like.shape)):
+        return None
+    full = np.zeros(like.shape, dtype=block.array.dtype)
+    full[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]] = block.array
+    return like.with_array(full)
 
 
 def as_label_array(array: np.ndarray, name: str = "mask") -> np.ndarray:

@@ -180,3 +180,24 @@ def test_nifti_nan_and_inf_are_not_hidden(tmp_path):
     np.testing.assert_array_equal(np.isnan(back), np.isnan(broken))
     assert back[5, 7, 9] == -np.inf
     np.testing.assert_array_equal(back[np.isfinite(broken)], broken[np.isfinite(broken)])
+
+
+def test_mask_cropped_to_its_extent_is_placed_on_the_image_grid(tmp_path):
+    """3D Slicer saves .seg.nrrd cropped to the segment extent: same grid, smaller block."""
+    image = read_volume(LIMB_NII)
+    full = read_mask(LIMB_MASK_NII, like=image)
+    z, y, x = (np.flatnonzero(full.array.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+    cropped = full.to_sitk()[x[0]:x[-1] + 1, y[0]:y[-1] + 1, z[0]:z[-1] + 1]  # keeps physical origin
+    sitk.WriteImage(cropped, str(tmp_path / "gtv.seg.nrrd"))
+    placed = read_mask(tmp_path / "gtv.seg.nrrd", like=image)
+    assert placed.same_grid(image)
+    np.testing.assert_array_equal(placed.array, full.array)
+    # Half a voxel off is not the same grid: refused, never interpolated.
+    cropped.SetOrigin(np.add(cropped.GetOrigin(), (0.5 * image.spacing[0], 0, 0)))
+    sitk.WriteImage(cropped, str(tmp_path / "shifted.seg.nrrd"))
+    with pytest.raises(InputError, match="not on the grid"):
+        read_mask(tmp_path / "shifted.seg.nrrd", like=image)
+    two_layers = sitk.Compose(full.to_sitk(), full.to_sitk())
+    sitk.WriteImage(two_layers, str(tmp_path / "layers.seg.nrrd"))
+    with pytest.raises(InputError, match="2 layers"):
+        read_mask(tmp_path / "layers.seg.nrrd", like=image)
