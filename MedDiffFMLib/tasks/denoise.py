@@ -40,8 +40,12 @@ log = logging.getLogger(__name__)
 
 #: DiffPIR regularisation weight lambda (paper: 10).
 DEFAULT_LAMBDA = 10.0
-#: DiffPIR noise mixing zeta of the re-noising step (not stated by the paper; a moderate value).
-DEFAULT_ZETA = 0.3
+#: DiffPIR noise mixing zeta of the re-noising step (the paper does not state it). Measured with the
+#: closed-form Gaussian prior (Testing/test_tasks_zero_shot.py): zeta > 0 makes each run a posterior
+#: *sample*, whose error approaches twice that of the posterior mean, so one run is deterministic (0);
+#: several seeds need fresh noise to spread, and their mean approaches the posterior mean again.
+DEFAULT_ZETA = 0.0
+DEFAULT_SEEDS_ZETA = 0.3
 #: Network evaluations; denoising starts at a low noise level, so few steps suffice.
 DEFAULT_NFE = 10
 #: Width of the blend from denoised to input at the window edges, as a fraction of the window width.
@@ -86,7 +90,7 @@ def diffpir(sampler: SlidingWindowSampler, y: torch.Tensor, sigma: Union[float, 
 
 def denoise(volume: Volume, model: torch.nn.Module, nfe: int = DEFAULT_NFE,
             noise_level: Optional[float] = None, window: Optional[Sequence[float]] = None,
-            lam: float = DEFAULT_LAMBDA, zeta: float = DEFAULT_ZETA, seed: int = 0, seeds: int = 1,
+            lam: float = DEFAULT_LAMBDA, zeta: Optional[float] = None, seed: int = 0, seeds: int = 1,
             region: Optional[str] = None, anatomy_labels: Optional[Volume] = None,
             device: Union[str, torch.device] = "cpu", overlap: float = 0.5, window_batch: int = 4,
             precision: str = "auto", progress: Optional[Callable[[int, int], None]] = None) -> DenoiseResult:
@@ -94,11 +98,16 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: int = DEFAULT_NFE,
 
     `noise_level`: noise std in HU (None: estimated per slice). `window`: (lo, hi) HU (None: the model's
     window for the region). `seeds` > 1 runs seeds seed..seed+seeds-1 and returns their mean, with the
-    per-voxel standard deviation as `uncertainty`. `region` None guesses it from the image.
+    per-voxel standard deviation as `uncertainty`. `zeta` None: DEFAULT_ZETA for one seed,
+    DEFAULT_SEEDS_ZETA for several. `region` None guesses it from the image.
     """
     check_ct(volume)
     if seeds < 1:
         raise InputError(f"the number of seeds must be >= 1, got {seeds}")
+    if zeta is None:
+        zeta = DEFAULT_ZETA if seeds == 1 else DEFAULT_SEEDS_ZETA
+    elif seeds > 1 and zeta == 0:
+        log.warning("zeta 0 makes every seed give the same result; the uncertainty map will be zero")
     if lam <= 0 or not 0.0 <= zeta <= 1.0:
         raise InputError(f"need lambda > 0 and 0 <= zeta <= 1, got lambda={lam}, zeta={zeta}")
     device = torch.device(device)

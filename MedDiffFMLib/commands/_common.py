@@ -1,0 +1,85 @@
+"""Options and plumbing shared by the model-running subcommands (not a subcommand itself)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+PROGRESS_MODES = ("tqdm", "machine", "none")
+#: Prefix of the progress lines the Slicer module parses (`--progress machine`).
+PROGRESS_PREFIX = "MEDDIFFFM_PROGRESS"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, nfe: Optional[int] = None) -> None:
+    """--model, --seed, --nfe, --device, --precision, --progress, --overlap, --window-batch, --region, --overwrite."""
+    parser.add_argument("--model", default="default",
+                        help="registered model name or path to a .safetensors model file")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same result on CPU)")
+    if nfe is not None:
+        parser.add_argument("--nfe", type=int, default=nfe, help="number of network evaluations (steps)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="network precision on GPU (auto: bf16 where supported)")
+    parser.add_argument("--progress", choices=PROGRESS_MODES, default="tqdm",
+                        help=f"progress display; 'machine' prints '{PROGRESS_PREFIX} <step> <total>' lines")
+    parser.add_argument("--overlap", type=float, default=0.5, help="overlap of neighbouring windows (0..<1)")
+    parser.add_argument("--window-batch", type=int, default=4, help="windows per network call")
+    parser.add_argument("--region", default="auto",
+                        help="body region: auto (guessed from the image), head_neck, chest, abdomen, other")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def sampler_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments every task takes from the shared options."""
+    from ..tasks.common import choose_device
+
+    return dict(device=choose_device(args.device), overlap=args.overlap, window_batch=args.window_batch,
+                precision=args.precision)
+
+
+def region_option(args: argparse.Namespace) -> Optional[str]:
+    return None if args.region == "auto" else args.region
+
+
+def load_model(args: argparse.Namespace):
+    from ..tasks.common import choose_device, load_model as load
+
+    return load(args.model, choose_device(args.device))
+
+
+def progress_reporter(mode: str) -> Callable[[int, int], None]:
+    """A (step, total) callback: a tqdm bar on stderr, machine-readable lines on stdout, or nothing."""
+    if mode == "none":
+        return lambda step, total: None
+    if mode == "machine":
+        def report(step: int, total: int) -> None:
+            print(f"{PROGRESS_PREFIX} {step} {total}", flush=True)
+        return report
+    from tqdm import tqdm
+
+    bar = {}
+
+    def update(step: int, total: int) -> None:
+        if "bar" not in bar or bar["bar"].total != total:
+            bar["bar"] = tqdm(total=total, file=sys.stderr, unit="step")
+        bar["bar"].n = step
+        bar["bar"].refresh()
+        if step >= total:
+            bar["bar"].close()
+    return update
+
+
+def check_outputs(args: argparse.Namespace, inputs, volumes=(), others=()) -> None:
+    """Refuse bad output paths before any computation (not after minutes of sampling)."""
+    from ..errors import InputError
+    from ..io import VOLUME_SUFFIXES
+    from ..validation import check_output_path
+
+    inputs = [p for p in inputs if p is not None]
+    for out in volumes:
+        if out is not None and not str(out).lower().endswith(VOLUME_SUFFIXES):
+            raise InputError(f"cannot write {out}: use one of {', '.join(VOLUME_SUFFIXES)}")
+    for out in list(volumes) + list(others):
+        if out is not None:
+            check_output_path(out, inputs=inputs, overwrite=args.overwrite)

@@ -1,0 +1,51 @@
+"""CLI `synthesize`: generate a CT of any size with the sliding-window sampler."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from . import _common
+
+NAME = "synthesize"
+HELP = ("Synthesise a CT volume from noise, conditioned on body region and optional anatomy. The grid comes "
+        "from --reference (whose anatomy is also used), from --anatomy, or from --size and --spacing.")
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..tasks.synthesis import DEFAULT_NFE
+
+    parser.add_argument("-o", "--output", type=Path, required=True, help="synthetic CT (.nii.gz, .nrrd, ...)")
+    _common.add_model_arguments(parser, nfe=DEFAULT_NFE)
+    parser.add_argument("--reference", type=Path, help="CT whose grid and anatomy the synthetic CT takes")
+    parser.add_argument("--anatomy", type=Path, help="anatomy label map: the output takes its grid and anatomy")
+    parser.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"), help="output size in voxels")
+    parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), default=(1.0, 1.0, 1.0),
+                        help="output voxel spacing in mm (with --size)")
+    parser.add_argument("--eta", type=float, default=1.0, help="1 = ancestral (DDPM) steps, 0 = DDIM")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import InputError
+    from ..io import as_label_array, read_volume, write_volume
+    from ..tasks.synthesis import synthesize
+
+    if args.reference is None and args.region == "auto":
+        raise InputError("choose the body region (--region head_neck, chest, abdomen or other); it can only be "
+                         "guessed from a --reference CT")
+    _common.check_outputs(args, [args.reference, args.anatomy], volumes=[args.output])
+    reference = read_volume(args.reference) if args.reference else None
+    anatomy = None
+    if args.anatomy:
+        # Read as an image (it may define the grid); the task checks it against the reference grid.
+        labels = read_volume(args.anatomy)
+        anatomy = labels.with_array(as_label_array(labels.array, name=args.anatomy.name))
+    model = _common.load_model(args)
+    volume = synthesize(model, region=_common.region_option(args), size_xyz=args.size, spacing_xyz=args.spacing,
+                        reference=reference, anatomy_labels=anatomy, nfe=args.nfe, eta=args.eta, seed=args.seed,
+                        progress=_common.progress_reporter(args.progress), **_common.sampler_options(args))
+    write_volume(volume, args.output, overwrite=args.overwrite, inputs=[p for p in (args.reference, args.anatomy) if p])
+    log.info("synthetic CT %s written to %s", "x".join(str(n) for n in reversed(volume.shape)), args.output)
+    return 0

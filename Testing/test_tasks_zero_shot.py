@@ -1,0 +1,230 @@
+"""Zero-shot tasks: DiffPIR and anomaly detection against a closed-form prior, and every task end to end
+with the tiny network on a real CT crop through the command line."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from analytic_prior import AnalyticGaussian
+from conftest import ABDOMEN_SMALL_NII
+from MedDiffFMLib import cli
+from MedDiffFMLib.conditioning import VolumeCondition
+from MedDiffFMLib.errors import InputError, ResourceError
+from MedDiffFMLib.io import Volume, read_volume
+from MedDiffFMLib.preprocess import unit_to_hu
+from MedDiffFMLib.sampling import SlidingWindowSampler
+from MedDiffFMLib.tasks import common
+from MedDiffFMLib.tasks.anomaly import detect_anomalies
+from MedDiffFMLib.tasks.denoise import denoise, diffpir
+from MedDiffFMLib.tasks.synthesis import synthesize
+
+SHAPE = (24, 20, 18)
+WINDOW = (-120.0, 240.0)  # the tiny preset's abdomen window
+
+
+# --- DiffPIR with the analytic prior ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gaussian_problem():
+    """x0 ~ N(mu, 0.2^2) per voxel, y = x0 + 0.15 n, and a sliding-window sampler of the exact prior."""
+    prior = AnalyticGaussian(std=0.2)
+    g = torch.Generator().manual_seed(7)
+    x0 = prior.mean_volume(SHAPE) + 0.2 * torch.randn((1, 1) + SHAPE, generator=g)
+    y = x0 + 0.15 * torch.randn((1, 1) + SHAPE, generator=g)
+    sampler = SlidingWindowSampler(prior, VolumeCondition(prior.cfg, SHAPE, (1, 1, 1), "abdomen"),
+                                   prior.schedule, 16)
+    return prior, x0, y, sampler
+
+
+def mse(a, b):
+    return float(((a - b) ** 2).mean())
+
+
+def test_diffpir_one_step_is_the_posterior_mean(gaussian_problem):
+    """Starting at sigma_bar = sigma_n from sqrt(abar) y, one optimal x0 prediction is E[x0 | y]."""
+    _, x0, y, sampler = gaussian_problem
+    out, steps = diffpir(sampler, y, 0.15, nfe=1, seed=99)
+    assert abs(steps[0] - 87) <= 1  # sigma_bar(87) ~ 0.15
+    posterior_mse = 0.2 ** 2 * 0.15 ** 2 / (0.2 ** 2 + 0.15 ** 2)
+    assert mse(out, x0) == pytest.approx(posterior_mse, rel=0.05)
+
+
+def test_diffpir_reduces_error(gaussian_problem):
+    _, x0, y, sampler = gaussian_problem
+    noisy_mse = mse(y, x0)
+    out, steps = diffpir(sampler, y, 0.15, nfe=10, lam=10, seed=99)
+    assert len(steps) == 10
+    assert mse(out, x0) < 0.8 * noisy_mse
+    # Several stochastic runs (zeta > 0) spread, and their mean beats a single run.
+    runs = [diffpir(sampler, y, 0.15, nfe=10, zeta=0.3, seed=200 + k)[0] for k in range(3)]
+    assert float(torch.stack(runs).std(0).mean()) > 0.02
+    assert mse(sum(runs) / 3, x0) < min(mse(r, x0) for r in runs)
+
+
+def test_denoise_api_on_phantom_keeps_out_of_window_voxels(gaussian_problem):
+    prior, x0, y, _ = gaussian_problem
+    clean_hu = unit_to_hu(x0[0, 0].numpy(), WINDOW)
+    noisy_hu = unit_to_hu(y[0, 0].numpy(), WINDOW)
+    noisy_hu[:, :3] = -1000.0  # air outside the window: must come back unchanged
+    noisy_hu[:, -3:] = 1200.0  # bone
+    volume = Volume(noisy_hu.astype(np.float32), (0.8, 0.8, 2.0), (5.0, -3.0, 1.0))
+    before = volume.array.copy()
+    result = denoise(volume, prior, noise_level=0.15 * 180.0, region="abdomen", seed=3, window_batch=3)
+    assert np.array_equal(volume.array, before)  # input untouched
+    out = result.denoised
+    assert out.same_grid(volume) and out.array.dtype == np.float32
+    assert np.array_equal(out.array[:, :3], noisy_hu[:, :3]) and np.array_equal(out.array[:, -3:], noisy_hu[:, -3:])
+    inner = (slice(None), slice(6, -6))
+    assert mse(out.array[inner], clean_hu[inner]) < 0.8 * mse(noisy_hu[inner], clean_hu[inner])
+    assert result.window == WINDOW and result.uncertainty is None
+
+
+# --- anomaly detection with the analytic prior --------------------------------------------------------
+def smooth_phantom():
+    """Smooth tissue (the prior's mean) with an air border, and a copy with a +100 HU spherical lesion."""
+    prior = AnalyticGaussian(std=0.02)
+    hu = unit_to_hu(prior.mean_volume(SHAPE)[0, 0].numpy(), WINDOW).astype(np.float32)
+    body = np.zeros(SHAPE, bool)
+    body[2:-2, 2:-2, 2:-2] = True
+    hu[~body] = -1000.0
+    z, yy, xx = np.indices(SHAPE)
+    lesion = (z - 12) ** 2 + (yy - 9) ** 2 + (xx - 8) ** 2 <= 9
+    with_lesion = hu.copy()
+    with_lesion[lesion] += 100.0
+    spacing = (1.0, 1.0, 1.0)
+    return prior, Volume(hu, spacing), Volume(with_lesion, spacing), lesion, Volume(body.astype(np.uint8), spacing)
+
+
+def test_anomaly_map_highlights_inserted_lesion():
+    prior, healthy, sick, lesion, body = smooth_phantom()
+    result = detect_anomalies(sick, prior, mask=body, region="abdomen", seed=1, smoothing_sigma_mm=1.0)
+    amap = result.anomaly_map.array
+    assert result.anomaly_map.same_grid(sick) and np.all(amap[body.array == 0] == 0)
+    outside = (body.array > 0) & ~lesion
+    assert amap[lesion].mean() > 5 * amap[outside].mean()
+    found = result.anomaly_mask.array > 0
+    dice = 2 * np.count_nonzero(found & lesion) / (np.count_nonzero(found) + np.count_nonzero(lesion))
+    assert dice > 0.5
+    # The reconstruction is the healthy mean, and the healthy image scores lower.
+    healthy_score = detect_anomalies(healthy, prior, mask=body, region="abdomen", seed=1).score
+    assert result.score > 2 * healthy_score
+    inside = body.array > 0
+    assert np.abs(result.reconstruction.array[inside & ~lesion] - healthy.array[inside & ~lesion]).mean() < 5.0
+
+
+def test_anomaly_threshold_override_and_bad_mask():
+    prior, _, sick, _, body = smooth_phantom()
+    high = detect_anomalies(sick, prior, mask=body, region="abdomen", threshold=1e6)
+    assert high.threshold == 1e6 and high.anomaly_mask.array.sum() == 0
+    wrong_grid = Volume(body.array, (2.0, 1.0, 1.0))
+    with pytest.raises(InputError, match="not on the grid"):
+        detect_anomalies(sick, prior, mask=wrong_grid, region="abdomen")
+
+
+# --- the tiny network end to end on real CT -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def ct_crop(tmp_path_factory):
+    """A 32x32x20 (x, y, z) crop of the small abdomen CT (3 mm voxels), keeping its geometry."""
+    image = sitk.ReadImage(str(ABDOMEN_SMALL_NII))[45:77, 0:32, 5:25]
+    path = tmp_path_factory.mktemp("ct") / "crop.nii.gz"
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """An untrained tiny MedDiffNet saved as a model file (the CLI loads it by path)."""
+    from MedDiffFMLib.checkpoints import save_model
+    from MedDiffFMLib.config import preset
+    from MedDiffFMLib.network import MedDiffNet
+
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    return save_model(MedDiffNet(cfg).state_dict(), cfg, tmp_path_factory.mktemp("model") / "tiny")
+
+
+def run_cli(*args):
+    return cli.main([str(a) for a in args])
+
+
+def assert_same_geometry(path, reference):
+    out, ref = read_volume(path), read_volume(reference)
+    assert out.same_grid(ref), out.grid_differences(ref)
+    assert np.all(np.isfinite(out.array))
+    return out, ref
+
+
+def test_denoise_cli_end_to_end(ct_crop, tiny_model, tmp_path, capsys):
+    out, std, png = tmp_path / "den.nii.gz", tmp_path / "den_std.nii.gz", tmp_path / "preview.png"
+    code = run_cli("denoise", ct_crop, "-o", out, "--model", tiny_model, "--nfe", 2, "--seeds", 2,
+                   "--progress", "machine", "--device", "cpu", "--preview", png, "--window-batch", 8)
+    assert code == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("MEDDIFFFM_PROGRESS")]
+    assert lines[-1] == "MEDDIFFFM_PROGRESS 4 4"
+    den, ref = assert_same_geometry(out, ct_crop)
+    from scipy import ndimage
+
+    lo, hi = WINDOW
+    # Voxels whose whole in-plane neighbourhood lies outside the window keep their input value exactly.
+    box = (1, 9, 9)
+    far_outside = (ndimage.maximum_filter(ref.array, box) < lo) | (ndimage.minimum_filter(ref.array, box) > hi)
+    assert far_outside.any() and np.array_equal(den.array[far_outside], ref.array[far_outside])
+    spread, _ = assert_same_geometry(std, ct_crop)
+    assert spread.array.min() >= 0 and spread.array.max() > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Never onto the input, never over an existing file.
+    assert run_cli("denoise", ct_crop, "-o", ct_crop, "--model", tiny_model) == 2
+    assert run_cli("denoise", ct_crop, "-o", out, "--model", tiny_model) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_detect_anomalies_cli_end_to_end(ct_crop, tiny_model, tmp_path, capsys):
+    out, mask = tmp_path / "map.nii.gz", tmp_path / "mask.nrrd"
+    code = run_cli("detect-anomalies", ct_crop, "-o", out, "--mask-output", mask, "--model", tiny_model,
+                   "--device", "cpu", "--progress", "none", "--region", "abdomen")
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    amap, _ = assert_same_geometry(out, ct_crop)
+    labels, _ = assert_same_geometry(mask, ct_crop)
+    assert amap.array.min() >= 0 and summary["score_hu"] > 0
+    assert set(np.unique(labels.array)) <= {0, 1}
+    assert summary["anomalous_voxels"] == int(labels.array.sum())
+
+
+def test_synthesize_cli_end_to_end(ct_crop, tiny_model, tmp_path):
+    out = tmp_path / "synth.nii.gz"
+    assert run_cli("synthesize", "--reference", ct_crop, "-o", out, "--model", tiny_model, "--nfe", 3,
+                   "--device", "cpu", "--progress", "none", "--region", "abdomen") == 0
+    synth, _ = assert_same_geometry(out, ct_crop)
+    lo, hi = WINDOW
+    assert synth.array.min() >= lo - 1e-3 and synth.array.max() <= hi + 1e-3
+    sized = tmp_path / "sized.nrrd"
+    assert run_cli("synthesize", "--size", 20, 17, 9, "--spacing", 1.5, 1.5, 3, "-o", sized, "--model",
+                   tiny_model, "--nfe", 2, "--device", "cpu", "--progress", "none", "--region", "chest") == 0
+    vol = read_volume(sized)
+    assert vol.shape == (9, 17, 20) and vol.spacing == pytest.approx((1.5, 1.5, 3.0))
+    assert run_cli("synthesize", "-o", tmp_path / "x.nii.gz", "--model", tiny_model, "--size", 20, 20, 20) == 2
+
+
+def test_tasks_are_seeded(ct_crop, tiny_model):
+    from MedDiffFMLib.checkpoints import load_model
+
+    model, _, _ = load_model(tiny_model)
+    volume = read_volume(ct_crop)
+    runs = [synthesize(model, "abdomen", size_xyz=(18, 16, 16), spacing_xyz=(1, 1, 1), nfe=2, seed=s).array
+            for s in (4, 4, 5)]
+    assert np.array_equal(runs[0], runs[1]) and not np.array_equal(runs[0], runs[2])
+    maps = [detect_anomalies(volume, model, region="abdomen", seed=s).anomaly_map.array for s in (1, 1, 2)]
+    assert np.array_equal(maps[0], maps[1]) and not np.array_equal(maps[0], maps[2])
+
+
+def test_memory_check_refuses_what_cannot_fit(monkeypatch):
+    from MedDiffFMLib.config import preset
+
+    monkeypatch.setattr(common, "available_memory", lambda device: 2 ** 30)
+    with pytest.raises(ResourceError, match="window batch"):
+        common.check_memory(preset("paper"), (200, 512, 512), 8, torch.device("cpu"))
+    common.check_memory(preset("tiny"), (20, 32, 32), 4, torch.device("cpu"))
