@@ -1,0 +1,46 @@
+"""Noise-level estimation: known noise on a smooth phantom, and added noise on real CT."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import ABDOMEN_SMALL_NII
+from MedDiffFMLib.errors import InputError
+from MedDiffFMLib.io import Volume, read_volume
+from MedDiffFMLib.noise import estimate_noise
+
+
+def phantom(noise_by_slice, seed=1):
+    """Smooth soft tissue (about 10..70 HU) with an air strip and white noise of a given std per slice."""
+    z, y, x = np.mgrid[:len(noise_by_slice), :64, :64]
+    image = 40 + 30 * np.sin(x / 10.0) * np.cos(y / 13.0)
+    image[:, :5] = -1000.0
+    noise = np.asarray(noise_by_slice, float)[:, None, None]
+    image = image + noise * np.random.default_rng(seed).normal(size=image.shape)
+    return Volume(image.astype(np.float32), (0.9, 0.9, 2.5))
+
+
+def test_known_noise_per_slice():
+    levels = [15.0] * 12 + [45.0] * 12
+    estimate = estimate_noise(phantom(levels))
+    np.testing.assert_allclose(estimate.slice_sigma_hu[1:11], 15.0, rtol=0.1)
+    np.testing.assert_allclose(estimate.slice_sigma_hu[13:23], 45.0, rtol=0.1)
+    assert 15.0 < estimate.sigma_hu < 45.0
+    assert estimate.map((24, 64, 64)).shape == (24, 64, 64)
+    assert estimate.map((24, 64, 64))[20, 3, 7] == pytest.approx(estimate.slice_sigma_hu[20])
+    assert "HU" in estimate.describe()
+
+
+def test_added_noise_adds_in_variance_on_real_ct():
+    """Real CT already has noise s0; adding white noise of 40 HU must give about sqrt(s0^2 + 40^2)."""
+    ct = read_volume(ABDOMEN_SMALL_NII)
+    original = estimate_noise(ct).sigma_hu
+    assert 3.0 < original < 40.0
+    noisy = ct.with_array(ct.array + np.random.default_rng(0).normal(0, 40, ct.shape).astype(np.float32))
+    assert estimate_noise(noisy).sigma_hu == pytest.approx(np.hypot(original, 40.0), rel=0.08)
+
+
+def test_refuses_image_without_soft_tissue():
+    air_and_bone = np.where(np.indices((10, 40, 40))[2] < 20, -1000.0, 1000.0).astype(np.float32)
+    with pytest.raises(InputError, match="--noise-level"):
+        estimate_noise(Volume(air_and_bone))
