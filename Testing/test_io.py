@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import (CHEST_NODULE_NRRD, CHEST_NRRD, HEAD_TILTED_DICOM, LIMB_MASK_NII, LIMB_NII,
-                      THREE_SLICE_DICOM)
+from conftest import (ABDOMEN_SMALL_NII, CHEST_NODULE_NRRD, CHEST_NRRD, HEAD_TILTED_DICOM, LIMB_MASK_NII,
+                      LIMB_NII, THREE_SLICE_DICOM)
 from MedDiffFMLib.errors import InputError
 from MedDiffFMLib.io import Volume, atomic_path, read_mask, read_volume, write_volume
 
@@ -22,7 +22,7 @@ def assert_same_volume(a: Volume, b: Volume, atol: float = 1e-5):
 
 
 @pytest.mark.parametrize("source, suffix", [
-    (CHEST_NRRD, ".nrrd"), (LIMB_NII, ".nii.gz"), (LIMB_NII, ".mha"),
+    (ABDOMEN_SMALL_NII, ".nrrd"), (LIMB_NII, ".nii.gz"), (LIMB_NII, ".mha"),
     (HEAD_TILTED_DICOM, ".nii.gz"),
 ])
 def test_geometry_round_trip_on_real_cases(source, suffix, tmp_path):
