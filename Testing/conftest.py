@@ -35,3 +35,17 @@ def _single_thread_torch():
     except ImportError:
         return
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def chest_nodule_crop():
+    """(CT, nodule mask) Volumes: a 12 x 48 x 48 (z, y, x) crop of the lung1 chest CT around its nodule,
+    with the crop's own origin (real geometry, 0.57 x 0.57 x 5 mm)."""
+    import SimpleITK as sitk
+
+    from MedDiffFMLib.io import Volume
+
+    box = (slice(194, 242), slice(336, 384), slice(27, 39))  # x, y, z (SimpleITK order)
+    image = Volume.from_sitk(sitk.ReadImage(str(CHEST_NRRD))[box], dtype="float32")
+    mask = Volume.from_sitk(sitk.ReadImage(str(CHEST_NODULE_NRRD))[box])
+    return image, mask

@@ -9,7 +9,7 @@ so every voxel outside the mask is returned exactly as given.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Union
 
 import numpy as np
 import torch
@@ -20,7 +20,6 @@ from ..finetune import ControlledNet, check_task
 from ..io import Volume
 from ..preprocess import unit_to_hu
 from .lesion import DEFAULT_MARGIN_MM, prepare_box
-from .super_resolution import initial_noise
 
 Progress = Optional[Callable[[int, int], None]]
 
@@ -59,8 +58,8 @@ def renoise(schedule: Schedule, x_s: torch.Tensor, s: int, t: int, noise: torch.
 def inpaint(volume: Volume, mask: Volume, model: torch.nn.Module, nfe: int = 100,
             jump_length: int = DEFAULT_JUMP_LENGTH, resample: int = DEFAULT_RESAMPLE,
             margin_mm: float = DEFAULT_MARGIN_MM, region: Optional[str] = None, seed: int = 0,
-            overlap: float = 0.5, window_batch: int = 4, precision: str = "auto",
-            progress: Progress = None) -> Volume:
+            device: Union[str, torch.device] = "cpu", overlap: float = 0.5, window_batch: int = 4,
+            precision: str = "auto", progress: Progress = None) -> Volume:
     """A copy of `volume` with the voxels inside `mask` (> 0) synthesised to fit their surroundings.
 
     `model` is a lesion `ControlledNet` (the mask is its control: a lesion grows there) or a base model
@@ -69,7 +68,7 @@ def inpaint(volume: Volume, mask: Volume, model: torch.nn.Module, nfe: int = 100
     """
     if isinstance(model, ControlledNet):
         check_task(model, "lesion")
-    job = prepare_box(volume, mask, model, region, margin_mm, overlap, window_batch, precision)
+    job = prepare_box(volume, mask, model, region, margin_mm, device, overlap, window_batch, precision)
     sampler, schedule = job.sampler, job.sampler.schedule
     device = job.known.device
     unknown = torch.from_numpy(job.inside)[None, None].to(device)
@@ -82,7 +81,7 @@ def inpaint(volume: Volume, mask: Volume, model: torch.nn.Module, nfe: int = 100
     def randn() -> torch.Tensor:
         return torch.randn(job.known.shape, generator=generator).to(device)
 
-    x = initial_noise(job.inside.shape, seed).to(device)
+    x = randn()
     done = 0
     for a, b in zip(path, path[1:]):
         if b < a:  # RePaint jump: back to the noisier level

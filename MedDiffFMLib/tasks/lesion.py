@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -23,7 +23,6 @@ from ..preprocess import unit_to_hu, window_to_unit
 from ..sampling import SlidingWindowSampler
 from ..validation import check_ct, check_mask
 from .common import anatomy_for, make_sampler, model_config, model_window, resolve_region
-from .super_resolution import initial_noise
 
 Progress = Optional[Callable[[int, int], None]]
 Box = Tuple[slice, slice, slice]
@@ -64,7 +63,8 @@ class BoxJob:
 
 
 def prepare_box(volume: Volume, mask: Volume, model: torch.nn.Module, region: Optional[str], margin_mm: float,
-                overlap: float, window_batch: int, precision: str, mask_name: str = "mask") -> BoxJob:
+                device: Union[str, torch.device], overlap: float, window_batch: int, precision: str,
+                mask_name: str = "mask") -> BoxJob:
     """Check the inputs and set up sampling of the box around `mask` in the frame of the whole volume.
 
     A `ControlledNet` gets the mask as its control volume; a plain base model gets the usual condition.
@@ -83,7 +83,7 @@ def prepare_box(volume: Volume, mask: Volume, model: torch.nn.Module, region: Op
         cond = ControlledCondition(cfg, inside.astype(np.float32), volume.spacing_zyx, region, anatomy, **place)
     else:
         cond = VolumeCondition(cfg, inside.shape, volume.spacing_zyx, region, anatomy, **place)
-    device = next(model.parameters()).device
+    device = torch.device(device)
     sampler = make_sampler(model, inside.shape, volume.spacing_zyx, region, None, device, overlap, window_batch,
                            precision, cond=cond)
     known = torch.from_numpy(window_to_unit(volume.array[box].astype(np.float32), window))[None, None]
@@ -92,8 +92,8 @@ def prepare_box(volume: Volume, mask: Volume, model: torch.nn.Module, region: Op
 
 def generate_lesion(volume: Volume, lesion_mask: Volume, model: torch.nn.Module, nfe: int = 100,
                     margin_mm: float = DEFAULT_MARGIN_MM, region: Optional[str] = None, seed: int = 0,
-                    overlap: float = 0.5, window_batch: int = 4, precision: str = "auto",
-                    progress: Progress = None) -> Volume:
+                    device: Union[str, torch.device] = "cpu", overlap: float = 0.5, window_batch: int = 4,
+                    precision: str = "auto", progress: Progress = None) -> Volume:
     """A copy of `volume` whose box around `lesion_mask` is synthesised anew, with a lesion where the mask is.
 
     `model` is a lesion `ControlledNet`. The whole box is generated (voxels outside the lesion too); to keep
@@ -101,10 +101,12 @@ def generate_lesion(volume: Volume, lesion_mask: Volume, model: torch.nn.Module,
     region's window.
     """
     check_task(model, "lesion")
-    job = prepare_box(volume, lesion_mask, model, region, margin_mm, overlap, window_batch, precision,
+    job = prepare_box(volume, lesion_mask, model, region, margin_mm, device, overlap, window_batch, precision,
                       mask_name="lesion mask")
     steps = timesteps(nfe, job.sampler.schedule.T - 1)
-    x = job.sampler.run(initial_noise(job.inside.shape, seed), steps, seed, progress=progress)
+    x_init = torch.randn((1, 1) + job.inside.shape, generator=torch.Generator().manual_seed(int(seed)))
+    # The sampler's own generator is seeded differently from the initial noise's, so they are independent.
+    x = job.sampler.run(x_init, steps, seed + 1, progress=progress)
     out = volume.array.astype(np.float32, copy=True)
     out[job.box] = unit_to_hu(x[0, 0].cpu().numpy(), job.window)
     return volume.with_array(out)

@@ -8,7 +8,7 @@ and the ControlNet sees the thick input linearly interpolated onto the thin grid
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -79,12 +79,6 @@ def thin_geometry(volume: Volume, factor: int) -> Tuple[Tuple[float, ...], Tuple
     return (sx, sy, thin_dz), tuple(float(o) for o in origin)
 
 
-def initial_noise(shape_zyx: Sequence[int], seed: int) -> torch.Tensor:
-    """x_T ~ N(0, I) of shape (1, 1, *shape) from its own stream (not the sampler's step-noise stream)."""
-    rng = np.random.default_rng([int(seed), 0x5EED])
-    return torch.from_numpy(rng.standard_normal((1, 1) + tuple(shape_zyx), dtype=np.float32))
-
-
 def check_factor(volume: Volume, factor: int) -> None:
     if int(factor) != factor or factor < 2:
         raise InputError(f"the slice factor must be an integer >= 2 (thin slices per thick slice), got {factor}")
@@ -95,8 +89,8 @@ def check_factor(volume: Volume, factor: int) -> None:
 
 def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: int = 100, lam: float = 1.0,
                   sigma_n: float = 1.0, zeta: float = DEFAULT_ZETA, region: Optional[str] = None, seed: int = 0,
-                  overlap: float = 0.5, window_batch: int = 4, precision: str = "auto",
-                  progress: Progress = None) -> Volume:
+                  device: Union[str, torch.device] = "cpu", overlap: float = 0.5, window_batch: int = 4,
+                  precision: str = "auto", progress: Progress = None) -> Volume:
     """Thin-slice CT (HU) on the grid `factor` times finer along z than the thick input `volume`.
 
     `model` is a super-resolution `ControlledNet`. `sigma_n` is the assumed noise of the thick slices in
@@ -114,7 +108,7 @@ def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: 
     cfg = model_config(model)
     region = resolve_region(volume, region, cfg)
     window = model_window(cfg, region)
-    device = next(model.parameters()).device
+    device = torch.device(device)
 
     thick = torch.from_numpy(window_to_unit(volume.array.astype(np.float32), window))
     n_thin = volume.shape[0] * factor
@@ -133,6 +127,7 @@ def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: 
         return x0 + repeat_slices(y - average_slices(x0, factor), factor, n_thin) / (1.0 + rho)
 
     steps = timesteps(nfe, schedule.T - 1)
-    x = sampler.run(initial_noise(guide.shape, seed), steps, seed, x0_transform=data_step, zeta=zeta,
-                    progress=progress)
+    x_init = torch.randn((1, 1) + guide.shape, generator=torch.Generator().manual_seed(int(seed)))
+    # The sampler's own generator is seeded differently from the initial noise's, so they are independent.
+    x = sampler.run(x_init, steps, seed + 1, x0_transform=data_step, zeta=zeta, progress=progress)
     return guide.with_array(unit_to_hu(x[0, 0].cpu().numpy(), window).astype(np.float32))

@@ -1,0 +1,105 @@
+"""CLI `finetune`: train a ControlNet on a frozen base model for super-resolution or lesion generation."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+NAME = "finetune"
+HELP = ("Fine-tune a base model with a ControlNet (the base stays frozen) for super-resolution (control: the "
+        "slice-averaged patch) or lesion generation/inpainting (control: the lesion mask). Resumable "
+        "(--resume); multi-GPU: torchrun --standalone --nproc_per_node=N -m MedDiffFMLib finetune ...")
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..finetune import TASKS
+    from .train import DEFAULT_DATA_ROOT
+
+    parser.add_argument("--task", choices=sorted(TASKS), required=True)
+    parser.add_argument("--base", required=True, help="base model: registered name or .safetensors path")
+    parser.add_argument("--data", nargs="+", default=["train"],
+                        help="'train' or 'validation' (split of the shared CT data), or CT files (a folder "
+                        "too for super-resolution)")
+    parser.add_argument("--masks", nargs="+", help="lesion masks, one per --data CT file (lesion task)")
+    parser.add_argument("--val-data", nargs="*",
+                        help="validation CTs (default: the 'validation' split when --data is 'train')")
+    parser.add_argument("--val-masks", nargs="+", help="lesion masks of --val-data (lesion task)")
+    parser.add_argument("--data-root", type=Path,
+                        default=Path(os.environ.get("MEDDIFFFM_CT_DATA", DEFAULT_DATA_ROOT)),
+                        help="folder of the shared CT data (for the split names)")
+    parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, EMA model)")
+    parser.add_argument("--cache-dir", type=Path, help="preprocessed-volume cache (default: <out>/../cache)")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/last.json if present")
+    parser.add_argument("--factor", type=int, default=5, help="super-resolution: thin slices per thick slice")
+    parser.add_argument("--lesion-probability", type=float, default=0.8,
+                        help="lesion: share of patches centred on (near) a lesion")
+    parser.add_argument("--steps", type=int, default=1000, help="total optimizer steps (including resumed ones)")
+    parser.add_argument("--batch-size", type=int, default=2, help="patches per micro-batch per process")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--validate-every", type=int, default=200)
+    parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
+    parser.add_argument("--fp32-export", action="store_true", help="store exported EMA weights as fp32")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..checkpoints import read_model_info, resolve_model
+    from ..config import ModelConfig
+    from ..finetune import finetune
+    from ..training import TrainSettings
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = ModelConfig.from_dict(read_model_info(resolve_model(args.base))["config"])
+    val_spec = args.val_data if args.val_data is not None else (["validation"] if args.data == ["train"] else [])
+    if args.task == "super-resolution":
+        data = _super_resolution_data(args, args.data, cfg, args.seed, None)
+        val = _super_resolution_data(args, val_spec, cfg, args.seed + 1, 0.0) if val_spec else None
+    else:
+        data = _lesion_data(args, args.data, args.masks, cfg, args.seed, None)
+        val = _lesion_data(args, val_spec, args.val_masks, cfg, args.seed + 1, 0.0) if val_spec else None
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                             seed=args.seed, validate_every=args.validate_every,
+                             checkpoint_every=args.checkpoint_every, num_workers=args.num_workers,
+                             half_export=not args.fp32_export, low_noise_fraction=0.0)
+    record = finetune(args.base, args.task, data, args.out, settings, val_data=val, resume=args.resume)
+    log.info("finished at step %d (%.2f h); ControlNet model: %s", record["step"], record["wall_hours"],
+             args.out / "ema.safetensors")
+    return 0
+
+
+def _super_resolution_data(args, spec, cfg, seed: int, anatomy_dropout):
+    from ..dataset import CTPatchDataset, split_cases
+    from ..finetune import SuperResolutionPairs
+
+    if len(spec) == 1 and spec[0] in ("train", "validation"):
+        files = split_cases(args.data_root, spec[0])
+    else:
+        files = spec[0] if len(spec) == 1 and Path(spec[0]).is_dir() else list(spec)
+    # Patch level only: super-resolution runs on the native thin grid, never on a resized whole volume.
+    patches = CTPatchDataset(files, cfg, args.cache_dir or args.out.parent / "cache", seed=seed,
+                             mode_weights={"crop": 1.0}, anatomy_dropout=anatomy_dropout)
+    return SuperResolutionPairs(patches, args.factor)
+
+
+def _lesion_data(args, spec, masks, cfg, seed: int, anatomy_dropout):
+    from ..errors import InputError
+    from ..finetune import LesionPatches, lesion_cases
+
+    if len(spec) == 1 and spec[0] in ("train", "validation"):
+        cases = lesion_cases(args.data_root, spec[0])
+    else:
+        if not masks or len(masks) != len(spec):
+            raise InputError(f"the lesion task needs one mask per CT file: {len(spec)} CT files, "
+                             f"{len(masks or [])} masks (--masks / --val-masks)")
+        cases = [(ct, mask, None) for ct, mask in zip(spec, masks)]
+    return LesionPatches(cases, cfg, seed=seed, lesion_probability=args.lesion_probability,
+                         anatomy_dropout=anatomy_dropout)

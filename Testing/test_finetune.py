@@ -1,0 +1,158 @@
+"""ControlNet fine-tuning: weight copy, frozen base, exact equality at initialisation, training, model files."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from MedDiffFMLib import diffusion
+from MedDiffFMLib.anatomy import threshold_anatomy
+from MedDiffFMLib.checkpoints import load_model, save_model
+from MedDiffFMLib.config import preset
+from MedDiffFMLib.errors import CheckpointError, InputError
+from MedDiffFMLib.finetune import ControlledCondition, ControlledNet, LesionPatches, SuperResolutionPairs, finetune
+from MedDiffFMLib.io import write_volume
+from MedDiffFMLib.network import MedDiffNet
+from MedDiffFMLib.preprocess import window_to_unit
+from MedDiffFMLib.tasks.super_resolution import degrade
+from MedDiffFMLib.training import TrainSettings
+
+#: ControlNet parts that have no counterpart in the UNet (the control encoder and the zero convolutions).
+OWN_PARTS = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
+
+
+@pytest.fixture(scope="module")
+def base():
+    """An untrained tiny base whose zero-initialised layers (MONAI zeroes the output convolution) get small
+    random weights, so its output and gradients are not trivially zero, as in a pre-trained model."""
+    torch.manual_seed(0)
+    model = MedDiffNet(preset("tiny")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(std=0.05)
+    return model
+
+
+def real_batch(base_model, crop):
+    """Noisy real-CT windows (2 timesteps) with their condition and the nodule mask as control."""
+    image, mask = crop
+    cfg = base_model.cfg
+    unit = torch.from_numpy(window_to_unit(image.array, cfg.windows["chest"]))
+    box = (slice(0, 12), slice(16, 32), slice(16, 32))
+    cond = ControlledCondition(cfg, (mask.array > 0).astype(np.float32), image.spacing_zyx, "chest",
+                               threshold_anatomy(image))
+    window = cond.window((0, 16, 16), (12, 16, 16))
+    x0 = unit[box][None, None].expand(2, 1, 12, 16, 16)
+    x0 = torch.nn.functional.pad(x0, (0, 0, 0, 0, 0, 4), mode="replicate")  # z 12 -> 16 (network grid)
+    window = torch.nn.functional.pad(window[None], (0, 0, 0, 0, 0, 4), mode="replicate").expand(2, -1, -1, -1, -1)
+    t = torch.tensor([30, 700])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    x_t = diffusion.q_sample(diffusion.Schedule.cosine(), x0, t, noise)
+    return x_t, t, window, torch.tensor([1, 1])
+
+
+def test_controlnet_copies_every_shared_tensor_of_the_base(base):
+    net = ControlledNet(base, "lesion")
+    unet = base.unet.state_dict()
+    copied, own = 0, []
+    for key, value in net.controlnet.state_dict().items():
+        if key in unet and unet[key].shape == value.shape:
+            assert torch.equal(value, unet[key]), key
+            copied += 1
+        else:
+            own.append(key)
+    assert copied > 50
+    assert own and all(key.startswith(OWN_PARTS) for key in own), own
+    # The zero convolutions start at exactly zero.
+    zero = [v for k, v in net.controlnet.state_dict().items() if k.startswith(OWN_PARTS[1:])]
+    assert zero and all(not v.any() for v in zero)
+
+
+def test_base_is_frozen_and_gets_no_gradient(base, chest_nodule_crop):
+    net = ControlledNet(base, "lesion")
+    net.train()
+    assert not any(p.requires_grad for p in net.base.parameters())
+    assert not net.base.training and net.controlnet.training
+    x_t, t, cond, region = real_batch(base, chest_nodule_crop)
+    net(x_t, t, cond, region).abs().mean().backward()
+    assert all(p.grad is None for p in net.base.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.controlnet.parameters())
+
+
+def test_output_at_initialisation_equals_the_base_exactly(base, chest_nodule_crop):
+    net = ControlledNet(base, "lesion").eval()
+    x_t, t, cond, region = real_batch(base, chest_nodule_crop)
+    with torch.no_grad():
+        expected = base(x_t, t, cond[:, :-1], region)
+        got = net(x_t, t, cond, region)
+    assert torch.equal(got, expected)
+    assert expected.abs().mean() > 0
+
+
+def test_condition_without_control_channel_is_refused(base, chest_nodule_crop):
+    x_t, t, cond, region = real_batch(base, chest_nodule_crop)
+    with pytest.raises(ValueError, match="condition channels"):
+        ControlledNet(base, "lesion")(x_t, t, cond[:, :-1], region)
+
+
+def test_super_resolution_pairs_append_the_degraded_patch():
+    class Patches:
+        def __getitem__(self, index):
+            image = torch.linspace(-1, 1, 16 ** 3).reshape(1, 16, 16, 16)
+            return {"image": image, "cond": torch.zeros(3, 16, 16, 16), "region": torch.tensor(0)}
+
+    item = SuperResolutionPairs(Patches(), factor=4)[0]
+    assert item["cond"].shape == (4, 16, 16, 16)
+    assert torch.equal(item["cond"][-1:], degrade(item["image"], 4))
+    with pytest.raises(InputError):
+        SuperResolutionPairs(Patches(), factor=1)
+
+
+def test_finetune_trains_only_the_controlnet_and_saves_a_small_file(base, chest_nodule_crop, tmp_path):
+    image, mask = chest_nodule_crop
+    write_volume(image, tmp_path / "ct.nii.gz")
+    write_volume(mask, tmp_path / "lesion.nii.gz")
+    save_model(base.state_dict(), base.cfg, tmp_path / "base", half=False)
+    data = LesionPatches([(tmp_path / "ct.nii.gz", tmp_path / "lesion.nii.gz", "chest")], base.cfg, seed=0)
+    item = data[0]
+    assert item["cond"].shape[0] == 23 and item["image"].shape == (1, 16, 16, 16)
+    assert set(np.unique(item["cond"][-1].numpy())) <= {0.0, 1.0}
+
+    settings = TrainSettings(steps=3, batch_size=1, lr=1e-3, checkpoint_every=3, validate_every=1000)
+    record = finetune(str(tmp_path / "base.safetensors"), "lesion", data, tmp_path / "run", settings)
+
+    trained = record["model"]
+    initial = ControlledNet(base, "lesion")
+    for key, value in base.state_dict().items():
+        assert torch.equal(trained.base.state_dict()[key], value), key
+    changed = [k for k, v in trained.controlnet.state_dict().items()
+               if not torch.equal(v, initial.controlnet.state_dict()[k])]
+    assert any(k.startswith("controlnet_down_blocks.") for k in changed)
+
+    info = json.loads((tmp_path / "run" / "ema.json").read_text())
+    assert info["kind"] == "controlnet" and info["task"] == "lesion" and info["steps"] == 3
+    base_size = (tmp_path / "base.safetensors").stat().st_size
+    assert (tmp_path / "run" / "ema.safetensors").stat().st_size < base_size  # base weights not duplicated
+    loaded, cfg, _ = load_model(tmp_path / "run" / "ema.safetensors")
+    assert isinstance(loaded, ControlledNet) and loaded.task == "lesion" and cfg == base.cfg
+    assert torch.equal(loaded.base.unet.conv_in.conv.weight, base.unet.conv_in.conv.weight)
+
+    # The ControlNet names its base by SHA-256: a retrained base is refused, not silently combined.
+    other = MedDiffNet(base.cfg)
+    save_model(other.state_dict(), base.cfg, tmp_path / "base", half=False)
+    with pytest.raises(CheckpointError, match="not installed"):
+        load_model(tmp_path / "run" / "ema.safetensors")
+
+
+def test_finetuning_a_controlnet_model_is_refused(base, tmp_path):
+    net = ControlledNet(base, "lesion")
+    from MedDiffFMLib.finetune import base_record, save_controlled
+
+    save_model(base.state_dict(), base.cfg, tmp_path / "base", half=False)
+    save_controlled(net.state_dict(), base.cfg, tmp_path / "cn", "lesion",
+                    base_record(str(tmp_path / "base.safetensors")))
+    with pytest.raises(InputError, match="already a ControlNet"):
+        finetune(str(tmp_path / "cn.safetensors"), "lesion", None, tmp_path / "run", TrainSettings(steps=1))
