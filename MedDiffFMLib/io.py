@@ -61,7 +61,9 @@ class Volume:
         return Volume(array, self.spacing, self.origin, self.direction)
 
     def to_sitk(self) -> sitk.Image:
-        image = sitk.GetImageFromArray(self.array)
+        # SimpleITK has no boolean pixel type: boolean masks become 0/1 uint8.
+        array = self.array.astype(np.uint8) if self.array.dtype == bool else self.array
+        image = sitk.GetImageFromArray(array)
         image.SetSpacing(self.spacing)
         image.SetOrigin(self.origin)
         image.SetDirection(self.direction)

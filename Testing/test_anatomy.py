@@ -127,3 +127,13 @@ def test_user_labels_must_match_the_image():
         get_anatomy(vol, source="user", user_labels=gtv.array[:-1])
     with pytest.raises(InputError, match="needs a label map"):
         get_anatomy(vol, source="user")
+
+
+def test_threshold_anatomy_is_robust_to_low_dose_noise():
+    """60 HU of added noise (a strongly reduced dose) barely changes the classes."""
+    vol = read_volume(LIMB_NII)
+    clean = threshold_anatomy(vol)
+    noise = np.random.default_rng(0).normal(0.0, 60.0, vol.shape).astype(np.float32)
+    noisy = threshold_anatomy(vol.with_array(vol.array + noise))
+    assert np.mean((noisy > 0) == (clean > 0)) > 0.995
+    assert np.mean(noisy == clean) > 0.95
