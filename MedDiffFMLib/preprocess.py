@@ -1,7 +1,7 @@
 """Resampling, HU windows mapped to [-1, 1] and their inverse, and the body-region guess."""
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple, Union
+from typing import Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
