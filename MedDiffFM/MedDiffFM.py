@@ -12,7 +12,7 @@ from slicer.util import VTKObservationMixin
 
 try:
     import qt
-    from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+    from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
     from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                                ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 except ImportError:
@@ -64,6 +64,7 @@ if parameterNodeWrapper is not None:
         maskSegmentId: str = ""
         model: str = ""
         task: str = "denoise"
+        region: Annotated[str, Choice(["auto", "head_neck", "chest", "abdomen", "other"])] = "auto"
         synthesizeOnInputGrid: bool = True
         synthesizeSizeX: Annotated[int, WithinRange(8, 2048)] = 128
         synthesizeSizeY: Annotated[int, WithinRange(8, 2048)] = 128
@@ -74,7 +75,7 @@ if parameterNodeWrapper is not None:
         anomalyThreshold: Annotated[float, WithinRange(-1.0, 1000.0)] = -1.0
         nfe: Annotated[int, WithinRange(0, 1000)] = 0
         seed: Annotated[int, WithinRange(0, 2 ** 31 - 1)] = 0
-        overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.25
+        overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
         windowBatch: Annotated[int, WithinRange(1, 64)] = 4
         forceCpu: bool = False
 
@@ -262,8 +263,10 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _startRun(self):
         p = self._parameterNode
-        options = dict(model=p.model, nfe=p.nfe or None, seed=p.seed, forceCpu=p.forceCpu,
-                       overlap=p.overlap, windowBatch=p.windowBatch, wait=False)
+        options = dict(model=p.model, seed=p.seed, forceCpu=p.forceCpu, overlap=p.overlap,
+                       windowBatch=p.windowBatch, region=None if p.region == "auto" else p.region, wait=False)
+        if TASKS[p.task].usesNfe:
+            options["nfe"] = p.nfe or None
         if p.task == "synthesize":
             if p.synthesizeOnInputGrid:
                 return self.logic.synthesize(p.inputVolume, **options)
@@ -274,7 +277,8 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return self.logic.denoise(p.inputVolume, noiseLevel=p.noiseLevel if p.noiseLevel >= 0 else None, **options)
         if p.task == "detect-anomalies":
             return self.logic.detectAnomalies(
-                p.inputVolume, threshold=p.anomalyThreshold if p.anomalyThreshold >= 0 else None, **options)
+                p.inputVolume, threshold=p.anomalyThreshold if p.anomalyThreshold >= 0 else None,
+                segmentationNode=p.maskSegmentation, segmentId=p.maskSegmentId, **options)
         if p.task == "super-resolve":
             return self.logic.superResolve(p.inputVolume, **options)
         if p.task == "generate-lesion":

@@ -6,8 +6,10 @@ runner is tested against small scripts with known behaviour (progress, failure, 
 grandchild process); the Logic's task methods against a stand-in `MedDiffFMLib` package whose
 `__main__` does a simple known transformation, and against the real command line where it exists.
 """
+import ast
 import json
 import os
+import re
 import sys
 import textwrap
 import time
@@ -358,12 +360,12 @@ def test_logic_denoise_makes_new_node_on_input_grid(ct_node, fake_cli):
     logic = MedDiffFM.MedDiffFMLogic()
     progress = []
     logic.progressCallback = lambda step, total: progress.append((step, total))
-    node = logic.denoise(ct_node, noiseLevel=0.1, nfe=5, seed=7, model="tiny")
+    node = logic.denoise(ct_node, noiseLevel=25, nfe=5, seed=7, model="tiny", region="abdomen")
 
     argv = fake_cli()
     assert argv[0] == "denoise" and argv[1].endswith("input.nrrd") and argv[2:4] == ["-o", argv[3]]
-    for flag, value in [("--noise-level", "0.1"), ("--nfe", "5"), ("--seed", "7"), ("--model", "tiny"),
-                        ("--device", "auto"), ("--progress", "machine")]:
+    for flag, value in [("--noise-level", "25"), ("--nfe", "5"), ("--seed", "7"), ("--model", "tiny"),
+                        ("--device", "auto"), ("--region", "abdomen"), ("--progress", "machine")]:
         assert argv[argv.index(flag) + 1] == value
     assert progress == [(1, 1)]
     assert node.GetName() == "CT denoised" and node is not ct_node
@@ -417,3 +419,85 @@ def test_logic_failure_leaves_the_scene_unchanged(ct_node, fake_cli, tmp_path):
     with pytest.raises(process.TaskFailed, match="model 'nope' is not in Resources/Models.json"):
         MedDiffFM.MedDiffFMLogic().denoise(ct_node, model="nope")
     assert slicer.mrmlScene.GetNumberOfNodes() == nodes_before
+
+
+def test_detect_anomalies_refuses_nfe(ct_node):
+    with pytest.raises(ValueError, match="no NFE"):
+        MedDiffFM.MedDiffFMLogic().detectAnomalies(ct_node, nfe=10)
+
+
+def test_panel_widgets_and_parameter_node_agree():
+    """Without Qt the panel cannot be shown, but its wiring can be checked: every `self.ui.<name>` the
+    widget uses exists in the .ui file, and the .ui binds every parameter-node field not bound by hand."""
+    module_source = (REPO / "MedDiffFM" / "MedDiffFM.py").read_text()
+    ui_source = (REPO / "MedDiffFM" / "Resources" / "UI" / "MedDiffFM.ui").read_text()
+    ui_names = set(re.findall(r'<widget class="[^"]+" name="([^"]+)"', ui_source))
+    used = set(re.findall(r"self\.ui\.(\w+)", module_source))
+    assert used <= ui_names, f"widgets missing from the .ui file: {used - ui_names}"
+
+    bound = set(re.findall(r'<property name="SlicerParameterName" stdset="0">\s*<string>(\w+)</string>', ui_source))
+    node_class = next(n for n in ast.walk(ast.parse(module_source))
+                      if isinstance(n, ast.ClassDef) and n.name == "MedDiffFMParameterNode")
+    fields = {n.target.id for n in node_class.body if isinstance(n, ast.AnnAssign)}
+    by_hand = {"maskSegmentation", "maskSegmentId", "model", "task"}  # dynamic choices / segment ids
+    assert bound | by_hand == fields
+
+
+# --- the real command line ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_ct_node(scene, ct_image):
+    """A 32 x 32 x 16 crop: each real run starts Python, torch and MONAI, so the volume is kept small."""
+    return node_from_image(crop(ct_image, (32, 32, 16)), "CT")
+
+
+@pytest.fixture(scope="module")
+def untrained_tiny_model(tmp_path_factory):
+    """A tiny-preset model with random weights: exercises the whole path, not image quality."""
+    torch = pytest.importorskip("torch")
+    from MedDiffFMLib.checkpoints import save_model
+    from MedDiffFMLib.config import preset
+    from MedDiffFMLib.network import MedDiffNet
+
+    torch.manual_seed(0)
+    config = preset("tiny")
+    return str(save_model(MedDiffNet(config).state_dict(), config, tmp_path_factory.mktemp("model") / "tiny"))
+
+
+def test_real_denoise_adds_one_node_on_the_input_grid(small_ct_node, untrained_tiny_model):
+    ct_node = small_ct_node
+    before = slicer.util.arrayFromVolume(ct_node).copy()
+    nodes_before = slicer.mrmlScene.GetNumberOfNodes()
+    logic = MedDiffFM.MedDiffFMLogic()
+    progress = []
+    logic.progressCallback = lambda step, total: progress.append((step, total))
+    node = logic.denoise(ct_node, nfe=2, seed=0, model=untrained_tiny_model, forceCpu=True)
+
+    assert node.GetName() == "CT denoised"
+    assert progress[-1] == (2, 2)
+    np.testing.assert_allclose(volumes.ijkToRASArray(node), volumes.ijkToRASArray(ct_node), atol=1e-5)
+    result = slicer.util.arrayFromVolume(node)
+    assert result.shape == before.shape and np.isfinite(result).all()
+    assert not np.array_equal(result, before)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(ct_node), before)
+    assert slicer.mrmlScene.GetNumberOfNodes() == nodes_before + 2  # the volume and its display node
+
+
+def test_real_anomaly_segmentation_is_the_thresholded_map(small_ct_node, untrained_tiny_model):
+    ct_node = small_ct_node
+    logic = MedDiffFM.MedDiffFMLogic()
+    log = []
+    logic.logCallback = log.append
+    map_node, segmentation = logic.detectAnomalies(ct_node, model=untrained_tiny_model, forceCpu=True)
+
+    summary = json.loads(next(line for line in log if line.startswith("{")))
+    anomaly_map = slicer.util.arrayFromVolume(map_node)
+    np.testing.assert_allclose(volumes.ijkToRASArray(map_node), volumes.ijkToRASArray(ct_node), atol=1e-5)
+    labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segmentation.GetSegmentation().GetNthSegmentID(0))
+    slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation, ids, labelmap, ct_node)
+    segmented = slicer.util.arrayFromVolume(labelmap) > 0
+    assert segmented.sum() == summary["anomalous_voxels"] > 0
+    assert anomaly_map[segmented].min() >= summary["threshold_hu"] - 1e-3

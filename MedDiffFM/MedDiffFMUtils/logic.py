@@ -46,8 +46,8 @@ class MedDiffFMTasks:
     # --- tasks -------------------------------------------------------------------------------
 
     def synthesize(self, referenceVolumeNode=None, size=None, spacing=None, wait=True, **options):
-        """Generate a new CT on the grid of `referenceVolumeNode`, or of `size` (x, y, z voxels) and
-        `spacing` (x, y, z mm). Returns the new volume node."""
+        """Generate a new CT on the grid (and anatomy) of `referenceVolumeNode`, or of `size` (x, y, z
+        voxels) and `spacing` (x, y, z mm); without a reference give `region` too. Returns the new node."""
         if referenceVolumeNode is None and (size is None or spacing is None):
             raise ValueError("Give a reference volume, or both size (x, y, z voxels) and spacing (x, y, z mm).")
         arguments, inputs = [], {}
@@ -65,8 +65,8 @@ class MedDiffFMTasks:
         return self._runTask("synthesize", None, arguments, importResults, wait, options, namedInputs=inputs)
 
     def denoise(self, volumeNode, noiseLevel=None, window=None, wait=True, **options):
-        """Denoise a CT. `noiseLevel` (in the model's [-1, 1] units) None = estimate it; `window`
-        (low, high) HU = the denoising window. Returns the new volume node."""
+        """Denoise a CT. `noiseLevel`: noise standard deviation in HU (None = estimate it from the
+        image); `window`: (low, high) HU mapped to the model's range. Returns the new volume node."""
         arguments = []
         if noiseLevel is not None:
             arguments += ["--noise-level", noiseLevel]
@@ -74,9 +74,13 @@ class MedDiffFMTasks:
             arguments += ["--window", *window]
         return self._runTask("denoise", volumeNode, arguments, self._importVolume("denoise", volumeNode), wait, options)
 
-    def detectAnomalies(self, volumeNode, threshold=None, wait=True, **options):
-        """Detect anomalies. Returns (anomaly map volume node, segmentation node of the thresholded map)."""
+    def detectAnomalies(self, volumeNode, threshold=None, segmentationNode=None, segmentId=None, wait=True,
+                        **options):
+        """Detect anomalies (inside segment `segmentId` if given, else the body). `threshold` in HU of
+        the map (None = the model's default). Returns (anomaly map volume node in HU, segmentation node
+        of the voxels above the threshold)."""
         arguments = [] if threshold is None else ["--threshold", threshold]
+        mask = (segmentationNode, segmentId) if segmentationNode is not None and segmentId else None
         baseName = volumeNode.GetName()
 
         def importResults(workDir):
@@ -89,7 +93,7 @@ class MedDiffFMTasks:
             mapNode.GetDisplayNode().SetAndObserveColorNodeID(ANOMALY_COLOR_NODE_ID)
             self._show(volumeNode, foreground=mapNode)
             return mapNode, segmentationNode
-        return self._runTask("detect-anomalies", volumeNode, arguments, importResults, wait, options,
+        return self._runTask("detect-anomalies", volumeNode, arguments, importResults, wait, options, mask=mask,
                              outputArguments=lambda workDir: ["--mask-output", self._anomalyMaskPath(workDir)])
 
     def superResolve(self, volumeNode, wait=True, **options):
@@ -110,14 +114,19 @@ class MedDiffFMTasks:
     # --- shared machinery -----------------------------------------------------------------------
 
     @staticmethod
-    def samplingArguments(model="default", nfe=None, seed=0, forceCpu=False, overlap=None, windowBatch=None):
+    def samplingArguments(model="default", nfe=None, seed=0, forceCpu=False, overlap=None, windowBatch=None,
+                          region=None):
         """CLI options shared by all tasks (the `**options` of every task method).
 
         model: name in Resources/Models.json or a model file; nfe: network evaluations (None = the
         task's default); seed: random seed (same seed, same result on CPU); forceCpu: never use a GPU;
-        overlap: sliding-window overlap fraction; windowBatch: windows evaluated together.
+        overlap: sliding-window overlap fraction (0..<1); windowBatch: windows per network call (lower
+        it when the GPU runs out of memory); region: head_neck, chest, abdomen or other (None = guess).
+        None means the command line's default for every option.
         """
         arguments = ["--model", model, "--seed", seed, "--device", "cpu" if forceCpu else "auto"]
+        if region is not None:
+            arguments += ["--region", region]
         if nfe is not None:
             arguments += ["--nfe", nfe]
         if overlap is not None:
@@ -128,6 +137,8 @@ class MedDiffFMTasks:
 
     def _runTask(self, task, volumeNode, taskArguments, importResults, wait, options,
                  mask=None, namedInputs=None, outputArguments=None):
+        if options.get("nfe") is not None and not TASKS[task].usesNfe:
+            raise ValueError(f"{TASKS[task].title} has no NFE setting; leave nfe out.")
         samplingArguments = self.samplingArguments(**options)  # rejects unknown option names early
         workDir = tempfile.mkdtemp(prefix="MedDiffFM-", dir=self._temporaryRoot())
         try:
