@@ -1,0 +1,135 @@
+"""Denoising speed and peak memory vs NFE, window batch size and precision: a benchmark, not a test.
+
+    python benchmarks/denoise_speed.py --size 128 128 64 --nfe 5 10 20 --window-batch 1 4 8
+    python benchmarks/denoise_speed.py --model default --device cuda --precision fp32 bf16
+
+The volume is a real CT (default: the TotalSegmentator abdomen example, 3 mm) cropped or mirror-padded
+to --size, denoised on its own grid with a fixed noise level (so the time is the sampler's, not the
+noise estimate's). Cost does not depend on the weights, so by default an untrained network of --preset
+is timed; --model loads a real one. Each configuration runs in a fresh process so that its peak memory
+is its own: peak resident memory on CPU, peak allocated GPU memory on CUDA.
+Denoising *quality* (PSNR/SSIM on simulated low dose) is benchmarks/denoise_quality.py.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DEFAULT_CT = REPO.parent / "shared" / "data" / "ct" / "totalsegmentator" / "example_ct" / "example_ct.nii.gz"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", type=Path, default=DEFAULT_CT, help="CT to crop/pad to --size")
+    parser.add_argument("--size", type=int, nargs=3, default=(96, 96, 48), metavar=("X", "Y", "Z"))
+    parser.add_argument("--preset", default="default", help="untrained network of this preset (tiny/default/paper)")
+    parser.add_argument("--model", help="registered model name or file instead of --preset")
+    parser.add_argument("--nfe", type=int, nargs="+", default=[5, 10])
+    parser.add_argument("--window-batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=("fp32", "bf16"),
+                        help="bf16 only on CUDA")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--overlap", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    return parser.parse_args(argv)
+
+
+def volume_of_size(path: Path, size_xyz):
+    """The CT cropped (centre) or mirror-padded to size_xyz, keeping its spacing."""
+    from MedDiffFMLib.io import Volume, read_volume
+
+    ct = read_volume(path)
+    array = ct.array
+    for axis, want in enumerate(reversed(size_xyz)):
+        have = array.shape[axis]
+        if have > want:
+            start = (have - want) // 2
+            array = np.take(array, range(start, start + want), axis=axis)
+        elif have < want:
+            pad = [(0, 0)] * 3
+            pad[axis] = (0, want - have)
+            array = np.pad(array, pad, mode="symmetric")
+    return Volume(np.ascontiguousarray(array), ct.spacing, ct.origin, ct.direction)
+
+
+def run_one(args, nfe: int, window_batch: int, precision: str, results) -> None:
+    """Child process: build everything, time one denoise() call, report (seconds, peak bytes, windows)."""
+    import resource
+
+    import torch
+
+    from MedDiffFMLib.sampling import window_grid
+    from MedDiffFMLib.tasks import common
+    from MedDiffFMLib.tasks.denoise import denoise
+
+    torch.set_num_threads(args.threads)
+    device = common.choose_device(args.device)
+    if args.model:
+        model = common.load_model(args.model, device)
+    else:
+        from MedDiffFMLib.config import preset
+        from MedDiffFMLib.network import MedDiffNet
+
+        torch.manual_seed(0)
+        model = MedDiffNet(preset(args.preset)).to(device).eval()
+    volume = volume_of_size(args.input, args.size)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = denoise(volume, model, nfe=nfe, noise_level=20.0, region="abdomen", device=device,
+                     overlap=args.overlap, window_batch=window_batch, precision=precision)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    seconds = time.perf_counter() - start
+    windows = len(window_grid(volume.shape, model.cfg.patch_size, args.overlap))
+    results.put((seconds, peak, windows, len(result.steps), device.type))
+
+
+def main(argv=None) -> int:
+    from MedDiffFMLib.tasks.common import choose_device
+
+    args = parse_args(argv)
+    context = multiprocessing.get_context("spawn")
+    precisions = list(args.precision)
+    if "bf16" in precisions and choose_device(args.device).type != "cuda":
+        print("bf16 autocast is used on CUDA only (CPU runs fp32); skipping the bf16 rows")
+        precisions.remove("bf16")
+    rows = []
+    for nfe, batch, precision in itertools.product(args.nfe, args.window_batch, precisions):
+        results = context.Queue()
+        child = context.Process(target=run_one, args=(args, nfe, batch, precision, results))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            print(f"nfe {nfe}, window batch {batch}, {precision}: failed (exit code {child.exitcode})")
+            continue
+        seconds, peak, windows, steps, device = results.get()
+        rows.append((nfe, steps, batch, precision, device, windows, seconds, peak / 2 ** 30))
+    size = "x".join(map(str, args.size))
+    print(f"\nDenoising a {size} (x y z) volume, {args.model or 'untrained ' + args.preset} network, "
+          f"overlap {args.overlap}, {args.threads} CPU thread(s)")
+    header = ("NFE", "steps", "window batch", "precision", "device", "windows/step", "seconds", "s/step",
+              "peak GiB")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for nfe, steps, batch, precision, device, windows, seconds, peak in rows:
+        print(f"| {nfe} | {steps} | {batch} | {precision} | {device} | {windows} | {seconds:.2f} | "
+              f"{seconds / steps:.3f} | {peak:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
