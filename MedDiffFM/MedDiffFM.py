@@ -218,6 +218,8 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         needsVolume = p.synthesizeOnInputGrid if p.task == "synthesize" else info.needsInputVolume
         if needsVolume and not p.inputVolume:
             return "Select an input volume."
+        if p.task == "synthesize" and not p.synthesizeOnInputGrid and p.region == "auto":
+            return "Choose the body region: it can only be guessed from an input volume."
         if info.needsMask and not (p.maskSegmentation and p.maskSegmentId):
             return "Select the mask segment (paint it in the Segment Editor)."
         return ""
