@@ -260,8 +260,8 @@ def _read_dicom_folder(folder: Path, series_id: Optional[str]) -> sitk.Image:
     series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series_ids:
         raise InputError(
-            f"no DICOM series found in folder {folder}. Give a folder holding the DICOM files of one CT "
-            "series, or a NIfTI/NRRD/MHA file.")
+            f"no DICOM series found in folder {folder} (sub-folders are not searched). Give the folder that "
+            "directly holds the DICOM files of the CT series, or a NIfTI/NRRD/MHA file.")
     files_by_series = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
                        for uid in series_ids}
     if series_id is None or series_id not in files_by_series:
@@ -272,10 +272,15 @@ def _read_dicom_folder(folder: Path, series_id: Optional[str]) -> sitk.Image:
     files = files_by_series[series_id]
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
+    # ITK's own warning about uneven slices is replaced by the clearer one of _warn_irregular_slices.
+    show_itk_warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         image = reader.Execute()
     except RuntimeError as exc:
         image = _read_dicom_with_pydicom(files, exc)
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(show_itk_warnings)
     _warn_irregular_slices(files)
     return image
 
