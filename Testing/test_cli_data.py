@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import CHEST_NODULE_NRRD, LIMB_MASK_NII, LIMB_NII, REPO
+from conftest import (ABDOMEN_DICOM, ABDOMEN_NII, CHEST_NODULE_NRRD, CHEST_NRRD, CT_DATA, HEAD_TILTED_DICOM,
+                      LIMB_MASK_NII, LIMB_NII, REPO)
 from MedDiffFMLib.cli import main
 from MedDiffFMLib.io import read_volume, write_volume
 from MedDiffFMLib.preprocess import resample, unit_to_hu
+from MedDiffFMLib.validation import check_ct
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +47,16 @@ def make_bad_inputs(limb, folder):
     (folder / "garbage.nrrd").write_bytes(b"NRRD0004\nthis is not an image\n")
     cases["garbage.nrrd"] = "cannot read"
     return cases
+
+
+@pytest.mark.parametrize("path", [
+    CHEST_NRRD, ABDOMEN_NII, LIMB_NII, HEAD_TILTED_DICOM, ABDOMEN_DICOM,
+    CT_DATA / "totalsegmentator" / "aorta_ct_cropped" / "ct_cropped.nii.gz",
+], ids=lambda p: p.parent.name)
+def test_real_cts_pass_the_input_checks(path):
+    """No false alarms: every real 3D CT of the test data is accepted (at most with warnings)."""
+    warnings = check_ct(read_volume(path))
+    assert all("anisotropic" in w for w in warnings)
 
 
 def test_each_bad_image_gives_its_error_and_exit_code_2(limb, tmp_path, capsys):
