@@ -86,12 +86,15 @@ CHEST_LUNG_FRACTION = 0.2
 HEAD_SKULL_SLICE_FRACTION = 0.3
 #: Median axial body cross-section (cm^2) below which a scan is not a trunk (neck, head, limb).
 TRUNK_MIN_AREA_CM2 = 350.0
+#: Body length (mm) along the patient axis beyond which a scan is whole-body (`other`).
+WHOLE_BODY_MIN_LENGTH_MM = 1000.0
 
 
 def guess_region(vol: Volume) -> Tuple[str, str]:
     """Guess the body region from the image; returns (region, a sentence saying how it decided).
 
-    Rules, in order, on threshold anatomy at 3 mm: lung air >= 20% of the body -> chest; bone enclosing
+    Rules, in order, on threshold anatomy at 3 mm in LPS orientation: body longer than 1 m -> other
+    (whole body); lung air >= 20% of the body -> chest; bone enclosing
     most of the body cross-section (a skull) in >= 30% of slices -> head_neck; a small cross-section
     (< 350 cm^2) -> head_neck if it holds an airway, else other (limb); otherwise abdomen.
     Crops that cut through the lungs (lung open to the image border) are not recognised as chest.
@@ -100,11 +103,16 @@ def guess_region(vol: Volume) -> Tuple[str, str]:
 
     from .anatomy import threshold_anatomy
 
-    coarse = resample(vol, (REGION_GUESS_SPACING,) * 3)
-    labels = threshold_anatomy(coarse)
+    # Axial slices along array axis 0 whatever the acquisition plane (sagittal/coronal series too).
+    coarse = resample(vol, (REGION_GUESS_SPACING,) * 3).to_sitk()
+    labels = threshold_anatomy(Volume.from_sitk(sitk.DICOMOrient(coarse, "LPS")))
     body = labels > 0
     if not body.any():
         return "other", "no body found above -500 HU; region unknown, set it yourself"
+    body_length_mm = np.count_nonzero(body.any(axis=(1, 2))) * REGION_GUESS_SPACING
+    if body_length_mm > WHOLE_BODY_MIN_LENGTH_MM:
+        return "other", (f"whole body: the body spans {body_length_mm:.0f} mm head to foot "
+                         f"(> {WHOLE_BODY_MIN_LENGTH_MM:.0f} mm)")
     lung_fraction = float(np.count_nonzero(labels == 1)) / np.count_nonzero(body)
     if lung_fraction >= CHEST_LUNG_FRACTION:
         return "chest", (f"{lung_fraction:.0%} of the body is air/lung "

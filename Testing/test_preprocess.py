@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
-from conftest import (ABDOMEN_SMALL_NII, CHEST_NODULE_NRRD, CHEST_NRRD, HEAD_TILTED_DICOM, LIMB_NII)
+from conftest import (ABDOMEN_NII, ABDOMEN_SMALL_NII, CHEST_NODULE_NRRD, CHEST_NRRD, HEAD_TILTED_DICOM, LIMB_NII)
 from MedDiffFMLib.errors import InputError
-from MedDiffFMLib.io import read_mask, read_volume
+from MedDiffFMLib.io import Volume, read_mask, read_volume
 from MedDiffFMLib.preprocess import (REGION_WINDOWS, REGIONS, guess_region, resample, resample_like,
                                      unit_to_hu, window_to_unit)
 
@@ -93,3 +94,16 @@ def test_guess_region_on_real_cases(path, region):
     guessed, reason = guess_region(read_volume(path))
     assert guessed == region
     assert "%" in reason  # the reason quotes the measured fractions
+
+
+def test_guess_region_is_independent_of_array_orientation_and_sees_whole_body():
+    abdomen = read_volume(ABDOMEN_SMALL_NII)
+    # The same scan stored as a sagittal stack (axes permuted, geometry adjusted) is still abdomen.
+    sagittal = Volume.from_sitk(sitk.DICOMOrient(abdomen.to_sitk(), "ASL"))
+    assert sagittal.shape != abdomen.shape
+    assert guess_region(sagittal)[0] == "abdomen"
+    # Four copies of a 34 cm chest-abdomen-pelvis scan stacked head to foot: 1.3 m of body.
+    trunk = read_volume(ABDOMEN_NII)
+    long_body = Volume(np.concatenate([trunk.array] * 4, axis=0), trunk.spacing, trunk.origin, trunk.direction)
+    region, reason = guess_region(long_body)
+    assert region == "other" and "whole body" in reason
