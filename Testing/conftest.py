@@ -49,3 +49,21 @@ def chest_nodule_crop():
     image = Volume.from_sitk(sitk.ReadImage(str(CHEST_NRRD))[box], dtype="float32")
     mask = Volume.from_sitk(sitk.ReadImage(str(CHEST_NODULE_NRRD))[box])
     return image, mask
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    """An untrained `tiny` MedDiffNet (seeded) whose zero-initialised layers (MONAI zeroes the output
+    convolution) get small random weights, so its output and gradients are not trivially zero."""
+    import torch
+
+    from MedDiffFMLib.config import preset
+    from MedDiffFMLib.network import MedDiffNet
+
+    torch.manual_seed(0)
+    model = MedDiffNet(preset("tiny")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(std=0.05)
+    return model

@@ -1,0 +1,126 @@
+"""Lesion inpainting (RePaint on the sliding-window sampler) on a real chest CT crop with its nodule mask."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from MedDiffFMLib.cli import main
+from MedDiffFMLib.errors import InputError
+from MedDiffFMLib.finetune import ControlledNet
+from MedDiffFMLib.io import Volume, read_volume, write_volume
+from MedDiffFMLib.tasks.inpaint import inpaint, repaint_path
+
+FAST = dict(nfe=4, jump_length=2, resample=2, margin_mm=2.0, region="chest", overlap=0.0, window_batch=8)
+#: A small blob inside the lung crop: its box is one network window.
+BLOB = (slice(5, 8), slice(20, 26), slice(20, 26))
+
+
+@pytest.fixture(scope="module")
+def lesion_model(tiny_base):
+    return ControlledNet(tiny_base, "lesion").eval()
+
+
+def with_mask(image: Volume, boxes) -> Volume:
+    array = np.zeros(image.shape, np.uint8)
+    for box in boxes:
+        array[box] = 1
+    return image.with_array(array)
+
+
+def test_repaint_path_moves_one_level_at_a_time_with_the_right_number_of_jumps():
+    n, jump, resample = 20, 5, 3
+    path = repaint_path(n, jump, resample)
+    assert path[0] == 0 and path[-1] == n
+    assert all(abs(b - a) == 1 for a, b in zip(path, path[1:]))
+    reverse = sum(1 for a, b in zip(path, path[1:]) if b > a)
+    jump_points = len(range(0, n - jump, jump))
+    assert reverse == n + (resample - 1) * jump * jump_points
+    assert repaint_path(n, jump, 1) == list(range(n + 1))  # resample 1: plain reverse diffusion
+    with pytest.raises(InputError):
+        repaint_path(n, 0, 2)
+
+
+def test_outside_the_mask_is_unchanged_exactly_and_inside_differs(chest_nodule_crop, lesion_model):
+    image, nodule = chest_nodule_crop
+    before = image.array.copy()
+    out = inpaint(image, nodule, lesion_model, seed=1, **FAST)
+    inside = nodule.array > 0
+    assert out.shape == image.shape and out.same_grid(image)
+    assert np.array_equal(out.array[~inside], image.array[~inside])
+    assert np.abs(out.array[inside] - image.array[inside]).mean() > 20.0
+    assert np.array_equal(image.array, before)  # input untouched
+
+
+def test_deterministic_by_seed(chest_nodule_crop, lesion_model):
+    image, _ = chest_nodule_crop
+    blob = with_mask(image, [BLOB])
+    a = inpaint(image, blob, lesion_model, seed=4, **FAST)
+    b = inpaint(image, blob, lesion_model, seed=4, **FAST)
+    c = inpaint(image, blob, lesion_model, seed=5, **FAST)
+    assert np.array_equal(a.array, b.array)
+    assert not np.array_equal(a.array, c.array)
+
+
+def test_mask_at_the_border_and_several_components(chest_nodule_crop, lesion_model):
+    image, _ = chest_nodule_crop
+    components = [(slice(0, 3), slice(0, 5), slice(0, 5)),       # touches three faces of the volume
+                  (slice(7, 12), slice(9, 13), slice(10, 14))]   # a second, separate component
+    mask = with_mask(image, components)
+    out = inpaint(image, mask, lesion_model, seed=2, **FAST)
+    inside = mask.array > 0
+    assert np.array_equal(out.array[~inside], image.array[~inside])
+    for box in components:
+        assert not np.array_equal(out.array[box], image.array[box])
+
+
+def test_base_model_inpaints_without_control(chest_nodule_crop, tiny_base):
+    image, _ = chest_nodule_crop
+    blob = with_mask(image, [BLOB])
+    out = inpaint(image, blob, tiny_base, seed=1, **FAST)
+    inside = blob.array > 0
+    assert np.array_equal(out.array[~inside], image.array[~inside])
+    assert not np.array_equal(out.array[inside], image.array[inside])
+
+
+def test_empty_mask_wrong_grid_and_wrong_model_are_refused(chest_nodule_crop, lesion_model, tiny_base):
+    image, nodule = chest_nodule_crop
+    with pytest.raises(InputError, match="empty"):
+        inpaint(image, image.with_array(np.zeros(image.shape, np.uint8)), lesion_model, **FAST)
+    shifted = Volume(nodule.array, nodule.spacing, tuple(o + 3.0 for o in nodule.origin), nodule.direction)
+    with pytest.raises(InputError, match="not on the grid"):
+        inpaint(image, shifted, lesion_model, **FAST)
+    smaller = Volume(nodule.array[:, :40], nodule.spacing, nodule.origin, nodule.direction)
+    with pytest.raises(InputError, match="not on the grid"):
+        inpaint(image, smaller, lesion_model, **FAST)
+    with pytest.raises(InputError, match="lesion"):
+        inpaint(image, nodule, ControlledNet(tiny_base, "super-resolution"), **FAST)
+
+
+def test_cli_inpaint_with_an_empty_mask_fails_cleanly(chest_nodule_crop, tmp_path, capsys):
+    image, _ = chest_nodule_crop
+    write_volume(image, tmp_path / "ct.nii.gz")
+    write_volume(image.with_array(np.zeros(image.shape, np.uint8)), tmp_path / "empty.nii.gz")
+    code = main(["inpaint", str(tmp_path / "ct.nii.gz"), "--mask", str(tmp_path / "empty.nii.gz"),
+                 "-o", str(tmp_path / "out.nii.gz"), "--progress", "none"])
+    assert code == 2
+    assert "empty" in capsys.readouterr().err
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_cli_inpaint_round_trip_keeps_known_voxels(chest_nodule_crop, tiny_base, tmp_path):
+    from MedDiffFMLib.checkpoints import save_model
+
+    image, nodule = chest_nodule_crop
+    save_model(tiny_base.state_dict(), tiny_base.cfg, tmp_path / "base", half=False)
+    write_volume(image, tmp_path / "ct.nii.gz")
+    write_volume(nodule, tmp_path / "mask.nii.gz")
+    code = main(["inpaint", str(tmp_path / "ct.nii.gz"), "--mask", str(tmp_path / "mask.nii.gz"),
+                 "-o", str(tmp_path / "out.nrrd"), "--model", str(tmp_path / "base.safetensors"), "--nfe", "2",
+                 "--jump-length", "1", "--resample", "1", "--region", "chest", "--device", "cpu",
+                 "--progress", "none"])
+    assert code == 0
+    out, original = read_volume(tmp_path / "out.nrrd"), read_volume(tmp_path / "ct.nii.gz")
+    inside = nodule.array > 0
+    assert out.same_grid(original)
+    assert np.array_equal(out.array[~inside], original.array[~inside])

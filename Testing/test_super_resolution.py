@@ -1,0 +1,130 @@
+"""Super-resolution: slice operators, thin-grid geometry, DiffPIR data consistency on real thick-slice CT."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from MedDiffFMLib.cli import main
+from MedDiffFMLib.errors import InputError
+from MedDiffFMLib.finetune import ControlledNet
+from MedDiffFMLib.io import Volume, read_volume, write_volume
+from MedDiffFMLib.tasks.super_resolution import (average_slices, interpolate_slices, repeat_slices, super_resolve,
+                                                 thin_geometry)
+
+CHEST_WINDOW = (-1400.0, 400.0)
+
+
+@pytest.fixture(scope="module")
+def sr_model(tiny_base):
+    return ControlledNet(tiny_base, "super-resolution").eval()
+
+
+@pytest.fixture(scope="module")
+def thick(chest_nodule_crop):
+    """A real 5 mm chest CT: 8 slices of 16 x 16 voxels through the lung nodule."""
+    image = chest_nodule_crop[0].to_sitk()[16:32, 16:32, 2:10]
+    return Volume.from_sitk(image, dtype=np.float32)
+
+
+def test_average_and_repeat_are_left_inverse_and_adjoint_like():
+    rng = np.random.default_rng(0)
+    y = torch.from_numpy(rng.normal(size=(4, 3, 2)))
+    assert torch.allclose(average_slices(repeat_slices(y, 5, 20), 5), y)
+    x = torch.from_numpy(rng.normal(size=(20, 3, 2)))
+    # <H x, y> = <x, H^T y> / factor: repeat is factor times the true adjoint of the mean.
+    assert torch.isclose((average_slices(x, 5) * y).sum(), (x * repeat_slices(y, 5, 20)).sum() / 5)
+    # A short last group is averaged over the slices it has.
+    ragged = torch.arange(7.0).reshape(7, 1, 1)
+    assert average_slices(ragged, 3).flatten().tolist() == [1.0, 4.0, 6.0]
+
+
+def test_interpolation_hits_the_thick_values_at_the_slice_centres():
+    thick = torch.tensor([0.0, 10.0, 40.0]).reshape(3, 1, 1)
+    thin = interpolate_slices(thick, 5, 15).flatten()
+    assert thin[[2, 7, 12]].tolist() == [0.0, 10.0, 40.0]  # centres of the groups of 5
+    assert thin[:3].tolist() == [0.0, 0.0, 0.0] and thin[12:].tolist() == [40.0] * 3  # held at the ends
+    assert thin[9].item() == pytest.approx(22.0)  # linear in between
+
+
+def test_thin_grid_geometry_centres_each_thick_slice_on_its_thin_slices():
+    # An oblique grid so that the slice axis is not the world z axis.
+    angle = np.deg2rad(25)
+    direction = (1.0, 0.0, 0.0, 0.0, np.cos(angle), -np.sin(angle), 0.0, np.sin(angle), np.cos(angle))
+    volume = Volume(np.zeros((4, 3, 3), np.float32), (0.7, 0.8, 5.0), (10.0, -20.0, 30.0), direction)
+    spacing, origin = thin_geometry(volume, 5)
+    assert spacing == pytest.approx((0.7, 0.8, 1.0))
+    thick_image = volume.to_sitk()
+    thin_image = Volume(np.zeros((20, 3, 3), np.float32), spacing, origin, direction).to_sitk()
+    for k in range(4):
+        centre = np.array(thick_image.TransformIndexToPhysicalPoint((1, 1, k)))
+        thin = [thin_image.TransformContinuousIndexToPhysicalPoint((1, 1, 5 * k + j)) for j in range(5)]
+        assert np.allclose(np.mean(thin, axis=0), centre, atol=1e-9)
+
+
+def test_result_averages_back_to_the_input_and_has_the_thin_geometry(thick, sr_model):
+    out = super_resolve(thick, sr_model, factor=5, nfe=3, sigma_n=0.0, region="chest", seed=3)
+    assert out.shape == (40, 16, 16)
+    spacing, origin = thin_geometry(thick, 5)
+    assert out.spacing == pytest.approx(spacing) and out.spacing[2] == pytest.approx(1.0)
+    assert out.origin == pytest.approx(origin)
+    assert out.direction == thick.direction
+    # Data consistency: every group of 5 thin slices averages to its thick slice (within the model window).
+    averaged = average_slices(torch.from_numpy(out.array), 5).numpy()
+    assert np.abs(averaged - np.clip(thick.array, *CHEST_WINDOW)).max() < 0.5
+    # ...while the thin slices are not just copies of the thick ones.
+    assert np.abs(out.array - np.repeat(np.clip(thick.array, *CHEST_WINDOW), 5, axis=0)).mean() > 10
+
+
+def test_default_noise_level_trades_consistency_for_the_prior(thick, sr_model):
+    exact = super_resolve(thick, sr_model, factor=2, nfe=3, sigma_n=0.0, region="chest", seed=3)
+    loose = super_resolve(thick, sr_model, factor=2, nfe=3, region="chest", seed=3)
+    error = [np.abs(average_slices(torch.from_numpy(v.array), 2).numpy() - np.clip(thick.array, *CHEST_WINDOW))
+             .mean() for v in (exact, loose)]
+    assert error[0] < 0.5 < error[1]
+
+
+def test_deterministic_by_seed_and_input_untouched(thick, sr_model):
+    before = thick.array.copy()
+    a = super_resolve(thick, sr_model, factor=2, nfe=2, region="chest", seed=7)
+    b = super_resolve(thick, sr_model, factor=2, nfe=2, region="chest", seed=7)
+    c = super_resolve(thick, sr_model, factor=2, nfe=2, region="chest", seed=8)
+    assert np.array_equal(a.array, b.array)
+    assert not np.array_equal(a.array, c.array)
+    assert np.array_equal(thick.array, before)
+
+
+@pytest.mark.parametrize("factor", [1, 0, 2.5])
+def test_bad_factor_is_refused(thick, sr_model, factor):
+    with pytest.raises(InputError, match="factor"):
+        super_resolve(thick, sr_model, factor=factor, nfe=1, region="chest")
+
+
+def test_volume_too_thin_and_wrong_model_are_refused(thick, sr_model):
+    with pytest.raises(InputError):
+        super_resolve(Volume(thick.array[:1], thick.spacing, thick.origin, thick.direction), sr_model, nfe=1)
+    lesion_model = ControlledNet(sr_model.base, "lesion")
+    with pytest.raises(InputError, match="super-resolution"):
+        super_resolve(thick, lesion_model, nfe=1, region="chest")
+    with pytest.raises(InputError, match="super-resolution"):
+        super_resolve(thick, sr_model.base, nfe=1, region="chest")
+
+
+def test_cli_writes_the_thin_volume(thick, sr_model, tmp_path):
+    from MedDiffFMLib.checkpoints import save_model
+    from MedDiffFMLib.finetune import base_record, save_controlled
+
+    save_model(sr_model.base.state_dict(), sr_model.cfg, tmp_path / "base", half=False)
+    save_controlled(sr_model.state_dict(), sr_model.cfg, tmp_path / "sr", "super-resolution",
+                    base_record(str(tmp_path / "base.safetensors")))
+    write_volume(thick, tmp_path / "thick.nii.gz")
+    code = main(["super-resolve", str(tmp_path / "thick.nii.gz"), "-o", str(tmp_path / "thin.nii.gz"),
+                 "--model", str(tmp_path / "sr.safetensors"), "--factor", "5", "--nfe", "1", "--region", "chest",
+                 "--sigma-n", "0", "--device", "cpu", "--progress", "none"])
+    assert code == 0
+    thin = read_volume(tmp_path / "thin.nii.gz")
+    assert thin.shape == (40, 16, 16) and thin.spacing[2] == pytest.approx(1.0)
+    assert np.abs(average_slices(torch.from_numpy(thin.array), 5).numpy()
+                  - np.clip(thick.array, *CHEST_WINDOW)).max() < 0.5
+    assert sitk.ReadImage(str(tmp_path / "thin.nii.gz")).GetDirection() == pytest.approx(thick.direction)
