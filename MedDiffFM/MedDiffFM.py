@@ -62,7 +62,7 @@ if parameterNodeWrapper is not None:
         inputVolume: slicer.vtkMRMLScalarVolumeNode
         maskSegmentation: slicer.vtkMRMLSegmentationNode
         maskSegmentId: str = ""
-        model: str = ""
+        model: str = ""  # "" = each task's default model
         task: str = "denoise"
         region: Annotated[str, Choice(["auto", "head_neck", "chest", "abdomen", "other"])] = "auto"
         synthesizeOnInputGrid: bool = True
@@ -92,6 +92,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._run = None  # the TaskRun while a job runs
         self._pollTimer = None
         self._dependenciesChecked = False
+        self._modelsInstalled = False
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -165,15 +166,15 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- widgets bound by hand ---------------------------------------------------------------------
 
     def _populateModels(self):
+        """'Task default' (each task's own model) first, then every model of Resources/Models.json."""
         combo = self.ui.modelComboBox
         combo.clear()
         models = library.availableModels()
+        self._modelsInstalled = bool(models)
+        combo.addItem("Task default" if models else f"Task default ({library.MODEL_NOT_INSTALLED})", "")
         for name, description in models:
             combo.addItem(name, name)
             combo.setItemData(combo.count - 1, description, qt.Qt.ToolTipRole)
-        if not models:
-            combo.addItem(library.MODEL_NOT_INSTALLED, "")
-        combo.enabled = bool(models)
 
     def _onModelChanged(self, index):
         if self._parameterNode:
@@ -213,7 +214,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         info = TASKS.get(p.task)
         if info is None:
             return "Select a task."
-        if not p.model:
+        if not self._modelsInstalled:
             return f"No model available ({library.MODEL_NOT_INSTALLED})."
         needsVolume = p.synthesizeOnInputGrid if p.task == "synthesize" else info.needsInputVolume
         if needsVolume and not p.inputVolume:
@@ -265,7 +266,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _startRun(self):
         p = self._parameterNode
-        options = dict(model=p.model, seed=p.seed, forceCpu=p.forceCpu, overlap=p.overlap,
+        options = dict(model=p.model or None, seed=p.seed, forceCpu=p.forceCpu, overlap=p.overlap,
                        windowBatch=p.windowBatch, region=None if p.region == "auto" else p.region, wait=False)
         if TASKS[p.task].usesNfe:
             options["nfe"] = p.nfe or None

@@ -300,7 +300,9 @@ def test_module_imports_without_the_application():
 
 def test_sampling_options_map_to_cli_flags():
     arguments = logic_module.MedDiffFMTasks.samplingArguments(model="tiny", nfe=8, seed=3, forceCpu=True)
-    assert [str(a) for a in arguments] == ["--model", "tiny", "--seed", "3", "--device", "cpu", "--nfe", "8"]
+    assert [str(a) for a in arguments] == ["--seed", "3", "--device", "cpu", "--model", "tiny", "--nfe", "8"]
+    # no model named: each command uses its own default (fine-tuned tasks have their own model)
+    assert "--model" not in logic_module.MedDiffFMTasks.samplingArguments()
     with pytest.raises(TypeError):
         logic_module.MedDiffFMTasks.samplingArguments(noise=1)
 
@@ -404,7 +406,9 @@ def test_logic_detect_anomalies_gives_colour_map_and_segmentation(ct_node, fake_
 
 
 def test_logic_super_resolve_takes_the_new_grid_from_the_result(ct_node, fake_cli):
-    node = MedDiffFM.MedDiffFMLogic().superResolve(ct_node)
+    node = MedDiffFM.MedDiffFMLogic().superResolve(ct_node, factor=2)
+    argv = fake_cli()
+    assert argv[argv.index("--factor") + 1] == "2"
     matrix, input_matrix = volumes.ijkToRASArray(node), volumes.ijkToRASArray(ct_node)
     np.testing.assert_allclose(matrix[:, :2], input_matrix[:, :2], atol=1e-5)
     np.testing.assert_allclose(matrix[:3, 2], input_matrix[:3, 2] / 2, atol=1e-5)  # half the slice spacing
@@ -501,3 +505,19 @@ def test_real_anomaly_segmentation_is_the_thresholded_map(small_ct_node, untrain
     segmented = slicer.util.arrayFromVolume(labelmap) > 0
     assert segmented.sum() == summary["anomalous_voxels"] > 0
     assert anomaly_map[segmented].min() >= summary["threshold_hu"] - 1e-3
+
+
+def test_real_inpaint_changes_only_the_segment(small_ct_node, untrained_tiny_model):
+    ct_node = small_ct_node
+    segmentation, segment_id, sphere = sphere_segmentation(ct_node, center_ijk=(8, 16, 16), radius_vox=5)
+    before = slicer.util.arrayFromVolume(ct_node).copy()
+    node = MedDiffFM.MedDiffFMLogic().inpaint(ct_node, segmentation, segment_id, resample=1, nfe=3,
+                                              model=untrained_tiny_model, forceCpu=True)
+
+    assert node.GetName() == "CT inpainted"
+    np.testing.assert_allclose(volumes.ijkToRASArray(node), volumes.ijkToRASArray(ct_node), atol=1e-5)
+    result = slicer.util.arrayFromVolume(node)
+    inside = sphere > 0
+    np.testing.assert_array_equal(result[~inside], before[~inside])  # outside the segment: untouched
+    assert np.isfinite(result).all() and not np.array_equal(result[inside], before[inside])
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(ct_node), before)

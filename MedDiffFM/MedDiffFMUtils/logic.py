@@ -96,9 +96,11 @@ class MedDiffFMTasks:
         return self._runTask("detect-anomalies", volumeNode, arguments, importResults, wait, options, mask=mask,
                              outputArguments=lambda workDir: ["--mask-output", self._anomalyMaskPath(workDir)])
 
-    def superResolve(self, volumeNode, wait=True, **options):
-        """Super-resolve a CT. Returns a new volume node on the finer grid."""
-        return self._runTask("super-resolve", volumeNode, [], self._importVolume("super-resolve", volumeNode),
+    def superResolve(self, volumeNode, factor=None, wait=True, **options):
+        """Super-resolve a thick-slice CT: `factor` thin slices per thick slice (None = the command's
+        default, 5). Returns a new volume node on the finer grid."""
+        arguments = [] if factor is None else ["--factor", factor]
+        return self._runTask("super-resolve", volumeNode, arguments, self._importVolume("super-resolve", volumeNode),
                              wait, options)
 
     def generateLesion(self, volumeNode, segmentationNode, segmentId, wait=True, **options):
@@ -106,25 +108,31 @@ class MedDiffFMTasks:
         return self._runTask("generate-lesion", volumeNode, [], self._importVolume("generate-lesion", volumeNode),
                              wait, options, mask=(segmentationNode, segmentId))
 
-    def inpaint(self, volumeNode, segmentationNode, segmentId, wait=True, **options):
-        """Replace the region of segment `segmentId` with plausible tissue. Returns the new volume node."""
-        return self._runTask("inpaint", volumeNode, [], self._importVolume("inpaint", volumeNode),
+    def inpaint(self, volumeNode, segmentationNode, segmentId, resample=None, wait=True, **options):
+        """Replace the region of segment `segmentId` with tissue that fits its surroundings (RePaint;
+        `resample` passes per jump, None = the command's default, 1 = fastest). Voxels outside the
+        segment keep their values. Returns the new volume node."""
+        arguments = [] if resample is None else ["--resample", resample]
+        return self._runTask("inpaint", volumeNode, arguments, self._importVolume("inpaint", volumeNode),
                              wait, options, mask=(segmentationNode, segmentId))
 
     # --- shared machinery -----------------------------------------------------------------------
 
     @staticmethod
-    def samplingArguments(model="default", nfe=None, seed=0, forceCpu=False, overlap=None, windowBatch=None,
+    def samplingArguments(model=None, nfe=None, seed=0, forceCpu=False, overlap=None, windowBatch=None,
                           region=None):
         """CLI options shared by all tasks (the `**options` of every task method).
 
-        model: name in Resources/Models.json or a model file; nfe: network evaluations (None = the
+        model: name in Resources/Models.json or a model file (None = the task's own default: the base
+        model, or the fine-tuned one for super-resolution, lesions, inpainting); nfe: network evaluations (None = the
         task's default); seed: random seed (same seed, same result on CPU); forceCpu: never use a GPU;
         overlap: sliding-window overlap fraction (0..<1); windowBatch: windows per network call (lower
         it when the GPU runs out of memory); region: head_neck, chest, abdomen or other (None = guess).
         None means the command line's default for every option.
         """
-        arguments = ["--model", model, "--seed", seed, "--device", "cpu" if forceCpu else "auto"]
+        arguments = ["--seed", seed, "--device", "cpu" if forceCpu else "auto"]
+        if model:
+            arguments += ["--model", model]
         if region is not None:
             arguments += ["--region", region]
         if nfe is not None:
