@@ -1,0 +1,78 @@
+"""Lesion generation: the box around the mask, its place in the whole volume, and the pasted result."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from MedDiffFMLib.errors import InputError
+from MedDiffFMLib.finetune import ControlledCondition, ControlledNet
+from MedDiffFMLib.tasks.lesion import generate_lesion, mask_box, prepare_box
+
+CHEST_WINDOW = (-1400.0, 400.0)
+FAST = dict(nfe=3, margin_mm=2.0, region="chest", overlap=0.0, window_batch=8)
+
+
+@pytest.fixture(scope="module")
+def lesion_model(tiny_base):
+    return ControlledNet(tiny_base, "lesion").eval()
+
+
+def test_mask_box_adds_the_margin_in_mm_and_grows_to_a_window():
+    mask = np.zeros((20, 60, 60), bool)
+    mask[10:12, 30:34, 5:9] = True
+    box = mask_box(mask, (5.0, 0.5, 0.5), margin_mm=2.0, min_size=16)
+    assert box[0] == slice(3, 19)               # z: voxels 9..12 (1 voxel margin), grown to 16, centred
+    assert box[1] == slice(24, 40)              # y: 30..34 +- 4 voxels = 26..38, grown to 16
+    assert box[2] == slice(0, 16)               # x: 1..13 grown to 16, kept inside the volume
+    big = mask_box(mask, (5.0, 0.5, 0.5), margin_mm=10.0, min_size=16)
+    assert big[1] == slice(10, 54) and big[0] == slice(3, 19)
+    small = np.zeros((10, 10, 10), bool)
+    small[4, 4, 4] = True
+    assert mask_box(small, (1.0, 1.0, 1.0), 0.0, 16) == (slice(0, 10),) * 3  # volume smaller than a window
+    with pytest.raises(InputError):
+        mask_box(mask, (1.0, 1.0, 1.0), -1.0, 16)
+
+
+def test_box_keeps_its_place_in_the_whole_volume(chest_nodule_crop, lesion_model):
+    image, nodule = chest_nodule_crop
+    job = prepare_box(image, nodule, lesion_model, "chest", 2.0, "cpu", 0.0, 8, "fp32")
+    cond = job.sampler.cond
+    assert isinstance(cond, ControlledCondition)
+    assert cond.offset == tuple(s.start for s in job.box) and cond.full_shape == image.shape
+    assert np.array_equal(cond.control.numpy() > 0, nodule.array[job.box] > 0)
+    # The global coordinates of the box's first voxel are those of that voxel in the whole crop.
+    coords = cond.window((0, 0, 0), (1, 1, 1))[4:7, 0, 0, 0]  # after the 4 anatomy channels: z, y, x
+    expected = [-1 + 2 * s.start / (n - 1) for s, n in zip(job.box, image.shape)]
+    assert np.allclose(coords.numpy(), expected, atol=1e-6)
+
+
+def test_generated_box_is_pasted_into_a_copy(chest_nodule_crop, lesion_model):
+    image, nodule = chest_nodule_crop
+    before = image.array.copy()
+    out = generate_lesion(image, nodule, lesion_model, seed=1, **FAST)
+    box = prepare_box(image, nodule, lesion_model, "chest", 2.0, "cpu", 0.0, 8, "fp32").box
+    outside = np.ones(image.shape, bool)
+    outside[box] = False
+    assert out.same_grid(image)
+    assert np.array_equal(out.array[outside], image.array[outside])
+    assert np.abs(out.array[box] - image.array[box]).mean() > 20.0
+    assert out.array[box].min() >= CHEST_WINDOW[0] - 1e-3 and out.array[box].max() <= CHEST_WINDOW[1] + 1e-3
+    assert np.array_equal(image.array, before)
+
+
+def test_deterministic_by_seed(chest_nodule_crop, lesion_model):
+    image, nodule = chest_nodule_crop
+    a = generate_lesion(image, nodule, lesion_model, seed=3, **FAST)
+    b = generate_lesion(image, nodule, lesion_model, seed=3, **FAST)
+    c = generate_lesion(image, nodule, lesion_model, seed=4, **FAST)
+    assert np.array_equal(a.array, b.array) and not np.array_equal(a.array, c.array)
+
+
+def test_wrong_model_and_empty_mask_are_refused(chest_nodule_crop, lesion_model, tiny_base):
+    image, nodule = chest_nodule_crop
+    with pytest.raises(InputError, match="lesion"):
+        generate_lesion(image, nodule, tiny_base, **FAST)
+    with pytest.raises(InputError, match="lesion"):
+        generate_lesion(image, nodule, ControlledNet(tiny_base, "super-resolution"), **FAST)
+    with pytest.raises(InputError, match="empty"):
+        generate_lesion(image, nodule.with_array(np.zeros(image.shape, np.uint8)), lesion_model, **FAST)
