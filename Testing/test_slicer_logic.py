@@ -321,10 +321,16 @@ parser.add_argument("-o", dest="output")
 parser.add_argument("--mask")
 parser.add_argument("--mask-output")
 parser.add_argument("--reference")
+parser.add_argument("--size", type=int, nargs=3)
+parser.add_argument("--spacing", type=float, nargs=3)
 args, _ = parser.parse_known_args()
 json.dump(sys.argv[1:], open(os.path.join(os.path.dirname(__file__), "..", "argv.json"), "w"))
 print("MEDDIFFFM_PROGRESS 1 1")
-image = sitk.ReadImage(args.input or args.reference)
+if args.size:
+    image = sitk.Image(args.size, sitk.sitkFloat32)
+    image.SetSpacing(args.spacing)
+else:
+    image = sitk.ReadImage(args.input or args.reference)
 array = sitk.GetArrayFromImage(image).astype(np.float32)
 if args.task == "super-resolve":
     out = sitk.GetImageFromArray(np.repeat(array, 2, axis=0))
@@ -386,6 +392,31 @@ def test_logic_inpaint_sends_the_segment_as_mask(ct_node, fake_cli):
     assert node.GetName() == "CT inpainted"
     np.testing.assert_array_equal(result[sphere > 0], -999)
     np.testing.assert_array_equal(result[sphere == 0], before[sphere == 0] + 1)
+
+
+def test_logic_synthesize_on_a_reference_grid_or_a_given_grid(ct_node, fake_cli):
+    logic = MedDiffFM.MedDiffFMLogic()
+    on_reference = logic.synthesize(ct_node, seed=2)
+    argv = fake_cli()
+    assert argv[:2] == ["synthesize", "-o"] and argv[argv.index("--reference") + 1].endswith("reference.nrrd")
+    assert on_reference.GetName() == "CT synthesized"
+    np.testing.assert_allclose(volumes.ijkToRASArray(on_reference), volumes.ijkToRASArray(ct_node), atol=1e-5)
+
+    on_size = logic.synthesize(size=(20, 30, 10), spacing=(0.5, 0.5, 2.0), region="chest")
+    argv = fake_cli()
+    assert argv[argv.index("--size") + 1:argv.index("--size") + 4] == ["20", "30", "10"]
+    assert argv[argv.index("--region") + 1] == "chest"
+    assert slicer.util.arrayFromVolume(on_size).shape == (10, 30, 20)
+    np.testing.assert_allclose(volumes.ijkToRASArray(on_size)[:3, :3], np.diag([-0.5, -0.5, 2.0]))  # LPS -> RAS
+    with pytest.raises(ValueError, match="reference volume, or both size"):
+        logic.synthesize(size=(20, 30, 10))
+
+
+def test_logic_generate_lesion_names_its_result(ct_node, fake_cli):
+    segmentation, segment_id, _ = sphere_segmentation(ct_node, center_ijk=(8, 24, 24), radius_vox=4)
+    node = MedDiffFM.MedDiffFMLogic().generateLesion(ct_node, segmentation, segment_id)
+    argv = fake_cli()
+    assert node.GetName() == "CT with lesion" and "--mask" in argv and "--model" not in argv
 
 
 def test_logic_detect_anomalies_gives_colour_map_and_segmentation(ct_node, fake_cli):
