@@ -298,6 +298,13 @@ def test_module_imports_without_the_application():
     assert library.libraryRoot() == str(REPO)
 
 
+def test_module_needs_at_most_python_3_9():  # Slicer 5.6 embeds Python 3.9
+    from test_python39_compat import run_vermin
+
+    done = run_vermin(REPO / "MedDiffFM")
+    assert done.returncode == 0, f"Python > 3.9 features in the Slicer module:\n{done.stdout}\n{done.stderr}"
+
+
 def test_sampling_options_map_to_cli_flags():
     arguments = logic_module.MedDiffFMTasks.samplingArguments(model="tiny", nfe=8, seed=3, forceCpu=True)
     assert [str(a) for a in arguments] == ["--seed", "3", "--device", "cpu", "--model", "tiny", "--nfe", "8"]
