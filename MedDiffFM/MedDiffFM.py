@@ -126,8 +126,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self):
-        if self._run is not None:
-            self._run.cancel()
+        self._cancelAndWait()
         self.removeObservers()
 
     def enter(self):
@@ -140,8 +139,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
 
     def onSceneStartClose(self, caller, event):
-        if self._run is not None:
-            self._run.cancel()
+        self._cancelAndWait()  # its results would belong to the scene being closed
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -186,9 +184,8 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onMaskChanged(self, *args):
         if self._parameterNode:
-            with slicer.util.NodeModify(self._parameterNode):
-                self._parameterNode.maskSegmentation = self.ui.maskSegmentSelector.currentNode()
-                self._parameterNode.maskSegmentId = self.ui.maskSegmentSelector.currentSegmentID() or ""
+            self._parameterNode.maskSegmentation = self.ui.maskSegmentSelector.currentNode()
+            self._parameterNode.maskSegmentId = self.ui.maskSegmentSelector.currentSegmentID() or ""
 
     def _updateGUI(self, caller=None, event=None):
         p = self._parameterNode
@@ -297,6 +294,18 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self._pollTimer.stop()
         self._updateApplyButton()
+
+    def _cancelAndWait(self):
+        """Stop a running job now (module cleanup, scene close): kill it and let it clean up."""
+        if self._run is None:
+            return
+        self._run.cancel()
+        try:
+            self._run.wait()
+        except TaskCancelled:
+            pass
+        self._run = None
+        self._setRunning(False)
 
     def _pollRun(self):
         """Timer slot: hand the job's new output to the log/progress bar; finish up when it ends."""
