@@ -559,3 +559,17 @@ def test_real_inpaint_changes_only_the_segment(small_ct_node, untrained_tiny_mod
     np.testing.assert_array_equal(result[~inside], before[~inside])  # outside the segment: untouched
     assert np.isfinite(result).all() and not np.array_equal(result[inside], before[inside])
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(ct_node), before)
+
+
+def test_bad_mask_fails_before_running_and_leaves_nothing(ct_node, fake_cli, tmp_path, monkeypatch):
+    temporary = tmp_path / "temporary"
+    temporary.mkdir()
+    monkeypatch.setattr(logic_module.MedDiffFMTasks, "_temporaryRoot", staticmethod(lambda: str(temporary)))
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    empty_id = segmentation.GetSegmentation().AddEmptySegment("lesion")
+    nodes_before = slicer.mrmlScene.GetNumberOfNodes()
+    with pytest.raises(ValueError, match="is empty"):
+        MedDiffFM.MedDiffFMLogic().inpaint(ct_node, segmentation, empty_id)
+    assert list(temporary.iterdir()) == []
+    assert not (tmp_path / "lib" / "argv.json").exists()  # the command never ran
+    assert slicer.mrmlScene.GetNumberOfNodes() == nodes_before

@@ -163,16 +163,16 @@ class MedDiffFMTasks:
             if outputArguments is not None:
                 command += outputArguments(workDir)
             command += taskArguments + samplingArguments + ["--progress", "machine"]
-        except Exception:
+            # cwd = library root: `python -m` puts the working directory first on sys.path, so the
+            # job imports this very copy of MedDiffFMLib whatever else is installed.
+            run = TaskRun(command, workDir, lambda: importResults(workDir), env=self._environment(),
+                          cwd=library.libraryRoot(), logCallback=self.logCallback,
+                          progressCallback=self.progressCallback)
+            self.logCallback(f"Running MedDiffFM {task}...")
+            run.start()
+        except Exception:  # nothing started: leave no temporary files behind
             shutil.rmtree(workDir, ignore_errors=True)
             raise
-        run = TaskRun(command, workDir, lambda: importResults(workDir), env=self._environment(),
-                      cwd=library.libraryRoot(), logCallback=self.logCallback,
-                      progressCallback=self.progressCallback)
-        # cwd = library root: `python -m` puts the working directory first on sys.path, so the job
-        # imports this very copy of MedDiffFMLib whatever else is installed.
-        self.logCallback(f"Running MedDiffFM {task}...")
-        run.start()
         return run.wait() if wait else run
 
     @staticmethod
