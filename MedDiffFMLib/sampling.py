@@ -97,6 +97,7 @@ class SlidingWindowSampler:
         self.starts = window_grid(self.shape, self.window, overlap)
         self._region = torch.tensor(cond.region, dtype=torch.long, device=self.device)
         self._cond_cache = None
+        self._count = None
         cache_bytes = len(self.starts) * condition_bytes(cond, self.window)
         if cache_bytes <= CONDITION_CACHE_BYTES:
             self._cond_cache = [self._condition(s) for s in self.starts]
@@ -115,7 +116,6 @@ class SlidingWindowSampler:
         """Full-volume noise estimate (1, 1, *shape), float32: the mean over all windows covering a voxel."""
         x_pad = _pad_end(x_t.to(self.device, torch.float32), self.padded_shape)
         total = torch.zeros_like(x_pad)
-        count = torch.zeros_like(x_pad)
         i = 0
         while i < len(self.starts):
             batch = list(range(i, min(i + self.batch_size, len(self.starts))))
@@ -123,12 +123,18 @@ class SlidingWindowSampler:
             if eps is None:  # out of memory: batch_size was halved, try again
                 continue
             for k, j in enumerate(batch):
-                box = self._box(self.starts[j])
-                total[box] += eps[k]
-                count[box] += 1
+                total[self._box(self.starts[j])] += eps[k]
             i += len(batch)
         d, h, w = self.shape
-        return (total / count)[..., :d, :h, :w]
+        return (total / self._coverage())[..., :d, :h, :w]
+
+    def _coverage(self) -> torch.Tensor:
+        """How many windows cover each voxel of the padded grid (computed once)."""
+        if self._count is None:
+            self._count = torch.zeros((1, 1) + self.padded_shape, device=self.device)
+            for start in self.starts:
+                self._count[self._box(start)] += 1
+        return self._count
 
     def _box(self, start: Sequence[int]):
         return (0, slice(None)) + tuple(slice(a, a + self.window) for a in start)

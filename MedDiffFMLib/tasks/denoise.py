@@ -48,6 +48,8 @@ DEFAULT_ZETA = 0.0
 DEFAULT_SEEDS_ZETA = 0.3
 #: Network evaluations; denoising starts at a low noise level, so few steps suffice.
 DEFAULT_NFE = 10
+#: Below this estimated noise std (HU) an image is treated as noise-free.
+MIN_NOISE_HU = 0.5
 #: Width of the blend from denoised to input at the window edges, as a fraction of the window width.
 EDGE_BLEND_FRACTION = 0.05
 
@@ -125,6 +127,9 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: int = DEFAULT_NFE,
     if noise_level is None:
         estimate = estimate_noise(volume)
         log.info("%s", estimate.describe())
+        if estimate.sigma_hu < MIN_NOISE_HU:
+            raise InputError(f"the image looks noise-free (estimated noise {estimate.sigma_hu:.2f} HU); there is "
+                             "nothing to denoise. To denoise anyway, give the noise level (--noise-level HU)")
         sigma_hu_map = estimate.map(volume.shape)
         noise_hu = estimate.sigma_hu
     else:
