@@ -72,9 +72,6 @@ class ControlledNet(nn.Module):
         self.controlnet.train(mode)
         return self
 
-    def trainable_parameters(self):
-        return self.controlnet.parameters()
-
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
         """`cond` is the base model's condition with the control volume appended as its last channel
         (what `ControlledCondition` windows give), so a ControlledNet drops in wherever a MedDiffNet runs."""
@@ -119,7 +116,6 @@ _PREFIX = "controlnet."
 
 def base_record(base_name_or_path: str) -> dict:
     """How a ControlNet names its base model: the name or path given, and the SHA-256 of its weights."""
-
     weights = resolve_model(base_name_or_path)
     return {"name": str(base_name_or_path), "sha256": read_model_info(weights)["sha256"]}
 
@@ -128,7 +124,6 @@ def save_controlled(state_dict: Dict[str, torch.Tensor], cfg: ModelConfig, path,
                     info: Optional[dict] = None, half: bool = True) -> Path:
     """Write only the ControlNet weights of a `ControlledNet` state dict, with its task and base model record,
     in the model file format of `checkpoints.save_model`; returns the weights path."""
-
     tensors = {k[len(_PREFIX):]: v for k, v in state_dict.items() if k.startswith(_PREFIX)}
     if not tensors:
         raise ValueError("the state dict holds no ControlNet weights (keys starting with 'controlnet.')")
@@ -143,12 +138,7 @@ def load_controlled(weights: Path, info: dict, device="cpu") -> Tuple[Controlled
     The base model is the one recorded by name; if that is missing or differs, any installed model whose
     weights have the recorded SHA-256 is used instead.
     """
-
-    base_weights = find_base(info["base_model"], weights.name)
-    base, cfg, _ = load_model(base_weights)
-    if cfg.to_dict() != ModelConfig.from_dict(info["config"]).to_dict():
-        raise CheckpointError(f"{weights.name}: the base model {base_weights.name} has another configuration "
-                              "than the one this ControlNet was trained with")
+    base, cfg, _ = load_model(find_base(info["base_model"], weights.name))
     model = ControlledNet(base, info["task"])
     tensors = checkpoints._load_verified(weights, info["sha256"])
     check_architecture(model.controlnet.state_dict(), tensors, weights.name)
@@ -158,7 +148,6 @@ def load_controlled(weights: Path, info: dict, device="cpu") -> Tuple[Controlled
 
 def find_base(base: dict, name: str) -> Path:
     """Weights path of the installed model whose SHA-256 is `base["sha256"]` (the recorded name first)."""
-
     candidates = [base["name"]] + [m for m in available_models() if m != base["name"]]
     for candidate in candidates:
         try:
