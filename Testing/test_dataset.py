@@ -1,0 +1,116 @@
+"""CT patch dataset: fixed split, preprocessing cache, reproducible items that match the preprocessing."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ABDOMEN_SMALL_NII, CT_DATA, LIMB_NII
+from MedDiffFMLib.conditioning import anatomy_spec, condition_channels
+from MedDiffFMLib.config import preset
+from MedDiffFMLib.dataset import (SHARED_CASES, VALIDATION_SUBJECTS, CTCase, CTPatchDataset, case_spacings,
+                                  split_cases)
+from MedDiffFMLib.errors import InputError
+from MedDiffFMLib.io import read_volume
+from MedDiffFMLib.preprocess import resample, window_to_unit
+
+SPACINGS = ((3.0, 3.0, 3.0), (1.0, 2.0, 2.0))
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return dataclasses.replace(preset("tiny"), train_spacings=SPACINGS)
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return [CTCase(str(ABDOMEN_SMALL_NII), region="abdomen"), CTCase(str(LIMB_NII), region="other")]
+
+
+@pytest.fixture(scope="module")
+def data(cfg, cases, tmp_path_factory):
+    return CTPatchDataset(cases, cfg, tmp_path_factory.mktemp("cache"), seed=3)
+
+
+def test_split_keeps_subjects_apart_and_holds_the_named_validation_cases():
+    train, val = split_cases(CT_DATA, "train"), split_cases(CT_DATA, "validation")
+    assert not {c.subject for c in train} & {c.subject for c in val}
+    val_files = {c.path for c in val}
+    for case_id in ("pyradiomics_lung1", "ibsi_sts_002", "ts_example_ct_sm", "ts_example_ct"):
+        assert str(CT_DATA / SHARED_CASES[case_id][0]) in val_files
+    assert {c.subject for c in val} == set(VALIDATION_SUBJECTS)
+    assert len(train) + len(val) == len(SHARED_CASES)
+    with pytest.raises(InputError, match="unknown data split"):
+        split_cases(CT_DATA, "test")
+
+
+def test_slice_spacing_is_never_refined_more_than_twice():
+    grids = case_spacings((5.0, 0.7, 0.7), ((1.0, 1.0, 1.0), (3.0, 0.9, 0.9), (5.0, 0.7, 0.7), (2.0, 1.0, 1.0)))
+    assert grids == [(2.5, 1.0, 1.0), (3.0, 0.9, 0.9), (5.0, 0.7, 0.7)]  # 1 mm and 2 mm both clamp to 2.5
+
+
+def test_cache_holds_the_windowed_resampled_volume(data, cfg):
+    """Known answer: the cached image is window_to_unit(resample(CT)) at the clamped grid (float16)."""
+    vol = read_volume(ABDOMEN_SMALL_NII)  # 3 mm slices: the 1 mm grid is clamped to 1.5 mm
+    assert len(data.entries[0]) == 2
+    entry = data._load(data.entries[0][1])
+    assert entry["spacing_zyx"] == (1.5, 2.0, 2.0)
+    expected = window_to_unit(resample(vol, (2.0, 2.0, 1.5)).array, cfg.windows["abdomen"])
+    np.testing.assert_allclose(entry["image"].astype(np.float32), expected, atol=1e-3)
+    assert entry["labels"].shape == expected.shape and set(np.unique(entry["labels"])) <= {0, 1, 2, 3, 4}
+
+
+def test_cache_is_reused_and_keyed_by_settings(data, cfg, cases):
+    files = sorted(data.cache_dir.glob("*.npz"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = CTPatchDataset(cases, cfg, data.cache_dir, seed=3)
+    assert sorted(data.cache_dir.glob("*.npz")) == files and [f.stat().st_mtime_ns for f in files] == stamps
+    for i in (0, 5, 11):
+        assert torch.equal(again[i]["cond"], data[i]["cond"]) and torch.equal(again[i]["image"], data[i]["image"])
+    windows = dict(cfg.windows, other=(-200.0, 300.0))
+    CTPatchDataset(cases[1:], dataclasses.replace(cfg, windows=windows), data.cache_dir)
+    assert len(list(data.cache_dir.glob("*.npz"))) == len(files) + 2  # new window -> new entries
+
+
+def test_items_are_network_inputs(data, cfg):
+    p = cfg.patch_size
+    spec = anatomy_spec(cfg)
+    grids = [data._load(path)["spacing_zyx"] for entries in data.entries for path in entries]
+    modes = Counter()
+    for i in range(120):
+        item = data[i]
+        modes[item["mode"]] += 1
+        assert item["image"].shape == (1, p, p, p) and item["cond"].shape == (condition_channels(cfg), p, p, p)
+        assert item["image"].min() >= -1 and item["image"].max() <= 1
+        assert int(item["region"]) in (cfg.region_index("abdomen"), cfg.region_index("other"))
+        # Spacing channels: log2 of a plausible effective spacing (resized modes are coarser than the grid).
+        spacing = 2 ** item["cond"][-3:, 0, 0, 0]
+        assert bool((item["cond"][-3:] == item["cond"][-3:, :1, :1, :1]).all())
+        if item["mode"] == "crop":
+            assert any(np.allclose(spacing.numpy(), grid, rtol=1e-5) for grid in grids)
+        anatomy = item["cond"][:spec.num_channels]
+        assert bool(((anatomy == 0) | (anatomy == 1)).all()) and float(anatomy.sum(0).max()) <= 1
+    # Mode mix follows the weights 0.2 / 0.3 / 0.5 (binomial tolerance for 120 draws).
+    for mode, weight in (("whole", 0.2), ("crop2x", 0.3), ("crop", 0.5)):
+        assert abs(modes[mode] / 120 - weight) < 4 * math.sqrt(weight * (1 - weight) / 120), modes
+
+
+def test_anatomy_dropout_and_seeds(data, cfg, cases):
+    dropped = CTPatchDataset(cases, cfg, data.cache_dir, seed=3, anatomy_dropout=1.0)
+    spec = anatomy_spec(cfg)
+    item, same = dropped[4], data[4]
+    assert float(item["cond"][:spec.num_channels].abs().sum()) == 0
+    assert torch.equal(item["cond"][spec.num_channels:], same["cond"][spec.num_channels:])
+    other_seed = CTPatchDataset(cases, cfg, data.cache_dir, seed=4)
+    assert not torch.equal(other_seed[4]["image"], same["image"])
+
+
+def test_bad_inputs_are_refused(cfg, cases, tmp_path):
+    with pytest.raises(InputError, match="mode weights"):
+        CTPatchDataset(cases, cfg, tmp_path, mode_weights={"tiles": 1.0})
+    with pytest.raises(InputError, match="no CT volumes"):
+        CTPatchDataset(str(tmp_path), cfg, tmp_path)
