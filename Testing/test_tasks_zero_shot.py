@@ -82,6 +82,19 @@ def test_denoise_api_on_phantom_keeps_out_of_window_voxels(gaussian_problem):
     assert result.window == WINDOW and result.uncertainty is None
 
 
+def test_denoise_refuses_bad_settings(gaussian_problem):
+    prior = gaussian_problem[0]
+    flat = np.full(SHAPE, 40.0, np.float32)
+    flat[:, :3] = -1000.0
+    healthy = Volume(flat)  # soft tissue without any noise
+    with pytest.raises(InputError, match="noise-free"):
+        denoise(healthy, prior, region="abdomen")
+    with pytest.raises(InputError, match="noise level"):
+        denoise(healthy, prior, region="abdomen", noise_level=-5)
+    with pytest.raises(InputError, match="region"):
+        denoise(healthy, prior, region="pelvis", noise_level=10)
+
+
 # --- anomaly detection with the analytic prior --------------------------------------------------------
 def smooth_phantom():
     """Smooth tissue (the prior's mean) with an air border, and a copy with a +100 HU spherical lesion."""

@@ -52,8 +52,11 @@ def load_model(name_or_path: str, device: torch.device) -> torch.nn.Module:
     """Load a registered model name or a model file, in eval mode on `device`."""
     from ..checkpoints import load_model as load_checkpoint
 
-    model, _cfg, info = load_checkpoint(name_or_path, device)
-    log.info("model %s loaded (%s)", name_or_path, info)
+    from ..network import parameter_count
+
+    model, cfg, info = load_checkpoint(name_or_path, device)
+    log.info("model %s: preset %s, %.2fM parameters, %s training steps, on %s", name_or_path, cfg.name,
+             parameter_count(model) / 1e6, info.get("steps", "unknown"), device)
     return model.eval()
 
 
