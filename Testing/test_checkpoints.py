@@ -1,0 +1,139 @@
+"""Model files: round trip, clear errors for every kind of bad file, never unpickled; registry; train state."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+
+import pytest
+import torch
+
+from MedDiffFMLib import checkpoints
+from MedDiffFMLib.checkpoints import (load_model, load_training_state, read_model_info, resolve_model, save_model,
+                                      save_training_state, sha256_file)
+from MedDiffFMLib.config import preset
+from MedDiffFMLib.errors import CheckpointError
+from MedDiffFMLib.network import MedDiffNet
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    return cfg, MedDiffNet(cfg).state_dict()
+
+
+def _rewrite_weights(base, data: bytes):
+    """Replace the weights file and record its new hash, so the loader gets past the SHA check."""
+    weights = base.with_name(base.name + ".safetensors")
+    weights.write_bytes(data)
+    sidecar = base.with_name(base.name + ".json")
+    info = json.loads(sidecar.read_text())
+    info["sha256"] = sha256_file(weights)
+    sidecar.write_text(json.dumps(info))
+    return weights
+
+
+def test_round_trip_fp32_and_fp16(tiny, tmp_path):
+    cfg, state = tiny
+    save_model(state, cfg, tmp_path / "m32", {"steps": 7}, half=False)
+    model, cfg2, info = load_model(tmp_path / "m32.safetensors")
+    assert cfg2 == cfg and info["steps"] == 7 and info["sha256"] == sha256_file(tmp_path / "m32.safetensors")
+    assert info["patch_size"] == cfg.patch_size and info["anatomy"] == cfg.anatomy and not model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key])
+    save_model(state, cfg, tmp_path / "m16", {}, half=True)
+    model16, _, info16 = load_model(tmp_path / "m16")  # the name without suffix works too
+    assert info16["dtype"] == "float16"
+    for key, value in model16.state_dict().items():
+        assert value.dtype == torch.float32 and torch.equal(value, state[key].half().float())
+
+
+def test_missing_damaged_and_wrong_files(tiny, tmp_path):
+    cfg, state = tiny
+    base = tmp_path / "m"
+    save_model(state, cfg, base, {}, half=False)
+    good = (tmp_path / "m.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "absent.safetensors")
+    (tmp_path / "m.safetensors").write_bytes(good[:-100] + b"x" * 100)  # same size, changed bytes
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_model(base)
+    _rewrite_weights(base, good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_model(base)
+    _rewrite_weights(base, bytes(range(256)) * 40)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_model(base)
+    _rewrite_weights(base, good)
+    (tmp_path / "m.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_model(base)
+
+
+def test_wrong_architecture_is_named(tiny, tmp_path):
+    cfg, state = tiny
+    wider = dataclasses.replace(cfg, channels=(8, 16, 32), num_head_channels=(0, 0, 32))
+    save_model(state, wider, tmp_path / "m", {}, half=False)
+    with pytest.raises(CheckpointError, match="do not fit the architecture.*wrong shape"):
+        load_model(tmp_path / "m")
+    fewer = {k: v for k, v in state.items() if not k.startswith("unet.out")}
+    save_model(fewer, cfg, tmp_path / "n", {}, half=False)
+    with pytest.raises(CheckpointError, match="missing"):
+        load_model(tmp_path / "n")
+
+
+class _Tripwire:
+    """Unpickling this creates a file: proof that a loader ran pickle."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickle_renamed_safetensors_is_refused_without_unpickling(tiny, tmp_path):
+    cfg, state = tiny
+    save_model(state, cfg, tmp_path / "m", {}, half=False)
+    tripwire = tmp_path / "unpickled"
+    _rewrite_weights(tmp_path / "m", pickle.dumps({"weights": _Tripwire(tripwire)}))
+    with pytest.raises(CheckpointError, match="never loads pickled"):
+        load_model(tmp_path / "m")
+    assert not tripwire.exists()
+
+
+def test_registry_resolves_the_shipped_tiny_model(monkeypatch, tmp_path):
+    entry = next(m for m in checkpoints.registry() if m["name"] == "tiny")
+    path = resolve_model("tiny")
+    assert path == checkpoints.RESOURCES / entry["file"] and sha256_file(path) == entry["sha256"]
+    assert path.stat().st_size == entry["size"] == read_model_info(path)["size"]
+    model, cfg, _ = load_model("tiny")
+    assert cfg.name == "tiny" and sum(p.numel() for p in model.parameters()) > 0
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((checkpoints.RESOURCES / "Models.schema.json").read_text())
+    jsonschema.validate(json.loads(checkpoints.REGISTRY.read_text()), schema)
+    # Unknown names list what is available; the user cache folder is searched after Resources.
+    monkeypatch.setenv("MEDDIFFFM_HOME", str(tmp_path))
+    with pytest.raises(CheckpointError, match="unknown model 'nope'; available: tiny"):
+        resolve_model("nope")
+    save_model(model.state_dict(), cfg, tmp_path / "mine", {})
+    assert resolve_model("mine") == tmp_path / "mine.safetensors" and "mine" in checkpoints.available_models()
+
+
+def test_training_state_survives_a_kill_mid_write(tmp_path):
+    tensors = {"model.w": torch.arange(6.0), "rng.train": torch.zeros(4, dtype=torch.uint8)}
+    save_training_state(tmp_path, 3, tensors, {"wall_seconds": 1.5})
+    # A run killed while writing step 6: partial files exist, but last.json was never moved on.
+    (tmp_path / "state-00000006.safetensors").write_bytes(b"\x00" * 10)
+    (tmp_path / "state-00000006.json").write_text('{"step": 6, "sha')
+    restored, record = load_training_state(tmp_path)
+    assert record["step"] == 3 and record["wall_seconds"] == 1.5 and torch.equal(restored["model.w"], tensors["model.w"])
+    for step in (9, 12, 15):  # older states are pruned, the newest two kept
+        save_training_state(tmp_path, step, tensors, {})
+    assert sorted(p.name for p in tmp_path.glob("state-*.json")) == ["state-00000012.json", "state-00000015.json"]
+    assert load_training_state(tmp_path)[1]["step"] == 15
+    (tmp_path / "state-00000015.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError):
+        load_training_state(tmp_path)
+    assert load_training_state(tmp_path / "empty") is None
