@@ -48,6 +48,13 @@ def scene():
     slicer.mrmlScene.Clear(1)
 
 
+def scene_nodes():
+    """IDs of the scene's nodes, less shared singletons (the subject hierarchy appears on first use)."""
+    scene = slicer.mrmlScene
+    nodes = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+    return {node.GetID() for node in nodes if not node.GetSingletonTag()}
+
+
 def oblique(image, degrees=15.0):
     """The same voxels tilted about z: a direction matrix that is not diagonal."""
     a = np.deg2rad(degrees)
@@ -159,12 +166,13 @@ def sphere_segmentation(volume_node, center_ijk, radius_vox):
 def test_segment_exported_as_mask_on_volume_grid(ct_node, ct_image, tmp_path):
     segmentation, segment_id, expected = sphere_segmentation(ct_node, center_ijk=(8, 20, 26), radius_vox=6)
     path = tmp_path / "mask.nrrd"
+    nodes_before = scene_nodes()
     volumes.writeSegmentMask(segmentation, segment_id, ct_node, path)
+    assert scene_nodes() == nodes_before  # the conversion's labelmap, display and colour nodes are gone
 
     mask = sitk.ReadImage(str(path))
     assert_same_geometry(mask, ct_image)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), expected)
-    assert slicer.mrmlScene.GetNodesByClass("vtkMRMLLabelMapVolumeNode").GetNumberOfItems() == 0  # temp node gone
 
 
 def test_empty_or_unknown_segment_is_refused(ct_node, tmp_path):
@@ -427,7 +435,10 @@ def test_logic_generate_lesion_names_its_result(ct_node, fake_cli):
 
 
 def test_logic_detect_anomalies_gives_colour_map_and_segmentation(ct_node, fake_cli):
+    nodes_before = scene_nodes()
     map_node, segmentation = MedDiffFM.MedDiffFMLogic().detectAnomalies(ct_node, threshold=0.5)
+    assert scene_nodes() - nodes_before == {map_node.GetID(), map_node.GetDisplayNodeID(),
+                                            segmentation.GetID(), segmentation.GetDisplayNodeID()}
 
     argv = fake_cli()
     assert argv[argv.index("--threshold") + 1] == "0.5" and "--mask-output" in argv
@@ -457,10 +468,10 @@ def test_logic_super_resolve_takes_the_new_grid_from_the_result(ct_node, fake_cl
 def test_logic_failure_leaves_the_scene_unchanged(ct_node, fake_cli, tmp_path):
     (tmp_path / "lib" / "MedDiffFMLib" / "__main__.py").write_text(
         "import sys\nprint('error: model \\'nope\\' is not in Resources/Models.json', file=sys.stderr)\nsys.exit(2)\n")
-    nodes_before = slicer.mrmlScene.GetNumberOfNodes()
+    nodes_before = scene_nodes()
     with pytest.raises(process.TaskFailed, match="model 'nope' is not in Resources/Models.json"):
         MedDiffFM.MedDiffFMLogic().denoise(ct_node, model="nope")
-    assert slicer.mrmlScene.GetNumberOfNodes() == nodes_before
+    assert scene_nodes() == nodes_before
 
 
 def test_detect_anomalies_refuses_nfe(ct_node):
@@ -510,7 +521,7 @@ def untrained_tiny_model(tmp_path_factory):
 def test_real_denoise_adds_one_node_on_the_input_grid(small_ct_node, untrained_tiny_model):
     ct_node = small_ct_node
     before = slicer.util.arrayFromVolume(ct_node).copy()
-    nodes_before = slicer.mrmlScene.GetNumberOfNodes()
+    nodes_before = scene_nodes()
     logic = MedDiffFM.MedDiffFMLogic()
     progress = []
     logic.progressCallback = lambda step, total: progress.append((step, total))
@@ -523,7 +534,7 @@ def test_real_denoise_adds_one_node_on_the_input_grid(small_ct_node, untrained_t
     assert result.shape == before.shape and np.isfinite(result).all()
     assert not np.array_equal(result, before)
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(ct_node), before)
-    assert slicer.mrmlScene.GetNumberOfNodes() == nodes_before + 2  # the volume and its display node
+    assert scene_nodes() - nodes_before == {node.GetID(), node.GetDisplayNodeID()}
 
 
 def test_real_anomaly_segmentation_is_the_thresholded_map(small_ct_node, untrained_tiny_model):
@@ -567,9 +578,9 @@ def test_bad_mask_fails_before_running_and_leaves_nothing(ct_node, fake_cli, tmp
     monkeypatch.setattr(logic_module.MedDiffFMTasks, "_temporaryRoot", staticmethod(lambda: str(temporary)))
     segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     empty_id = segmentation.GetSegmentation().AddEmptySegment("lesion")
-    nodes_before = slicer.mrmlScene.GetNumberOfNodes()
+    nodes_before = scene_nodes()
     with pytest.raises(ValueError, match="is empty"):
         MedDiffFM.MedDiffFMLogic().inpaint(ct_node, segmentation, empty_id)
     assert list(temporary.iterdir()) == []
     assert not (tmp_path / "lib" / "argv.json").exists()  # the command never ran
-    assert slicer.mrmlScene.GetNumberOfNodes() == nodes_before
+    assert scene_nodes() == nodes_before

@@ -4,6 +4,8 @@ Volumes go out through SimpleITK (the reader MedDiffFMLib itself uses) with the 
 geometry converted to LPS, and come back the same way into *new* nodes: input nodes are only read.
 Works in the Slicer application and under slicer-core (no `slicer.modules`, no Qt).
 """
+import contextlib
+
 import numpy as np
 import SimpleITK as sitk
 import slicer
@@ -42,6 +44,24 @@ def writeVolumeNode(volumeNode, path):
     _writeArray(slicer.util.arrayFromVolume(volumeNode), ijkToRASArray(volumeNode), path)
 
 
+def _sceneNodes():
+    scene = slicer.mrmlScene
+    return [scene.GetNthNode(index) for index in range(scene.GetNumberOfNodes())]
+
+
+@contextlib.contextmanager
+def _scratchNodes():
+    """Remove every node added to the scene inside the block: labelmap conversions add a labelmap,
+    its display node and a colour table each time. Singletons (subject hierarchy) are shared and stay."""
+    before = {node.GetID() for node in _sceneNodes()}
+    try:
+        yield
+    finally:
+        for node in _sceneNodes():
+            if node.GetID() not in before and not node.GetSingletonTag():
+                slicer.mrmlScene.RemoveNode(node)
+
+
 def writeSegmentMask(segmentationNode, segmentId, referenceVolumeNode, path):
     """Write one segment as a 0/1 uint8 mask on the grid of `referenceVolumeNode`."""
     segmentation = segmentationNode.GetSegmentation()
@@ -49,8 +69,8 @@ def writeSegmentMask(segmentationNode, segmentId, referenceVolumeNode, path):
     if segment is None:
         raise ValueError(f"Segment '{segmentId}' not found in '{segmentationNode.GetName()}': "
                          "select the segment that marks the region.")
-    labelmapNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__MedDiffFM_mask__")
-    try:
+    with _scratchNodes():
+        labelmapNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
         segmentIds = vtk.vtkStringArray()
         segmentIds.InsertNextValue(segmentId)
         exported = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
@@ -59,12 +79,11 @@ def writeSegmentMask(segmentationNode, segmentId, referenceVolumeNode, path):
             raise ValueError(f"Segment '{segment.GetName()}' could not be turned into a mask on the grid "
                              f"of '{referenceVolumeNode.GetName()}'.")
         mask = (slicer.util.arrayFromVolume(labelmapNode) > 0).astype(np.uint8)
-        if not mask.any():
-            raise ValueError(f"Segment '{segment.GetName()}' is empty inside '{referenceVolumeNode.GetName()}': "
-                             "paint the region in the Segment Editor first.")
-        _writeArray(mask, ijkToRASArray(labelmapNode), path)
-    finally:
-        slicer.mrmlScene.RemoveNode(labelmapNode)
+        maskToRAS = ijkToRASArray(labelmapNode)
+    if not mask.any():
+        raise ValueError(f"Segment '{segment.GetName()}' is empty inside '{referenceVolumeNode.GetName()}': "
+                         "paint the region in the Segment Editor first.")
+    _writeArray(mask, maskToRAS, path)
 
 
 def readImage(path):
@@ -91,20 +110,22 @@ def addVolumeNodeFromFile(path, name, likeNode=None):
 def addSegmentationNodeFromMaskFile(path, name, segmentName, likeNode=None):
     """Load a 0/1 mask file into a new segmentation node holding one segment named `segmentName`."""
     array, ijkToRAS = readImage(path)
-    labelmapNode = slicer.util.addVolumeFromArray((array > 0).astype(np.uint8), ijkToRAS=ijkToRAS,
-                                                  name=segmentName, nodeClassName="vtkMRMLLabelMapVolumeNode")
+    segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    segmentationNode.CreateDefaultDisplayNodes()
     try:
-        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-        segmentationNode.CreateDefaultDisplayNodes()
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmapNode, segmentationNode):
-            slicer.mrmlScene.RemoveNode(segmentationNode)
-            raise RuntimeError(f"Could not import the mask {path} as a segmentation.")
-        segmentation = segmentationNode.GetSegmentation()
-        if segmentation.GetNumberOfSegments() == 0:  # nothing found: say so with an empty segment
-            segmentation.AddEmptySegment(segmentName, segmentName)
-        else:  # the import names it after a colour table entry
-            segmentation.GetNthSegment(0).SetName(segmentName)
-    finally:
-        slicer.mrmlScene.RemoveNode(labelmapNode)
+        with _scratchNodes():
+            labelmapNode = slicer.util.addVolumeFromArray((array > 0).astype(np.uint8), ijkToRAS=ijkToRAS,
+                                                          nodeClassName="vtkMRMLLabelMapVolumeNode")
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmapNode,
+                                                                                           segmentationNode):
+                raise RuntimeError(f"Could not import the mask {path} as a segmentation.")
+    except Exception:
+        slicer.mrmlScene.RemoveNode(segmentationNode)
+        raise
+    segmentation = segmentationNode.GetSegmentation()
+    if segmentation.GetNumberOfSegments() == 0:  # nothing found: say so with an empty segment
+        segmentation.AddEmptySegment(segmentName, segmentName)
+    else:  # the import names it after a colour table entry
+        segmentation.GetNthSegment(0).SetName(segmentName)
     _placeLike(segmentationNode, likeNode)
     return segmentationNode
