@@ -584,3 +584,24 @@ def test_bad_mask_fails_before_running_and_leaves_nothing(ct_node, fake_cli, tmp
     assert list(temporary.iterdir()) == []
     assert not (tmp_path / "lib" / "argv.json").exists()  # the command never ran
     assert scene_nodes() == nodes_before
+
+
+def test_models_listed_from_models_json(tmp_path, monkeypatch):
+    monkeypatch.setattr(library, "libraryRoot", lambda: str(tmp_path))
+    assert library.availableModels() == []  # no Resources/Models.json: the panel says "not installed"
+    (tmp_path / "Resources").mkdir()
+    (tmp_path / "Resources" / "Models.json").write_text(json.dumps({"models": [
+        {"name": "tiny", "file": "Models/tiny.safetensors", "description": "CPU-trained tiny model"},
+        {"name": "tiny-lesion", "file": "Models/tiny-lesion.safetensors", "description": "lesion ControlNet"}]}))
+    assert library.availableModels() == [("tiny", "CPU-trained tiny model"), ("tiny-lesion", "lesion ControlNet")]
+
+
+def test_library_found_from_the_module_folder_alone(tmp_path):
+    """Developer mode puts only .../MedDiffFM on sys.path; the library next to it must still be found."""
+    import subprocess
+
+    code = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', %r)]; sys.path.insert(0, %r); "
+            "from MedDiffFMUtils import library; print(library.libraryRoot())") % (str(REPO), str(REPO / "MedDiffFM"))
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(REPO)
