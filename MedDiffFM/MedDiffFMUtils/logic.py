@@ -23,7 +23,11 @@ def _slicerApp():
     return getattr(slicer, "app", None)
 
 
-def _addNodesOrNone(*loaders):
+def _resultName(inputNode, task):
+    return f"{inputNode.GetName()} {TASKS[task].resultSuffix}"
+
+
+def _addAllOrNothing(*loaders):
     """Run node-creating callables; if one fails, remove the nodes already made (no half results)."""
     nodes = []
     try:
@@ -53,16 +57,12 @@ class MedDiffFMTasks:
         arguments, inputs = [], {}
         if referenceVolumeNode is not None:
             inputs["--reference"] = referenceVolumeNode
-            name = f"{referenceVolumeNode.GetName()} {TASKS['synthesize'].resultSuffix}"
+            name = _resultName(referenceVolumeNode, "synthesize")
         else:
             arguments += ["--size", *size, "--spacing", *spacing]
             name = f"MedDiffFM {TASKS['synthesize'].resultSuffix}"
-
-        def importResults(workDir):
-            node = volumes.addVolumeNodeFromFile(self._outputPath(workDir), name, referenceVolumeNode)
-            self._show(node)
-            return node
-        return self._runTask("synthesize", None, arguments, importResults, wait, options, namedInputs=inputs)
+        return self._runTask("synthesize", None, arguments, wait, options, namedInputs=inputs,
+                             importResults=self._importVolume(name, referenceVolumeNode))
 
     def denoise(self, volumeNode, noiseLevel=None, window=None, wait=True, **options):
         """Denoise a CT. `noiseLevel`: noise standard deviation in HU (None = estimate it from the
@@ -72,7 +72,7 @@ class MedDiffFMTasks:
             arguments += ["--noise-level", noiseLevel]
         if window is not None:
             arguments += ["--window", *window]
-        return self._runTask("denoise", volumeNode, arguments, self._importVolume("denoise", volumeNode), wait, options)
+        return self._runTask("denoise", volumeNode, arguments, wait, options)
 
     def detectAnomalies(self, volumeNode, threshold=None, segmentationNode=None, segmentId=None, wait=True,
                         **options):
@@ -81,40 +81,36 @@ class MedDiffFMTasks:
         of the voxels above the threshold)."""
         arguments = [] if threshold is None else ["--threshold", threshold]
         mask = (segmentationNode, segmentId) if segmentationNode is not None and segmentId else None
-        baseName = volumeNode.GetName()
 
         def importResults(workDir):
-            mapNode, segmentationNode = _addNodesOrNone(
+            mapNode, anomalySegmentation = _addAllOrNothing(
                 lambda: volumes.addVolumeNodeFromFile(
-                    self._outputPath(workDir), f"{baseName} {TASKS['detect-anomalies'].resultSuffix}", volumeNode),
+                    self._outputPath(workDir), _resultName(volumeNode, "detect-anomalies"), volumeNode),
                 lambda: volumes.addSegmentationNodeFromMaskFile(
-                    self._anomalyMaskPath(workDir), f"{baseName} {ANOMALY_SEGMENTATION_SUFFIX}",
+                    self._anomalyMaskPath(workDir), f"{volumeNode.GetName()} {ANOMALY_SEGMENTATION_SUFFIX}",
                     ANOMALY_SEGMENTATION_SUFFIX, volumeNode))
             mapNode.GetDisplayNode().SetAndObserveColorNodeID(ANOMALY_COLOR_NODE_ID)
             self._show(volumeNode, foreground=mapNode)
-            return mapNode, segmentationNode
-        return self._runTask("detect-anomalies", volumeNode, arguments, importResults, wait, options, mask=mask,
-                             outputArguments=lambda workDir: ["--mask-output", self._anomalyMaskPath(workDir)])
+            return mapNode, anomalySegmentation
+        return self._runTask("detect-anomalies", volumeNode, arguments, wait, options, importResults=importResults,
+                             mask=mask, outputArguments=lambda workDir: ["--mask-output", self._anomalyMaskPath(workDir)])
 
     def superResolve(self, volumeNode, factor=None, wait=True, **options):
         """Super-resolve a thick-slice CT: `factor` thin slices per thick slice (None = the command's
         default, 5). Returns a new volume node on the finer grid."""
         arguments = [] if factor is None else ["--factor", factor]
-        return self._runTask("super-resolve", volumeNode, arguments, self._importVolume("super-resolve", volumeNode),
-                             wait, options)
+        return self._runTask("super-resolve", volumeNode, arguments, wait, options)
 
     def generateLesion(self, volumeNode, segmentationNode, segmentId, wait=True, **options):
         """Generate a lesion inside the segment `segmentId`. Returns the new volume node."""
-        return self._runTask("generate-lesion", volumeNode, [], self._importVolume("generate-lesion", volumeNode),
-                             wait, options, mask=(segmentationNode, segmentId))
+        return self._runTask("generate-lesion", volumeNode, [], wait, options, mask=(segmentationNode, segmentId))
 
     def inpaint(self, volumeNode, segmentationNode, segmentId, resample=None, wait=True, **options):
         """Replace the region of segment `segmentId` with tissue that fits its surroundings (RePaint;
         `resample` passes per jump, None = the command's default, 1 = fastest). Voxels outside the
         segment keep their values. Returns the new volume node."""
         arguments = [] if resample is None else ["--resample", resample]
-        return self._runTask("inpaint", volumeNode, arguments, self._importVolume("inpaint", volumeNode),
-                             wait, options, mask=(segmentationNode, segmentId))
+        return self._runTask("inpaint", volumeNode, arguments, wait, options, mask=(segmentationNode, segmentId))
 
     # --- shared machinery -----------------------------------------------------------------------
 
@@ -143,8 +139,14 @@ class MedDiffFMTasks:
             arguments += ["--window-batch", windowBatch]
         return arguments
 
-    def _runTask(self, task, volumeNode, taskArguments, importResults, wait, options,
+    def _runTask(self, task, volumeNode, taskArguments, wait, options, importResults=None,
                  mask=None, namedInputs=None, outputArguments=None):
+        """Export the inputs, start the job, and (wait=True) return its imported results.
+
+        importResults(workDir) makes the result nodes; by default one volume named after the input.
+        """
+        if importResults is None:
+            importResults = self._importVolume(_resultName(volumeNode, task), volumeNode)
         if options.get("nfe") is not None and not TASKS[task].usesNfe:
             raise ValueError(f"{TASKS[task].title} has no NFE setting; leave nfe out.")
         samplingArguments = self.samplingArguments(**options)  # rejects unknown option names early
@@ -189,9 +191,8 @@ class MedDiffFMTasks:
     def _anomalyMaskPath(workDir):
         return os.path.join(workDir, "anomaly-mask.nrrd")
 
-    def _importVolume(self, task, inputNode):
-        name = f"{inputNode.GetName()} {TASKS[task].resultSuffix}"
-
+    def _importVolume(self, name, inputNode):
+        """The importResults of a task whose result is one volume: a new node named `name`."""
         def importResults(workDir):
             node = volumes.addVolumeNodeFromFile(self._outputPath(workDir), name, inputNode)
             self._show(node)
