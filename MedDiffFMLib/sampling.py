@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import diffusion
-from .conditioning import VolumeCondition, condition_channels
+from .conditioning import VolumeCondition
 from .diffusion import Schedule
 from .errors import ResourceError
 
@@ -98,9 +98,9 @@ class SlidingWindowSampler:
         self._region = torch.tensor(cond.region, dtype=torch.long, device=self.device)
         self._cond_cache = None
         self._count = None
-        cache_bytes = len(self.starts) * condition_bytes(cond, self.window)
-        if cache_bytes <= CONDITION_CACHE_BYTES:
-            self._cond_cache = [self._condition(s) for s in self.starts]
+        first = self._condition(self.starts[0])
+        if len(self.starts) * first.numel() * first.element_size() <= CONDITION_CACHE_BYTES:
+            self._cond_cache = [first] + [self._condition(s) for s in self.starts[1:]]
 
     @property
     def num_windows(self) -> int:
@@ -205,7 +205,3 @@ class SlidingWindowSampler:
                 progress(i + 1, total)
         return x
 
-
-def condition_bytes(cond: VolumeCondition, window: int) -> int:
-    """Bytes of one window's float32 condition channels."""
-    return 4 * condition_channels(cond.cfg) * window ** 3

@@ -241,3 +241,18 @@ def test_memory_check_refuses_what_cannot_fit(monkeypatch):
     with pytest.raises(ResourceError, match="window batch"):
         common.check_memory(preset("paper"), (200, 512, 512), 8, torch.device("cpu"))
     common.check_memory(preset("tiny"), (20, 32, 32), 4, torch.device("cpu"))
+
+
+def test_sampler_on_a_sub_box_uses_whole_volume_positions(gaussian_problem):
+    """A condition for a box of a larger volume (as lesion inpainting uses): with a position-dependent
+    pointwise model, the box's noise estimate equals the whole volume's estimate cut to the box."""
+    prior, _, y, whole = gaussian_problem
+    box = (slice(4, 21), slice(2, 19), slice(1, 17))
+    box_shape = tuple(s.stop - s.start for s in box)
+    cond = VolumeCondition(prior.cfg, box_shape, (1, 1, 1), "abdomen", offset_zyx=[s.start for s in box],
+                           full_shape_zyx=SHAPE)
+    sampler = common.make_sampler(prior, box_shape, (1, 1, 1), "abdomen", None, torch.device("cpu"), cond=cond)
+    torch.testing.assert_close(sampler.eps(y[(0, 0) + box][None, None], 300), whole.eps(y, 300)[(0, 0) + box][None, None],
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="grid"):
+        common.make_sampler(prior, SHAPE, (1, 1, 1), "abdomen", None, torch.device("cpu"), cond=cond)

@@ -119,6 +119,8 @@ def make_sampler(model: torch.nn.Module, shape_zyx: Sequence[int], spacing_zyx: 
     check_memory(cfg, shape_zyx, window_batch, device)
     if cond is None:
         cond = VolumeCondition(cfg, shape_zyx, spacing_zyx, region, anatomy_labels)
+    elif tuple(cond.shape) != tuple(int(n) for n in shape_zyx):
+        raise ValueError(f"the condition's grid {cond.shape} differs from the sampled grid {tuple(shape_zyx)}")
     sampler = SlidingWindowSampler(model, cond, schedule_for(cfg), cfg.patch_size, overlap=overlap,
                                    batch_size=window_batch, device=device,
                                    autocast_dtype=autocast_dtype(device, precision))
