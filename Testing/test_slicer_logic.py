@@ -150,7 +150,8 @@ def sphere_segmentation(volume_node, center_ijk, radius_vox):
     ck, cj, ci = center_ijk
     full = ((i - ci) ** 2 + (j - cj) ** 2 + ((k - ck) * 2) ** 2 <= radius_vox ** 2).astype(np.uint8)
     # keep only the bounding box of the sphere, with the box's own origin
-    box = tuple(slice(max(c - r, 0), c + r + 1) for c, r in zip((ck, cj, ci), (radius_vox // 2 + 1, radius_vox, radius_vox)))
+    half_extent = (radius_vox // 2 + 1, radius_vox, radius_vox)  # z voxels are counted double above
+    box = tuple(slice(max(c - r, 0), c + r + 1) for c, r in zip((ck, cj, ci), half_extent))
     offset = np.array([box[2].start, box[1].start, box[0].start, 1.0])
     ijk_to_ras = volumes.ijkToRASArray(volume_node)
     box_to_ras = ijk_to_ras.copy()

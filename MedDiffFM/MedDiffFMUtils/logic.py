@@ -92,8 +92,9 @@ class MedDiffFMTasks:
             mapNode.GetDisplayNode().SetAndObserveColorNodeID(ANOMALY_COLOR_NODE_ID)
             self._show(volumeNode, foreground=mapNode)
             return mapNode, anomalySegmentation
-        return self._runTask("detect-anomalies", volumeNode, arguments, wait, options, importResults=importResults,
-                             mask=mask, outputArguments=lambda workDir: ["--mask-output", self._anomalyMaskPath(workDir)])
+        return self._runTask(
+            "detect-anomalies", volumeNode, arguments, wait, options, importResults=importResults, mask=mask,
+            outputArguments=lambda workDir: ["--mask-output", self._anomalyMaskPath(workDir)])
 
     def superResolve(self, volumeNode, factor=None, wait=True, **options):
         """Super-resolve a thick-slice CT: `factor` thin slices per thick slice (None = the command's
