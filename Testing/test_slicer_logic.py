@@ -506,27 +506,18 @@ def small_ct_node(scene, ct_image):
     return node_from_image(crop(ct_image, (32, 32, 16)), "CT")
 
 
-@pytest.fixture(scope="module")
-def untrained_tiny_model(tmp_path_factory):
-    """A tiny-preset model with random weights: exercises the whole path, not image quality."""
-    torch = pytest.importorskip("torch")
-    from MedDiffFMLib.checkpoints import save_model
-    from MedDiffFMLib.config import preset
-    from MedDiffFMLib.network import MedDiffNet
-
-    torch.manual_seed(0)
-    config = preset("tiny")
-    return str(save_model(MedDiffNet(config).state_dict(), config, tmp_path_factory.mktemp("model") / "tiny"))
+# The registered test model (Resources/Models.json "tiny"): the real path from a model name to nodes.
+TINY_MODEL = "tiny"
 
 
-def test_real_denoise_adds_one_node_on_the_input_grid(small_ct_node, untrained_tiny_model):
+def test_real_denoise_adds_one_node_on_the_input_grid(small_ct_node):
     ct_node = small_ct_node
     before = slicer.util.arrayFromVolume(ct_node).copy()
     nodes_before = scene_nodes()
     logic = MedDiffFM.MedDiffFMLogic()
     progress = []
     logic.progressCallback = lambda step, total: progress.append((step, total))
-    node = logic.denoise(ct_node, nfe=2, seed=0, model=untrained_tiny_model, forceCpu=True)
+    node = logic.denoise(ct_node, nfe=2, seed=0, model=TINY_MODEL, forceCpu=True)
 
     assert node.GetName() == "CT denoised"
     assert progress[-1] == (2, 2)
@@ -538,12 +529,12 @@ def test_real_denoise_adds_one_node_on_the_input_grid(small_ct_node, untrained_t
     assert scene_nodes() - nodes_before == {node.GetID(), node.GetDisplayNodeID()}
 
 
-def test_real_anomaly_segmentation_is_the_thresholded_map(small_ct_node, untrained_tiny_model):
+def test_real_anomaly_segmentation_is_the_thresholded_map(small_ct_node):
     ct_node = small_ct_node
     logic = MedDiffFM.MedDiffFMLogic()
     log = []
     logic.logCallback = log.append
-    map_node, segmentation = logic.detectAnomalies(ct_node, model=untrained_tiny_model, forceCpu=True)
+    map_node, segmentation = logic.detectAnomalies(ct_node, model=TINY_MODEL, forceCpu=True)
 
     summary = json.loads(next(line for line in log if line.startswith("{")))
     anomaly_map = slicer.util.arrayFromVolume(map_node)
@@ -557,12 +548,12 @@ def test_real_anomaly_segmentation_is_the_thresholded_map(small_ct_node, untrain
     assert anomaly_map[segmented].min() >= summary["threshold_hu"] - 1e-3
 
 
-def test_real_inpaint_changes_only_the_segment(small_ct_node, untrained_tiny_model):
+def test_real_inpaint_changes_only_the_segment(small_ct_node):
     ct_node = small_ct_node
     segmentation, segment_id, sphere = sphere_segmentation(ct_node, center_ijk=(8, 16, 16), radius_vox=5)
     before = slicer.util.arrayFromVolume(ct_node).copy()
     node = MedDiffFM.MedDiffFMLogic().inpaint(ct_node, segmentation, segment_id, resample=1, nfe=3,
-                                              model=untrained_tiny_model, forceCpu=True)
+                                              model=TINY_MODEL, forceCpu=True)
 
     assert node.GetName() == "CT inpainted"
     np.testing.assert_allclose(volumes.ijkToRASArray(node), volumes.ijkToRASArray(ct_node), atol=1e-5)
