@@ -7,8 +7,9 @@ import importlib.util
 import logging
 import os
 
-# import name -> what to tell the user; torch first because it is by far the largest download
-REQUIRED_IMPORTS = ("torch", "monai", "einops", "SimpleITK", "nibabel", "safetensors", "tqdm", "pydicom")
+# Modules the jobs (and the cancel button: psutil) import; torch comes first, as the largest download.
+REQUIRED_IMPORTS = ("torch", "monai", "einops", "scipy", "SimpleITK", "nibabel", "safetensors", "tqdm", "pydicom",
+                    "psutil")
 
 
 def missingImports():
