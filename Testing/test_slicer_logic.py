@@ -597,3 +597,24 @@ def test_library_found_from_the_module_folder_alone(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(REPO)
+
+
+def test_first_use_setup_asks_before_installing(monkeypatch):
+    """The consent dialog and pip need the application: both are replaced by recorders here."""
+    from MedDiffFMUtils import dependencies
+
+    installed = []
+    missing = [["torch", "monai"], []]  # before and after installation
+    monkeypatch.setattr(dependencies, "missingImports", lambda: missing[min(len(installed), 1)])
+    monkeypatch.setattr(slicer.util, "pip_install", installed.append, raising=False)
+
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: False, raising=False)
+    with pytest.raises(RuntimeError, match="declined"):
+        dependencies.setupPythonRequirements(str(REPO), log=lambda text: None)
+    assert installed == []
+
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: True, raising=False)
+    assert dependencies.setupPythonRequirements(str(REPO), log=lambda text: None) is True
+    requirements = str(REPO / "Resources" / "requirements.txt")
+    assert installed == ["torch", ["-r", requirements]]  # no PyTorch Utils here: torch from pip, then the rest
+    assert "monai>=1.5" in open(requirements).read().split()
