@@ -15,7 +15,11 @@ import sys
 import threading
 import time
 
-PROGRESS_PREFIX = "MEDDIFFFM_PROGRESS"
+from .library import libraryRoot
+
+libraryRoot()  # makes MedDiffFMLib importable when the module runs from the source tree
+from MedDiffFMLib.commands._common import PROGRESS_PREFIX  # noqa: E402  (the CLI's side of the protocol)
+
 _END_OF_OUTPUT = None  # queue marker: the child closed its output
 
 
