@@ -63,15 +63,14 @@ def inpaint(volume: Volume, mask: Volume, model: torch.nn.Module, nfe: int = 100
     """A copy of `volume` with the voxels inside `mask` (> 0) synthesised to fit their surroundings.
 
     `model` is a lesion `ControlledNet` (the mask is its control: a lesion grows there) or a base model
-    (the region is filled with plausible normal tissue). The network runs about
-    nfe + (resample - 1) * jump_length * (nfe // jump_length) times per window.
+    (the region is filled with plausible normal tissue). RePaint's jumps re-run most steps, so the network
+    runs about resample * nfe times per window (`repaint_path` gives the exact sequence).
     """
     if isinstance(model, ControlledNet):
         check_task(model, "lesion")
     job = prepare_box(volume, mask, model, region, margin_mm, device, overlap, window_batch, precision)
     sampler, schedule = job.sampler, job.sampler.schedule
-    device = job.known.device
-    unknown = torch.from_numpy(job.inside)[None, None].to(device)
+    unknown = torch.from_numpy(job.inside)[None, None].to(job.known.device)
     steps = timesteps(nfe, schedule.T - 1)
     levels = steps + [-1]
     path = repaint_path(len(steps), jump_length, resample)
@@ -79,7 +78,7 @@ def inpaint(volume: Volume, mask: Volume, model: torch.nn.Module, nfe: int = 100
     generator = torch.Generator().manual_seed(int(seed))
 
     def randn() -> torch.Tensor:
-        return torch.randn(job.known.shape, generator=generator).to(device)
+        return torch.randn(job.known.shape, generator=generator).to(job.known.device)
 
     x = randn()
     done = 0
