@@ -1,13 +1,16 @@
-"""CT noise level estimated from the image itself: one global value and a profile along z.
+"""CT noise level estimated from the image itself: one overall value, a profile along z and a 3D map.
 
 Method (in the spirit of the CT "global noise index"): the local standard deviation in small in-plane
 boxes (about 5 mm) is computed over homogeneous soft tissue (0..100 HU after light smoothing), and the
 **mode** of its histogram is the noise estimate. Boxes that straddle an edge give larger values and fall
 in the histogram's tail, so the mode ignores them without an explicit edge detector.
 
-Tube-current modulation makes noise vary from slice to slice, so the same estimate is made per axial
-slice (where a slice has enough tissue), smoothed along z and filled in from neighbours elsewhere.
-Boxes are in-plane only because slices are often much thicker than pixels.
+Noise varies in space: tube-current modulation changes it from slice to slice, and within a slice it
+is higher where rays cross more tissue (the centre of a large body). So the estimate is made per axial
+slice (smoothed along z, filled in from neighbours where a slice lacks tissue), and the in-plane map
+holds the same mode per ~24 mm block (median-smoothed along z like the profile), interpolated between
+block centres; blocks with too little tissue take their slice's value. Boxes are in-plane only because
+slices are often much thicker than pixels.
 
 Limit: CT noise is spatially correlated; a 5 mm box sees part of that correlation as structure, so the
 value is the voxel-level noise std somewhat underestimated for strongly correlated (smooth-kernel) noise.
@@ -32,24 +35,27 @@ MIN_VOXELS = 500
 MIN_SLICE_VOXELS = 200
 #: Slices over which the per-slice profile is median-smoothed.
 PROFILE_SMOOTHING_SLICES = 5
+#: In-plane block side (mm) of the noise map; a block needs this tissue fraction and voxel count.
+BLOCK_MM = 24.0
+MIN_BLOCK_TISSUE = 0.25
+MIN_BLOCK_VOXELS = 30
 
 
 @dataclass
 class NoiseEstimate:
-    """Noise standard deviation in HU: `sigma_hu` overall and `slice_sigma_hu` per axial slice (z)."""
+    """Noise standard deviation in HU: `sigma_hu` overall, `slice_sigma_hu` per axial slice (z) and
+    `sigma_map_hu` per voxel (z, y, x)."""
 
     sigma_hu: float
     slice_sigma_hu: np.ndarray
+    sigma_map_hu: np.ndarray
     tissue_voxels: int
-
-    def map(self, shape_zyx) -> np.ndarray:
-        """Per-voxel noise std (HU) on a grid of `shape_zyx`: the z profile broadcast in-plane."""
-        return np.broadcast_to(self.slice_sigma_hu.astype(np.float32)[:, None, None], tuple(shape_zyx))
 
     def describe(self) -> str:
         lo, hi = float(self.slice_sigma_hu.min()), float(self.slice_sigma_hu.max())
+        p5, p95 = np.percentile(self.sigma_map_hu, [5, 95])
         return (f"noise estimated from {self.tissue_voxels} soft-tissue voxels: {self.sigma_hu:.1f} HU "
-                f"(median over slices; per slice {lo:.1f}..{hi:.1f} HU)")
+                f"(median over slices; per slice {lo:.1f}..{hi:.1f} HU; map 5-95% {p5:.1f}..{p95:.1f} HU)")
 
 
 def estimate_noise(vol: Volume) -> NoiseEstimate:
@@ -75,13 +81,41 @@ def estimate_noise(vol: Volume) -> NoiseEstimate:
     # Overall value: the median slice (a pooled mode would follow the quietest slices).
     known = per_slice[np.isfinite(per_slice)]
     sigma = float(np.median(known)) if known.size else _histogram_mode(local_std[tissue])
-    return NoiseEstimate(sigma, _fill_profile(per_slice, sigma), count)
+    profile = _fill_profile(per_slice, sigma)
+    sigma_map = _block_map(local_std, tissue, (_block_voxels(dy), _block_voxels(dx)), profile).astype(np.float32)
+    return NoiseEstimate(sigma, profile, sigma_map, count)
 
 
 def _box_voxels(spacing_mm: float) -> int:
     n = int(round(BOX_MM / spacing_mm))
     n += 1 - n % 2  # odd, so the box is centred
     return int(np.clip(n, 3, 9))
+
+
+def _block_voxels(spacing_mm: float) -> int:
+    return max(4, int(round(BLOCK_MM / spacing_mm)))
+
+
+def _block_map(local_std: np.ndarray, tissue: np.ndarray, block, profile: np.ndarray) -> np.ndarray:
+    """Per voxel: the noise mode of its in-plane block (the slice's value where the block has too little
+    tissue), linearly interpolated between block centres."""
+    from scipy import ndimage
+
+    depth, height, width = local_std.shape
+    by, bx = block
+    ny, nx = -(-height // by), -(-width // bx)
+    needed = max(MIN_BLOCK_VOXELS, int(MIN_BLOCK_TISSUE * by * bx))
+    modes = np.repeat(profile[:, None, None], ny * nx, axis=1).reshape(depth, ny, nx)
+    for z in range(depth):
+        for iy in range(ny):
+            for ix in range(nx):
+                cell = (z, slice(iy * by, (iy + 1) * by), slice(ix * bx, (ix + 1) * bx))
+                values = local_std[cell][tissue[cell]]
+                if values.size >= needed:
+                    modes[z, iy, ix] = _histogram_mode(values)
+    modes = ndimage.median_filter(modes, size=(min(PROFILE_SMOOTHING_SLICES, depth), 1, 1), mode="nearest")
+    full = ndimage.zoom(modes, (1.0, by, bx), order=1, mode="nearest", grid_mode=True)
+    return full[:, :height, :width]
 
 
 def _local_std(image: np.ndarray, box) -> np.ndarray:
@@ -95,11 +129,13 @@ def _local_std(image: np.ndarray, box) -> np.ndarray:
 
 
 def _histogram_mode(values: np.ndarray) -> float:
-    """Mode of a histogram (bins up to the 90th percentile, lightly smoothed) of positive values."""
+    """Mode of a histogram (bins up to the 90th percentile, lightly smoothed) of positive values; fewer
+    bins for fewer values, so small blocks still get a stable mode."""
     top = float(np.percentile(values, 90))
     if top <= 0:
         return 0.0
-    counts, edges = np.histogram(values, bins=60, range=(0.0, top))
+    bins = int(np.clip(values.size // 10, 8, 60))
+    counts, edges = np.histogram(values, bins=bins, range=(0.0, top))
     counts = np.convolve(counts, [1.0, 2.0, 3.0, 2.0, 1.0], mode="same")
     k = int(np.argmax(counts))
     return float(0.5 * (edges[k] + edges[k + 1]))

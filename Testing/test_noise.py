@@ -26,9 +26,23 @@ def test_known_noise_per_slice():
     np.testing.assert_allclose(estimate.slice_sigma_hu[1:11], 15.0, rtol=0.1)
     np.testing.assert_allclose(estimate.slice_sigma_hu[13:23], 45.0, rtol=0.1)
     assert 15.0 < estimate.sigma_hu < 45.0
-    assert estimate.map((24, 64, 64)).shape == (24, 64, 64)
-    assert estimate.map((24, 64, 64))[20, 3, 7] == pytest.approx(estimate.slice_sigma_hu[20])
+    assert estimate.sigma_map_hu.shape == (24, 64, 64)
+    np.testing.assert_allclose(estimate.sigma_map_hu[2:10, 10:], 15.0, rtol=0.15)
+    np.testing.assert_allclose(estimate.sigma_map_hu[14:22, 10:], 45.0, rtol=0.15)
     assert "HU" in estimate.describe()
+
+
+def test_noise_varying_in_plane():
+    """Noise 15 HU on the left half, 45 HU on the right: the map follows it away from the boundary."""
+    z, y, x = np.mgrid[:6, :96, :96]
+    image = 40 + 30 * np.sin(x / 10.0) * np.cos(y / 13.0)
+    image[:, :5] = -1000.0
+    noise = np.where(x < 48, 15.0, 45.0)
+    image = (image + noise * np.random.default_rng(2).normal(size=image.shape)).astype(np.float32)
+    sigma_map = estimate_noise(Volume(image, (0.9, 0.9, 2.5))).sigma_map_hu
+    left, right = sigma_map[:, 10:, 5:30], sigma_map[:, 10:, 66:]
+    assert np.median(right) > 2.0 * np.median(left)
+    assert np.median(left) == pytest.approx(15.0, rel=0.3) and np.median(right) == pytest.approx(45.0, rel=0.3)
 
 
 def test_added_noise_adds_in_variance_on_real_ct():

@@ -130,7 +130,7 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: int = DEFAULT_NFE,
         if estimate.sigma_hu < MIN_NOISE_HU:
             raise InputError(f"the image looks noise-free (estimated noise {estimate.sigma_hu:.2f} HU); there is "
                              "nothing to denoise. To denoise anyway, give the noise level (--noise-level HU)")
-        sigma_hu_map = estimate.map(volume.shape)
+        sigma_hu_map = estimate.sigma_map_hu
         noise_hu = estimate.sigma_hu
     else:
         if noise_level <= 0:
