@@ -5,7 +5,7 @@ simulation. NLM and BM3D denoise the image clipped to a working HU window and sc
 (the window MedDiffFM denoises in, so every method sees the same information and the noise
 level means the same thing to all of them); HU outside the window comes back clipped, which
 the window metrics ignore. `sigma_hu` is the noise standard deviation in HU: pass the true one
-("oracle", known in a simulation) or None to estimate it from the image.
+("oracle", known in a simulation) or None to estimate it from the image (`noise.estimate_noise`).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from scipy import ndimage
 from .errors import InputError, ResourceError
 from .io import Volume
 from .metrics import DENOISING_WINDOW_HU
+from .noise import estimate_noise
 
 Window = Tuple[float, float]
 
@@ -54,18 +55,6 @@ def bm3d_denoise(vol: Volume, sigma_hu: Optional[float] = None, window: Window =
     return _denoise_in_window(vol, sigma_hu, window, denoise)
 
 
-def estimate_sigma_hu(vol: Volume, window: Window = DENOISING_WINDOW_HU) -> float:
-    """Noise std in HU from the finest wavelet band (Donoho's MAD), averaged over slices.
-
-    Real and simulated CT noise is spatially correlated, so this underestimates it somewhat.
-    """
-    from skimage.restoration import estimate_sigma
-
-    low, high = _check_window(window)
-    unit = (np.clip(vol.array.astype(np.float64), low, high) - low) / (high - low)
-    return float(np.mean([estimate_sigma(s) for s in unit]) * (high - low))
-
-
 def _check_window(window: Window) -> Window:
     low, high = float(window[0]), float(window[1])
     if not high > low:
@@ -77,7 +66,7 @@ def _denoise_in_window(vol: Volume, sigma_hu: Optional[float], window: Window,
                        denoise_slice: Callable[[np.ndarray, float], np.ndarray]) -> Volume:
     low, high = _check_window(window)
     if sigma_hu is None:
-        sigma_hu = estimate_sigma_hu(vol, window)
+        sigma_hu = estimate_noise(vol).sigma_hu
     if not sigma_hu > 0:
         raise InputError(f"noise std must be > 0 HU, got {sigma_hu}.")
     sigma_unit = sigma_hu / (high - low)
