@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import CHEST_NODULE_NRRD, CHEST_NRRD, LIMB_NII
+from conftest import CHEST_NODULE_NRRD, CHEST_NRRD, LIMB_NII, THREE_SLICE_DICOM
 from MedDiffFMLib import baselines
 from MedDiffFMLib import evaluate as harness
 from MedDiffFMLib.cli import main
@@ -76,6 +77,16 @@ def test_crop_keeps_physical_positions(cases):
     expected = full.to_sitk().TransformIndexToPhysicalPoint((x0, y0, z0))
     np.testing.assert_allclose(block.origin, expected, atol=1e-6)
     assert harness.central_block(full, 500).shape == full.shape  # more slices than exist: all of them
+
+
+def test_inputs_and_case_names():
+    assert harness.collect_ct_paths([THREE_SLICE_DICOM]) == [THREE_SLICE_DICOM]  # a DICOM series folder
+    folder = harness.collect_ct_paths([LIMB_NII.parent])  # a folder of volume files: each of them
+    assert folder == sorted(LIMB_NII.parent.glob("*.nii.gz")) and LIMB_NII in folder
+    paths = [Path("a/STS_001/CT_image.nii.gz"), Path("a/STS_002/CT_image.nii.gz"), Path("b/lung1.nrrd")]
+    assert harness.case_names(paths) == ["STS_001_CT_image", "STS_002_CT_image", "lung1"]
+    with pytest.raises(InputError):
+        harness.case_names([Path("a/x/CT.nii"), Path("b/x/CT.nii.gz")])
 
 
 def test_baselines_keep_grid_and_input(cases):
