@@ -12,7 +12,8 @@ PROGRESS_PREFIX = "MEDDIFFFM_PROGRESS"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, nfe: Optional[int] = None) -> None:
-    """--model, --seed, --nfe, --device, --precision, --progress, --overlap, --window-batch, --region, --overwrite."""
+    """--model, --seed, --nfe, --device, --precision, --progress, --overlap, --window-batch, --region,
+    --threads, --overwrite."""
     parser.add_argument("--model", default="default",
                         help="registered model name or path to a .safetensors model file")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same result on CPU)")
@@ -27,6 +28,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, nfe: Optional[int] = No
     parser.add_argument("--window-batch", type=int, default=4, help="windows per network call")
     parser.add_argument("--region", default="auto",
                         help="body region: auto (guessed from the image), head_neck, chest, abdomen, other")
+    parser.add_argument("--threads", type=int, help="CPU threads for the network (default: PyTorch's choice)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
@@ -43,8 +45,16 @@ def region_option(args: argparse.Namespace) -> Optional[str]:
 
 
 def load_model(args: argparse.Namespace):
+    """The model of --model on the device of --device (after applying --threads)."""
+    import torch
+
+    from ..errors import InputError
     from ..tasks.common import choose_device, load_model as load
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InputError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     return load(args.model, choose_device(args.device))
 
 
