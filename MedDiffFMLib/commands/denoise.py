@@ -9,8 +9,8 @@ from . import _common
 
 NAME = "denoise"
 HELP = ("Denoise a (low-dose) CT with the diffusion prior (DiffPIR, zero-shot) on the input's own grid. "
-        "The noise level is estimated per slice unless --noise-level is given; bone and air outside the "
-        "window keep their input values.")
+        "The noise level is estimated locally from the image unless --noise-level is given; bone and air "
+        "outside the window keep their input values.")
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ Choices:
   the prior was learned on that HU-to-[-1, 1] mapping; another window feeds the network contrasts it never
   saw. The paper's [-160, 240] HU is the right choice for a model trained with that window and can be set
   (`window=(-160, 240)`); a window different from the model's is logged as a warning.
-- Noise: sigma_n comes from `noise.estimate_noise` (per slice) unless given; the data step uses the
-  per-slice value (rho varies along z), t_start uses the overall value.
+- Noise: sigma_n comes from `noise.estimate_noise` (a per-voxel map) unless given; the data step uses
+  the local value (rho varies in space), t_start the map's median.
 - Voxels outside the window (bone, air) keep their input value; within a margin inside the window edges
   the output blends smoothly from denoised to input, so nothing is clipped away.
 """
@@ -58,7 +58,7 @@ EDGE_BLEND_FRACTION = 0.05
 class DenoiseResult:
     denoised: Volume                 # HU, on the input grid
     uncertainty: Optional[Volume]    # per-voxel std (HU) over seeds, when seeds > 1
-    noise_hu: float                  # overall noise level used (HU)
+    noise_hu: float                  # overall noise level (HU) that set t_start: median of the map
     noise_estimate: Optional[NoiseEstimate]  # None when the user gave the noise level
     window: Tuple[float, float]
     t_start: int
@@ -98,7 +98,7 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: int = DEFAULT_NFE,
             precision: str = "auto", progress: Optional[Callable[[int, int], None]] = None) -> DenoiseResult:
     """Denoise a CT (HU) with the diffusion prior; see the module docstring for the method and choices.
 
-    `noise_level`: noise std in HU (None: estimated per slice). `window`: (lo, hi) HU (None: the model's
+    `noise_level`: noise std in HU (None: a per-voxel map estimated from the image). `window`: (lo, hi) HU (None: the model's
     window for the region). `seeds` > 1 runs seeds seed..seed+seeds-1 and returns their mean, with the
     per-voxel standard deviation as `uncertainty`. `zeta` None: DEFAULT_ZETA for one seed,
     DEFAULT_SEEDS_ZETA for several. `region` None guesses it from the image.
@@ -131,7 +131,7 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: int = DEFAULT_NFE,
             raise InputError(f"the image looks noise-free (estimated noise {estimate.sigma_hu:.2f} HU); there is "
                              "nothing to denoise. To denoise anyway, give the noise level (--noise-level HU)")
         sigma_hu_map = estimate.sigma_map_hu
-        noise_hu = estimate.sigma_hu
+        noise_hu = float(np.median(sigma_hu_map))  # what diffpir() derives t_start from
     else:
         if noise_level <= 0:
             raise InputError(f"the noise level must be > 0 HU, got {noise_level}")
