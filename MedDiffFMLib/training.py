@@ -16,6 +16,8 @@ import csv
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -184,11 +186,15 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
         model = model.to(memory_format=torch.channels_last_3d)
     net = model
     if rank.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank.local] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(model,
+                                                        device_ids=[rank.local] if device.type == "cuda" else None)
     forward = torch.compile(net) if settings.compile else net
     schedule = Schedule.from_name(cfg.schedule, cfg.num_train_timesteps)
+    # bf16 autocast on CUDA only (CPUs without bf16 units run it slower than fp32); the schedule maths stays fp32.
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
-    val_batch = validation_batch(val_data, settings.validation_patches) if (val_data is not None and rank.main) else None
+    val_batch = None
+    if val_data is not None and rank.main:
+        val_batch = validation_batch(val_data, settings.validation_patches)
     if rank.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         log.info("training %s (%.2fM parameters) on %s x%d from step %d to %d", cfg.name,
@@ -199,49 +205,38 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
     started, last_save = time.monotonic(), time.monotonic()
     val = {}
     step = start
-    for step in range(start + 1, settings.steps + 1):
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for micro in range(settings.grad_accum):
-            batch = next(batches)
-            x0 = batch["image"].to(device)
-            cond, region = batch["cond"].to(device), batch["region"].to(device)
-            t = training_timesteps(x0.shape[0], schedule.T, gen, settings.low_noise_fraction, settings.low_noise_max_t)
-            noise = torch.randn(x0.shape, generator=gen).to(device)
-            x_t = q_sample(schedule, x0, t, noise)
-            if settings.channels_last:
-                x_t, cond = x_t.to(memory_format=torch.channels_last_3d), cond.to(memory_format=torch.channels_last_3d)
-            sync = micro == settings.grad_accum - 1 or rank.world == 1
-            with (contextlib.nullcontext() if sync else net.no_sync()), autocast():
-                eps = forward(x_t, t.to(device), cond, region)
-                loss = (eps.float() - noise).abs().mean() / settings.grad_accum
-            loss.backward()
-            loss_sum += float(loss.detach())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip))
-        optimizer.step()
-        ema.update(model, step)
-        loss_value = _mean_over_ranks(loss_sum, rank, device)
-        if rank.main:
-            logger.add(step, loss_value, grad_norm)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}")
-        if progress is not None:
-            progress(step, settings.steps)
-        wall = wall_before + time.monotonic() - started
-        if val_batch is not None and (step % settings.validate_every == 0 or step == settings.steps):
-            val = validation_losses(_ema_model(cfg, ema, device, build_model), schedule, val_batch, device)
-            logger.add_validation(step, val)
-            log.info("step %d validation (EMA) %s", step, " ".join(f"{k}={v:.4f}" for k, v in val.items()))
-        due = (step % settings.checkpoint_every == 0 or step == settings.steps
-               or time.monotonic() - last_save > 60 * settings.checkpoint_minutes)
-        if rank.main and due:
-            improved = bool(val) and val["mean"] < best
-            best = val["mean"] if improved else best
-            _save(out_dir, cfg, settings, model, ema, optimizer, gen, step, wall, best, data, val, device, improved,
-                  export_model)
-            logger.flush(plot=True)
-            last_save = time.monotonic()
+    stop = _StopRequest()
+    try:
+        for step in range(start + 1, settings.steps + 1):
+            loss_sum, grad_norm = _optimizer_step(net, forward, model, optimizer, batches, schedule, gen, settings,
+                                                  device, autocast)
+            ema.update(model, step)
+            if progress is not None:
+                progress(step, settings.steps)
+            loss_value, stopping = _agree_over_ranks(loss_sum, stop.requested, rank, device)
+            if rank.main:
+                logger.add(step, loss_value, grad_norm)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+            wall = wall_before + time.monotonic() - started
+            if val_batch is not None and (step % settings.validate_every == 0 or step == settings.steps):
+                val = validation_losses(_ema_model(cfg, ema, device, build_model), schedule, val_batch, device)
+                logger.add_validation(step, val)
+                log.info("step %d validation (EMA) %s", step, " ".join(f"{k}={v:.4f}" for k, v in val.items()))
+            due = (step % settings.checkpoint_every == 0 or step == settings.steps or stopping
+                   or time.monotonic() - last_save > 60 * settings.checkpoint_minutes)
+            if rank.main and due:
+                improved = bool(val) and val["mean"] < best
+                best = val["mean"] if improved else best
+                _save(out_dir, cfg, settings, model, ema, optimizer, gen, step, wall, best, data, val, device, improved,
+                      export_model)
+                logger.flush(plot=True)
+                last_save = time.monotonic()
+            if stopping:
+                log.info("stop requested: checkpoint written at step %d; resume with --resume", step)
+                break
+    finally:
+        stop.release()
     bar.close()
     record = {"step": step, "loss": logger.recent_mean() if rank.main else None, "validation": val,
               "wall_hours": (wall_before + time.monotonic() - started) / 3600}
@@ -250,6 +245,34 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
         dist.destroy_process_group()
     record.update(model=model, ema=ema.shadow)
     return record
+
+
+def _optimizer_step(net, forward, model, optimizer, batches, schedule: Schedule, gen: torch.Generator,
+                    settings: TrainSettings, device: torch.device, autocast):
+    """One optimizer step over `grad_accum` micro-batches; returns (loss, gradient norm before clipping)."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for micro in range(settings.grad_accum):
+        batch = next(batches)
+        x0 = batch["image"].to(device)
+        cond, region = batch["cond"].to(device), batch["region"].to(device)
+        t = training_timesteps(x0.shape[0], schedule.T, gen, settings.low_noise_fraction, settings.low_noise_max_t)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        x_t = q_sample(schedule, x0, t, noise)
+        if settings.channels_last:
+            x_t = x_t.to(memory_format=torch.channels_last_3d)
+            cond = cond.to(memory_format=torch.channels_last_3d)
+        # DDP: all-reduce gradients only on the last micro-batch.
+        last = micro == settings.grad_accum - 1 or not hasattr(net, "no_sync")
+        with (contextlib.nullcontext() if last else net.no_sync()), autocast():
+            eps = forward(x_t, t.to(device), cond, region)
+            loss = (eps.float() - noise).abs().mean() / settings.grad_accum
+        loss.backward()
+        loss_sum += float(loss.detach())
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip))
+    optimizer.step()
+    return loss_sum, grad_norm
 
 
 def _init_weights(init_from: str, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -265,12 +288,34 @@ def _ema_model(cfg: ModelConfig, ema: EMA, device: torch.device, build_model=Med
     return model.eval()
 
 
-def _mean_over_ranks(value: float, rank: Rank, device: torch.device) -> float:
+def _agree_over_ranks(loss: float, stop: bool, rank: Rank, device: torch.device):
+    """Mean loss over ranks, and whether any rank was asked to stop (all ranks stop at the same step)."""
     if rank.world == 1:
-        return value
-    tensor = torch.tensor([value], device=device)
+        return loss, stop
+    tensor = torch.tensor([loss, float(stop)], device=device)
     dist.all_reduce(tensor)
-    return float(tensor) / rank.world
+    return float(tensor[0]) / rank.world, bool(tensor[1] > 0)
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT end training after the current step, with a checkpoint, instead of losing the work
+    since the last one. Only the main thread can install signal handlers; elsewhere this does nothing."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def release(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _progress_bar(start: int, total: int, enabled: bool):

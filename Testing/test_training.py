@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import socket
 
 import pytest
@@ -68,6 +69,17 @@ def test_resume_gives_the_uninterrupted_result(cfg, data, tmp_path):
         assert torch.equal(value, resumed["ema"][key]), key
     rows = (tmp_path / "split" / "loss.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == [str(s) for s in range(1, 7)]
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint(cfg, data, tmp_path):
+    def kill_at_step_2(step, total):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` of a background run
+
+    previous = signal.getsignal(signal.SIGTERM)
+    record = train(cfg, data, tmp_path, _quiet(steps=50, batch_size=1), progress=kill_at_step_2)
+    assert record["step"] == 2 and json.loads((tmp_path / "last.json").read_text())["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) is previous
 
 
 def _ddp_worker(rank: int, world: int, port: int, cfg, cache, out_dir) -> None:

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Train the `default` preset in the background on this machine's CPU, resumable.
 #   scripts/train_default_cpu.sh [extra `train` options]     (run again after a stop: it resumes)
-# Environment: MEDDIFFFM_RUN (run folder, default /work/runs/default), MEDDIFFFM_THREADS (default 2).
+# Environment: MEDDIFFFM_RUN (run folder, default /work/runs/default), MEDDIFFFM_THREADS (default 1:
+# on a CPU shared with other jobs one thread ran 3-6x faster than two, which stall in OpenMP barriers).
 # Stop cleanly with: kill "$(cat "$MEDDIFFFM_RUN/train.pid")"  (at most ~5 minutes of work are lost).
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${MEDDIFFFM_RUN:-/work/runs/default}"
-THREADS="${MEDDIFFFM_THREADS:-2}"
+THREADS="${MEDDIFFFM_THREADS:-1}"
 mkdir -p "$OUT"
 cd "$REPO"
 if [ -f "$OUT/train.pid" ] && kill -0 "$(cat "$OUT/train.pid")" 2>/dev/null; then
