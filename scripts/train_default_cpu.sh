@@ -16,7 +16,7 @@ if [ -f "$OUT/train.pid" ] && kill -0 "$(cat "$OUT/train.pid")" 2>/dev/null; the
 fi
 OMP_NUM_THREADS="$THREADS" nohup nice -n 5 python -m MedDiffFMLib train --preset default --data train \
     --out "$OUT" --cache-dir "$OUT/../cache" --resume --steps 1000000 --batch-size 2 --channels-last \
-    --checkpoint-minutes 5 --checkpoint-every 1000 --validate-every 250 --threads "$THREADS" "$@" \
+    --checkpoint-minutes 5 --checkpoint-every 1000 --validate-every 100 --threads "$THREADS" "$@" \
     >> "$OUT/train.log" 2>&1 &
 echo $! > "$OUT/train.pid"
 echo "training in the background (pid $!); log: $OUT/train.log, EMA model: $OUT/ema.safetensors"
