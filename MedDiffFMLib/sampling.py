@@ -6,8 +6,8 @@ estimates", after Oezdenizci et al.), and a single update is applied to the whol
 linear in eps, averaging eps is the same as averaging the per-window x0 predictions.
 
 Borders: along each axis the last window is placed flush with the end, so every voxel is covered. An axis
-shorter than the window is padded at its far end (reflect where possible, else edge replication) for the
-network and cropped back afterwards; the condition channels are padded the same way.
+shorter than the window is extended at its far end by mirror tiling for the network and cropped back
+afterwards; the condition channels are extended the same way.
 
 Hooks for tasks built on top (DiffPIR denoising, RePaint inpainting, ...):
 - `x0_transform(x0, t, t_prev) -> x0`: applied to the clamped x0 estimate before the update (data step);
@@ -21,7 +21,6 @@ import logging
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from . import diffusion
 from .conditioning import VolumeCondition
@@ -60,16 +59,22 @@ def window_grid(shape: Sequence[int], window: int, overlap: float) -> List[Tuple
     return list(itertools.product(*per_axis))
 
 
-def _pad_end(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Pad the last three dims of a (N, C, d, h, w) tensor at their far ends up to `shape`."""
-    extra = [max(0, int(s) - n) for s, n in zip(shape, x.shape[-3:])]
-    if not any(extra):
-        return x
-    pads = []
-    for e in reversed(extra):  # F.pad lists the last dim first
-        pads += [0, e]
-    reflect_ok = all(e < n for e, n in zip(extra, x.shape[-3:]))
-    return F.pad(x, pads, mode="reflect" if reflect_ok else "replicate")
+def mirror_pad(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Extend the last three dims of a (N, C, d, h, w) tensor at their far ends up to `shape` by mirror
+    tiling (0 1 2 3 2 1 0 1 ...), which keeps image and noise statistics natural however short the axis."""
+    for axis, target in zip(range(-3, 0), shape):
+        n = x.shape[axis]
+        if target > n:
+            x = x.index_select(axis, _mirror_indices(n, int(target)).to(x.device))
+    return x
+
+
+def _mirror_indices(n: int, target: int) -> torch.Tensor:
+    if n == 1:
+        return torch.zeros(target, dtype=torch.long)
+    period = 2 * n - 2
+    i = torch.arange(target) % period
+    return torch.where(i < n, i, period - i)
 
 
 class SlidingWindowSampler:
@@ -110,11 +115,11 @@ class SlidingWindowSampler:
         """(C, w, w, w) condition of the window at `start`, padded like the image on short axes."""
         size = [min(self.window, n) for n in self.shape]
         cond = self.cond.window(start, size)[None]
-        return _pad_end(cond, (self.window,) * 3)[0].to(self.device)
+        return mirror_pad(cond, (self.window,) * 3)[0].to(self.device)
 
     def eps(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         """Full-volume noise estimate (1, 1, *shape), float32: the mean over all windows covering a voxel."""
-        x_pad = _pad_end(x_t.to(self.device, torch.float32), self.padded_shape)
+        x_pad = mirror_pad(x_t.to(self.device, torch.float32), self.padded_shape)
         total = torch.zeros_like(x_pad)
         i = 0
         while i < len(self.starts):

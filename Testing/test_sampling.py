@@ -190,3 +190,13 @@ def test_out_of_memory_halves_window_batch(prior):
     sampler.model_fn = never
     with pytest.raises(ResourceError, match="window batch size 1"):
         sampler.eps(x_t, 400)
+
+
+def test_short_axes_are_mirror_tiled():
+    from MedDiffFMLib.sampling import mirror_pad
+
+    x = torch.arange(5.0).reshape(1, 1, 5, 1, 1)
+    padded = mirror_pad(x, (12, 3, 1))
+    assert padded.shape == (1, 1, 12, 3, 1)
+    assert padded[0, 0, :, 0, 0].tolist() == [0, 1, 2, 3, 4, 3, 2, 1, 0, 1, 2, 3]
+    assert torch.equal(padded[0, 0, :, 2, 0], padded[0, 0, :, 0, 0])  # a single voxel repeats
