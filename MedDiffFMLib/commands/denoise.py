@@ -39,12 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io import read_mask, read_volume, write_volume
+    from ..io import read_mask, read_volume, sibling_path, write_volume
     from ..tasks.denoise import denoise
 
     uncertainty_path = args.uncertainty
     if args.seeds > 1 and uncertainty_path is None:
-        uncertainty_path = with_suffix_tag(args.output, "_std")
+        uncertainty_path = sibling_path(args.output, "_std")
     _common.check_outputs(args, [args.input, args.anatomy_labels], volumes=[args.output, uncertainty_path],
                           others=[args.preview])
     volume = read_volume(args.input)
@@ -65,17 +65,6 @@ def run(args: argparse.Namespace) -> int:
         write_preview(volume.array, result.denoised.array, result.window, args.preview)
         log.info("preview written to %s", args.preview)
     return 0
-
-
-def with_suffix_tag(path: Path, tag: str) -> Path:
-    """`out.nii.gz` + `_std` -> `out_std.nii.gz`."""
-    from ..io import VOLUME_SUFFIXES
-
-    name = path.name
-    for suffix in VOLUME_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return path.with_name(name[: -len(suffix)] + tag + name[-len(suffix):])
-    return path.with_name(name + tag)
 
 
 def write_preview(noisy, denoised, window, path: Path) -> None:
@@ -99,6 +88,8 @@ def write_preview(noisy, denoised, window, path: Path) -> None:
         ax.axis("off")
         fig.colorbar(shown, ax=ax, fraction=0.046)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
