@@ -147,3 +147,18 @@ def test_finetuning_a_controlnet_model_is_refused(base, tmp_path):
                     base_record(str(tmp_path / "base.safetensors")))
     with pytest.raises(InputError, match="already a ControlNet"):
         finetune(str(tmp_path / "cn.safetensors"), "lesion", None, tmp_path / "run", TrainSettings(steps=1))
+
+
+@pytest.mark.parametrize("name, task", [("tiny-super-resolution", "super-resolution"), ("tiny-lesion", "lesion")])
+def test_registered_controlnets_load_with_their_registered_base(name, task):
+    from MedDiffFMLib.checkpoints import read_model_info, registry, resolve_model
+
+    model, cfg, info = load_model(name)
+    assert isinstance(model, ControlledNet) and model.task == task
+    tiny = next(m for m in registry() if m["name"] == "tiny")
+    assert info["base_model"]["sha256"] == tiny["sha256"] == read_model_info(resolve_model("tiny"))["sha256"]
+    base, _, _ = load_model("tiny")
+    for key, value in base.state_dict().items():
+        assert torch.equal(model.base.state_dict()[key], value), key
+    # Trained: the zero convolutions have left zero.
+    assert any(v.any() for k, v in model.controlnet.state_dict().items() if k.startswith(OWN_PARTS[1:]))

@@ -76,3 +76,20 @@ def test_wrong_model_and_empty_mask_are_refused(chest_nodule_crop, lesion_model,
         generate_lesion(image, nodule, ControlledNet(tiny_base, "super-resolution"), **FAST)
     with pytest.raises(InputError, match="empty"):
         generate_lesion(image, nodule.with_array(np.zeros(image.shape, np.uint8)), lesion_model, **FAST)
+
+
+def test_cli_with_the_registered_lesion_model(chest_nodule_crop, tmp_path):
+    from MedDiffFMLib.cli import main
+    from MedDiffFMLib.io import read_volume, write_volume
+
+    image, nodule = chest_nodule_crop
+    blob = np.zeros(image.shape, np.uint8)
+    blob[5:8, 20:26, 20:26] = 1  # small: its box is one network window
+    write_volume(image, tmp_path / "ct.nii.gz")
+    write_volume(image.with_array(blob), tmp_path / "lesion.nii.gz")
+    code = main(["generate-lesion", str(tmp_path / "ct.nii.gz"), "--mask", str(tmp_path / "lesion.nii.gz"),
+                 "-o", str(tmp_path / "out.nii.gz"), "--nfe", "2", "--margin-mm", "2", "--region", "chest",
+                 "--overlap", "0", "--device", "cpu", "--progress", "none"])  # default --model: tiny-lesion
+    assert code == 0
+    out = read_volume(tmp_path / "out.nii.gz")
+    assert out.same_grid(image) and not np.array_equal(out.array[blob > 0], image.array[blob > 0])

@@ -111,17 +111,11 @@ def test_volume_too_thin_and_wrong_model_are_refused(thick, sr_model):
         super_resolve(thick, sr_model.base, nfe=1, region="chest")
 
 
-def test_cli_writes_the_thin_volume(thick, sr_model, tmp_path):
-    from MedDiffFMLib.checkpoints import save_model
-    from MedDiffFMLib.finetune import base_record, save_controlled
-
-    save_model(sr_model.base.state_dict(), sr_model.cfg, tmp_path / "base", half=False)
-    save_controlled(sr_model.state_dict(), sr_model.cfg, tmp_path / "sr", "super-resolution",
-                    base_record(str(tmp_path / "base.safetensors")))
+def test_cli_with_the_registered_model_writes_the_thin_volume(thick, tmp_path):
     write_volume(thick, tmp_path / "thick.nii.gz")
     code = main(["super-resolve", str(tmp_path / "thick.nii.gz"), "-o", str(tmp_path / "thin.nii.gz"),
-                 "--model", str(tmp_path / "sr.safetensors"), "--factor", "5", "--nfe", "1", "--region", "chest",
-                 "--sigma-n", "0", "--device", "cpu", "--progress", "none"])
+                 "--factor", "5", "--nfe", "1", "--region", "chest", "--sigma-n", "0", "--device", "cpu",
+                 "--progress", "none"])  # default --model: the registered tiny-super-resolution ControlNet
     assert code == 0
     thin = read_volume(tmp_path / "thin.nii.gz")
     assert thin.shape == (40, 16, 16) and thin.spacing[2] == pytest.approx(1.0)
