@@ -138,6 +138,25 @@ def test_finetune_trains_only_the_controlnet_and_saves_a_small_file(base, chest_
         load_model(tmp_path / "run" / "ema.safetensors")
 
 
+def test_resumed_finetuning_equals_an_uninterrupted_run(base, chest_nodule_crop, tmp_path):
+    image, mask = chest_nodule_crop
+    write_volume(image, tmp_path / "ct.nii.gz")
+    write_volume(mask, tmp_path / "lesion.nii.gz")
+    save_model(base.state_dict(), base.cfg, tmp_path / "base", half=False)
+    data = LesionPatches([(tmp_path / "ct.nii.gz", tmp_path / "lesion.nii.gz", "chest")], base.cfg, seed=0)
+    weights = str(tmp_path / "base.safetensors")
+
+    def run(out, steps, resume=False):
+        settings = TrainSettings(steps=steps, batch_size=1, lr=1e-3, checkpoint_every=2, validate_every=1000)
+        return finetune(weights, "lesion", data, tmp_path / out, settings, resume=resume)["model"]
+
+    straight = run("straight", 4)
+    run("resumed", 2)
+    resumed = run("resumed", 4, resume=True)
+    for key, value in straight.controlnet.state_dict().items():
+        assert torch.equal(resumed.controlnet.state_dict()[key], value), key
+
+
 def test_finetuning_a_controlnet_model_is_refused(base, tmp_path):
     net = ControlledNet(base, "lesion")
     from MedDiffFMLib.finetune import base_record, save_controlled
