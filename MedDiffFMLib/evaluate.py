@@ -88,6 +88,8 @@ def central_block(vol: Volume, n_slices: int, crop_yx: Optional[int] = None) -> 
     `crop_yx` x `crop_yx` in-plane square (kept whole where the image is smaller)."""
     if n_slices < 1:
         raise InputError(f"number of slices must be >= 1, got {n_slices}.")
+    if crop_yx is not None and crop_yx < 1:
+        raise InputError(f"in-plane crop size must be >= 1 pixel, got {crop_yx}.")
     depth, height, width = vol.shape
     z0 = max((depth - n_slices) // 2, 0)
     in_plane = []

@@ -33,9 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      choices=harness.CLASSICAL_METHODS, help="classical methods to run")
     den.add_argument("--gaussian-sigma", type=float, default=1.0, help="Gaussian smoothing sigma in pixels")
     den.add_argument("--sigma", choices=("oracle", "estimate"), default="oracle",
-                     help="give NLM/BM3D the simulation's true noise std, or let them estimate it")
+                     help="give NLM, BM3D and MedDiffFM the simulation's true noise std, or let them estimate it")
     den.add_argument("--model", help="also run MedDiffFM denoising with this model name or file")
-    den.add_argument("--nfe", type=int, help="MedDiffFM network evaluations (default: the denoising task's)")
+    den.add_argument("--nfe", type=int, help="MedDiffFM network evaluations (unset: the denoising task's default)")
     den.add_argument("--device", default="auto", help="MedDiffFM device: auto, cpu or cuda")
     den.add_argument("--seed", type=int, default=0, help="seed of the noise simulation and of MedDiffFM")
     den.set_defaults(_benchmark=_run_denoise)
