@@ -188,7 +188,8 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
     if rank.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model,
                                                         device_ids=[rank.local] if device.type == "cuda" else None)
-    forward = torch.compile(net) if settings.compile else net
+    # Patches have one fixed shape: static compilation (dynamic shapes failed to lower for the 3D UNet).
+    forward = torch.compile(net, dynamic=False) if settings.compile else net
     schedule = Schedule.from_name(cfg.schedule, cfg.num_train_timesteps)
     # bf16 autocast on CUDA only (CPUs without bf16 units run it slower than fp32); the schedule maths stays fp32.
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext

@@ -17,6 +17,7 @@ from MedDiffFMLib.cli import main as cli_main
 from MedDiffFMLib.config import preset
 from MedDiffFMLib.dataset import CTCase, CTPatchDataset
 from MedDiffFMLib.diffusion import Schedule
+from MedDiffFMLib.errors import CheckpointError
 from MedDiffFMLib.network import MedDiffNet
 from MedDiffFMLib.training import TrainSettings, train, validation_batch, validation_losses
 
@@ -80,6 +81,15 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(cfg, data, tmp_path):
     record = train(cfg, data, tmp_path, _quiet(steps=50, batch_size=1), progress=kill_at_step_2)
     assert record["step"] == 2 and json.loads((tmp_path / "last.json").read_text())["step"] == 2
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_init_from_loads_a_model_and_refuses_another_architecture(cfg, data, tmp_path):
+    record = train(cfg, data, tmp_path / "a", _quiet(steps=0), init_from="tiny")
+    shipped, _, _ = load_model("tiny")
+    assert all(torch.equal(v, record["model"].state_dict()[k]) for k, v in shipped.state_dict().items())
+    wider = dataclasses.replace(cfg, channels=(8, 16, 32), num_head_channels=(0, 0, 32))
+    with pytest.raises(CheckpointError, match="init-from tiny.*do not fit"):
+        train(wider, data, tmp_path / "b", _quiet(steps=0), init_from="tiny")
 
 
 def _ddp_worker(rank: int, world: int, port: int, cfg, cache, out_dir) -> None:

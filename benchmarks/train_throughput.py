@@ -28,7 +28,9 @@ def time_steps(name: str, device: torch.device, option: str, batch: int, steps: 
     model = MedDiffNet(cfg).to(device)
     if option == "channels_last":
         model = model.to(memory_format=torch.channels_last_3d)
-    forward = torch.compile(model) if option == "compile" else model
+    if option == "compile":
+        torch._dynamo.reset()  # a fresh compile per preset (one fixed shape each, no dynamic-shape recompiles)
+    forward = torch.compile(model, dynamic=False) if option == "compile" else model
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     p = cfg.patch_size
     x = torch.randn(batch, 1, p, p, p, device=device)
