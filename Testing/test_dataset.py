@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ABDOMEN_SMALL_NII, CT_DATA, LIMB_NII
+from conftest import ABDOMEN_SMALL_NII, CT_DATA, LIMB_MASK_NII, LIMB_NII
 from MedDiffFMLib.conditioning import anatomy_spec, condition_channels
 from MedDiffFMLib.config import preset
 from MedDiffFMLib.dataset import (SHARED_CASES, VALIDATION_SUBJECTS, CTCase, CTPatchDataset, case_spacings,
                                   split_cases)
 from MedDiffFMLib.errors import InputError
-from MedDiffFMLib.io import read_volume
+from MedDiffFMLib.io import read_mask, read_volume
 from MedDiffFMLib.preprocess import resample, window_to_unit
 
 SPACINGS = ((3.0, 3.0, 3.0), (1.0, 2.0, 2.0))
@@ -114,3 +114,14 @@ def test_bad_inputs_are_refused(cfg, cases, tmp_path):
         CTPatchDataset(cases, cfg, tmp_path, mode_weights={"tiles": 1.0})
     with pytest.raises(InputError, match="no CT volumes"):
         CTPatchDataset(str(tmp_path), cfg, tmp_path)
+
+
+def test_user_masks_replace_threshold_anatomy(cfg, tmp_path):
+    user = dataclasses.replace(cfg, anatomy={"source": "user", "encoding": "onehot", "num_classes": 1},
+                               train_spacings=((3.0, 3.0, 3.0),))
+    data = CTPatchDataset([str(LIMB_NII)], user, tmp_path, masks=[str(LIMB_MASK_NII)])
+    assert data.regions == ["other"]  # guessed from the image: a limb
+    mask = read_mask(LIMB_MASK_NII, like=read_volume(LIMB_NII))
+    expected = resample(mask, (3.0, 3.0, 3.0), is_mask=True).array
+    np.testing.assert_array_equal(data._load(data.entries[0][0])["labels"], expected)
+    assert data[0]["cond"].shape[0] == condition_channels(user)
