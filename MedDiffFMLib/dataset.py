@@ -152,7 +152,8 @@ class CTPatchDataset(torch.utils.data.Dataset):
             region, entries = self._prepare(case)
             self.regions.append(region)
             self.entries.append(entries)
-        self._by_region = {r: [i for i, cr in enumerate(self.regions) if cr == r] for r in sorted(set(self.regions))}
+        self._by_region = {r: [i for i, other in enumerate(self.regions) if other == r]
+                           for r in sorted(set(self.regions))}
         self._memory: "OrderedDict[Path, dict]" = OrderedDict()
         self._memory_budget = memory_budget_mb * 2 ** 20
 
@@ -165,7 +166,8 @@ class CTPatchDataset(torch.utils.data.Dataset):
                           for c in self.cases],
                 "regions": {r: len(ix) for r, ix in self._by_region.items()},
                 "mode_weights": dict(zip(MODES, self.mode_weights.round(4).tolist())),
-                "anatomy_dropout": self.anatomy_dropout, "train_spacings": [list(s) for s in self.cfg.train_spacings]}
+                "anatomy_dropout": self.anatomy_dropout,
+                "train_spacings": [list(s) for s in self.cfg.train_spacings]}
 
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, int(index)])
@@ -193,10 +195,12 @@ class CTPatchDataset(torch.utils.data.Dataset):
         native = vol.spacing_zyx if vol is not None else _header_spacing_zyx(Path(case.path))
         region = case.region
         if region is None:
-            vol = self._read(case)
+            vol = vol if vol is not None else self._read(case)
             region, reason = guess_region(vol)
             log.info("%s: body region %s (%s)", case.path, region, reason)
-        self.cfg.region_index(region)  # refuses an unknown region with the list of known ones
+        if region not in self.cfg.regions:
+            raise InputError(f"{case.path}: unknown body region {region!r}; "
+                             f"choose one of {', '.join(self.cfg.regions)}")
         entries = []
         for grid in case_spacings(native, self.cfg.train_spacings):
             params = {"version": CACHE_VERSION, "image": digest, "mask": mask_digest, "region": region,

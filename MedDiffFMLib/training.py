@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import logging
 import os
@@ -192,7 +193,8 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
     forward = torch.compile(net, dynamic=False) if settings.compile else net
     schedule = Schedule.from_name(cfg.schedule, cfg.num_train_timesteps)
     # bf16 autocast on CUDA only (CPUs without bf16 units run it slower than fp32); the schedule maths stays fp32.
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16) if device.type == "cuda" \
+        else contextlib.nullcontext
     val_batch = None
     if val_data is not None and rank.main:
         val_batch = validation_batch(val_data, settings.validation_patches)

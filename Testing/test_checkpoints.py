@@ -128,7 +128,8 @@ def test_training_state_survives_a_kill_mid_write(tmp_path):
     (tmp_path / "state-00000006.safetensors").write_bytes(b"\x00" * 10)
     (tmp_path / "state-00000006.json").write_text('{"step": 6, "sha')
     restored, record = load_training_state(tmp_path)
-    assert record["step"] == 3 and record["wall_seconds"] == 1.5 and torch.equal(restored["model.w"], tensors["model.w"])
+    assert record["step"] == 3 and record["wall_seconds"] == 1.5
+    assert torch.equal(restored["model.w"], tensors["model.w"])
     for step in (9, 12, 15):  # older states are pruned, the newest two kept
         save_training_state(tmp_path, step, tensors, {})
     assert sorted(p.name for p in tmp_path.glob("state-*.json")) == ["state-00000012.json", "state-00000015.json"]
