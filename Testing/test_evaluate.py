@@ -168,3 +168,24 @@ def test_meddifffm_plugs_in(tmp_path):
     assert row["method"] == "MedDiffFM" and row["seconds"] > 0 and np.isfinite(row["psnr"])
     with pytest.raises(CheckpointError):
         harness.meddifffm_method(str(tmp_path / "missing.safetensors"))
+
+
+def test_cli_anomaly_on_files(tmp_path, capsys):
+    from MedDiffFMLib.io import write_volume
+
+    image = read_volume(CHEST_NRRD)
+    mask = read_mask(CHEST_NODULE_NRRD, like=image)
+    z = np.flatnonzero(mask.array.any(axis=(1, 2)))
+    box = (slice(z[0] - 3, z[-1] + 4), slice(300, 420), slice(160, 280))
+    assert mask.array[box].sum() == mask.array.sum()  # the whole nodule is in the box
+    ct, lesion = harness.crop_volume(image, *box), harness.crop_volume(mask, *box)
+    scores = lesion.with_array((lesion.array > 0) + np.random.default_rng(0).normal(0, 0.3, lesion.shape))
+    paths = [write_volume(v, tmp_path / f"{n}.nii.gz") for v, n in ((ct, "ct"), (lesion, "m"), (scores, "s"))]
+    out = tmp_path / "out"
+    assert main(["evaluate", "anomaly", "--scores", str(paths[2]), "--masks", str(paths[1]),
+                 "--images", str(paths[0]), "--out", str(out)]) == 0
+    assert "| s |" in capsys.readouterr().out
+    with open(out / "anomaly_results.csv") as handle:
+        row = next(csv.DictReader(handle))
+    assert float(row["pixel_auroc"]) > 0.95 and float(row["image_auroc"]) == 1.0
+    assert (out / "anomaly_s.png").exists()
