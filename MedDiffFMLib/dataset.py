@@ -104,6 +104,9 @@ def as_cases(files: Union[str, Path, Sequence[Union[str, Path, CTCase]]],
         case = item if isinstance(item, CTCase) else CTCase(str(item))
         if masks is not None and masks[i] is not None:
             case = CTCase(case.path, case.region, str(masks[i]), case.subject)
+        for path in (case.path, case.mask):
+            if path is not None and not Path(path).exists():
+                raise InputError(f"training input not found: {path}")
         cases.append(case)
     return cases
 

@@ -114,6 +114,10 @@ def test_bad_inputs_are_refused(cfg, cases, tmp_path):
         CTPatchDataset(cases, cfg, tmp_path, mode_weights={"tiles": 1.0})
     with pytest.raises(InputError, match="no CT volumes"):
         CTPatchDataset(str(tmp_path), cfg, tmp_path)
+    with pytest.raises(InputError, match="not found"):
+        CTPatchDataset([str(tmp_path / "absent.nii.gz")], cfg, tmp_path)
+    with pytest.raises(InputError, match="unknown body region 'knee'"):
+        CTPatchDataset([CTCase(str(LIMB_NII), region="knee")], cfg, tmp_path)
 
 
 def test_user_masks_replace_threshold_anatomy(cfg, tmp_path):
