@@ -61,3 +61,17 @@ def test_denser_object_gives_more_noise():
     noise_water = simulate_low_dose(water, photons=1e5, seed=1, pixel_size_mm=1.0)
     noise_bone = simulate_low_dose(water + 1000.0, photons=1e5, seed=1, pixel_size_mm=1.0) - 1000.0
     assert 1.0 < noise_water.std() < 0.9 * noise_bone.std()
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_noise_sits_where_the_dense_object_is_in_non_square_slices(transpose):
+    """A bone block at one end of a wide (or tall) slice: the noise must be strongest on the block,
+    i.e. the slice is padded to a square and cropped back in place."""
+    slab = np.full((4, 64, 128), -1000.0, dtype=np.float32)
+    slab[:, 12:52, 8:48] = 1500.0
+    on_block, far = (slice(None), slice(12, 52), slice(8, 48)), (slice(None), slice(12, 52), slice(80, 120))
+    if transpose:
+        slab = slab.transpose(0, 2, 1).copy()
+        on_block, far = (on_block[0], on_block[2], on_block[1]), (far[0], far[2], far[1])
+    noise = simulate_low_dose(slab, photons=1e4, seed=0, pixel_size_mm=1.0) - slab
+    assert noise[on_block].std() > 1.5 * noise[far].std()
