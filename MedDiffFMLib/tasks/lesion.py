@@ -42,11 +42,10 @@ def mask_box(mask: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float, m
         present = np.flatnonzero(mask.any(axis=other))
         grow = int(math.ceil(margin_mm / spacing))
         lo, hi = max(0, int(present[0]) - grow), min(n, int(present[-1]) + 1 + grow)
-        missing = min(min_size, n) - (hi - lo)
-        if missing > 0:
-            lo = max(0, lo - missing // 2)
-            hi = min(n, lo + min(min_size, n))
-            lo = hi - min(min_size, n)
+        target = min(min_size, n)
+        if hi - lo < target:
+            lo = min(max(0, lo - (target - (hi - lo)) // 2), n - target)
+            hi = lo + target
         box.append(slice(lo, hi))
     return tuple(box)
 
