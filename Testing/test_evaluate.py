@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from conftest import CHEST_NODULE_NRRD, CHEST_NRRD, LIMB_NII, THREE_SLICE_DICOM
 from MedDiffFMLib import baselines
