@@ -168,8 +168,9 @@ class SuperResolutionPairs(torch.utils.data.Dataset):
     over groups of `factor` slices and interpolated back onto its grid (the degradation super-resolution undoes)."""
 
     def __init__(self, patches, factor: int = 5):
-        if int(factor) != factor or factor < 2:
-            raise InputError(f"the slice factor must be an integer >= 2, got {factor}")
+        from .tasks.super_resolution import check_factor  # the tasks package imports this module
+
+        check_factor(factor)
         self.patches = patches
         self.factor = int(factor)
 
@@ -180,7 +181,7 @@ class SuperResolutionPairs(torch.utils.data.Dataset):
         return {**self.patches.summary(), "task": "super-resolution", "slice_factor": self.factor}
 
     def __getitem__(self, index: int) -> dict:
-        from .tasks.super_resolution import degrade
+        from .tasks.super_resolution import degrade  # the tasks package imports this module
 
         item = dict(self.patches[index])
         item["cond"] = torch.cat([item["cond"], degrade(item["image"], self.factor)])

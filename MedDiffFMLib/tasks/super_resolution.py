@@ -24,9 +24,7 @@ from .common import anatomy_for, make_sampler, model_config, model_window, resol
 
 Progress = Optional[Callable[[int, int], None]]
 
-#: Slices of the thick input needed at least: fewer cannot be interpolated along z.
-MIN_THICK_SLICES = 2
-#: DiffPIR's share of fresh noise in each re-noising step (Zhu et al. 2023 use 0.1-0.4 for super-resolution).
+#: DiffPIR's share of fresh noise in each re-noising step (not stated by the paper; a moderate value).
 DEFAULT_ZETA = 0.3
 
 
@@ -79,12 +77,9 @@ def thin_geometry(volume: Volume, factor: int) -> Tuple[Tuple[float, ...], Tuple
     return (sx, sy, thin_dz), tuple(float(o) for o in origin)
 
 
-def check_factor(volume: Volume, factor: int) -> None:
+def check_factor(factor: int) -> None:
     if int(factor) != factor or factor < 2:
         raise InputError(f"the slice factor must be an integer >= 2 (thin slices per thick slice), got {factor}")
-    if volume.shape[0] < MIN_THICK_SLICES:
-        raise InputError(f"the thick volume has {volume.shape[0]} slice(s); super-resolution needs at least "
-                         f"{MIN_THICK_SLICES} slices along z")
 
 
 def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: int = 100, lam: float = 1.0,
@@ -98,8 +93,8 @@ def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: 
     closer to the input (sigma_n -> 0: the slice averages equal the input exactly, within the window).
     `zeta` is DiffPIR's share of fresh noise per step. Intensities outside the region's window are clipped.
     """
-    check_ct(volume)
-    check_factor(volume, factor)
+    check_ct(volume)  # also refuses volumes too thin to work on
+    check_factor(factor)
     if sigma_n < 0 or lam <= 0:
         raise InputError(f"need sigma_n >= 0 and lambda > 0, got sigma_n={sigma_n}, lambda={lam}")
     if not 0.0 <= zeta <= 1.0:
