@@ -16,6 +16,7 @@ a `ControlledNet` is called exactly like a `MedDiffNet`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -25,7 +26,8 @@ from torch import nn
 
 from . import checkpoints
 from .anatomy import encode_anatomy, threshold_anatomy
-from .checkpoints import available_models, check_architecture, load_model, read_model_info, resolve_model, save_model
+from .checkpoints import (available_models, check_architecture, load_model, load_training_state, read_model_info,
+                          resolve_model, save_model)
 from .conditioning import VolumeCondition, anatomy_spec, assemble, condition_channels
 from .config import ModelConfig
 from .dataset import case_spacings, split_cases
@@ -298,6 +300,15 @@ def finetune(base: str, task: str, data, out_dir, settings, val_data=None, resum
     if isinstance(base_model, ControlledNet):
         raise InputError(f"{base} is already a ControlNet model; fine-tune on a base model")
     record = base_record(base)
+    # Recorded with the training state, so --resume cannot continue another task's or base's run.
+    run = {"task": task, "base_sha256": record["sha256"]}
+    settings = dataclasses.replace(settings, extra={**settings.extra, "finetune": run})
+    if resume:
+        state = load_training_state(out_dir)
+        earlier = state[1]["settings"]["extra"].get("finetune") if state is not None else run
+        if earlier != run:
+            raise InputError(f"{out_dir} holds a fine-tuning run of another task or base model ({earlier}); "
+                             "resume it with the same --task and --base, or train into a new folder")
 
     def build(_cfg: ModelConfig) -> ControlledNet:
         return ControlledNet(copy.deepcopy(base_model), task)

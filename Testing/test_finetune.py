@@ -155,6 +155,8 @@ def test_resumed_finetuning_equals_an_uninterrupted_run(base, chest_nodule_crop,
     resumed = run("resumed", 4, resume=True)
     for key, value in straight.controlnet.state_dict().items():
         assert torch.equal(resumed.controlnet.state_dict()[key], value), key
+    with pytest.raises(InputError, match="another task"):
+        finetune(weights, "super-resolution", data, tmp_path / "resumed", TrainSettings(steps=6), resume=True)
 
 
 def test_finetuning_a_controlnet_model_is_refused(base, tmp_path):
