@@ -198,7 +198,6 @@ LESION_MASK_FILES = {"lung1_image.nrrd": "lung1_label.nrrd", "CT_image.nii.gz": 
 
 def lesion_cases(data_root, split: str) -> list:
     """(CT path, lesion mask path, region) of the shared-data `split` cases that have a lesion mask."""
-
     cases = []
     for case in split_cases(data_root, split):
         path = Path(case.path)
@@ -258,7 +257,6 @@ class LesionPatches(torch.utils.data.Dataset):
                 "spacing_zyx": grid_zyx, "region": self.cfg.region_index(region)}
 
     def __getitem__(self, index: int) -> dict:
-
         rng = np.random.default_rng([self.seed, int(index)])
         entry = self.entries[int(rng.integers(len(self.entries)))]
         size = self.cfg.patch_size
@@ -292,8 +290,6 @@ def finetune(base: str, task: str, data, out_dir, settings, val_data=None, resum
     (`SuperResolutionPairs`, `LesionPatches`). The run folder's `ema.safetensors` (+ .json) is a ControlNet
     model file that `checkpoints.load_model` loads together with its base.
     """
-
-
     if task not in TASKS:
         raise InputError(f"unknown fine-tuning task {task!r}; choose one of {', '.join(TASKS)}")
     base_model, cfg, _ = load_model(base)

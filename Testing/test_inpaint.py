@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from MedDiffFMLib.cli import main
 from MedDiffFMLib.errors import InputError
