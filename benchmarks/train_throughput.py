@@ -18,7 +18,7 @@ from MedDiffFMLib.conditioning import condition_channels
 from MedDiffFMLib.config import preset
 from MedDiffFMLib.network import MedDiffNet, parameter_count
 
-OPTIONS = ("plain", "channels_last", "compile")
+OPTIONS = ("plain", "channels_last", "compile", "compile+channels_last")
 
 
 def time_steps(name: str, device: torch.device, option: str, batch: int, steps: int, bf16: bool) -> float:
@@ -26,16 +26,17 @@ def time_steps(name: str, device: torch.device, option: str, batch: int, steps: 
     cfg = preset(name)
     torch.manual_seed(0)
     model = MedDiffNet(cfg).to(device)
-    if option == "channels_last":
+    channels_last, compiled = "channels_last" in option, "compile" in option
+    if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
-    if option == "compile":
+    if compiled:
         torch._dynamo.reset()  # a fresh compile per preset (one fixed shape each, no dynamic-shape recompiles)
-    forward = torch.compile(model, dynamic=False) if option == "compile" else model
+    forward = torch.compile(model, dynamic=False) if compiled else model
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     p = cfg.patch_size
     x = torch.randn(batch, 1, p, p, p, device=device)
     cond = torch.randn(batch, condition_channels(cfg), p, p, p, device=device)
-    if option == "channels_last":
+    if channels_last:
         x, cond = x.to(memory_format=torch.channels_last_3d), cond.to(memory_format=torch.channels_last_3d)
     t = torch.randint(0, 1000, (batch,), device=device)
     region = torch.zeros(batch, dtype=torch.long, device=device)
@@ -87,7 +88,7 @@ def main() -> None:
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"device: {where}; batch {args.batch_size}; torch {torch.__version__}")
-    print(f"{'preset':8} {'params':>8} {'option':14} {'precision':9} {'patches/s':>10} {'s/step':>8}")
+    print(f"{'preset':8} {'params':>8} {'option':22} {'precision':9} {'patches/s':>10} {'s/step':>8}")
     for name in args.presets:
         params = parameter_count(MedDiffNet(preset(name))) / 1e6
         precisions = [False, True] if device.type == "cuda" else [False]
@@ -95,10 +96,10 @@ def main() -> None:
             for bf16 in precisions:
                 try:
                     rate = time_steps(name, device, option, args.batch_size, args.steps, bf16)
-                    print(f"{name:8} {params:7.2f}M {option:14} {'bf16' if bf16 else 'fp32':9} {rate:10.2f} "
+                    print(f"{name:8} {params:7.2f}M {option:22} {'bf16' if bf16 else 'fp32':9} {rate:10.2f} "
                           f"{args.batch_size / rate:8.2f}", flush=True)
                 except Exception as exc:  # e.g. torch.compile without a C compiler: report, go on
-                    print(f"{name:8} {params:7.2f}M {option:14} {'bf16' if bf16 else 'fp32':9} failed: "
+                    print(f"{name:8} {params:7.2f}M {option:22} {'bf16' if bf16 else 'fp32':9} failed: "
                           f"{type(exc).__name__}: {str(exc).splitlines()[0][:60]}", flush=True)
         if args.with_data:
             print(f"{name:8} data sampling (CTPatchDataset, 1 process): {data_throughput(name, 50):.1f} patches/s")
