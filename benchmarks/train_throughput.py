@@ -3,8 +3,9 @@
     python benchmarks/train_throughput.py --presets tiny default --batch-size 4 --steps 10 --threads 2
 
 Times full optimizer steps (forward, L1 epsilon loss, backward, Adam) on random inputs of the right shapes,
-so the numbers are the network's cost alone; data loading comes from the cache and is measured separately
-with --with-data (patches/s of CTPatchDataset on the train split).
+so the numbers are the network's cost alone; data loading is measured separately with --with-data CACHE_DIR
+(patches/s of CTPatchDataset on the train split). On a CPU shared with other jobs use --threads 1: two
+threads were slower there (OpenMP threads wait on each other when one is descheduled).
 """
 from __future__ import annotations
 
@@ -61,11 +62,12 @@ def time_steps(name: str, device: torch.device, option: str, batch: int, steps: 
     return batch * steps / (time.perf_counter() - start)
 
 
-def data_throughput(name: str, n: int) -> float:
+def data_throughput(name: str, cache_dir: str, n: int) -> float:
+    """Patches/s of CTPatchDataset on the train split (preprocesses into cache_dir first if needed)."""
     from MedDiffFMLib.commands.train import DEFAULT_DATA_ROOT
     from MedDiffFMLib.dataset import CTPatchDataset, split_cases
 
-    data = CTPatchDataset(split_cases(DEFAULT_DATA_ROOT, "train"), preset(name), DEFAULT_DATA_ROOT.parents[2] / "runs" / "cache")
+    data = CTPatchDataset(split_cases(DEFAULT_DATA_ROOT, "train"), preset(name), cache_dir)
     data[0]
     start = time.perf_counter()
     for i in range(1, n + 1):
@@ -81,7 +83,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--with-data", action="store_true", help="also time patch sampling from the cache")
+    parser.add_argument("--with-data", metavar="CACHE_DIR",
+                        help="also time patch sampling from this preprocessing cache (e.g. runs/cache)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,7 +105,8 @@ def main() -> None:
                     print(f"{name:8} {params:7.2f}M {option:22} {'bf16' if bf16 else 'fp32':9} failed: "
                           f"{type(exc).__name__}: {str(exc).splitlines()[0][:60]}", flush=True)
         if args.with_data:
-            print(f"{name:8} data sampling (CTPatchDataset, 1 process): {data_throughput(name, 50):.1f} patches/s")
+            rate = data_throughput(name, args.with_data, 50)
+            print(f"{name:8} data sampling (CTPatchDataset, 1 process): {rate:.1f} patches/s")
 
 
 if __name__ == "__main__":
