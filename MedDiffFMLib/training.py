@@ -43,7 +43,9 @@ VALIDATION_SEED = 1234
 
 @dataclass
 class TrainSettings:
-    steps: int = 1000
+    """How to train (the model itself is the ModelConfig); recorded in checkpoints and model files."""
+
+    steps: int = 1000  # total optimizer steps, resumed ones included
     batch_size: int = 2
     grad_accum: int = 1
     lr: float = 1e-4
@@ -53,7 +55,6 @@ class TrainSettings:
     low_noise_fraction: float = 0.5
     low_noise_max_t: int = 250
     seed: int = 0
-    log_every: int = 10
     validate_every: int = 200
     validation_patches: int = 8
     checkpoint_every: int = 500
@@ -61,7 +62,8 @@ class TrainSettings:
     num_workers: int = 0
     channels_last: bool = False
     compile: bool = False
-    half_export: bool = True
+    half_export: bool = True  # fp16 weights in the exported EMA model files
+    # Free-form facts stored with the run (e.g. the fine-tuning task), not used by the loop itself.
     extra: Dict[str, object] = field(default_factory=dict)
 
 
