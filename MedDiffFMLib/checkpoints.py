@@ -154,7 +154,10 @@ def registry(path: Path = REGISTRY) -> List[dict]:
     """Entries of Resources/Models.json (see Resources/Models.schema.json)."""
     if not path.exists():
         return []
-    return json.loads(path.read_text())["models"]
+    try:
+        return json.loads(path.read_text())["models"]
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"the model registry {path} is damaged ({exc}); restore it from the repository") from None
 
 
 def available_models() -> List[str]:
