@@ -129,3 +129,12 @@ def test_user_masks_replace_threshold_anatomy(cfg, tmp_path):
     expected = resample(mask, (3.0, 3.0, 3.0), is_mask=True).array
     np.testing.assert_array_equal(data._load(data.entries[0][0])["labels"], expected)
     assert data[0]["cond"].shape[0] == condition_channels(user)
+
+
+def test_distributed_sampler_ranks_draw_different_patches(data):
+    """Items are a function of the index alone, so disjoint sampler indices are all a rank needs."""
+    from torch.utils.data import DistributedSampler
+
+    firsts = [next(iter(DistributedSampler(data, num_replicas=2, rank=r, seed=0))) for r in (0, 1)]
+    assert firsts[0] != firsts[1]
+    assert not torch.equal(data[firsts[0]]["image"], data[firsts[1]]["image"])
