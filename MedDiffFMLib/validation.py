@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, List, Sequence
 
@@ -131,3 +132,23 @@ def check_output_path(out: "os.PathLike[str] | str", inputs: Iterable["os.PathLi
     if out.exists() and not overwrite:
         raise InputError(f"output {out} already exists; choose another name or allow overwriting "
                          "(--overwrite)")
+    _check_writable_folder(out)
+
+
+def _check_writable_folder(out: Path) -> None:
+    """Refuse an output whose folder cannot be made or written, before any long computation.
+
+    Probes with a real (unnamed, immediately removed) file: permission bits do not tell, since root may
+    write anywhere except on read-only or virtual file systems.
+    """
+    folder = out.parent.resolve()
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"cannot write {out}: {folder} is a file, not a folder; choose another output folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise InputError(f"cannot write {out}: the folder {folder} is not writable ({exc.strerror}); choose "
+                         "another output folder") from None
