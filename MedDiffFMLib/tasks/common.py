@@ -88,11 +88,24 @@ def resolve_region(vol: Optional[Volume], region: Optional[str], cfg: ModelConfi
 
 
 def anatomy_for(vol: Volume, cfg: ModelConfig, user_labels: Optional[Volume] = None) -> np.ndarray:
-    """Anatomy label map on `vol`'s grid from the source the model was trained with (or the user's map)."""
-    from ..anatomy import get_anatomy
+    """Anatomy label map on `vol`'s grid from the source the model was trained with (or the user's map).
 
-    source = "user" if user_labels is not None else str(cfg.anatomy["source"])
-    labels, used = get_anatomy(vol, source=source, user_labels=user_labels)
+    A user's map is checked against the model's classes here, before any sampling, not window by window.
+    """
+    from ..anatomy import get_anatomy
+    from ..conditioning import anatomy_spec
+
+    spec = anatomy_spec(cfg)
+    source = "user" if user_labels is not None else spec.source
+    try:
+        labels, used = get_anatomy(vol, source=source, user_labels=user_labels)
+    except ResourceError as exc:  # say why TotalSegmentator is needed at all
+        raise ResourceError(f"this model was trained on {spec.source} anatomy. {exc}") from None
+    if used == "user" and labels.max() > spec.num_classes:
+        raise InputError(
+            f"the anatomy label map has labels up to {labels.max()}, but this model was trained on "
+            f"{spec.source} anatomy with labels 0..{spec.num_classes}; give a label map made the same way "
+            f"(python -m MedDiffFMLib preprocess --anatomy {spec.source}) or leave it out to have it computed")
     log.info("anatomy condition: %s labels", used)
     return labels
 
