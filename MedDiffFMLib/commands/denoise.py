@@ -62,13 +62,16 @@ def run(args: argparse.Namespace) -> int:
         write_volume(result.uncertainty, uncertainty_path, overwrite=args.overwrite, inputs=inputs)
         log.info("standard deviation over %d seeds written to %s", args.seeds, uncertainty_path)
     if args.preview:
-        write_preview(volume.array, result.denoised.array, result.window, args.preview)
+        write_preview(volume.array, result.denoised.array, result.window, result.noise_hu, args.preview)
         log.info("preview written to %s", args.preview)
     return 0
 
 
-def write_preview(noisy, denoised, window, path: Path) -> None:
-    """Middle axial slice: input, denoised (both in the window) and their difference, side by side."""
+def write_preview(noisy, denoised, window, noise_hu: float, path: Path) -> None:
+    """Middle axial slice: input, denoised (both in the window) and their difference, side by side.
+
+    The difference is scaled to +-3 noise standard deviations, so removed noise and any removed structure
+    are both visible."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,7 +81,7 @@ def write_preview(noisy, denoised, window, path: Path) -> None:
 
     z = noisy.shape[0] // 2
     lo, hi = window
-    half = (hi - lo) / 4.0
+    half = 3.0 * noise_hu
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
     panels = [(noisy[z], "input", "gray", lo, hi), (denoised[z], "denoised", "gray", lo, hi),
               (noisy[z] - denoised[z], "input - denoised (HU)", "coolwarm", -half, half)]
