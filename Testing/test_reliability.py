@@ -1,0 +1,361 @@
+"""Reliability (issue G): bad inputs, faults and determinism across the CLI and the library.
+
+Only the gaps left by the other test files are tested here. Where each item of issue G is tested:
+
+| item | test |
+|---|---|
+| 2D, 4D, NaN/inf, MR-like or normalised, extremely anisotropic image | test_cli_data::test_each_bad_image_gives_its_error_and_exit_code_2 (info, preprocess); test_io::test_nifti_nan_and_inf_are_not_hidden; here: test_every_model_task_refuses_bad_images (each model task, input unchanged) |
+| empty mask; mask of another size / origin | test_cli_data::test_bad_masks_give_their_errors; test_inpaint::test_empty_mask_wrong_grid_and_wrong_model_are_refused; test_lesion::test_wrong_model_and_empty_mask_are_refused; test_io::test_read_mask_refuses_other_grid_and_fractions; test_slicer_logic::test_empty_or_unknown_segment_is_refused, test_bad_mask_fails_before_running_and_leaves_nothing |
+| mask of another spacing / direction | here: test_mask_tasks_refuse_empty_and_off_grid_masks |
+| mask touching the border | test_inpaint::test_mask_at_the_border_and_several_components; here: test_lesion_and_anomaly_masks_touching_the_border |
+| volume too large for the free memory (estimated before running) | test_tasks_zero_shot::test_memory_check_refuses_what_cannot_fit (estimate only); here: test_too_large_is_refused_before_sampling_through_the_task_api, test_every_task_cli_checks_memory_before_sampling |
+| unreadable / truncated / wrong-architecture checkpoint | test_checkpoints::test_missing_damaged_and_wrong_files, test_wrong_architecture_is_named, test_pickle_renamed_safetensors_is_refused_without_unpickling; here: test_damaged_model_files_through_the_cli |
+| checkpoint anatomy does not match the anatomy given | test_anatomy::test_encoding_refuses_labels_the_model_does_not_know (encoder); here: test_damaged_model_files_through_the_cli (config encoding vs weights), test_label_map_with_more_classes_than_the_model_knows, test_totalsegmentator_model_without_totalsegmentator |
+| missing TotalSegmentator weights | test_anatomy::test_missing_totalsegmentator_says_what_and_falls_back; here: test_totalsegmentator_model_without_totalsegmentator (task level) |
+| output path not writable | here: test_unwritable_output_is_refused_before_the_model_loads |
+| output path equal to input path | test_io::test_write_volume_refuses_existing_and_input_paths; test_cli_data::test_preprocess_never_writes_onto_its_input; here: test_every_task_refuses_to_write_onto_its_inputs |
+| killed midway: no partial output | test_io::test_atomic_path_leaves_nothing_on_failure; test_slicer_logic::test_cancel_kills_the_process_tree_and_leaves_no_output, test_logic_failure_leaves_the_scene_unchanged; test_sampling::test_progress_and_cancel; here: test_killed_denoise_leaves_no_output_file (real process, SIGKILL) |
+| training killed mid-checkpoint resumes from the last complete one | test_checkpoints::test_training_state_survives_a_kill_mid_write; test_training::test_resume_gives_the_uninterrupted_result, test_sigterm_stops_after_the_step_with_a_checkpoint; test_finetune::test_resumed_finetuning_equals_an_uninterrupted_run |
+| CUDA out of memory: retried with a smaller window batch, then reported | test_sampling::test_out_of_memory_halves_window_batch |
+| same seed -> bit-identical, other seed -> different (CPU) | library: test_sampling::test_seeded_and_reproducible; test_tasks_zero_shot::test_tasks_are_seeded (synthesize, detect-anomalies); test_super_resolution::test_deterministic_by_seed_and_input_untouched; test_lesion::test_deterministic_by_seed; test_inpaint::test_deterministic_by_seed; denoise had none: here test_cli_is_deterministic_by_seed for all six tasks through the CLI |
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import REPO
+from MedDiffFMLib.checkpoints import load_model, resolve_model
+from MedDiffFMLib.cli import main
+from MedDiffFMLib.commands import _common
+from MedDiffFMLib.config import preset
+from MedDiffFMLib.errors import InputError, ResourceError
+from MedDiffFMLib.io import Volume, read_volume, write_volume
+from MedDiffFMLib.network import MedDiffNet
+from MedDiffFMLib.tasks import common
+from MedDiffFMLib.tasks.anomaly import detect_anomalies
+from MedDiffFMLib.tasks.denoise import denoise
+from MedDiffFMLib.tasks.lesion import generate_lesion
+
+SHARED = ["--device", "cpu", "--progress", "none", "--region", "chest"]
+
+
+def task_arguments(task, ct, mask, out, seed=0):
+    """CLI arguments running `task` on the files given, with the fastest settings of the tiny models."""
+    args = {
+        "denoise": ["denoise", ct, "--model", "tiny", "--nfe", "2", "--noise-level", "20"],
+        "synthesize": ["synthesize", "--reference", ct, "--model", "tiny", "--nfe", "2"],
+        "detect-anomalies": ["detect-anomalies", ct, "--model", "tiny"],
+        "super-resolve": ["super-resolve", ct, "--model", "tiny-super-resolution", "--nfe", "2", "--factor", "2"],
+        "generate-lesion": ["generate-lesion", ct, "--mask", mask, "--model", "tiny-lesion", "--nfe", "2"],
+        "inpaint": ["inpaint", ct, "--mask", mask, "--model", "tiny-lesion", "--nfe", "2", "--jump-length", "1",
+                    "--resample", "1"],
+    }[task]
+    return [str(a) for a in args] + ["-o", str(out), "--seed", str(seed)] + SHARED
+
+
+TASKS = ("denoise", "synthesize", "detect-anomalies", "super-resolve", "generate-lesion", "inpaint")
+MASK_TASKS = ("detect-anomalies", "generate-lesion", "inpaint")
+
+
+@pytest.fixture(scope="module")
+def files(chest_nodule_crop, tmp_path_factory):
+    """The real 48 x 48 x 12 chest crop and its nodule mask as files, with their bytes to check later."""
+    folder = tmp_path_factory.mktemp("inputs")
+    image, nodule = chest_nodule_crop
+    ct, mask = write_volume(image, folder / "ct.nii.gz"), write_volume(nodule, folder / "nodule.nii.gz")
+    return ct, mask, {p: p.read_bytes() for p in (ct, mask)}
+
+
+def assert_inputs_unchanged(files):
+    for path, content in files[2].items():
+        assert path.read_bytes() == content, f"{path} was modified"
+
+
+def run_cli(args, capsys):
+    """(exit code, the CLI's `error: ...` line) of an in-process CLI run.
+
+    Only that line is kept: log records may go to a stream captured by an earlier test (logging is set up
+    once per process), which adds noise to stderr.
+    """
+    code = main(args)
+    err = capsys.readouterr().err
+    return code, "\n".join(line for line in err.splitlines() if line.startswith("error: ")) or err
+
+
+# --- bad images and masks ------------------------------------------------------------------------------
+
+def bad_images(image: Volume, folder):
+    """Each bad image made from the real crop, with the phrase its error must contain.
+
+    All but the anisotropic one keep the crop's 3D grid, so the nodule mask still fits them.
+    """
+    cases = {}
+
+    def save(name, img, phrase):
+        sitk.WriteImage(img, str(folder / name))
+        cases[folder / name] = phrase
+
+    save("slice.nii.gz", image.to_sitk()[:, :, 5], "is 2D")
+    save("series4d.nii.gz", sitk.JoinSeries([image.to_sitk(), image.to_sitk()]), "is 4D")
+    broken = image.array.copy()
+    broken[6, 20, 20:23] = np.nan
+    broken[2, 3, 4] = np.inf
+    save("nan.nii.gz", image.with_array(broken).to_sitk(), "4 NaN or infinite")
+    normalised = (image.array - image.array.min()) / np.ptp(image.array)
+    save("normalised.nii.gz", image.with_array(normalised.astype(np.float32)).to_sitk(), "do not look like CT")
+    save("mr_like.nii.gz", image.with_array((normalised * 3000).astype(np.float32)).to_sitk(), "do not look like CT")
+    flat = image.to_sitk()
+    flat.SetSpacing((0.2, 0.2, 5.0))
+    save("anisotropic.nii.gz", flat, "extremely anisotropic")
+    return cases
+
+
+def mask_on_grid_of(image_path, nodule: Volume, folder):
+    """The nodule mask on the grid of a 3D bad image (a mask that fits is not what should fail)."""
+    image = sitk.ReadImage(str(image_path))
+    if image.GetDimension() != 3 or image.GetSize()[2] < 2:
+        return None
+    mask = Volume(nodule.array, image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    return write_volume(mask, folder / f"mask_for_{image_path.name}", overwrite=True)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_model_task_refuses_bad_images(task, files, chest_nodule_crop, tmp_path, capsys):
+    cases = bad_images(chest_nodule_crop[0], tmp_path)
+    before = {p: p.read_bytes() for p in cases}
+    out = tmp_path / "out" / "result.nii.gz"
+    for path, phrase in cases.items():
+        mask = mask_on_grid_of(path, chest_nodule_crop[1], tmp_path) or files[1]
+        code, err = run_cli(task_arguments(task, path, mask, out), capsys)
+        assert code == 2 and err.startswith("error: ") and phrase in err, (path.name, err)
+        assert not out.parent.exists() or not any(out.parent.iterdir())
+    assert {p: p.read_bytes() for p in cases} == before
+    assert_inputs_unchanged(files)
+
+
+def off_grid_masks(image: Volume, nodule: Volume, folder):
+    empty = write_volume(image.with_array(np.zeros(image.shape, np.uint8)), folder / "empty.nii.gz")
+    spacing = Volume(nodule.array, (0.6, 0.6, 5.0), nodule.origin, nodule.direction)
+    flipped = Volume(nodule.array, nodule.spacing, nodule.origin, (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))
+    return {empty: "is empty",
+            write_volume(spacing, folder / "spacing.nii.gz"): "not on the grid of the image: spacing",
+            write_volume(flipped, folder / "direction.nii.gz"): "not on the grid of the image: direction"}
+
+
+@pytest.mark.parametrize("task", MASK_TASKS)
+def test_mask_tasks_refuse_empty_and_off_grid_masks(task, files, chest_nodule_crop, tmp_path, capsys):
+    out = tmp_path / "result.nii.gz"
+    for mask, phrase in off_grid_masks(*chest_nodule_crop, tmp_path).items():
+        args = task_arguments(task, files[0], mask, out)
+        if task == "detect-anomalies":
+            args += ["--mask", str(mask)]
+        code, err = run_cli(args, capsys)
+        assert code == 2 and phrase in err and ("Resample the mask" in err or "draw or select" in err), err
+        assert not out.exists()
+    assert_inputs_unchanged(files)
+
+
+def test_lesion_and_anomaly_masks_touching_the_border(chest_nodule_crop):
+    image, _ = chest_nodule_crop
+    corner = np.zeros(image.shape, np.uint8)
+    corner[:3, :6, :6] = 1  # touches three faces of the volume
+    mask = image.with_array(corner)
+    before = image.array.copy()
+    lesion_model = load_model("tiny-lesion")[0]
+    out = generate_lesion(image, mask, lesion_model, nfe=2, region="chest", seed=1)
+    assert out.same_grid(image) and np.isfinite(out.array).all()
+    assert not np.array_equal(out.array[:3, :6, :6], image.array[:3, :6, :6])
+    assert np.array_equal(out.array[:, 30:, 30:], image.array[:, 30:, 30:])  # far from the box: untouched
+    result = detect_anomalies(image, load_model("tiny")[0], mask=mask, region="chest", seed=1)
+    scores = result.anomaly_map.array
+    assert np.isfinite(scores).all() and (scores[corner > 0] > 0).all() and (scores[corner == 0] == 0).all()
+    assert np.array_equal(image.array, before)
+
+
+# --- memory ----------------------------------------------------------------------------------------------
+
+def test_too_large_is_refused_before_sampling_through_the_task_api(chest_nodule_crop, monkeypatch):
+    image, _ = chest_nodule_crop
+    before = image.array.copy()
+    monkeypatch.setattr(common, "available_memory", lambda device: 2 ** 20)
+    steps = []
+    with pytest.raises(ResourceError, match=r"needs about .* GiB but only 0.0 GiB is free on cpu; try a smaller "
+                                            r"window batch \(--window-batch 1\), or a smaller volume"):
+        denoise(image, load_model("tiny")[0], nfe=2, noise_level=20, region="chest",
+                progress=lambda step, total: steps.append(step))
+    assert steps == [] and np.array_equal(image.array, before)
+    # With enough memory the same call runs: the refusal came from the estimate, not the data.
+    monkeypatch.setattr(common, "available_memory", lambda device: 2 ** 40)
+    denoise(image, load_model("tiny")[0], nfe=2, noise_level=20, region="chest",
+            progress=lambda step, total: steps.append(step))
+    assert steps
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_cli_checks_memory_before_sampling(task, files, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "available_memory", lambda device: 2 ** 20)
+    out = tmp_path / "result.nii.gz"
+    code, err = run_cli(task_arguments(task, files[0], files[1], out), capsys)
+    assert code == 2 and "GiB is free on cpu" in err and "--window-batch 1" in err
+    assert list(tmp_path.iterdir()) == []
+    assert_inputs_unchanged(files)
+
+
+# --- models ----------------------------------------------------------------------------------------------
+
+def copy_model(name, folder):
+    weights = resolve_model(name)
+    shutil.copy(weights, folder / "m.safetensors")
+    shutil.copy(weights.with_suffix(".json"), folder / "m.json")
+    return folder / "m.safetensors"
+
+
+def test_damaged_model_files_through_the_cli(files, tmp_path, capsys):
+    out = tmp_path / "result.nii.gz"
+    model = copy_model("tiny", tmp_path)
+    good = model.read_bytes()
+    info = json.loads((tmp_path / "m.json").read_text())
+
+    def run_with_model():
+        args = task_arguments("denoise", files[0], None, out)
+        args[args.index("tiny")] = str(model)
+        return run_cli(args, capsys)
+
+    model.write_bytes(b"")
+    code, err = run_with_model()
+    assert code == 2 and "is damaged or was replaced" in err
+    info["sha256"] = None  # without the checksum, the safetensors reader meets the truncation itself
+    (tmp_path / "m.json").write_text(json.dumps(info))
+    model.write_bytes(good[: len(good) // 3])
+    code, err = run_with_model()
+    assert code == 2 and "truncated or corrupt" in err
+    # A config whose anatomy encoding differs from the weights' (binary: 3 channels, onehot: 4).
+    model.write_bytes(good)
+    info["config"]["anatomy"]["encoding"] = "binary"
+    (tmp_path / "m.json").write_text(json.dumps(info))
+    code, err = run_with_model()
+    assert code == 2 and "do not fit the architecture" in err
+    (tmp_path / "m.json").unlink()
+    code, err = run_with_model()
+    assert code == 2 and "model description" in err and "not found" in err
+    assert not out.exists()
+    assert_inputs_unchanged(files)
+
+
+def test_label_map_with_more_classes_than_the_model_knows(files, chest_nodule_crop, tmp_path, capsys):
+    """TotalSegmentator labels (up to 118) given to a model trained on threshold anatomy (0..4)."""
+    image, _ = chest_nodule_crop
+    organs = np.zeros(image.shape, np.uint8)
+    organs[:, 24:, :] = 118
+    organs[:, :24, :10] = 10
+    labels = write_volume(image.with_array(organs), tmp_path / "totalseg.nii.gz")
+    out = tmp_path / "result.nii.gz"
+    phrase = "labels up to 118, but this model was trained on threshold anatomy with labels 0..4"
+    for task, option in [("denoise", "--anatomy-labels"), ("detect-anomalies", "--anatomy-labels")]:
+        code, err = run_cli(task_arguments(task, files[0], None, out) + [option, str(labels)], capsys)
+        assert code == 2 and phrase in err and "preprocess --anatomy threshold" in err, err
+    code, err = run_cli(["synthesize", "--anatomy", str(labels), "--model", "tiny", "--nfe", "2", "-o", str(out)]
+                        + SHARED, capsys)
+    assert code == 2 and phrase in err
+    assert not out.exists()
+    # Labels the model knows pass (the same map with the classes folded into 0..4).
+    steps = []
+    denoise(image, load_model("tiny")[0], nfe=2, noise_level=20, region="chest",
+            anatomy_labels=image.with_array(np.minimum(organs, 4)), progress=lambda s, n: steps.append(s))
+    assert steps
+
+
+def test_totalsegmentator_model_without_totalsegmentator(chest_nodule_crop, tmp_path, monkeypatch):
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    cfg = preset("tiny")
+    cfg = dataclasses.replace(cfg, anatomy=dict(cfg.anatomy, source="totalsegmentator", encoding="binary",
+                                                num_classes=118))
+    model = MedDiffNet(cfg).eval()
+    with pytest.raises(ResourceError, match="trained on totalsegmentator anatomy.*totalseg_download_weights"):
+        denoise(chest_nodule_crop[0], model, nfe=2, noise_level=20, region="chest")
+
+
+# --- outputs ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Output checks must come before the (slow) model load: loading fails the test."""
+    def refuse(args):
+        raise AssertionError("the model was loaded before the output path was checked")
+    monkeypatch.setattr(_common, "load_model", refuse)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_unwritable_output_is_refused_before_the_model_loads(task, files, tmp_path, capsys, no_model_loading):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("not a folder")
+    for out, phrase in [(a_file / "sub" / "out.nii.gz", "file.txt is a file, not a folder"),
+                        ("/proc/meddifffm-test/out.nii.gz", "the folder /proc is not writable")]:
+        code, err = run_cli(task_arguments(task, files[0], files[1], out), capsys)
+        assert code == 2 and phrase in err and "choose another output folder" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+    assert_inputs_unchanged(files)
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        write_volume(read_volume(files[0]), a_file / "out.nii.gz")
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_refuses_to_write_onto_its_inputs(task, files, capsys, no_model_loading):
+    inputs = [files[0], files[1]] if task in ("generate-lesion", "inpaint") else [files[0]]
+    for target in inputs:
+        code, err = run_cli(task_arguments(task, files[0], files[1], target) + ["--overwrite"], capsys)
+        assert code == 2 and f"output {target} is an input file; choose another output path" in err, err
+    assert_inputs_unchanged(files)
+
+
+# --- faults ----------------------------------------------------------------------------------------------
+
+def test_killed_denoise_leaves_no_output_file(files, tmp_path):
+    """A real run, killed (SIGKILL) once it reports progress: no output and no temporary file."""
+    out_dir = tmp_path / "results"
+    out_dir.mkdir()
+    args = task_arguments("denoise", files[0], None, out_dir / "denoised.nii.gz")
+    args[args.index("--progress") + 1] = "machine"
+    args += ["--seeds", "50", "--threads", "1"]
+    process = subprocess.Popen([sys.executable, "-m", "MedDiffFMLib"] + args, cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    try:
+        first = process.stdout.readline()
+        assert first.startswith(_common.PROGRESS_PREFIX + " 1 "), first
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+    assert list(out_dir.iterdir()) == []
+    assert_inputs_unchanged(files)
+
+
+# --- determinism -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("task", TASKS)
+def test_cli_is_deterministic_by_seed(task, files, tmp_path, capsys):
+    # Single-seed denoising adds no fresh noise by default (zeta 0), so its seed only matters with zeta > 0.
+    extra = ["--zeta", "0.3"] if task == "denoise" else []
+    arrays = []
+    for run, seed in enumerate((3, 3, 4)):
+        out = tmp_path / f"run{run}.nii.gz"
+        args = task_arguments(task, files[0], files[1], out, seed=seed) + extra
+        assert main(args) == 0, capsys.readouterr().err
+        arrays.append(read_volume(out).array)
+    assert np.array_equal(arrays[0], arrays[1]), "same seed, different output"
+    assert not np.array_equal(arrays[0], arrays[2]), "different seed, same output"
+    assert_inputs_unchanged(files)
