@@ -31,7 +31,6 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from conftest import REPO
 from MedDiffFMLib.checkpoints import load_model, resolve_model
@@ -327,7 +326,7 @@ def test_killed_denoise_leaves_no_output_file(files, tmp_path):
     out_dir.mkdir()
     args = task_arguments("denoise", files[0], None, out_dir / "denoised.nii.gz")
     args[args.index("--progress") + 1] = "machine"
-    args += ["--seeds", "50", "--threads", "1"]
+    args += ["--seeds", "500", "--threads", "1"]  # far more steps than run before the kill
     process = subprocess.Popen([sys.executable, "-m", "MedDiffFMLib"] + args, cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True)
     try:
