@@ -204,8 +204,12 @@ def write_volume(vol: Volume, path: PathLike, overwrite: bool = False,
     if not path.name.lower().endswith(VOLUME_SUFFIXES):
         raise InputError(f"cannot write {path.name}: use one of {', '.join(VOLUME_SUFFIXES)}")
     check_output_path(path, inputs=inputs, overwrite=overwrite)
-    with atomic_path(path) as tmp:
-        sitk.WriteImage(vol.to_sitk(), str(tmp), useCompression=True)
+    try:
+        with atomic_path(path) as tmp:
+            sitk.WriteImage(vol.to_sitk(), str(tmp), useCompression=True)
+    except (RuntimeError, OSError) as exc:  # disk full, quota, file system gone read-only while running
+        raise InputError(f"cannot write {path} ({_first_line(exc)}); check the free disk space and that "
+                         f"{path.parent} is writable, then retry") from None
     return path
 
 
