@@ -14,7 +14,7 @@ Only the gaps left by the other test files are tested here. Where each item of i
 | missing TotalSegmentator weights | test_anatomy::test_missing_totalsegmentator_says_what_and_falls_back; here: test_totalsegmentator_model_without_totalsegmentator (task level) |
 | output path not writable | here: test_unwritable_output_is_refused_before_the_model_loads |
 | output path equal to input path | test_io::test_write_volume_refuses_existing_and_input_paths; test_cli_data::test_preprocess_never_writes_onto_its_input; here: test_every_task_refuses_to_write_onto_its_inputs |
-| killed midway: no partial output | test_io::test_atomic_path_leaves_nothing_on_failure; test_slicer_logic::test_cancel_kills_the_process_tree_and_leaves_no_output, test_logic_failure_leaves_the_scene_unchanged; test_sampling::test_progress_and_cancel; here: test_killed_denoise_leaves_no_output_file (real process, SIGKILL) |
+| killed midway: no partial output | test_io::test_atomic_path_leaves_nothing_on_failure; here: test_write_failing_halfway_leaves_nothing_and_says_why; test_slicer_logic::test_cancel_kills_the_process_tree_and_leaves_no_output, test_logic_failure_leaves_the_scene_unchanged; test_sampling::test_progress_and_cancel; here: test_killed_denoise_leaves_no_output_file (real process, SIGKILL) |
 | training killed mid-checkpoint resumes from the last complete one | test_checkpoints::test_training_state_survives_a_kill_mid_write; test_training::test_resume_gives_the_uninterrupted_result, test_sigterm_stops_after_the_step_with_a_checkpoint; test_finetune::test_resumed_finetuning_equals_an_uninterrupted_run |
 | CUDA out of memory: retried with a smaller window batch, then reported | test_sampling::test_out_of_memory_halves_window_batch |
 | same seed -> bit-identical, other seed -> different (CPU) | library: test_sampling::test_seeded_and_reproducible; test_tasks_zero_shot::test_tasks_are_seeded (synthesize, detect-anomalies); test_super_resolution::test_deterministic_by_seed_and_input_untouched; test_lesion::test_deterministic_by_seed; test_inpaint::test_deterministic_by_seed; denoise had none: here test_cli_is_deterministic_by_seed for all six tasks through the CLI |
@@ -27,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -319,6 +320,17 @@ def test_every_task_refuses_to_write_onto_its_inputs(task, files, capsys, no_mod
 
 
 # --- faults ----------------------------------------------------------------------------------------------
+
+def test_write_failing_halfway_leaves_nothing_and_says_why(files, tmp_path, monkeypatch):
+    """A disk that fills up while the result is written: a clean error, no partial or temporary file."""
+    def write_half_then_fail(image, name, *args, **kwargs):
+        Path(name).write_bytes(b"partial")
+        raise RuntimeError("ITK ERROR: NiftiImageIO: could not write: No space left on device")
+    monkeypatch.setattr(sitk, "WriteImage", write_half_then_fail)
+    with pytest.raises(InputError, match="No space left on device.*check the free disk space"):
+        write_volume(read_volume(files[0]), tmp_path / "result.nii.gz")
+    assert list(tmp_path.iterdir()) == []
+
 
 def test_killed_denoise_leaves_no_output_file(files, tmp_path):
     """A real run, killed (SIGKILL) once it reports progress: no output and no temporary file."""
