@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="give NLM, BM3D and MedDiffFM the simulation's true noise std, or let them estimate it")
     den.add_argument("--model", help="also run MedDiffFM denoising with this model name or file")
     den.add_argument("--nfe", type=int, help="MedDiffFM network evaluations (unset: the denoising task's default)")
+    den.add_argument("--model-window", type=float, nargs=2, action="append", metavar=("LO", "HI"),
+                     help="HU window MedDiffFM denoises in (repeat to compare several; default: the model's "
+                     "window for the body region)")
     den.add_argument("--device", default="auto", help="MedDiffFM device: auto, cpu or cuda")
     den.add_argument("--seed", type=int, default=0, help="seed of the noise simulation and of MedDiffFM")
     den.set_defaults(_benchmark=_run_denoise)
@@ -59,11 +62,16 @@ def _run_denoise(args: argparse.Namespace) -> int:
     cases = harness.load_cases(args.inputs, args.slices, args.crop or None)
     methods = harness.classical_methods(args.methods, args.gaussian_sigma)
     if args.model:
-        try:
-            methods["MedDiffFM"] = harness.meddifffm_method(args.model, nfe=args.nfe, seed=args.seed,
-                                                          device=args.device)
-        except ResourceError as exc:
-            log.warning("MedDiffFM left out of the comparison: %s", exc)
+        windows = [tuple(w) for w in args.model_window] if args.model_window else [None]
+        for window in windows:
+            name = "MedDiffFM" if window is None else f"MedDiffFM [{window[0]:g}, {window[1]:g}]"
+            options = {} if window is None else {"window": window}
+            try:
+                methods[name] = harness.meddifffm_method(args.model, nfe=args.nfe, seed=args.seed,
+                                                         device=args.device, **options)
+            except ResourceError as exc:
+                log.warning("MedDiffFM left out of the comparison: %s", exc)
+                break
     report = harness.evaluate_denoising(cases, methods, photons=args.photons, seed=args.seed,
                                         oracle_sigma=args.sigma == "oracle")
     for path in harness.write_denoise_report(report, args.out):
