@@ -6,7 +6,7 @@ import pytest
 
 from MedDiffFMLib.errors import InputError
 from MedDiffFMLib.finetune import ControlledCondition, ControlledNet
-from MedDiffFMLib.tasks.lesion import generate_lesion, mask_box, prepare_box
+from MedDiffFMLib.tasks.lesion import generate_lesion, mask_box, paste_weights, prepare_box
 
 CHEST_WINDOW = (-1400.0, 400.0)
 FAST = dict(nfe=3, margin_mm=2.0, region="chest", overlap=0.0, window_batch=8)
@@ -58,6 +58,27 @@ def test_generated_box_is_pasted_into_a_copy(chest_nodule_crop, lesion_model):
     assert np.abs(out.array[box] - image.array[box]).mean() > 20.0
     assert out.array[box].min() >= CHEST_WINDOW[0] - 1e-3 and out.array[box].max() <= CHEST_WINDOW[1] + 1e-3
     assert np.array_equal(image.array, before)
+
+
+def test_paste_weights_blend_only_towards_faces_inside_the_volume():
+    box = (slice(0, 10), slice(5, 25), slice(2, 12))
+    w = paste_weights(box, (10, 40, 12), (1.0, 0.5, 1.0), width_mm=2.0)
+    assert w.shape == (10, 20, 10)
+    assert np.all(w[:, 0, 5] == w[0, 0, 5])           # z spans the whole volume: no ramp along z
+    assert w[5, 0, 5] == pytest.approx(0.5 / 4)        # y face inside the volume: 4-voxel ramp, first centre
+    assert w[5, 10, 5] == 1.0 and w[5, 10, -1] == 1.0  # interior, and the x face on the volume border
+    assert w[5, 10, 0] == pytest.approx(0.25)          # x face inside the volume: 2-voxel ramp
+
+
+def test_pasted_box_has_no_seam_and_keeps_the_lesion(chest_nodule_crop, lesion_model):
+    image, nodule = chest_nodule_crop
+    out = generate_lesion(image, nodule, lesion_model, seed=1, **dict(FAST, margin_mm=6.0))
+    box = prepare_box(image, nodule, lesion_model, "chest", 6.0, "cpu", 0.0, 8, "fp32").box
+    change = np.abs(out.array - image.array)[box]
+    inner_face = [i for i, (s, n) in enumerate(zip(box, image.shape)) if s.stop < n][0]
+    face = np.take(change, -1, axis=inner_face)        # the box layer next to untouched voxels
+    assert face.mean() < 0.5 * change.mean()
+    assert (change[nodule.array[box] > 0] > 0).all()   # the lesion itself is fully generated
 
 
 def test_deterministic_by_seed(chest_nodule_crop, lesion_model):

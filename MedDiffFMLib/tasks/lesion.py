@@ -2,7 +2,8 @@
 
 Only a box around the mask is sampled (its bounding box plus a margin, grown to at least one network
 window where the volume allows); the box keeps its place in the whole volume through the global
-coordinates, and the generated box is pasted into a copy of the input. `prepare_box` is shared with
+coordinates, and the generated box is pasted into a copy of the input with a linear blend over the
+outer half of the margin (`paste_weights`), so the box leaves no seam. `prepare_box` is shared with
 lesion inpainting, which samples the same box but keeps the known voxels.
 """
 from __future__ import annotations
@@ -48,6 +49,22 @@ def mask_box(mask: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float, m
             hi = lo + target
         box.append(slice(lo, hi))
     return tuple(box)
+
+
+def paste_weights(box: Box, volume_shape: Sequence[int], spacing_zyx: Sequence[float],
+                  width_mm: float) -> np.ndarray:
+    """Weights of the generated box when pasted: 1 inside, falling linearly to 0 over `width_mm` towards
+    every box face that lies inside the volume (a face on the volume border has nothing to blend with)."""
+    shape = [s.stop - s.start for s in box]
+    weights = np.ones(shape, np.float32)
+    for axis, (s, n, spacing) in enumerate(zip(box, volume_shape, spacing_zyx)):
+        ramp = max(width_mm / spacing, 1.0)
+        index = np.arange(shape[axis], dtype=np.float32) + 0.5
+        low = index / ramp if s.start > 0 else np.inf
+        high = (shape[axis] - index) / ramp if s.stop < n else np.inf
+        profile = np.clip(np.minimum(low, high), 0.0, 1.0)
+        weights *= profile.reshape([-1 if a == axis else 1 for a in range(3)])
+    return weights
 
 
 @dataclass
@@ -106,6 +123,8 @@ def generate_lesion(volume: Volume, lesion_mask: Volume, model: torch.nn.Module,
     x_init = torch.randn((1, 1) + job.inside.shape, generator=torch.Generator().manual_seed(int(seed)))
     # The sampler's own generator is seeded differently from the initial noise's, so they are independent.
     x = job.sampler.run(x_init, steps, seed + 1, progress=progress)
+    weights = np.maximum(paste_weights(job.box, volume.shape, volume.spacing_zyx, margin_mm / 2), job.inside)
     out = volume.array.astype(np.float32, copy=True)
-    out[job.box] = unit_to_hu(x[0, 0].cpu().numpy(), job.window)
+    generated = unit_to_hu(x[0, 0].cpu().numpy(), job.window)
+    out[job.box] = weights * generated + (1 - weights) * out[job.box]
     return volume.with_array(out)
