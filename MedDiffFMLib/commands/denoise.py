@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"),
                         help="HU window mapped to [-1, 1] (default: the model's window for the region; the "
                         "paper used -160 240)")
+    parser.add_argument("--soft-tissue-pass", choices=("auto", "on", "off"), default="auto",
+                        help="second pass in [-160, 240] HU for soft tissue; auto: when the model's window is "
+                        "much wider (chest) and --window is not given")
     parser.add_argument("--lambda", dest="lam", type=float, default=DEFAULT_LAMBDA, help="DiffPIR lambda")
     parser.add_argument("--zeta", type=float,
                         help=f"DiffPIR noise mixing 0..1 (default {DEFAULT_ZETA:g} for one seed, "
@@ -51,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     labels = read_mask(args.anatomy_labels, like=volume) if args.anatomy_labels else None
     model = _common.load_model(args)
     result = denoise(volume, model, nfe=args.nfe, noise_level=args.noise_level, window=args.window,
+                     soft_tissue_pass={"auto": None, "on": True, "off": False}[args.soft_tissue_pass],
                      lam=args.lam, zeta=args.zeta, seed=args.seed, seeds=args.seeds,
                      region=_common.region_option(args), anatomy_labels=labels,
                      progress=_common.progress_reporter(args.progress), **_common.sampler_options(args))
