@@ -44,7 +44,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         format="%(levelname)s %(message)s", stream=sys.stderr)
     try:
         return int(args._run(args) or 0)
-    except Cancelled:
+    except (Cancelled, KeyboardInterrupt):
         print("error: cancelled; no output was written", file=sys.stderr)
         return 130
     except MedDiffFMError as exc:
