@@ -81,6 +81,8 @@ def _resample_onto(vol: Volume, reference: sitk.Image, is_mask: bool) -> Volume:
 #: guess_region works on this isotropic spacing (mm): fast, and fine enough for whole-body features.
 REGION_GUESS_SPACING = 3.0
 #: Fraction of the body that is air/lung (threshold anatomy) above which a scan is called chest.
+#: Lung parenchyma (smoothed at 3 mm): above the air outside the body (~-1000 HU), below fat.
+LUNG_PARENCHYMA_HU = (-950.0, -600.0)
 CHEST_LUNG_FRACTION = 0.2
 #: Fraction of axial slices whose bone encloses most of the body (a skull) for head_neck.
 HEAD_SKULL_SLICE_FRACTION = 0.3
@@ -97,15 +99,17 @@ def guess_region(vol: Volume) -> Tuple[str, str]:
     (whole body); lung air >= 20% of the body -> chest; bone enclosing
     most of the body cross-section (a skull) in >= 30% of slices -> head_neck; a small cross-section
     (< 350 cm^2) -> head_neck if it holds an airway, else other (limb); otherwise abdomen.
-    Crops that cut through the lungs (lung open to the image border) are not recognised as chest.
+    A cropped field of view (body open to the image border) whose voxels are >= 20% lung parenchyma
+    (LUNG_PARENCHYMA_HU, above the air outside the body) -> chest: a crop through the lung leaves the lung
+    outside the body mask.
     """
     from scipy import ndimage
 
     from .anatomy import threshold_anatomy
 
     # Axial slices along array axis 0 whatever the acquisition plane (sagittal/coronal series too).
-    coarse = resample(vol, (REGION_GUESS_SPACING,) * 3).to_sitk()
-    labels = threshold_anatomy(Volume.from_sitk(sitk.DICOMOrient(coarse, "LPS")))
+    coarse = Volume.from_sitk(sitk.DICOMOrient(resample(vol, (REGION_GUESS_SPACING,) * 3).to_sitk(), "LPS"))
+    labels = threshold_anatomy(coarse)
     body = labels > 0
     if not body.any():
         return "other", "no body found above -500 HU; region unknown, set it yourself"
@@ -117,6 +121,12 @@ def guess_region(vol: Volume) -> Tuple[str, str]:
     if lung_fraction >= CHEST_LUNG_FRACTION:
         return "chest", (f"{lung_fraction:.0%} of the body is air/lung "
                          f"(>= {CHEST_LUNG_FRACTION:.0%})")
+    if _touches_border(body):
+        lo, hi = LUNG_PARENCHYMA_HU
+        parenchyma = float(np.mean((coarse.array > lo) & (coarse.array < hi)))
+        if parenchyma >= CHEST_LUNG_FRACTION:
+            return "chest", (f"cropped field of view, {parenchyma:.0%} of it lung parenchyma ({lo:g}..{hi:g} HU, "
+                             f">= {CHEST_LUNG_FRACTION:.0%})")
     slice_areas = body.sum(axis=(1, 2))
     occupied = slice_areas > 0
     skull_slices = 0

@@ -6,7 +6,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import (ABDOMEN_NII, ABDOMEN_SMALL_NII, CHEST_NODULE_NRRD, CHEST_NRRD, HEAD_TILTED_DICOM, LIMB_NII)
+from conftest import (ABDOMEN_NII, ABDOMEN_SMALL_NII, CHEST_NODULE_NRRD, CHEST_NRRD, CT_DATA, HEAD_TILTED_DICOM, LIMB_NII,
+                      REPO)
 from MedDiffFMLib.errors import InputError
 from MedDiffFMLib.io import Volume, read_mask, read_volume
 from MedDiffFMLib.preprocess import (REGION_WINDOWS, REGIONS, guess_region, resample, resample_like,
@@ -94,6 +95,17 @@ def test_guess_region_on_real_cases(path, region):
     guessed, reason = guess_region(read_volume(path))
     assert guessed == region
     assert "%" in reason  # the reason quotes the measured fractions
+
+
+def test_guess_region_recognises_chest_crops_through_the_lung():
+    """A crop inside the chest leaves the lung open to the image border, outside the body mask: the
+    parenchyma fraction of the field of view decides."""
+    pulmonary = read_volume(CT_DATA / "totalsegmentator" / "pulmonary_ct_cropped" / "ct_cropped.nii.gz")
+    region, reason = guess_region(pulmonary)
+    assert region == "chest" and "cropped field of view" in reason
+    assert guess_region(read_volume(REPO / "Resources" / "SampleData" / "chest_ct_crop.nii.gz"))[0] == "chest"
+    # A limb crop in air (air at -1000 HU, below the parenchyma range) stays "other".
+    assert guess_region(read_volume(LIMB_NII))[0] == "other"
 
 
 def test_guess_region_is_independent_of_array_orientation_and_sees_whole_body():
