@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -93,3 +94,19 @@ def check_outputs(args: argparse.Namespace, inputs, volumes=(), others=()) -> No
     for out in list(volumes) + list(others):
         if out is not None:
             check_output_path(out, inputs=inputs, overwrite=args.overwrite)
+
+
+#: The shared CT data next to the repository (the split names 'train'/'validation' refer to it).
+DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ct"
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the training commands: validation data, data root, run folder, cache, resume."""
+    parser.add_argument("--val-data", nargs="*",
+                        help="validation CTs (default: the 'validation' split when --data is 'train')")
+    parser.add_argument("--data-root", type=Path,
+                        default=Path(os.environ.get("MEDDIFFFM_CT_DATA", DEFAULT_DATA_ROOT)),
+                        help="folder of the shared CT data (for the split names)")
+    parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, EMA model)")
+    parser.add_argument("--cache-dir", type=Path, help="preprocessed-volume cache (default: <out>/../cache)")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/last.json if present")

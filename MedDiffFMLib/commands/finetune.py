@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
+
+from . import _common
 
 NAME = "finetune"
 HELP = ("Fine-tune a base model with a ControlNet (the base stays frozen) for super-resolution (control: the "
@@ -16,7 +17,6 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..finetune import TASKS
-    from .train import DEFAULT_DATA_ROOT
 
     parser.add_argument("--task", choices=sorted(TASKS), required=True)
     parser.add_argument("--base", required=True, help="base model: registered name or .safetensors path")
@@ -24,15 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'train' or 'validation' (split of the shared CT data), or CT files (a folder "
                         "too for super-resolution)")
     parser.add_argument("--masks", nargs="+", help="lesion masks, one per --data CT file (lesion task)")
-    parser.add_argument("--val-data", nargs="*",
-                        help="validation CTs (default: the 'validation' split when --data is 'train')")
     parser.add_argument("--val-masks", nargs="+", help="lesion masks of --val-data (lesion task)")
-    parser.add_argument("--data-root", type=Path,
-                        default=Path(os.environ.get("MEDDIFFFM_CT_DATA", DEFAULT_DATA_ROOT)),
-                        help="folder of the shared CT data (for the split names)")
-    parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, EMA model)")
-    parser.add_argument("--cache-dir", type=Path, help="preprocessed-volume cache (default: <out>/../cache)")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/last.json if present")
+    _common.add_run_arguments(parser)
     parser.add_argument("--factor", type=int, default=5, help="super-resolution: thin slices per thick slice")
     parser.add_argument("--lesion-probability", type=float, default=0.8,
                         help="lesion: share of patches centred on (near) a lesion")

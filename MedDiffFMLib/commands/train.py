@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
+
+from . import _common
 
 NAME = "train"
 HELP = ("Pre-train the diffusion model on CT volumes with multi-level patches. Resumable (--resume); "
@@ -13,22 +14,13 @@ HELP = ("Pre-train the diffusion model on CT volumes with multi-level patches. R
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ct"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="default", help="model preset: tiny, default or paper")
     parser.add_argument("--config", type=Path, help="JSON ModelConfig (overrides --preset)")
     parser.add_argument("--data", nargs="+", default=["train"],
                         help="'train' or 'validation' (split of the shared CT data), a folder, or CT files")
-    parser.add_argument("--val-data", nargs="*",
-                        help="validation CTs (default: the 'validation' split when --data is 'train')")
-    parser.add_argument("--data-root", type=Path,
-                        default=Path(os.environ.get("MEDDIFFFM_CT_DATA", DEFAULT_DATA_ROOT)),
-                        help="folder of the shared CT data (for the split names)")
-    parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, EMA model)")
-    parser.add_argument("--cache-dir", type=Path, help="preprocessed-volume cache (default: <out>/../cache)")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/last.json if present")
+    _common.add_run_arguments(parser)
     parser.add_argument("--init-from", help="start from the weights of this model (name or .safetensors path)")
     parser.add_argument("--steps", type=int, default=1000, help="total optimizer steps (including resumed ones)")
     parser.add_argument("--batch-size", type=int, default=2, help="patches per micro-batch per process")
