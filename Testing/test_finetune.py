@@ -102,18 +102,24 @@ def test_super_resolution_pairs_append_the_degraded_patch():
         SuperResolutionPairs(Patches(), factor=1)
 
 
-def test_finetune_trains_only_the_controlnet_and_saves_a_small_file(base, chest_nodule_crop, tmp_path):
+def lesion_training_files(base, chest_nodule_crop, tmp_path):
+    """The real nodule crop and its mask as files, the base model file, and lesion patches over them."""
     image, mask = chest_nodule_crop
     write_volume(image, tmp_path / "ct.nii.gz")
     write_volume(mask, tmp_path / "lesion.nii.gz")
     save_model(base.state_dict(), base.cfg, tmp_path / "base", half=False)
     data = LesionPatches([(tmp_path / "ct.nii.gz", tmp_path / "lesion.nii.gz", "chest")], base.cfg, seed=0)
+    return data, str(tmp_path / "base.safetensors")
+
+
+def test_finetune_trains_only_the_controlnet_and_saves_a_small_file(base, chest_nodule_crop, tmp_path):
+    data, weights = lesion_training_files(base, chest_nodule_crop, tmp_path)
     item = data[0]
     assert item["cond"].shape[0] == 23 and item["image"].shape == (1, 16, 16, 16)
     assert set(np.unique(item["cond"][-1].numpy())) <= {0.0, 1.0}
 
     settings = TrainSettings(steps=3, batch_size=1, lr=1e-3, checkpoint_every=3, validate_every=1000)
-    record = finetune(str(tmp_path / "base.safetensors"), "lesion", data, tmp_path / "run", settings)
+    record = finetune(weights, "lesion", data, tmp_path / "run", settings)
 
     trained = record["model"]
     initial = ControlledNet(base, "lesion")
@@ -139,12 +145,7 @@ def test_finetune_trains_only_the_controlnet_and_saves_a_small_file(base, chest_
 
 
 def test_resumed_finetuning_equals_an_uninterrupted_run(base, chest_nodule_crop, tmp_path):
-    image, mask = chest_nodule_crop
-    write_volume(image, tmp_path / "ct.nii.gz")
-    write_volume(mask, tmp_path / "lesion.nii.gz")
-    save_model(base.state_dict(), base.cfg, tmp_path / "base", half=False)
-    data = LesionPatches([(tmp_path / "ct.nii.gz", tmp_path / "lesion.nii.gz", "chest")], base.cfg, seed=0)
-    weights = str(tmp_path / "base.safetensors")
+    data, weights = lesion_training_files(base, chest_nodule_crop, tmp_path)
 
     def run(out, steps, resume=False):
         settings = TrainSettings(steps=steps, batch_size=1, lr=1e-3, checkpoint_every=2, validate_every=1000)
