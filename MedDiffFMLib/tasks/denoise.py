@@ -52,8 +52,10 @@ DEFAULT_LAMBDA = 10.0
 #: several seeds need fresh noise to spread, and their mean approaches the posterior mean again.
 DEFAULT_ZETA = 0.0
 DEFAULT_SEEDS_ZETA = 0.3
-#: Network evaluations; denoising starts at a low noise level, so few steps suffice.
-DEFAULT_NFE = 10
+#: Network evaluations; denoising starts at a low noise level, so few steps suffice. Measured with the
+#: default model on low-dose validation slices that the benchmark does not report (chest / abdomen /
+#: limb, PSNR in [-160, 240] HU): NFE 1 / 3 / 5 / 10 gave 27.37 / 27.47 / 27.44 / 27.41 dB on average.
+DEFAULT_NFE = 3
 #: Below this estimated noise std (HU) an image is treated as noise-free.
 MIN_NOISE_HU = 0.5
 #: Second pass for soft tissue (the paper's denoising window) when the region window is much wider.
