@@ -169,6 +169,28 @@ def test_meddifffm_plugs_in(tmp_path):
         harness.meddifffm_method(str(tmp_path / "missing.safetensors"))
 
 
+def test_cli_compares_several_models(tmp_path, capsys):
+    """`--model` repeated: each model gets its own column, named so the table tells them apart."""
+    import torch
+
+    from MedDiffFMLib.checkpoints import save_model
+    from MedDiffFMLib.config import preset
+    from MedDiffFMLib.network import MedDiffNet
+
+    torch.manual_seed(1)
+    candidate = save_model(MedDiffNet(preset("tiny")).state_dict(), preset("tiny"), tmp_path / "run" / "ema")
+    out = tmp_path / "out"
+    assert main(["evaluate", "denoise", str(CHEST_NRRD), "--slices", "8", "--crop", "40", "--photons", "5e4",
+                 "--methods", "gaussian", "--model", "tiny", "--model", str(candidate), "--nfe", "1",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    with open(out / "denoise_results.csv") as handle:
+        rows = {row["method"]: row for row in csv.DictReader(handle)}
+    assert {"MedDiffFM tiny", "MedDiffFM run/ema"} <= set(rows)
+    # Different weights give different images, so the two columns must differ.
+    assert rows["MedDiffFM tiny"]["psnr"] != rows["MedDiffFM run/ema"]["psnr"]
+    assert "MedDiffFM run/ema" in capsys.readouterr().out
+
+
 def test_cli_anomaly_on_files(tmp_path, capsys):
     from MedDiffFMLib.io import write_volume
 

@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     den.add_argument("--gaussian-sigma", type=float, default=1.0, help="Gaussian smoothing sigma in pixels")
     den.add_argument("--sigma", choices=("oracle", "estimate"), default="oracle",
                      help="give NLM, BM3D and MedDiffFM the simulation's true noise std, or let them estimate it")
-    den.add_argument("--model", help="also run MedDiffFM denoising with this model name or file")
+    den.add_argument("--model", action="append",
+                     help="also run MedDiffFM denoising with this model name or file (repeat to compare models, "
+                     "e.g. the registered one against a new checkpoint)")
     den.add_argument("--nfe", type=int, help="MedDiffFM network evaluations (unset: the denoising task's default)")
     den.add_argument("--model-window", type=float, nargs=2, action="append", metavar=("LO", "HI"),
                      help="HU window MedDiffFM denoises in (repeat to compare several; default: the model's "
@@ -61,23 +63,31 @@ def run(args: argparse.Namespace) -> int:
 def _run_denoise(args: argparse.Namespace) -> int:
     cases = harness.load_cases(args.inputs, args.slices, args.crop or None)
     methods = harness.classical_methods(args.methods, args.gaussian_sigma)
-    if args.model:
-        windows = [tuple(w) for w in args.model_window] if args.model_window else [None]
-        for window in windows:
-            name = "MedDiffFM" if window is None else f"MedDiffFM [{window[0]:g}, {window[1]:g}]"
-            options = {} if window is None else {"window": window}
-            try:
-                methods[name] = harness.meddifffm_method(args.model, nfe=args.nfe, seed=args.seed,
+    windows = [tuple(w) for w in args.model_window] if args.model_window else [None]
+    try:
+        for model in args.model or []:
+            label = "MedDiffFM" if len(args.model) == 1 else f"MedDiffFM {_model_label(model)}"
+            for window in windows:
+                name = label if window is None else f"{label} [{window[0]:g}, {window[1]:g}]"
+                options = {} if window is None else {"window": window}
+                methods[name] = harness.meddifffm_method(model, nfe=args.nfe, seed=args.seed,
                                                          device=args.device, **options)
-            except ResourceError as exc:
-                log.warning("MedDiffFM left out of the comparison: %s", exc)
-                break
+    except ResourceError as exc:
+        log.warning("MedDiffFM left out of the comparison: %s", exc)
     report = harness.evaluate_denoising(cases, methods, photons=args.photons, seed=args.seed,
                                         oracle_sigma=args.sigma == "oracle")
     for path in harness.write_denoise_report(report, args.out):
         log.info("wrote %s", path)
     print(harness.denoise_summary_markdown(harness.mean_over_cases(report.rows)))
     return 0
+
+
+def _model_label(model: str) -> str:
+    """A model's short name in tables: a registered name as is, a file by its parent folder and stem."""
+    path = Path(model)
+    if path.suffix != ".safetensors":
+        return model
+    return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
 
 
 def _run_anomaly(args: argparse.Namespace) -> int:
