@@ -1,7 +1,10 @@
-"""Denoising speed and peak memory vs NFE, window batch size and precision: a benchmark, not a test.
+"""Denoising speed and peak memory vs NFE, window batch size, precision and memory format: a benchmark,
+not a test.
 
     python benchmarks/denoise_speed.py --size 128 128 64 --nfe 5 10 20 --window-batch 1 4 8
-    python benchmarks/denoise_speed.py --model default --device cuda --precision fp32 bf16
+    # the issue-F GPU table (512 x 512 x 300 voxels):
+    python benchmarks/denoise_speed.py --model default --device cuda --size 512 512 300 --nfe 1000 250 100 50 \
+        --window-batch 8 32 --precision fp32 bf16 --memory-format contiguous channels_last
 
 The volume is a real CT (default: the TotalSegmentator abdomen example, 3 mm) cropped or mirror-padded
 to --size, denoised on its own grid with a fixed noise level (so the time is the sampler's, not the
@@ -37,6 +40,8 @@ def parse_args(argv=None):
     parser.add_argument("--window-batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=("fp32", "bf16"),
                         help="bf16 only on CUDA")
+    parser.add_argument("--memory-format", nargs="+", default=["contiguous"], choices=("contiguous", "channels_last"),
+                        help="network weights' memory format (channels_last = NDHWC, as `train --channels-last`)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -61,7 +66,7 @@ def volume_of_size(path: Path, size_xyz):
     return Volume(np.ascontiguousarray(array), ct.spacing, ct.origin, ct.direction)
 
 
-def run_one(args, nfe: int, window_batch: int, precision: str, results) -> None:
+def run_one(args, nfe: int, window_batch: int, precision: str, memory_format: str, results) -> None:
     """Child process: build everything, time one denoise() call, report (seconds, peak bytes, windows)."""
     import resource
 
@@ -81,6 +86,8 @@ def run_one(args, nfe: int, window_batch: int, precision: str, results) -> None:
 
         torch.manual_seed(0)
         model = MedDiffNet(preset(args.preset)).to(device).eval()
+    if memory_format == "channels_last":
+        model = model.to(memory_format=torch.channels_last_3d)
     volume = volume_of_size(args.input, args.size)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -108,25 +115,25 @@ def main(argv=None) -> int:
         print("bf16 autocast is used on CUDA only (CPU runs fp32); skipping the bf16 rows")
         precisions.remove("bf16")
     rows = []
-    for nfe, batch, precision in itertools.product(args.nfe, args.window_batch, precisions):
+    for nfe, batch, precision, fmt in itertools.product(args.nfe, args.window_batch, precisions, args.memory_format):
         results = context.Queue()
-        child = context.Process(target=run_one, args=(args, nfe, batch, precision, results))
+        child = context.Process(target=run_one, args=(args, nfe, batch, precision, fmt, results))
         child.start()
         child.join()
         if child.exitcode != 0:
-            print(f"nfe {nfe}, window batch {batch}, {precision}: failed (exit code {child.exitcode})")
+            print(f"nfe {nfe}, window batch {batch}, {precision}, {fmt}: failed (exit code {child.exitcode})")
             continue
         seconds, peak, windows, steps, device = results.get()
-        rows.append((nfe, steps, batch, precision, device, windows, seconds, peak / 2 ** 30))
+        rows.append((nfe, steps, batch, precision, fmt, device, windows, seconds, peak / 2 ** 30))
     size = "x".join(map(str, args.size))
     print(f"\nDenoising a {size} (x y z) volume, {args.model or 'untrained ' + args.preset} network, "
           f"overlap {args.overlap}, {args.threads} CPU thread(s)")
-    header = ("NFE", "steps", "window batch", "precision", "device", "windows/step", "seconds", "s/step",
-              "peak GiB")
+    header = ("NFE", "steps", "window batch", "precision", "memory format", "device", "windows/step", "seconds",
+              "s/step", "peak GiB")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    for nfe, steps, batch, precision, device, windows, seconds, peak in rows:
-        print(f"| {nfe} | {steps} | {batch} | {precision} | {device} | {windows} | {seconds:.2f} | "
+    for nfe, steps, batch, precision, fmt, device, windows, seconds, peak in rows:
+        print(f"| {nfe} | {steps} | {batch} | {precision} | {fmt} | {device} | {windows} | {seconds:.2f} | "
               f"{seconds / steps:.3f} | {peak:.2f} |")
     return 0
 
