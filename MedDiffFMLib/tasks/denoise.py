@@ -111,9 +111,9 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: int = DEFAULT_NFE,
             precision: str = "auto", progress: Optional[Callable[[int, int], None]] = None) -> DenoiseResult:
     """Denoise a CT (HU) with the diffusion prior; see the module docstring for the method and choices.
 
-    `noise_level`: noise std in HU (None: a per-voxel map estimated from the image). `window`: (lo, hi) HU (None: the model's
-    window for the region). `seeds` > 1 runs seeds seed..seed+seeds-1 and returns their mean, with the
-    per-voxel standard deviation as `uncertainty`. `zeta` None: DEFAULT_ZETA for one seed,
+    `noise_level`: noise std in HU (None: a per-voxel map estimated from the image). `window`: (lo, hi) HU
+    (None: the model's window for the region). `seeds` > 1 runs seeds seed..seed+seeds-1 and returns their
+    mean, with the per-voxel standard deviation as `uncertainty`. `zeta` None: DEFAULT_ZETA for one seed,
     DEFAULT_SEEDS_ZETA for several. `region` None guesses it from the image. `soft_tissue_pass` None:
     when the window is the model's and much wider than soft tissue (chest), soft tissue gets a second pass
     in SOFT_TISSUE_WINDOW_HU (see the module docstring); True/False forces it on/off.
