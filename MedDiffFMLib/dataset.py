@@ -3,6 +3,8 @@
 Each case is preprocessed once per training spacing (read, checked, resampled, windowed with its region's
 window, anatomy labels) and cached as a compressed `.npz` whose name is a hash of the file contents and
 every preprocessing setting, so a changed setting or input file never reuses a stale cache entry.
+Those `.npz` entries can also be the training data themselves (a folder of them, or the files): a machine
+that trains, e.g. a GPU node, then needs neither the raw scans nor SimpleITK. Each entry is one case.
 
 Item `i` of `CTPatchDataset` is drawn from `numpy.random.default_rng([seed, i])`: the same index always
 gives the same patch, whatever the worker, process or order. Distributed training therefore only needs
@@ -68,6 +70,8 @@ SHARED_CASES.update({
     f"ibsi_sts_{n:03d}": (f"ibsi_sts/STS_{n:03d}/CT_image.nii.gz", "other", f"STS_{n:03d}")
     for n in (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 15, 24, 25, 26, 28)
 })
+#: Suffix of a preprocessed cache entry, accepted as training data in place of a CT file.
+CACHE_SUFFIX = ".npz"
 #: Held-out subjects: a chest (lung1), an abdomen (the TotalSegmentator example, both crops), a limb.
 VALIDATION_SUBJECTS = ("lung1", "ts_example", "STS_002")
 
@@ -94,9 +98,10 @@ def as_cases(files: Union[str, Path, Sequence[Union[str, Path, CTCase]]],
         folder = Path(files)
         if not folder.is_dir():
             raise InputError(f"training data {folder} is not a folder; give a folder or a list of CT files")
-        files = sorted(p for p in folder.iterdir() if p.name.lower().endswith(VOLUME_SUFFIXES))
+        suffixes = VOLUME_SUFFIXES + (CACHE_SUFFIX,)
+        files = sorted(p for p in folder.iterdir() if p.name.lower().endswith(suffixes))
         if not files:
-            raise InputError(f"no CT volumes ({', '.join(VOLUME_SUFFIXES)}) found in {folder}")
+            raise InputError(f"no CT volumes or cache entries ({', '.join(suffixes)}) found in {folder}")
     if masks is not None and len(masks) != len(files):
         raise InputError(f"{len(masks)} anatomy masks for {len(files)} CT files; give one (or None) per file")
     cases = []
@@ -191,6 +196,8 @@ class CTPatchDataset(torch.utils.data.Dataset):
     # -- preprocessing cache --------------------------------------------------------------------------
     def _prepare(self, case: CTCase) -> Tuple[str, List[Path]]:
         """Region of the case and its cache files, preprocessing whatever is not cached yet."""
+        if case.path.lower().endswith(CACHE_SUFFIX):
+            return self._check_entry(Path(case.path)), [Path(case.path)]
         digest = _content_hash(Path(case.path))
         mask_digest = _content_hash(Path(case.mask)) if case.mask else None
         # A DICOM series has to be read to know its slice spacing; a file header is enough otherwise.
@@ -216,6 +223,23 @@ class CTPatchDataset(torch.utils.data.Dataset):
                 self._write_entry(path, case, vol, region, grid, params)
             entries.append(path)
         return region, entries
+
+    def _check_entry(self, path: Path) -> str:
+        """Body region of a cache entry given as training data, after checking it fits this model."""
+        try:
+            with np.load(path) as data:
+                params = json.loads(str(data["params"]))
+        except Exception as err:  # zip, key and JSON errors alike: the file is not one of our entries
+            raise InputError(f"{path} is not a MedDiffFM preprocessed-cache entry ({err})") from None
+        region = params.get("region")
+        if params.get("version") != CACHE_VERSION or region not in self.cfg.regions:
+            raise InputError(f"{path}: cache entry of another preprocessing version or region "
+                             f"({params.get('version')}, {region!r}); preprocess the CT again")
+        anatomy = json.loads(json.dumps(self.spec.to_dict()))  # as it reads back from the entry's JSON
+        if params.get("window") != list(self.cfg.windows[region]) or params.get("anatomy") != anatomy:
+            raise InputError(f"{path}: cache entry made for another model configuration (HU window or anatomy "
+                             "classes differ); preprocess the CT again for this model")
+        return region
 
     def _read(self, case: CTCase) -> Volume:
         vol = read_volume(case.path)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -48,6 +49,12 @@ WINDOW_WEIGHT_FLOOR = 1e-3
 
 #: Condition windows are kept (on the sampling device) between steps when they fit in this many bytes.
 CONDITION_CACHE_BYTES = 512 * 2 ** 20
+#: Otherwise, on a GPU, the whole-volume condition stack is kept there when it fits in this share of the free
+#: memory: rebuilding every window's condition on the CPU at every step starves the GPU (a 512x512x300 CT has
+#: ~17,000 windows per step). On the CPU the network dominates, so windows are rebuilt there to save memory.
+VOLUME_CONDITION_SHARE = 1 / 3
+#: Slices per slab when building the whole-volume condition (bounds the CPU memory used to build it).
+VOLUME_CONDITION_SLAB = 16
 
 
 def window_starts(size: int, window: int, overlap: float) -> List[int]:
@@ -86,6 +93,14 @@ def mirror_pad(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         if target > n:
             x = x.index_select(axis, _mirror_indices(n, int(target)).to(x.device))
     return x
+
+
+def volume_condition_budget(device: torch.device) -> int:
+    """Bytes the whole-volume condition may take on `device` (0: build window conditions on demand)."""
+    if device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * VOLUME_CONDITION_SHARE)
 
 
 def _mirror_indices(n: int, target: int) -> torch.Tensor:
@@ -132,10 +147,17 @@ class SlidingWindowSampler:
         self._crop = tuple(slice(pad_before(n, p), pad_before(n, p) + n) for n, p in zip(self.shape, self.padded_shape))
         self._weights = window_weights(self.window).to(self.device)
         self._cond_cache = None
+        self._cond_volume = None
         self._weight_sum = None
         first = self._condition(self.starts[0])
         if len(self.starts) * first.numel() * first.element_size() <= CONDITION_CACHE_BYTES:
             self._cond_cache = [first] + [self._condition(s) for s in self.starts[1:]]
+        else:
+            # Stored in the dtype the network computes in: autocast casts the condition to it anyway.
+            dtype = self.autocast_dtype or torch.float32
+            nbytes = first.shape[0] * math.prod(self.padded_shape) * torch.empty((), dtype=dtype).element_size()
+            if nbytes <= volume_condition_budget(self.device):
+                self._cond_volume = self._volume_condition(dtype)
 
     @property
     def num_windows(self) -> int:
@@ -146,6 +168,18 @@ class SlidingWindowSampler:
         size = [min(self.window, n) for n in self.shape]
         cond = self.cond.window(start, size)[None]
         return mirror_pad(cond, (self.window,) * 3)[0].to(self.device)
+
+    def _volume_condition(self, dtype: torch.dtype) -> torch.Tensor:
+        """(C, *padded_shape) condition of the whole volume on the device, filled slab by slab (in place, so
+        the device never holds two copies)."""
+        volume = None
+        for z in range(0, self.shape[0], VOLUME_CONDITION_SLAB):
+            depth = min(VOLUME_CONDITION_SLAB, self.shape[0] - z)
+            slab = self.cond.window((z, 0, 0), (depth,) + self.shape[1:])
+            if volume is None:
+                volume = torch.empty((slab.shape[0],) + self.shape, device=self.device, dtype=dtype)
+            volume[:, z:z + depth] = slab.to(self.device, dtype)
+        return mirror_pad(volume[None], self.padded_shape)[0]
 
     def eps(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         """Full-volume noise estimate (1, 1, *shape), float32: the weighted mean over the windows covering a voxel."""
@@ -178,6 +212,8 @@ class SlidingWindowSampler:
         x = torch.stack([x_pad[self._box(self.starts[j])] for j in batch])
         if self._cond_cache is not None:
             cond = torch.stack([self._cond_cache[j] for j in batch])
+        elif self._cond_volume is not None:
+            cond = torch.stack([self._cond_volume[self._box(self.starts[j])[1:]] for j in batch])
         else:
             cond = torch.stack([self._condition(self.starts[j]) for j in batch])
         n = len(batch)

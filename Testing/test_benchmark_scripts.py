@@ -29,3 +29,26 @@ def test_denoise_speed_prints_one_row_per_configuration(denoise_speed, capsys):
     assert len(rows) == 2
     assert {row.split("|")[5].strip() for row in rows} == {"contiguous", "channels_last"}
     assert all(float(row.split("|")[8]) > 0 for row in rows)  # seconds
+
+
+def test_denoise_speed_reads_a_saved_input_and_projects_more_steps(denoise_speed, capsys, tmp_path):
+    saved = tmp_path / "limb.npz"
+    assert denoise_speed.main(["--input", str(LIMB_NII), "--save-input", str(saved)]) == 0
+    ct = denoise_speed.read_input(LIMB_NII)
+    again = denoise_speed.read_input(saved)
+    assert (again.array == ct.array).all() and again.spacing == ct.spacing and again.direction == ct.direction
+    argv = ["--input", str(saved), "--preset", "tiny", "--size", "198", "202", "8", "--nfe", "1", "3",
+            "--window-batch", "8", "--device", "cpu", "--project", "100", "1000"]
+    assert denoise_speed.main(argv) == 0
+    out = capsys.readouterr().out
+    measured = {int(line.split("|")[2]): line for line in out.splitlines() if line.startswith(("| 1 |", "| 3 |"))}
+    assert set(measured) == {1, 3}  # steps actually taken
+    seconds, setup, per_step = (float(c) for c in measured[3].split("|")[8:11])
+    assert 0 <= setup < seconds and seconds / 3 / 2 < per_step < seconds / 3 * 2  # one stamp per step
+    projection = out.split("Projected")[1].splitlines()
+    assert any("needs a run of >= 2 steps" in line for line in projection)  # the 1-step run has no step time
+    (projected,) = [line for line in projection if line.startswith("| 8 |") and "needs" not in line]
+    cells = [float(c) for c in projected.strip("|").split("|")[3:7]]
+    assert cells[1] == pytest.approx(per_step, abs=1e-3)
+    assert cells[2] == pytest.approx(setup + 100 * per_step, abs=1) and cells[3] == pytest.approx(
+        setup + 1000 * per_step, abs=1)

@@ -138,3 +138,24 @@ def test_distributed_sampler_ranks_draw_different_patches(data):
     firsts = [next(iter(DistributedSampler(data, num_replicas=2, rank=r, seed=0))) for r in (0, 1)]
     assert firsts[0] != firsts[1]
     assert not torch.equal(data[firsts[0]]["image"], data[firsts[1]]["image"])
+
+
+def test_cache_entries_train_without_the_raw_scans(cfg, tmp_path):
+    """A folder of cache entries gives the same patches as the CT it came from, and refuses foreign entries."""
+    one_grid = dataclasses.replace(cfg, train_spacings=((3.0, 3.0, 3.0),))
+    from_ct = CTPatchDataset([CTCase(str(LIMB_NII), region="other")], one_grid, tmp_path / "cache", seed=5)
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (entry,) = from_ct.entries[0]
+    (shipped / entry.name).write_bytes(entry.read_bytes())
+    from_entries = CTPatchDataset(str(shipped), one_grid, tmp_path / "unused", seed=5)
+    assert from_entries.regions == ["other"] and not (tmp_path / "unused").exists()
+    for i in (0, 3, 8):
+        assert torch.equal(from_entries[i]["image"], from_ct[i]["image"])
+        assert torch.equal(from_entries[i]["cond"], from_ct[i]["cond"])
+    other_window = dataclasses.replace(one_grid, windows=dict(one_grid.windows, other=(-200.0, 300.0)))
+    with pytest.raises(InputError, match="another model configuration"):
+        CTPatchDataset(str(shipped), other_window, tmp_path)
+    np.savez(shipped / "foreign.npz", image=np.zeros(3))
+    with pytest.raises(InputError, match="foreign.npz is not a MedDiffFM preprocessed-cache entry"):
+        CTPatchDataset(str(shipped), one_grid, tmp_path)

@@ -224,3 +224,31 @@ def test_short_axes_are_mirror_tiled():
     # 7 voxels added, 3 before: the original sits in the middle, where a window is most reliable.
     assert padded[0, 0, :, 0, 0].tolist() == [3, 2, 1, 0, 1, 2, 3, 4, 3, 2, 1, 0]
     assert torch.equal(padded[0, 0, :, 2, 0], padded[0, 0, :, 0, 0])  # a single voxel repeats
+
+
+def test_condition_is_the_same_however_it_is_stored(monkeypatch):
+    """Per-window cache, whole-volume stack (the GPU path, forced here) and on-demand windows feed the
+    network identical conditions, a short mirror-tiled axis and anatomy labels included."""
+    from MedDiffFMLib import sampling
+
+    base = AnalyticGaussian()
+    shape = (26, 20, 10)  # x is shorter than the window
+    labels = np.random.default_rng(0).integers(0, 3, shape).astype(np.uint8)
+    cond = VolumeCondition(base.cfg, shape, (1.0, 1.5, 2.0), "chest", anatomy_labels=labels)
+    channels = cond.window((0, 0, 0), (1, 1, 1)).shape[0]
+    mix = torch.randn(1, channels, 1, 1, 1, generator=torch.Generator().manual_seed(1))
+
+    def eps_of_condition(x_t, t, c, region):
+        return (c * mix).sum(dim=1, keepdim=True)
+
+    def eps(cache_bytes, volume_budget):
+        monkeypatch.setattr(sampling, "CONDITION_CACHE_BYTES", cache_bytes)
+        monkeypatch.setattr(sampling, "volume_condition_budget", lambda device: volume_budget)
+        sampler = SlidingWindowSampler(eps_of_condition, cond, base.schedule, 16, overlap=0.5, batch_size=3)
+        stored = "windows" if sampler._cond_cache else "volume" if sampler._cond_volume is not None else "none"
+        return stored, sampler.eps(torch.zeros((1, 1) + shape), 100)
+
+    (a, windows), (b, volume), (c, on_demand) = eps(2 ** 40, 0), eps(0, 2 ** 40), eps(0, 0)
+    assert (a, b, c) == ("windows", "volume", "none")
+    assert float(windows.std()) > 0.1  # the condition really varies over the volume
+    assert torch.equal(volume, windows) and torch.equal(on_demand, windows)
