@@ -269,6 +269,21 @@ def test_memory_check_refuses_what_cannot_fit(monkeypatch):
     common.check_memory(preset("tiny"), (20, 32, 32), 4, torch.device("cpu"))
 
 
+def test_default_window_batch_is_small_on_cpu_and_fits_the_gpu(monkeypatch):
+    from MedDiffFMLib.config import preset
+
+    cfg, shape, gpu = preset("default"), (300, 512, 512), torch.device("cuda")
+    assert common.default_window_batch(cfg, shape, torch.device("cpu")) == common.CPU_WINDOW_BATCH
+    volume_bytes, per_window = common.estimate_memory(cfg, shape, 1)
+    monkeypatch.setattr(common, "available_memory", lambda device: 2 ** 40)
+    assert common.default_window_batch(cfg, shape, gpu) == common.GPU_WINDOW_BATCH
+    # Room for the volume and 40 windows in half the free memory: the largest power of two that fits is 32.
+    monkeypatch.setattr(common, "available_memory", lambda device: 2 * (volume_bytes + 40 * per_window))
+    assert common.default_window_batch(cfg, shape, gpu) == 32
+    monkeypatch.setattr(common, "available_memory", lambda device: volume_bytes)
+    assert common.default_window_batch(cfg, shape, gpu) == 1  # and check_memory then explains what to do
+
+
 def test_sampler_on_a_sub_box_uses_whole_volume_positions(gaussian_problem):
     """A condition for a box of a larger volume (as lesion inpainting uses): with a position-dependent
     pointwise model, the box's noise estimate equals the whole volume's estimate cut to the box."""

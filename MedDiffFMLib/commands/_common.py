@@ -26,7 +26,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, nfe: Optional[int] = No
     parser.add_argument("--progress", choices=PROGRESS_MODES, default="tqdm",
                         help=f"progress display; 'machine' prints '{PROGRESS_PREFIX} <step> <total>' lines")
     parser.add_argument("--overlap", type=float, default=0.5, help="overlap of neighbouring windows (0..<1)")
-    parser.add_argument("--window-batch", type=int, default=4, help="windows per network call")
+    parser.add_argument("--window-batch", type=int, default=None,
+                        help="windows per network call (default: 4 on the CPU, up to 256 on a GPU as memory allows)")
     parser.add_argument("--region", default="auto",
                         help="body region: auto (guessed from the image), head_neck, chest, abdomen, other")
     parser.add_argument("--threads", type=int, help="CPU threads for the network (default: PyTorch's choice)")

@@ -107,7 +107,7 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: int = DEFAULT_NFE,
             lam: float = DEFAULT_LAMBDA, zeta: Optional[float] = None, seed: int = 0, seeds: int = 1,
             region: Optional[str] = None, anatomy_labels: Optional[Volume] = None,
             soft_tissue_pass: Optional[bool] = None,
-            device: Union[str, torch.device] = "cpu", overlap: float = 0.5, window_batch: int = 4,
+            device: Union[str, torch.device] = "cpu", overlap: float = 0.5, window_batch: Optional[int] = None,
             precision: str = "auto", progress: Optional[Callable[[int, int], None]] = None) -> DenoiseResult:
     """Denoise a CT (HU) with the diffusion prior; see the module docstring for the method and choices.
 

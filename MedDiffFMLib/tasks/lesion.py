@@ -79,7 +79,7 @@ class BoxJob:
 
 
 def prepare_box(volume: Volume, mask: Volume, model: torch.nn.Module, region: Optional[str], margin_mm: float,
-                device: Union[str, torch.device], overlap: float, window_batch: int, precision: str,
+                device: Union[str, torch.device], overlap: float, window_batch: Optional[int], precision: str,
                 mask_name: str = "mask") -> BoxJob:
     """Check the inputs and set up sampling of the box around `mask` in the frame of the whole volume.
 
@@ -108,7 +108,7 @@ def prepare_box(volume: Volume, mask: Volume, model: torch.nn.Module, region: Op
 
 def generate_lesion(volume: Volume, lesion_mask: Volume, model: torch.nn.Module, nfe: int = 100,
                     margin_mm: float = DEFAULT_MARGIN_MM, region: Optional[str] = None, seed: int = 0,
-                    device: Union[str, torch.device] = "cpu", overlap: float = 0.5, window_batch: int = 4,
+                    device: Union[str, torch.device] = "cpu", overlap: float = 0.5, window_batch: Optional[int] = None,
                     precision: str = "auto", progress: Progress = None) -> Volume:
     """A copy of `volume` whose box around `lesion_mask` is synthesised anew, with a lesion where the mask is.
 

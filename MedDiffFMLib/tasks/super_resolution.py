@@ -90,7 +90,7 @@ def check_factor(factor: int) -> None:
 
 def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: int = 100, lam: float = 1.0,
                   sigma_n: float = 1.0, zeta: float = DEFAULT_ZETA, region: Optional[str] = None, seed: int = 0,
-                  device: Union[str, torch.device] = "cpu", overlap: float = 0.5, window_batch: int = 4,
+                  device: Union[str, torch.device] = "cpu", overlap: float = 0.5, window_batch: Optional[int] = None,
                   precision: str = "auto", project: bool = True, progress: Progress = None) -> Volume:
     """Thin-slice CT (HU) on the grid `factor` times finer along z than the thick input `volume`.
 
