@@ -58,7 +58,8 @@ SlicerMONAIAuto3DSeg extensions.
 if parameterNodeWrapper is not None:
     @parameterNodeWrapper
     class MedDiffFMParameterNode:
-        """Panel state, saved with the scene. Negative noise level / threshold = automatic; nfe 0 = task default."""
+        """Panel state, saved with the scene. Negative noise level / threshold = automatic; nfe and overlap 0 =
+        task default; window batch 0 = automatic (4 on the CPU, up to 256 on a GPU)."""
         inputVolume: slicer.vtkMRMLScalarVolumeNode
         maskSegmentation: slicer.vtkMRMLSegmentationNode
         maskSegmentId: str = ""
@@ -75,8 +76,8 @@ if parameterNodeWrapper is not None:
         anomalyThreshold: Annotated[float, WithinRange(-1.0, 1000.0)] = -1.0
         nfe: Annotated[int, WithinRange(0, 1000)] = 0
         seed: Annotated[int, WithinRange(0, 2 ** 31 - 1)] = 0
-        overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
-        windowBatch: Annotated[int, WithinRange(1, 64)] = 4
+        overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.0
+        windowBatch: Annotated[int, WithinRange(0, 1024)] = 0
         forceCpu: bool = False
 
 
@@ -263,8 +264,8 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _startRun(self):
         p = self._parameterNode
-        options = dict(model=p.model or None, seed=p.seed, forceCpu=p.forceCpu, overlap=p.overlap,
-                       windowBatch=p.windowBatch, region=None if p.region == "auto" else p.region, wait=False)
+        options = dict(model=p.model or None, seed=p.seed, forceCpu=p.forceCpu, overlap=p.overlap or None,
+                       windowBatch=p.windowBatch or None, region=None if p.region == "auto" else p.region, wait=False)
         if TASKS[p.task].usesNfe:
             options["nfe"] = p.nfe or None
         if p.task == "synthesize":

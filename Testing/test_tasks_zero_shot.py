@@ -3,6 +3,7 @@ with the tiny network on a real CT crop through the command line."""
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -165,13 +166,16 @@ def assert_same_geometry(path, reference):
     return out, ref
 
 
-def test_denoise_cli_end_to_end(ct_crop, tiny_model, tmp_path, capsys):
+def test_denoise_cli_end_to_end(ct_crop, tiny_model, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO)
     out, std, png = tmp_path / "den.nii.gz", tmp_path / "den_std.nii.gz", tmp_path / "preview.png"
     code = run_cli("denoise", ct_crop, "-o", out, "--model", tiny_model, "--nfe", 2, "--seeds", 2,
                    "--progress", "machine", "--device", "cpu", "--preview", png, "--window-batch", 8)
     assert code == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("MEDDIFFFM_PROGRESS")]
+    captured = capsys.readouterr()
+    lines = [line for line in captured.out.splitlines() if line.startswith("MEDDIFFFM_PROGRESS")]
     assert lines[-1] == "MEDDIFFFM_PROGRESS 4 4"
+    assert "(overlap 0.25)" in caplog.text  # denoising's own default overlap when --overlap is not given
     den, ref = assert_same_geometry(out, ct_crop)
     from scipy import ndimage
 
@@ -189,12 +193,15 @@ def test_denoise_cli_end_to_end(ct_crop, tiny_model, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
-def test_detect_anomalies_cli_end_to_end(ct_crop, tiny_model, tmp_path, capsys):
+def test_detect_anomalies_cli_end_to_end(ct_crop, tiny_model, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO)
     out, mask = tmp_path / "map.nii.gz", tmp_path / "mask.nrrd"
     code = run_cli("detect-anomalies", ct_crop, "-o", out, "--mask-output", mask, "--model", tiny_model,
-                   "--device", "cpu", "--progress", "none", "--region", "abdomen")
+                   "--device", "cpu", "--progress", "none", "--region", "abdomen", "--overlap", 0.4)
     assert code == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    assert "(overlap 0.40)" in caplog.text
+    summary = json.loads(captured.out.strip().splitlines()[-1])
     amap, _ = assert_same_geometry(out, ct_crop)
     labels, _ = assert_same_geometry(mask, ct_crop)
     assert amap.array.min() >= 0 and summary["score_hu"] > 0

@@ -25,7 +25,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, nfe: Optional[int] = No
                         help="network precision on GPU (auto: bf16 where supported)")
     parser.add_argument("--progress", choices=PROGRESS_MODES, default="tqdm",
                         help=f"progress display; 'machine' prints '{PROGRESS_PREFIX} <step> <total>' lines")
-    parser.add_argument("--overlap", type=float, default=0.5, help="overlap of neighbouring windows (0..<1)")
+    parser.add_argument("--overlap", type=float, default=None,
+                        help="overlap of neighbouring windows (0..<1; default: the task's, 0.25 for denoise, else 0.5)")
     parser.add_argument("--window-batch", type=int, default=None,
                         help="windows per network call (default: 4 on the CPU, up to 256 on a GPU as memory allows)")
     parser.add_argument("--region", default="auto",
@@ -38,8 +39,10 @@ def sampler_options(args: argparse.Namespace) -> dict:
     """Keyword arguments every task takes from the shared options."""
     from ..tasks.common import choose_device
 
-    return dict(device=choose_device(args.device), overlap=args.overlap, window_batch=args.window_batch,
-                precision=args.precision)
+    options = dict(device=choose_device(args.device), window_batch=args.window_batch, precision=args.precision)
+    if args.overlap is not None:  # else each task's own default
+        options["overlap"] = args.overlap
+    return options
 
 
 def region_option(args: argparse.Namespace) -> Optional[str]:
