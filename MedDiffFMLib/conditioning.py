@@ -12,7 +12,7 @@ import torch
 
 from .anatomy import AnatomySpec, encode_anatomy
 from .config import ModelConfig
-from .position import global_coords, positional_encoding
+from .position import global_coords, grid_positional_encoding, positional_encoding
 
 
 def anatomy_spec(cfg: ModelConfig) -> AnatomySpec:
@@ -24,11 +24,14 @@ def condition_channels(cfg: ModelConfig) -> int:
 
 
 def assemble(cfg: ModelConfig, anatomy: torch.Tensor, coords: torch.Tensor,
-             spacing_zyx: Sequence[float]) -> torch.Tensor:
-    """Stack encoded anatomy (A, d, h, w), coordinates (3, d, h, w) and spacing into (C, d, h, w)."""
+             spacing_zyx: Sequence[float], encoding: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Stack encoded anatomy (A, d, h, w), coordinates (3, d, h, w), their sin/cos encoding (computed here
+    unless given) and spacing into (C, d, h, w)."""
     spacing = torch.log2(torch.as_tensor(spacing_zyx, dtype=torch.float32))
     spacing = spacing.reshape(3, 1, 1, 1).expand((3,) + tuple(coords.shape[1:]))
-    return torch.cat([anatomy.float(), coords, positional_encoding(coords, cfg.pe_frequencies), spacing])
+    if encoding is None:
+        encoding = positional_encoding(coords, cfg.pe_frequencies)
+    return torch.cat([anatomy.float(), coords, encoding, spacing])
 
 
 class VolumeCondition:
@@ -62,5 +65,7 @@ class VolumeCondition:
         else:
             anatomy = torch.as_tensor(encode_anatomy(self.labels[box], self.spec))
         g0 = [a + o for a, o in zip(start, self.offset)]
-        coords = global_coords(self.full_shape, g0, [a + s for a, s in zip(g0, size)], size)
-        return assemble(self.cfg, anatomy, coords, self.spacing)
+        g1 = [a + s for a, s in zip(g0, size)]
+        coords = global_coords(self.full_shape, g0, g1, size)
+        encoding = grid_positional_encoding(self.full_shape, g0, g1, size, self.cfg.pe_frequencies)
+        return assemble(self.cfg, anatomy, coords, self.spacing, encoding)

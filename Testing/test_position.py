@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from MedDiffFMLib.position import axis_coords, global_coords, positional_encoding
+from MedDiffFMLib.position import axis_coords, global_coords, grid_positional_encoding, positional_encoding
 
 
 def test_plain_crop_coordinates_are_voxel_centres():
@@ -35,3 +36,13 @@ def test_positional_encoding_values():
     assert math.isclose(pe[5].item(), math.cos(4 * math.pi * 0.25), abs_tol=1e-6)
     # x channel, k = 0
     assert math.isclose(pe[12].item(), math.sin(math.pi * 1.0), abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("box", [((3, 0, 5), (11, 9, 17), (8, 9, 12)),  # plain crop
+                                 ((0, 2, 1), (20, 18, 24), (6, 8, 7))])  # region resized to the patch
+def test_grid_encoding_equals_the_encoding_of_the_coordinates(box):
+    starts, stops, out = box
+    full = (20, 18, 24)
+    expected = positional_encoding(global_coords(full, starts, stops, out), 4)
+    torch.testing.assert_close(grid_positional_encoding(full, starts, stops, out, 4), expected, atol=1e-6, rtol=0)
+
