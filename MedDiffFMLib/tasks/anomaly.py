@@ -49,7 +49,8 @@ def detect_anomalies(volume: Volume, model: torch.nn.Module, mask: Optional[Volu
                      seed: int = 0, smoothing_sigma_mm: float = DEFAULT_SMOOTHING_MM,
                      threshold: Optional[float] = None, region: Optional[str] = None,
                      anatomy_labels: Optional[Volume] = None, device: Union[str, torch.device] = "cpu",
-                     overlap: float = 0.5, window_batch: Optional[int] = None, precision: str = "auto") -> AnomalyResult:
+                     overlap: float = 0.5, window_batch: Optional[int] = None,
+                     precision: str = "auto") -> AnomalyResult:
     """Anomaly map, thresholded mask and image score for a CT (HU); see the module docstring.
 
     `mask`: label map on the image grid (nonzero = search here); None: the body from the anatomy map.
