@@ -77,7 +77,8 @@ def progress_reporter(mode: str) -> Callable[[int, int], None]:
 
     def update(step: int, total: int) -> None:
         if "bar" not in bar or bar["bar"].total != total:
-            bar["bar"] = tqdm(total=total, file=sys.stderr, unit="step")
+            # Created at the first report, so steps already done are its `initial`: its rate counts from here.
+            bar["bar"] = tqdm(total=total, initial=step, file=sys.stderr, unit="step")
         bar["bar"].n = step
         bar["bar"].refresh()
         if step >= total:
