@@ -1,0 +1,50 @@
+#!/bin/bash
+# One short GPU session (development tooling, not part of the product): the denoise-speed table, then
+# `default` training from cache entries until TRAIN_UNTIL seconds after the start, stopped cleanly
+# (SIGTERM -> checkpoint), with the run packed into $OUT in parts under 16 MB.
+# Run from the repo root on the GPU machine, with a bundle prepared here (git-ignored, < 64 MiB in all):
+#   .whl/                   monai + nibabel wheels (../shared/tools/device-wheels.sh)
+#   .gpu/stub/SimpleITK.py  an empty module: training from cache entries never reads scans
+#   .gpu/cache/*.npz        cache entries of the train split (a subset that fits the transfer limit)
+#   .gpu/model/ema.*        the weights to start from
+#   .gpu/example_ct.npz     python benchmarks/denoise_speed.py --save-input .gpu/example_ct.npz
+# Back here: cat run.tar.part-* | tar xf - in a run folder, then `train --resume` continues it.
+set -u
+START=$(date +%s)
+BENCH_UNTIL=${BENCH_UNTIL:-260}; TRAIN_UNTIL=${TRAIN_UNTIL:-535}
+COMMON="--device cuda --size 512 512 300 --nfe 3 --project 1000 250 100 50"
+BENCH_SETS=${BENCH_SETS:-"$COMMON --window-batch 256 --precision bf16 fp32;$COMMON --window-batch 64 --precision bf16;$COMMON --window-batch 256 --precision bf16 --memory-format channels_last"}
+TRAIN_ARGS=${TRAIN_ARGS:---batch-size 32 --num-workers 14 --channels-last}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+elapsed() { echo $(( $(date +%s) - START )); }
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=$PWD:/tmp/site:$PWD/.gpu/stub PYTHONUNBUFFERED=1
+LOG=$OUT/device.log
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; nproc
+  python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__, 'cuda', torch.cuda.is_available())"; } >> "$LOG" 2>&1
+echo "== bench at $(elapsed) s" >> "$LOG"
+IFS=';' read -ra SETS <<< "$BENCH_SETS"
+for args in "${SETS[@]}"; do
+  left=$(( BENCH_UNTIL - $(elapsed) )); [ $left -gt 20 ] || break
+  timeout -k 5 $left python3 benchmarks/denoise_speed.py --model .gpu/model/ema.safetensors --input .gpu/example_ct.npz $args >> "$LOG" 2>&1
+  echo "bench exit $? at $(elapsed) s" >> "$LOG"
+  pkill -9 -f denoise_speed 2>/dev/null
+done
+echo "== train at $(elapsed) s" >> "$LOG"
+python3 -m MedDiffFMLib train --preset default --data .gpu/cache --out .gpu/run --cache-dir .gpu/unused \
+  --init-from .gpu/model/ema.safetensors --steps 1000000 --seed 1 --checkpoint-minutes 2 --checkpoint-every 100000 \
+  $TRAIN_ARGS >> "$OUT/train.log" 2>&1 &
+PID=$!
+while kill -0 $PID 2>/dev/null && [ $(elapsed) -lt $TRAIN_UNTIL ]; do sleep 2; done
+kill -TERM $PID 2>/dev/null
+for i in $(seq 30); do kill -0 $PID 2>/dev/null || break; sleep 1; done
+kill -9 $PID 2>/dev/null; pkill -9 -f "MedDiffFMLib train" 2>/dev/null
+echo "train stopped at $(elapsed) s" >> "$LOG"
+cd .gpu/run 2>/dev/null && {
+  state=$(python3 -c "import json; print(json.load(open('last.json'))['state'])" 2>/dev/null)
+  ls -la >> "$LOG"; cat last.json >> "$LOG"
+  tar cf - last.json loss.csv ema.json ema.safetensors $state.json $state.safetensors | split -b 15M - "$OUT/run.tar.part-"
+}
+echo "done at $(elapsed) s" >> "$LOG"
