@@ -30,7 +30,7 @@ for args in "${SETS[@]}"; do
   left=$(( BENCH_UNTIL - $(elapsed) )); [ $left -gt 20 ] || break
   timeout -k 5 $left python3 benchmarks/denoise_speed.py --model .gpu/model/ema.safetensors --input .gpu/example_ct.npz $args >> "$LOG" 2>&1
   echo "bench exit $? at $(elapsed) s" >> "$LOG"
-  pkill -9 -f denoise_speed 2>/dev/null
+  pkill -9 -f "benchmarks/denoise_speed.py" 2>/dev/null  # spawned children left by a timeout
 done
 echo "== train at $(elapsed) s" >> "$LOG"
 python3 -m MedDiffFMLib train --preset default --data .gpu/cache --out .gpu/run --cache-dir .gpu/unused \
@@ -40,7 +40,7 @@ PID=$!
 while kill -0 $PID 2>/dev/null && [ $(elapsed) -lt $TRAIN_UNTIL ]; do sleep 2; done
 kill -TERM $PID 2>/dev/null
 for i in $(seq 30); do kill -0 $PID 2>/dev/null || break; sleep 1; done
-kill -9 $PID 2>/dev/null; pkill -9 -f "MedDiffFMLib train" 2>/dev/null
+pkill -9 -P $PID 2>/dev/null; kill -9 $PID 2>/dev/null  # its loader workers, then itself
 echo "train stopped at $(elapsed) s" >> "$LOG"
 cd .gpu/run 2>/dev/null && {
   state=$(python3 -c "import json; print(json.load(open('last.json'))['state'])" 2>/dev/null)
