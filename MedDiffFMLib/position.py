@@ -59,4 +59,3 @@ def grid_positional_encoding(full_shape: Sequence[int], starts: Sequence[float],
         view[1 + dim] = int(m)
         blocks.append(line.reshape(view).expand((line.shape[0],) + tuple(int(v) for v in out_shape)))
     return torch.cat(blocks)
-

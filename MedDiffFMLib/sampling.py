@@ -49,10 +49,6 @@ WINDOW_WEIGHT_FLOOR = 1e-3
 
 #: Condition windows are kept (on the sampling device) between steps when they fit in this many bytes.
 CONDITION_CACHE_BYTES = 512 * 2 ** 20
-#: Otherwise, on a GPU, the whole-volume condition stack is kept there when it fits in this share of the free
-#: memory: rebuilding every window's condition on the CPU at every step starves the GPU (a 512x512x300 CT has
-#: ~17,000 windows per step). On the CPU the network dominates, so windows are rebuilt there to save memory.
-VOLUME_CONDITION_SHARE = 1 / 3
 #: Slices per slab when building the whole-volume condition (bounds the CPU memory used to build it).
 VOLUME_CONDITION_SLAB = 16
 
@@ -95,14 +91,6 @@ def mirror_pad(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return x
 
 
-def volume_condition_budget(device: torch.device) -> int:
-    """Bytes the whole-volume condition may take on `device` (0: build window conditions on demand)."""
-    if device.type != "cuda":
-        return 0
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(free * VOLUME_CONDITION_SHARE)
-
-
 def _mirror_indices(n: int, target: int) -> torch.Tensor:
     if n == 1:
         return torch.zeros(target, dtype=torch.long)
@@ -126,11 +114,13 @@ class SlidingWindowSampler:
     `model_fn` sees windows of `window`^3 voxels in batches of `batch_size`; `cond` provides each window's
     condition channels and the body-region class. Network evaluation may run under autocast
     (`autocast_dtype`, e.g. torch.bfloat16 on CUDA); averaging and all schedule maths stay float32/64.
+    Window conditions are cached when they fit in CONDITION_CACHE_BYTES; otherwise the whole-volume stack
+    is built once when it fits in `volume_condition_bytes` (0: never), else each window's is rebuilt.
     """
 
     def __init__(self, model_fn: ModelFn, cond: VolumeCondition, schedule: Schedule, window: int,
                  overlap: float = 0.5, batch_size: int = 4, device: "torch.device | str" = "cpu",
-                 autocast_dtype: Optional[torch.dtype] = None):
+                 autocast_dtype: Optional[torch.dtype] = None, volume_condition_bytes: int = 0):
         if batch_size < 1:
             raise ValueError(f"window batch size must be >= 1, got {batch_size}")
         self.model_fn = model_fn
@@ -156,7 +146,7 @@ class SlidingWindowSampler:
             # Stored in the dtype the network computes in: autocast casts the condition to it anyway.
             dtype = self.autocast_dtype or torch.float32
             nbytes = first.shape[0] * math.prod(self.padded_shape) * torch.empty((), dtype=dtype).element_size()
-            if nbytes <= volume_condition_budget(self.device):
+            if nbytes <= volume_condition_bytes:
                 self._cond_volume = self._volume_condition(dtype)
 
     @property

@@ -45,4 +45,3 @@ def test_grid_encoding_equals_the_encoding_of_the_coordinates(box):
     full = (20, 18, 24)
     expected = positional_encoding(global_coords(full, starts, stops, out), 4)
     torch.testing.assert_close(grid_positional_encoding(full, starts, stops, out, 4), expected, atol=1e-6, rtol=0)
-

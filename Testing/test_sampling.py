@@ -243,8 +243,8 @@ def test_condition_is_the_same_however_it_is_stored(monkeypatch):
 
     def eps(cache_bytes, volume_budget):
         monkeypatch.setattr(sampling, "CONDITION_CACHE_BYTES", cache_bytes)
-        monkeypatch.setattr(sampling, "volume_condition_budget", lambda device: volume_budget)
-        sampler = SlidingWindowSampler(eps_of_condition, cond, base.schedule, 16, overlap=0.5, batch_size=3)
+        sampler = SlidingWindowSampler(eps_of_condition, cond, base.schedule, 16, overlap=0.5, batch_size=3,
+                                       volume_condition_bytes=volume_budget)
         stored = "windows" if sampler._cond_cache else "volume" if sampler._cond_volume is not None else "none"
         return stored, sampler.eps(torch.zeros((1, 1) + shape), 100)
 

@@ -289,6 +289,10 @@ def test_default_window_batch_is_small_on_cpu_and_fits_the_gpu(monkeypatch):
     assert common.default_window_batch(cfg, shape, gpu) == 32
     monkeypatch.setattr(common, "available_memory", lambda device: volume_bytes)
     assert common.default_window_batch(cfg, shape, gpu) == 1  # and check_memory then explains what to do
+    # The whole-volume condition stack is a GPU-only choice, sized from the same free-memory reading.
+    assert common.volume_condition_budget(torch.device("cpu")) == 0
+    monkeypatch.setattr(common, "available_memory", lambda device: 3 * 2 ** 30)
+    assert common.volume_condition_budget(gpu) == 2 ** 30
 
 
 def test_sampler_on_a_sub_box_uses_whole_volume_positions(gaussian_problem):

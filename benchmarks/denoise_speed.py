@@ -57,7 +57,7 @@ def parse_args(argv=None):
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--noise-level", type=float, default=20.0, help="HU; sets t_start, which caps the steps")
     parser.add_argument("--project", type=int, nargs="*", default=[], metavar="STEPS",
-                        help="also print the time projected for these step counts (needs >= 2 measured NFE)")
+                        help="also print the time projected for these step counts (from runs of >= 2 steps)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     return parser.parse_args(argv)
 
@@ -129,8 +129,8 @@ def run_one(args, nfe: int, window_batch: int, precision: str, memory_format: st
         stamps.append(time.perf_counter())
 
     start = time.perf_counter()
-    result = denoise(volume, model, nfe=nfe, noise_level=args.noise_level, region="abdomen", device=device,
-                     overlap=args.overlap, window_batch=window_batch, precision=precision, progress=stamp)
+    denoise(volume, model, nfe=nfe, noise_level=args.noise_level, region="abdomen", device=device,
+            overlap=args.overlap, window_batch=window_batch, precision=precision, progress=stamp)
     sync()
     seconds = time.perf_counter() - start
     if device.type == "cuda":

@@ -139,7 +139,8 @@ def make_sampler(model: torch.nn.Module, shape_zyx: Sequence[int], spacing_zyx: 
         raise ValueError(f"the condition's grid {cond.shape} differs from the sampled grid {tuple(shape_zyx)}")
     sampler = SlidingWindowSampler(model, cond, schedule_for(cfg), cfg.patch_size, overlap=overlap,
                                    batch_size=window_batch, device=device,
-                                   autocast_dtype=autocast_dtype(device, precision))
+                                   autocast_dtype=autocast_dtype(device, precision),
+                                   volume_condition_bytes=volume_condition_budget(device))
     log.info("%d windows of %d^3 voxels per step (overlap %.2f)", sampler.num_windows, cfg.patch_size, overlap)
     return sampler
 
@@ -161,6 +162,18 @@ def default_window_batch(cfg: ModelConfig, shape_zyx: Sequence[int], device: tor
     while batch > 1 and free is not None and volume_bytes + batch * per_window > free / 2:
         batch //= 2
     return batch
+
+
+#: On a GPU the whole-volume condition stack may take this share of the free memory: rebuilding every
+#: window's condition on the CPU at every step starves the GPU (a 512 x 512 x 300 CT has ~17,000 windows per
+#: step). On the CPU the network dominates, so windows are rebuilt there instead, to save memory.
+VOLUME_CONDITION_SHARE = 1 / 3
+
+
+def volume_condition_budget(device: torch.device) -> int:
+    """Bytes the sampler's whole-volume condition may take on `device` (0: never build it)."""
+    free = available_memory(device) if device.type == "cuda" else None
+    return int(free * VOLUME_CONDITION_SHARE) if free else 0
 
 
 def estimate_memory(cfg: ModelConfig, shape_zyx: Sequence[int], window_batch: int) -> Tuple[int, int]:
