@@ -12,7 +12,7 @@ import torch
 
 from .anatomy import AnatomySpec, encode_anatomy
 from .config import ModelConfig
-from .position import global_coords, grid_positional_encoding, positional_encoding
+from .position import axis_coords, positional_encoding
 
 
 def anatomy_spec(cfg: ModelConfig) -> AnatomySpec:
@@ -56,16 +56,34 @@ class VolumeCondition:
             raise ValueError(f"anatomy label map {anatomy_labels.shape} does not match the grid {self.shape}")
         self.labels = anatomy_labels
         self.spec = anatomy_spec(cfg)
+        self.num_channels = condition_channels(cfg)
 
-    def window(self, start: Sequence[int], size: Sequence[int]) -> torch.Tensor:
-        """(C, d, h, w) condition for the box [start, start + size) of the sampled grid."""
-        box = tuple(slice(a, a + s) for a, s in zip(start, size))
+    def window(self, start: Sequence[int], size: Sequence[int], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(C, d, h, w) condition for the box [start, start + size) of the sampled grid: the values `assemble`
+        gives from the box's coordinates, written into `out` when given (any device and dtype, e.g. a slab of
+        the whole-volume stack on the GPU), else into a new float32 tensor. Position and spacing channels vary
+        along one axis or none, so each is broadcast into place from a line: nothing box-sized is stacked or
+        concatenated (that dominated a large volume's set-up)."""
+        size = tuple(int(s) for s in size)
+        if out is None:
+            out = torch.empty((self.num_channels,) + size)
+        a, n_pe = self.spec.num_channels, 2 * self.cfg.pe_frequencies
         if self.labels is None:
-            anatomy = torch.zeros((self.spec.num_channels,) + tuple(size))
+            out[:a].zero_()
         else:
-            anatomy = torch.as_tensor(encode_anatomy(self.labels[box], self.spec))
-        g0 = [a + o for a, o in zip(start, self.offset)]
-        g1 = [a + s for a, s in zip(g0, size)]
-        coords = global_coords(self.full_shape, g0, g1, size)
-        encoding = grid_positional_encoding(self.full_shape, g0, g1, size, self.cfg.pe_frequencies)
-        return assemble(self.cfg, anatomy, coords, self.spacing, encoding)
+            box = tuple(slice(s, s + n) for s, n in zip(start, size))
+            out[:a].copy_(torch.from_numpy(encode_anatomy(self.labels[box], self.spec)))
+        for dim, (full, first, n) in enumerate(zip(self.full_shape, start, size)):
+            first += self.offset[dim]
+            line = axis_coords(full, first, first + n, n)[None]
+            view = [1, 1, 1]
+            view[dim] = n
+            # The lines are computed on the CPU (bit-identical to training) and moved before broadcasting, so
+            # only `n` values cross to the device, not the box.
+            encoding = positional_encoding(line, self.cfg.pe_frequencies)
+            out[a + dim].copy_(line.to(out.device).reshape(view))
+            pe = a + 3 + n_pe * dim
+            out[pe:pe + n_pe].copy_(encoding.to(out.device).reshape([n_pe] + view))
+        for dim, log_spacing in enumerate(torch.log2(torch.as_tensor(self.spacing, dtype=torch.float32))):
+            out[a + 3 + 3 * n_pe + dim].fill_(float(log_spacing))
+        return out

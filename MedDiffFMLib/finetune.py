@@ -95,10 +95,14 @@ class ControlledCondition(VolumeCondition):
                  full_shape_zyx: Optional[Sequence[int]] = None):
         super().__init__(cfg, control.shape, spacing_zyx, region, anatomy_labels, offset_zyx, full_shape_zyx)
         self.control = torch.as_tensor(np.asarray(control, dtype=np.float32))
+        self.num_channels += 1
 
-    def window(self, start: Sequence[int], size: Sequence[int]) -> torch.Tensor:
-        box = tuple(slice(a, a + s) for a, s in zip(start, size))
-        return torch.cat([super().window(start, size), self.control[box][None]])
+    def window(self, start: Sequence[int], size: Sequence[int], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if out is None:
+            out = torch.empty((self.num_channels,) + tuple(int(s) for s in size))
+        super().window(start, size, out[:-1])
+        out[-1].copy_(self.control[tuple(slice(a, a + s) for a, s in zip(start, size))])
+        return out
 
 
 def check_task(model: nn.Module, task: str) -> None:

@@ -46,16 +46,3 @@ def positional_encoding(coords: torch.Tensor, frequencies: int) -> torch.Tensor:
             channels += [torch.sin(arg), torch.cos(arg)]
     return torch.stack(channels) if channels else coords.new_zeros((0,) + tuple(coords.shape[1:]))
 
-
-def grid_positional_encoding(full_shape: Sequence[int], starts: Sequence[float], stops: Sequence[float],
-                             out_shape: Sequence[int], frequencies: int) -> torch.Tensor:
-    """`positional_encoding(global_coords(...))` of a box, computed per axis and broadcast: each coordinate
-    channel varies along its own axis only, so the sines cost three lines instead of the whole box (they
-    dominated building a 512 x 512 x 300 volume's condition)."""
-    blocks = []
-    for dim, (n, a, b, m) in enumerate(zip(full_shape, starts, stops, out_shape)):
-        line = positional_encoding(axis_coords(int(n), float(a), float(b), int(m))[None], frequencies)
-        view = [line.shape[0], 1, 1, 1]
-        view[1 + dim] = int(m)
-        blocks.append(line.reshape(view).expand((line.shape[0],) + tuple(int(v) for v in out_shape)))
-    return torch.cat(blocks)

@@ -160,15 +160,12 @@ class SlidingWindowSampler:
         return mirror_pad(cond, (self.window,) * 3)[0].to(self.device)
 
     def _volume_condition(self, dtype: torch.dtype) -> torch.Tensor:
-        """(C, *padded_shape) condition of the whole volume on the device, filled slab by slab (in place, so
-        the device never holds two copies)."""
-        volume = None
+        """(C, *padded_shape) condition of the whole volume on the device, written in place slab by slab (the
+        slabs bound the CPU memory of the anatomy encoding; the device never holds a second copy)."""
+        volume = torch.empty((self.cond.num_channels,) + self.shape, device=self.device, dtype=dtype)
         for z in range(0, self.shape[0], VOLUME_CONDITION_SLAB):
             depth = min(VOLUME_CONDITION_SLAB, self.shape[0] - z)
-            slab = self.cond.window((z, 0, 0), (depth,) + self.shape[1:])
-            if volume is None:
-                volume = torch.empty((slab.shape[0],) + self.shape, device=self.device, dtype=dtype)
-            volume[:, z:z + depth] = slab.to(self.device, dtype)
+            self.cond.window((z, 0, 0), (depth,) + self.shape[1:], out=volume[:, z:z + depth])
         return mirror_pad(volume[None], self.padded_shape)[0]
 
     def eps(self, x_t: torch.Tensor, t: int) -> torch.Tensor:

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from MedDiffFMLib.position import axis_coords, global_coords, grid_positional_encoding, positional_encoding
+from MedDiffFMLib.anatomy import encode_anatomy
+from MedDiffFMLib.conditioning import VolumeCondition, assemble
+from MedDiffFMLib.config import preset
+from MedDiffFMLib.position import axis_coords, global_coords, positional_encoding
 
 
 def test_plain_crop_coordinates_are_voxel_centres():
@@ -38,10 +42,22 @@ def test_positional_encoding_values():
     assert math.isclose(pe[12].item(), math.sin(math.pi * 1.0), abs_tol=1e-6)
 
 
-@pytest.mark.parametrize("box", [((3, 0, 5), (11, 9, 17), (8, 9, 12)),  # plain crop
-                                 ((0, 2, 1), (20, 18, 24), (6, 8, 7))])  # region resized to the patch
-def test_grid_encoding_equals_the_encoding_of_the_coordinates(box):
-    starts, stops, out = box
-    full = (20, 18, 24)
-    expected = positional_encoding(global_coords(full, starts, stops, out), 4)
-    torch.testing.assert_close(grid_positional_encoding(full, starts, stops, out, 4), expected, atol=1e-6, rtol=0)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_volume_condition_window_equals_the_training_assembly(dtype):
+    """Sampling writes each condition channel from a per-axis line into the caller's tensor; training stacks
+    the box's coordinates with `assemble`. Both must give the network the same values, for a sub-box of a
+    larger volume (offset frame) and when written into a slice of a reduced-precision stack."""
+    cfg = preset("tiny")
+    full, offset, shape = (20, 18, 24), (2, 0, 5), (12, 9, 16)
+    labels = np.random.default_rng(0).integers(0, cfg.anatomy["num_classes"] + 1, shape).astype(np.uint8)
+    cond = VolumeCondition(cfg, shape, (2.5, 0.7, 0.7), "chest", labels, offset_zyx=offset, full_shape_zyx=full)
+    start, size = (3, 1, 4), (8, 7, 10)
+    g0 = [a + o for a, o in zip(start, offset)]
+    box = tuple(slice(a, a + n) for a, n in zip(start, size))
+    expected = assemble(cfg, torch.from_numpy(encode_anatomy(labels[box], cond.spec)),
+                        global_coords(full, g0, [a + n for a, n in zip(g0, size)], size), cond.spacing)
+    stack = torch.full((cond.num_channels, 2) + size, float("nan"), dtype=dtype)
+    written = cond.window(start, size, out=stack[:, 1])
+    assert written.data_ptr() == stack[:, 1].data_ptr() and bool(stack[:, 0].isnan().all())
+    assert torch.equal(stack[:, 1], expected.to(dtype))
+    assert torch.equal(cond.window(start, size), expected)
