@@ -182,7 +182,7 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
     gen = torch.Generator().manual_seed(_rank_seed(settings.seed, rank.rank))
     start, wall_before, best = 0, 0.0, float("inf")
     if resume:
-        restored = _restore(out_dir, cfg, model, ema, optimizer, gen, rank)
+        restored = _restore(out_dir, cfg, model, ema, optimizer, gen, rank, settings.lr)
         if restored is not None:
             start, wall_before, best = restored
     if settings.channels_last:
@@ -356,7 +356,7 @@ def _save(out_dir: Path, cfg: ModelConfig, settings: TrainSettings, model, ema: 
         export_model(ema.shadow, cfg, out_dir / "ema-best", info, half=settings.half_export)
 
 
-def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, gen, rank: Rank):
+def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, gen, rank: Rank, lr: float):
     loaded = load_training_state(out_dir)
     if loaded is None:
         if rank.main:
@@ -377,6 +377,12 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, gen, r
     for index, values in record["optimizer"]["scalars"].items():
         state.setdefault(int(index), {}).update(values)
     optimizer.load_state_dict({"state": state, "param_groups": record["optimizer"]["param_groups"]})
+    # The learning rate asked for now wins over the checkpoint's, so a resumed run can be annealed.
+    saved_lr = optimizer.param_groups[0]["lr"]
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if rank.main and saved_lr != lr:
+        log.info("learning rate %g (the checkpoint trained at %g)", lr, saved_lr)
     gen.set_state(tensors["rng.train"])
     torch.set_rng_state(tensors["rng.torch"])
     if rank.main:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 
@@ -12,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import ABDOMEN_SMALL_NII, LIMB_NII
-from MedDiffFMLib.checkpoints import load_model
+from MedDiffFMLib.checkpoints import load_model, load_training_state
 from MedDiffFMLib.cli import main as cli_main
 from MedDiffFMLib.config import preset
 from MedDiffFMLib.dataset import CTCase, CTPatchDataset
@@ -70,6 +71,18 @@ def test_resume_gives_the_uninterrupted_result(cfg, data, tmp_path):
         assert torch.equal(value, resumed["ema"][key]), key
     rows = (tmp_path / "split" / "loss.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == [str(s) for s in range(1, 7)]
+
+
+def test_resume_applies_a_new_learning_rate(cfg, data, tmp_path):
+    """Annealing a run means resuming it at a lower rate: the rate asked for wins over the checkpoint's."""
+    settings = _quiet(steps=3, batch_size=1, seed=5)
+    train(cfg, data, tmp_path / "a", settings)
+    start = {k: v.clone() for k, v in load_training_state(tmp_path / "a")[0].items() if k.startswith("model.")}
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    frozen = train(cfg, data, tmp_path / "a", dataclasses.replace(settings, steps=4, lr=0.0), resume=True)
+    moved = train(cfg, data, tmp_path / "b", dataclasses.replace(settings, steps=4), resume=True)
+    assert all(torch.equal(v, frozen["model"].state_dict()[k[len("model."):]]) for k, v in start.items())
+    assert not all(torch.equal(v, moved["model"].state_dict()[k[len("model."):]]) for k, v in start.items())
 
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint(cfg, data, tmp_path):

@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=1000, help="total optimizer steps (including resumed ones)")
     parser.add_argument("--batch-size", type=int, default=2, help="patches per micro-batch per process")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=1e-4,
+                        help="Adam learning rate (also on --resume: lower it to anneal a run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode-weights", default="whole=0.2,crop2x=0.3,crop=0.5",
                         help="mix of patch modes, e.g. whole=0.2,crop2x=0.3,crop=0.5")
