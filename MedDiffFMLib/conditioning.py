@@ -24,13 +24,12 @@ def condition_channels(cfg: ModelConfig) -> int:
 
 
 def assemble(cfg: ModelConfig, anatomy: torch.Tensor, coords: torch.Tensor,
-             spacing_zyx: Sequence[float], encoding: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Stack encoded anatomy (A, d, h, w), coordinates (3, d, h, w), their sin/cos encoding (computed here
-    unless given) and spacing into (C, d, h, w)."""
+             spacing_zyx: Sequence[float]) -> torch.Tensor:
+    """Stack encoded anatomy (A, d, h, w), coordinates (3, d, h, w), their sin/cos encoding and spacing into
+    (C, d, h, w): the training patches' condition (`VolumeCondition.window` writes the same values in place)."""
     spacing = torch.log2(torch.as_tensor(spacing_zyx, dtype=torch.float32))
     spacing = spacing.reshape(3, 1, 1, 1).expand((3,) + tuple(coords.shape[1:]))
-    if encoding is None:
-        encoding = positional_encoding(coords, cfg.pe_frequencies)
+    encoding = positional_encoding(coords, cfg.pe_frequencies)
     return torch.cat([anatomy.float(), coords, encoding, spacing])
 
 
