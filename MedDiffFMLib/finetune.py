@@ -98,9 +98,7 @@ class ControlledCondition(VolumeCondition):
         self.num_channels += 1
 
     def window(self, start: Sequence[int], size: Sequence[int], out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if out is None:
-            out = torch.empty((self.num_channels,) + tuple(int(s) for s in size))
-        super().window(start, size, out[:-1])
+        out = super().window(start, size, out)  # sized by num_channels; fills every channel but the last
         out[-1].copy_(self.control[tuple(slice(a, a + s) for a, s in zip(start, size))])
         return out
 

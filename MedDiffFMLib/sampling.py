@@ -161,7 +161,8 @@ class SlidingWindowSampler:
 
     def _volume_condition(self, dtype: torch.dtype) -> torch.Tensor:
         """(C, *padded_shape) condition of the whole volume on the device, written in place slab by slab (the
-        slabs bound the CPU memory of the anatomy encoding; the device never holds a second copy)."""
+        slabs bound the CPU memory of the anatomy encoding). Only an axis shorter than the window costs a second
+        copy, for its mirror padding."""
         volume = torch.empty((self.cond.num_channels,) + self.shape, device=self.device, dtype=dtype)
         for z in range(0, self.shape[0], VOLUME_CONDITION_SLAB):
             depth = min(VOLUME_CONDITION_SLAB, self.shape[0] - z)
