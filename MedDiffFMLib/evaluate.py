@@ -6,6 +6,11 @@ every method in `methods` denoises the same noisy volume. The clean reference is
 (the simulation adds only reconstructed noise to it). PSNR/SSIM are computed in the [-160, 240] HU
 window (as the MedDiff-FM paper) and each method's wall time per volume is recorded.
 
+Context slices: a block may carry extra slices on each side that every method denoises but that are not
+scored (`DenoiseCase.scored`). Why: a clinical CT is denoised whole, so a 3D method sees the neighbours of
+every slice; a thin block alone makes it guess them (the sampler mirror-pads short axes). Per-slice methods
+(NLM, BM3D) give the same scored slices either way and only take longer.
+
 A method is any `callable(noisy: Volume, sigma_hu: float | None) -> Volume`; `sigma_hu` is the
 true noise std of the simulation inside the metric window ("oracle", `noise_std_in_window`), or
 None when methods must estimate it themselves.
@@ -18,7 +23,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -83,6 +88,15 @@ def crop_volume(vol: Volume, z: slice, y: slice, x: slice) -> Volume:
     return Volume(array.copy(), vol.spacing, tuple(origin), vol.direction)
 
 
+class DenoiseCase(NamedTuple):
+    """A clean CT block, and the axial slices of it that are scored; the others are context (see module
+    docstring). A plain (name, volume) pair scores every slice."""
+
+    name: str
+    volume: Volume
+    scored: slice = slice(None)
+
+
 def central_block(vol: Volume, n_slices: int, crop_yx: Optional[int] = None) -> Volume:
     """The `n_slices` contiguous axial slices in the middle of `vol`, optionally a centred
     `crop_yx` x `crop_yx` in-plane square (kept whole where the image is smaller)."""
@@ -91,18 +105,35 @@ def central_block(vol: Volume, n_slices: int, crop_yx: Optional[int] = None) -> 
     if crop_yx is not None and crop_yx < 1:
         raise InputError(f"in-plane crop size must be >= 1 pixel, got {crop_yx}.")
     depth, height, width = vol.shape
-    z0 = max((depth - n_slices) // 2, 0)
     in_plane = []
     for size in (height, width):
         keep = size if not crop_yx else min(crop_yx, size)
         in_plane.append(slice((size - keep) // 2, (size - keep) // 2 + keep))
-    return crop_volume(vol, slice(z0, z0 + min(n_slices, depth)), *in_plane)
+    return crop_volume(vol, _middle(depth, n_slices), *in_plane)
 
 
-def load_cases(paths: Sequence[Path], n_slices: int, crop_yx: Optional[int] = None) -> List[Tuple[str, Volume]]:
-    """Read each CT (see `collect_ct_paths`) and cut its central block of slices."""
+def central_case(name: str, vol: Volume, n_slices: int, crop_yx: Optional[int] = None,
+                 context: int = 0) -> DenoiseCase:
+    """The `central_block` of `n_slices` scored slices with up to `context` more slices on each side
+    (fewer where the CT ends)."""
+    if context < 0:
+        raise InputError(f"context slices must be >= 0, got {context}.")
+    scored, extended = _middle(vol.shape[0], n_slices), _middle(vol.shape[0], n_slices + 2 * context)
+    block = central_block(vol, n_slices + 2 * context, crop_yx)
+    return DenoiseCase(name, block, slice(scored.start - extended.start, scored.stop - extended.start))
+
+
+def _middle(depth: int, n: int) -> slice:
+    start = max((depth - n) // 2, 0)
+    return slice(start, start + min(n, depth))
+
+
+def load_cases(paths: Sequence[Path], n_slices: int, crop_yx: Optional[int] = None,
+               context: int = 0) -> List[DenoiseCase]:
+    """Read each CT (see `collect_ct_paths`) and cut its central case of slices (see `central_case`)."""
     files = collect_ct_paths(paths)
-    return [(name, central_block(read_volume(p), n_slices, crop_yx)) for name, p in zip(case_names(files), files)]
+    return [central_case(name, read_volume(p), n_slices, crop_yx, context)
+            for name, p in zip(case_names(files), files)]
 
 
 # ---------------------------------------------------------------- methods
@@ -136,14 +167,14 @@ def meddifffm_method(model: str, nfe: Optional[int] = None, seed: int = 0, devic
     """
     try:
         from .tasks import common
-        from .tasks.denoise import DEFAULT_NFE, denoise
+        from .tasks.denoise import denoise
     except ImportError as exc:
         raise ResourceError(f"MedDiffFM denoising is not available ({exc}).") from None
     torch_device = common.choose_device(device)
     network = common.load_model(model, torch_device)
 
     def run(vol: Volume, sigma_hu: Optional[float]) -> Volume:
-        return denoise(vol, network, nfe=nfe or DEFAULT_NFE, noise_level=sigma_hu, seed=seed,
+        return denoise(vol, network, nfe=nfe, noise_level=sigma_hu, seed=seed,
                        device=torch_device, **options).denoised
 
     return run
@@ -159,7 +190,7 @@ class DenoiseReport:
     examples: Dict[str, Dict[float, Dict[str, np.ndarray]]] = field(default_factory=dict)
 
 
-def evaluate_denoising(cases: Sequence[Tuple[str, Volume]], methods: Dict[str, DenoiseMethod],
+def evaluate_denoising(cases: Sequence[Union[DenoiseCase, Tuple[str, Volume]]], methods: Dict[str, DenoiseMethod],
                        photons: Sequence[float] = (1e5, 2.5e4), seed: int = 0, oracle_sigma: bool = True,
                        window: Tuple[float, float] = metrics.DENOISING_WINDOW_HU,
                        progress: Progress = None) -> DenoiseReport:
@@ -170,11 +201,13 @@ def evaluate_denoising(cases: Sequence[Tuple[str, Volume]], methods: Dict[str, D
         raise InputError(f"{INPUT_METHOD!r} is reserved for the unprocessed input; rename that method.")
     report = DenoiseReport()
     total, done = len(cases) * len(photons) * (len(methods) + 1), 0
-    for case_index, (name, clean) in enumerate(cases):
+    for case_index, case in enumerate(cases):
+        name, clean, scored = DenoiseCase(*case)
+        clean_scored = clean.array[scored]
         report.examples[name] = {}
         for dose_index, dose in enumerate(photons):
             noisy = simulate_low_dose(clean, photons=dose, seed=seed + 1000 * case_index + dose_index)
-            noise_std = noise_std_in_window(noisy, clean, window)
+            noise_std = noise_std_in_window(noisy.array[scored], clean_scored, window)
             outputs = {INPUT_METHOD: (noisy, 0.0)}
             for method_name, method in methods.items():
                 start = time.perf_counter()
@@ -184,28 +217,30 @@ def evaluate_denoising(cases: Sequence[Tuple[str, Volume]], methods: Dict[str, D
                 if image.shape != clean.shape:
                     raise InputError(f"method {method_name!r} returned shape {image.shape}, "
                                      f"expected {clean.shape}.")
-                scores = metrics.hu_window_metrics(image.array, clean.array, window)
+                scores = metrics.hu_window_metrics(image.array[scored], clean_scored, window)
                 report.rows.append({"case": name, "photons": dose, "method": method_name,
                                     "psnr": scores["psnr"], "ssim": scores["ssim"], "seconds": seconds,
                                     "noise_std_hu": noise_std})
                 done += 1
                 if progress is not None:
                     progress(done, total)
-            middle = clean.shape[0] // 2
-            example = {m: image.array[middle] for m, (image, _) in outputs.items()}
-            example["clean"] = clean.array[middle]
+            middle = clean_scored.shape[0] // 2
+            example = {m: image.array[scored][middle] for m, (image, _) in outputs.items()}
+            example["clean"] = clean_scored[middle]
             report.examples[name][dose] = example
             log.info("%s at %g photons: %s", name, dose, ", ".join(
                 f"{r['method']} {r['psnr']:.2f} dB" for r in report.rows[-len(outputs):]))
     return report
 
 
-def noise_std_in_window(noisy: Volume, clean: Volume, window: Tuple[float, float]) -> float:
+def noise_std_in_window(noisy: Union[Volume, np.ndarray], clean: Union[Volume, np.ndarray],
+                        window: Tuple[float, float]) -> float:
     """Std (HU) of the simulated noise where the clean image lies inside the metric window: the
     noise the metrics see (air and bone are clipped away). Measured on the lung1 chest case, this
     oracle is 15 % above the whole-volume std and gains BM3D 1.2 dB over it."""
-    noise = noisy.array.astype(np.float64) - clean.array
-    scored = (clean.array > window[0]) & (clean.array < window[1])
+    noisy, clean = (v.array if isinstance(v, Volume) else np.asarray(v) for v in (noisy, clean))
+    noise = noisy.astype(np.float64) - clean
+    scored = (clean > window[0]) & (clean < window[1])
     return float(np.std(noise[scored] if scored.any() else noise))
 
 
@@ -226,8 +261,9 @@ def write_denoise_report(report: DenoiseReport, out_dir: Path,
     out_dir = Path(out_dir)
     summary = mean_over_cases(report.rows)
     written = [write_csv(report.rows + summary, DENOISE_COLUMNS, out_dir / "denoise_results.csv")]
-    text = (f"# Low-dose CT denoising\n\nPSNR (dB) / SSIM in the [{window[0]:g}, {window[1]:g}] HU window; "
-            "seconds = wall time per volume.\n\n## Mean over cases\n\n"
+    text = (f"# Low-dose CT denoising\n\nPSNR (dB) / SSIM in the [{window[0]:g}, {window[1]:g}] HU window, "
+            "on the scored slices; seconds = wall time per volume, context slices included.\n\n"
+            "## Mean over cases\n\n"
             + denoise_summary_markdown(summary) + "\n## Per case\n\n"
             + markdown_table(report.rows, DENOISE_COLUMNS))
     written.append(write_text(text, out_dir / "denoise_results.md"))
@@ -277,7 +313,7 @@ def _denoise_figure(case: str, by_dose: Dict[float, Dict[str, np.ndarray]], psnr
             ax.set_title(title, fontsize=7)
         axes[row, 0].text(-0.08, 0.5, f"I0 = {dose:g}", rotation=90, va="center", ha="right",
                           transform=axes[row, 0].transAxes, fontsize=8)
-    fig.suptitle(f"{case}: middle slice, window [{window[0]:g}, {window[1]:g}] HU", fontsize=9)
+    fig.suptitle(f"{case}: middle scored slice, window [{window[0]:g}, {window[1]:g}] HU", fontsize=9)
     fig.tight_layout(h_pad=1.5)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)

@@ -78,6 +78,31 @@ def test_crop_keeps_physical_positions(cases):
     assert harness.central_block(full, 500).shape == full.shape  # more slices than exist: all of them
 
 
+def test_context_slices_are_given_but_not_scored():
+    full = read_volume(CHEST_NRRD)
+    case = harness.central_case("chest", full, 2, 48, context=3)
+    assert case.volume.shape == (8, 48, 48)
+    np.testing.assert_array_equal(case.volume.array[case.scored], harness.central_block(full, 2, 48).array)
+    # Near the ends of a CT the context is cut short, and the scored slices stay the middle ones.
+    short = harness.central_block(full, 6, 48)
+    edge = harness.central_case("edge", short, 2, None, context=5)
+    assert edge.volume.shape[0] == 6
+    np.testing.assert_array_equal(edge.volume.array[edge.scored], short.array[2:4])
+    with pytest.raises(InputError):
+        harness.central_case("bad", full, 2, context=-1)
+
+    # A method that wrecks the context slices and returns the scored ones untouched scores as the input.
+    def wreck_context(noisy, sigma):
+        out = np.full(noisy.shape, 3000.0, np.float32)
+        out[case.scored] = noisy.array[case.scored]
+        return noisy.with_array(out)
+
+    report = harness.evaluate_denoising([case], {"context only": wreck_context}, photons=(1e5,))
+    psnr = {r["method"]: r["psnr"] for r in report.rows}
+    assert psnr["context only"] == psnr[harness.INPUT_METHOD]
+    assert report.examples["chest"][1e5]["clean"].shape == (48, 48)
+
+
 def test_inputs_and_case_names():
     assert harness.collect_ct_paths([THREE_SLICE_DICOM]) == [THREE_SLICE_DICOM]  # a DICOM series folder
     folder = harness.collect_ct_paths([LIMB_NII.parent])  # a folder of volume files: each of them

@@ -65,6 +65,19 @@ def test_diffpir_reduces_error(gaussian_problem):
     assert mse(sum(runs) / 3, x0) < min(mse(r, x0) for r in runs)
 
 
+def test_diffpir_takes_more_steps_for_more_noise(gaussian_problem):
+    """Without an NFE, one step per STEP_SPACING timesteps of the start (at least MIN_NFE)."""
+    from MedDiffFMLib.tasks.denoise import MIN_NFE, STEP_SPACING, automatic_nfe
+
+    _, x0, y, sampler = gaussian_problem
+    assert automatic_nfe(10) == MIN_NFE and automatic_nfe(STEP_SPACING * 6 - 1) == 6
+    _, low = diffpir(sampler, y, 0.15, seed=99)
+    _, high = diffpir(sampler, x0 + 0.45 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(3)),
+                      0.45, seed=99)
+    assert len(low) == automatic_nfe(low[0]) == MIN_NFE
+    assert high[0] > 2 * STEP_SPACING * MIN_NFE and len(high) == automatic_nfe(high[0]) > MIN_NFE
+
+
 def test_denoise_api_on_phantom_keeps_out_of_window_voxels(gaussian_problem):
     prior, x0, y, _ = gaussian_problem
     clean_hu = unit_to_hu(x0[0, 0].numpy(), WINDOW)
@@ -322,6 +335,12 @@ def test_chest_soft_tissue_pass_overrides_the_wide_pass_inside_its_window(tiny_m
     crop = clean.with_array(clean.array + noise)  # lung and mediastinum
     settings = dict(noise_level=40.0, nfe=2, region="chest", seed=1, window_batch=8)
     both = denoise(crop, model, **settings)
+    # Automatic NFE: the narrow pass starts at a higher timestep than the wide one, so it takes more steps, and
+    # progress still counts steadily up to one total over both passes.
+    calls = []
+    automatic = denoise(crop, model, **{**settings, "nfe": None}, progress=lambda i, n: calls.append((i, n)))
+    assert len({n for _, n in calls}) == 1 and [i for i, _ in calls] == list(range(1, calls[-1][1] + 1))
+    assert calls[-1][1] > 2 * len(automatic.steps)  # wide pass's steps (reported) + more for the narrow one
     wide = denoise(crop, model, soft_tissue_pass=False, **settings).denoised.array
     soft = denoise(crop, model, window=SOFT_TISSUE_WINDOW_HU, **settings).denoised.array  # explicit: one pass
     assert both.soft_tissue_window == SOFT_TISSUE_WINDOW_HU and both.window == (-1400, 400)

@@ -4,8 +4,10 @@ Runs `python -m MedDiffFMLib evaluate denoise` on one case per body region of th
 split (`MedDiffFMLib.dataset.VALIDATION_SUBJECTS`, never trained on): pyradiomics lung1 (chest,
 0.57 mm pixels, 5 mm slices), TotalSegmentator example_ct_sm (abdomen, 3 mm) and IBSI STS_002
 (limb, 0.98 mm pixels, 3.27 mm slices). Setup as ../shared/NOTES-DENOISING.md: the 8 middle slices
-of each, low dose simulated with I0 = 1e5 (about the paper's Mayo quarter-dose baseline PSNR) and
-2.5e4 photons, PSNR/SSIM in [-160, 240] HU, oracle noise std for every method.
+of each are scored, low dose simulated with I0 = 1e5 (about the paper's Mayo quarter-dose baseline PSNR)
+and 2.5e4 photons, PSNR/SSIM in [-160, 240] HU, oracle noise std for every method. Every method gets
+12 more slices on each side as unscored context (example_ct_sm has 30 slices in all), as a whole scan
+would give a 3D denoiser; `--context-slices 0` gives the thin blocks of the earlier tables.
 
     python benchmarks/denoise_quality.py                   # classical baselines only
     python benchmarks/denoise_quality.py --model default   # + MedDiffFM
@@ -44,6 +46,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "denoise_quality",
                         help="folder for denoise_results.{csv,md} and the per-case figures")
     parser.add_argument("--slices", type=int, default=8)
+    parser.add_argument("--context-slices", type=int, default=12)
     parser.add_argument("--photons", type=float, nargs="+", default=[1e5, 2.5e4])
     return parser.parse_known_args(argv)
 
@@ -56,4 +59,4 @@ if __name__ == "__main__":
         pass
     args, passthrough = parse_args()
     sys.exit(main(["evaluate", "denoise", *validation_paths(args.data_root), "--out", str(args.out),
-                   "--slices", str(args.slices), "--photons", *map(str, args.photons), *passthrough]))
+                   "--slices", str(args.slices), "--context-slices", str(args.context_slices), "--photons", *map(str, args.photons), *passthrough]))

@@ -59,6 +59,9 @@ def parse_args(argv=None):
     parser.add_argument("--project", type=int, nargs="*", default=[], metavar="STEPS",
                         help="also print the time projected for these step counts (from runs of >= 2 steps)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="let cuDNN time its convolution algorithms on the first calls and keep the fastest "
+                        "(the product leaves this off until a GPU table shows it pays)")
     return parser.parse_args(argv)
 
 
@@ -106,6 +109,7 @@ def run_one(args, nfe: int, window_batch: int, precision: str, memory_format: st
     from MedDiffFMLib.tasks.denoise import denoise
 
     torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = common.choose_device(args.device)
     if args.model:
         model = common.load_model(args.model, device)
@@ -159,7 +163,7 @@ def main(argv=None) -> int:
         precisions.remove("bf16")
     size = "x".join(map(str, args.size))
     print(f"\nDenoising a {size} (x y z) volume, {args.model or 'untrained ' + args.preset} network, "
-          f"overlap {args.overlap}, {args.threads} CPU thread(s)")
+          f"overlap {args.overlap}, {args.threads} CPU thread(s), cuDNN benchmark {'on' if args.cudnn_benchmark else 'off'}")
     header = ("NFE", "steps", "window batch", "precision", "memory format", "device", "windows/step", "seconds",
               "setup s", "s/step", "peak GiB")
     print("| " + " | ".join(header) + " |")

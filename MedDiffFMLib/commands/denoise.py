@@ -16,11 +16,13 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..tasks.denoise import DEFAULT_LAMBDA, DEFAULT_NFE, DEFAULT_SEEDS_ZETA, DEFAULT_ZETA
+    from ..tasks.denoise import DEFAULT_LAMBDA, DEFAULT_SEEDS_ZETA, DEFAULT_ZETA, MIN_NFE, STEP_SPACING
 
     parser.add_argument("input", type=Path, help="CT: NIfTI/NRRD/MHA file or DICOM series folder")
     parser.add_argument("-o", "--output", type=Path, required=True, help="denoised CT (.nii.gz, .nrrd, ...)")
-    _common.add_model_arguments(parser, nfe=DEFAULT_NFE)
+    _common.add_model_arguments(parser)
+    parser.add_argument("--nfe", type=int, help=f"number of network evaluations (steps) per pass (default: one per "
+                        f"{STEP_SPACING} timesteps of the start, at least {MIN_NFE}: more for noisier images)")
     parser.add_argument("--noise-level", type=float, help="noise std in HU (default: estimated from the image)")
     parser.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"),
                         help="HU window mapped to [-1, 1] (default: the model's window for the region; the "

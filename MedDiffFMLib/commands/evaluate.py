@@ -27,7 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     den.add_argument("--out", type=Path, required=True, help="folder for the CSV, Markdown and PNG files")
     den.add_argument("--photons", type=float, nargs="+", default=[1e5, 2.5e4],
                      help="incident photons per detector bin and view, one per dose level")
-    den.add_argument("--slices", type=int, default=8, help="contiguous axial slices from the middle of each CT")
+    den.add_argument("--slices", type=int, default=8,
+                     help="contiguous axial slices from the middle of each CT that are scored")
+    den.add_argument("--context-slices", type=int, default=12,
+                     help="more slices on each side (where the CT has them) that every method denoises but that "
+                     "are not scored: a 3D denoiser then sees the neighbours it would see in a whole scan")
     den.add_argument("--crop", type=int, default=0, help="centred in-plane crop size in pixels (0 = whole slice)")
     den.add_argument("--methods", nargs="*", default=list(harness.CLASSICAL_METHODS),
                      choices=harness.CLASSICAL_METHODS, help="classical methods to run")
@@ -61,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_denoise(args: argparse.Namespace) -> int:
-    cases = harness.load_cases(args.inputs, args.slices, args.crop or None)
+    cases = harness.load_cases(args.inputs, args.slices, args.crop or None, args.context_slices)
     methods = harness.classical_methods(args.methods, args.gaussian_sigma)
     windows = [tuple(w) for w in args.model_window] if args.model_window else [None]
     try:

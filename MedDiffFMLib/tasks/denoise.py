@@ -27,6 +27,7 @@ Choices:
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -52,10 +53,15 @@ DEFAULT_LAMBDA = 10.0
 #: several seeds need fresh noise to spread, and their mean approaches the posterior mean again.
 DEFAULT_ZETA = 0.0
 DEFAULT_SEEDS_ZETA = 0.3
-#: Network evaluations; denoising starts at a low noise level, so few steps suffice. Measured with the
-#: default model on low-dose validation slices that the benchmark does not report (chest / abdomen /
-#: limb, PSNR in [-160, 240] HU): NFE 1 / 3 / 5 / 10 gave 27.37 / 27.47 / 27.44 / 27.41 dB on average.
-DEFAULT_NFE = 3
+#: Network evaluations when none are given: one per STEP_SPACING timesteps of t_start, at least MIN_NFE, so a
+#: noisier image gets more steps. Measured with the registered default model on held-out tuning slices that the
+#: benchmark does not report (chest / abdomen / limb, PSNR in [-160, 240] HU, 12-16 slices of z context):
+#: - I0 = 1e5 (t_start 74-120): NFE 3 gave 33.10 / 26.94 / 27.70 dB, NFE 5 33.15 / 27.00 / 27.81.
+#: - I0 = 2.5e4 (t_start 154-240): NFE 3 gave 28.95 / 23.51 / 24.45 dB, NFE 4 29.15 / 23.69 / 24.59,
+#:   NFE 6 29.33 / 23.71 / 24.65, NFE 10 29.32 / 23.66 / 24.68.
+#: Earlier, with thin blocks and a less trained model, NFE 1 / 3 / 5 / 10 gave 27.37 / 27.47 / 27.44 / 27.41 dB.
+STEP_SPACING = 30
+MIN_NFE = 3
 #: Window overlap. Same held-out slices, 8,537-step model, NFE 3 (chest / abdomen / limb): overlap 0.5 gave
 #: 31.59 / 26.21 / 27.59 dB, 0.25 gave 31.61 / 26.20 / 27.57 dB with 3x fewer windows on large volumes, and
 #: 0 gave 31.02 / 25.98 / 27.45 dB. Other tasks keep 0.5 (not measured for them).
@@ -81,18 +87,23 @@ class DenoiseResult:
     soft_tissue_window: Optional[Tuple[float, float]] = None  # the second pass's window, when it ran
 
 
+def automatic_nfe(t_start: int) -> int:
+    """Network evaluations for a start at `t_start` when the caller gives none (see STEP_SPACING)."""
+    return max(MIN_NFE, math.ceil(t_start / STEP_SPACING))
+
+
 def diffpir(sampler: SlidingWindowSampler, y: torch.Tensor, sigma: Union[float, torch.Tensor],
-            lam: float = DEFAULT_LAMBDA, zeta: float = DEFAULT_ZETA, nfe: int = DEFAULT_NFE, seed: int = 0,
+            lam: float = DEFAULT_LAMBDA, zeta: float = DEFAULT_ZETA, nfe: Optional[int] = None, seed: int = 0,
             progress: Optional[Callable[[int, int], None]] = None) -> Tuple[torch.Tensor, List[int]]:
     """DiffPIR denoising of y (1, 1, d, h, w) in [-1, 1] units with noise std `sigma` (scalar or a map
-    broadcastable to y, same units). Returns (x0, the timesteps used)."""
+    broadcastable to y, same units) in `nfe` steps (None: `automatic_nfe`). Returns (x0, the timesteps used)."""
     schedule = sampler.schedule
     sigma_map = torch.as_tensor(sigma, dtype=torch.float32).to(sampler.device)
     sigma_overall = float(sigma_map.median()) if sigma_map.ndim else float(sigma_map)
     if sigma_overall <= 0:
         raise InputError(f"the noise level must be > 0, got {sigma_overall}")
     t_start = schedule.t_for_sigma(sigma_overall)
-    steps = diffusion.timesteps(nfe, t_start)
+    steps = diffusion.timesteps(automatic_nfe(t_start) if nfe is None else nfe, t_start)
     y = y.to(sampler.device, torch.float32)
 
     def data_step(x0: torch.Tensor, t: int, t_prev: int) -> torch.Tensor:
@@ -106,7 +117,7 @@ def diffpir(sampler: SlidingWindowSampler, y: torch.Tensor, sigma: Union[float, 
     return x0, steps
 
 
-def denoise(volume: Volume, model: torch.nn.Module, nfe: int = DEFAULT_NFE,
+def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
             noise_level: Optional[float] = None, window: Optional[Sequence[float]] = None,
             lam: float = DEFAULT_LAMBDA, zeta: Optional[float] = None, seed: int = 0, seeds: int = 1,
             region: Optional[str] = None, anatomy_labels: Optional[Volume] = None,
@@ -116,6 +127,7 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: int = DEFAULT_NFE,
             precision: str = "auto", progress: Optional[Callable[[int, int], None]] = None) -> DenoiseResult:
     """Denoise a CT (HU) with the diffusion prior; see the module docstring for the method and choices.
 
+    `nfe` None: `automatic_nfe` for each pass (more steps for noisier images).
     `noise_level`: noise std in HU (None: a per-voxel map estimated from the image). `window`: (lo, hi) HU
     (None: the model's window for the region). `seeds` > 1 runs seeds seed..seed+seeds-1 and returns their
     mean, with the per-voxel standard deviation as `uncertainty`. `zeta` None: DEFAULT_ZETA for one seed,
@@ -167,13 +179,17 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: int = DEFAULT_NFE,
     output = volume.array.astype(np.float32)
     std_hu = np.zeros(volume.shape, np.float64) if seeds > 1 else None
     steps: List[int] = []
-    for p, pass_window in enumerate(windows):
-        def pass_progress(step: int, n: int, p: int = p) -> None:
+    # Passes can take different numbers of steps (automatic NFE): plan them all, so progress counts over all passes.
+    plans = [_planned_steps(sampler, noise_hu * 2.0 / _width(w), nfe) for w in windows]
+    total, done = seeds * sum(len(plan) for plan in plans), 0
+    for pass_window, plan in zip(windows, plans):
+        def pass_progress(step: int, n: int, done: int = done) -> None:
             if progress is not None:
-                progress(p * n + step, len(windows) * n)
+                progress(done + step, total)
 
-        mean_hu, pass_std, pass_steps = _denoise_pass(sampler, volume, pass_window, sigma_hu_map, lam, zeta, nfe,
-                                                      seed, seeds, pass_progress)
+        mean_hu, pass_std, pass_steps = _denoise_pass(sampler, volume, pass_window, sigma_hu_map, lam, zeta,
+                                                      len(plan), seed, seeds, pass_progress)
+        done += seeds * len(plan)
         weight = window_weight(volume.array, pass_window)
         output = output + weight * (mean_hu - output)
         if std_hu is not None:
@@ -185,6 +201,12 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: int = DEFAULT_NFE,
     uncertainty = None if std_hu is None else volume.with_array(std_hu.astype(np.float32))
     return DenoiseResult(volume.with_array(output.astype(np.float32)), uncertainty, noise_hu, estimate,
                          tuple(chosen), steps[0], steps, SOFT_TISSUE_WINDOW_HU if soft_tissue_pass else None)
+
+
+def _planned_steps(sampler: SlidingWindowSampler, sigma_unit: float, nfe: Optional[int]) -> List[int]:
+    """The timesteps `diffpir` takes for noise std `sigma_unit` ([-1, 1] units) and `nfe` (None: automatic)."""
+    t_start = sampler.schedule.t_for_sigma(sigma_unit)
+    return diffusion.timesteps(automatic_nfe(t_start) if nfe is None else nfe, t_start)
 
 
 def _width(window: Sequence[float]) -> float:
