@@ -86,7 +86,8 @@ def test_denoise_api_on_phantom_keeps_out_of_window_voxels(gaussian_problem):
     noisy_hu[:, -3:] = 1200.0  # bone
     volume = Volume(noisy_hu.astype(np.float32), (0.8, 0.8, 2.0), (5.0, -3.0, 1.0))
     before = volume.array.copy()
-    result = denoise(volume, prior, noise_level=0.15 * 180.0, region="abdomen", seed=3, window_batch=3)
+    # The analytic prior is defined in [-1, 1] units of WINDOW, so give it exactly (automatic windows widen).
+    result = denoise(volume, prior, noise_level=0.15 * 180.0, window=WINDOW, region="abdomen", seed=3, window_batch=3)
     assert np.array_equal(volume.array, before)  # input untouched
     out = result.denoised
     assert out.same_grid(volume) and out.array.dtype == np.float32
@@ -94,6 +95,25 @@ def test_denoise_api_on_phantom_keeps_out_of_window_voxels(gaussian_problem):
     inner = (slice(None), slice(6, -6))
     assert mse(out.array[inner], clean_hu[inner]) < 0.8 * mse(noisy_hu[inner], clean_hu[inner])
     assert result.window == WINDOW and result.uncertainty is None
+
+
+def test_automatic_window_makes_room_for_noisy_fat(gaussian_problem):
+    """Voxels a little below the model's window (noisy fat) are denoised with the automatic window, which
+    reaches one noise std lower, and left as they are with the same window given explicitly."""
+    from MedDiffFMLib.tasks.denoise import FAT_MARGIN_NOISE_STDS
+
+    prior = gaussian_problem[0]
+    noise = 30.0
+    rng = np.random.default_rng(0)
+    hu = (40.0 + noise * rng.standard_normal(SHAPE)).astype(np.float32)
+    hu[:, :, :9] = WINDOW[0] - 0.5 * FAT_MARGIN_NOISE_STDS * noise  # "fat": below the window, within the margin
+    hu[:, :, -2:] = -1000.0  # air, so the volume reads as CT
+    volume = Volume(hu)
+    fat = (slice(None), slice(None), slice(2, 6))
+    automatic = denoise(volume, prior, noise_level=noise, region="abdomen", seed=0).denoised.array
+    explicit = denoise(volume, prior, noise_level=noise, window=WINDOW, region="abdomen", seed=0).denoised.array
+    assert np.array_equal(explicit[fat], hu[fat])
+    assert np.abs(automatic[fat] - hu[fat]).mean() > 1.0
 
 
 def test_denoise_refuses_bad_settings(gaussian_problem):
@@ -342,9 +362,11 @@ def test_chest_soft_tissue_pass_overrides_the_wide_pass_inside_its_window(tiny_m
     assert len({n for _, n in calls}) == 1 and [i for i, _ in calls] == list(range(1, calls[-1][1] + 1))
     assert calls[-1][1] > 2 * len(automatic.steps)  # wide pass's steps (reported) + more for the narrow one
     wide = denoise(crop, model, soft_tissue_pass=False, **settings).denoised.array
-    soft = denoise(crop, model, window=SOFT_TISSUE_WINDOW_HU, **settings).denoised.array  # explicit: one pass
+    # Automatic windows reach one noise std lower (FAT_MARGIN_NOISE_STDS = 1); given explicitly: one pass.
+    soft_window = (SOFT_TISSUE_WINDOW_HU[0] - 40.0, SOFT_TISSUE_WINDOW_HU[1])
+    soft = denoise(crop, model, window=soft_window, **settings).denoised.array
     assert both.soft_tissue_window == SOFT_TISSUE_WINDOW_HU and both.window == (-1400, 400)
-    w = window_weight(crop.array, SOFT_TISSUE_WINDOW_HU)
+    w = window_weight(crop.array, soft_window)
     assert 0.05 < (w == 1).mean() < 0.95  # the crop really has both lung and soft tissue
     # Single passes: wide = x + w_wide (m_wide - x), soft = x + w (m_soft - x); combined = wide + w (m_soft - wide).
     expected = wide + (soft - crop.array) - w * (wide - crop.array)
