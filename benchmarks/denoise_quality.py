@@ -59,4 +59,5 @@ if __name__ == "__main__":
         pass
     args, passthrough = parse_args()
     sys.exit(main(["evaluate", "denoise", *validation_paths(args.data_root), "--out", str(args.out),
-                   "--slices", str(args.slices), "--context-slices", str(args.context_slices), "--photons", *map(str, args.photons), *passthrough]))
+                   "--slices", str(args.slices), "--context-slices", str(args.context_slices),
+                   "--photons", *map(str, args.photons), *passthrough]))

@@ -163,7 +163,8 @@ def main(argv=None) -> int:
         precisions.remove("bf16")
     size = "x".join(map(str, args.size))
     print(f"\nDenoising a {size} (x y z) volume, {args.model or 'untrained ' + args.preset} network, "
-          f"overlap {args.overlap}, {args.threads} CPU thread(s), cuDNN benchmark {'on' if args.cudnn_benchmark else 'off'}")
+          f"overlap {args.overlap}, {args.threads} CPU thread(s), "
+          f"cuDNN benchmark {'on' if args.cudnn_benchmark else 'off'}")
     header = ("NFE", "steps", "window batch", "precision", "memory format", "device", "windows/step", "seconds",
               "setup s", "s/step", "peak GiB")
     print("| " + " | ".join(header) + " |")
