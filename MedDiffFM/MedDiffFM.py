@@ -44,6 +44,9 @@ class MedDiffFM(ScriptedLoadableModule):
 CT diffusion foundation model (MedDiff-FM): synthesize, denoise, detect anomalies, super-resolve,
 generate lesions and inpaint 3D CT volumes. Results are added as new nodes; inputs are never changed.
 Draw masks (lesion site, region to inpaint) as a segment in the Segment Editor.
+Synthesized CTs, generated lesions and inpainted regions lie within the model's HU window for the body
+region (for example -120 to 240 HU for the abdomen, -1400 to 400 HU for the chest); elsewhere voxels
+outside that window keep the input's values.
 The first Apply installs PyTorch, MONAI and other Python packages after asking. A CUDA GPU is used
 when present; on the CPU everything works, slowly (lower NFE for a quick preview).
 Requires 3D Slicer {MINIMUM_SLICER_VERSION} or later.
@@ -71,9 +74,10 @@ if parameterNodeWrapper is not None:
         synthesizeSizeY: Annotated[int, WithinRange(8, 2048)] = 128
         synthesizeSizeZ: Annotated[int, WithinRange(8, 2048)] = 64
         synthesizeSpacingXY: Annotated[float, WithinRange(0.1, 20.0)] = 1.0
-        synthesizeSpacingZ: Annotated[float, WithinRange(0.1, 20.0)] = 2.5
+        synthesizeSpacingZ: Annotated[float, WithinRange(0.1, 20.0)] = 1.0
         noiseLevel: Annotated[float, WithinRange(-1.0, 1000.0)] = -1.0
         anomalyThreshold: Annotated[float, WithinRange(-1.0, 1000.0)] = -1.0
+        superResolveFactor: Annotated[int, WithinRange(2, 10)] = 5
         nfe: Annotated[int, WithinRange(0, 1000)] = 0
         seed: Annotated[int, WithinRange(0, 2 ** 31 - 1)] = 0
         overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.0
@@ -281,7 +285,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 p.inputVolume, threshold=p.anomalyThreshold if p.anomalyThreshold >= 0 else None,
                 segmentationNode=p.maskSegmentation, segmentId=p.maskSegmentId, **options)
         if p.task == "super-resolve":
-            return self.logic.superResolve(p.inputVolume, **options)
+            return self.logic.superResolve(p.inputVolume, factor=p.superResolveFactor, **options)
         if p.task == "generate-lesion":
             return self.logic.generateLesion(p.inputVolume, p.maskSegmentation, p.maskSegmentId, **options)
         return self.logic.inpaint(p.inputVolume, p.maskSegmentation, p.maskSegmentId, **options)

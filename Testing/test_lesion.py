@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from MedDiffFMLib.errors import InputError
 from MedDiffFMLib.finetune import ControlledCondition, ControlledNet
@@ -58,6 +59,19 @@ def test_generated_box_is_pasted_into_a_copy(chest_nodule_crop, lesion_model):
     assert np.abs(out.array[box] - image.array[box]).mean() > 20.0
     assert out.array[box].min() >= CHEST_WINDOW[0] - 1e-3 and out.array[box].max() <= CHEST_WINDOW[1] + 1e-3
     assert np.array_equal(image.array, before)
+
+
+def test_around_the_lesion_voxels_outside_the_window_keep_their_values(chest_nodule_crop, lesion_model):
+    image, nodule = chest_nodule_crop
+    fast = dict(FAST, region="abdomen")  # window [-120, 240] HU: the lung around the nodule lies below it
+    out = generate_lesion(image, nodule, lesion_model, seed=1, **fast)
+    box = prepare_box(image, nodule, lesion_model, "abdomen", 2.0, "cpu", 0.0, 8, "fp32").box
+    lesion = nodule.array[box] > 0
+    # Judged with the in-plane neighbours: the blend looks at a lightly smoothed input.
+    lung = (ndimage.maximum_filter(image.array, size=(1, 5, 5)) < -300)[box] & ~lesion
+    assert lung.mean() > 0.2
+    np.testing.assert_array_equal(out.array[box][lung], image.array[box][lung])
+    assert (out.array[box][lesion] != image.array[box][lesion]).all()
 
 
 def test_paste_weights_blend_only_towards_faces_inside_the_volume():

@@ -176,6 +176,29 @@ def test_segment_exported_as_mask_on_volume_grid(ct_node, ct_image, tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), expected)
 
 
+def test_closed_surface_segment_exported_without_changing_the_segmentation(ct_node, ct_image, tmp_path):
+    center_ras = volumes.ijkToRASArray(ct_node) @ np.array([24, 24, 8, 1.0])
+    sphere = vtk.vtkSphereSource()
+    sphere.SetCenter(*center_ras[:3])
+    sphere.SetRadius(6.0)
+    sphere.SetThetaResolution(32)
+    sphere.SetPhiResolution(32)
+    sphere.Update()
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Drawn")
+    segmentation.GetSegmentation().SetSourceRepresentationName("Closed surface")
+    segment_id = segmentation.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "ball")
+    modified = segmentation.GetMTime()
+
+    volumes.writeSegmentMask(segmentation, segment_id, ct_node, tmp_path / "m.nrrd")
+    segment = segmentation.GetSegmentation().GetSegment(segment_id)
+    assert segment.GetRepresentation("Binary labelmap") is None  # no representation added to the user's node
+    assert segmentation.GetMTime() == modified
+    mask = sitk.ReadImage(str(tmp_path / "m.nrrd"))
+    assert_same_geometry(mask, ct_image)
+    ball_volume = 4 / 3 * np.pi * 6.0 ** 3
+    assert sitk.GetArrayFromImage(mask).sum() * np.prod(ct_image.GetSpacing()) == pytest.approx(ball_volume, rel=0.25)
+
+
 def test_empty_or_unknown_segment_is_refused(ct_node, tmp_path):
     segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     empty_id = segmentation.GetSegmentation().AddEmptySegment("lesion")
@@ -473,6 +496,30 @@ def test_logic_failure_leaves_the_scene_unchanged(ct_node, fake_cli, tmp_path):
     with pytest.raises(process.TaskFailed, match="model 'nope' is not in Resources/Models.json"):
         MedDiffFM.MedDiffFMLogic().denoise(ct_node, model="nope")
     assert scene_nodes() == nodes_before
+
+
+def test_console_calls_without_proper_nodes_get_clear_messages(ct_node, fake_cli):
+    logic = MedDiffFM.MedDiffFMLogic()
+    labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "lesion labels")
+    nodes_before = scene_nodes()
+    with pytest.raises(ValueError, match="Denoise needs an input volume"):
+        logic.denoise(None)
+    with pytest.raises(ValueError, match="Inpaint needs a segmentation node and a segment ID, got nothing"):
+        logic.inpaint(ct_node, None, None)
+    with pytest.raises(ValueError, match="'lesion labels' \\(vtkMRMLLabelMapVolumeNode\\)"):
+        logic.generateLesion(ct_node, labelmap, "1")
+    with pytest.raises(ValueError, match="not a CT volume node"):
+        logic.denoise(slicer.mrmlScene.AddNewNodeByClass("vtkMRMLModelNode", "surface"))
+    assert scene_nodes() - nodes_before == {slicer.mrmlScene.GetFirstNodeByName("surface").GetID()}
+
+
+def test_repeated_runs_get_distinct_names(ct_node, fake_cli):
+    logic = MedDiffFM.MedDiffFMLogic()
+    names = [logic.denoise(ct_node).GetName() for _ in range(3)]
+    assert names == ["CT denoised", "CT denoised_1", "CT denoised_2"]
+    first, second = (logic.detectAnomalies(ct_node) for _ in range(2))
+    assert [node.GetName() for node in first + second] == [
+        "CT anomaly map", "CT anomalies", "CT anomaly map_1", "CT anomalies_1"]
 
 
 def test_detect_anomalies_refuses_nfe(ct_node):

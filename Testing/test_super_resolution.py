@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import ABDOMEN_SMALL_NII
+from scipy import ndimage
 
 from MedDiffFMLib.cli import main
 from MedDiffFMLib.errors import InputError
@@ -75,6 +77,25 @@ def test_result_averages_back_to_the_input_and_has_the_thin_geometry(thick, sr_m
     assert np.abs(averaged - np.clip(thick.array, *CHEST_WINDOW)).max() < 0.5
     # ...while the thin slices are not just copies of the thick ones.
     assert np.abs(out.array - np.repeat(np.clip(thick.array, *CHEST_WINDOW), 5, axis=0)).mean() > 10
+
+
+def test_voxels_outside_the_model_window_keep_the_input_range(sr_model):
+    """Abdomen window [-120, 240] HU on a real abdomen crop that reaches out into the air beside the body."""
+    window = (-120.0, 240.0)
+    thick = Volume.from_sitk(sitk.ReadImage(str(ABDOMEN_SMALL_NII))[49:73, 0:24, 10:18], dtype=np.float32)
+    out = super_resolve(thick, sr_model, factor=2, nfe=2, region="abdomen", seed=3)
+    averaged = average_slices(torch.from_numpy(out.array.astype(np.float64)), 2).numpy()
+    # Judged with the neighbours: the blend looks at a smoothed, interpolated input.
+    size = (3, 7, 7)
+    air = ndimage.maximum_filter(thick.array, size=size) < window[0] - 50
+    assert air.mean() > 0.1
+    np.testing.assert_allclose(averaged[air], thick.array[air], atol=0.01)  # exact averages, not clipped
+    assert out.array.min() < -900
+    # Well inside the window the thin slices are the model's, and they too average to the input.
+    inside = ((ndimage.minimum_filter(thick.array, size=size) > window[0] + 50)
+              & (ndimage.maximum_filter(thick.array, size=size) < window[1] - 50))
+    assert inside.sum() > 100
+    assert np.abs(averaged[inside] - thick.array[inside]).max() < 0.5
 
 
 def test_default_noise_level_trades_consistency_for_the_prior(thick, sr_model):

@@ -347,7 +347,8 @@ def test_chest_soft_tissue_pass_overrides_the_wide_pass_inside_its_window(tiny_m
     """Chest: the model's 1800 HU window gets a second pass in [-160, 240] HU that wins inside that window
     (with the edge blend); lungs keep the wide pass. Checked against the two single passes run separately."""
     from MedDiffFMLib.checkpoints import load_model
-    from MedDiffFMLib.tasks.denoise import SOFT_TISSUE_WINDOW_HU, window_weight
+    from MedDiffFMLib.tasks.common import window_weight
+    from MedDiffFMLib.tasks.denoise import SOFT_TISSUE_WINDOW_HU
 
     model, _, _ = load_model(tiny_model)
     clean = Volume.from_sitk(read_volume(CHEST_NRRD).to_sitk()[188:220, 232:264, 20:30], dtype=np.float32)

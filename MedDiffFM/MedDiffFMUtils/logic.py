@@ -27,6 +27,23 @@ def _resultName(inputNode, task):
     return f"{inputNode.GetName()} {TASKS[task].resultSuffix}"
 
 
+def _checkInputs(task, volumeNode, mask):
+    """Console calls get the panel's checks: a clear message instead of an AttributeError later."""
+    if TASKS[task].needsInputVolume and volumeNode is None:
+        raise ValueError(f"{TASKS[task].title} needs an input volume: pass the CT's volume node.")
+    if volumeNode is not None and not volumeNode.IsA("vtkMRMLScalarVolumeNode"):
+        raise ValueError(f"'{volumeNode.GetName()}' is a {volumeNode.GetClassName()}, not a CT volume node.")
+    if mask is None:
+        return
+    segmentationNode, segmentId = mask
+    if segmentationNode is None or not segmentationNode.IsA("vtkMRMLSegmentationNode"):
+        what = ("nothing" if segmentationNode is None
+                else f"'{segmentationNode.GetName()}' ({segmentationNode.GetClassName()})")
+        raise ValueError(f"{TASKS[task].title} needs a segmentation node and a segment ID, got {what}. "
+                         "Draw the region in the Segment Editor (a labelmap can be converted to a "
+                         "segmentation in the Data module).")
+
+
 def _addAllOrNothing(*loaders):
     """Run node-creating callables; if one fails, remove the nodes already made (no half results)."""
     nodes = []
@@ -146,6 +163,7 @@ class MedDiffFMTasks:
 
         importResults(workDir) makes the result nodes; by default one volume named after the input.
         """
+        _checkInputs(task, volumeNode, mask)
         if importResults is None:
             importResults = self._importVolume(_resultName(volumeNode, task), volumeNode)
         if options.get("nfe") is not None and not TASKS[task].usesNfe:

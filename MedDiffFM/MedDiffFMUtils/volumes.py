@@ -70,11 +70,17 @@ def writeSegmentMask(segmentationNode, segmentId, referenceVolumeNode, path):
         raise ValueError(f"Segment '{segmentId}' not found in '{segmentationNode.GetName()}': "
                          "select the segment that marks the region.")
     with _scratchNodes():
+        # Export from a copy: converting a closed-surface segment to a labelmap would otherwise add that
+        # representation to the user's segmentation.
+        copyNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        copyNode.GetSegmentation().DeepCopy(segmentation)
+        _placeLike(copyNode, segmentationNode)
+        copyNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)  # convert at CT resolution
         labelmapNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
         segmentIds = vtk.vtkStringArray()
         segmentIds.InsertNextValue(segmentId)
         exported = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-            segmentationNode, segmentIds, labelmapNode, referenceVolumeNode)
+            copyNode, segmentIds, labelmapNode, referenceVolumeNode)
         if not exported or labelmapNode.GetImageData() is None:
             raise ValueError(f"Segment '{segment.GetName()}' could not be turned into a mask on the grid "
                              f"of '{referenceVolumeNode.GetName()}'.")
@@ -100,9 +106,10 @@ def _placeLike(node, likeNode):
 
 
 def addVolumeNodeFromFile(path, name, likeNode=None):
-    """Load an image file into a new scalar volume node (geometry from the file)."""
+    """Load an image file into a new scalar volume node (geometry from the file), named `name`, or
+    `name_1`, `name_2`, ... when that name is taken, so repeated runs can be told apart."""
     array, ijkToRAS = readImage(path)
-    node = slicer.util.addVolumeFromArray(array, ijkToRAS=ijkToRAS, name=name)
+    node = slicer.util.addVolumeFromArray(array, ijkToRAS=ijkToRAS, name=slicer.mrmlScene.GenerateUniqueName(name))
     _placeLike(node, likeNode)
     return node
 
@@ -110,7 +117,8 @@ def addVolumeNodeFromFile(path, name, likeNode=None):
 def addSegmentationNodeFromMaskFile(path, name, segmentName, likeNode=None):
     """Load a 0/1 mask file into a new segmentation node holding one segment named `segmentName`."""
     array, ijkToRAS = readImage(path)
-    segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                          slicer.mrmlScene.GenerateUniqueName(name))
     segmentationNode.CreateDefaultDisplayNodes()
     try:
         with _scratchNodes():

@@ -115,6 +115,23 @@ def model_window(cfg: ModelConfig, region: str) -> Tuple[float, float]:
     return tuple(float(v) for v in cfg.windows[region])
 
 
+#: Width of the blend from a result made in a window back to the input, as a fraction of the window width.
+EDGE_BLEND_FRACTION = 0.05
+
+
+def window_weight(original: np.ndarray, window: Sequence[float]) -> np.ndarray:
+    """Weight of a result made in `window` (denoised, super-resolved): 1 inside, 0 outside, linear over
+    a margin inside the window edges. Decided on a lightly smoothed original, so noise does not make it
+    flicker."""
+    from scipy import ndimage
+
+    lo, hi = window
+    margin = EDGE_BLEND_FRACTION * (hi - lo)
+    smoothed = ndimage.gaussian_filter(original.astype(np.float32), sigma=(0.0, 1.0, 1.0))
+    inside = np.minimum(smoothed - lo, hi - smoothed)
+    return np.clip(inside / margin, 0.0, 1.0)
+
+
 def make_sampler(model: torch.nn.Module, shape_zyx: Sequence[int], spacing_zyx: Sequence[float], region: str,
                  anatomy_labels: Optional[np.ndarray], device: torch.device, overlap: float = 0.5,
                  window_batch: Optional[int] = None, precision: str = "auto",

@@ -79,8 +79,6 @@ SOFT_TISSUE_PASS_RATIO = 2.0
 #: 26.94, [-200, 240] 26.96 at I0 = 1e5 (noise 41 HU); 22.95 / 23.70 / 23.69 at 2.5e4 (82 HU). Moving the edge
 #: from -160 to -200 HU changed chest soft tissue and limb by +0.04 / +0.07 dB. An explicit window is used as given.
 FAT_MARGIN_NOISE_STDS = 1.0
-#: Width of the blend from denoised to input at the window edges, as a fraction of the window width.
-EDGE_BLEND_FRACTION = 0.05
 
 
 @dataclass
@@ -200,7 +198,7 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
         mean_hu, pass_std, pass_steps = _denoise_pass(sampler, volume, pass_window, sigma_hu_map, lam, zeta,
                                                       len(plan), seed, seeds, pass_progress)
         done += seeds * len(plan)
-        weight = window_weight(volume.array, pass_window)
+        weight = common.window_weight(volume.array, pass_window)
         output = output + weight * (mean_hu - output)
         if std_hu is not None:
             std_hu = std_hu + weight * (pass_std - std_hu)
@@ -248,15 +246,4 @@ def _denoise_pass(sampler: SlidingWindowSampler, volume: Volume, window: Tuple[f
     std = np.sqrt(m2[0, 0].numpy() / (seeds - 1)) / to_unit if seeds > 1 else None
     return unit_to_hu(mean[0, 0].numpy(), window), std, steps
 
-
-def window_weight(original: np.ndarray, window: Sequence[float]) -> np.ndarray:
-    """Weight of a result denoised in `window`: 1 inside, 0 outside, linear over a margin inside the window
-    edges. Decided on a lightly smoothed original, so noise does not make it flicker."""
-    from scipy import ndimage
-
-    lo, hi = window
-    margin = EDGE_BLEND_FRACTION * (hi - lo)
-    smoothed = ndimage.gaussian_filter(original.astype(np.float32), sigma=(0.0, 1.0, 1.0))
-    inside = np.minimum(smoothed - lo, hi - smoothed)
-    return np.clip(inside / margin, 0.0, 1.0)
 

@@ -23,7 +23,7 @@ from ..io import Volume
 from ..preprocess import unit_to_hu, window_to_unit
 from ..sampling import SlidingWindowSampler
 from ..validation import check_ct, check_mask
-from .common import anatomy_for, make_sampler, model_config, model_window, resolve_region
+from .common import anatomy_for, make_sampler, model_config, model_window, resolve_region, window_weight
 
 Progress = Optional[Callable[[int, int], None]]
 Box = Tuple[slice, slice, slice]
@@ -113,8 +113,8 @@ def generate_lesion(volume: Volume, lesion_mask: Volume, model: torch.nn.Module,
     """A copy of `volume` whose box around `lesion_mask` is synthesised anew, with a lesion where the mask is.
 
     `model` is a lesion `ControlledNet`. The whole box is generated (voxels outside the lesion too); to keep
-    the surroundings of the lesion as they are, use `inpaint`. Intensities in the box lie within the
-    region's window.
+    the surroundings of the lesion as they are, use `inpaint`. The lesion lies within the region's HU
+    window; around it, voxels outside the window (air, bone) keep their input values.
     """
     check_task(model, "lesion")
     job = prepare_box(volume, lesion_mask, model, region, margin_mm, device, overlap, window_batch, precision,
@@ -123,7 +123,9 @@ def generate_lesion(volume: Volume, lesion_mask: Volume, model: torch.nn.Module,
     x_init = torch.randn((1, 1) + job.inside.shape, generator=torch.Generator().manual_seed(int(seed)))
     # The sampler's own generator is seeded differently from the initial noise's, so they are independent.
     x = job.sampler.run(x_init, steps, seed + 1, progress=progress)
-    weights = np.maximum(paste_weights(job.box, volume.shape, volume.spacing_zyx, margin_mm / 2), job.inside)
+    # Around the lesion, voxels outside the model's window (air, bone) keep their input values.
+    around = paste_weights(job.box, volume.shape, volume.spacing_zyx, margin_mm / 2)
+    weights = np.maximum(around * window_weight(volume.array[job.box], job.window), job.inside)
     out = volume.array.astype(np.float32, copy=True)
     generated = unit_to_hu(x[0, 0].cpu().numpy(), job.window)
     out[job.box] = weights * generated + (1 - weights) * out[job.box]

@@ -11,6 +11,10 @@ prior alone and the slice averages drift from the measured thick slices. By defa
 therefore projected onto the data once at the end, x <- x + H^T(y - H x), which makes every group of
 `factor` thin slices average exactly to its thick slice (H H^T = I) without touching the detail within
 the group. `project=False` gives the paper's plain DiffPIR output.
+
+The model sees only its region's HU window. Voxels outside it (air, lung or bone in a soft-tissue window)
+would come back clipped to the window edges; they get the thick slices interpolated and projected the same
+way instead, so a super-resolved CT keeps its full HU range.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from ..finetune import ControlledCondition, check_task
 from ..io import Volume
 from ..preprocess import unit_to_hu, window_to_unit
 from ..validation import check_ct
-from .common import anatomy_for, make_sampler, model_config, model_window, resolve_region
+from .common import anatomy_for, make_sampler, model_config, model_window, resolve_region, window_weight
 
 Progress = Optional[Callable[[int, int], None]]
 
@@ -98,7 +102,9 @@ def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: 
     the model's [-1, 1] intensity scale and `lam` the prior weight: smaller `sigma_n` holds the result
     closer to the input (sigma_n -> 0: the slice averages equal the input exactly, within the window).
     `zeta` is DiffPIR's share of fresh noise per step. `project` enforces exact slice-average consistency
-    at the end (see the module docstring). Intensities outside the region's window are clipped.
+    at the end (see the module docstring). The model works in the region's HU window; voxels outside it
+    (air, lung, bone in a soft-tissue window) get the input interpolated between slices instead, blended in
+    over a margin at the window edges.
     """
     check_ct(volume)  # also refuses volumes too thin to work on
     check_factor(factor)
@@ -134,4 +140,11 @@ def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: 
     x = sampler.run(x_init, steps, seed + 1, x0_transform=data_step, zeta=zeta, progress=progress)
     if project:
         x = x + repeat_slices(y - average_slices(x, factor), factor, n_thin)
-    return guide.with_array(unit_to_hu(x[0, 0].cpu().numpy(), window).astype(np.float32))
+    resolved = unit_to_hu(x[0, 0].cpu().numpy(), window)
+    # The model only knows its window: outside it (air, lung, bone in a soft-tissue window) the thin slices
+    # are the input interpolated and shifted so each group averages to its thick slice, as the model's are.
+    measured = torch.from_numpy(volume.array.astype(np.float64))
+    interpolated = interpolate_slices(measured, factor, n_thin)
+    outside = (interpolated + repeat_slices(measured - average_slices(interpolated, factor), factor, n_thin)).numpy()
+    weight = window_weight(outside, window)
+    return guide.with_array((outside + weight * (resolved - outside)).astype(np.float32))
