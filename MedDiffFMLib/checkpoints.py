@@ -90,6 +90,9 @@ def read_model_info(path: PathLike) -> dict:
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"model description {sidecar} is not valid JSON ({exc}); re-download or "
                               "re-export the model") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{sidecar} is not a MedDiffFM model description (its top level is not a "
+                              "JSON object); re-download or re-export the model")
     if info.get("format") != FORMAT or "config" not in info or "sha256" not in info:
         raise CheckpointError(f"{sidecar} is not a MedDiffFM model description (format {info.get('format')!r})")
     return info
@@ -156,7 +159,7 @@ def registry(path: Path = REGISTRY) -> List[dict]:
         return []
     try:
         return json.loads(path.read_text())["models"]
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:  # TypeError: JSON that is not an object
         raise CheckpointError(f"the model registry {path} is damaged ({exc}); restore it from the repository") from None
 
 
@@ -247,8 +250,9 @@ def load_training_state(out_dir: PathLike) -> Optional[Tuple[Dict[str, torch.Ten
     try:
         stem = json.loads(pointer.read_text())["state"]
         record = json.loads((Path(out_dir) / f"{stem}.json").read_text())
-    except (OSError, ValueError, KeyError) as exc:
+        sha256 = record["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # TypeError: JSON that is not an object
         raise CheckpointError(f"cannot resume from {out_dir}: the training state is unreadable ({exc}); "
                               "start a new run in another folder") from None
-    tensors = _load_verified(Path(out_dir) / f"{stem}.safetensors", record["sha256"])
+    tensors = _load_verified(Path(out_dir) / f"{stem}.safetensors", sha256)
     return tensors, record

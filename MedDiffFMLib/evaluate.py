@@ -31,6 +31,7 @@ from . import baselines, metrics
 from .errors import InputError, ResourceError
 from .io import VOLUME_SUFFIXES, Volume, atomic_path, read_volume
 from .lowdose import simulate_low_dose
+from .validation import check_ct
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +132,15 @@ def _middle(depth: int, n: int) -> slice:
 def load_cases(paths: Sequence[Path], n_slices: int, crop_yx: Optional[int] = None,
                context: int = 0) -> List[DenoiseCase]:
     """Read each CT (see `collect_ct_paths`) and cut its central case of slices (see `central_case`)."""
+    if n_slices < 1 or context < 0:
+        raise InputError(f"need at least 1 scored slice and no negative context, got {n_slices} and {context}")
     files = collect_ct_paths(paths)
-    return [central_case(name, read_volume(p), n_slices, crop_yx, context)
-            for name, p in zip(case_names(files), files)]
+    cases = []
+    for name, path in zip(case_names(files), files):
+        volume = read_volume(path)
+        check_ct(volume)  # the reference must be a clean CT in HU: PSNR in an HU window means nothing otherwise
+        cases.append(central_case(name, volume, n_slices, crop_yx, context))
+    return cases
 
 
 # ---------------------------------------------------------------- methods

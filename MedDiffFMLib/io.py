@@ -6,9 +6,11 @@ in mm (LPS) and `direction` is the row-major 3x3 matrix as 9 floats, exactly as 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import logging
 import os
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -23,8 +25,14 @@ log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-#: File name endings SimpleITK reads/writes as a single volume.
+#: File name endings SimpleITK reads as a single volume.
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+#: Endings `write_volume` writes: single files only. A .nhdr/.mhd header names a separate data file, which
+#: the write-to-a-temporary-name-then-rename of `atomic_path` cannot move along with it.
+OUTPUT_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 #: Default tolerance (mm for spacing/origin, unitless for direction cosines) for "same grid".
 #: NIfTI stores geometry as float32, so exact equality is too strict after a round trip.
@@ -126,7 +134,7 @@ def read_volume(path: PathLike) -> Volume:
     else:
         image = _read_file(path)
     vol = Volume.from_sitk(image, dtype=np.float32)
-    if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
+    if path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES):
         _restore_nifti_nonfinite(path, vol.array)
     return vol
 
@@ -201,8 +209,7 @@ def write_volume(vol: Volume, path: PathLike, overwrite: bool = False,
     Refuses an existing file unless `overwrite`, and always refuses any path listed in `inputs`.
     """
     path = Path(path)
-    if not path.name.lower().endswith(VOLUME_SUFFIXES):
-        raise InputError(f"cannot write {path.name}: use one of {', '.join(VOLUME_SUFFIXES)}")
+    check_output_suffix(path)
     check_output_path(path, inputs=inputs, overwrite=overwrite)
     try:
         with atomic_path(path) as tmp:
@@ -211,6 +218,16 @@ def write_volume(vol: Volume, path: PathLike, overwrite: bool = False,
         raise InputError(f"cannot write {path} ({_first_line(exc)}); check the free disk space and that "
                          f"{path.parent} is writable, then retry") from None
     return path
+
+
+def check_output_suffix(path: PathLike) -> None:
+    """Refuse an output name `write_volume` cannot write as one complete file."""
+    name = Path(path).name
+    if name.lower().endswith((".nhdr", ".mhd")):
+        raise InputError(f"cannot write {name}: .nhdr/.mhd outputs are a header plus a separate data file; "
+                         "use the single-file equivalent .nrrd or .mha instead")
+    if not name.lower().endswith(OUTPUT_SUFFIXES):
+        raise InputError(f"cannot write {name}: use one of {', '.join(OUTPUT_SUFFIXES)}")
 
 
 @contextlib.contextmanager
@@ -230,11 +247,42 @@ def atomic_path(final: PathLike) -> Iterator[Path]:
 
 def _read_file(path: Path) -> sitk.Image:
     try:
+        if path.name.lower().endswith(NIFTI_SUFFIXES):
+            _check_nifti_complete(path)
         return sitk.ReadImage(str(path))
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:  # OSError: nibabel opens a NIfTI first (e.g. no read permission)
         raise InputError(
             f"cannot read {path} as an image ({_first_line(exc)}). Supported: NIfTI (.nii, .nii.gz), "
             "NRRD (.nrrd), MetaImage (.mha/.mhd) files and DICOM series folders.") from None
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Refuse a truncated or corrupt NIfTI: ITK's reader fills missing voxels with 0 and says nothing."""
+    import nibabel
+
+    try:
+        proxy = nibabel.load(str(path)).dataobj  # reads the header only
+        needed = proxy.offset + int(np.prod(proxy.shape)) * proxy.dtype.itemsize
+        found = _gunzipped_size(path) if path.name.lower().endswith(".gz") else path.stat().st_size
+    except (nibabel.filebasedimages.ImageFileError, nibabel.spatialimages.HeaderDataError, EOFError,
+            gzip.BadGzipFile, zlib.error) as exc:
+        raise InputError(_damaged_nifti_message(path, _first_line(exc))) from None
+    if found < needed:
+        raise InputError(_damaged_nifti_message(path, f"{found} bytes where its header promises {needed}"))
+
+
+def _gunzipped_size(path: Path) -> int:
+    """Decompressed size, streamed in blocks; gzip raises EOFError/BadGzipFile/zlib.error on damage."""
+    size = 0
+    with gzip.open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            size += len(block)
+    return size
+
+
+def _damaged_nifti_message(path: Path, detail: str) -> str:
+    return (f"cannot read {path}: the NIfTI file is truncated or corrupt ({detail}); copy or export it again "
+            "from the original")
 
 
 def _restore_nifti_nonfinite(path: Path, array: np.ndarray) -> None:

@@ -135,6 +135,14 @@ def check_output_path(out: "os.PathLike[str] | str", inputs: Iterable["os.PathLi
     _check_writable_folder(out)
 
 
+def check_output_folder(folder: "os.PathLike[str] | str") -> None:
+    """Refuse an output folder (run, report) that names an existing file or cannot be made or written."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder} is a file; --out needs a folder (new or existing)")
+    _check_writable_folder(folder / "probe")
+
+
 def _check_writable_folder(out: Path) -> None:
     """Refuse an output whose folder cannot be made or written, before any long computation.
 

@@ -69,6 +69,9 @@ def test_missing_damaged_and_wrong_files(tiny, tmp_path):
     (tmp_path / "m.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_model(base)
+    (tmp_path / "m.json").write_text("[1, 2]")  # valid JSON, but not an object
+    with pytest.raises(CheckpointError, match="m.json is not a MedDiffFM model description.*not a JSON object"):
+        load_model(base)
 
 
 def test_wrong_architecture_is_named(tiny, tmp_path):
@@ -138,3 +141,14 @@ def test_training_state_survives_a_kill_mid_write(tmp_path):
     with pytest.raises(CheckpointError):
         load_training_state(tmp_path)
     assert load_training_state(tmp_path / "empty") is None
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"text"', '{"state": 3}'])
+def test_training_state_and_registry_that_are_not_json_objects(tmp_path, content):
+    (tmp_path / "last.json").write_text(content)
+    with pytest.raises(CheckpointError, match="the training state is unreadable"):
+        load_training_state(tmp_path)
+    registry_file = tmp_path / "Models.json"
+    registry_file.write_text(content)
+    with pytest.raises(CheckpointError, match="the model registry .* is damaged"):
+        checkpoints.registry(registry_file)

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from conftest import (ABDOMEN_SMALL_NII, CHEST_NODULE_NRRD, CHEST_NRRD, HEAD_TILTED_DICOM, LIMB_MASK_NII,
                       LIMB_NII, THREE_SLICE_DICOM)
 from MedDiffFMLib.errors import InputError
-from MedDiffFMLib.io import Volume, atomic_path, read_mask, read_volume, write_volume
+from MedDiffFMLib.io import Volume, atomic_path, check_output_suffix, read_mask, read_volume, write_volume
 
 
 def assert_same_volume(a: Volume, b: Volume, atol: float = 1e-5):
@@ -111,6 +111,33 @@ def test_folder_without_dicom_and_unreadable_file_are_input_errors(tmp_path):
         read_volume(tmp_path / "missing.nrrd")
 
 
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("pixel", [sitk.sitkInt16, sitk.sitkFloat32], ids=["int16", "float32"])
+def test_truncated_or_corrupt_nifti_is_refused(suffix, pixel, tmp_path):
+    """ITK fills the voxels missing from a cut NIfTI with 0 without a word; such files must be refused."""
+    whole = tmp_path / f"whole{suffix}"
+    sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(ABDOMEN_SMALL_NII)), pixel), str(whole))
+    data = whole.read_bytes()
+    damaged = tmp_path / f"damaged{suffix}"
+    for size in (len(data) // 2, len(data) - 1, 200):  # half, one byte short, inside the header
+        damaged.write_bytes(data[:size])
+        with pytest.raises(InputError, match=r"damaged\.nii.* is truncated or corrupt"):
+            read_volume(damaged)
+    if suffix == ".nii.gz":  # a changed byte keeps the size: only the gzip CRC can tell (.nii has none)
+        flipped = bytearray(data)
+        flipped[len(data) // 2] ^= 0xFF
+        damaged.write_bytes(bytes(flipped))
+        with pytest.raises(InputError, match="truncated or corrupt"):
+            read_volume(damaged)
+
+
+def test_truncated_nifti_mask_is_refused(tmp_path):
+    cut = tmp_path / "mask.nii.gz"
+    cut.write_bytes(LIMB_MASK_NII.read_bytes()[:-8])  # without the gzip trailer (CRC and length)
+    with pytest.raises(InputError, match="mask.nii.gz: the NIfTI file is truncated or corrupt"):
+        read_mask(cut, like=read_volume(LIMB_NII))
+
+
 def test_read_mask_on_the_image_grid():
     image = read_volume(LIMB_NII)
     mask = read_mask(LIMB_MASK_NII, like=image)
@@ -147,6 +174,21 @@ def test_write_volume_refuses_existing_and_input_paths(tmp_path):
         write_volume(vol, out, overwrite=True, inputs=[out])
     with pytest.raises(InputError, match="inside the input folder"):
         write_volume(vol, HEAD_TILTED_DICOM / "x.nii.gz", inputs=[HEAD_TILTED_DICOM])
+
+
+@pytest.mark.parametrize("name", ["out.mhd", "out.nhdr"])
+def test_two_file_formats_are_read_but_not_written(name, tmp_path):
+    """A .mhd/.nhdr header names a separate data file, which the atomic rename would leave behind."""
+    vol = read_volume(ABDOMEN_SMALL_NII)
+    with pytest.raises(InputError, match=r"\.nrrd or \.mha"):
+        write_volume(vol, tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+    sitk.WriteImage(vol.to_sitk(), str(tmp_path / name))  # written by other tools: still an input
+    assert_same_volume(read_volume(tmp_path / name), vol)
+    with pytest.raises(InputError, match=r"\.nrrd or \.mha"):
+        check_output_suffix(name.upper())
+    with pytest.raises(InputError, match="use one of .nii, .nii.gz, .nrrd, .mha$"):
+        check_output_suffix("out.png")
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):

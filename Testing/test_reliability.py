@@ -211,6 +211,15 @@ def test_every_task_cli_checks_memory_before_sampling(task, files, tmp_path, mon
     assert_inputs_unchanged(files)
 
 
+def test_absurd_synthesis_size_gets_the_memory_message_not_an_allocation_failure(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "available_memory", lambda device: 64 * 2 ** 30)
+    out = tmp_path / "synthetic.nii.gz"
+    args = ["synthesize", "-o", str(out), "--size", "5000", "5000", "5000", "--model", "tiny", "--nfe", "2"]
+    code, err = run_cli(args + SHARED, capsys)  # 500 GB for one float32 copy: numpy could not even allocate it
+    assert code == 2 and "this job needs about" in err and "64.0 GiB is free on cpu" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- models ----------------------------------------------------------------------------------------------
 
 def copy_model(name, folder):
@@ -317,6 +326,55 @@ def test_every_task_refuses_to_write_onto_its_inputs(task, files, capsys, no_mod
         code, err = run_cli(task_arguments(task, files[0], files[1], target) + ["--overwrite"], capsys)
         assert code == 2 and f"output {target} is an input file; choose another output path" in err, err
     assert_inputs_unchanged(files)
+
+
+def test_one_file_named_for_two_outputs_is_refused_before_the_model_loads(files, tmp_path, capsys,
+                                                                          no_model_loading):
+    out = tmp_path / "result.nii.gz"
+    for task, extra in [("denoise", ["--preview", out]), ("denoise", ["--seeds", "2", "--uncertainty", out]),
+                        ("detect-anomalies", ["--mask-output", out]),
+                        ("detect-anomalies", ["--mask-output", tmp_path / "." / "result.nii.gz"])]:
+        code, err = run_cli(task_arguments(task, files[0], files[1], out) + [str(a) for a in extra], capsys)
+        assert code == 2 and "is given for two different outputs" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_options_that_would_be_ignored_or_cannot_work_are_refused(files, tmp_path, capsys, no_model_loading):
+    out = tmp_path / "result.nii.gz"
+    cases = [
+        (task_arguments("denoise", files[0], files[1], out) + ["--uncertainty", str(tmp_path / "std.nii.gz")],
+         "--uncertainty is the standard deviation over seeds: add --seeds 2 or more"),
+        (task_arguments("synthesize", files[0], files[1], out) + ["--size", "16", "16", "16"],
+         "--size/--spacing would be ignored"),
+    ]
+    for args, phrase in cases:
+        code, err = run_cli(args, capsys)
+        assert code == 2 and phrase in err, err
+    for task in ("denoise", "inpaint"):
+        with pytest.raises(SystemExit) as exit_info:  # argparse: usage and exit code 2
+            main(task_arguments(task, files[0], files[1], out) + ["--nfe", "0"])
+        assert exit_info.value.code == 2 and "--nfe: must be at least 1, got 0" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_folder_that_is_a_file_is_refused(files, tmp_path, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    for args in (["evaluate", "denoise", str(files[0]), "--out", str(a_file), "--methods", "gaussian"],
+                 ["evaluate", "anomaly", "--scores", str(files[0]), "--masks", str(files[1]), "--out", str(a_file)],
+                 ["train", "--preset", "tiny", "--data", str(files[0]), "--out", str(a_file), "--steps", "1"]):
+        code, err = run_cli(args, capsys)
+        assert code == 2 and "notes.txt is a file; --out needs a folder" in err, err
+    assert a_file.read_text() == "not a folder"
+
+
+def test_a_controlnet_given_where_the_base_model_runs_is_refused(files, tmp_path, capsys):
+    for task in ("denoise", "synthesize", "detect-anomalies"):
+        args = task_arguments(task, files[0], files[1], tmp_path / "out.nii.gz")
+        args[args.index("--model") + 1] = "tiny-lesion"
+        code, err = run_cli(args, capsys)
+        assert code == 2 and "runs the base model; the given model is a ControlNet fine-tuned for lesion" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- faults ----------------------------------------------------------------------------------------------

@@ -12,6 +12,17 @@ PROGRESS_MODES = ("tqdm", "machine", "none")
 PROGRESS_PREFIX = "MEDDIFFFM_PROGRESS"
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts that must be at least 1 (steps, seeds): refused while parsing, with usage."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, nfe: Optional[int] = None) -> None:
     """--model, --seed, --nfe, --device, --precision, --progress, --overlap, --window-batch, --region,
     --threads, --overwrite."""
@@ -19,8 +30,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, nfe: Optional[int] = No
                         help="registered model name or path to a .safetensors model file")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same result on CPU)")
     if nfe is not None:
-        parser.add_argument("--nfe", type=int, default=nfe, help="number of network evaluations (steps)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+        parser.add_argument("--nfe", type=positive_int, default=nfe, help="number of network evaluations (steps)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the network runs (auto: a CUDA GPU when present, else the CPU)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="network precision on GPU (auto: bf16 where supported)")
     parser.add_argument("--progress", choices=PROGRESS_MODES, default="tqdm",
@@ -89,16 +101,21 @@ def progress_reporter(mode: str) -> Callable[[int, int], None]:
 def check_outputs(args: argparse.Namespace, inputs, volumes=(), others=()) -> None:
     """Refuse bad output paths before any computation (not after minutes of sampling)."""
     from ..errors import InputError
-    from ..io import VOLUME_SUFFIXES
+    from ..io import check_output_suffix
     from ..validation import check_output_path
 
     inputs = [p for p in inputs if p is not None]
     for out in volumes:
-        if out is not None and not str(out).lower().endswith(VOLUME_SUFFIXES):
-            raise InputError(f"cannot write {out}: use one of {', '.join(VOLUME_SUFFIXES)}")
-    for out in list(volumes) + list(others):
         if out is not None:
-            check_output_path(out, inputs=inputs, overwrite=args.overwrite)
+            check_output_suffix(out)
+    outputs = [out for out in list(volumes) + list(others) if out is not None]
+    seen = set()
+    for out in outputs:
+        key = os.path.realpath(out)
+        if key in seen:  # one output would silently replace another, or fail after the whole run
+            raise InputError(f"{out} is given for two different outputs; give each output its own file")
+        seen.add(key)
+        check_output_path(out, inputs=inputs, overwrite=args.overwrite)
 
 
 #: The shared CT data next to the repository (the split names 'train'/'validation' refer to it).

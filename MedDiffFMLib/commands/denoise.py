@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", type=Path, help="CT: NIfTI/NRRD/MHA file or DICOM series folder")
     parser.add_argument("-o", "--output", type=Path, required=True, help="denoised CT (.nii.gz, .nrrd, ...)")
     _common.add_model_arguments(parser)
-    parser.add_argument("--nfe", type=int, help=f"number of network evaluations (steps) per pass (default: one per "
+    parser.add_argument("--nfe", type=_common.positive_int, help=f"number of network evaluations (steps) per pass (default: one per "
                         f"{STEP_SPACING} timesteps of the start, at least {MIN_NFE}: more for noisier images)")
     parser.add_argument("--noise-level", type=float, help="noise std in HU (default: estimated from the image)")
     parser.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"),
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zeta", type=float,
                         help=f"DiffPIR noise mixing 0..1 (default {DEFAULT_ZETA:g} for one seed, "
                         f"{DEFAULT_SEEDS_ZETA:g} with --seeds > 1)")
-    parser.add_argument("--seeds", type=int, default=1,
+    parser.add_argument("--seeds", type=_common.positive_int, default=1,
                         help="average this many runs (seeds seed..seed+N-1); N > 1 also writes the "
                         "per-voxel standard deviation")
     parser.add_argument("--uncertainty", type=Path,
@@ -47,7 +47,11 @@ def run(args: argparse.Namespace) -> int:
     from ..io import read_mask, read_volume, sibling_path, write_volume
     from ..tasks.denoise import denoise
 
+    from ..errors import InputError
+
     uncertainty_path = args.uncertainty
+    if uncertainty_path is not None and args.seeds < 2:
+        raise InputError("--uncertainty is the standard deviation over seeds: add --seeds 2 or more")
     if args.seeds > 1 and uncertainty_path is None:
         uncertainty_path = sibling_path(args.output, "_std")
     _common.check_outputs(args, [args.input, args.anatomy_labels], volumes=[args.output, uncertainty_path],

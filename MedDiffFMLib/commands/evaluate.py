@@ -7,6 +7,8 @@ from pathlib import Path
 
 from .. import evaluate as harness
 from ..errors import InputError, ResourceError
+from ..validation import check_output_folder
+from ._common import positive_int
 
 NAME = "evaluate"
 HELP = ("Benchmark denoising on simulated low-dose CT against Gaussian/NLM/BM3D, or score anomaly maps "
@@ -27,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     den.add_argument("--out", type=Path, required=True, help="folder for the CSV, Markdown and PNG files")
     den.add_argument("--photons", type=float, nargs="+", default=[1e5, 2.5e4],
                      help="incident photons per detector bin and view, one per dose level")
-    den.add_argument("--slices", type=int, default=8,
+    den.add_argument("--slices", type=positive_int, default=8,
                      help="contiguous axial slices from the middle of each CT that are scored")
     den.add_argument("--context-slices", type=int, default=12,
                      help="more slices on each side (where the CT has them) that every method denoises but that "
@@ -41,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     den.add_argument("--model", action="append",
                      help="also run MedDiffFM denoising with this model name or file (repeat to compare models, "
                      "e.g. the registered one against a new checkpoint)")
-    den.add_argument("--nfe", type=int, help="MedDiffFM network evaluations (unset: the denoising task's default)")
+    den.add_argument("--nfe", type=positive_int, help="MedDiffFM network evaluations (unset: the denoising task's default)")
     den.add_argument("--model-window", type=float, nargs=2, action="append", metavar=("LO", "HI"),
                      help="HU window MedDiffFM denoises in (repeat to compare several; default: the model's "
                      "window for the body region)")
@@ -65,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_denoise(args: argparse.Namespace) -> int:
+    check_output_folder(args.out)
     cases = harness.load_cases(args.inputs, args.slices, args.crop or None, args.context_slices)
     methods = harness.classical_methods(args.methods, args.gaussian_sigma)
     windows = [tuple(w) for w in args.model_window] if args.model_window else [None]
@@ -97,6 +100,7 @@ def _model_label(model: str) -> str:
 def _run_anomaly(args: argparse.Namespace) -> int:
     from ..io import read_mask, read_volume
 
+    check_output_folder(args.out)
     if len(args.masks) != len(args.scores) or (args.images and len(args.images) != len(args.scores)):
         raise InputError(f"give one mask (and, if any, one image) per score volume: {len(args.scores)} "
                          f"scores, {len(args.masks)} masks, {len(args.images)} images.")

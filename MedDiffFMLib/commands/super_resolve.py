@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "the slice averages closer to the input")
     parser.add_argument("--lambda", dest="lam", type=float, default=1.0, help="DiffPIR prior weight (paper: 1)")
     parser.add_argument("--zeta", type=float, default=DEFAULT_ZETA, help="DiffPIR share of fresh noise (0..1)")
-    parser.add_argument("--no-projection", dest="project", action="store_false",
+    parser.add_argument("--no-projection", action="store_true",
                         help="skip the final projection that makes each group of thin slices average exactly "
                         "to its thick slice (gives the paper's plain DiffPIR result)")
 
@@ -44,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
     volume = read_volume(args.input)
     model = _common.load_model(args)
     result = super_resolve(volume, model, factor=args.factor, nfe=args.nfe, lam=args.lam, sigma_n=args.sigma_n,
-                           zeta=args.zeta, region=_common.region_option(args), seed=args.seed, project=args.project,
-                           progress=_common.progress_reporter(args.progress), **_common.sampler_options(args))
+                           zeta=args.zeta, region=_common.region_option(args), seed=args.seed,
+                           project=not args.no_projection, progress=_common.progress_reporter(args.progress), **_common.sampler_options(args))
     write_volume(result, args.output, overwrite=args.overwrite, inputs=[args.input])
     log.info("%d thin slices of %.3g mm written to %s", result.shape[0], result.spacing[2], args.output)
     return 0

@@ -22,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", type=Path, help="CT whose grid and anatomy the synthetic CT takes")
     parser.add_argument("--anatomy", type=Path, help="anatomy label map: the output takes its grid and anatomy")
     parser.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"), help="output size in voxels")
-    parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), default=(1.0, 1.0, 1.0),
-                        help="output voxel spacing in mm (with --size)")
+    parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                        help="output voxel spacing in mm (with --size; default 1 1 1)")
     parser.add_argument("--eta", type=float, default=1.0, help="1 = ancestral (DDPM) steps, 0 = DDIM")
 
 
@@ -35,6 +35,9 @@ def run(args: argparse.Namespace) -> int:
     if args.reference is None and args.region == "auto":
         raise InputError("choose the body region (--region head_neck, chest, abdomen or other); it can only be "
                          "guessed from a --reference CT")
+    if (args.reference or args.anatomy) and (args.size or args.spacing):
+        raise InputError("--size/--spacing would be ignored: the grid comes from --reference or --anatomy; "
+                         "give one or the other")
     _common.check_outputs(args, [args.reference, args.anatomy], volumes=[args.output])
     reference = read_volume(args.reference) if args.reference else None
     anatomy = None
@@ -43,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         labels = read_volume(args.anatomy)
         anatomy = labels.with_array(as_label_array(labels.array, name=args.anatomy.name))
     model = _common.load_model(args)
-    volume = synthesize(model, region=_common.region_option(args), size_xyz=args.size, spacing_xyz=args.spacing,
+    volume = synthesize(model, region=_common.region_option(args), size_xyz=args.size, spacing_xyz=args.spacing or (1.0, 1.0, 1.0),
                         reference=reference, anatomy_labels=anatomy, nfe=args.nfe, eta=args.eta, seed=args.seed,
                         progress=_common.progress_reporter(args.progress), **_common.sampler_options(args))
     write_volume(volume, args.output, overwrite=args.overwrite, inputs=[p for p in (args.reference, args.anatomy) if p])

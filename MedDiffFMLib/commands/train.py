@@ -50,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
     from ..dataset import CTPatchDataset, split_cases
     from ..errors import InputError
     from ..training import TrainSettings, train
+    from ..validation import check_output_folder
 
+    check_output_folder(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -14,6 +14,7 @@ import torch
 
 from .. import diffusion
 from ..errors import InputError
+from ..finetune import check_base
 from ..io import Volume
 from ..preprocess import unit_to_hu
 from ..validation import check_ct, check_dimensions, MIN_AXIS_VOXELS
@@ -37,6 +38,7 @@ def synthesize(model: torch.nn.Module, region: Optional[str] = None,
     `region` None is guessed from the reference. `eta` 1 = ancestral (DDPM) steps, 0 = DDIM.
     """
     device = torch.device(device)
+    check_base(model, "synthesis")
     cfg = common.model_config(model)
     grid = _output_grid(size_xyz, spacing_xyz, reference, anatomy_labels)
     region = common.resolve_region(reference, region, cfg)
@@ -60,7 +62,7 @@ def synthesize(model: torch.nn.Module, region: Optional[str] = None,
 
 
 def _output_grid(size_xyz, spacing_xyz, reference: Optional[Volume], anatomy_labels: Optional[Volume]) -> Volume:
-    """An empty Volume (zeros) on the output grid."""
+    """A Volume of zeros on the output grid."""
     if reference is not None:
         check_ct(reference)
         like = reference
@@ -78,5 +80,11 @@ def _output_grid(size_xyz, spacing_xyz, reference: Optional[Volume], anatomy_lab
             raise InputError(f"output size must be >= {MIN_AXIS_VOXELS} voxels and spacing > 0 mm per axis, "
                              f"got size {size}, spacing {spacing}")
         check_dimensions(tuple(reversed(size)))
-        return Volume(np.zeros(tuple(reversed(size)), np.float32), spacing)
-    return Volume(np.zeros(like.shape, np.float32), like.spacing, like.origin, like.direction)
+        return Volume(_no_voxels(tuple(reversed(size))), spacing)
+    return Volume(_no_voxels(like.shape), like.spacing, like.origin, like.direction)
+
+
+def _no_voxels(shape_zyx) -> np.ndarray:
+    """Zeros that take no memory: the grid only lends its shape and geometry, and a requested size far too
+    large must reach the memory check with its clear message rather than fail to allocate here."""
+    return np.broadcast_to(np.float32(0.0), tuple(shape_zyx))
