@@ -27,7 +27,7 @@ except ImportError:
 
 from MedDiffFMUtils import dependencies, library, volumes
 from MedDiffFMUtils.logic import MedDiffFMTasks
-from MedDiffFMUtils.process import TaskCancelled
+from MedDiffFMUtils.process import TaskCancelled, TimeLeft
 from MedDiffFMUtils.tasks import TASKS
 
 MINIMUM_SLICER_VERSION = "5.6"
@@ -95,6 +95,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._run = None  # the TaskRun while a job runs
+        self._timeLeft = TimeLeft()  # shown on the progress bar
         self._pollTimer = None
         self._dependenciesChecked = False
         self._modelsInstalled = False
@@ -246,6 +247,8 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onProgress(self, step, total):
         self.ui.progressBar.maximum = max(total, 1)
         self.ui.progressBar.value = step
+        left = self._timeLeft.text(step, total)
+        self.ui.progressBar.format = f"step %v of %m, {left}" if left else "step %v of %m"
 
     def onApplyButton(self):
         if self._run is not None:
@@ -256,6 +259,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._ensureDependencies()
             self.ui.logTextEdit.clear()
             self.ui.progressBar.value = 0
+            self._timeLeft = TimeLeft()
             self._run = self._startRun()
             self._setRunning(True)
 

@@ -260,6 +260,18 @@ def make_run(command, tmp_path, result="imported"):
     return run, events, work_dir
 
 
+def test_time_left_is_counted_from_the_first_progress_report():
+    clock = process.TimeLeft()
+    assert clock.text(1, 11, now=100.0) == ""  # the first report comes after loading: no rate yet
+    assert clock.text(3, 11, now=110.0) == "about 40 s left"  # 2 steps in 10 s, 8 to go
+    assert clock.text(6, 11, now=125.0) == "about 25 s left"
+    assert process.TimeLeft().text(0, 1000, now=0.0) == ""
+    slow = process.TimeLeft()
+    slow.text(0, 1000, now=0.0)
+    assert slow.text(10, 1000, now=60.0) == "about 99 min left"  # 6 s a step, 990 to go
+    assert slow.text(10, 1000, now=60.0) == "about 99 min left"
+
+
 def test_runner_reports_progress_and_log_then_imports(tmp_path):
     command = script(tmp_path, """
         import sys

@@ -34,6 +34,26 @@ def parseProgressLine(line):
         return None
 
 
+class TimeLeft:
+    """Time left of a job from its progress reports, counted from the first report: model loading and
+    set-up come before it and would make the first steps look slow."""
+
+    def __init__(self):
+        self._first = None  # (step, seconds) of the first report
+
+    def text(self, step, total, now=None):
+        """'about N min left' (or seconds), or '' until two reports a step apart have been seen."""
+        now = time.monotonic() if now is None else now
+        if self._first is None:
+            self._first = (step, now)
+            return ""
+        stepsDone, elapsed = step - self._first[0], now - self._first[1]
+        if stepsDone <= 0 or elapsed <= 0:
+            return ""
+        seconds = (total - step) * elapsed / stepsDone
+        return f"about {seconds:.0f} s left" if seconds < 90 else f"about {seconds / 60:.0f} min left"
+
+
 def errorMessageFromOutput(lines, returnCode):
     """The message to show for a failed run: the CLI's `error: ...` line, else the last output lines."""
     for line in reversed(lines):
