@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -24,6 +25,8 @@ import torch
 from .config import ModelConfig
 from .errors import CheckpointError
 from .io import atomic_path
+
+log = logging.getLogger(__name__)
 
 RESOURCES = Path(__file__).resolve().parents[1] / "Resources"
 REGISTRY = RESOURCES / "Models.json"
@@ -243,16 +246,31 @@ def save_training_state(out_dir: PathLike, step: int, tensors: Dict[str, torch.T
 
 
 def load_training_state(out_dir: PathLike) -> Optional[Tuple[Dict[str, torch.Tensor], dict]]:
-    """(tensors, scalars) of the state `last.json` points at, or None when there is no saved state."""
-    pointer = Path(out_dir) / "last.json"
+    """(tensors, scalars) of the newest readable state, or None when there is no saved state.
+
+    That is the state `last.json` points at or, when it is damaged, the older one `save_training_state`
+    keeps next to it: a damaged file then costs one checkpoint interval, not the run.
+    """
+    out_dir = Path(out_dir)
+    pointer = out_dir / "last.json"
     if not pointer.exists():
         return None
+    kept = sorted((path.stem for path in out_dir.glob("state-*.json")), reverse=True)
+    problems = []
     try:
-        stem = json.loads(pointer.read_text())["state"]
-        record = json.loads((Path(out_dir) / f"{stem}.json").read_text())
-        sha256 = record["sha256"]
+        newest = json.loads(pointer.read_text())["state"]
+        kept = [newest] + [stem for stem in kept if stem < newest]  # never one written after the pointer
     except (OSError, ValueError, KeyError, TypeError) as exc:  # TypeError: JSON that is not an object
-        raise CheckpointError(f"cannot resume from {out_dir}: the training state is unreadable ({exc}); "
-                              "start a new run in another folder") from None
-    tensors = _load_verified(Path(out_dir) / f"{stem}.safetensors", sha256)
-    return tensors, record
+        problems.append(f"last.json: {exc}")
+    for stem in kept:
+        try:
+            record = json.loads((out_dir / f"{stem}.json").read_text())
+            tensors = _load_verified(out_dir / f"{stem}.safetensors", record["sha256"])
+        except (OSError, ValueError, KeyError, TypeError, CheckpointError) as exc:
+            problems.append(f"{stem}: {exc}")
+            continue
+        if problems:
+            log.warning("resuming from %s; newer training state unreadable (%s)", stem, "; ".join(problems))
+        return tensors, record
+    raise CheckpointError(f"cannot resume from {out_dir}: the training state is unreadable "
+                          f"({'; '.join(problems)}); start a new run in another folder")

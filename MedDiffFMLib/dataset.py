@@ -4,7 +4,8 @@ Each case is preprocessed once per training spacing (read, checked, resampled, w
 window, anatomy labels) and cached as a compressed `.npz` whose name is a hash of the file contents and
 every preprocessing setting, so a changed setting or input file never reuses a stale cache entry.
 Those `.npz` entries can also be the training data themselves (a folder of them, or the files): a machine
-that trains, e.g. a GPU node, then needs neither the raw scans nor SimpleITK. Each entry is one case.
+that trains, e.g. a GPU node, then needs neither the raw scans nor a working SimpleITK (the import must
+resolve: an empty `SimpleITK` module on the path will do, see scripts/gpu_session.sh). Each entry is one case.
 
 Item `i` of `CTPatchDataset` is drawn from `numpy.random.default_rng([seed, i])`: the same index always
 gives the same patch, whatever the worker, process or order. Distributed training therefore only needs

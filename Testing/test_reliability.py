@@ -339,6 +339,11 @@ def test_one_file_named_for_two_outputs_is_refused_before_the_model_loads(files,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_output_that_is_a_folder_is_named_as_such(files, tmp_path, capsys, no_model_loading):
+    code, err = run_cli(task_arguments("denoise", files[0], files[1], tmp_path), capsys)
+    assert code == 2 and f"output {tmp_path} is a folder; give a file name such as" in err, err
+
+
 def test_options_that_would_be_ignored_or_cannot_work_are_refused(files, tmp_path, capsys, no_model_loading):
     out = tmp_path / "result.nii.gz"
     cases = [

@@ -12,8 +12,9 @@ step time is the mean gap between stamps (so a run needs >= 2 steps for it) and 
 condition stack, first-step warm-up excluded). `--project` prints setup + N x step time for the given N.
 Denoising never takes more steps than its start time t_start allows (about 30 at a 20 HU noise level),
 so the NFE 1000 / 250 / 100 / 50 rows the issue asks for are projected, not run: an hour of GPU time a row.
-On a machine without SimpleITK, `--save-input ct.npz` (run where it is installed) writes the CT as read,
-and `--input ct.npz` reads it back.
+On a machine without a working SimpleITK (an empty `SimpleITK` module must still satisfy the import, see
+scripts/gpu_session.sh), `--save-input ct.npz` (run where it is installed) writes the CT as read, and
+`--input ct.npz` reads it back.
 
 The volume is a real CT (default: the TotalSegmentator abdomen example, 3 mm) cropped or mirror-padded
 to --size, denoised on its own grid with a fixed noise level (so the time is the sampler's, not the
@@ -59,6 +60,8 @@ def parse_args(argv=None):
     parser.add_argument("--project", type=int, nargs="*", default=[], metavar="STEPS",
                         help="also print the time projected for these step counts (from runs of >= 2 steps)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network (its compile time falls in the setup column)")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="let cuDNN time its convolution algorithms on the first calls and keep the fastest "
                         "(the product leaves this off until a GPU table shows it pays)")
@@ -121,6 +124,8 @@ def run_one(args, nfe: int, window_batch: int, precision: str, memory_format: st
         model = MedDiffNet(preset(args.preset)).to(device).eval()
     if memory_format == "channels_last":
         model = model.to(memory_format=torch.channels_last_3d)
+    if args.compile:  # fixed shapes: one compile for the full window batch, one for the last, shorter one
+        model = torch.compile(model, dynamic=False)
     volume = volume_of_size(args.input, args.size)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
@@ -164,7 +169,7 @@ def main(argv=None) -> int:
     size = "x".join(map(str, args.size))
     print(f"\nDenoising a {size} (x y z) volume, {args.model or 'untrained ' + args.preset} network, "
           f"overlap {args.overlap}, {args.threads} CPU thread(s), "
-          f"cuDNN benchmark {'on' if args.cudnn_benchmark else 'off'}")
+          f"cuDNN benchmark {'on' if args.cudnn_benchmark else 'off'}, torch.compile {'on' if args.compile else 'off'}")
     header = ("NFE", "steps", "window batch", "precision", "memory format", "device", "windows/step", "seconds",
               "setup s", "s/step", "peak GiB")
     print("| " + " | ".join(header) + " |")

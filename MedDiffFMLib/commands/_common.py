@@ -105,9 +105,6 @@ def check_outputs(args: argparse.Namespace, inputs, volumes=(), others=()) -> No
     from ..validation import check_output_path
 
     inputs = [p for p in inputs if p is not None]
-    for out in volumes:
-        if out is not None:
-            check_output_suffix(out)
     outputs = [out for out in list(volumes) + list(others) if out is not None]
     seen = set()
     for out in outputs:
@@ -115,7 +112,10 @@ def check_outputs(args: argparse.Namespace, inputs, volumes=(), others=()) -> No
         if key in seen:  # one output would silently replace another, or fail after the whole run
             raise InputError(f"{out} is given for two different outputs; give each output its own file")
         seen.add(key)
-        check_output_path(out, inputs=inputs, overwrite=args.overwrite)
+        check_output_path(out, inputs=inputs, overwrite=args.overwrite)  # first: says when -o is a folder
+    for out in volumes:
+        if out is not None:
+            check_output_suffix(out)
 
 
 #: The shared CT data next to the repository (the split names 'train'/'validation' refer to it).
