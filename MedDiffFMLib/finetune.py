@@ -112,13 +112,6 @@ def check_task(model: nn.Module, task: str) -> None:
                          f"given model is {what}")
 
 
-def check_base(model: nn.Module, task: str) -> None:
-    """Refuse a ControlNet where `task` runs the base model (it would fail mid-run on its extra channels)."""
-    if isinstance(model, ControlledNet):
-        raise InputError(f"{task} runs the base model; the given model is a ControlNet fine-tuned for "
-                         f"{model.task}. Give a base model such as `default`")
-
-
 # -- model files -------------------------------------------------------------------------------------
 #: `kind` recorded in a ControlNet's JSON description (base models have none).
 CONTROLNET_KIND = "controlnet"

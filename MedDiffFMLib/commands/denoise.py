@@ -21,8 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", type=Path, help="CT: NIfTI/NRRD/MHA file or DICOM series folder")
     parser.add_argument("-o", "--output", type=Path, required=True, help="denoised CT (.nii.gz, .nrrd, ...)")
     _common.add_model_arguments(parser)
-    parser.add_argument("--nfe", type=_common.positive_int, help=f"number of network evaluations (steps) per pass (default: one per "
-                        f"{STEP_SPACING} timesteps of the start, at least {MIN_NFE}: more for noisier images)")
+    parser.add_argument("--nfe", type=_common.positive_int,
+                        help=f"number of network evaluations (steps) per pass (default: one per {STEP_SPACING} "
+                        f"timesteps of the start, at least {MIN_NFE}: more for noisier images)")
     parser.add_argument("--noise-level", type=float, help="noise std in HU (default: estimated from the image)")
     parser.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"),
                         help="HU window mapped to [-1, 1] (default: the model's window for the region; the "
@@ -44,10 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import InputError
     from ..io import read_mask, read_volume, sibling_path, write_volume
     from ..tasks.denoise import denoise
-
-    from ..errors import InputError
 
     uncertainty_path = args.uncertainty
     if uncertainty_path is not None and args.seeds < 2:

@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     den.add_argument("--model", action="append",
                      help="also run MedDiffFM denoising with this model name or file (repeat to compare models, "
                      "e.g. the registered one against a new checkpoint)")
-    den.add_argument("--nfe", type=positive_int, help="MedDiffFM network evaluations (unset: the denoising task's default)")
+    den.add_argument("--nfe", type=positive_int,
+                     help="MedDiffFM network evaluations (unset: the denoising task's default)")
     den.add_argument("--model-window", type=float, nargs=2, action="append", metavar=("LO", "HI"),
                      help="HU window MedDiffFM denoises in (repeat to compare several; default: the model's "
                      "window for the body region)")

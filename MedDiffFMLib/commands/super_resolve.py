@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     model = _common.load_model(args)
     result = super_resolve(volume, model, factor=args.factor, nfe=args.nfe, lam=args.lam, sigma_n=args.sigma_n,
                            zeta=args.zeta, region=_common.region_option(args), seed=args.seed,
-                           project=not args.no_projection, progress=_common.progress_reporter(args.progress), **_common.sampler_options(args))
+                           project=not args.no_projection, progress=_common.progress_reporter(args.progress),
+                           **_common.sampler_options(args))
     write_volume(result, args.output, overwrite=args.overwrite, inputs=[args.input])
     log.info("%d thin slices of %.3g mm written to %s", result.shape[0], result.spacing[2], args.output)
     return 0

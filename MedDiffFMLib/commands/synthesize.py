@@ -46,8 +46,9 @@ def run(args: argparse.Namespace) -> int:
         labels = read_volume(args.anatomy)
         anatomy = labels.with_array(as_label_array(labels.array, name=args.anatomy.name))
     model = _common.load_model(args)
-    volume = synthesize(model, region=_common.region_option(args), size_xyz=args.size, spacing_xyz=args.spacing or (1.0, 1.0, 1.0),
-                        reference=reference, anatomy_labels=anatomy, nfe=args.nfe, eta=args.eta, seed=args.seed,
+    volume = synthesize(model, region=_common.region_option(args), size_xyz=args.size,
+                        spacing_xyz=args.spacing or (1.0, 1.0, 1.0), reference=reference, anatomy_labels=anatomy,
+                        nfe=args.nfe, eta=args.eta, seed=args.seed,
                         progress=_common.progress_reporter(args.progress), **_common.sampler_options(args))
     write_volume(volume, args.output, overwrite=args.overwrite, inputs=[p for p in (args.reference, args.anatomy) if p])
     log.info("synthetic CT %s written to %s", "x".join(str(n) for n in reversed(volume.shape)), args.output)

@@ -20,7 +20,6 @@ import torch
 
 from .. import diffusion
 from ..errors import InputError
-from ..finetune import check_base
 from ..io import Volume
 from ..preprocess import unit_to_hu, window_to_unit
 from ..validation import check_ct, check_mask
@@ -58,7 +57,7 @@ def detect_anomalies(volume: Volume, model: torch.nn.Module, mask: Optional[Volu
     `threshold`: HU on the smoothed map (None: mean + 3 std inside the region).
     """
     check_ct(volume)
-    check_base(model, "anomaly detection")
+    common.check_base(model, "anomaly detection")
     cfg = common.model_config(model)
     if not 0 <= t < cfg.num_train_timesteps:
         raise InputError(f"noising step t must be in 0..{cfg.num_train_timesteps - 1}, got {t}")

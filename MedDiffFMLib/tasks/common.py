@@ -60,6 +60,14 @@ def load_model(name_or_path: str, device: torch.device) -> torch.nn.Module:
     return model.eval()
 
 
+def check_base(model: torch.nn.Module, task: str) -> None:
+    """Refuse a ControlNet where `task` runs the base model (it would fail mid-run on its extra channels)."""
+    task_of_controlnet = getattr(model, "task", None)  # only ControlNets (finetune.ControlledNet) have one
+    if task_of_controlnet is not None:
+        raise InputError(f"{task} runs the base model; the given model is a ControlNet fine-tuned for "
+                         f"{task_of_controlnet}. Give a base model such as `default`")
+
+
 def model_config(model: torch.nn.Module) -> ModelConfig:
     cfg = getattr(model, "cfg", None)
     if not isinstance(cfg, ModelConfig):

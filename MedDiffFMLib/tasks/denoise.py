@@ -37,7 +37,6 @@ import torch
 
 from .. import diffusion
 from ..errors import InputError
-from ..finetune import check_base
 from ..io import Volume
 from ..noise import NoiseEstimate, estimate_noise
 from ..preprocess import as_window, unit_to_hu, window_to_unit
@@ -152,7 +151,7 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
     if lam <= 0 or not 0.0 <= zeta <= 1.0:
         raise InputError(f"need lambda > 0 and 0 <= zeta <= 1, got lambda={lam}, zeta={zeta}")
     device = torch.device(device)
-    check_base(model, "denoising")
+    common.check_base(model, "denoising")
     cfg = common.model_config(model)
     region = common.resolve_region(volume, region, cfg)
     model_window = common.model_window(cfg, region)

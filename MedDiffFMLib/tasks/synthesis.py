@@ -14,7 +14,6 @@ import torch
 
 from .. import diffusion
 from ..errors import InputError
-from ..finetune import check_base
 from ..io import Volume
 from ..preprocess import unit_to_hu
 from ..validation import check_ct, check_dimensions, MIN_AXIS_VOXELS
@@ -38,7 +37,7 @@ def synthesize(model: torch.nn.Module, region: Optional[str] = None,
     `region` None is guessed from the reference. `eta` 1 = ancestral (DDPM) steps, 0 = DDIM.
     """
     device = torch.device(device)
-    check_base(model, "synthesis")
+    common.check_base(model, "synthesis")
     cfg = common.model_config(model)
     grid = _output_grid(size_xyz, spacing_xyz, reference, anatomy_labels)
     region = common.resolve_region(reference, region, cfg)
