@@ -244,7 +244,10 @@ class CTPatchDataset(torch.utils.data.Dataset):
 
     def _read(self, case: CTCase) -> Volume:
         vol = read_volume(case.path)
-        check_ct(vol)
+        try:
+            check_ct(vol)
+        except InputError as exc:  # among many training files, say which one
+            raise InputError(f"{case.path}: {exc}") from None
         return vol
 
     def _write_entry(self, path: Path, case: CTCase, vol: Volume, region: str, grid_zyx, params: dict) -> None:

@@ -298,15 +298,21 @@ def finetune(base: str, task: str, data, out_dir, settings, val_data=None, resum
     if isinstance(base_model, ControlledNet):
         raise InputError(f"{base} is already a ControlNet model; fine-tune on a base model")
     record = base_record(base)
-    # Recorded with the training state, so --resume cannot continue another task's or base's run.
+    # Recorded with the training state, so --resume cannot continue another task's, base's or slice factor's run.
     run = {"task": task, "base_sha256": record["sha256"]}
+    if isinstance(data, SuperResolutionPairs):
+        run["slice_factor"] = data.factor
     settings = dataclasses.replace(settings, extra={**settings.extra, "finetune": run})
     if resume:
         state = load_training_state(out_dir)
         earlier = state[1]["settings"]["extra"].get("finetune") if state is not None else run
+        if earlier is None:
+            raise InputError(f"{out_dir} holds a pre-training run, not a fine-tuning run; fine-tune into a new "
+                             "folder")
         if earlier != run:
-            raise InputError(f"{out_dir} holds a fine-tuning run of another task or base model ({earlier}); "
-                             "resume it with the same --task and --base, or train into a new folder")
+            raise InputError(f"{out_dir} holds a fine-tuning run of another task, base model or slice factor "
+                             f"({earlier}); resume it with the same --task, --base and --factor, or train into a "
+                             "new folder")
 
     def build(_cfg: ModelConfig) -> ControlledNet:
         return ControlledNet(copy.deepcopy(base_model), task)

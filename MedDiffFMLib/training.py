@@ -31,7 +31,7 @@ import torch.distributed as dist
 from .checkpoints import check_architecture, load_model, load_training_state, save_model, save_training_state
 from .config import ModelConfig
 from .diffusion import Schedule, q_sample, training_timesteps
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .network import MedDiffNet, parameter_count
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,22 @@ class TrainSettings:
     half_export: bool = True  # fp16 weights in the exported EMA model files
     # Free-form facts stored with the run (e.g. the fine-tuning task), not used by the loop itself.
     extra: Dict[str, object] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Refuse settings that would crash the loop later or train nothing while reporting success."""
+        counts = dict(batch_size=self.batch_size, grad_accum=self.grad_accum, validate_every=self.validate_every,
+                      checkpoint_every=self.checkpoint_every, validation_patches=self.validation_patches)
+        problems = [f"{name} must be at least 1, got {value}" for name, value in counts.items() if value < 1]
+        if self.steps < 0 or self.num_workers < 0:
+            problems.append(f"steps and num_workers cannot be negative, got {self.steps} and {self.num_workers}")
+        if not self.lr > 0 or not self.checkpoint_minutes > 0:
+            problems.append(f"the learning rate and checkpoint minutes must be > 0, got {self.lr} and "
+                            f"{self.checkpoint_minutes}")
+        if not 0.0 <= self.low_noise_fraction <= 1.0 or self.low_noise_max_t < 1:
+            problems.append(f"the low-noise fraction must be in [0, 1] and its max t >= 1, got "
+                            f"{self.low_noise_fraction} and {self.low_noise_max_t}")
+        if problems:
+            raise InputError("bad training settings: " + "; ".join(problems))
 
 
 @dataclass
@@ -170,9 +186,13 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
     `export_model(state_dict, cfg, path, info, half=...)` let fine-tuning reuse the loop (e.g. a ControlNet
     on a frozen base: only parameters that require gradients are optimised).
     """
+    settings.check()
+    out_dir = Path(out_dir)
+    if not resume and (out_dir / "last.json").exists():  # a new run would overwrite that one's files
+        raise InputError(f"{out_dir} already holds a training run; continue it with --resume (resume=True) or "
+                         "train into a new folder")
     rank = setup_distributed()
     device = _device(rank)
-    out_dir = Path(out_dir)
     torch.manual_seed(settings.seed)  # identical initial weights on every rank and every run
     model = build_model(cfg).to(device)
     if init_from:
@@ -182,7 +202,7 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
     gen = torch.Generator().manual_seed(_rank_seed(settings.seed, rank.rank))
     start, wall_before, best = 0, 0.0, float("inf")
     if resume:
-        restored = _restore(out_dir, cfg, model, ema, optimizer, gen, rank, settings.lr)
+        restored = _restore(out_dir, cfg, model, ema, optimizer, gen, rank, settings.lr, settings.steps)
         if restored is not None:
             start, wall_before, best = restored
     if settings.channels_last:
@@ -210,6 +230,7 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
     started, last_save = time.monotonic(), time.monotonic()
     val = {}
     step = start
+    stopping = False
     stop = _StopRequest()
     try:
         for step in range(start + 1, settings.steps + 1):
@@ -244,7 +265,7 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
         stop.release()
     bar.close()
     record = {"step": step, "loss": logger.recent_mean() if rank.main else None, "validation": val,
-              "wall_hours": (wall_before + time.monotonic() - started) / 3600}
+              "wall_hours": (wall_before + time.monotonic() - started) / 3600, "stopped": stopping}
     if rank.owns_group:
         dist.barrier()
         dist.destroy_process_group()
@@ -356,7 +377,8 @@ def _save(out_dir: Path, cfg: ModelConfig, settings: TrainSettings, model, ema: 
         export_model(ema.shadow, cfg, out_dir / "ema-best", info, half=settings.half_export)
 
 
-def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, gen, rank: Rank, lr: float):
+def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, gen, rank: Rank, lr: float,
+             settings_steps: int):
     loaded = load_training_state(out_dir)
     if loaded is None:
         if rank.main:
@@ -366,7 +388,15 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, gen, r
     if record["config"] != json.loads(json.dumps(cfg.to_dict())):
         raise CheckpointError(f"{out_dir} holds a run of another model configuration; resume with the same "
                               "preset/config or train into a new folder")
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    try:
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    except RuntimeError:
+        raise CheckpointError(f"{out_dir} holds a run of another kind of model (a pre-training run and a "
+                              "ControlNet fine-tuning run cannot continue each other); train into a new "
+                              "folder") from None
+    if rank.main and record["step"] >= settings_steps:
+        log.warning("the run is already at step %d, at or past --steps %d: nothing to train; raise --steps to "
+                    "continue it", record["step"], settings_steps)
     ema.shadow = {k[len("ema."):]: v.to(next(model.parameters()).device)
                   for k, v in tensors.items() if k.startswith("ema.")}
     state: Dict[int, dict] = {}

@@ -45,8 +45,19 @@ def check_dimensions(shape_zyx: Sequence[int]) -> None:
         raise InputError(f"the image has {len(shape)} dimensions (size {shape}); expected a 3D CT volume")
 
 
+def check_volume_type(vol, name: str = "the image") -> None:
+    """Refuse what is not a `Volume` (a numpy array or SimpleITK image passed from a script)."""
+    from .io import Volume
+
+    if not isinstance(vol, Volume):
+        raise InputError(f"{name} must be a MedDiffFMLib.io.Volume, got {type(vol).__name__}: wrap an array as "
+                         "Volume(array_zyx, spacing_xyz, origin_xyz, direction) or an image with "
+                         "Volume.from_sitk(image)")
+
+
 def check_ct(vol: "Volume") -> List[str]:
     """Raise InputError if `vol` is not a usable 3D CT in HU; return warnings for usable-but-odd input."""
+    check_volume_type(vol)
     warnings = []
     check_dimensions(vol.array.shape)
     if min(vol.array.shape) < MIN_AXIS_VOXELS:
@@ -103,6 +114,7 @@ def check_mask(mask: "Volume", vol: "Volume", name: str = "mask") -> List[int]:
     """
     from .io import as_label_array
 
+    check_volume_type(mask, name)
     check_dimensions(mask.array.shape)
     diffs = vol.grid_differences(mask)
     if diffs:

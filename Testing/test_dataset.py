@@ -159,3 +159,9 @@ def test_cache_entries_train_without_the_raw_scans(cfg, tmp_path):
     np.savez(shipped / "foreign.npz", image=np.zeros(3))
     with pytest.raises(InputError, match="foreign.npz is not a MedDiffFM preprocessed-cache entry"):
         CTPatchDataset(str(shipped), one_grid, tmp_path)
+
+
+def test_a_training_file_that_is_not_ct_is_named(cfg, tmp_path):
+    cases = [CTCase(str(ABDOMEN_SMALL_NII), region="abdomen"), CTCase(str(LIMB_MASK_NII), region="other")]
+    with pytest.raises(InputError, match=r"CT_mask\.nii\.gz: the intensities .* do not look like CT"):
+        CTPatchDataset(cases, cfg, tmp_path / "cache", seed=0)  # every case is read (and cached) up front

@@ -16,7 +16,7 @@ from MedDiffFMLib.io import write_volume
 from MedDiffFMLib.network import MedDiffNet
 from MedDiffFMLib.preprocess import window_to_unit
 from MedDiffFMLib.tasks.super_resolution import degrade
-from MedDiffFMLib.training import TrainSettings
+from MedDiffFMLib.training import TrainSettings, train
 
 #: ControlNet parts that have no counterpart in the UNet (the control encoder and the zero convolutions).
 OWN_PARTS = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
@@ -158,6 +158,8 @@ def test_resumed_finetuning_equals_an_uninterrupted_run(base, chest_nodule_crop,
         assert torch.equal(resumed.controlnet.state_dict()[key], value), key
     with pytest.raises(InputError, match="another task"):
         finetune(weights, "super-resolution", data, tmp_path / "resumed", TrainSettings(steps=6), resume=True)
+    with pytest.raises(CheckpointError, match="a pre-training run and a ControlNet fine-tuning run cannot"):
+        train(base.cfg, data, tmp_path / "resumed", TrainSettings(steps=6), resume=True)
 
 
 def test_finetuning_a_controlnet_model_is_refused(base, tmp_path):

@@ -220,6 +220,24 @@ def test_absurd_synthesis_size_gets_the_memory_message_not_an_allocation_failure
     assert list(tmp_path.iterdir()) == []
 
 
+def test_python_callers_get_clear_errors_for_arrays_and_devices(chest_nodule_crop):
+    import torch
+
+    image, nodule = chest_nodule_crop
+    model = common.load_model("tiny", torch.device("cpu"))
+    with pytest.raises(InputError, match="the image must be a MedDiffFMLib.io.Volume, got ndarray"):
+        denoise(image.array, model)
+    with pytest.raises(InputError, match="the image must be a MedDiffFMLib.io.Volume, got Image"):
+        detect_anomalies(image.to_sitk(), model)
+    with pytest.raises(InputError, match="mask must be a MedDiffFMLib.io.Volume, got ndarray"):
+        detect_anomalies(image, model, mask=nodule.array)
+    with pytest.raises(InputError, match="unknown device 'tpu'"):
+        denoise(image, model, device="tpu")
+    assert common.choose_device(torch.device("cpu")) == torch.device("cpu")
+    auto = denoise(image, model, device="auto", nfe=1, noise_level=20.0)  # the CLI's default works here too
+    assert auto.denoised.same_grid(image)
+
+
 # --- models ----------------------------------------------------------------------------------------------
 
 def copy_model(name, folder):

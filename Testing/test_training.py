@@ -18,7 +18,7 @@ from MedDiffFMLib.cli import main as cli_main
 from MedDiffFMLib.config import preset
 from MedDiffFMLib.dataset import CTCase, CTPatchDataset
 from MedDiffFMLib.diffusion import Schedule
-from MedDiffFMLib.errors import CheckpointError
+from MedDiffFMLib.errors import CheckpointError, InputError
 from MedDiffFMLib.network import MedDiffNet
 from MedDiffFMLib.training import TrainSettings, train, validation_batch, validation_losses
 
@@ -79,7 +79,8 @@ def test_resume_applies_a_new_learning_rate(cfg, data, tmp_path):
     train(cfg, data, tmp_path / "a", settings)
     start = {k: v.clone() for k, v in load_training_state(tmp_path / "a")[0].items() if k.startswith("model.")}
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    frozen = train(cfg, data, tmp_path / "a", dataclasses.replace(settings, steps=4, lr=0.0), resume=True)
+    # A rate so small that an Adam step (about lr per weight) vanishes in float32: the weights stay as they were.
+    frozen = train(cfg, data, tmp_path / "a", dataclasses.replace(settings, steps=4, lr=1e-30), resume=True)
     moved = train(cfg, data, tmp_path / "b", dataclasses.replace(settings, steps=4), resume=True)
     assert all(torch.equal(v, frozen["model"].state_dict()[k[len("model."):]]) for k, v in start.items())
     assert not all(torch.equal(v, moved["model"].state_dict()[k[len("model."):]]) for k, v in start.items())
@@ -93,7 +94,22 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(cfg, data, tmp_path):
     previous = signal.getsignal(signal.SIGTERM)
     record = train(cfg, data, tmp_path, _quiet(steps=50, batch_size=1), progress=kill_at_step_2)
     assert record["step"] == 2 and json.loads((tmp_path / "last.json").read_text())["step"] == 2
+    assert record["stopped"]  # the CLI then exits non-zero, so `train ... && next` stops too
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_bad_settings_and_an_existing_run_are_refused_before_training(cfg, data, tmp_path):
+    for bad in (dict(batch_size=0), dict(grad_accum=0), dict(lr=0.0), dict(checkpoint_every=0),
+                dict(low_noise_fraction=2.0)):
+        with pytest.raises(InputError, match="bad training settings"):
+            train(cfg, data, tmp_path / "bad", dataclasses.replace(_quiet(steps=2), **bad))
+    assert not (tmp_path / "bad").exists()
+    record = train(cfg, data, tmp_path / "run", _quiet(steps=1, batch_size=1))
+    assert not record["stopped"]
+    files = {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir()}
+    with pytest.raises(InputError, match="already holds a training run; continue it with --resume"):
+        train(cfg, data, tmp_path / "run", _quiet(steps=2, batch_size=1))
+    assert {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir()} == files
 
 
 def test_init_from_loads_a_model_and_refuses_another_architecture(cfg, data, tmp_path):

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
+
+log = logging.getLogger(__name__)
 
 PROGRESS_MODES = ("tqdm", "machine", "none")
 #: Prefix of the progress lines the Slicer module parses (`--progress machine`).
@@ -120,6 +123,17 @@ def check_outputs(args: argparse.Namespace, inputs, volumes=(), others=()) -> No
 
 #: The shared CT data next to the repository (the split names 'train'/'validation' refer to it).
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ct"
+
+
+def training_result(record: dict, model_file: Path, kind: str) -> int:
+    """Log how a training command ended. Non-zero when a stop request ended it before --steps, so that
+    `train ... && next-step` does not go on with an unfinished model."""
+    if record.get("stopped"):
+        log.warning("stopped at step %d with a checkpoint; continue with the same command and --resume",
+                    record["step"])
+        return 130
+    log.info("finished at step %d (%.2f h); %s: %s", record["step"], record["wall_hours"], kind, model_file)
+    return 0
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,9 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'train' or 'validation' (split of the shared CT data), a folder, or CT files")
     _common.add_run_arguments(parser)
     parser.add_argument("--init-from", help="start from the weights of this model (name or .safetensors path)")
-    parser.add_argument("--steps", type=int, default=1000, help="total optimizer steps (including resumed ones)")
-    parser.add_argument("--batch-size", type=int, default=2, help="patches per micro-batch per process")
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--steps", type=_common.positive_int, default=1000,
+                        help="total optimizer steps (including resumed ones)")
+    parser.add_argument("--batch-size", type=_common.positive_int, default=2,
+                        help="patches per micro-batch per process")
+    parser.add_argument("--grad-accum", type=_common.positive_int, default=1,
+                        help="micro-batches per optimizer step")
     parser.add_argument("--lr", type=float, default=1e-4,
                         help="Adam learning rate (also on --resume: lower it to anneal a run)")
     parser.add_argument("--seed", type=int, default=0)
@@ -33,8 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--low-noise-fraction", type=float, default=0.5,
                         help="share of timesteps drawn from t < --low-noise-max-t")
     parser.add_argument("--low-noise-max-t", type=int, default=250)
-    parser.add_argument("--validate-every", type=int, default=200)
-    parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    parser.add_argument("--validate-every", type=_common.positive_int, default=200)
+    parser.add_argument("--checkpoint-every", type=_common.positive_int, default=500,
+                        help="steps between checkpoints")
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0, help="also checkpoint after this long")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
@@ -81,9 +85,7 @@ def run(args: argparse.Namespace) -> int:
     data = CTPatchDataset(cases(args.data), cfg, cache, seed=args.seed, mode_weights=_mode_weights(args.mode_weights))
     val = CTPatchDataset(cases(val_spec), cfg, cache, seed=args.seed + 1, anatomy_dropout=0.0) if val_spec else None
     record = train(cfg, data, args.out, settings, val_data=val, resume=args.resume, init_from=args.init_from)
-    log.info("finished at step %d (%.2f h); EMA model: %s", record["step"], record["wall_hours"],
-             args.out / "ema.safetensors")
-    return 0
+    return _common.training_result(record, args.out / "ema.safetensors", "EMA model")
 
 
 def _mode_weights(text: str) -> dict:

@@ -6,7 +6,7 @@ Tasks take a loaded model: any torch module with a `cfg` (`ModelConfig`) attribu
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -23,16 +23,21 @@ log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def choose_device(name: str = "auto") -> torch.device:
-    """`auto`: CUDA when available, else CPU. Asking for CUDA without a usable GPU is an error."""
-    if name not in DEVICES:
+def choose_device(name: Union[str, torch.device] = "auto") -> torch.device:
+    """`auto`: CUDA when available, else CPU; also `cpu`, `cuda`, `cuda:1` or a torch.device. Asking for
+    CUDA without a usable GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
         raise InputError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
-    if name == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' was requested but PyTorch sees no CUDA GPU; use --device cpu "
                          "(slower) or install a CUDA build of PyTorch")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    return device
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[torch.dtype]:

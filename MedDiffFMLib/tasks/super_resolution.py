@@ -30,7 +30,8 @@ from ..finetune import ControlledCondition, check_task
 from ..io import Volume
 from ..preprocess import unit_to_hu, window_to_unit
 from ..validation import check_ct
-from .common import anatomy_for, make_sampler, model_config, model_window, resolve_region, window_weight
+from .common import (anatomy_for, choose_device, make_sampler, model_config, model_window, resolve_region,
+                     window_weight)
 
 Progress = Optional[Callable[[int, int], None]]
 
@@ -116,7 +117,7 @@ def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: 
     cfg = model_config(model)
     region = resolve_region(volume, region, cfg)
     window = model_window(cfg, region)
-    device = torch.device(device)
+    device = choose_device(device)
 
     thick = torch.from_numpy(window_to_unit(volume.array.astype(np.float32), window))
     n_thin = volume.shape[0] * factor
