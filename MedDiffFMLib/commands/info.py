@@ -20,40 +20,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = describe(args.input, args.mask)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(format_report(report))
+    from ..errors import InputError
+    from ..io import read_volume
+
+    vol = read_volume(args.input)
+    try:
+        report = describe(vol, args.input, args.mask)
+    except InputError:  # what was read still shows why the volume is refused (2D, too thin, not HU): print it
+        report = geometry(vol, args.input)
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        raise
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
-def describe(path: Path, mask_path: "Path | None" = None) -> Dict[str, Any]:
-    """Everything `info` reports, as plain JSON-ready values."""
-    from ..anatomy import THRESHOLD_CLASSES, class_volumes_ml, threshold_anatomy
-    from ..io import read_mask, read_volume
-    from ..preprocess import guess_region
-    from ..validation import check_ct
-
-    vol = read_volume(path)
-    warnings = check_ct(vol)
-    region, reason = guess_region(vol)
-    hu = vol.array
+def geometry(vol, path: Path) -> Dict[str, Any]:
+    """The grid and intensities of a volume as read, before any check."""
     size_xyz = list(reversed(vol.shape))
-    report: Dict[str, Any] = {
+    hu = vol.array
+    return {
         "input": str(path),
         "size_xyz": size_xyz,
         "spacing_mm": list(vol.spacing),
         "origin_mm": list(vol.origin),
         "direction": list(vol.direction),
         "extent_mm": [round(n * s, 2) for n, s in zip(size_xyz, vol.spacing)],
-        "hu_range": [float(hu.min()), float(hu.max())],
-        "hu_percentiles_1_50_99": [float(v) for v in np.percentile(hu, [1, 50, 99])],
+        "hu_range": [float(np.nanmin(hu)), float(np.nanmax(hu))],
+        "hu_percentiles_1_50_99": [float(v) for v in np.nanpercentile(hu, [1, 50, 99])],
+    }
+
+
+def describe(vol, path: Path, mask_path: "Path | None" = None) -> Dict[str, Any]:
+    """Everything `info` reports about the CT `vol` read from `path`, as plain JSON-ready values."""
+    from ..anatomy import THRESHOLD_CLASSES, class_volumes_ml, threshold_anatomy
+    from ..io import read_mask
+    from ..preprocess import guess_region
+    from ..validation import check_ct
+
+    warnings = check_ct(vol)
+    region, reason = guess_region(vol)
+    report = geometry(vol, path)
+    report.update({
         "warnings": warnings,
         "region": region,
         "region_reason": reason,
         "anatomy_ml": class_volumes_ml(threshold_anatomy(vol), vol.spacing, THRESHOLD_CLASSES),
-    }
+    })
     if mask_path is not None:
         mask = read_mask(mask_path, like=vol)
         report["mask"] = {"path": str(mask_path), "label_ml": class_volumes_ml(mask.array, mask.spacing)}
@@ -73,11 +85,12 @@ def format_report(report: Dict[str, Any]) -> str:
         f"direction:  ({', '.join(f'{v:.3f}' for v in report['direction'])})",
         f"HU range:   {report['hu_range'][0]:g} .. {report['hu_range'][1]:g} "
         f"(1/50/99 %: {', '.join(f'{v:g}' for v in report['hu_percentiles_1_50_99'])})",
-        f"region:     {report['region']} ({report['region_reason']})",
-        "anatomy:    " + ", ".join(f"{k} {v:g} ml" for k, v in report["anatomy_ml"].items())
-        + " (threshold anatomy)",
     ]
+    if "region" in report:  # absent when the input checks refused the volume (the geometry alone is shown)
+        lines += [f"region:     {report['region']} ({report['region_reason']})",
+                  "anatomy:    " + ", ".join(f"{k} {v:g} ml" for k, v in report["anatomy_ml"].items())
+                  + " (threshold anatomy)"]
     if "mask" in report:
         lines.append("mask:       " + ", ".join(f"label {k}: {v:g} ml" for k, v in report["mask"]["label_ml"].items()))
-    lines += [f"warning:    {w}" for w in report["warnings"]]
+    lines += [f"warning:    {w}" for w in report.get("warnings", [])]
     return "\n".join(lines)
