@@ -124,6 +124,13 @@ def test_preprocess_writes_window_anatomy_mask_sidecar_preview(limb, tmp_path, c
     assert sidecar["region"] == "chest" and sidecar["window_hu"] == [-1400.0, 400.0]
 
 
+def test_preprocess_refuses_a_spacing_that_leaves_almost_no_voxels(tmp_path, capsys):
+    out = tmp_path / "coarse.nii.gz"
+    assert main(["preprocess", str(LIMB_NII), "-o", str(out), "--spacing", "100"]) == 2
+    assert "leaves a grid of 2 x 2 x 2 voxels (x y z); at least 8" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_preprocess_never_writes_onto_its_input(tmp_path, capsys):
     source = tmp_path / "ct.nii.gz"
     source.write_bytes(LIMB_NII.read_bytes())

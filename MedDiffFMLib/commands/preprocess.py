@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..io import atomic_path, read_mask, read_volume, sibling_path, write_preview, write_volume
     from ..preprocess import as_window, guess_region, resample, window_to_unit
-    from ..validation import check_ct, check_output_path
+    from ..validation import MIN_AXIS_VOXELS, check_ct, check_output_path
 
     if len(args.spacing) not in (1, 3):
         raise InputError(f"--spacing takes one value or three (x y z), got {len(args.spacing)}")
@@ -67,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
         region, reason = args.region, "set by the user"
 
     resampled = resample(vol, spacing)
+    if min(resampled.shape) < MIN_AXIS_VOXELS:  # nothing could train on or be denoised on that grid
+        raise InputError(f"--spacing {' '.join(f'{v:g}' for v in spacing)} mm leaves a grid of "
+                         f"{' x '.join(str(n) for n in reversed(resampled.shape))} voxels (x y z); at least "
+                         f"{MIN_AXIS_VOXELS} are needed along every axis: choose a finer spacing")
     if user_labels is not None:
         labels, source = get_anatomy(resampled, "user", resample(user_labels, spacing, is_mask=True))
     else:
