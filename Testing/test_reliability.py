@@ -233,6 +233,11 @@ def test_python_callers_get_clear_errors_for_arrays_and_devices(chest_nodule_cro
         detect_anomalies(image, model, mask=nodule.array)
     with pytest.raises(InputError, match="unknown device 'tpu'"):
         denoise(image, model, device="tpu")
+    for seed in (None, 1.5):
+        with pytest.raises(InputError, match="seed must be a whole number"):
+            detect_anomalies(image, model, seed=seed)
+        with pytest.raises(InputError, match="seed must be a whole number"):
+            generate_lesion(image, nodule, common.load_model("tiny-lesion", torch.device("cpu")), seed=seed)
     assert common.choose_device(torch.device("cpu")) == torch.device("cpu")
     auto = denoise(image, model, device="auto", nfe=1, noise_level=20.0)  # the CLI's default works here too
     assert auto.denoised.same_grid(image)

@@ -56,6 +56,7 @@ def detect_anomalies(volume: Volume, model: torch.nn.Module, mask: Optional[Volu
     `mask`: label map on the image grid (nonzero = search here); None: the body from the anatomy map.
     `threshold`: HU on the smoothed map (None: mean + 3 std inside the region).
     """
+    seed = common.check_seed(seed)
     check_ct(volume)
     common.check_base(model, "anomaly detection")
     cfg = common.model_config(model)

@@ -65,6 +65,13 @@ def load_model(name_or_path: str, device: torch.device) -> torch.nn.Module:
     return model.eval()
 
 
+def check_seed(seed) -> int:
+    """The seed as an int. None or a fraction is refused: every stochastic task must be reproducible."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InputError(f"seed must be a whole number (the same seed gives the same result), got {seed!r}")
+    return int(seed)
+
+
 def check_base(model: torch.nn.Module, task: str) -> None:
     """Refuse a ControlNet where `task` runs the base model (it would fail mid-run on its extra channels)."""
     task_of_controlnet = getattr(model, "task", None)  # only ControlNets (finetune.ControlledNet) have one

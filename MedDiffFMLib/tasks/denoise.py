@@ -141,6 +141,7 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
     when the window is the model's and much wider than soft tissue (chest), soft tissue gets a second pass
     in SOFT_TISSUE_WINDOW_HU (see the module docstring); True/False forces it on/off.
     """
+    seed = common.check_seed(seed)
     check_ct(volume)
     if seeds < 1:
         raise InputError(f"the number of seeds must be >= 1, got {seeds}")

@@ -19,6 +19,7 @@ from ..errors import InputError
 from ..finetune import ControlledNet, check_task
 from ..io import Volume
 from ..preprocess import unit_to_hu
+from .common import check_seed
 from .lesion import DEFAULT_MARGIN_MM, prepare_box
 
 Progress = Optional[Callable[[int, int], None]]
@@ -66,6 +67,7 @@ def inpaint(volume: Volume, mask: Volume, model: torch.nn.Module, nfe: int = 100
     (the region is filled with plausible normal tissue). RePaint's jumps re-run most steps, so the network
     runs about resample * nfe times per window (`repaint_path` gives the exact sequence).
     """
+    seed = check_seed(seed)
     if isinstance(model, ControlledNet):
         check_task(model, "lesion")
     job = prepare_box(volume, mask, model, region, margin_mm, device, overlap, window_batch, precision)

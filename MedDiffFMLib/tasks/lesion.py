@@ -23,8 +23,8 @@ from ..io import Volume
 from ..preprocess import unit_to_hu, window_to_unit
 from ..sampling import SlidingWindowSampler
 from ..validation import check_ct, check_mask
-from .common import (anatomy_for, choose_device, make_sampler, model_config, model_window, resolve_region,
-                     window_weight)
+from .common import (anatomy_for, check_seed, choose_device, make_sampler, model_config, model_window,
+                     resolve_region, window_weight)
 
 Progress = Optional[Callable[[int, int], None]]
 Box = Tuple[slice, slice, slice]
@@ -117,6 +117,7 @@ def generate_lesion(volume: Volume, lesion_mask: Volume, model: torch.nn.Module,
     the surroundings of the lesion as they are, use `inpaint`. The lesion lies within the region's HU
     window; around it, voxels outside the window (air, bone) keep their input values.
     """
+    seed = check_seed(seed)
     check_task(model, "lesion")
     job = prepare_box(volume, lesion_mask, model, region, margin_mm, device, overlap, window_batch, precision,
                       mask_name="lesion mask")

@@ -30,8 +30,8 @@ from ..finetune import ControlledCondition, check_task
 from ..io import Volume
 from ..preprocess import unit_to_hu, window_to_unit
 from ..validation import check_ct
-from .common import (anatomy_for, choose_device, make_sampler, model_config, model_window, resolve_region,
-                     window_weight)
+from .common import (anatomy_for, check_seed, choose_device, make_sampler, model_config, model_window,
+                     resolve_region, window_weight)
 
 Progress = Optional[Callable[[int, int], None]]
 
@@ -107,6 +107,7 @@ def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: 
     (air, lung, bone in a soft-tissue window) get the input interpolated between slices instead, blended in
     over a margin at the window edges.
     """
+    seed = check_seed(seed)
     check_ct(volume)  # also refuses volumes too thin to work on
     check_factor(factor)
     if sigma_n < 0 or lam <= 0:

@@ -36,6 +36,7 @@ def synthesize(model: torch.nn.Module, region: Optional[str] = None,
     identity direction). Anatomy: `anatomy_labels` if given, else computed from `reference`, else none.
     `region` None is guessed from the reference. `eta` 1 = ancestral (DDPM) steps, 0 = DDIM.
     """
+    seed = common.check_seed(seed)
     device = common.choose_device(device)
     common.check_base(model, "synthesis")
     cfg = common.model_config(model)
