@@ -52,6 +52,12 @@ class Volume:
         self.spacing = tuple(float(s) for s in self.spacing)
         self.origin = tuple(float(o) for o in self.origin)
         self.direction = tuple(float(d) for d in self.direction)
+        # Checked here, where a script builds one, rather than deep inside SimpleITK or numpy later.
+        if len(self.spacing) != 3 or len(self.origin) != 3 or len(self.direction) != 9:
+            raise InputError(f"a Volume needs 3 spacing and 3 origin values (x, y, z) and a 3 x 3 direction (9 "
+                             f"values), got {len(self.spacing)}, {len(self.origin)} and {len(self.direction)}")
+        if min(self.spacing) <= 0:
+            raise InputError(f"voxel spacing must be > 0 mm along every axis, got {self.spacing}")
 
     @property
     def shape(self) -> Tuple[int, ...]:

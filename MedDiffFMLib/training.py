@@ -303,6 +303,9 @@ def _optimizer_step(net, forward, model, optimizer, batches, schedule: Schedule,
 
 def _init_weights(init_from: str, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     source, _, _ = load_model(init_from)
+    if getattr(source, "task", None) is not None:  # only ControlNets (finetune.ControlledNet) have a task
+        raise InputError(f"--init-from {init_from} is a ControlNet fine-tuned for {source.task}; pre-training starts "
+                         "from a base model such as `default`")
     weights = source.state_dict()
     check_architecture(model.state_dict(), weights, f"--init-from {init_from}")
     return weights

@@ -243,3 +243,13 @@ def test_mask_cropped_to_its_extent_is_placed_on_the_image_grid(tmp_path):
     sitk.WriteImage(two_layers, str(tmp_path / "layers.seg.nrrd"))
     with pytest.raises(InputError, match="2 layers"):
         read_mask(tmp_path / "layers.seg.nrrd", like=image)
+
+
+def test_a_volume_with_incomplete_or_impossible_geometry_is_refused_where_it_is_made():
+    voxels = np.zeros((4, 4, 4), np.float32)
+    with pytest.raises(InputError, match="3 spacing and 3 origin values .* got 2, 3 and 9"):
+        Volume(voxels, spacing=(1.0, 1.0))
+    with pytest.raises(InputError, match="got 3, 3 and 4"):
+        Volume(voxels, direction=(1.0, 0.0, 0.0, 1.0))
+    with pytest.raises(InputError, match="spacing must be > 0 mm"):
+        Volume(voxels, spacing=(1.0, 0.0, 1.0))

@@ -115,6 +115,8 @@ def test_bad_settings_and_an_existing_run_are_refused_before_training(cfg, data,
 def test_init_from_loads_a_model_and_refuses_another_architecture(cfg, data, tmp_path):
     record = train(cfg, data, tmp_path / "a", _quiet(steps=0), init_from="tiny")
     shipped, _, _ = load_model("tiny")
+    with pytest.raises(InputError, match="--init-from tiny-lesion is a ControlNet fine-tuned for lesion"):
+        train(cfg, data, tmp_path / "c", _quiet(steps=0), init_from="tiny-lesion")
     assert all(torch.equal(v, record["model"].state_dict()[k]) for k, v in shipped.state_dict().items())
     wider = dataclasses.replace(cfg, channels=(8, 16, 32), num_head_channels=(0, 0, 32))
     with pytest.raises(CheckpointError, match="init-from tiny.*do not fit"):
