@@ -44,3 +44,8 @@ class MedDiffNet(nn.Module):
 
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def controlnet_task(model: nn.Module) -> Optional[str]:
+    """The task a ControlNet (`finetune.ControlledNet`) was fine-tuned for; None for a base model."""
+    return getattr(model, "task", None)

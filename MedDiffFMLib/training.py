@@ -32,7 +32,7 @@ from .checkpoints import check_architecture, load_model, load_training_state, sa
 from .config import ModelConfig
 from .diffusion import Schedule, q_sample, training_timesteps
 from .errors import CheckpointError, InputError
-from .network import MedDiffNet, parameter_count
+from .network import MedDiffNet, controlnet_task, parameter_count
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
     gen = torch.Generator().manual_seed(_rank_seed(settings.seed, rank.rank))
     start, wall_before, best = 0, 0.0, float("inf")
     if resume:
-        restored = _restore(out_dir, cfg, model, ema, optimizer, gen, rank, settings.lr, settings.steps)
+        restored = _restore(out_dir, cfg, model, ema, optimizer, gen, rank, settings)
         if restored is not None:
             start, wall_before, best = restored
     if settings.channels_last:
@@ -303,9 +303,9 @@ def _optimizer_step(net, forward, model, optimizer, batches, schedule: Schedule,
 
 def _init_weights(init_from: str, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     source, _, _ = load_model(init_from)
-    if getattr(source, "task", None) is not None:  # only ControlNets (finetune.ControlledNet) have a task
-        raise InputError(f"--init-from {init_from} is a ControlNet fine-tuned for {source.task}; pre-training starts "
-                         "from a base model such as `default`")
+    if controlnet_task(source) is not None:
+        raise InputError(f"--init-from {init_from} is a ControlNet fine-tuned for {controlnet_task(source)}; "
+                         "pre-training starts from a base model such as `default`")
     weights = source.state_dict()
     check_architecture(model.state_dict(), weights, f"--init-from {init_from}")
     return weights
@@ -380,8 +380,8 @@ def _save(out_dir: Path, cfg: ModelConfig, settings: TrainSettings, model, ema: 
         export_model(ema.shadow, cfg, out_dir / "ema-best", info, half=settings.half_export)
 
 
-def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, gen, rank: Rank, lr: float,
-             settings_steps: int):
+def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, gen, rank: Rank,
+             settings: TrainSettings):
     loaded = load_training_state(out_dir)
     if loaded is None:
         if rank.main:
@@ -397,9 +397,9 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, gen, r
         raise CheckpointError(f"{out_dir} holds a run of another kind of model (a pre-training run and a "
                               "ControlNet fine-tuning run cannot continue each other); train into a new "
                               "folder") from None
-    if rank.main and record["step"] >= settings_steps:
+    if rank.main and record["step"] >= settings.steps:
         log.warning("the run is already at step %d, at or past --steps %d: nothing to train; raise --steps to "
-                    "continue it", record["step"], settings_steps)
+                    "continue it", record["step"], settings.steps)
     ema.shadow = {k[len("ema."):]: v.to(next(model.parameters()).device)
                   for k, v in tensors.items() if k.startswith("ema.")}
     state: Dict[int, dict] = {}
@@ -413,9 +413,9 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, gen, r
     # The learning rate asked for now wins over the checkpoint's, so a resumed run can be annealed.
     saved_lr = optimizer.param_groups[0]["lr"]
     for group in optimizer.param_groups:
-        group["lr"] = lr
-    if rank.main and saved_lr != lr:
-        log.info("learning rate %g (the checkpoint trained at %g)", lr, saved_lr)
+        group["lr"] = settings.lr
+    if rank.main and saved_lr != settings.lr:
+        log.info("learning rate %g (the checkpoint trained at %g)", settings.lr, saved_lr)
     gen.set_state(tensors["rng.train"])
     torch.set_rng_state(tensors["rng.torch"])
     if rank.main:
