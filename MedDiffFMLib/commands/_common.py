@@ -137,7 +137,8 @@ def training_result(record: dict, model_file: Path, kind: str) -> int:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of the training commands: validation data, data root, run folder, cache, resume."""
+    """Options of the training commands: validation data, data root, run folder, cache, resume, and the
+    optimisation loop (steps, batch, learning rate, seed, validation and checkpoint intervals, threads)."""
     parser.add_argument("--val-data", nargs="*",
                         help="validation CTs (default: the 'validation' split when --data is 'train')")
     parser.add_argument("--data-root", type=Path,
@@ -146,3 +147,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, EMA model)")
     parser.add_argument("--cache-dir", type=Path, help="preprocessed-volume cache (default: <out>/../cache)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last.json if present")
+    parser.add_argument("--steps", type=positive_int, default=1000,
+                        help="total optimizer steps (including resumed ones)")
+    parser.add_argument("--batch-size", type=positive_int, default=2, help="patches per micro-batch per process")
+    parser.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--lr", type=float, default=1e-4,
+                        help="Adam learning rate (also on --resume: lower it to anneal a run)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--validate-every", type=positive_int, default=200, help="steps between validations")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=500, help="steps between checkpoints")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
+    parser.add_argument("--fp32-export", action="store_true", help="store exported EMA weights as fp32")

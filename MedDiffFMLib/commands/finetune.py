@@ -29,20 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--factor", type=int, default=5, help="super-resolution: thin slices per thick slice")
     parser.add_argument("--lesion-probability", type=float, default=0.8,
                         help="lesion: share of patches centred on (near) a lesion")
-    parser.add_argument("--steps", type=_common.positive_int, default=1000,
-                        help="total optimizer steps (including resumed ones)")
-    parser.add_argument("--batch-size", type=_common.positive_int, default=2,
-                        help="patches per micro-batch per process")
-    parser.add_argument("--grad-accum", type=_common.positive_int, default=1,
-                        help="micro-batches per optimizer step")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--validate-every", type=_common.positive_int, default=200)
-    parser.add_argument("--checkpoint-every", type=_common.positive_int, default=500,
-                        help="steps between checkpoints")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
-    parser.add_argument("--fp32-export", action="store_true", help="store exported EMA weights as fp32")
 
 
 def run(args: argparse.Namespace) -> int:

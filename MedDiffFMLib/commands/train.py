@@ -22,29 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'train' or 'validation' (split of the shared CT data), a folder, or CT files")
     _common.add_run_arguments(parser)
     parser.add_argument("--init-from", help="start from the weights of this model (name or .safetensors path)")
-    parser.add_argument("--steps", type=_common.positive_int, default=1000,
-                        help="total optimizer steps (including resumed ones)")
-    parser.add_argument("--batch-size", type=_common.positive_int, default=2,
-                        help="patches per micro-batch per process")
-    parser.add_argument("--grad-accum", type=_common.positive_int, default=1,
-                        help="micro-batches per optimizer step")
-    parser.add_argument("--lr", type=float, default=1e-4,
-                        help="Adam learning rate (also on --resume: lower it to anneal a run)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode-weights", default="whole=0.2,crop2x=0.3,crop=0.5",
                         help="mix of patch modes, e.g. whole=0.2,crop2x=0.3,crop=0.5")
     parser.add_argument("--low-noise-fraction", type=float, default=0.5,
                         help="share of timesteps drawn from t < --low-noise-max-t")
     parser.add_argument("--low-noise-max-t", type=int, default=250)
-    parser.add_argument("--validate-every", type=_common.positive_int, default=200)
-    parser.add_argument("--checkpoint-every", type=_common.positive_int, default=500,
-                        help="steps between checkpoints")
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0, help="also checkpoint after this long")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
     parser.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
-    parser.add_argument("--fp32-export", action="store_true", help="store exported EMA weights as fp32")
 
 
 def run(args: argparse.Namespace) -> int:
