@@ -33,7 +33,7 @@ from .config import ModelConfig
 from .dataset import case_spacings, split_cases
 from .errors import CheckpointError, InputError
 from .io import read_mask, read_volume
-from .network import MedDiffNet, unet_kwargs
+from .network import MedDiffNet, check_loaded, unet_kwargs
 from .position import global_coords
 from .preprocess import guess_region, resample, window_to_unit
 from .training import train
@@ -49,7 +49,7 @@ TASKS = {
 class ControlledNet(nn.Module):
     """eps = net(x_t, t, cond + [control], region): the frozen base model plus ControlNet residuals."""
 
-    def __init__(self, base: MedDiffNet, task: str):
+    def __init__(self, base: MedDiffNet, task: str, slice_factor: Optional[int] = None):
         super().__init__()
         from monai.networks.nets import ControlNet  # heavy import, only when a model is built
         from monai.networks.utils import copy_model_state
@@ -57,6 +57,7 @@ class ControlledNet(nn.Module):
         if task not in TASKS:
             raise ValueError(f"unknown fine-tuning task {task!r}; choose one of {', '.join(TASKS)}")
         self.task = task
+        self.slice_factor = slice_factor  # super-resolution: thin slices per thick slice it was trained on
         self.cfg = base.cfg
         self.base = base
         # A single embedding level keeps the control volume at the patch resolution (MONAI's default
@@ -105,6 +106,7 @@ class ControlledCondition(VolumeCondition):
 
 def check_task(model: nn.Module, task: str) -> None:
     """Refuse a model that is not a ControlNet fine-tuned for `task`."""
+    check_loaded(model)
     found = getattr(model, "task", None) if isinstance(model, ControlledNet) else None
     if found != task:
         what = f"a {found} ControlNet" if found else "not a ControlNet fine-tuned model"
@@ -143,7 +145,7 @@ def load_controlled(weights: Path, info: dict, device="cpu") -> Tuple[Controlled
     weights have the recorded SHA-256 is used instead.
     """
     base, cfg, _ = load_model(find_base(info["base_model"], weights.name))
-    model = ControlledNet(base, info["task"])
+    model = ControlledNet(base, info["task"], (info.get("training_data") or {}).get("slice_factor"))
     tensors = checkpoints._load_verified(weights, info["sha256"])
     check_architecture(model.controlnet.state_dict(), tensors, weights.name)
     model.controlnet.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})

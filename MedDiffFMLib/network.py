@@ -1,6 +1,7 @@
 """The MedDiff-FM denoiser: MONAI's DiffusionModelUNet with condition channels and a body-region class."""
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -8,6 +9,7 @@ from torch import nn
 
 from .conditioning import condition_channels
 from .config import ModelConfig
+from .errors import InputError
 
 
 def unet_kwargs(cfg: ModelConfig) -> dict:
@@ -44,6 +46,19 @@ class MedDiffNet(nn.Module):
 
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def check_loaded(model) -> None:
+    """Refuse what is not a loaded network, with the fix for the usual slips of a script."""
+    if isinstance(model, nn.Module):
+        return
+    if isinstance(model, (str, os.PathLike)):
+        hint = f"load it first: model, cfg, info = MedDiffFMLib.checkpoints.load_model({str(model)!r})"
+    elif isinstance(model, tuple):
+        hint = "pass the model itself, the first item of what MedDiffFMLib.checkpoints.load_model returns"
+    else:
+        hint = "load one with MedDiffFMLib.checkpoints.load_model"
+    raise InputError(f"expected a loaded MedDiffFM model, got {type(model).__name__}; {hint}")
 
 
 def controlnet_task(model: nn.Module) -> Optional[str]:

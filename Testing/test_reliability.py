@@ -233,6 +233,10 @@ def test_python_callers_get_clear_errors_for_arrays_and_devices(chest_nodule_cro
         detect_anomalies(image, model, mask=nodule.array)
     with pytest.raises(InputError, match="unknown device 'tpu'"):
         denoise(image, model, device="tpu")
+    with pytest.raises(InputError, match=r"got str; load it first: model, cfg, info = .*load_model\('tiny'\)"):
+        denoise(image, "tiny")
+    with pytest.raises(InputError, match="got tuple; pass the model itself"):
+        generate_lesion(image, nodule, load_model("tiny-lesion"))
     for seed in (None, 1.5):
         with pytest.raises(InputError, match="seed must be a whole number"):
             detect_anomalies(image, model, seed=seed)

@@ -155,3 +155,14 @@ def test_cli_with_the_registered_model_writes_the_thin_volume(thick, tmp_path):
     assert np.abs(average_slices(torch.from_numpy(thin.array), 5).numpy()
                   - np.clip(thick.array, *CHEST_WINDOW)).max() < 0.5
     assert sitk.ReadImage(str(tmp_path / "thin.nii.gz")).GetDirection() == pytest.approx(thick.direction)
+
+
+def test_a_factor_other_than_the_trained_one_is_warned_about(thick, caplog):
+    from MedDiffFMLib.checkpoints import load_model
+
+    model, _, _ = load_model("tiny-super-resolution")
+    assert model.slice_factor == 5  # read from the model file's training record
+    super_resolve(thick, model, factor=5, nfe=1, region="chest")
+    assert "fine-tuned to make" not in caplog.text
+    super_resolve(thick, model, factor=2, nfe=1, region="chest")
+    assert "fine-tuned to make 5 thin slices per thick slice; factor 2 is outside" in caplog.text

@@ -16,7 +16,7 @@ from ..conditioning import VolumeCondition, condition_channels
 from ..diffusion import Schedule
 from ..errors import InputError, ResourceError
 from ..io import Volume
-from ..network import controlnet_task
+from ..network import check_loaded, controlnet_task
 from ..sampling import SlidingWindowSampler
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ def check_seed(seed) -> int:
 
 def check_base(model: torch.nn.Module, task: str) -> None:
     """Refuse a ControlNet where `task` runs the base model (it would fail mid-run on its extra channels)."""
+    check_loaded(model)
     task_of_controlnet = controlnet_task(model)
     if task_of_controlnet is not None:
         raise InputError(f"{task} runs the base model; the given model is a ControlNet fine-tuned for "

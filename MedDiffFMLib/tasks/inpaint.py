@@ -18,6 +18,7 @@ from ..diffusion import Schedule, q_sample, reverse_step, timesteps
 from ..errors import InputError
 from ..finetune import ControlledNet, check_task
 from ..io import Volume
+from ..network import check_loaded
 from ..preprocess import unit_to_hu
 from .common import check_seed
 from .lesion import DEFAULT_MARGIN_MM, prepare_box
@@ -68,6 +69,7 @@ def inpaint(volume: Volume, mask: Volume, model: torch.nn.Module, nfe: int = 100
     runs about resample * nfe times per window (`repaint_path` gives the exact sequence).
     """
     seed = check_seed(seed)
+    check_loaded(model)
     if isinstance(model, ControlledNet):
         check_task(model, "lesion")
     job = prepare_box(volume, mask, model, region, margin_mm, device, overlap, window_batch, precision)

@@ -18,6 +18,7 @@ way instead, so a super-resolved CT keeps its full HU range.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
@@ -32,6 +33,8 @@ from ..preprocess import unit_to_hu, window_to_unit
 from ..validation import check_ct
 from .common import (anatomy_for, check_seed, choose_device, make_sampler, model_config, model_window,
                      resolve_region, window_weight)
+
+log = logging.getLogger(__name__)
 
 Progress = Optional[Callable[[int, int], None]]
 
@@ -115,6 +118,9 @@ def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: 
     if not 0.0 <= zeta <= 1.0:
         raise InputError(f"zeta (share of fresh noise per step) must be in [0, 1], got {zeta}")
     check_task(model, "super-resolution")
+    if model.slice_factor not in (None, factor):
+        log.warning("this model was fine-tuned to make %d thin slices per thick slice; factor %d is outside what "
+                    "it learnt, so expect a weaker result", model.slice_factor, factor)
     cfg = model_config(model)
     region = resolve_region(volume, region, cfg)
     window = model_window(cfg, region)
