@@ -64,7 +64,7 @@ def save_model(state_dict: Dict[str, torch.Tensor], cfg: ModelConfig, path: Path
     `info` (training record: steps, wall hours, device, validation losses, data summary...) is stored in
     the JSON next to the config; `half` stores fp16 weights (loaded back as fp32).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     weights, sidecar = _weights_and_sidecar(path)
     dtype = torch.float16 if half else torch.float32
@@ -72,7 +72,8 @@ def save_model(state_dict: Dict[str, torch.Tensor], cfg: ModelConfig, path: Path
                for k, v in state_dict.items()}
     config = cfg.to_dict()
     with atomic_path(weights) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "config": json.dumps(config)})
+        # Bytes written like any file (save_file would create it readable by its owner only).
+        tmp.write_bytes(save(tensors, metadata={"format": FORMAT, "config": json.dumps(config)}))
     record = {"format": FORMAT, "config": config, "patch_size": cfg.patch_size, "anatomy": cfg.anatomy,
               "windows": {k: list(v) for k, v in cfg.windows.items()}, "dtype": str(dtype).replace("torch.", ""),
               "weights": weights.name, "sha256": sha256_file(weights), "size": weights.stat().st_size}
@@ -225,13 +226,13 @@ def register_model(source: PathLike, name: str, description: str, licence: str =
 def save_training_state(out_dir: PathLike, step: int, tensors: Dict[str, torch.Tensor], scalars: dict,
                         keep: int = 2) -> Path:
     """Write state-<step>.safetensors/.json, then point `last.json` at them; keep the newest `keep`."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out_dir = Path(out_dir)
     stem = f"state-{step:08d}"
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(out_dir / f"{stem}.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": STATE_FORMAT})
+        tmp.write_bytes(save(tensors, metadata={"format": STATE_FORMAT}))
     record = {"format": STATE_FORMAT, "step": step, "sha256": sha256_file(out_dir / f"{stem}.safetensors"),
               **scalars}
     with atomic_path(out_dir / f"{stem}.json") as tmp:

@@ -42,6 +42,9 @@ def test_round_trip_fp32_and_fp16(tiny, tmp_path):
     assert info["patch_size"] == cfg.patch_size and info["anatomy"] == cfg.anatomy and not model.training
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key])
+    # The weights get the same permissions as their description (shared run folders: readable by the group).
+    mode = lambda path: path.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "m32.safetensors") == mode(tmp_path / "m32.json")
     save_model(state, cfg, tmp_path / "m16", {}, half=True)
     model16, _, info16 = load_model(tmp_path / "m16")  # the name without suffix works too
     assert info16["dtype"] == "float16"
@@ -132,6 +135,8 @@ def test_training_state_survives_a_kill_mid_write(tmp_path):
     (tmp_path / "state-00000006.json").write_text('{"step": 6, "sha')
     restored, record = load_training_state(tmp_path)
     assert record["step"] == 3 and record["wall_seconds"] == 1.5
+    state_file, record_file = tmp_path / "state-00000003.safetensors", tmp_path / "state-00000003.json"
+    assert state_file.stat().st_mode & 0o777 == record_file.stat().st_mode & 0o777
     assert torch.equal(restored["model.w"], tensors["model.w"])
     for step in (9, 12, 15):  # older states are pruned, the newest two kept
         save_training_state(tmp_path, step, tensors, {})
