@@ -263,15 +263,20 @@ def load_training_state(out_dir: PathLike) -> Optional[Tuple[Dict[str, torch.Ten
         kept = [newest] + [stem for stem in kept if stem < newest]  # never one written after the pointer
     except (OSError, ValueError, KeyError, TypeError) as exc:  # TypeError: JSON that is not an object
         problems.append(f"last.json: {exc}")
+    unreadable = []
     for stem in kept:
         try:
             record = json.loads((out_dir / f"{stem}.json").read_text())
             tensors = _load_verified(out_dir / f"{stem}.safetensors", record["sha256"])
         except (OSError, ValueError, KeyError, TypeError, CheckpointError) as exc:
             problems.append(f"{stem}: {exc}")
+            unreadable.append(stem)
             continue
         if problems:
             log.warning("resuming from %s; newer training state unreadable (%s)", stem, "; ".join(problems))
+        for bad in unreadable:  # renamed, so that pruning the oldest states cannot delete the good one instead
+            for path in out_dir.glob(f"{bad}.*"):
+                path.rename(path.with_name(f"damaged-{path.name}"))
         return tensors, record
     raise CheckpointError(f"cannot resume from {out_dir}: the training state is unreadable "
                           f"({'; '.join(problems)}); start a new run in another folder")

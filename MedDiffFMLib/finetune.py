@@ -308,10 +308,13 @@ def finetune(base: str, task: str, data, out_dir, settings, val_data=None, resum
     if resume:
         state = load_training_state(out_dir)
         earlier = state[1]["settings"]["extra"].get("finetune") if state is not None else run
-        if earlier is None:
-            raise InputError(f"{out_dir} holds a pre-training run, not a fine-tuning run; fine-tune into a new "
-                             "folder")
-        if earlier != run:
+        if earlier is None:  # recorded before runs named their task: tell the kind of run by its tensors
+            if not any(key.startswith("model.controlnet.") for key in state[0]):
+                raise InputError(f"{out_dir} holds a pre-training run, not a fine-tuning run; fine-tune into a "
+                                 "new folder")
+            earlier = run
+        # A run recorded before the slice factor was stored is compared on what it recorded.
+        if earlier != {key: value for key, value in run.items() if key in earlier}:
             raise InputError(f"{out_dir} holds a fine-tuning run of another task, base model or slice factor "
                              f"({earlier}); resume it with the same --task, --base and --factor, or train into a "
                              "new folder")

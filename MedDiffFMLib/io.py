@@ -270,6 +270,8 @@ def _check_nifti_complete(path: Path) -> None:
         proxy = nibabel.load(str(path)).dataobj  # reads the header only
         needed = proxy.offset + int(np.prod(proxy.shape)) * proxy.dtype.itemsize
         found = _gunzipped_size(path) if path.name.lower().endswith(".gz") else path.stat().st_size
+    except FileNotFoundError:  # nibabel derives names from the suffix and misses e.g. `ct.Nii.gz`: ITK decides
+        return
     except (nibabel.filebasedimages.ImageFileError, nibabel.spatialimages.HeaderDataError, EOFError,
             gzip.BadGzipFile, zlib.error) as exc:
         raise InputError(_damaged_nifti_message(path, _first_line(exc))) from None

@@ -175,6 +175,13 @@ def validation_losses(model: torch.nn.Module, schedule: Schedule, batch: dict,
     return losses
 
 
+def check_new_run(out_dir: Path, resume: bool) -> None:
+    """Refuse to start a new run in a folder that holds one: it would overwrite that run's files."""
+    if not resume and (Path(out_dir) / "last.json").exists():
+        raise InputError(f"{out_dir} already holds a training run; continue it with --resume (resume=True) or "
+                         "train into a new folder")
+
+
 def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=None, resume: bool = False,
           init_from: Optional[str] = None, progress: Optional[Callable[[int, int], None]] = None,
           build_model: Callable[[ModelConfig], torch.nn.Module] = MedDiffNet,
@@ -188,9 +195,7 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
     """
     settings.check()
     out_dir = Path(out_dir)
-    if not resume and (out_dir / "last.json").exists():  # a new run would overwrite that one's files
-        raise InputError(f"{out_dir} already holds a training run; continue it with --resume (resume=True) or "
-                         "train into a new folder")
+    check_new_run(out_dir, resume)
     rank = setup_distributed()
     device = _device(rank)
     torch.manual_seed(settings.seed)  # identical initial weights on every rank and every run
@@ -265,7 +270,8 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
         stop.release()
     bar.close()
     record = {"step": step, "loss": logger.recent_mean() if rank.main else None, "validation": val,
-              "wall_hours": (wall_before + time.monotonic() - started) / 3600, "stopped": stopping}
+              "wall_hours": (wall_before + time.monotonic() - started) / 3600,
+              "stopped": stopping and step < settings.steps}
     if rank.owns_group:
         dist.barrier()
         dist.destroy_process_group()

@@ -152,23 +152,24 @@ def check_output_folder(folder: "os.PathLike[str] | str") -> None:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder} is a file; --out needs a folder (new or existing)")
-    _check_writable_folder(folder / "probe")
+    _check_writable_folder(folder / "probe", name=folder)
 
 
-def _check_writable_folder(out: Path) -> None:
+def _check_writable_folder(out: Path, name: "Path | None" = None) -> None:
     """Refuse an output whose folder cannot be made or written, before any long computation.
 
     Probes with a real (unnamed, immediately removed) file: permission bits do not tell, since root may
     write anywhere except on read-only or virtual file systems.
     """
+    name = out if name is None else name  # what the message names: the output, or the folder asked for
     folder = out.parent.resolve()
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir():
-        raise InputError(f"cannot write {out}: {folder} is a file, not a folder; choose another output folder")
+        raise InputError(f"cannot write {name}: {folder} is a file, not a folder; choose another output folder")
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        raise InputError(f"cannot write {out}: the folder {folder} is not writable ({exc.strerror}); choose "
+        raise InputError(f"cannot write {name}: the folder {folder} is not writable ({exc.strerror}); choose "
                          "another output folder") from None

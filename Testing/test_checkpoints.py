@@ -146,9 +146,14 @@ def test_training_state_survives_a_kill_mid_write(tmp_path):
     (tmp_path / "state-00000015.safetensors").write_bytes(b"garbage")
     restored, record = load_training_state(tmp_path)
     assert record["step"] == 12 and torch.equal(restored["model.w"], tensors["model.w"])
+    assert (tmp_path / "damaged-state-00000015.safetensors").exists()  # kept aside, out of the pruning
+    save_training_state(tmp_path, 13, tensors, {})  # the resumed run's next checkpoint keeps the good one
+    assert sorted(p.name for p in tmp_path.glob("state-*.json")) == ["state-00000012.json", "state-00000013.json"]
+    save_training_state(tmp_path, 15, tensors, {})
+    (tmp_path / "state-00000015.safetensors").write_bytes(b"garbage")
     (tmp_path / "last.json").write_text("{broken")
-    assert load_training_state(tmp_path)[1]["step"] == 12
-    (tmp_path / "state-00000012.json").write_text("[]")
+    assert load_training_state(tmp_path)[1]["step"] == 13
+    (tmp_path / "state-00000013.json").write_text("[]")
     with pytest.raises(CheckpointError, match="the training state is unreadable"):
         load_training_state(tmp_path)
     assert load_training_state(tmp_path / "empty") is None

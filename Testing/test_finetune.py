@@ -153,6 +153,12 @@ def test_resumed_finetuning_equals_an_uninterrupted_run(base, chest_nodule_crop,
 
     straight = run("straight", 4)
     run("resumed", 2)
+    # A run saved before runs recorded their task (settings.extra empty) still resumes: it is a ControlNet run.
+    folder = tmp_path / "resumed"
+    state_record = folder / (json.loads((folder / "last.json").read_text())["state"] + ".json")
+    record = json.loads(state_record.read_text())
+    record["settings"]["extra"] = {}
+    state_record.write_text(json.dumps(record))
     resumed = run("resumed", 4, resume=True)
     for key, value in straight.controlnet.state_dict().items():
         assert torch.equal(resumed.controlnet.state_dict()[key], value), key

@@ -243,8 +243,11 @@ def test_python_callers_get_clear_errors_for_arrays_and_devices(chest_nodule_cro
         with pytest.raises(InputError, match="seed must be a whole number"):
             generate_lesion(image, nodule, common.load_model("tiny-lesion", torch.device("cpu")), seed=seed)
     assert common.choose_device(torch.device("cpu")) == torch.device("cpu")
-    auto = denoise(image, model, device="auto", nfe=1, noise_level=20.0)  # the CLI's default works here too
+    auto = denoise(image, model, device="auto", nfe=1, noise_level=20.0)  # "auto": where the model is
     assert auto.denoised.same_grid(image)
+    elsewhere = common.load_model("tiny", torch.device("cpu")).to("meta")  # a model on another device
+    with pytest.raises(InputError, match="the model is on meta but the task was asked to run on cpu"):
+        denoise(image, elsewhere, device="cpu")
 
 
 # --- models ----------------------------------------------------------------------------------------------

@@ -85,17 +85,17 @@ def test_voxels_outside_the_model_window_keep_the_input_range(sr_model):
     thick = Volume.from_sitk(sitk.ReadImage(str(ABDOMEN_SMALL_NII))[49:73, 0:24, 10:18], dtype=np.float32)
     out = super_resolve(thick, sr_model, factor=2, nfe=2, region="abdomen", seed=3)
     averaged = average_slices(torch.from_numpy(out.array.astype(np.float64)), 2).numpy()
-    # Judged with the neighbours: the blend looks at a smoothed, interpolated input.
+    # Every group of thin slices averages to its thick voxel in HU: in the window, outside it and at its edges.
+    assert (thick.array < window[0] - 200).mean() > 0.1 and (thick.array > window[1]).sum() > 0
+    np.testing.assert_allclose(averaged, thick.array, atol=0.05)
+    assert out.array.min() < -900 and out.array.max() > window[1] + 50  # air and bone are not clipped
+    # Well inside the window (neighbours included: the blend looks at a lightly smoothed input) the thin
+    # slices are the model's, not the interpolated input.
     size = (3, 7, 7)
-    air = ndimage.maximum_filter(thick.array, size=size) < window[0] - 50
-    assert air.mean() > 0.1
-    np.testing.assert_allclose(averaged[air], thick.array[air], atol=0.01)  # exact averages, not clipped
-    assert out.array.min() < -900
-    # Well inside the window the thin slices are the model's, and they too average to the input.
     inside = ((ndimage.minimum_filter(thick.array, size=size) > window[0] + 50)
               & (ndimage.maximum_filter(thick.array, size=size) < window[1] - 50))
-    assert inside.sum() > 100
-    assert np.abs(averaged[inside] - thick.array[inside]).max() < 0.5
+    interpolated = interpolate_slices(torch.from_numpy(thick.array), 2, out.shape[0]).numpy()
+    assert np.abs(out.array - interpolated)[np.repeat(inside, 2, axis=0)].mean() > 5
 
 
 def test_default_noise_level_trades_consistency_for_the_prior(thick, sr_model):

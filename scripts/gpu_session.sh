@@ -36,6 +36,7 @@ for args in "${SETS[@]}"; do
   pkill -9 -f "benchmarks/denoise_speed.py" 2>/dev/null  # spawned children left by a timeout
 done
 echo "== train at $(elapsed) s" >> "$LOG"
+rm -rf .gpu/run  # a warm machine may hold an earlier call's run: this call packs its own
 python3 -m MedDiffFMLib train --preset default --data .gpu/cache --out .gpu/run --cache-dir .gpu/unused \
   --init-from .gpu/model/ema.safetensors --steps 1000000 --seed 1 --checkpoint-minutes 2 --checkpoint-every 100000 \
   $TRAIN_ARGS >> "$OUT/train.log" 2>&1 &

@@ -125,6 +125,16 @@ def check_outputs(args: argparse.Namespace, inputs, volumes=(), others=()) -> No
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ct"
 
 
+def check_run_folder(args: argparse.Namespace) -> None:
+    """Refuse a bad run folder before the (slow) data preparation: a file, an unwritable place, or a folder
+    that holds a run while --resume was not given (the new run would overwrite it)."""
+    from ..training import check_new_run
+    from ..validation import check_output_folder
+
+    check_output_folder(args.out)
+    check_new_run(args.out, args.resume)
+
+
 def training_result(record: dict, model_file: Path, kind: str) -> int:
     """Log how a training command ended. Non-zero when a stop request ended it before --steps, so that
     `train ... && next-step` does not go on with an unfinished model."""

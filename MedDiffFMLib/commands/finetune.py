@@ -38,9 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from ..config import ModelConfig
     from ..finetune import finetune
     from ..training import TrainSettings
-    from ..validation import check_output_folder
 
-    check_output_folder(args.out)
+    _common.check_run_folder(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = ModelConfig.from_dict(read_model_info(resolve_model(args.base))["config"])

@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..anatomy import get_anatomy
     from ..errors import InputError
-    from ..io import atomic_path, read_mask, read_volume, sibling_path, write_preview, write_volume
+    from ..io import (atomic_path, check_output_suffix, read_mask, read_volume, sibling_path, write_preview,
+                      write_volume)
     from ..preprocess import as_window, guess_region, resample, window_to_unit
     from ..validation import MIN_AXIS_VOXELS, check_ct, check_output_path
 
@@ -55,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
     # Refuse every unsafe output before writing any, so a failed run leaves nothing half-done.
     for path in outputs.values():
         check_output_path(path, inputs=inputs, overwrite=args.overwrite)
+    for key in ("image", "anatomy", "mask"):
+        if key in outputs:
+            check_output_suffix(outputs[key])
 
     vol = read_volume(args.input)
     check_ct(vol)

@@ -39,9 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from ..dataset import CTPatchDataset, split_cases
     from ..errors import InputError
     from ..training import TrainSettings, train
-    from ..validation import check_output_folder
 
-    check_output_folder(args.out)
+    _common.check_run_folder(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -5,6 +5,7 @@ Tasks take a loaded model: any torch module with a `cfg` (`ModelConfig`) attribu
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Optional, Sequence, Tuple, Union
 
@@ -39,6 +40,23 @@ def choose_device(name: Union[str, torch.device] = "auto") -> torch.device:
         raise InputError("device 'cuda' was requested but PyTorch sees no CUDA GPU; use --device cpu "
                          "(slower) or install a CUDA build of PyTorch")
     return device
+
+
+def task_device(model: torch.nn.Module, name: Union[str, torch.device] = "auto") -> torch.device:
+    """Where a task runs: `auto` is where the model is; any other device must be the model's, since a task
+    never moves the caller's model (load it with `checkpoints.load_model(name, device)`)."""
+    check_loaded(model)
+    weight = next(itertools.chain(model.parameters(), model.buffers()), None)
+    if weight is None:  # a network without weights (e.g. an analytic prior) runs anywhere
+        return choose_device(name)
+    here = weight.device
+    if name == "auto":
+        return here
+    device = choose_device(name)
+    if device.type != here.type or (device.index is not None and device.index != here.index):
+        raise InputError(f"the model is on {here} but the task was asked to run on {device}; load the model "
+                         f"there (checkpoints.load_model(name, '{device}')) or pass device='auto'")
+    return here
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[torch.dtype]:

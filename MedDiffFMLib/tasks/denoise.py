@@ -151,7 +151,7 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
         log.warning("zeta 0 makes every seed give the same result; the uncertainty map will be zero")
     if lam <= 0 or not 0.0 <= zeta <= 1.0:
         raise InputError(f"need lambda > 0 and 0 <= zeta <= 1, got lambda={lam}, zeta={zeta}")
-    device = common.choose_device(device)
+    device = common.task_device(model, device)
     common.check_base(model, "denoising")
     cfg = common.model_config(model)
     region = common.resolve_region(volume, region, cfg)

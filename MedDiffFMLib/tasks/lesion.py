@@ -23,8 +23,8 @@ from ..io import Volume
 from ..preprocess import unit_to_hu, window_to_unit
 from ..sampling import SlidingWindowSampler
 from ..validation import check_ct, check_mask
-from .common import (anatomy_for, check_seed, choose_device, make_sampler, model_config, model_window,
-                     resolve_region, window_weight)
+from .common import (anatomy_for, check_seed, make_sampler, model_config, model_window,
+                     resolve_region, task_device, window_weight)
 
 Progress = Optional[Callable[[int, int], None]]
 Box = Tuple[slice, slice, slice]
@@ -100,7 +100,7 @@ def prepare_box(volume: Volume, mask: Volume, model: torch.nn.Module, region: Op
         cond = ControlledCondition(cfg, inside.astype(np.float32), volume.spacing_zyx, region, anatomy, **place)
     else:
         cond = VolumeCondition(cfg, inside.shape, volume.spacing_zyx, region, anatomy, **place)
-    device = choose_device(device)
+    device = task_device(model, device)
     sampler = make_sampler(model, inside.shape, volume.spacing_zyx, region, None, device, overlap, window_batch,
                            precision, cond=cond)
     known = torch.from_numpy(window_to_unit(volume.array[box].astype(np.float32), window))[None, None]

@@ -13,8 +13,8 @@ therefore projected onto the data once at the end, x <- x + H^T(y - H x), which 
 the group. `project=False` gives the paper's plain DiffPIR output.
 
 The model sees only its region's HU window. Voxels outside it (air, lung or bone in a soft-tissue window)
-would come back clipped to the window edges; they get the thick slices interpolated and projected the same
-way instead, so a super-resolved CT keeps its full HU range.
+would come back clipped to the window edges; they get the thick slices interpolated instead (`_full_range`),
+and the final projection then holds in HU for every voxel, so a super-resolved CT keeps its full HU range.
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ from ..finetune import ControlledCondition, check_task
 from ..io import Volume
 from ..preprocess import unit_to_hu, window_to_unit
 from ..validation import check_ct
-from .common import (anatomy_for, check_seed, choose_device, make_sampler, model_config, model_window,
-                     resolve_region, window_weight)
+from .common import (anatomy_for, check_seed, make_sampler, model_config, model_window,
+                     resolve_region, task_device, window_weight)
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: 
     cfg = model_config(model)
     region = resolve_region(volume, region, cfg)
     window = model_window(cfg, region)
-    device = choose_device(device)
+    device = task_device(model, device)
 
     thick = torch.from_numpy(window_to_unit(volume.array.astype(np.float32), window))
     n_thin = volume.shape[0] * factor
@@ -148,11 +148,23 @@ def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: 
     x = sampler.run(x_init, steps, seed + 1, x0_transform=data_step, zeta=zeta, progress=progress)
     if project:
         x = x + repeat_slices(y - average_slices(x, factor), factor, n_thin)
-    resolved = unit_to_hu(x[0, 0].cpu().numpy(), window)
-    # The model only knows its window: outside it (air, lung, bone in a soft-tissue window) the thin slices
-    # are the input interpolated and shifted so each group averages to its thick slice, as the model's are.
-    measured = torch.from_numpy(volume.array.astype(np.float64))
-    interpolated = interpolate_slices(measured, factor, n_thin)
-    outside = (interpolated + repeat_slices(measured - average_slices(interpolated, factor), factor, n_thin)).numpy()
-    weight = window_weight(outside, window)
-    return guide.with_array((outside + weight * (resolved - outside)).astype(np.float32))
+    return guide.with_array(_full_range(unit_to_hu(x[0, 0].cpu().numpy(), window), volume.array, factor,
+                                        window, project))
+
+
+def _full_range(resolved: np.ndarray, thick_hu: np.ndarray, factor: int, window: Tuple[float, float],
+                project: bool) -> np.ndarray:
+    """The model's thin slices where the input lies in its window; elsewhere (air, lung, bone in a soft-tissue
+    window), which the model would return clipped, the thick slices interpolated.
+
+    The blend weight is decided per thick voxel and repeated over its thin slices, so a group is one mix of
+    two results; with `project` the group then averages exactly to its thick voxel, in HU.
+    """
+    n_thin = resolved.shape[0]
+    measured = torch.from_numpy(thick_hu.astype(np.float32))
+    weight = repeat_slices(torch.from_numpy(window_weight(thick_hu, window)), factor, n_thin)
+    outside = interpolate_slices(measured, factor, n_thin)
+    blended = outside + weight * (torch.from_numpy(resolved.astype(np.float32)) - outside)
+    if project:
+        blended = blended + repeat_slices(measured - average_slices(blended, factor), factor, n_thin)
+    return blended.numpy().astype(np.float32)

@@ -37,7 +37,7 @@ def synthesize(model: torch.nn.Module, region: Optional[str] = None,
     `region` None is guessed from the reference. `eta` 1 = ancestral (DDPM) steps, 0 = DDIM.
     """
     seed = common.check_seed(seed)
-    device = common.choose_device(device)
+    device = common.task_device(model, device)
     common.check_base(model, "synthesis")
     cfg = common.model_config(model)
     grid = _output_grid(size_xyz, spacing_xyz, reference, anatomy_labels)
