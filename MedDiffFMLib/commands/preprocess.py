@@ -6,6 +6,8 @@ import json
 import logging
 from pathlib import Path
 
+from . import _common
+
 NAME = "preprocess"
 HELP = ("Resample a CT (default 1 mm isotropic), clip it to its body region's HU window mapped to [-1, 1] "
         "(what the model sees), and write the anatomy label map, an optional resampled mask, a JSON "
@@ -36,10 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..anatomy import get_anatomy
     from ..errors import InputError
-    from ..io import (atomic_path, check_output_suffix, read_mask, read_volume, sibling_path, write_preview,
-                      write_volume)
+    from ..io import atomic_path, read_mask, read_volume, sibling_path, write_preview, write_volume
     from ..preprocess import as_window, guess_region, resample, window_to_unit
-    from ..validation import MIN_AXIS_VOXELS, check_ct, check_output_path
+    from ..validation import MIN_AXIS_VOXELS, check_ct
 
     if len(args.spacing) not in (1, 3):
         raise InputError(f"--spacing takes one value or three (x y z), got {len(args.spacing)}")
@@ -54,11 +55,8 @@ def run(args: argparse.Namespace) -> int:
     if args.mask is not None:
         outputs["mask"] = sibling_path(args.output, "_mask")
     # Refuse every unsafe output before writing any, so a failed run leaves nothing half-done.
-    for path in outputs.values():
-        check_output_path(path, inputs=inputs, overwrite=args.overwrite)
-    for key in ("image", "anatomy", "mask"):
-        if key in outputs:
-            check_output_suffix(outputs[key])
+    _common.check_outputs(args, inputs, volumes=[outputs["image"], outputs["anatomy"], outputs.get("mask")],
+                          others=[outputs["sidecar"], outputs["preview"]])
 
     vol = read_volume(args.input)
     check_ct(vol)
