@@ -144,7 +144,7 @@ def check_output_path(out: "os.PathLike[str] | str", inputs: Iterable["os.PathLi
     if out.exists() and not overwrite:
         raise InputError(f"output {out} already exists; choose another name or allow overwriting "
                          "(--overwrite)")
-    _check_writable_folder(out)
+    _check_writable_folder(out.parent, name=out)
 
 
 def check_output_folder(folder: "os.PathLike[str] | str") -> None:
@@ -152,17 +152,17 @@ def check_output_folder(folder: "os.PathLike[str] | str") -> None:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder} is a file; --out needs a folder (new or existing)")
-    _check_writable_folder(folder / "probe", name=folder)
+    _check_writable_folder(folder, name=folder)
 
 
-def _check_writable_folder(out: Path, name: "Path | None" = None) -> None:
-    """Refuse an output whose folder cannot be made or written, before any long computation.
+def _check_writable_folder(folder: Path, name: Path) -> None:
+    """Refuse output `name` when `folder` (where it goes) cannot be made or written, before any long
+    computation.
 
     Probes with a real (unnamed, immediately removed) file: permission bits do not tell, since root may
     write anywhere except on read-only or virtual file systems.
     """
-    name = out if name is None else name  # what the message names: the output, or the folder asked for
-    folder = out.parent.resolve()
+    folder = folder.resolve()
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir():
