@@ -20,6 +20,12 @@ Hooks for tasks built on top (DiffPIR denoising, RePaint inpainting, ...):
 - `x0_transform(x0, t, t_prev) -> x0`: applied to the clamped x0 estimate before the update (data step);
 - `after_step(x_prev, t_prev, generator) -> x_prev`: applied after the update (e.g. paste the known
   region noised to level t_prev), with the sampler's own seeded generator.
+
+Skipping windows: a task that will use the result only on some voxels (denoising keeps the input outside
+its HU window: air, lungs, bone) can evaluate `active_windows(needed)` alone. On a real 512 x 512 CT, a quarter
+to a half of the windows lie wholly in air or lung for a soft-tissue window. Every needed voxel is still
+averaged over all the windows that hold it, and the network never sees a voxel outside the windows it
+evaluates. Those voxels take a `fallback` x0 from the task (for denoising, the noisy input itself).
 """
 from __future__ import annotations
 
@@ -138,7 +144,7 @@ class SlidingWindowSampler:
         self._weights = window_weights(self.window).to(self.device)
         self._cond_cache = None
         self._cond_volume = None
-        self._weight_sum = None
+        self._coverage_of: Optional[Tuple[Tuple[int, ...], torch.Tensor]] = None  # (windows, weight sum)
         first = self._condition(self.starts[0])
         if len(self.starts) * first.numel() * first.element_size() <= CONDITION_CACHE_BYTES:
             self._cond_cache = [first] + [self._condition(s) for s in self.starts[1:]]
@@ -169,28 +175,45 @@ class SlidingWindowSampler:
             self.cond.window((z, 0, 0), (depth,) + self.shape[1:], out=volume[:, z:z + depth])
         return mirror_pad(volume[None], self.padded_shape)[0]
 
-    def eps(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        """Full-volume noise estimate (1, 1, *shape), float32: the weighted mean over the windows covering a voxel."""
+    def active_windows(self, needed: torch.Tensor) -> List[int]:
+        """Indices of the windows holding at least one `needed` voxel (boolean, tensor or array, the volume's shape)."""
+        needed = torch.as_tensor(needed)
+        if tuple(needed.shape) != self.shape:
+            raise ValueError(f"the mask of needed voxels has shape {tuple(needed.shape)}, the grid is {self.shape}")
+        padded = mirror_pad(needed.to(torch.uint8)[None, None], self.padded_shape)
+        return [j for j, start in enumerate(self.starts) if bool(padded[self._box(start)].any())]
+
+    def eps(self, x_t: torch.Tensor, t: int, windows: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Full-volume noise estimate (1, 1, *shape), float32: the weighted mean over the windows covering a voxel.
+
+        `windows`: evaluate only these (indices into the window grid; None: all); voxels none of them covers get 0
+        (no estimate; `predict_x0` gives them the task's fallback).
+        """
+        windows = list(range(len(self.starts))) if windows is None else [int(j) for j in windows]
         x_pad = mirror_pad(x_t.to(self.device, torch.float32), self.padded_shape)
         total = torch.zeros_like(x_pad)
         i = 0
-        while i < len(self.starts):
-            batch = list(range(i, min(i + self.batch_size, len(self.starts))))
+        while i < len(windows):
+            batch = windows[i:i + self.batch_size]
             eps = self._evaluate(x_pad, t, batch)
             if eps is None:  # out of memory: batch_size was halved, try again
                 continue
             for k, j in enumerate(batch):
                 total[self._box(self.starts[j])] += eps[k] * self._weights
             i += len(batch)
-        return (total / self._coverage())[(Ellipsis,) + self._crop]
+        coverage = self._coverage(windows)
+        return torch.where(coverage > 0, total / coverage.clamp_min(WINDOW_WEIGHT_FLOOR ** 3), 0.0)[
+            (Ellipsis,) + self._crop]
 
-    def _coverage(self) -> torch.Tensor:
-        """Sum of the window weights at each voxel of the padded grid (computed once)."""
-        if self._weight_sum is None:
-            self._weight_sum = torch.zeros((1, 1) + self.padded_shape, device=self.device)
-            for start in self.starts:
-                self._weight_sum[self._box(start)] += self._weights
-        return self._weight_sum
+    def _coverage(self, windows: List[int]) -> torch.Tensor:
+        """Sum of the weights of `windows` at each voxel of the padded grid (kept for the last set asked for)."""
+        key = tuple(windows)
+        if self._coverage_of is None or self._coverage_of[0] != key:
+            weight_sum = torch.zeros((1, 1) + self.padded_shape, device=self.device)
+            for j in windows:
+                weight_sum[self._box(self.starts[j])] += self._weights
+            self._coverage_of = (key, weight_sum)
+        return self._coverage_of[1]
 
     def _box(self, start: Sequence[int]):
         return (0, slice(None)) + tuple(slice(a, a + self.window) for a in start)
@@ -222,20 +245,33 @@ class SlidingWindowSampler:
             log.warning("out of GPU memory: window batch size reduced to %d", self.batch_size)
             return None
 
-    def predict_x0(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        """One-step clean-image estimate at timestep t, clamped to [-1, 1]."""
-        return diffusion.predict_x0(self.schedule, x_t.to(self.device), t, self.eps(x_t, t)).clamp(-1, 1)
+    def predict_x0(self, x_t: torch.Tensor, t: int, windows: Optional[Sequence[int]] = None,
+                   fallback: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One-step clean-image estimate at timestep t, clamped to [-1, 1].
+
+        `windows`: evaluate only these (see `eps`); the voxels none of them covers take `fallback` (1, 1, *shape),
+        which is then required.
+        """
+        x0 = diffusion.predict_x0(self.schedule, x_t.to(self.device), t, self.eps(x_t, t, windows))
+        if windows is not None:
+            if fallback is None or tuple(fallback.shape[-3:]) != self.shape:
+                raise ValueError(f"evaluating only some windows needs a fallback x0 on the grid {self.shape}")
+            covered = self._coverage([int(j) for j in windows])[(Ellipsis,) + self._crop] > 0
+            x0 = torch.where(covered, x0, fallback.to(self.device, torch.float32))
+        return x0.clamp(-1, 1)
 
     def run(self, x_init: torch.Tensor, steps: Sequence[int], seed: int,
             x0_transform: Optional[Callable[[torch.Tensor, int, int], torch.Tensor]] = None,
             after_step: Optional[Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]] = None,
-            eta: float = 1.0, zeta: Optional[float] = None, progress: Progress = None) -> torch.Tensor:
+            eta: float = 1.0, zeta: Optional[float] = None, progress: Progress = None,
+            windows: Optional[Sequence[int]] = None, fallback: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Reverse diffusion from `x_init` (1, 1, *shape) at steps[0] down through `steps` to a clean image.
 
         Each step: eps (window-averaged) -> x0 (clamped) -> `x0_transform` -> update to the next step
         (`diffusion.reverse_step` with `eta`, or `diffusion.diffpir_step` when `zeta` is given) ->
         `after_step`. Noise comes from one CPU torch.Generator seeded with `seed`, so results do not
-        depend on the device's random number generator. Returns x0 as float32 on the sampler's device.
+        depend on the device's random number generator. `windows`, `fallback`: evaluate only these windows
+        (see `predict_x0`). Returns x0 as float32 on the sampler's device.
         """
         steps = [int(s) for s in steps]
         if list(steps) != sorted(set(steps), reverse=True):
@@ -247,7 +283,7 @@ class SlidingWindowSampler:
         total = len(steps)
         for i, t in enumerate(steps):
             t_prev = steps[i + 1] if i + 1 < total else -1
-            x0 = self.predict_x0(x, t)
+            x0 = self.predict_x0(x, t, windows, fallback)
             if x0_transform is not None:
                 x0 = x0_transform(x0, t, t_prev)
             noise = None

@@ -29,6 +29,8 @@ def test_denoise_speed_prints_one_row_per_configuration(denoise_speed, capsys):
     assert len(rows) == 2
     assert {row.split("|")[5].strip() for row in rows} == {"contiguous", "channels_last"}
     assert all(float(row.split("|")[8]) > 0 for row in rows)  # seconds
+    evaluated, grid = (int(n) for n in rows[0].split("|")[7].split(" of "))
+    assert 0 < evaluated < grid  # the windows wholly in the air around the limb are skipped
 
 
 def test_denoise_speed_reads_a_saved_input_and_projects_more_steps(denoise_speed, capsys, tmp_path):

@@ -12,6 +12,7 @@ from MedDiffFMLib.cli import main
 from MedDiffFMLib.errors import InputError
 from MedDiffFMLib.finetune import ControlledNet
 from MedDiffFMLib.io import Volume, read_volume, write_volume
+from MedDiffFMLib.sampling import SlidingWindowSampler
 from MedDiffFMLib.tasks.super_resolution import (average_slices, interpolate_slices, repeat_slices, super_resolve,
                                                  thin_geometry)
 
@@ -96,6 +97,25 @@ def test_voxels_outside_the_model_window_keep_the_input_range(sr_model):
               & (ndimage.maximum_filter(thick.array, size=size) < window[1] - 50))
     interpolated = interpolate_slices(torch.from_numpy(thick.array), 2, out.shape[0]).numpy()
     assert np.abs(out.array - interpolated)[np.repeat(inside, 2, axis=0)].mean() > 5
+
+
+def test_windows_wholly_outside_the_model_window_are_not_evaluated(sr_model, monkeypatch):
+    """A real abdomen crop with air beside it: the windows wholly in air are skipped, and the result is the one
+    every window gives (the air there comes back clipped to the window's edge either way)."""
+    crop = Volume.from_sitk(sitk.ReadImage(str(ABDOMEN_SMALL_NII))[40:88, 0:40, 10:18], dtype=np.float32)
+    hu = crop.array.copy()
+    hu[:, :, 26:] = -1000.0
+    thick = crop.with_array(hu)
+    calls = []
+    forward = sr_model.forward
+    monkeypatch.setattr(sr_model, "forward", lambda *args: (calls.append(len(args[0])), forward(*args))[1])
+    skipped = super_resolve(thick, sr_model, factor=2, nfe=3, region="abdomen", seed=3).array
+    evaluated = sum(calls)
+    calls.clear()
+    monkeypatch.setattr(SlidingWindowSampler, "active_windows", lambda self, needed: list(range(self.num_windows)))
+    everything = super_resolve(thick, sr_model, factor=2, nfe=3, region="abdomen", seed=3).array
+    assert evaluated < 0.9 * sum(calls)
+    np.testing.assert_allclose(skipped, everything, atol=0.05)  # HU
 
 
 def test_default_noise_level_trades_consistency_for_the_prior(thick, sr_model):

@@ -97,6 +97,28 @@ def test_denoise_api_on_phantom_keeps_out_of_window_voxels(gaussian_problem):
     assert result.window == WINDOW and result.uncertainty is None
 
 
+def test_denoise_skips_windows_outside_its_window_and_gives_the_same_result(monkeypatch):
+    """Windows wholly in air are not evaluated; with a pointwise prior the result is the all-window one."""
+    prior = AnalyticGaussian(std=0.2)
+    shape = (16, 48, 40)
+    rng = np.random.default_rng(2)
+    hu = (40.0 + 30.0 * rng.standard_normal(shape)).astype(np.float32)
+    hu[:, 20:] = -1000.0  # air around the body: more than half the in-plane grid
+    volume = Volume(hu, (0.8, 0.8, 2.0))
+    calls = []
+    exact = prior.forward
+    prior.forward = lambda x, t, cond, region: (calls.append(len(x)), exact(x, t, cond, region))[1]
+    settings = dict(noise_level=30.0, window=WINDOW, region="abdomen", nfe=3, seed=0)
+    skipped = denoise(volume, prior, **settings).denoised.array
+    evaluated = sum(calls)
+    calls.clear()
+    monkeypatch.setattr(SlidingWindowSampler, "active_windows", lambda self, needed: list(range(self.num_windows)))
+    everything = denoise(volume, prior, **settings).denoised.array
+    assert evaluated < 0.6 * sum(calls)
+    assert np.array_equal(skipped[:, 22:], hu[:, 22:])
+    np.testing.assert_allclose(skipped, everything, atol=1e-3)
+
+
 def test_automatic_window_makes_room_for_noisy_fat(gaussian_problem):
     """Voxels a little below the model's window (noisy fat) are denoised with the automatic window, which
     reaches one noise std lower, and left as they are with the same window given explicitly."""

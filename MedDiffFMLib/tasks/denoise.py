@@ -17,7 +17,8 @@ Choices:
 - Noise: sigma_n comes from `noise.estimate_noise` (a per-voxel map) unless given; the data step uses
   the local value (rho varies in space), t_start the map's median.
 - Voxels outside the window (bone, air) keep their input value; within a margin inside the window edges
-  the output blends smoothly from denoised to input, so nothing is clipped away.
+  the output blends smoothly from denoised to input, so nothing is clipped away. Windows that hold no voxel
+  of the window are not evaluated (air around the body, and the lungs in a soft-tissue pass).
 - Soft-tissue pass: a wide region window (chest, 1800 HU) squeezes soft-tissue contrast and its noise into
   a small part of [-1, 1], where the prior resolves it poorly. When the model's window is more than twice
   as wide as SOFT_TISSUE_WINDOW_HU, a second pass denoises in that window (the paper's [-160, 240] HU) and
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -91,6 +92,7 @@ class DenoiseResult:
     t_start: int
     steps: List[int]
     soft_tissue_window: Optional[Tuple[float, float]] = None  # the second pass's window, when it ran
+    windows: List[Tuple[int, int]] = field(default_factory=list)  # per pass: (windows evaluated, windows in the grid)
 
 
 def automatic_nfe(t_start: int) -> int:
@@ -100,9 +102,11 @@ def automatic_nfe(t_start: int) -> int:
 
 def diffpir(sampler: SlidingWindowSampler, y: torch.Tensor, sigma: Union[float, torch.Tensor],
             lam: float = DEFAULT_LAMBDA, zeta: float = DEFAULT_ZETA, nfe: Optional[int] = None, seed: int = 0,
-            progress: Optional[Callable[[int, int], None]] = None) -> Tuple[torch.Tensor, List[int]]:
+            progress: Optional[Callable[[int, int], None]] = None,
+            windows: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, List[int]]:
     """DiffPIR denoising of y (1, 1, d, h, w) in [-1, 1] units with noise std `sigma` (scalar or a map
-    broadcastable to y, same units) in `nfe` steps (None: `automatic_nfe`). Returns (x0, the timesteps used)."""
+    broadcastable to y, same units) in `nfe` steps (None: `automatic_nfe`), evaluating only `windows` (None: all;
+    the voxels they do not cover keep y). Returns (x0, the timesteps used)."""
     schedule = sampler.schedule
     sigma_map = torch.as_tensor(sigma, dtype=torch.float32).to(sampler.device)
     sigma_overall = float(sigma_map.median()) if sigma_map.ndim else float(sigma_map)
@@ -119,7 +123,8 @@ def diffpir(sampler: SlidingWindowSampler, y: torch.Tensor, sigma: Union[float, 
         return (y + rho * x0) / (1 + rho)
 
     x_start = float(schedule.abar(t_start).sqrt()) * y
-    x0 = sampler.run(x_start, steps, seed, x0_transform=data_step, zeta=zeta, progress=progress)
+    x0 = sampler.run(x_start, steps, seed, x0_transform=data_step, zeta=zeta, progress=progress, windows=windows,
+                     fallback=y)
     return x0, steps
 
 
@@ -189,6 +194,7 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
     output = volume.array.astype(np.float32)
     std_hu = np.zeros(volume.shape, np.float64) if seeds > 1 else None
     steps: List[int] = []
+    pass_windows: List[Tuple[int, int]] = []
     # Passes can take different numbers of steps (automatic NFE): plan them all, so progress counts over all passes.
     plans = [_planned_steps(sampler, noise_hu * 2.0 / _width(w), nfe) for w in windows]
     total, done = seeds * sum(len(plan) for plan in plans), 0
@@ -197,10 +203,14 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
             if progress is not None:
                 progress(done + step, total)
 
-        mean_hu, pass_std, pass_steps = _denoise_pass(sampler, volume, pass_window, sigma_hu_map, lam, zeta,
-                                                      len(plan), seed, seeds, pass_progress)
-        done += seeds * len(plan)
         weight = common.window_weight(volume.array, pass_window)
+        windows = sampler.active_windows(weight > 0)
+        pass_windows.append((len(windows), sampler.num_windows))
+        log.info("[%g, %g] HU pass: %d of %d windows hold voxels of the window", *pass_window, len(windows),
+                 sampler.num_windows)
+        mean_hu, pass_std, pass_steps = _denoise_pass(sampler, volume, pass_window, sigma_hu_map, lam, zeta,
+                                                      len(plan), seed, seeds, pass_progress, windows)
+        done += seeds * len(plan)
         output = output + weight * (mean_hu - output)
         if std_hu is not None:
             std_hu = std_hu + weight * (pass_std - std_hu)
@@ -210,7 +220,8 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
                  len(pass_steps), lam, zeta)
     uncertainty = None if std_hu is None else volume.with_array(std_hu.astype(np.float32))
     return DenoiseResult(volume.with_array(output.astype(np.float32)), uncertainty, noise_hu, estimate,
-                         tuple(chosen), steps[0], steps, SOFT_TISSUE_WINDOW_HU if soft_tissue_pass else None)
+                         tuple(chosen), steps[0], steps, SOFT_TISSUE_WINDOW_HU if soft_tissue_pass else None,
+                         pass_windows)
 
 
 def _planned_steps(sampler: SlidingWindowSampler, sigma_unit: float, nfe: Optional[int]) -> List[int]:
@@ -224,9 +235,10 @@ def _width(window: Sequence[float]) -> float:
 
 
 def _denoise_pass(sampler: SlidingWindowSampler, volume: Volume, window: Tuple[float, float], sigma_hu_map,
-                  lam: float, zeta: float, nfe: int, seed: int, seeds: int,
-                  progress: Callable[[int, int], None]) -> Tuple[np.ndarray, Optional[np.ndarray], List[int]]:
-    """DiffPIR in one HU window over `seeds` seeds: (mean in HU, std in HU or None, the steps used)."""
+                  lam: float, zeta: float, nfe: int, seed: int, seeds: int, progress: Callable[[int, int], None],
+                  windows: List[int]) -> Tuple[np.ndarray, Optional[np.ndarray], List[int]]:
+    """DiffPIR in one HU window over `seeds` seeds, evaluating `windows`: (mean in HU, std in HU or None,
+    the steps used)."""
     to_unit = 2.0 / _width(window)
     sigma = torch.as_tensor(np.ascontiguousarray(sigma_hu_map) * to_unit, dtype=torch.float32)
     if sigma.ndim:
@@ -240,7 +252,8 @@ def _denoise_pass(sampler: SlidingWindowSampler, volume: Volume, window: Tuple[f
         def seed_progress(step: int, n: int, k: int = k) -> None:
             progress(k * n + step, seeds * n)
 
-        x0, steps = diffpir(sampler, y, sigma, lam=lam, zeta=zeta, nfe=nfe, seed=seed + k, progress=seed_progress)
+        x0, steps = diffpir(sampler, y, sigma, lam=lam, zeta=zeta, nfe=nfe, seed=seed + k, progress=seed_progress,
+                            windows=windows)
         x0 = x0.double().cpu()
         delta = x0 - mean
         mean += delta / (k + 1)

@@ -15,6 +15,8 @@ the group. `project=False` gives the paper's plain DiffPIR output.
 The model sees only its region's HU window. Voxels outside it (air, lung or bone in a soft-tissue window)
 would come back clipped to the window edges; they get the thick slices interpolated instead (`_full_range`),
 and the final projection then holds in HU for every voxel, so a super-resolved CT keeps its full HU range.
+Windows that hold no voxel of the HU window are therefore not evaluated; their voxels follow the interpolated
+input during sampling.
 """
 from __future__ import annotations
 
@@ -144,25 +146,30 @@ def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: 
 
     steps = timesteps(nfe, schedule.T - 1)
     x_init = torch.randn((1, 1) + guide.shape, generator=torch.Generator().manual_seed(int(seed)))
+    weight = window_weight(volume.array, window)  # per thick voxel: how much of the model's result is kept
+    windows = sampler.active_windows(repeat_slices(torch.from_numpy(weight > 0), factor, n_thin))
+    log.info("%d of %d windows hold voxels of the [%g, %g] HU window", len(windows), sampler.num_windows, *window)
     # The sampler's own generator is seeded differently from the initial noise's, so they are independent.
-    x = sampler.run(x_init, steps, seed + 1, x0_transform=data_step, zeta=zeta, progress=progress)
+    x = sampler.run(x_init, steps, seed + 1, x0_transform=data_step, zeta=zeta, progress=progress, windows=windows,
+                    fallback=control[None, None])
     if project:
         x = x + repeat_slices(y - average_slices(x, factor), factor, n_thin)
-    return guide.with_array(_full_range(unit_to_hu(x[0, 0].cpu().numpy(), window), volume.array, factor,
-                                        window, project))
+    return guide.with_array(_full_range(unit_to_hu(x[0, 0].cpu().numpy(), window), volume.array, weight, factor,
+                                        project))
 
 
-def _full_range(resolved: np.ndarray, thick_hu: np.ndarray, factor: int, window: Tuple[float, float],
+def _full_range(resolved: np.ndarray, thick_hu: np.ndarray, weight: np.ndarray, factor: int,
                 project: bool) -> np.ndarray:
     """The model's thin slices where the input lies in its window; elsewhere (air, lung, bone in a soft-tissue
     window), which the model would return clipped, the thick slices interpolated.
 
-    The blend weight is decided per thick voxel and repeated over its thin slices, so a group is one mix of
-    two results; with `project` the group then averages exactly to its thick voxel, in HU.
+    The blend `weight` (`window_weight` of the thick input) is decided per thick voxel and repeated over its thin
+    slices, so a group is one mix of two results; with `project` the group then averages exactly to its thick
+    voxel, in HU.
     """
     n_thin = resolved.shape[0]
     measured = torch.from_numpy(thick_hu.astype(np.float32))
-    weight = repeat_slices(torch.from_numpy(window_weight(thick_hu, window)), factor, n_thin)
+    weight = repeat_slices(torch.from_numpy(weight), factor, n_thin)
     outside = interpolate_slices(measured, factor, n_thin)
     blended = outside + weight * (torch.from_numpy(resolved.astype(np.float32)) - outside)
     if project:
