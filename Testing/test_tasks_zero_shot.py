@@ -184,6 +184,30 @@ def test_anomaly_map_highlights_inserted_lesion():
     assert np.abs(result.reconstruction.array[inside & ~lesion] - healthy.array[inside & ~lesion]).mean() < 5.0
 
 
+def test_anomaly_detection_evaluates_only_the_windows_in_its_region(monkeypatch):
+    """A small search region: only the windows holding part of it are evaluated, and with a pointwise prior
+    the map is the all-window one; outside those windows the reconstruction is the masked input (air)."""
+    prior = AnalyticGaussian(std=0.02)
+    shape = (16, 48, 40)
+    hu = unit_to_hu(prior.mean_volume(shape)[0, 0].numpy(), WINDOW).astype(np.float32)
+    region = np.zeros(shape, np.uint8)
+    region[2:14, 4:14, 5:15] = 1
+    hu[:, 40:] = -1000.0  # air, so the volume reads as CT
+    volume, mask = Volume(hu), Volume(region)
+    calls = []
+    exact = prior.forward
+    prior.forward = lambda x, t, cond, region: (calls.append(len(x)), exact(x, t, cond, region))[1]
+    skipped = detect_anomalies(volume, prior, mask=mask, region="abdomen", seed=1)
+    evaluated = sum(calls)
+    calls.clear()
+    monkeypatch.setattr(SlidingWindowSampler, "active_windows", lambda self, needed: list(range(self.num_windows)))
+    everything = detect_anomalies(volume, prior, mask=mask, region="abdomen", seed=1)
+    assert evaluated < 0.5 * sum(calls)
+    np.testing.assert_allclose(skipped.anomaly_map.array, everything.anomaly_map.array, atol=1e-3)
+    assert skipped.score == pytest.approx(everything.score, abs=1e-3)
+    assert np.all(skipped.reconstruction.array[:, 30:, 30:] == WINDOW[0])
+
+
 def test_anomaly_threshold_override_and_bad_mask():
     prior, _, sick, _, body = smooth_phantom()
     high = detect_anomalies(sick, prior, mask=body, region="abdomen", threshold=1e6)

@@ -4,7 +4,8 @@ step, and map |input - reconstruction|.
 Procedure: the image (in the model's region window, [-1, 1]) is restricted to a region of interest (a
 user mask, default the body from the anatomy map); outside it is set to -1 (the window's bottom, air in
 every region window). It is noised to step t (paper: 950) with seeded noise, x0 is predicted once by the
-sliding-window sampler (windows averaged), and the anomaly map is |input - x0| in HU, Gaussian-smoothed
+sliding-window sampler (windows averaged; windows holding no voxel of the region are not evaluated, and the
+reconstruction there is the masked input), and the anomaly map is |input - x0| in HU, Gaussian-smoothed
 and zero outside the region.
 
 Threshold rule (user-overridable): mean + 3 standard deviations of the map inside the region.
@@ -84,7 +85,7 @@ def detect_anomalies(volume: Volume, model: torch.nn.Module, mask: Optional[Volu
     generator = torch.Generator().manual_seed(int(seed))
     noise = torch.randn(x.shape, generator=generator)
     x_t = diffusion.q_sample(sampler.schedule, x, t, noise)
-    x0 = sampler.predict_x0(x_t, t).cpu()
+    x0 = sampler.predict_x0(x_t, t, sampler.active_windows(inside), fallback=x).cpu()
 
     half_width = (window[1] - window[0]) / 2.0
     difference = (x - x0).abs()[0, 0].numpy() * half_width
