@@ -23,9 +23,14 @@ Hooks for tasks built on top (DiffPIR denoising, RePaint inpainting, ...):
 
 Skipping windows: a task that will use the result only on some voxels (denoising keeps the input outside
 its HU window: air, lungs, bone) can evaluate `active_windows(needed)` alone. On a real 512 x 512 CT, a quarter
-to a half of the windows lie wholly in air or lung for a soft-tissue window. Every needed voxel is still
-averaged over all the windows that hold it, and the network never sees a voxel outside the windows it
-evaluates. Those voxels take a `fallback` x0 from the task (for denoising, the noisy input itself).
+to a half of the windows lie wholly in air or lung for a soft-tissue window. At every step each needed voxel
+is still averaged over all the windows that hold it, so a one-step task (anomaly detection) gets exactly the
+all-window result there. Voxels that are not needed but lie in an evaluated window get the average of the
+evaluated windows that hold them, which may differ from the all-window one; over several steps they feed
+that back into their windows (measured with the default model on real CT: PSNR within 0.01 dB, mean change
+0.01 HU, up to 12 HU at single voxels next to the skipped region). Voxels no
+evaluated window holds are never seen by the network; they take the task's `fallback` x0 (for denoising,
+the noisy input itself).
 """
 from __future__ import annotations
 
@@ -180,7 +185,7 @@ class SlidingWindowSampler:
         needed = torch.as_tensor(needed)
         if tuple(needed.shape) != self.shape:
             raise ValueError(f"the mask of needed voxels has shape {tuple(needed.shape)}, the grid is {self.shape}")
-        padded = mirror_pad(needed.to(torch.uint8)[None, None], self.padded_shape)
+        padded = mirror_pad((needed != 0).to(torch.uint8)[None, None], self.padded_shape)
         return [j for j, start in enumerate(self.starts) if bool(padded[self._box(start)].any())]
 
     def eps(self, x_t: torch.Tensor, t: int, windows: Optional[Sequence[int]] = None) -> torch.Tensor:
@@ -254,7 +259,7 @@ class SlidingWindowSampler:
         """
         x0 = diffusion.predict_x0(self.schedule, x_t.to(self.device), t, self.eps(x_t, t, windows))
         if windows is not None:
-            if fallback is None or tuple(fallback.shape[-3:]) != self.shape:
+            if fallback is None or tuple(fallback.shape) != (1, 1) + self.shape:
                 raise ValueError(f"evaluating only some windows needs a fallback x0 on the grid {self.shape}")
             covered = self._coverage([int(j) for j in windows])[(Ellipsis,) + self._crop] > 0
             x0 = torch.where(covered, x0, fallback.to(self.device, torch.float32))

@@ -254,32 +254,40 @@ def test_condition_is_the_same_however_it_is_stored(monkeypatch):
     assert torch.equal(volume, windows) and torch.equal(on_demand, windows)
 
 
-def test_skipped_windows_leave_the_voxels_other_windows_cover_as_they_were(prior):
-    """With a pointwise model, evaluating only the windows that hold a needed voxel gives every voxel those
-    windows cover the all-window estimate; the rest get no estimate, and the task's fallback as x0."""
-    shape = (16, 48, 40)
+def test_skipped_windows_leave_every_needed_voxel_its_full_window_average(prior):
+    """Evaluating only the windows that hold a needed voxel: with a model whose answer depends on the window,
+    every needed voxel gets exactly the all-window average (so no window that holds it was skipped), voxels no
+    evaluated window holds get no estimate and the task's fallback as x0, and the model sees only those windows.
+    The z axis is shorter than the window, so the mirror-padded grid is covered too."""
+    c = prior.coord_channel
+
+    def window_mean_z(x_t, t, cond, region):
+        return cond[:, c:c + 1].mean(dim=(2, 3, 4), keepdim=True).expand_as(x_t) + 0.1 * x_t
+
+    shape = (10, 48, 40)
     sampler = make_sampler(prior, 16, shape=shape, overlap=0.25)
     needed = np.zeros(shape, bool)
     needed[4:9, 3:10, 30:33] = True
+    needed[9, 47, 0] = True  # a corner voxel, held only by the last windows along y
     windows = sampler.active_windows(needed)
-    assert 0 < len(windows) < sampler.num_windows // 3
+    assert 0 < len(windows) < sampler.num_windows // 2
     assert sampler.active_windows(np.ones(shape, bool)) == list(range(sampler.num_windows))
     seen = []
-    sampler.model_fn = lambda x, t, cond, region: (seen.append(len(x)), prior(x, t, cond, region))[1]
+    sampler.model_fn = lambda x, t, cond, region: (seen.append(len(x)), window_mean_z(x, t, cond, region))[1]
     x_t = torch.randn((1, 1) + shape, generator=torch.Generator().manual_seed(0))
     part = sampler.eps(x_t, 400, windows)[0, 0]
     assert sum(seen) == len(windows)
     full = sampler.eps(x_t, 400)[0, 0]
+    torch.testing.assert_close(part[needed], full[needed], atol=1e-6, rtol=1e-6)
     covered = np.zeros(shape, bool)
-    for j in windows:
-        covered[tuple(slice(a, a + 16) for a in sampler.starts[j])] = True
-    assert covered[needed].all() and not covered.all()
-    torch.testing.assert_close(part[covered], full[covered], atol=1e-5, rtol=1e-5)
-    assert not part[~covered].any()
+    for j in windows:  # the grid's z axis is padded from 10 to 16 voxels, 3 before the volume
+        z, y, x = sampler.starts[j]
+        covered[:, y:y + 16, x:x + 16] = True
+    assert not covered.all() and not part[~covered].any()
     fallback = torch.linspace(-1.5, 1.5, math.prod(shape)).reshape((1, 1) + shape)
     x0 = sampler.predict_x0(x_t, 400, windows, fallback)[0, 0]
     torch.testing.assert_close(x0[~covered], fallback[0, 0][~covered].clamp(-1, 1))
-    torch.testing.assert_close(x0[covered], sampler.predict_x0(x_t, 400)[0, 0][covered])
+    torch.testing.assert_close(x0[needed], sampler.predict_x0(x_t, 400)[0, 0][needed])
     with pytest.raises(ValueError, match="fallback"):
         sampler.predict_x0(x_t, 400, windows)
     with pytest.raises(ValueError, match="shape"):

@@ -185,8 +185,9 @@ def test_anomaly_map_highlights_inserted_lesion():
 
 
 def test_anomaly_detection_evaluates_only_the_windows_in_its_region(monkeypatch):
-    """A small search region: only the windows holding part of it are evaluated, and with a pointwise prior
-    the map is the all-window one; outside those windows the reconstruction is the masked input (air)."""
+    """A small search region: only the windows holding part of it are evaluated, and the map is the all-window
+    one (one step: every region voxel keeps all its windows, which the window-dependent term would show);
+    outside those windows the reconstruction is the masked input (air)."""
     prior = AnalyticGaussian(std=0.02)
     shape = (16, 48, 40)
     hu = unit_to_hu(prior.mean_volume(shape)[0, 0].numpy(), WINDOW).astype(np.float32)
@@ -195,8 +196,13 @@ def test_anomaly_detection_evaluates_only_the_windows_in_its_region(monkeypatch)
     hu[:, 40:] = -1000.0  # air, so the volume reads as CT
     volume, mask = Volume(hu), Volume(region)
     calls = []
-    exact = prior.forward
-    prior.forward = lambda x, t, cond, region: (calls.append(len(x)), exact(x, t, cond, region))[1]
+    exact, c = prior.forward, prior.coord_channel
+
+    def window_dependent(x, t, cond, region):
+        calls.append(len(x))
+        return exact(x, t, cond, region) + 0.05 * cond[:, c:c + 1].mean(dim=(2, 3, 4), keepdim=True)
+
+    prior.forward = window_dependent
     skipped = detect_anomalies(volume, prior, mask=mask, region="abdomen", seed=1)
     evaluated = sum(calls)
     calls.clear()

@@ -17,7 +17,7 @@ BENCH_UNTIL=${BENCH_UNTIL:-300}; TRAIN_UNTIL=${TRAIN_UNTIL:-535}
 COMMON="--device cuda --size 512 512 300 --nfe 3 --project 1000 250 100 50"
 # Denoising's default overlap (0.25) on the tiled abdomen crop (no air: every window is evaluated) and on a real
 # 512 x 512 CT (the windows wholly in air are skipped), then with torch.compile and with cuDNN's algorithm
-# search; 0.5 as in the first table (2026-11-26) last, if time is left.
+# search; 0.5 as in the first table (2026-11-26) last, if time is left. Each set names its --input.
 B="$COMMON --window-batch 256 --precision bf16 --input .gpu/example_ct.npz"
 R="$COMMON --window-batch 256 --precision bf16 --input .gpu/crlm.npz"
 BENCH_SETS=${BENCH_SETS:-"$B --overlap 0.25;$R --overlap 0.25;$R --overlap 0.25 --compile;$R --overlap 0.25 --cudnn-benchmark;$B --overlap 0.5"}

@@ -4,9 +4,10 @@ step, and map |input - reconstruction|.
 Procedure: the image (in the model's region window, [-1, 1]) is restricted to a region of interest (a
 user mask, default the body from the anatomy map); outside it is set to -1 (the window's bottom, air in
 every region window). It is noised to step t (paper: 950) with seeded noise, x0 is predicted once by the
-sliding-window sampler (windows averaged; windows holding no voxel of the region are not evaluated, and the
-reconstruction there is the masked input), and the anomaly map is |input - x0| in HU, Gaussian-smoothed
-and zero outside the region.
+sliding-window sampler (windows averaged; windows holding no voxel of the region are not evaluated, which
+leaves the map unchanged, and the reconstruction of the voxels no evaluated window holds is the masked
+input: the window's bottom), and the anomaly map is |input - x0| in HU, Gaussian-smoothed and zero outside
+the region.
 
 Threshold rule (user-overridable): mean + 3 standard deviations of the map inside the region.
 Image-level score: the 99th percentile of the map inside the region (HU), so one hot voxel does not decide.
@@ -42,7 +43,7 @@ class AnomalyResult:
     anomaly_mask: Volume     # uint8, 1 where the map exceeds the threshold
     score: float             # image-level anomaly score (HU)
     threshold: float         # HU
-    reconstruction: Volume   # the model's healthy estimate, HU
+    reconstruction: Volume   # the model's healthy estimate, HU (the window's bottom far outside the region)
     region_mask: Volume      # uint8 region the detection was restricted to
 
 

@@ -15,8 +15,8 @@ the group. `project=False` gives the paper's plain DiffPIR output.
 The model sees only its region's HU window. Voxels outside it (air, lung or bone in a soft-tissue window)
 would come back clipped to the window edges; they get the thick slices interpolated instead (`_full_range`),
 and the final projection then holds in HU for every voxel, so a super-resolved CT keeps its full HU range.
-Windows that hold no voxel of the HU window are therefore not evaluated; their voxels follow the interpolated
-input during sampling.
+Windows that hold no voxel of the HU window are therefore not evaluated; the voxels no evaluated window holds
+take the interpolated input as their x0 during sampling.
 """
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: 
     log.info("%d of %d windows hold voxels of the [%g, %g] HU window", len(windows), sampler.num_windows, *window)
     # The sampler's own generator is seeded differently from the initial noise's, so they are independent.
     x = sampler.run(x_init, steps, seed + 1, x0_transform=data_step, zeta=zeta, progress=progress, windows=windows,
-                    fallback=control[None, None])
+                    fallback=control[None, None].to(device))
     if project:
         x = x + repeat_slices(y - average_slices(x, factor), factor, n_thin)
     return guide.with_array(_full_range(unit_to_hu(x[0, 0].cpu().numpy(), window), volume.array, weight, factor,
