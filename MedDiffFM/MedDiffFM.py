@@ -283,7 +283,8 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 size=(p.synthesizeSizeX, p.synthesizeSizeY, p.synthesizeSizeZ),
                 spacing=(p.synthesizeSpacingXY, p.synthesizeSpacingXY, p.synthesizeSpacingZ), **options)
         if p.task == "denoise":
-            return self.logic.denoise(p.inputVolume, noiseLevel=p.noiseLevel if p.noiseLevel >= 0 else None, **options)
+            return self.logic.denoise(p.inputVolume, noiseLevel=p.noiseLevel if p.noiseLevel >= 0 else None,
+                                      segmentationNode=p.maskSegmentation, segmentId=p.maskSegmentId, **options)
         if p.task == "detect-anomalies":
             return self.logic.detectAnomalies(
                 p.inputVolume, threshold=p.anomalyThreshold if p.anomalyThreshold >= 0 else None,

@@ -588,6 +588,19 @@ def test_real_denoise_adds_one_node_on_the_input_grid(small_ct_node):
     assert scene_nodes() - nodes_before == {node.GetID(), node.GetDisplayNodeID()}
 
 
+def test_real_denoise_inside_a_segment_keeps_the_rest(small_ct_node):
+    ct_node = small_ct_node
+    segmentation, segment_id, sphere = sphere_segmentation(ct_node, center_ijk=(8, 16, 16), radius_vox=6)
+    before = slicer.util.arrayFromVolume(ct_node).copy()
+    node = MedDiffFM.MedDiffFMLogic().denoise(ct_node, segmentationNode=segmentation, segmentId=segment_id, nfe=2,
+                                              seed=0, model=TINY_MODEL, forceCpu=True)
+    result = slicer.util.arrayFromVolume(node)
+    inside = sphere > 0
+    np.testing.assert_array_equal(result[~inside], before[~inside])
+    assert not np.array_equal(result[inside], before[inside])
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(ct_node), before)
+
+
 def test_real_anomaly_segmentation_is_the_thresholded_map(small_ct_node):
     ct_node = small_ct_node
     logic = MedDiffFM.MedDiffFMLogic()

@@ -81,15 +81,18 @@ class MedDiffFMTasks:
         return self._runTask("synthesize", None, arguments, wait, options, namedInputs=inputs,
                              importResults=self._importVolume(name, referenceVolumeNode))
 
-    def denoise(self, volumeNode, noiseLevel=None, window=None, wait=True, **options):
+    def denoise(self, volumeNode, noiseLevel=None, window=None, segmentationNode=None, segmentId=None, wait=True,
+                **options):
         """Denoise a CT. `noiseLevel`: noise standard deviation in HU (None = estimate it from the
-        image); `window`: (low, high) HU mapped to the model's range. Returns the new volume node."""
+        image); `window`: (low, high) HU mapped to the model's range; segment `segmentId`, if given: denoise only
+        inside it (the rest keeps its values). Returns the new volume node."""
         arguments = []
         if noiseLevel is not None:
             arguments += ["--noise-level", noiseLevel]
         if window is not None:
             arguments += ["--window", *window]
-        return self._runTask("denoise", volumeNode, arguments, wait, options)
+        mask = (segmentationNode, segmentId) if segmentationNode is not None and segmentId else None
+        return self._runTask("denoise", volumeNode, arguments, wait, options, mask=mask)
 
     def detectAnomalies(self, volumeNode, threshold=None, segmentationNode=None, segmentId=None, wait=True,
                         **options):

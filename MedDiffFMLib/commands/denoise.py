@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "per-voxel standard deviation")
     parser.add_argument("--uncertainty", type=Path,
                         help="where to write the standard deviation over seeds (default: OUTPUT with _std)")
+    parser.add_argument("--mask", type=Path,
+                        help="denoise only inside this label map on the CT grid (default: everywhere); the rest "
+                        "keeps its input values, e.g. a quick look at a region on the CPU")
     parser.add_argument("--anatomy-labels", type=Path, help="anatomy label map on the CT grid (default: computed)")
     parser.add_argument("--preview", type=Path, help="PNG figure: input / denoised / difference (middle slice)")
 
@@ -54,15 +57,16 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--uncertainty is the standard deviation over seeds: add --seeds 2 or more")
     if args.seeds > 1 and uncertainty_path is None:
         uncertainty_path = sibling_path(args.output, "_std")
-    _common.check_outputs(args, [args.input, args.anatomy_labels], volumes=[args.output, uncertainty_path],
+    _common.check_outputs(args, [args.input, args.mask, args.anatomy_labels], volumes=[args.output, uncertainty_path],
                           others=[args.preview])
     volume = read_volume(args.input)
+    mask = read_mask(args.mask, like=volume) if args.mask else None
     labels = read_mask(args.anatomy_labels, like=volume) if args.anatomy_labels else None
     model = _common.load_model(args)
     result = denoise(volume, model, nfe=args.nfe, noise_level=args.noise_level, window=args.window,
                      soft_tissue_pass={"auto": None, "on": True, "off": False}[args.soft_tissue_pass],
                      lam=args.lam, zeta=args.zeta, seed=args.seed, seeds=args.seeds,
-                     region=_common.region_option(args), anatomy_labels=labels,
+                     region=_common.region_option(args), anatomy_labels=labels, mask=mask,
                      progress=_common.progress_reporter(args.progress), **_common.sampler_options(args))
     inputs = [args.input]
     write_volume(result.denoised, args.output, overwrite=args.overwrite, inputs=inputs)

@@ -43,7 +43,7 @@ from ..io import Volume
 from ..noise import NoiseEstimate, estimate_noise
 from ..preprocess import as_window, unit_to_hu, window_to_unit
 from ..sampling import SlidingWindowSampler
-from ..validation import check_ct
+from ..validation import check_ct, check_mask
 from . import common
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
             noise_level: Optional[float] = None, window: Optional[Sequence[float]] = None,
             lam: float = DEFAULT_LAMBDA, zeta: Optional[float] = None, seed: int = 0, seeds: int = 1,
             region: Optional[str] = None, anatomy_labels: Optional[Volume] = None,
-            soft_tissue_pass: Optional[bool] = None,
+            soft_tissue_pass: Optional[bool] = None, mask: Optional[Volume] = None,
             device: Union[str, torch.device] = "cpu", overlap: float = DEFAULT_OVERLAP,
             window_batch: Optional[int] = None,
             precision: str = "auto", progress: Optional[Callable[[int, int], None]] = None) -> DenoiseResult:
@@ -145,10 +145,14 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
     mean, with the per-voxel standard deviation as `uncertainty`. `zeta` None: DEFAULT_ZETA for one seed,
     DEFAULT_SEEDS_ZETA for several. `region` None guesses it from the image. `soft_tissue_pass` None:
     when the window is the model's and much wider than soft tissue (chest), soft tissue gets a second pass
-    in SOFT_TISSUE_WINDOW_HU (see the module docstring); True/False forces it on/off.
+    in SOFT_TISSUE_WINDOW_HU (see the module docstring); True/False forces it on/off. `mask`: a label map on the
+    image grid; only its nonzero voxels are denoised (the rest keep the input, and windows wholly outside it are
+    not evaluated), e.g. a quick look at a region on the CPU. The noise is still estimated from the whole image.
     """
     seed = common.check_seed(seed)
     check_ct(volume)
+    if mask is not None:
+        check_mask(mask, volume)
     if seeds < 1:
         raise InputError(f"the number of seeds must be >= 1, got {seeds}")
     if zeta is None:
@@ -205,6 +209,8 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
                 progress(done + step, total)
 
         weight = common.window_weight(volume.array, pass_window)
+        if mask is not None:
+            weight = weight * (np.asarray(mask.array) != 0)
         evaluated = sampler.active_windows(weight > 0)
         pass_windows.append((len(evaluated), sampler.num_windows))
         log.info("[%g, %g] HU pass: %d of %d windows hold voxels of the window", *pass_window, len(evaluated),
