@@ -43,7 +43,8 @@ class MedDiffFM(ScriptedLoadableModule):
         self.parent.helpText = f"""
 CT diffusion foundation model (MedDiff-FM): synthesize, denoise, detect anomalies, super-resolve,
 generate lesions and inpaint 3D CT volumes. Results are added as new nodes; inputs are never changed.
-Draw masks (lesion site, region to inpaint) as a segment in the Segment Editor.
+Draw masks (lesion site, region to inpaint, or a region to limit denoising or anomaly detection to) as a
+segment in the Segment Editor.
 Synthesized CTs, generated lesions and inpainted regions lie within the model's HU window for the body
 region (for example -120 to 240 HU for the abdomen, -1400 to 400 HU for the chest); elsewhere voxels
 outside that window keep the input's values.

@@ -520,6 +520,11 @@ def test_console_calls_without_proper_nodes_get_clear_messages(ct_node, fake_cli
         logic.inpaint(ct_node, None, None)
     with pytest.raises(ValueError, match="'lesion labels' \\(vtkMRMLLabelMapVolumeNode\\)"):
         logic.generateLesion(ct_node, labelmap, "1")
+    # An optional segment given without its segmentation is refused, not dropped (the whole CT would run).
+    with pytest.raises(ValueError, match="Denoise needs a segmentation node and a segment ID, got nothing"):
+        logic.denoise(ct_node, segmentId="Segment_1")
+    with pytest.raises(ValueError, match="Detect anomalies needs a segmentation node"):
+        logic.detectAnomalies(ct_node, segmentId="Segment_1")
     with pytest.raises(ValueError, match="not a CT volume node"):
         logic.denoise(slicer.mrmlScene.AddNewNodeByClass("vtkMRMLModelNode", "surface"))
     assert scene_nodes() - nodes_before == {slicer.mrmlScene.GetFirstNodeByName("surface").GetID()}

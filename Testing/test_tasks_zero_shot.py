@@ -144,6 +144,15 @@ def test_denoise_inside_a_mask_only(monkeypatch):
     assert np.array_equal(out[~inside], hu[~inside])
     np.testing.assert_allclose(out[inside], whole[inside], atol=1e-3)
     assert np.abs(out[inside] - hu[inside]).mean() > 5.0
+    # Two passes and two seeds: both passes stay inside the mask, and so does the spread over the seeds.
+    two = denoise(volume, prior, mask=mask, soft_tissue_pass=True, seeds=2, **settings)
+    assert len(two.windows) == 2 and all(0 < n < total for n, total in two.windows)
+    assert np.array_equal(two.denoised.array[~inside], hu[~inside])
+    assert not two.uncertainty.array[~inside].any() and two.uncertainty.array[inside].mean() > 0
+    air = np.zeros(shape, np.uint8)
+    air[:, :, -2:] = 1
+    with pytest.raises(InputError, match="no voxel inside the denoising window"):
+        denoise(volume, prior, mask=volume.with_array(air), **settings)
     with pytest.raises(InputError, match="empty"):
         denoise(volume, prior, mask=volume.with_array(np.zeros(shape, np.uint8)), **settings)
     with pytest.raises(InputError, match="grid"):

@@ -91,7 +91,7 @@ class MedDiffFMTasks:
             arguments += ["--noise-level", noiseLevel]
         if window is not None:
             arguments += ["--window", *window]
-        mask = (segmentationNode, segmentId) if segmentationNode is not None and segmentId else None
+        mask = (segmentationNode, segmentId) if segmentId else None
         return self._runTask("denoise", volumeNode, arguments, wait, options, mask=mask)
 
     def detectAnomalies(self, volumeNode, threshold=None, segmentationNode=None, segmentId=None, wait=True,
@@ -100,7 +100,7 @@ class MedDiffFMTasks:
         the map (None = the model's default). Returns (anomaly map volume node in HU, segmentation node
         of the voxels above the threshold)."""
         arguments = [] if threshold is None else ["--threshold", threshold]
-        mask = (segmentationNode, segmentId) if segmentationNode is not None and segmentId else None
+        mask = (segmentationNode, segmentId) if segmentId else None
 
         def importResults(workDir):
             mapNode, anomalySegmentation = _addAllOrNothing(

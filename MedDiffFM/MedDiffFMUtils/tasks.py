@@ -2,7 +2,7 @@
 from collections import OrderedDict, namedtuple
 
 TaskInfo = namedtuple("TaskInfo", "command title resultSuffix needsInputVolume needsMask usesNfe")
-# needsMask: a segment is required (detect-anomalies takes one optionally, as the region to search);
+# needsMask: a segment is required (denoise and detect-anomalies take one optionally, as the region to work in);
 # usesNfe: the command has --nfe (anomaly detection reconstructs in one step).
 
 # Order = order of the tabs in the module panel.

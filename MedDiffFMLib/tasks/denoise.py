@@ -203,17 +203,25 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
     # Passes can take different numbers of steps (automatic NFE): plan them all, so progress counts over all passes.
     plans = [_planned_steps(sampler, noise_hu * 2.0 / _width(w), nfe) for w in windows]
     total, done = seeds * sum(len(plan) for plan in plans), 0
+    inside = None if mask is None else np.asarray(mask.array) != 0
+    if inside is not None:
+        log.info("denoising only inside the mask: %d voxels (%.1f %% of the image); the rest keeps its values",
+                 int(inside.sum()), 100.0 * inside.mean())
     for pass_window, plan in zip(windows, plans):
         def pass_progress(step: int, n: int, done: int = done) -> None:
             if progress is not None:
                 progress(done + step, total)
 
         weight = common.window_weight(volume.array, pass_window)
-        if mask is not None:
-            weight = weight * (np.asarray(mask.array) != 0)
+        if inside is not None:
+            weight = weight * inside
+            if not pass_windows and not weight.any():  # the first pass has the widest window
+                raise InputError(f"the mask holds no voxel inside the denoising window [{pass_window[0]:g}, "
+                                 f"{pass_window[1]:g}] HU: only air or bone, which keep their values anyway; "
+                                 "draw it over soft tissue")
         evaluated = sampler.active_windows(weight > 0)
         pass_windows.append((len(evaluated), sampler.num_windows))
-        log.info("[%g, %g] HU pass: %d of %d windows hold voxels of the window", *pass_window, len(evaluated),
+        log.info("[%g, %g] HU pass: %d of %d windows hold voxels to denoise", *pass_window, len(evaluated),
                  sampler.num_windows)
         mean_hu, pass_std, pass_steps = _denoise_pass(sampler, volume, pass_window, sigma_hu_map, lam, zeta,
                                                       len(plan), seed, seeds, pass_progress, evaluated)
