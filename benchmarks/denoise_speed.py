@@ -139,7 +139,7 @@ def run_one(args, nfe: int, window_batch: int, precision: str, memory_format: st
 
     start = time.perf_counter()
     result = denoise(volume, model, nfe=nfe, noise_level=args.noise_level, region="abdomen", device=device,
-            overlap=args.overlap, window_batch=window_batch, precision=precision, progress=stamp)
+                     overlap=args.overlap, window_batch=window_batch, precision=precision, progress=stamp)
     sync()
     seconds = time.perf_counter() - start
     if device.type == "cuda":

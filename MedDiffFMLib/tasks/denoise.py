@@ -107,7 +107,7 @@ def diffpir(sampler: SlidingWindowSampler, y: torch.Tensor, sigma: Union[float, 
             windows: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, List[int]]:
     """DiffPIR denoising of y (1, 1, d, h, w) in [-1, 1] units with noise std `sigma` (scalar or a map
     broadcastable to y, same units) in `nfe` steps (None: `automatic_nfe`), evaluating only `windows` (None: all;
-    the voxels they do not cover keep y). Returns (x0, the timesteps used)."""
+    the voxels they do not cover take y as their x0). Returns (x0, the timesteps used)."""
     schedule = sampler.schedule
     sigma_map = torch.as_tensor(sigma, dtype=torch.float32).to(sampler.device)
     sigma_overall = float(sigma_map.median()) if sigma_map.ndim else float(sigma_map)
