@@ -237,8 +237,17 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         problem = self._missingInput()
         self.ui.applyButton.text = "Apply"
-        self.ui.applyButton.toolTip = problem or f"Run {TASKS[self._parameterNode.task].title}."
+        self.ui.applyButton.toolTip = problem or self._applyToolTip()
         self.ui.applyButton.enabled = not problem
+
+    def _applyToolTip(self):
+        """What Apply will run; says so when an optional Mask segment (left from another task) limits it."""
+        p = self._parameterNode
+        info = TASKS[p.task]
+        limited = info.command in ("denoise", "detect-anomalies") and p.maskSegmentation and p.maskSegmentId
+        if limited:
+            return f"Run {info.title} inside the selected Mask segment only (clear it to use the whole image)."
+        return f"Run {info.title}."
 
     # --- running -------------------------------------------------------------------------------------
 
