@@ -225,7 +225,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return "Select an input volume."
         if p.task == "synthesize" and not p.synthesizeOnInputGrid and p.region == "auto":
             return "Choose the body region: it can only be guessed from an input volume."
-        if info.needsMask and not (p.maskSegmentation and p.maskSegmentId):
+        if info.mask == "required" and not (p.maskSegmentation and p.maskSegmentId):
             return "Select the mask segment (paint it in the Segment Editor)."
         return ""
 
@@ -244,8 +244,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """What Apply will run; says so when an optional Mask segment (left from another task) limits it."""
         p = self._parameterNode
         info = TASKS[p.task]
-        limited = info.command in ("denoise", "detect-anomalies") and p.maskSegmentation and p.maskSegmentId
-        if limited:
+        if info.mask == "optional" and p.maskSegmentation and p.maskSegmentId:
             return f"Run {info.title} inside the selected Mask segment only (clear it to use the whole image)."
         return f"Run {info.title}."
 
