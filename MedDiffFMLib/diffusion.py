@@ -103,14 +103,19 @@ def reverse_step(schedule: Schedule, x_t: torch.Tensor, t: int, t_prev: int, x0:
 
 
 def diffpir_step(schedule: Schedule, x_t: torch.Tensor, t: int, t_prev: int, x0_hat: torch.Tensor,
-                 zeta: float, noise: torch.Tensor) -> torch.Tensor:
+                 zeta: float, noise: Optional[torch.Tensor]) -> torch.Tensor:
     """DiffPIR's update (Zhu et al. 2023): re-noise the data-consistent x0_hat to level t_prev, mixing the
-    effective noise of x_t (weight sqrt(1 - zeta)) with fresh noise (weight sqrt(zeta))."""
+    effective noise of x_t (weight sqrt(1 - zeta)) with fresh noise (weight sqrt(zeta); None when zeta is 0)."""
     a_prev = schedule.abar(t_prev)
     if t_prev < 0:
         return x0_hat.float()
     eps_hat = eps_from_x0(schedule, x_t, t, x0_hat)
-    mixed = math.sqrt(1 - zeta) * eps_hat + math.sqrt(zeta) * noise.float()
+    if zeta == 0:
+        mixed = eps_hat
+    elif noise is None:
+        raise ValueError("diffpir_step with zeta > 0 needs a noise tensor (drawn from a seeded generator)")
+    else:
+        mixed = math.sqrt(1 - zeta) * eps_hat + math.sqrt(zeta) * noise.float()
     return _coef(a_prev.sqrt(), x_t) * x0_hat.float() + _coef((1 - a_prev).sqrt(), x_t) * mixed
 
 

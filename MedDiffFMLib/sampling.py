@@ -292,7 +292,8 @@ class SlidingWindowSampler:
             if x0_transform is not None:
                 x0 = x0_transform(x0, t, t_prev)
             noise = None
-            if t_prev >= 0 and (zeta is not None or eta > 0):
+            # Drawn only where the update uses it: on a 512 x 512 x 300 CT one draw takes 0.6 s of CPU.
+            if t_prev >= 0 and (eta > 0 if zeta is None else zeta > 0):
                 noise = torch.randn(x.shape, generator=generator).to(self.device)
             if zeta is None:
                 x = diffusion.reverse_step(self.schedule, x, t, t_prev, x0, eta=eta, noise=noise)

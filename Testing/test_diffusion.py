@@ -68,6 +68,15 @@ def test_final_step_returns_x0(sched):
     torch.testing.assert_close(D.diffpir_step(sched, xt, 5, -1, x0, 0.3, torch.randn_like(xt)), x0)
 
 
+def test_diffpir_step_needs_fresh_noise_only_when_zeta_is_positive(sched):
+    x0, xt = torch.rand(1, 1, 2, 2, 2), torch.rand(1, 1, 2, 2, 2)
+    noise = torch.randn_like(xt)
+    torch.testing.assert_close(D.diffpir_step(sched, xt, 50, 20, x0, 0.0, None),
+                               D.diffpir_step(sched, xt, 50, 20, x0, 0.0, noise))
+    with pytest.raises(ValueError, match="noise"):
+        D.diffpir_step(sched, xt, 50, 20, x0, 0.3, None)
+
+
 def test_timesteps():
     assert D.timesteps(5, 999) == [999, 749, 500, 250, 0]
     assert D.timesteps(100, 10) == list(range(10, -1, -1))

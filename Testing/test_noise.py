@@ -7,7 +7,7 @@ import pytest
 from conftest import ABDOMEN_SMALL_NII
 from MedDiffFMLib.errors import InputError
 from MedDiffFMLib.io import Volume, read_volume
-from MedDiffFMLib.noise import estimate_noise
+from MedDiffFMLib.noise import _interpolation_matrix, estimate_noise
 
 
 def phantom(noise_by_slice, seed=1):
@@ -58,3 +58,15 @@ def test_refuses_image_without_soft_tissue():
     air_and_bone = np.where(np.indices((10, 40, 40))[2] < 20, -1000.0, 1000.0).astype(np.float32)
     with pytest.raises(InputError, match="--noise-level"):
         estimate_noise(Volume(air_and_bone))
+
+
+@pytest.mark.parametrize("cells, cell_size, size", [(18, 30, 512), (3, 7, 20), (1, 5, 4)])
+def test_block_interpolation_matches_scipy_zoom(cells, cell_size, size):
+    """The map's block values are spread by two small matrix products; scipy's linear zoom is the reference."""
+    from scipy import ndimage
+
+    blocks = np.random.default_rng(cells).random((2, cells, cells))
+    reference = ndimage.zoom(blocks, (1.0, cell_size, cell_size), order=1, mode="nearest",
+                             grid_mode=True)[:, :size, :size]
+    weights = _interpolation_matrix(cells, cell_size, size)
+    np.testing.assert_allclose(weights @ blocks @ weights.T, reference, rtol=1e-5, atol=1e-6)

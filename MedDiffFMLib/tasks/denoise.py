@@ -259,6 +259,10 @@ def _denoise_pass(sampler: SlidingWindowSampler, volume: Volume, window: Tuple[f
     if sigma.ndim:
         sigma = sigma[None, None]
     y = torch.from_numpy(window_to_unit(volume.array.astype(np.float32), window))[None, None]
+    if seeds == 1:
+        x0, steps = diffpir(sampler, y, sigma, lam=lam, zeta=zeta, nfe=nfe, seed=seed, progress=progress,
+                            windows=windows)
+        return unit_to_hu(x0[0, 0].cpu().numpy(), window), None, steps
     # Welford's running mean and sum of squared deviations over the seeds.
     mean = torch.zeros(y.shape, dtype=torch.float64)
     m2 = torch.zeros_like(mean)
@@ -273,7 +277,7 @@ def _denoise_pass(sampler: SlidingWindowSampler, volume: Volume, window: Tuple[f
         delta = x0 - mean
         mean += delta / (k + 1)
         m2 += delta * (x0 - mean)
-    std = np.sqrt(m2[0, 0].numpy() / (seeds - 1)) / to_unit if seeds > 1 else None
+    std = np.sqrt(m2[0, 0].numpy() / (seeds - 1)) / to_unit
     return unit_to_hu(mean[0, 0].numpy(), window), std, steps
 
 
