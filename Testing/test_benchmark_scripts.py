@@ -29,6 +29,7 @@ def test_denoise_speed_prints_one_row_per_configuration(denoise_speed, capsys):
     assert len(rows) == 2
     assert {row.split("|")[5].strip() for row in rows} == {"contiguous", "channels_last"}
     assert all(float(row.split("|")[8]) > 0 for row in rows)  # seconds
+    assert all(row.split("|")[12].strip() == "20.0" for row in rows)  # the default --noise-level
     evaluated, grid = (int(n) for n in rows[0].split("|")[7].split(" of "))
     assert 0 < evaluated < grid  # the windows wholly in the air around the limb are skipped
 
@@ -40,13 +41,14 @@ def test_denoise_speed_reads_a_saved_input_and_projects_more_steps(denoise_speed
     again = denoise_speed.read_input(saved)
     assert (again.array == ct.array).all() and again.spacing == ct.spacing and again.direction == ct.direction
     argv = ["--input", str(saved), "--preset", "tiny", "--size", "198", "202", "8", "--nfe", "1", "3",
-            "--window-batch", "8", "--device", "cpu", "--project", "100", "1000"]
+            "--window-batch", "8", "--device", "cpu", "--project", "100", "1000", "--estimate-noise"]
     assert denoise_speed.main(argv) == 0
     out = capsys.readouterr().out
     measured = {int(line.split("|")[2]): line for line in out.splitlines() if line.startswith(("| 1 |", "| 3 |"))}
     assert set(measured) == {1, 3}  # steps actually taken
     seconds, setup, per_step = (float(c) for c in measured[3].split("|")[8:11])
     assert 0 <= setup < seconds and seconds / 3 / 2 < per_step < seconds / 3 * 2  # one stamp per step
+    assert measured[3].split("|")[12].strip().endswith("estimated")  # a user's set-up, not --noise-level's
     projection = out.split("Projected")[1].splitlines()
     assert any("needs a run of >= 2 steps" in line for line in projection)  # the 1-step run has no step time
     (projected,) = [line for line in projection if line.startswith("| 8 |") and "needs" not in line]

@@ -58,6 +58,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--noise-level", type=float, default=20.0, help="HU; sets t_start, which caps the steps")
+    parser.add_argument("--estimate-noise", action="store_true",
+                        help="estimate the noise map from the image, as a user's denoise does (its time falls in "
+                        "the setup column), instead of --noise-level")
     parser.add_argument("--project", type=int, nargs="*", default=[], metavar="STEPS",
                         help="also print the time projected for these step counts (from runs of >= 2 steps)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -138,7 +141,8 @@ def run_one(args, nfe: int, window_batch: int, precision: str, memory_format: st
         stamps.append(time.perf_counter())
 
     start = time.perf_counter()
-    result = denoise(volume, model, nfe=nfe, noise_level=args.noise_level, region="abdomen", device=device,
+    noise_level = None if args.estimate_noise else args.noise_level
+    result = denoise(volume, model, nfe=nfe, noise_level=noise_level, region="abdomen", device=device,
                      overlap=args.overlap, window_batch=window_batch, precision=precision, progress=stamp)
     sync()
     seconds = time.perf_counter() - start
@@ -151,7 +155,8 @@ def run_one(args, nfe: int, window_batch: int, precision: str, memory_format: st
     setup = max(0.0, seconds - len(stamps) * per_step) if len(stamps) > 1 else float("nan")
     evaluated, grid = result.windows[0]
     windows = f"{evaluated} of {grid}"
-    results.put((seconds, setup, per_step, peak, windows, len(stamps), device.type))
+    noise = f"{result.noise_hu:.1f}" + (" estimated" if result.noise_estimate is not None else "")
+    results.put((seconds, setup, per_step, peak, windows, len(stamps), device.type, noise))
 
 
 def main(argv=None) -> int:
@@ -172,7 +177,7 @@ def main(argv=None) -> int:
           f"overlap {args.overlap}, {args.threads} CPU thread(s), "
           f"cuDNN benchmark {'on' if args.cudnn_benchmark else 'off'}, torch.compile {'on' if args.compile else 'off'}")
     header = ("NFE", "steps", "window batch", "precision", "memory format", "device", "windows/step (of the grid)",
-              "seconds", "setup s", "s/step", "peak GiB")
+              "seconds", "setup s", "s/step", "peak GiB", "noise HU")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header), flush=True)
     rows = []  # each row is printed as soon as it is measured, so a run stopped early keeps what it has
@@ -184,10 +189,10 @@ def main(argv=None) -> int:
         if child.exitcode != 0:
             print(f"| {nfe} | failed (exit code {child.exitcode}) | {batch} | {precision} | {fmt} |", flush=True)
             continue
-        seconds, setup, per_step, peak, windows, steps, device = results.get()
+        seconds, setup, per_step, peak, windows, steps, device, noise = results.get()
         rows.append((nfe, steps, batch, precision, fmt, device, windows, seconds, setup, per_step, peak / 2 ** 30))
         print(f"| {nfe} | {steps} | {batch} | {precision} | {fmt} | {device} | {windows} | {seconds:.2f} | "
-              f"{setup:.2f} | {per_step:.3f} | {peak / 2 ** 30:.2f} |", flush=True)
+              f"{setup:.2f} | {per_step:.3f} | {peak / 2 ** 30:.2f} | {noise} |", flush=True)
     if args.project:
         print_projection(rows, args.project)
     return 0
