@@ -41,7 +41,9 @@ def unit_to_hu(x, window: Window):
 
 
 def resample(vol: Volume, spacing: Sequence[float] = (1.0, 1.0, 1.0), is_mask: bool = False) -> Volume:
-    """Resample to `spacing` (x, y, z mm) keeping origin and direction; the extent is preserved.
+    """Resample to `spacing` (x, y, z mm) keeping the direction and the field of view: the voxel count is the
+    extent over the new spacing (rounded), and the grid is centred on the old one, so neither end moves by more
+    than rounding and no output voxel lies beyond the source's outer voxel faces.
 
     Linear interpolation for images, nearest neighbour for label maps.
     """
@@ -50,9 +52,12 @@ def resample(vol: Volume, spacing: Sequence[float] = (1.0, 1.0, 1.0), is_mask: b
         raise InputError(f"target spacing must be three positive numbers in mm (x, y, z), got {spacing}")
     size_xyz = tuple(reversed(vol.shape))
     new_size = [max(1, int(round(n * old / new))) for n, old, new in zip(size_xyz, vol.spacing, spacing)]
+    # Index-space shift of the first voxel centre that keeps the grid's centre where it was.
+    shift = [((n - 1) * old - (m - 1) * new) / 2.0 for n, m, old, new in zip(size_xyz, new_size, vol.spacing, spacing)]
+    direction = np.asarray(vol.direction, float).reshape(3, 3)
     reference = sitk.Image(new_size, sitk.sitkUInt8)
     reference.SetSpacing(spacing)
-    reference.SetOrigin(vol.origin)
+    reference.SetOrigin(tuple(np.asarray(vol.origin, float) + direction @ np.asarray(shift)))
     reference.SetDirection(vol.direction)
     return _resample_onto(vol, reference, is_mask)
 

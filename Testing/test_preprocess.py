@@ -58,12 +58,36 @@ def test_unknown_region_and_bad_window():
         window_to_unit(0.0, (40, 0))
 
 
+def _centre(vol):
+    """Physical centre of a volume's grid (LPS mm)."""
+    direction = np.asarray(vol.direction).reshape(3, 3)
+    half = (np.array(list(reversed(vol.shape))) - 1) * np.asarray(vol.spacing) / 2.0
+    return np.asarray(vol.origin) + direction @ half
+
+
 def test_resample_to_1mm_keeps_extent_and_hu(chest):
     iso = resample(chest, (1.0, 1.0, 1.0))
-    assert iso.spacing == (1.0, 1.0, 1.0) and iso.origin == chest.origin and iso.direction == chest.direction
+    assert iso.spacing == (1.0, 1.0, 1.0) and iso.direction == chest.direction
     assert iso.shape == (240, 292, 292)  # round(48*5), round(512*0.5703)
+    np.testing.assert_allclose(_centre(iso), _centre(chest), atol=1e-6)
     # Same physical extent and the same tissue mix: mean HU within a few HU.
     assert abs(float(iso.array.mean()) - float(chest.array.mean())) < 5.0
+
+
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (0, 0, -1, 1, 0, 0, 0, -1, 0)])
+def test_resample_up_and_down_keeps_every_voxel_inside_the_source(direction):
+    """A uniform image stays uniform: no output voxel falls outside the source and takes the fill value
+    (before, upsampling 2.5 -> 1 mm put the last slice 1.5 mm beyond the source's last voxel centre)."""
+    array = np.full((16, 24, 20), 40.0, np.float32)
+    array[0, 0, 0] = -1000.0  # the fill value, the image minimum, must not appear elsewhere
+    vol = Volume(array, (0.7, 0.9, 2.5), (-12.3, 45.6, -78.9), direction)
+    for spacing in ((1.0, 1.0, 1.0), (0.3, 2.0, 3.3)):
+        out = resample(vol, spacing)
+        assert out.shape == tuple(int(round(n * old / new)) for n, old, new in
+                                  zip(vol.shape, reversed(vol.spacing), reversed(spacing)))
+        for far_end in (out.array[-1], out.array[:, -1], out.array[:, :, -1], out.array[0, 4:, 4:]):
+            np.testing.assert_allclose(far_end, 40.0, atol=1e-3)
+        np.testing.assert_allclose(_centre(out), _centre(vol), atol=1e-6)
 
 
 def test_resample_mask_is_nearest_and_keeps_volume(chest):
