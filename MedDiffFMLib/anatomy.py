@@ -22,6 +22,7 @@ import numpy as np
 
 from .errors import InputError, ResourceError
 from .io import Volume, as_label_array, read_mask, read_volume, write_volume
+from .orientation import AxisOrder
 from .validation import check_mask
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,12 @@ def _fill_holes_in_plane(mask: np.ndarray) -> np.ndarray:
 
 
 def threshold_anatomy(vol: Volume) -> np.ndarray:
-    """uint8 label map (z, y, x): 0 outside body, 1 air/lung, 2 fat, 3 soft tissue, 4 bone."""
+    """uint8 label map (z, y, x): 0 outside body, 1 air/lung, 2 fat, 3 soft tissue, 4 bone.
+
+    The body mask works per axial slice, so a CT stored in another axis order is labelled in patient order."""
+    order = AxisOrder.of(vol.direction)
+    if not order.identity:
+        return order.inverse().array(threshold_anatomy(order.volume(vol)))
     smoothed = _smoothed_hu(vol)
     body = body_mask(vol, smoothed)
     # 1 + the number of class limits each voxel reaches (np.digitize's classes, ten times faster on a whole CT).

@@ -23,6 +23,7 @@ import torch
 from .. import diffusion
 from ..errors import InputError
 from ..io import Volume
+from ..orientation import in_patient_axes
 from ..preprocess import unit_to_hu, window_to_unit
 from ..validation import check_ct, check_mask
 from . import common
@@ -47,6 +48,7 @@ class AnomalyResult:
     region_mask: Volume      # uint8 region the detection was restricted to
 
 
+@in_patient_axes
 def detect_anomalies(volume: Volume, model: torch.nn.Module, mask: Optional[Volume] = None, t: int = DEFAULT_T,
                      seed: int = 0, smoothing_sigma_mm: float = DEFAULT_SMOOTHING_MM,
                      threshold: Optional[float] = None, region: Optional[str] = None,

@@ -41,6 +41,7 @@ from .. import diffusion
 from ..errors import InputError
 from ..io import Volume
 from ..noise import NoiseEstimate, estimate_noise
+from ..orientation import in_patient_axes
 from ..preprocess import as_window, unit_to_hu, window_to_unit
 from ..sampling import SlidingWindowSampler
 from ..validation import check_ct, check_mask
@@ -129,6 +130,7 @@ def diffpir(sampler: SlidingWindowSampler, y: torch.Tensor, sigma: Union[float, 
     return x0, steps
 
 
+@in_patient_axes
 def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
             noise_level: Optional[float] = None, window: Optional[Sequence[float]] = None,
             lam: float = DEFAULT_LAMBDA, zeta: Optional[float] = None, seed: int = 0, seeds: int = 1,

@@ -19,6 +19,7 @@ from ..errors import InputError
 from ..finetune import ControlledNet, check_task
 from ..io import Volume
 from ..network import check_loaded
+from ..orientation import in_patient_axes
 from ..preprocess import unit_to_hu
 from .common import check_seed
 from .lesion import DEFAULT_MARGIN_MM, prepare_box
@@ -57,6 +58,7 @@ def renoise(schedule: Schedule, x_s: torch.Tensor, s: int, t: int, noise: torch.
     return float(ratio.sqrt()) * x_s + float((1 - ratio).sqrt()) * noise
 
 
+@in_patient_axes
 def inpaint(volume: Volume, mask: Volume, model: torch.nn.Module, nfe: int = 100,
             jump_length: int = DEFAULT_JUMP_LENGTH, resample: int = DEFAULT_RESAMPLE,
             margin_mm: float = DEFAULT_MARGIN_MM, region: Optional[str] = None, seed: int = 0,

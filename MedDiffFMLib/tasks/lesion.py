@@ -20,6 +20,7 @@ from ..diffusion import timesteps
 from ..errors import InputError
 from ..finetune import ControlledCondition, ControlledNet, check_task
 from ..io import Volume
+from ..orientation import in_patient_axes
 from ..preprocess import unit_to_hu, window_to_unit
 from ..sampling import SlidingWindowSampler
 from ..validation import check_ct, check_mask
@@ -107,6 +108,7 @@ def prepare_box(volume: Volume, mask: Volume, model: torch.nn.Module, region: Op
     return BoxJob(box, inside, known.to(device), window, sampler)
 
 
+@in_patient_axes
 def generate_lesion(volume: Volume, lesion_mask: Volume, model: torch.nn.Module, nfe: int = 100,
                     margin_mm: float = DEFAULT_MARGIN_MM, region: Optional[str] = None, seed: int = 0,
                     device: Union[str, torch.device] = "cpu", overlap: float = 0.5, window_batch: Optional[int] = None,

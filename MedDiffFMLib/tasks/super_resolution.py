@@ -31,6 +31,7 @@ from ..diffusion import timesteps
 from ..errors import InputError
 from ..finetune import ControlledCondition, check_task
 from ..io import Volume
+from ..orientation import in_patient_axes
 from ..preprocess import unit_to_hu, window_to_unit
 from ..validation import check_ct
 from .common import (anatomy_for, check_seed, make_sampler, model_config, model_window,
@@ -42,6 +43,8 @@ Progress = Optional[Callable[[int, int], None]]
 
 #: DiffPIR's share of fresh noise in each re-noising step (not stated by the paper; a moderate value).
 DEFAULT_ZETA = 0.3
+#: Super-resolution refines axis z; an in-plane spacing this much larger than z means sagittal or coronal slices.
+THICK_AXIS_MARGIN = 1.1
 
 
 def average_slices(thin: torch.Tensor, factor: int) -> torch.Tensor:
@@ -98,6 +101,7 @@ def check_factor(factor: int) -> None:
         raise InputError(f"the slice factor must be an integer >= 2 (thin slices per thick slice), got {factor}")
 
 
+@in_patient_axes
 def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: int = 100, lam: float = 1.0,
                   sigma_n: float = 1.0, zeta: float = DEFAULT_ZETA, region: Optional[str] = None, seed: int = 0,
                   device: Union[str, torch.device] = "cpu", overlap: float = 0.5, window_batch: Optional[int] = None,
@@ -115,6 +119,12 @@ def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: 
     seed = check_seed(seed)
     check_ct(volume)  # also refuses volumes too thin to work on
     check_factor(factor)
+    if max(volume.spacing[:2]) > THICK_AXIS_MARGIN * volume.spacing[2]:
+        raise InputError(
+            "super-resolution makes the axial slices thinner, but this CT's voxels are largest in-plane (spacing "
+            f"x, y, z = {', '.join(f'{s:g}' for s in volume.spacing)} mm in patient order): it holds thick sagittal "
+            "or coronal slices. Resample it to axial slices first (e.g. the preprocess command or Slicer's Resample "
+            "Scalar Volume)")
     if sigma_n < 0 or lam <= 0:
         raise InputError(f"need sigma_n >= 0 and lambda > 0, got sigma_n={sigma_n}, lambda={lam}")
     if not 0.0 <= zeta <= 1.0:

@@ -15,6 +15,7 @@ import torch
 from .. import diffusion
 from ..errors import InputError
 from ..io import Volume
+from ..orientation import in_patient_axes
 from ..preprocess import unit_to_hu
 from ..validation import check_ct, check_dimensions, MIN_AXIS_VOXELS
 from . import common
@@ -24,6 +25,7 @@ from . import common
 DEFAULT_NFE = 100
 
 
+@in_patient_axes
 def synthesize(model: torch.nn.Module, region: Optional[str] = None,
                size_xyz: Optional[Sequence[int]] = None, spacing_xyz: Optional[Sequence[float]] = None,
                reference: Optional[Volume] = None, anatomy_labels: Optional[Volume] = None,

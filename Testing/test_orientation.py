@@ -1,0 +1,98 @@
+"""Patient axis order: tasks and the threshold anatomy give the same answer however a CT's axes are stored."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import ABDOMEN_SMALL_NII, CHEST_NRRD
+from MedDiffFMLib.anatomy import threshold_anatomy
+from MedDiffFMLib.errors import InputError
+from MedDiffFMLib.io import Volume, read_volume
+from MedDiffFMLib.orientation import AxisOrder
+from MedDiffFMLib.tasks import common
+from MedDiffFMLib.tasks.denoise import denoise
+from MedDiffFMLib.tasks.super_resolution import super_resolve
+
+_TURN = math.radians(25)
+DIRECTIONS = {
+    "reversed x, y (RAS storage)": (-1, 0, 0, 0, -1, 0, 0, 0, 1),
+    "sagittal first": (0, 0, 1, 1, 0, 0, 0, -1, 0),
+    "coronal, left-handed": (1, 0, 0, 0, 0, 1, 0, 1, 0),
+    "oblique 25 degrees": (math.cos(_TURN), -math.sin(_TURN), 0, math.sin(_TURN), math.cos(_TURN), 0, 0, 0, 1),
+}
+DIRECTIONS["oblique sagittal"] = tuple((np.reshape(DIRECTIONS["oblique 25 degrees"], (3, 3))
+                                       @ np.reshape(DIRECTIONS["sagittal first"], (3, 3))).ravel())
+
+
+def stored_as(vol: Volume, permutation, flips) -> Volume:
+    """The same image stored with its ITK axes permuted and reversed (SimpleITK moves the geometry)."""
+    image = sitk.Flip(sitk.PermuteAxes(vol.to_sitk(), permutation), flips)
+    return Volume.from_sitk(image, dtype=vol.array.dtype)
+
+
+def stored_back(vol: Volume, permutation, flips) -> Volume:
+    """The inverse of `stored_as` with the same arguments."""
+    inverse = [int(a) for a in np.argsort(permutation)]
+    return Volume.from_sitk(sitk.PermuteAxes(sitk.Flip(vol.to_sitk(), flips), inverse), dtype=vol.array.dtype)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS.values(), ids=DIRECTIONS.keys())
+def test_axis_order_agrees_with_dicom_orient_and_inverts_exactly(direction):
+    array = np.random.default_rng(0).normal(size=(7, 9, 11)).astype(np.float32)
+    vol = Volume(array, (0.7, 0.9, 2.5), (-12.3, 45.6, -78.9), direction)
+    order = AxisOrder.of(direction)
+    patient = order.volume(vol)
+    reference = Volume.from_sitk(sitk.DICOMOrient(vol.to_sitk(), "LPS"))
+    np.testing.assert_array_equal(patient.array, reference.array)
+    assert patient.same_grid(reference), patient.grid_differences(reference)
+    assert AxisOrder.of(patient.direction).identity
+    back = order.inverse().volume(patient)
+    np.testing.assert_array_equal(back.array, vol.array)
+    assert back.same_grid(vol, 1e-9)
+
+
+def test_threshold_anatomy_does_not_depend_on_storage_order():
+    """Before, a sagittal-first copy of the chest CT lost most of its lung: the body mask filled holes per
+    slice of array axis 0 whatever that axis was."""
+    # Ten whole 512 x 512 slices: the body must be closed in-plane for the lungs to be filled in.
+    chest = Volume.from_sitk(sitk.RegionOfInterest(read_volume(CHEST_NRRD).to_sitk(), (512, 512, 10), (0, 0, 20)))
+    labels = threshold_anatomy(chest)
+    assert np.count_nonzero(labels == 1) > 0.1 * np.count_nonzero(labels)  # the lungs are there
+    for permutation, flips in (((2, 0, 1), (False, True, False)), ((1, 2, 0), (True, False, True))):
+        stored = stored_as(chest, permutation, flips)
+        back = stored_back(stored.with_array(threshold_anatomy(stored)), permutation, flips)
+        assert back.same_grid(chest)
+        np.testing.assert_array_equal(back.array, labels)
+
+
+def test_denoise_runs_in_patient_axes_and_returns_the_callers_grid():
+    """The bundled abdomen example is stored with x and y reversed (as NIfTI from RAS tools often is). Denoising
+    it, its LPS copy or a sagittal-first copy gives one result, each on its input's own grid."""
+    model = common.load_model("tiny", "cpu")
+    ct = Volume.from_sitk(sitk.RegionOfInterest(read_volume(ABDOMEN_SMALL_NII).to_sitk(), (32, 32, 20), (45, 0, 5)))
+    assert not AxisOrder.of(ct.direction).identity
+    lps = Volume.from_sitk(sitk.DICOMOrient(ct.to_sitk(), "LPS"))
+    sagittal = stored_as(lps, (2, 0, 1), (False, False, True))
+    settings = dict(nfe=2, noise_level=20.0, region="abdomen", window_batch=8, seed=3)
+    reference = denoise(lps, model, **settings).denoised
+    for stored in (ct, sagittal):
+        result = denoise(stored, model, **settings)
+        assert result.denoised.same_grid(stored, 0.0) and result.denoised.array.dtype == np.float32
+        again = Volume.from_sitk(sitk.DICOMOrient(result.denoised.to_sitk(), "LPS"))
+        np.testing.assert_allclose(again.array, reference.array, atol=1e-3)
+    assert np.abs(reference.array - lps.array).max() > 1.0  # it did denoise
+
+
+def test_super_resolution_refuses_thick_sagittal_slices_but_not_stored_axial_ones(tiny_base):
+    """It refines patient axis z: thick sagittal slices are refused; thick axial slices stored sagittal-first are
+    not (they fail later only because `tiny_base` is not a super-resolution model)."""
+    array = read_volume(ABDOMEN_SMALL_NII).array[:8]
+    with pytest.raises(InputError, match="sagittal or coronal"):
+        super_resolve(Volume(array, (4.0, 0.8, 0.8)), tiny_base, factor=4)
+    axial_stored_sagittal = stored_as(Volume(array, (0.8, 0.8, 4.0)), (2, 0, 1), (False, False, False))
+    assert axial_stored_sagittal.spacing[0] == 4.0
+    with pytest.raises(InputError, match="fine-tuned for super-resolution"):
+        super_resolve(axial_stored_sagittal, tiny_base, factor=4)
