@@ -265,25 +265,28 @@ class SlidingWindowSampler:
             x0 = torch.where(covered, x0, fallback.to(self.device, torch.float32))
         return x0.clamp(-1, 1)
 
-    def run(self, x_init: torch.Tensor, steps: Sequence[int], seed: int,
+    def run(self, x_init: Optional[torch.Tensor], steps: Sequence[int], seed: int,
             x0_transform: Optional[Callable[[torch.Tensor, int, int], torch.Tensor]] = None,
             after_step: Optional[Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]] = None,
             eta: float = 1.0, zeta: Optional[float] = None, progress: Progress = None,
             windows: Optional[Sequence[int]] = None, fallback: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Reverse diffusion from `x_init` (1, 1, *shape) at steps[0] down through `steps` to a clean image.
 
-        Each step: eps (window-averaged) -> x0 (clamped) -> `x0_transform` -> update to the next step
-        (`diffusion.reverse_step` with `eta`, or `diffusion.diffpir_step` when `zeta` is given) ->
-        `after_step`. Noise comes from one CPU torch.Generator seeded with `seed`, so results do not
-        depend on the device's random number generator. `windows`, `fallback`: evaluate only these windows
-        (see `predict_x0`). Returns x0 as float32 on the sampler's device.
+        `x_init` None: pure noise, for sampling from the last timestep. Each step: eps (window-averaged) -> x0
+        (clamped) -> `x0_transform` -> update to the next step (`diffusion.reverse_step` with `eta`, or
+        `diffusion.diffpir_step` when `zeta` is given) -> `after_step`. All noise (the start, each step's fresh
+        noise where eta or zeta > 0, and what `after_step` draws) comes from one CPU torch.Generator seeded with
+        `seed`, so results do not depend on the device's random number generator. `windows`, `fallback`: evaluate
+        only these windows (see `predict_x0`). Returns x0 as float32 on the sampler's device.
         """
         steps = [int(s) for s in steps]
         if list(steps) != sorted(set(steps), reverse=True):
             raise ValueError(f"steps must be strictly decreasing, got {steps}")
+        generator = torch.Generator().manual_seed(int(seed))
+        if x_init is None:
+            x_init = torch.randn((1, 1) + self.shape, generator=generator)
         if tuple(x_init.shape[-3:]) != self.shape:
             raise ValueError(f"x_init has shape {tuple(x_init.shape)}, the sampler's grid is {self.shape}")
-        generator = torch.Generator().manual_seed(int(seed))
         x = x_init.to(self.device, torch.float32)
         total = len(steps)
         for i, t in enumerate(steps):

@@ -403,6 +403,15 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, gen, r
         raise CheckpointError(f"{out_dir} holds a run of another kind of model (a pre-training run and a "
                               "ControlNet fine-tuning run cannot continue each other); train into a new "
                               "folder") from None
+    if rank.main:
+        # These fix which patches each step trains on: a resume under others continues on another stream.
+        changed = [f"--{name.replace('_', '-')} {record['settings'][name]} -> {getattr(settings, name)}"
+                   for name in ("seed", "batch_size", "grad_accum")
+                   if name in record.get("settings", {}) and record["settings"][name] != getattr(settings, name)]
+        if changed:
+            log.warning("resuming with other settings than the run was trained with (%s): the patches from here on "
+                        "differ from a run that kept them; pass the old values to continue the same stream",
+                        ", ".join(changed))
     if rank.main and record["step"] >= settings.steps:
         log.warning("the run is already at step %d, at or past --steps %d: nothing to train; raise --steps to "
                     "continue it", record["step"], settings.steps)

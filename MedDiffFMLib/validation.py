@@ -28,6 +28,9 @@ MAX_ANISOTROPY = 20.0
 WARN_ANISOTROPY = 6.0
 #: Fewer voxels than this along an axis is too small for the network's patches.
 MIN_AXIS_VOXELS = 8
+#: Seeds are 0..MAX_SEED: torch generators take 64-bit seeds and map negative ones onto large ones (-1 would
+#: repeat 2**64 - 1), and NumPy refuses negative seeds.
+MAX_SEED = 2 ** 63 - 1
 
 
 def check_dimensions(shape_zyx: Sequence[int]) -> None:

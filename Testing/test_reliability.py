@@ -242,6 +242,9 @@ def test_python_callers_get_clear_errors_for_arrays_and_devices(chest_nodule_cro
             detect_anomalies(image, model, seed=seed)
         with pytest.raises(InputError, match="seed must be a whole number"):
             generate_lesion(image, nodule, common.load_model("tiny-lesion", torch.device("cpu")), seed=seed)
+    for seed in (-1, 2 ** 64 - 1):  # torch would take both, as the same seed
+        with pytest.raises(InputError, match=r"seed must be in 0\.\.9223372036854775807"):
+            denoise(image, model, seed=seed)
     assert common.choose_device(torch.device("cpu")) == torch.device("cpu")
     auto = denoise(image, model, device="auto", nfe=1, noise_level=20.0)  # "auto": where the model is
     assert auto.denoised.same_grid(image)
@@ -389,6 +392,9 @@ def test_options_that_would_be_ignored_or_cannot_work_are_refused(files, tmp_pat
         with pytest.raises(SystemExit) as exit_info:  # argparse: usage and exit code 2
             main(task_arguments(task, files[0], files[1], out) + ["--nfe", "0"])
         assert exit_info.value.code == 2 and "--nfe: must be at least 1, got 0" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as exit_info:
+            main(task_arguments(task, files[0], files[1], out) + ["--seed", "-1"])
+        assert exit_info.value.code == 2 and "--seed: must be in 0..9223372036854775807, got -1" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import json
 import os
 import shutil
@@ -71,6 +72,19 @@ def test_resume_gives_the_uninterrupted_result(cfg, data, tmp_path):
         assert torch.equal(value, resumed["ema"][key]), key
     rows = (tmp_path / "split" / "loss.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == [str(s) for s in range(1, 7)]
+
+
+def test_resume_under_another_seed_warns(cfg, data, tmp_path, caplog):
+    """The seed fixes the patches: `train --resume` with the seed left out (0) after `--seed 5` says so."""
+    settings = _quiet(steps=2, batch_size=1, seed=5)
+    train(cfg, data, tmp_path, settings)
+    with caplog.at_level(logging.WARNING):
+        train(cfg, data, tmp_path, dataclasses.replace(settings, steps=3, seed=0), resume=True)
+    assert "--seed 5 -> 0" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train(cfg, data, tmp_path, dataclasses.replace(settings, steps=4, seed=0), resume=True)
+    assert "other settings" not in caplog.text  # the run now records seed 0
 
 
 def test_resume_applies_a_new_learning_rate(cfg, data, tmp_path):

@@ -142,7 +142,8 @@ class MedDiffFMTasks:
 
         model: name in Resources/Models.json or a model file (None = the task's own default: the base
         model, or the fine-tuned one for super-resolution, lesions, inpainting); nfe: network evaluations (None = the
-        task's default); seed: random seed (same seed, same result on CPU); forceCpu: never use a GPU;
+        task's default); seed: random seed (same seed, same result on the
+        same machine and window batch); forceCpu: never use a GPU;
         overlap: sliding-window overlap fraction (0..<1); windowBatch: windows per network call (lower
         it when the GPU runs out of memory); region: head_neck, chest, abdomen or other (None = guess).
         None means the command line's default for every option.

@@ -26,12 +26,27 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed(text: str) -> int:
+    """argparse type of --seed: a whole number in 0..MAX_SEED (see `tasks.common.check_seed`)."""
+    from ..validation import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_SEED}, got {value}")
+    return value
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, nfe: Optional[int] = None) -> None:
     """--model, --seed, --nfe, --device, --precision, --progress, --overlap, --window-batch, --region,
     --threads, --overwrite."""
     parser.add_argument("--model", default="default",
                         help="registered model name or path to a .safetensors model file")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same result on CPU)")
+    parser.add_argument("--seed", type=seed, default=0,
+                        help="random seed: the same seed gives the same result on the same machine with the same "
+                        "--threads and --window-batch (float rounding differs otherwise)")
     if nfe is not None:
         parser.add_argument("--nfe", type=positive_int, default=nfe, help="number of network evaluations (steps)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -163,7 +178,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--lr", type=float, default=1e-4,
                         help="Adam learning rate (also on --resume: lower it to anneal a run)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--validate-every", type=positive_int, default=200, help="steps between validations")
     parser.add_argument("--checkpoint-every", type=positive_int, default=500, help="steps between checkpoints")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

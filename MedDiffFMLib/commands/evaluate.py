@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import evaluate as harness
 from ..errors import InputError, ResourceError
 from ..validation import check_output_folder
-from ._common import positive_int
+from ._common import positive_int, seed
 
 NAME = "evaluate"
 HELP = ("Benchmark denoising on simulated low-dose CT against Gaussian/NLM/BM3D, or score anomaly maps "
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="HU window MedDiffFM denoises in (repeat to compare several; default: the model's "
                      "window for the body region)")
     den.add_argument("--device", default="auto", help="MedDiffFM device: auto, cpu or cuda")
-    den.add_argument("--seed", type=int, default=0, help="seed of the noise simulation and of MedDiffFM")
+    den.add_argument("--seed", type=seed, default=0, help="seed of the noise simulation and of MedDiffFM")
     den.set_defaults(_benchmark=_run_denoise)
 
     ano = sub.add_parser("anomaly", formatter_class=formatter,

@@ -19,6 +19,7 @@ from ..errors import InputError, ResourceError
 from ..io import Volume
 from ..network import check_loaded, controlnet_task
 from ..sampling import SlidingWindowSampler
+from ..validation import MAX_SEED
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,12 @@ def load_model(name_or_path: str, device: torch.device) -> torch.nn.Module:
 
 
 def check_seed(seed) -> int:
-    """The seed as an int. None or a fraction is refused: every stochastic task must be reproducible."""
+    """The seed as an int. None, a fraction or a seed outside 0..MAX_SEED is refused: every stochastic task must
+    be reproducible."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise InputError(f"seed must be a whole number (the same seed gives the same result), got {seed!r}")
+    if not 0 <= seed <= MAX_SEED:
+        raise InputError(f"seed must be in 0..{MAX_SEED}, got {seed}")
     return int(seed)
 
 

@@ -124,9 +124,7 @@ def generate_lesion(volume: Volume, lesion_mask: Volume, model: torch.nn.Module,
     job = prepare_box(volume, lesion_mask, model, region, margin_mm, device, overlap, window_batch, precision,
                       mask_name="lesion mask")
     steps = timesteps(nfe, job.sampler.schedule.T - 1)
-    x_init = torch.randn((1, 1) + job.inside.shape, generator=torch.Generator().manual_seed(int(seed)))
-    # The sampler's own generator is seeded differently from the initial noise's, so they are independent.
-    x = job.sampler.run(x_init, steps, seed + 1, progress=progress)
+    x = job.sampler.run(None, steps, seed, progress=progress)
     # Around the lesion, voxels outside the model's window (air, bone) keep their input values.
     around = paste_weights(job.box, volume.shape, volume.spacing_zyx, margin_mm / 2)
     weights = np.maximum(around * window_weight(volume.array[job.box], job.window), job.inside)

@@ -155,12 +155,10 @@ def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: 
         return x0 + repeat_slices(y - average_slices(x0, factor), factor, n_thin) / (1.0 + rho)
 
     steps = timesteps(nfe, schedule.T - 1)
-    x_init = torch.randn((1, 1) + guide.shape, generator=torch.Generator().manual_seed(int(seed)))
     weight = window_weight(volume.array, window)  # per thick voxel: how much of the model's result is kept
     windows = sampler.active_windows(repeat_slices(torch.from_numpy(weight > 0), factor, n_thin))
     log.info("%d of %d windows hold voxels of the [%g, %g] HU window", len(windows), sampler.num_windows, *window)
-    # The sampler's own generator is seeded differently from the initial noise's, so they are independent.
-    x = sampler.run(x_init, steps, seed + 1, x0_transform=data_step, zeta=zeta, progress=progress, windows=windows,
+    x = sampler.run(None, steps, seed, x0_transform=data_step, zeta=zeta, progress=progress, windows=windows,
                     fallback=control[None, None].to(device))
     if project:
         x = x + repeat_slices(y - average_slices(x, factor), factor, n_thin)

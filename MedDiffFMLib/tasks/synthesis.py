@@ -55,10 +55,7 @@ def synthesize(model: torch.nn.Module, region: Optional[str] = None,
     sampler = common.make_sampler(model, grid.shape, grid.spacing_zyx, region, labels, device,
                                   overlap=overlap, window_batch=window_batch, precision=precision)
     steps = diffusion.timesteps(nfe, cfg.num_train_timesteps - 1)
-    generator = torch.Generator().manual_seed(int(seed))
-    x_init = torch.randn((1, 1) + grid.shape, generator=generator)
-    # The sampler's own generator is seeded differently from the initial noise's, so they are independent.
-    x0 = sampler.run(x_init, steps, seed + 1, eta=eta, progress=progress)
+    x0 = sampler.run(None, steps, seed, eta=eta, progress=progress)
     hu = unit_to_hu(x0[0, 0].cpu().numpy(), common.model_window(cfg, region))
     return grid.with_array(hu.astype(np.float32))
 
