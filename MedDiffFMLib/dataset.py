@@ -30,6 +30,7 @@ from .conditioning import anatomy_spec, assemble
 from .config import ModelConfig
 from .errors import InputError
 from .io import VOLUME_SUFFIXES, Volume, atomic_path, read_mask, read_volume
+from .orientation import AxisOrder
 from .patches import MODES, sample_patch
 from .preprocess import guess_region, resample, window_to_unit
 from .validation import check_ct
@@ -203,7 +204,10 @@ class CTPatchDataset(torch.utils.data.Dataset):
         mask_digest = _content_hash(Path(case.mask)) if case.mask else None
         # A DICOM series has to be read to know its slice spacing; a file header is enough otherwise.
         vol = self._read(case) if Path(case.path).is_dir() else None
-        native = vol.spacing_zyx if vol is not None else _header_spacing_zyx(Path(case.path))
+        spacing, direction = (vol.spacing, vol.direction) if vol is not None else _header_geometry(Path(case.path))
+        # Entries are in patient axis order, as the tasks see a CT (see `orientation`).
+        order = AxisOrder.of(direction)
+        native = tuple(reversed([spacing[s] for s in order.source]))
         region = case.region
         if region is None:
             vol = vol if vol is not None else self._read(case)
@@ -217,6 +221,8 @@ class CTPatchDataset(torch.utils.data.Dataset):
             params = {"version": CACHE_VERSION, "image": digest, "mask": mask_digest, "region": region,
                       "window": list(self.cfg.windows[region]), "spacing_zyx": list(grid),
                       "anatomy": self.spec.to_dict()}
+            if not order.identity:  # CTs stored in patient order keep the keys they had before axis orders
+                params["patient_axes"] = [list(order.source), list(order.flip)]
             key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:20]
             path = self.cache_dir / f"{Path(case.path).name.split('.')[0]}-{key}.npz"
             if not path.exists():
@@ -251,9 +257,11 @@ class CTPatchDataset(torch.utils.data.Dataset):
         return vol
 
     def _write_entry(self, path: Path, case: CTCase, vol: Volume, region: str, grid_zyx, params: dict) -> None:
-        resampled = resample(vol, tuple(reversed(grid_zyx)))
+        order = AxisOrder.of(vol.direction)
+        resampled = resample(order.volume(vol), tuple(reversed(grid_zyx)))
         if case.mask:
-            labels = resample(read_mask(case.mask, like=vol), tuple(reversed(grid_zyx)), is_mask=True).array
+            mask = order.volume(read_mask(case.mask, like=vol))
+            labels = resample(mask, tuple(reversed(grid_zyx)), is_mask=True).array
             encode_anatomy(labels, self.spec)  # refuses labels outside the model's classes
         else:
             labels = threshold_anatomy(resampled)
@@ -295,11 +303,11 @@ def _content_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def _header_spacing_zyx(path: Path) -> Tuple[float, float, float]:
-    """Voxel spacing (z, y, x) of an image file from its header, without reading the pixels."""
+def _header_geometry(path: Path) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """Voxel spacing (x, y, z) and direction of an image file from its header, without reading the pixels."""
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
-    return tuple(reversed(reader.GetSpacing()))
+    return reader.GetSpacing(), reader.GetDirection()

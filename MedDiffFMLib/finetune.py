@@ -34,6 +34,7 @@ from .dataset import case_spacings, split_cases
 from .errors import CheckpointError, InputError
 from .io import read_mask, read_volume
 from .network import MedDiffNet, check_loaded, unet_kwargs
+from .orientation import AxisOrder
 from .position import global_coords
 from .preprocess import guess_region, resample, window_to_unit
 from .training import train
@@ -245,6 +246,8 @@ class LesionPatches(torch.utils.data.Dataset):
         vol = read_volume(ct_path)
         check_ct(vol)
         mask = read_mask(mask_path, like=vol)
+        order = AxisOrder.of(vol.direction)  # patient axis order, as the tasks see a CT (see `orientation`)
+        vol, mask = order.volume(vol), order.volume(mask)
         region = region or guess_region(vol)[0]
         grid_zyx = case_spacings(vol.spacing_zyx, self.cfg.train_spacings)[0]
         image = resample(vol, tuple(reversed(grid_zyx)))

@@ -16,6 +16,7 @@ from MedDiffFMLib.dataset import (SHARED_CASES, VALIDATION_SUBJECTS, CTCase, CTP
                                   split_cases)
 from MedDiffFMLib.errors import InputError
 from MedDiffFMLib.io import read_mask, read_volume
+from MedDiffFMLib.orientation import AxisOrder
 from MedDiffFMLib.preprocess import resample, window_to_unit
 
 SPACINGS = ((3.0, 3.0, 3.0), (1.0, 2.0, 2.0))
@@ -54,12 +55,15 @@ def test_slice_spacing_is_never_refined_more_than_twice():
 
 
 def test_cache_holds_the_windowed_resampled_volume(data, cfg):
-    """Known answer: the cached image is window_to_unit(resample(CT)) at the clamped grid (float16)."""
+    """Known answer: the cached image is window_to_unit(resample(CT in patient axis order)) at the clamped grid
+    (float16). This CT is stored with x and y reversed, as the tasks do not see it."""
     vol = read_volume(ABDOMEN_SMALL_NII)  # 3 mm slices: the 1 mm grid is clamped to 1.5 mm
+    order = AxisOrder.of(vol.direction)
+    assert order.flip == (True, True, False)
     assert len(data.entries[0]) == 2
     entry = data._load(data.entries[0][1])
     assert entry["spacing_zyx"] == (1.5, 2.0, 2.0)
-    expected = window_to_unit(resample(vol, (2.0, 2.0, 1.5)).array, cfg.windows["abdomen"])
+    expected = window_to_unit(resample(order.volume(vol), (2.0, 2.0, 1.5)).array, cfg.windows["abdomen"])
     np.testing.assert_allclose(entry["image"].astype(np.float32), expected, atol=1e-3)
     assert entry["labels"].shape == expected.shape and set(np.unique(entry["labels"])) <= {0, 1, 2, 3, 4}
 
