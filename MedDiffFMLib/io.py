@@ -421,7 +421,8 @@ def _first_line(exc: Exception) -> str:
 
 def write_preview(vol: Volume, path: PathLike, window: Tuple[float, float], labels: Optional[np.ndarray] = None,
                   title: str = "", overwrite: bool = False, inputs: Iterable[PathLike] = ()) -> Path:
-    """PNG of the three orthogonal mid slices (axial, coronal, sagittal) at true aspect ratio.
+    """PNG of the three orthogonal mid slices (axial, coronal, sagittal) at true aspect ratio, in patient axis
+    order whatever order the volume is stored in.
 
     `window` (lo, hi) sets the grey range; `labels` (z, y, x), if given, adds a row with them overlaid.
     """
@@ -430,8 +431,13 @@ def write_preview(vol: Volume, path: PathLike, window: Tuple[float, float], labe
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .orientation import AxisOrder  # it builds on Volume
+
     path = Path(path)
     check_output_path(path, inputs=inputs, overwrite=overwrite)
+    order = AxisOrder.of(vol.direction)
+    vol = order.volume(vol)
+    labels = None if labels is None else order.array(labels)
     sz, sy, sx = vol.spacing_zyx
     mid = [n // 2 for n in vol.shape]
     # (cut, aspect, origin): coronal/sagittal drawn with z up, i.e. superior at the top in LPS.

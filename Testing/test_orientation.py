@@ -96,3 +96,15 @@ def test_super_resolution_refuses_thick_sagittal_slices_but_not_stored_axial_one
     assert axial_stored_sagittal.spacing[0] == 4.0
     with pytest.raises(InputError, match="fine-tuned for super-resolution"):
         super_resolve(axial_stored_sagittal, tiny_base, factor=4)
+
+
+def test_preview_shows_patient_views_however_the_ct_is_stored(tmp_path):
+    from MedDiffFMLib.io import write_preview
+
+    ct = Volume.from_sitk(sitk.RegionOfInterest(read_volume(ABDOMEN_SMALL_NII).to_sitk(), (60, 50, 20), (30, 20, 5)))
+    lps = Volume.from_sitk(sitk.DICOMOrient(ct.to_sitk(), "LPS"))
+    pngs = []
+    for name, vol in (("lps", lps), ("ras", ct), ("sagittal", stored_as(lps, (2, 0, 1), (True, False, False)))):
+        labels = threshold_anatomy(vol)
+        pngs.append(write_preview(vol, tmp_path / f"{name}.png", (-160, 240), labels=labels).read_bytes())
+    assert pngs[0] == pngs[1] == pngs[2]

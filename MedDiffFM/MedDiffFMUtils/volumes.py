@@ -81,7 +81,8 @@ def writeSegmentMask(segmentationNode, segmentId, referenceVolumeNode, path):
         segmentIds.InsertNextValue(segmentId)
         exported = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
             copyNode, segmentIds, labelmapNode, referenceVolumeNode)
-        if not exported or labelmapNode.GetImageData() is None:
+        image = labelmapNode.GetImageData()
+        if not exported or image is None or image.GetPointData().GetScalars() is None:
             raise ValueError(f"Segment '{segment.GetName()}' could not be turned into a mask on the grid "
                              f"of '{referenceVolumeNode.GetName()}'.")
         mask = (slicer.util.arrayFromVolume(labelmapNode) > 0).astype(np.uint8)
