@@ -114,10 +114,17 @@ def _smoothed_hu(vol: Volume) -> np.ndarray:
 
 
 def body_mask(vol: Volume, smoothed: Optional[np.ndarray] = None) -> np.ndarray:
-    """Boolean (z, y, x) body mask: HU > -500 (smoothed), largest 3D parts, holes filled per axial slice."""
+    """Boolean (z, y, x) body mask: HU > -500 (smoothed), largest 3D parts, holes filled per axial slice (in
+    patient axis order, however `vol` is stored)."""
+    smoothed = _smoothed_hu(vol) if smoothed is None else smoothed
+    order = AxisOrder.of(vol.direction)
+    return order.inverse().array(_axial_body_mask(order.array(smoothed)))
+
+
+def _axial_body_mask(smoothed: np.ndarray) -> np.ndarray:
+    """`body_mask` of a smoothed CT whose array axis 0 is the head-foot axis."""
     from scipy import ndimage
 
-    smoothed = _smoothed_hu(vol) if smoothed is None else smoothed
     # An in-plane opening cuts thin bridges (table, cables, blankets) before picking the largest part.
     opened = _dilate_in_plane(_erode_in_plane(smoothed > BODY_HU, 2), 2)
     components, count = ndimage.label(opened)
@@ -176,12 +183,7 @@ def _fill_holes_in_plane(mask: np.ndarray) -> np.ndarray:
 
 
 def threshold_anatomy(vol: Volume) -> np.ndarray:
-    """uint8 label map (z, y, x): 0 outside body, 1 air/lung, 2 fat, 3 soft tissue, 4 bone.
-
-    The body mask works per axial slice, so a CT stored in another axis order is labelled in patient order."""
-    order = AxisOrder.of(vol.direction)
-    if not order.identity:
-        return order.inverse().array(threshold_anatomy(order.volume(vol)))
+    """uint8 label map (z, y, x): 0 outside body, 1 air/lung, 2 fat, 3 soft tissue, 4 bone."""
     smoothed = _smoothed_hu(vol)
     body = body_mask(vol, smoothed)
     # 1 + the number of class limits each voxel reaches (np.digitize's classes, ten times faster on a whole CT).

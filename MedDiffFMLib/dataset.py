@@ -38,7 +38,7 @@ from .validation import check_ct
 log = logging.getLogger(__name__)
 
 #: Bump when the preprocessing code changes in a way that makes old cache entries wrong.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: resampling keeps the field of view; entries in patient axis order
 #: Patch modes mixed at random (paper: image level, 2x region level, patch level).
 DEFAULT_MODE_WEIGHTS = {"whole": 0.2, "crop2x": 0.3, "crop": 0.5}
 #: A training grid may be at most this much finer than the native slice spacing (no invented slices).
@@ -203,8 +203,9 @@ class CTPatchDataset(torch.utils.data.Dataset):
         digest = _content_hash(Path(case.path))
         mask_digest = _content_hash(Path(case.mask)) if case.mask else None
         # A DICOM series has to be read to know its slice spacing; a file header is enough otherwise.
-        vol = self._read(case) if Path(case.path).is_dir() else None
-        spacing, direction = (vol.spacing, vol.direction) if vol is not None else _header_geometry(Path(case.path))
+        geometry = None if Path(case.path).is_dir() else _header_geometry(Path(case.path))
+        vol = self._read(case) if geometry is None else None  # also where a header is not 3D: say what is wrong
+        spacing, direction = geometry or (vol.spacing, vol.direction)
         # Entries are in patient axis order, as the tasks see a CT (see `orientation`).
         order = AxisOrder.of(direction)
         native = tuple(reversed([spacing[s] for s in order.source]))
@@ -221,7 +222,7 @@ class CTPatchDataset(torch.utils.data.Dataset):
             params = {"version": CACHE_VERSION, "image": digest, "mask": mask_digest, "region": region,
                       "window": list(self.cfg.windows[region]), "spacing_zyx": list(grid),
                       "anatomy": self.spec.to_dict()}
-            if not order.identity:  # CTs stored in patient order keep the keys they had before axis orders
+            if not order.identity:
                 params["patient_axes"] = [list(order.source), list(order.flip)]
             key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:20]
             path = self.cache_dir / f"{Path(case.path).name.split('.')[0]}-{key}.npz"
@@ -249,8 +250,8 @@ class CTPatchDataset(torch.utils.data.Dataset):
         return region
 
     def _read(self, case: CTCase) -> Volume:
-        vol = read_volume(case.path)
         try:
+            vol = read_volume(case.path)
             check_ct(vol)
         except InputError as exc:  # among many training files, say which one
             raise InputError(f"{case.path}: {exc}") from None
@@ -303,11 +304,14 @@ def _content_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def _header_geometry(path: Path) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    """Voxel spacing (x, y, z) and direction of an image file from its header, without reading the pixels."""
+def _header_geometry(path: Path) -> Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]:
+    """Voxel spacing (x, y, z) and direction of a 3D image file from its header, without reading the pixels;
+    None for an image that is not 3D."""
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
+    if reader.GetDimension() != 3:
+        return None
     return reader.GetSpacing(), reader.GetDirection()

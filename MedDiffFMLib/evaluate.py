@@ -31,6 +31,7 @@ from . import baselines, metrics
 from .errors import InputError, ResourceError
 from .io import VOLUME_SUFFIXES, Volume, atomic_path, read_volume
 from .lowdose import simulate_low_dose
+from .orientation import AxisOrder
 from .validation import check_ct
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,11 @@ def load_cases(paths: Sequence[Path], n_slices: int, crop_yx: Optional[int] = No
     for name, path in zip(case_names(files), files):
         volume = read_volume(path)
         check_ct(volume)  # the reference must be a clean CT in HU: PSNR in an HU window means nothing otherwise
+        order = AxisOrder.of(volume.direction)
+        # Cases are axial slices and low dose is simulated per axial slice: a CT stored sagittal- or coronal-first
+        # is brought to patient order. Reversed axes alone are kept, so the published tables' noise draws stay.
+        if order.source != (0, 1, 2):
+            volume = order.volume(volume)
         cases.append(central_case(name, volume, n_slices, crop_yx, context))
     return cases
 

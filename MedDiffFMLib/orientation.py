@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Sequence, Tuple, TypeVar
 
 import numpy as np
 
 from .io import Volume
+from .validation import check_same_grid
 
 T = TypeVar("T")
 
@@ -71,40 +73,53 @@ class AxisOrder:
 
 
 def in_patient_axes(task: Callable[..., T]) -> Callable[..., T]:
-    """Run `task` on its CT in patient order, with every other Volume argument on the CT's grid, and bring the
-    Volumes it returns (alone or as dataclass fields, nested; also bare arrays on the CT's grid) back to the
-    caller's order. The CT is the first Volume argument. Volumes on another grid pass unchanged, so the task's own
-    grid check refuses them."""
+    """Run `task` on its CT in patient order and bring what it returns back to the caller's order.
+
+    The CT is the task's first Volume argument (in the order of its parameters); its other Volume arguments
+    (masks, label maps) must be on the CT's grid, which is checked here, so that a refusal describes the
+    caller's grid. Those Volumes and arrays of the CT's shape are reordered with it. Back come the Volumes the
+    task returns, alone, in tuples or lists, or as dataclass fields (nested): those on the CT's grid get the
+    caller's exact geometry, others (super-resolution's thin grid) have theirs carried back; arrays of the
+    CT's shape in patient order are reordered too."""
+    signature = inspect.signature(task)
 
     @functools.wraps(task)
     def run(*args, **kwargs):
-        volumes = [a for a in list(args) + list(kwargs.values()) if isinstance(a, Volume)]
-        if not volumes or AxisOrder.of(volumes[0].direction).identity:
+        arguments = signature.bind(*args, **kwargs).arguments
+        ct = next((value for value in arguments.values() if isinstance(value, Volume)), None)
+        if ct is None or AxisOrder.of(ct.direction).identity:
             return task(*args, **kwargs)
-        ct = volumes[0]
+        for name, value in arguments.items():
+            if isinstance(value, Volume) and value is not ct:
+                check_same_grid(value, ct, name)
         order = AxisOrder.of(ct.direction)
         patient_ct = order.volume(ct)
         back = order.inverse()
 
         def forward(value):
-            if isinstance(value, Volume) and (value is ct or value.same_grid(ct)):
+            if isinstance(value, Volume):
                 return patient_ct.with_array(order.array(value.array))
+            if isinstance(value, np.ndarray) and value.shape == ct.shape:
+                return order.array(value)
             return value
 
         def backward(value):
             if isinstance(value, Volume):
-                # On the CT's grid: the caller's exact geometry; on another grid (super-resolution's): carried back.
                 if value.same_grid(patient_ct):
                     return ct.with_array(back.array(value.array))
                 return back.volume(value)
             if isinstance(value, np.ndarray) and value.shape == patient_ct.shape:
                 return back.array(value)
+            if isinstance(value, (tuple, list)):
+                return type(value)(backward(item) for item in value)
             if dataclasses.is_dataclass(value) and not isinstance(value, type):
                 return dataclasses.replace(value, **{f.name: backward(getattr(value, f.name))
                                                      for f in dataclasses.fields(value) if f.init})
             return value
 
-        result = task(*[forward(a) for a in args], **{k: forward(v) for k, v in kwargs.items()})
-        return backward(result)
+        bound = signature.bind(*args, **kwargs)
+        for name, value in bound.arguments.items():
+            bound.arguments[name] = forward(value)
+        return backward(task(*bound.args, **bound.kwargs))
 
     return run

@@ -10,6 +10,7 @@ import SimpleITK as sitk
 from .config import PAPER_WINDOWS as REGION_WINDOWS, REGIONS  # noqa: F401
 from .errors import InputError
 from .io import Volume
+from .orientation import AxisOrder
 
 Window = Union[str, Sequence[float]]
 
@@ -52,7 +53,7 @@ def resample(vol: Volume, spacing: Sequence[float] = (1.0, 1.0, 1.0), is_mask: b
         raise InputError(f"target spacing must be three positive numbers in mm (x, y, z), got {spacing}")
     size_xyz = tuple(reversed(vol.shape))
     new_size = [max(1, int(round(n * old / new))) for n, old, new in zip(size_xyz, vol.spacing, spacing)]
-    # Index-space shift of the first voxel centre that keeps the grid's centre where it was.
+    # Shift (mm, along each image axis) of the first voxel centre that keeps the grid's centre where it was.
     shift = [((n - 1) * old - (m - 1) * new) / 2.0 for n, m, old, new in zip(size_xyz, new_size, vol.spacing, spacing)]
     direction = np.asarray(vol.direction, float).reshape(3, 3)
     reference = sitk.Image(new_size, sitk.sitkUInt8)
@@ -113,7 +114,8 @@ def guess_region(vol: Volume) -> Tuple[str, str]:
     from .anatomy import threshold_anatomy
 
     # Axial slices along array axis 0 whatever the acquisition plane (sagittal/coronal series too).
-    coarse = Volume.from_sitk(sitk.DICOMOrient(resample(vol, (REGION_GUESS_SPACING,) * 3).to_sitk(), "LPS"))
+    coarse = resample(vol, (REGION_GUESS_SPACING,) * 3)
+    coarse = AxisOrder.of(coarse.direction).volume(coarse)
     labels = threshold_anatomy(coarse)
     body = labels > 0
     if not body.any():

@@ -110,6 +110,16 @@ def format_values(values: Sequence[float]) -> str:
     return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
 
 
+def check_same_grid(mask: "Volume", vol: "Volume", name: str = "mask") -> None:
+    """Refuse a label map whose grid (size, spacing, origin, direction) is not the image's."""
+    diffs = vol.grid_differences(mask)
+    if diffs:
+        raise InputError(
+            f"{name} is not on the grid of the image: " + "; ".join(diffs)
+            + ". Resample the mask onto the image with nearest-neighbour interpolation (e.g. 3D Slicer "
+            "'Resample Scalar/Vector/DWI Volume' or MedDiffFMLib.preprocess.resample_like) and retry.")
+
+
 def check_mask(mask: "Volume", vol: "Volume", name: str = "mask") -> List[int]:
     """Check a label map against its image; return the sorted nonzero labels present.
 
@@ -119,12 +129,7 @@ def check_mask(mask: "Volume", vol: "Volume", name: str = "mask") -> List[int]:
 
     check_volume_type(mask, name)
     check_dimensions(mask.array.shape)
-    diffs = vol.grid_differences(mask)
-    if diffs:
-        raise InputError(
-            f"{name} is not on the grid of the image: " + "; ".join(diffs)
-            + ". Resample the mask onto the image with nearest-neighbour interpolation (e.g. 3D Slicer "
-            "'Resample Scalar/Vector/DWI Volume' or MedDiffFMLib.preprocess.resample_like) and retry.")
+    check_same_grid(mask, vol, name)
     labels = np.unique(as_label_array(mask.array, name=name))
     labels = [int(v) for v in labels if v != 0]
     if not labels:

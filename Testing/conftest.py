@@ -67,3 +67,12 @@ def tiny_base():
             if not p.any():
                 p.normal_(std=0.05)
     return model
+
+
+def grid_centre(vol):
+    """Physical centre (LPS mm) of a Volume's grid."""
+    import numpy as np
+
+    direction = np.asarray(vol.direction).reshape(3, 3)
+    half = (np.array(list(reversed(vol.shape))) - 1) * np.asarray(vol.spacing) / 2.0
+    return np.asarray(vol.origin) + direction @ half

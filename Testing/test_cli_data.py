@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import (ABDOMEN_DICOM, ABDOMEN_NII, CHEST_NODULE_NRRD, CHEST_NRRD, CT_DATA, HEAD_TILTED_DICOM,
-                      LIMB_MASK_NII, LIMB_NII, REPO)
+                      LIMB_MASK_NII, LIMB_NII, REPO, grid_centre)
 from MedDiffFMLib.cli import main
 from MedDiffFMLib.io import read_volume, write_volume
 from MedDiffFMLib.preprocess import resample, unit_to_hu
@@ -121,9 +121,7 @@ def test_preprocess_writes_window_anatomy_mask_sidecar_preview(limb, tmp_path, c
     assert written == ["limb.json", "limb.nii.gz", "limb_anatomy.nii.gz", "limb_mask.nii.gz", "limb_preview.png"]
     image = read_volume(out)
     assert image.spacing == (2.0, 2.0, 2.0) and image.direction == pytest.approx(limb.direction)
-    centre = lambda v: np.asarray(v.to_sitk().TransformContinuousIndexToPhysicalPoint(  # noqa: E731
-        [(n - 1) / 2.0 for n in reversed(v.shape)]))
-    np.testing.assert_allclose(centre(image), centre(limb), atol=1e-3)  # resampling keeps the field of view
+    np.testing.assert_allclose(grid_centre(image), grid_centre(limb), atol=1e-3)  # resampling keeps the field of view
     assert image.array.min() >= -1 and image.array.max() <= 1
     sidecar = json.loads((tmp_path / "limb.json").read_text())
     assert sidecar["region"] == "other" and sidecar["window_hu"] == [-150.0, 250.0]

@@ -122,6 +122,11 @@ def test_bad_inputs_are_refused(cfg, cases, tmp_path):
         CTPatchDataset([str(tmp_path / "absent.nii.gz")], cfg, tmp_path)
     with pytest.raises(InputError, match="unknown body region 'knee'"):
         CTPatchDataset([CTCase(str(LIMB_NII), region="knee")], cfg, tmp_path)
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((40, 40), np.float32)), str(tmp_path / "slice.nii.gz"))
+    with pytest.raises(InputError, match="slice.nii.gz: the image is 2D"):  # not a raw error from its header
+        CTPatchDataset([CTCase(str(tmp_path / "slice.nii.gz"), region="abdomen")], cfg, tmp_path / "cache")
 
 
 def test_user_masks_replace_threshold_anatomy(cfg, tmp_path):

@@ -108,3 +108,46 @@ def test_preview_shows_patient_views_however_the_ct_is_stored(tmp_path):
         labels = threshold_anatomy(vol)
         pngs.append(write_preview(vol, tmp_path / f"{name}.png", (-160, 240), labels=labels).read_bytes())
     assert pngs[0] == pngs[1] == pngs[2]
+
+
+def test_masks_and_label_arrays_follow_the_ct_and_bad_grids_are_described_in_the_callers_frame():
+    """Keyword arguments, a mask on the CT's grid, anatomy labels as a plain array: all reordered with the CT. A mask
+    whose only fault is its origin is refused as such, not with the sizes of the reordered CT."""
+    model = common.load_model("tiny", "cpu")
+    lps = Volume.from_sitk(sitk.RegionOfInterest(read_volume(ABDOMEN_SMALL_NII).to_sitk(), (32, 32, 20), (45, 0, 5)))
+    lps = Volume.from_sitk(sitk.DICOMOrient(lps.to_sitk(), "LPS"))
+    sagittal = stored_as(lps, (2, 0, 1), (False, True, False))
+    box = np.zeros(lps.shape, np.uint8)
+    box[6:14, 8:24, 8:24] = 1
+    labels = threshold_anatomy(lps)
+    settings = dict(nfe=1, noise_level=20.0, region="abdomen", window_batch=8)
+    reference = denoise(lps, model, mask=lps.with_array(box), anatomy_labels=labels, **settings).denoised
+    stored_box = stored_as(lps.with_array(box), (2, 0, 1), (False, True, False))
+    result = denoise(volume=sagittal, model=model, mask=stored_box, anatomy_labels=threshold_anatomy(sagittal),
+                     **settings).denoised
+    assert result.same_grid(sagittal, 0.0)
+    np.testing.assert_allclose(stored_back(result, (2, 0, 1), (False, True, False)).array, reference.array,
+                               atol=1e-3)
+    shifted = Volume(stored_box.array, stored_box.spacing, tuple(o + 5.0 for o in stored_box.origin),
+                     stored_box.direction)
+    with pytest.raises(InputError, match="mask is not on the grid of the image: origin") as refused:
+        denoise(sagittal, model, mask=shifted, **settings)
+    assert "size" not in str(refused.value) and "spacing" not in str(refused.value)
+
+
+def test_super_resolution_does_not_refuse_a_thin_axial_ct_for_its_axes(tiny_base):
+    array = read_volume(ABDOMEN_SMALL_NII).array[:8]
+    with pytest.raises(InputError, match="fine-tuned for super-resolution"):
+        super_resolve(Volume(array, (0.78, 0.78, 0.625)), tiny_base, factor=4)
+
+
+def test_evaluation_cuts_axial_cases_from_a_ct_stored_sagittal_first(tmp_path):
+    from MedDiffFMLib.evaluate import load_cases
+    from MedDiffFMLib.io import write_volume
+
+    lps = Volume.from_sitk(sitk.RegionOfInterest(read_volume(CHEST_NRRD).to_sitk(), (96, 80, 24), (200, 200, 12)))
+    write_volume(lps, tmp_path / "a" / "ct.nii.gz")
+    write_volume(stored_as(lps, (2, 0, 1), (False, False, False)), tmp_path / "b" / "ct.nii.gz")
+    (axial,), (sagittal,) = (load_cases([tmp_path / d / "ct.nii.gz"], 4, context=2) for d in "ab")
+    np.testing.assert_array_equal(sagittal.volume.array, axial.volume.array)
+    assert sagittal.volume.shape == (8, 80, 96)

@@ -7,7 +7,7 @@ import SimpleITK as sitk
 import torch
 
 from conftest import (ABDOMEN_NII, ABDOMEN_SMALL_NII, CHEST_NODULE_NRRD, CHEST_NRRD, CT_DATA, HEAD_TILTED_DICOM, LIMB_NII,
-                      REPO)
+                      REPO, grid_centre)
 from MedDiffFMLib.errors import InputError
 from MedDiffFMLib.io import Volume, read_mask, read_volume
 from MedDiffFMLib.preprocess import (REGION_WINDOWS, REGIONS, guess_region, resample, resample_like,
@@ -58,18 +58,11 @@ def test_unknown_region_and_bad_window():
         window_to_unit(0.0, (40, 0))
 
 
-def _centre(vol):
-    """Physical centre of a volume's grid (LPS mm)."""
-    direction = np.asarray(vol.direction).reshape(3, 3)
-    half = (np.array(list(reversed(vol.shape))) - 1) * np.asarray(vol.spacing) / 2.0
-    return np.asarray(vol.origin) + direction @ half
-
-
 def test_resample_to_1mm_keeps_extent_and_hu(chest):
     iso = resample(chest, (1.0, 1.0, 1.0))
     assert iso.spacing == (1.0, 1.0, 1.0) and iso.direction == chest.direction
     assert iso.shape == (240, 292, 292)  # round(48*5), round(512*0.5703)
-    np.testing.assert_allclose(_centre(iso), _centre(chest), atol=1e-6)
+    np.testing.assert_allclose(grid_centre(iso), grid_centre(chest), atol=1e-6)
     # Same physical extent and the same tissue mix: mean HU within a few HU.
     assert abs(float(iso.array.mean()) - float(chest.array.mean())) < 5.0
 
@@ -87,7 +80,7 @@ def test_resample_up_and_down_keeps_every_voxel_inside_the_source(direction):
                                   zip(vol.shape, reversed(vol.spacing), reversed(spacing)))
         for far_end in (out.array[-1], out.array[:, -1], out.array[:, :, -1], out.array[0, 4:, 4:]):
             np.testing.assert_allclose(far_end, 40.0, atol=1e-3)
-        np.testing.assert_allclose(_centre(out), _centre(vol), atol=1e-6)
+        np.testing.assert_allclose(grid_centre(out), grid_centre(vol), atol=1e-6)
 
 
 def test_resample_mask_is_nearest_and_keeps_volume(chest):

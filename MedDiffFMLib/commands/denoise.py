@@ -50,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..io import read_mask, read_volume, sibling_path, write_volume
+    from ..orientation import AxisOrder
     from ..tasks.denoise import denoise
 
     uncertainty_path = args.uncertainty
@@ -76,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         write_volume(result.uncertainty, uncertainty_path, overwrite=args.overwrite, inputs=inputs)
         log.info("standard deviation over %d seeds written to %s", args.seeds, uncertainty_path)
     if args.preview:
-        write_preview(volume.array, result.denoised.array, result.window, result.noise_hu, args.preview)
+        axial = AxisOrder.of(volume.direction).array  # the preview's slice is axial however the CT is stored
+        write_preview(axial(volume.array), axial(result.denoised.array), result.window, result.noise_hu, args.preview)
         log.info("preview written to %s", args.preview)
     return 0
 

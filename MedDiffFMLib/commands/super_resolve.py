@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..io import read_volume, write_volume
+    from ..orientation import AxisOrder
     from ..tasks.super_resolution import super_resolve
 
     _common.check_outputs(args, [args.input], volumes=[args.output])
@@ -48,5 +49,7 @@ def run(args: argparse.Namespace) -> int:
                            project=not args.no_projection, progress=_common.progress_reporter(args.progress),
                            **_common.sampler_options(args))
     write_volume(result, args.output, overwrite=args.overwrite, inputs=[args.input])
-    log.info("%d thin slices of %.3g mm written to %s", result.shape[0], result.spacing[2], args.output)
+    thin_axis = AxisOrder.of(result.direction).source[2]  # the head-foot axis, however the CT is stored
+    log.info("%d thin slices of %.3g mm written to %s", result.shape[2 - thin_axis], result.spacing[thin_axis],
+             args.output)
     return 0

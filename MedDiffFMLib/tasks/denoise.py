@@ -89,7 +89,7 @@ class DenoiseResult:
     denoised: Volume                 # HU, on the input grid
     uncertainty: Optional[Volume]    # per-voxel std (HU) over seeds, when seeds > 1
     noise_hu: float                  # overall noise level (HU) that set t_start: median of the map
-    noise_estimate: Optional[NoiseEstimate]  # None when the user gave the noise level
+    noise_estimate: Optional[NoiseEstimate]  # None when the user gave the noise level; profile along head-foot
     window: Tuple[float, float]
     t_start: int
     steps: List[int]

@@ -43,7 +43,8 @@ Progress = Optional[Callable[[int, int], None]]
 
 #: DiffPIR's share of fresh noise in each re-noising step (not stated by the paper; a moderate value).
 DEFAULT_ZETA = 0.3
-#: Super-resolution refines axis z; an in-plane spacing this much larger than z means sagittal or coronal slices.
+#: Super-resolution refines axis z; an in-plane spacing this much larger than both others means thick sagittal or
+#: coronal slices.
 THICK_AXIS_MARGIN = 1.1
 
 
@@ -119,7 +120,8 @@ def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: 
     seed = check_seed(seed)
     check_ct(volume)  # also refuses volumes too thin to work on
     check_factor(factor)
-    if max(volume.spacing[:2]) > THICK_AXIS_MARGIN * volume.spacing[2]:
+    sx, sy, sz = volume.spacing
+    if max(sx, sy) > THICK_AXIS_MARGIN * max(min(sx, sy), sz):
         raise InputError(
             "super-resolution makes the axial slices thinner, but this CT's voxels are largest in-plane (spacing "
             f"x, y, z = {', '.join(f'{s:g}' for s in volume.spacing)} mm in patient order): it holds thick sagittal "
