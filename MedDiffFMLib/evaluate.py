@@ -77,19 +77,6 @@ def case_names(paths: Sequence[Path]) -> List[str]:
     return names
 
 
-def crop_volume(vol: Volume, z: slice, y: slice, x: slice) -> Volume:
-    """Sub-volume with its origin moved so every voxel keeps its physical position."""
-    starts, array = [], vol.array[z, y, x]
-    for axis_slice, size in zip((x, y, z), reversed(vol.shape)):
-        start, _, step = axis_slice.indices(size)
-        if step != 1:
-            raise InputError("crop_volume needs contiguous slices (step 1).")
-        starts.append(start)
-    direction = np.asarray(vol.direction).reshape(3, 3)
-    origin = np.asarray(vol.origin) + direction @ (np.asarray(starts) * np.asarray(vol.spacing))
-    return Volume(array.copy(), vol.spacing, tuple(origin), vol.direction)
-
-
 class DenoiseCase(NamedTuple):
     """A clean CT block, and the axial slices of it that are scored; the others are context (see module
     docstring). A plain (name, volume) pair scores every slice."""
@@ -111,7 +98,7 @@ def central_block(vol: Volume, n_slices: int, crop_yx: Optional[int] = None) -> 
     for size in (height, width):
         keep = size if not crop_yx else min(crop_yx, size)
         in_plane.append(slice((size - keep) // 2, (size - keep) // 2 + keep))
-    return crop_volume(vol, _middle(depth, n_slices), *in_plane)
+    return vol.crop((_middle(depth, n_slices), *in_plane))
 
 
 def central_case(name: str, vol: Volume, n_slices: int, crop_yx: Optional[int] = None,

@@ -74,6 +74,19 @@ class Volume:
             raise ValueError(f"array shape {tuple(array.shape)} differs from the grid shape {self.shape}")
         return Volume(array, self.spacing, self.origin, self.direction)
 
+    def crop(self, box: Tuple[slice, slice, slice]) -> "Volume":
+        """The sub-volume `array[box]` (z, y, x slices, step 1), its origin moved so every voxel keeps its
+        physical position."""
+        starts, array = [], self.array[box]
+        for axis_slice, size in zip(reversed(box), reversed(self.shape)):
+            start, _, step = axis_slice.indices(size)
+            if step != 1:
+                raise InputError("a crop needs contiguous slices (step 1)")
+            starts.append(start)
+        direction = np.asarray(self.direction).reshape(3, 3)
+        origin = np.asarray(self.origin) + direction @ (np.asarray(starts) * np.asarray(self.spacing))
+        return Volume(array.copy(), self.spacing, tuple(float(o) for o in origin), self.direction)
+
     def to_sitk(self) -> sitk.Image:
         # SimpleITK has no boolean pixel type: boolean masks become 0/1 uint8.
         array = self.array.astype(np.uint8) if self.array.dtype == bool else self.array

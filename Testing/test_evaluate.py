@@ -224,7 +224,7 @@ def test_cli_anomaly_on_files(tmp_path, capsys):
     z = np.flatnonzero(mask.array.any(axis=(1, 2)))
     box = (slice(z[0] - 3, z[-1] + 4), slice(300, 420), slice(160, 280))
     assert mask.array[box].sum() == mask.array.sum()  # the whole nodule is in the box
-    ct, lesion = harness.crop_volume(image, *box), harness.crop_volume(mask, *box)
+    ct, lesion = image.crop(box), mask.crop(box)
     scores = lesion.with_array((lesion.array > 0) + np.random.default_rng(0).normal(0, 0.3, lesion.shape))
     paths = [write_volume(v, tmp_path / f"{n}.nii.gz") for v, n in ((ct, "ct"), (lesion, "m"), (scores, "s"))]
     out = tmp_path / "out"

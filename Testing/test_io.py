@@ -253,3 +253,18 @@ def test_a_volume_with_incomplete_or_impossible_geometry_is_refused_where_it_is_
         Volume(voxels, direction=(1.0, 0.0, 0.0, 1.0))
     with pytest.raises(InputError, match="spacing must be > 0 mm"):
         Volume(voxels, spacing=(1.0, 0.0, 1.0))
+
+
+def test_crop_keeps_every_voxel_at_its_physical_point():
+    """Known answer: SimpleITK's region of interest, on an oblique, anisotropic grid."""
+    import math
+
+    turn = math.radians(25)
+    direction = (math.cos(turn), -math.sin(turn), 0, math.sin(turn), math.cos(turn), 0, 0, 0, 1)
+    vol = Volume(np.arange(8 * 9 * 10, dtype=np.float32).reshape(8, 9, 10), (0.7, 0.9, 2.5), (-12.3, 45.6, -78.9),
+                 direction)
+    crop = vol.crop((slice(2, 6), slice(1, 8), slice(3, 9)))
+    reference = Volume.from_sitk(sitk.RegionOfInterest(vol.to_sitk(), (6, 7, 4), (3, 1, 2)))
+    assert crop.same_grid(reference, 1e-9) and np.array_equal(crop.array, reference.array)
+    with pytest.raises(InputError, match="contiguous"):
+        vol.crop((slice(0, 8, 2), slice(None), slice(None)))

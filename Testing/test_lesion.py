@@ -7,7 +7,8 @@ from scipy import ndimage
 
 from MedDiffFMLib.errors import InputError
 from MedDiffFMLib.finetune import ControlledCondition, ControlledNet
-from MedDiffFMLib.tasks.lesion import generate_lesion, mask_box, paste_weights, prepare_box
+from MedDiffFMLib.tasks.common import mask_box
+from MedDiffFMLib.tasks.lesion import generate_lesion, paste_weights, prepare_box
 
 CHEST_WINDOW = (-1400.0, 400.0)
 FAST = dict(nfe=3, margin_mm=2.0, region="chest", overlap=0.0, window_batch=8)

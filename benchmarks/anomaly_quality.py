@@ -43,7 +43,7 @@ def lesion_crop(image: Volume, mask: Volume, margin_mm: float):
     for axis, spacing in enumerate(image.spacing_zyx):
         grow = int(np.ceil(margin_mm / spacing))
         bounds.append(slice(max(nonzero[axis].min() - grow, 0), nonzero[axis].max() + 1 + grow))
-    return harness.crop_volume(image, *bounds), harness.crop_volume(mask, *bounds)
+    return image.crop(bounds), mask.crop(bounds)
 
 
 def local_contrast(image: Volume, size_mm: float = 15.0, smoothing_mm: float = 1.0) -> np.ndarray:

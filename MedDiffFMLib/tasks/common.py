@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -177,6 +178,25 @@ def window_weight(original: np.ndarray, window: Sequence[float]) -> np.ndarray:
     inside = np.minimum(above_lo, np.subtract(np.float32(hi), smoothed, out=smoothed), out=above_lo)
     inside /= np.float32(margin)
     return np.clip(inside, 0.0, 1.0, out=inside)
+
+
+def mask_box(mask: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float, min_size: int) -> Tuple[slice, slice, slice]:
+    """Bounding box of `mask` > 0 grown by `margin_mm` on every side, then (centred) to at least
+    `min_size` voxels per axis, clamped to the volume."""
+    if margin_mm < 0:
+        raise InputError(f"the margin around the mask must be >= 0 mm, got {margin_mm}")
+    box = []
+    for axis, (n, spacing) in enumerate(zip(mask.shape, spacing_zyx)):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        present = np.flatnonzero(mask.any(axis=other))
+        grow = int(math.ceil(margin_mm / spacing))
+        lo, hi = max(0, int(present[0]) - grow), min(n, int(present[-1]) + 1 + grow)
+        target = min(min_size, n)
+        if hi - lo < target:
+            lo = min(max(0, lo - (target - (hi - lo)) // 2), n - target)
+            hi = lo + target
+        box.append(slice(lo, hi))
+    return tuple(box)
 
 
 def make_sampler(model: torch.nn.Module, shape_zyx: Sequence[int], spacing_zyx: Sequence[float], region: str,

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from .. import diffusion
+from ..conditioning import VolumeCondition
 from ..errors import InputError
 from ..io import Volume
 from ..noise import NoiseEstimate, estimate_noise
@@ -105,13 +106,17 @@ def automatic_nfe(t_start: int) -> int:
 def diffpir(sampler: SlidingWindowSampler, y: torch.Tensor, sigma: Union[float, torch.Tensor],
             lam: float = DEFAULT_LAMBDA, zeta: float = DEFAULT_ZETA, nfe: Optional[int] = None, seed: int = 0,
             progress: Optional[Callable[[int, int], None]] = None,
-            windows: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, List[int]]:
+            windows: Optional[Sequence[int]] = None,
+            noise_level: Optional[float] = None) -> Tuple[torch.Tensor, List[int]]:
     """DiffPIR denoising of y (1, 1, d, h, w) in [-1, 1] units with noise std `sigma` (scalar or a map
     broadcastable to y, same units) in `nfe` steps (None: `automatic_nfe`), evaluating only `windows` (None: all;
-    the voxels they do not cover take y as their x0). Returns (x0, the timesteps used)."""
+    the voxels they do not cover take y as their x0). `noise_level` (same units) sets t_start (None: the median
+    of `sigma`). Returns (x0, the timesteps used)."""
     schedule = sampler.schedule
     sigma_map = torch.as_tensor(sigma, dtype=torch.float32).to(sampler.device)
-    sigma_overall = float(sigma_map.median()) if sigma_map.ndim else float(sigma_map)
+    if noise_level is None:
+        noise_level = float(sigma_map.median()) if sigma_map.ndim else float(sigma_map)
+    sigma_overall = float(noise_level)
     if sigma_overall <= 0:
         raise InputError(f"the noise level must be > 0, got {sigma_overall}")
     steps = _planned_steps(sampler, sigma_overall, nfe)
@@ -148,8 +153,10 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
     DEFAULT_SEEDS_ZETA for several. `region` None guesses it from the image. `soft_tissue_pass` None:
     when the window is the model's and much wider than soft tissue (chest), soft tissue gets a second pass
     in SOFT_TISSUE_WINDOW_HU (see the module docstring); True/False forces it on/off. `mask`: a label map on the
-    image grid; only its nonzero voxels are denoised (the rest keep the input, and windows wholly outside it are
-    not evaluated), e.g. a quick look at a region on the CPU. The noise is still estimated from the whole image.
+    image grid; only its nonzero voxels are denoised (the rest keep the input, and only a box around it, one
+    window wider on every side, is sampled), e.g. a quick look at a region on the CPU. The noise, the anatomy and
+    the start of the steps still come from the whole image, so inside the mask the result is the unmasked one up
+    to the window tiling.
     """
     seed = common.check_seed(seed)
     check_ct(volume)
@@ -176,6 +183,12 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
         wide = _width(chosen) > SOFT_TISSUE_PASS_RATIO * _width(SOFT_TISSUE_WINDOW_HU)
         soft_tissue_pass = window is None and wide
     windows = [tuple(chosen)] + ([SOFT_TISSUE_WINDOW_HU] if soft_tissue_pass else [])
+    inside = None if mask is None else np.asarray(mask.array) != 0
+    # With a mask only a box around it is sampled, with a window of context on every side (unit spacing: the
+    # margin is in voxels), so the per-step work follows the region, not the whole CT.
+    box = (tuple(slice(0, n) for n in volume.shape) if inside is None
+           else common.mask_box(inside, (1.0, 1.0, 1.0), cfg.patch_size, cfg.patch_size))
+    work = volume if inside is None else volume.crop(box)
 
     estimate = None
     if noise_level is None:
@@ -184,8 +197,9 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
         if estimate.sigma_hu < MIN_NOISE_HU:
             raise InputError(f"the image looks noise-free (estimated noise {estimate.sigma_hu:.2f} HU); there is "
                              "nothing to denoise. To denoise anyway, give the noise level (--noise-level HU)")
-        sigma_hu_map = estimate.sigma_map_hu
-        noise_hu = float(np.median(sigma_hu_map))  # what diffpir() derives t_start from
+        # The whole CT's median sets t_start, so a masked denoise starts where the unmasked one does.
+        noise_hu = float(np.median(estimate.sigma_map_hu))
+        sigma_hu_map = estimate.sigma_map_hu[box]
     else:
         if noise_level <= 0:
             raise InputError(f"the noise level must be > 0 HU, got {noise_level}")
@@ -194,27 +208,29 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
     if window is None:  # automatic windows make room below for noisy fat (see FAT_MARGIN_NOISE_STDS)
         windows = [(lo - FAT_MARGIN_NOISE_STDS * noise_hu, hi) for lo, hi in windows]
 
-    labels = common.anatomy_for(volume, cfg, anatomy_labels)
-    sampler = common.make_sampler(model, volume.shape, volume.spacing_zyx, region, labels, device,
-                                  overlap=overlap, window_batch=window_batch, precision=precision)
+    labels = common.anatomy_for(volume, cfg, anatomy_labels)[box]  # the whole CT's: the body decides the classes
+    cond = VolumeCondition(cfg, work.shape, work.spacing_zyx, region, labels, offset_zyx=[s.start for s in box],
+                           full_shape_zyx=volume.shape)
+    sampler = common.make_sampler(model, work.shape, work.spacing_zyx, region, None, device, overlap=overlap,
+                                  window_batch=window_batch, precision=precision, cond=cond)
     # Each pass denoises inside its window; narrower windows are applied last, so they win where they apply.
-    output = volume.array.astype(np.float32)
-    std_hu = np.zeros(volume.shape, np.float64) if seeds > 1 else None
+    output = work.array.astype(np.float32)
+    std_hu = np.zeros(work.shape, np.float64) if seeds > 1 else None
     steps: List[int] = []
     pass_windows: List[Tuple[int, int]] = []
     # Passes can take different numbers of steps (automatic NFE): plan them all, so progress counts over all passes.
     plans = [_planned_steps(sampler, noise_hu * 2.0 / _width(w), nfe) for w in windows]
     total, done = seeds * sum(len(plan) for plan in plans), 0
-    inside = None if mask is None else np.asarray(mask.array) != 0
     if inside is not None:
         log.info("denoising only inside the mask: %d voxels (%.1f %% of the image); the rest keeps its values",
                  int(inside.sum()), 100.0 * inside.mean())
+        inside = inside[box]
     for pass_window, plan in zip(windows, plans):
         def pass_progress(step: int, n: int, done: int = done) -> None:
             if progress is not None:
                 progress(done + step, total)
 
-        weight = common.window_weight(volume.array, pass_window)
+        weight = common.window_weight(work.array, pass_window)
         if inside is not None:
             weight = weight * inside
             if not pass_windows and not weight.any():  # the first pass has the widest window
@@ -225,8 +241,8 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
         pass_windows.append((len(evaluated), sampler.num_windows))
         log.info("[%g, %g] HU pass: %d of %d windows hold voxels to denoise", *pass_window, len(evaluated),
                  sampler.num_windows)
-        mean_hu, pass_std, pass_steps = _denoise_pass(sampler, volume, pass_window, sigma_hu_map, lam, zeta,
-                                                      len(plan), seed, seeds, pass_progress, evaluated)
+        mean_hu, pass_std, pass_steps = _denoise_pass(sampler, work, pass_window, sigma_hu_map, noise_hu, lam,
+                                                      zeta, len(plan), seed, seeds, pass_progress, evaluated)
         done += seeds * len(plan)
         output = output + weight * (mean_hu - output)
         if std_hu is not None:
@@ -235,6 +251,12 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
         log.info("DiffPIR in [%g, %g] HU: noise %.1f HU = %.4f in [-1, 1], t_start %d, %d steps, lambda %g, "
                  "zeta %g", *pass_window, noise_hu, noise_hu * 2.0 / _width(pass_window), pass_steps[0],
                  len(pass_steps), lam, zeta)
+    if work is not volume:  # back into the whole CT
+        output, boxed = volume.array.astype(np.float32), output
+        output[box] = boxed
+        if std_hu is not None:
+            std_hu, boxed = np.zeros(volume.shape, np.float64), std_hu
+            std_hu[box] = boxed
     uncertainty = None if std_hu is None else volume.with_array(std_hu.astype(np.float32))
     return DenoiseResult(volume.with_array(output.astype(np.float32)), uncertainty, noise_hu, estimate,
                          tuple(chosen), steps[0], steps, SOFT_TISSUE_WINDOW_HU if soft_tissue_pass else None,
@@ -252,10 +274,11 @@ def _width(window: Sequence[float]) -> float:
 
 
 def _denoise_pass(sampler: SlidingWindowSampler, volume: Volume, window: Tuple[float, float], sigma_hu_map,
-                  lam: float, zeta: float, nfe: int, seed: int, seeds: int, progress: Callable[[int, int], None],
+                  noise_hu: float, lam: float, zeta: float, nfe: int, seed: int, seeds: int,
+                  progress: Callable[[int, int], None],
                   windows: List[int]) -> Tuple[np.ndarray, Optional[np.ndarray], List[int]]:
-    """DiffPIR in one HU window over `seeds` seeds, evaluating `windows`: (mean in HU, std in HU or None,
-    the steps used)."""
+    """DiffPIR in one HU window over `seeds` seeds, evaluating `windows`, starting at the level of `noise_hu`:
+    (mean in HU, std in HU or None, the steps used)."""
     to_unit = 2.0 / _width(window)
     sigma = torch.as_tensor(np.ascontiguousarray(sigma_hu_map) * to_unit, dtype=torch.float32)
     if sigma.ndim:
@@ -263,7 +286,7 @@ def _denoise_pass(sampler: SlidingWindowSampler, volume: Volume, window: Tuple[f
     y = torch.from_numpy(window_to_unit(volume.array.astype(np.float32), window))[None, None]
     if seeds == 1:
         x0, steps = diffpir(sampler, y, sigma, lam=lam, zeta=zeta, nfe=nfe, seed=seed, progress=progress,
-                            windows=windows)
+                            windows=windows, noise_level=noise_hu * to_unit)
         return unit_to_hu(x0[0, 0].cpu().numpy(), window), None, steps
     # Welford's running mean and sum of squared deviations over the seeds.
     mean = torch.zeros(y.shape, dtype=torch.float64)
@@ -274,7 +297,7 @@ def _denoise_pass(sampler: SlidingWindowSampler, volume: Volume, window: Tuple[f
             progress(k * n + step, seeds * n)
 
         x0, steps = diffpir(sampler, y, sigma, lam=lam, zeta=zeta, nfe=nfe, seed=seed + k, progress=seed_progress,
-                            windows=windows)
+                            windows=windows, noise_level=noise_hu * to_unit)
         x0 = x0.double().cpu()
         delta = x0 - mean
         mean += delta / (k + 1)

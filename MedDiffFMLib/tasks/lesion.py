@@ -8,7 +8,6 @@ lesion inpainting, which samples the same box but keeps the known voxels.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple, Union
 
@@ -24,7 +23,7 @@ from ..orientation import in_patient_axes
 from ..preprocess import unit_to_hu, window_to_unit
 from ..sampling import SlidingWindowSampler
 from ..validation import check_ct, check_mask
-from .common import (anatomy_for, check_seed, make_sampler, model_config, model_window,
+from .common import (anatomy_for, check_seed, make_sampler, mask_box, model_config, model_window,
                      resolve_region, task_device, window_weight)
 
 Progress = Optional[Callable[[int, int], None]]
@@ -32,25 +31,6 @@ Box = Tuple[slice, slice, slice]
 
 #: Context kept around the lesion on every side (mm).
 DEFAULT_MARGIN_MM = 10.0
-
-
-def mask_box(mask: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float, min_size: int) -> Box:
-    """Bounding box of `mask` > 0 grown by `margin_mm` on every side, then (centred) to at least
-    `min_size` voxels per axis, clamped to the volume."""
-    if margin_mm < 0:
-        raise InputError(f"the margin around the mask must be >= 0 mm, got {margin_mm}")
-    box = []
-    for axis, (n, spacing) in enumerate(zip(mask.shape, spacing_zyx)):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        present = np.flatnonzero(mask.any(axis=other))
-        grow = int(math.ceil(margin_mm / spacing))
-        lo, hi = max(0, int(present[0]) - grow), min(n, int(present[-1]) + 1 + grow)
-        target = min(min_size, n)
-        if hi - lo < target:
-            lo = min(max(0, lo - (target - (hi - lo)) // 2), n - target)
-            hi = lo + target
-        box.append(slice(lo, hi))
-    return tuple(box)
 
 
 def paste_weights(box: Box, volume_shape: Sequence[int], spacing_zyx: Sequence[float],
