@@ -74,15 +74,19 @@ class Volume:
             raise ValueError(f"array shape {tuple(array.shape)} differs from the grid shape {self.shape}")
         return Volume(array, self.spacing, self.origin, self.direction)
 
-    def crop(self, box: Tuple[slice, slice, slice]) -> "Volume":
+    def crop(self, box: Sequence[slice]) -> "Volume":
         """The sub-volume `array[box]` (z, y, x slices, step 1), its origin moved so every voxel keeps its
         physical position."""
-        starts, array = [], self.array[box]
+        box = tuple(box)
+        if len(box) != 3 or not all(isinstance(s, slice) for s in box):
+            raise InputError(f"a crop needs three slices (z, y, x), got {box!r}")
+        starts = []
         for axis_slice, size in zip(reversed(box), reversed(self.shape)):
-            start, _, step = axis_slice.indices(size)
-            if step != 1:
-                raise InputError("a crop needs contiguous slices (step 1)")
+            start, stop, step = axis_slice.indices(size)
+            if step != 1 or stop <= start:
+                raise InputError(f"a crop needs contiguous, non-empty slices (step 1), got {box!r}")
             starts.append(start)
+        array = self.array[box]
         direction = np.asarray(self.direction).reshape(3, 3)
         origin = np.asarray(self.origin) + direction @ (np.asarray(starts) * np.asarray(self.spacing))
         return Volume(array.copy(), self.spacing, tuple(float(o) for o in origin), self.direction)

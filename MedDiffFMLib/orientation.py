@@ -85,18 +85,20 @@ def in_patient_axes(task: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(task)
     def run(*args, **kwargs):
-        arguments = signature.bind(*args, **kwargs).arguments
-        ct = next((value for value in arguments.values() if isinstance(value, Volume)), None)
+        bound = signature.bind(*args, **kwargs)
+        ct = next((value for value in bound.arguments.values() if isinstance(value, Volume)), None)
         if ct is None or AxisOrder.of(ct.direction).identity:
             return task(*args, **kwargs)
-        for name, value in arguments.items():
+        for name, value in bound.arguments.items():
             if isinstance(value, Volume) and value is not ct:
-                check_same_grid(value, ct, name)
+                check_same_grid(value, ct, name.replace("_", " "))
         order = AxisOrder.of(ct.direction)
         patient_ct = order.volume(ct)
         back = order.inverse()
 
         def forward(value):
+            if value is ct:
+                return patient_ct
             if isinstance(value, Volume):
                 return patient_ct.with_array(order.array(value.array))
             if isinstance(value, np.ndarray) and value.shape == ct.shape:
@@ -117,7 +119,6 @@ def in_patient_axes(task: Callable[..., T]) -> Callable[..., T]:
                                                      for f in dataclasses.fields(value) if f.init})
             return value
 
-        bound = signature.bind(*args, **kwargs)
         for name, value in bound.arguments.items():
             bound.arguments[name] = forward(value)
         return backward(task(*bound.args, **bound.kwargs))

@@ -266,5 +266,9 @@ def test_crop_keeps_every_voxel_at_its_physical_point():
     crop = vol.crop((slice(2, 6), slice(1, 8), slice(3, 9)))
     reference = Volume.from_sitk(sitk.RegionOfInterest(vol.to_sitk(), (6, 7, 4), (3, 1, 2)))
     assert crop.same_grid(reference, 1e-9) and np.array_equal(crop.array, reference.array)
-    with pytest.raises(InputError, match="contiguous"):
-        vol.crop((slice(0, 8, 2), slice(None), slice(None)))
+    assert np.array_equal(vol.crop([slice(2, 6), slice(1, 8), slice(3, 9)]).array, crop.array)  # any sequence
+    for bad in ((slice(0, 8, 2), slice(None), slice(None)), (slice(4, 4), slice(None), slice(None))):
+        with pytest.raises(InputError, match="contiguous, non-empty"):
+            vol.crop(bad)
+    with pytest.raises(InputError, match="three slices"):
+        vol.crop((slice(0, 2), 3, slice(None)))

@@ -146,6 +146,15 @@ def test_denoise_inside_a_mask_only(monkeypatch):
     assert np.array_equal(out[~inside], hu[~inside])
     np.testing.assert_allclose(out[inside], whole[inside], atol=1e-3)
     assert np.abs(out[inside] - hu[inside]).mean() > 5.0
+    # With the noise estimated, the whole image's level sets the start, as without a mask, even where the box
+    # around the mask is quieter than most of the image.
+    louder = hu.copy()
+    louder[:, :30] += rng.normal(0.0, 60.0, louder[:, :30].shape).astype(np.float32)
+    louder = volume.with_array(louder)
+    estimated = dict(settings, noise_level=None, nfe=1)
+    start = denoise(louder, prior, **estimated).t_start
+    assert denoise(louder, prior, mask=mask, **estimated).t_start == start
+    assert start > denoise(volume, prior, **estimated).t_start  # the louder part does set it
     # Two passes and two seeds: both passes stay inside the mask, and so does the spread over the seeds.
     two = denoise(volume, prior, mask=mask, soft_tissue_pass=True, seeds=2, **settings)
     assert len(two.windows) == 2 and all(0 < n < total for n, total in two.windows)

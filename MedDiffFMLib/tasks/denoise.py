@@ -95,7 +95,8 @@ class DenoiseResult:
     t_start: int
     steps: List[int]
     soft_tissue_window: Optional[Tuple[float, float]] = None  # the second pass's window, when it ran
-    windows: List[Tuple[int, int]] = field(default_factory=list)  # per pass: (windows evaluated, windows in the grid)
+    # Per pass: (windows evaluated, windows in the grid sampled: the whole image's, or with a mask the box's).
+    windows: List[Tuple[int, int]] = field(default_factory=list)
 
 
 def automatic_nfe(t_start: int) -> int:
@@ -220,6 +221,9 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
     pass_windows: List[Tuple[int, int]] = []
     # Passes can take different numbers of steps (automatic NFE): plan them all, so progress counts over all passes.
     plans = [_planned_steps(sampler, noise_hu * 2.0 / _width(w), nfe) for w in windows]
+    if seeds > 1 and all(len(plan) == 1 for plan in plans):
+        log.warning("one step draws no noise, so every seed gives the same result and the uncertainty map will be "
+                    "zero; use --nfe 2 or more for an uncertainty map")
     total, done = seeds * sum(len(plan) for plan in plans), 0
     if inside is not None:
         log.info("denoising only inside the mask: %d voxels (%.1f %% of the image); the rest keeps its values",
@@ -255,7 +259,7 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
         output, boxed = volume.array.astype(np.float32), output
         output[box] = boxed
         if std_hu is not None:
-            std_hu, boxed = np.zeros(volume.shape, np.float64), std_hu
+            std_hu, boxed = np.zeros(volume.shape, np.float32), std_hu
             std_hu[box] = boxed
     uncertainty = None if std_hu is None else volume.with_array(std_hu.astype(np.float32))
     return DenoiseResult(volume.with_array(output.astype(np.float32)), uncertainty, noise_hu, estimate,
