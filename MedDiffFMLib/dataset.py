@@ -208,7 +208,7 @@ class CTPatchDataset(torch.utils.data.Dataset):
         spacing, direction = geometry or (vol.spacing, vol.direction)
         # Entries are in patient axis order, as the tasks see a CT (see `orientation`).
         order = AxisOrder.of(direction)
-        native = tuple(reversed([spacing[s] for s in order.source]))
+        native = tuple(reversed(order.spacing(spacing)))
         region = case.region
         if region is None:
             vol = vol if vol is not None else self._read(case)

@@ -51,6 +51,10 @@ class AxisOrder:
             source[stored], flip[stored] = patient, self.flip[patient]
         return AxisOrder(tuple(source), tuple(flip))
 
+    def spacing(self, spacing: Sequence[float]) -> Tuple[float, float, float]:
+        """Voxel spacing (x, y, z) of the stored grid in patient order."""
+        return tuple(float(spacing[s]) for s in self.source)
+
     def array(self, array: np.ndarray) -> np.ndarray:
         """A (z, y, x) array of the stored grid in patient order (contiguous; ITK axis a is array axis 2 - a)."""
         for patient, stored in enumerate(self.source):
@@ -68,7 +72,7 @@ class AxisOrder:
             if self.flip[patient]:  # the stored axis's last voxel becomes the first
                 origin = origin + matrix[:, stored] * vol.spacing[stored] * (size[stored] - 1)
             columns.append(-matrix[:, stored] if self.flip[patient] else matrix[:, stored])
-        return Volume(self.array(vol.array), tuple(float(vol.spacing[s]) for s in self.source),
+        return Volume(self.array(vol.array), self.spacing(vol.spacing),
                       tuple(float(o) for o in origin), tuple(float(v) for v in np.stack(columns, axis=1).ravel()))
 
 
@@ -87,12 +91,12 @@ def in_patient_axes(task: Callable[..., T]) -> Callable[..., T]:
     def run(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         ct = next((value for value in bound.arguments.values() if isinstance(value, Volume)), None)
-        if ct is None or AxisOrder.of(ct.direction).identity:
+        order = None if ct is None else AxisOrder.of(ct.direction)
+        if order is None or order.identity:
             return task(*args, **kwargs)
         for name, value in bound.arguments.items():
             if isinstance(value, Volume) and value is not ct:
                 check_same_grid(value, ct, name.replace("_", " "))
-        order = AxisOrder.of(ct.direction)
         patient_ct = order.volume(ct)
         back = order.inverse()
 

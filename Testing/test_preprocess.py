@@ -6,8 +6,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import (ABDOMEN_NII, ABDOMEN_SMALL_NII, CHEST_NODULE_NRRD, CHEST_NRRD, CT_DATA, HEAD_TILTED_DICOM, LIMB_NII,
-                      REPO, grid_centre)
+from conftest import (ABDOMEN_NII, ABDOMEN_SMALL_NII, CHEST_NODULE_NRRD, CHEST_NRRD, CT_DATA, HEAD_TILTED_DICOM,
+                      LIMB_NII, REPO, grid_centre)
 from MedDiffFMLib.errors import InputError
 from MedDiffFMLib.io import Volume, read_mask, read_volume
 from MedDiffFMLib.preprocess import (REGION_WINDOWS, REGIONS, guess_region, resample, resample_like,

@@ -180,7 +180,8 @@ def window_weight(original: np.ndarray, window: Sequence[float]) -> np.ndarray:
     return np.clip(inside, 0.0, 1.0, out=inside)
 
 
-def mask_box(mask: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float, min_size: int) -> Tuple[slice, slice, slice]:
+def mask_box(mask: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float,
+             min_size: int) -> Tuple[slice, slice, slice]:
     """Bounding box of `mask` > 0 grown by `margin_mm` on every side, then (centred) to at least
     `min_size` voxels per axis, clamped to the volume."""
     if margin_mm < 0:
