@@ -127,11 +127,14 @@ class SlidingWindowSampler:
     (`autocast_dtype`, e.g. torch.bfloat16 on CUDA); averaging and all schedule maths stay float32/64.
     Window conditions are cached when they fit in CONDITION_CACHE_BYTES; otherwise the whole-volume stack
     is built once when it fits in `volume_condition_bytes` (0: never), else each window's is rebuilt.
+    `fixed_batch`: every network call gets exactly `batch_size` windows (a shorter last batch is padded with
+    copies of its first window, whose results are dropped), for networks compiled for one shape.
     """
 
     def __init__(self, model_fn: ModelFn, cond: VolumeCondition, schedule: Schedule, window: int,
                  overlap: float = 0.5, batch_size: int = 4, device: "torch.device | str" = "cpu",
-                 autocast_dtype: Optional[torch.dtype] = None, volume_condition_bytes: int = 0):
+                 autocast_dtype: Optional[torch.dtype] = None, volume_condition_bytes: int = 0,
+                 fixed_batch: bool = False):
         if batch_size < 1:
             raise ValueError(f"window batch size must be >= 1, got {batch_size}")
         self.model_fn = model_fn
@@ -141,6 +144,7 @@ class SlidingWindowSampler:
         self.batch_size = int(batch_size)
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
+        self.fixed_batch = fixed_batch
         self.shape = tuple(cond.shape)
         self.padded_shape = tuple(max(n, self.window) for n in self.shape)
         self.starts = window_grid(self.shape, self.window, overlap)
@@ -225,6 +229,9 @@ class SlidingWindowSampler:
 
     def _evaluate(self, x_pad: torch.Tensor, t: int, batch: List[int]) -> Optional[torch.Tensor]:
         """eps (B, 1, w, w, w) for windows `batch`, or None after halving batch_size on CUDA OOM."""
+        n = len(batch)
+        if self.fixed_batch:
+            batch = batch + batch[:1] * (self.batch_size - n)
         x = torch.stack([x_pad[self._box(self.starts[j])] for j in batch])
         if self._cond_cache is not None:
             cond = torch.stack([self._cond_cache[j] for j in batch])
@@ -232,13 +239,12 @@ class SlidingWindowSampler:
             cond = torch.stack([self._cond_volume[self._box(self.starts[j])[1:]] for j in batch])
         else:
             cond = torch.stack([self._condition(self.starts[j]) for j in batch])
-        n = len(batch)
-        t_batch = torch.full((n,), int(t), dtype=torch.long, device=self.device)
-        region = self._region.expand(n)
+        t_batch = torch.full((len(batch),), int(t), dtype=torch.long, device=self.device)
+        region = self._region.expand(len(batch))
         try:
             with torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                                  enabled=self.autocast_dtype is not None):
-                return self.model_fn(x, t_batch, cond, region).float()
+                return self.model_fn(x, t_batch, cond, region)[:n].float()
         except torch.cuda.OutOfMemoryError:
             if self.batch_size == 1:
                 raise ResourceError(

@@ -23,9 +23,10 @@ def prior():
     return AnalyticGaussian(std=STD)
 
 
-def make_sampler(model, window, shape=SHAPE, overlap=0.5, batch_size=4):
+def make_sampler(model, window, shape=SHAPE, overlap=0.5, batch_size=4, fixed_batch=False):
     cond = VolumeCondition(model.cfg, shape, (1.0, 1.0, 1.0), "abdomen")
-    return SlidingWindowSampler(model, cond, model.schedule, window, overlap=overlap, batch_size=batch_size)
+    return SlidingWindowSampler(model, cond, model.schedule, window, overlap=overlap, batch_size=batch_size,
+                                fixed_batch=fixed_batch)
 
 
 def sample(sampler, nfe, eta, seed=1):
@@ -120,6 +121,21 @@ def test_sliding_window_equals_full_volume(prior):
     assert windowed.num_windows == 8 and full.num_windows == 1
     torch.testing.assert_close(windowed.eps(x_t, 700), full.eps(x_t, 700), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sample(windowed, 20, 1.0), sample(full, 20, 1.0), atol=1e-4, rtol=1e-4)
+
+
+def test_fixed_batch_pads_the_last_batch_and_drops_its_copies(prior):
+    """For a compiled network every call must have the full batch shape; the padding must not change eps."""
+    x_t = torch.randn((1, 1) + SHAPE, generator=torch.Generator().manual_seed(0))
+    plain, fixed = make_sampler(prior, 16, batch_size=3), make_sampler(prior, 16, batch_size=3, fixed_batch=True)
+    sizes = {}
+    for name, sampler in (("plain", plain), ("fixed", fixed)):
+        def recording(x, t, cond, region, name=name):
+            sizes.setdefault(name, []).append(x.shape[0])
+            return prior(x, t, cond, region)
+        sampler.model_fn = recording
+    assert plain.num_windows == 8  # batches of 3, 3, 2
+    torch.testing.assert_close(fixed.eps(x_t, 700), plain.eps(x_t, 700), atol=1e-6, rtol=1e-6)
+    assert sizes == {"plain": [3, 3, 2], "fixed": [3, 3, 3]}
 
 
 def test_ddpm_reproduces_gaussian_prior(prior):

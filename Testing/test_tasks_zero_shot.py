@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -337,6 +338,26 @@ def test_denoise_cli_end_to_end(ct_crop, tiny_model, tmp_path, capsys, caplog):
     assert run_cli("denoise", ct_crop, "-o", ct_crop, "--model", tiny_model) == 2
     assert run_cli("denoise", ct_crop, "-o", out, "--model", tiny_model) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_network_denoises_like_the_plain_one(ct_crop, tiny_model, tmp_path):
+    """--compile changes only the speed: same seed, same result up to float rounding of the fused kernels."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    outputs = {}
+    for flags in ((), ("--compile",)):
+        out = tmp_path / f"den{len(flags)}.nii.gz"
+        assert run_cli("denoise", ct_crop, "-o", out, "--model", tiny_model, "--nfe", 2, "--device", "cpu",
+                       "--window-batch", 5, "--progress", "none", *flags) == 0
+        outputs[flags] = read_volume(out).array
+    plain, compiled = outputs[()], outputs[("--compile",)]
+    changed = np.abs(plain - read_volume(ct_crop).array).max()
+    assert changed > 1.0  # the denoise did something the comparison can see
+    np.testing.assert_allclose(compiled, plain, atol=0.01)
+    assert counters["stats"]["unique_graphs"] == 1  # compiled, and once: 18 windows in batches of 5, last padded
 
 
 def test_detect_anomalies_cli_end_to_end(ct_crop, tiny_model, tmp_path, capsys, caplog):

@@ -1,6 +1,7 @@
 #!/bin/bash
-# One short GPU session (development tooling, not part of the product): the denoise-speed table, then
-# `default` training from cache entries until TRAIN_UNTIL seconds after the start, stopped cleanly
+# One short GPU session (development tooling, not part of the product): the network's throughput (NET_SETS),
+# the denoise-speed table (BENCH_SETS), then `default` training from cache entries until TRAIN_UNTIL seconds
+# after the start (skipped when less than a minute is left for it), stopped cleanly
 # (SIGTERM -> checkpoint), with the run packed into $OUT in parts under 16 MB.
 # Run from the repo root on the GPU machine, with a bundle prepared here (git-ignored, < 64 MiB in all):
 #   .whl/                   monai + nibabel wheels (../shared/tools/device-wheels.sh)
@@ -13,14 +14,18 @@
 # Back here: cat run.tar.part-* | tar xf - in a run folder, then `train --resume` continues it.
 set -u
 START=$(date +%s)
-BENCH_UNTIL=${BENCH_UNTIL:-300}; TRAIN_UNTIL=${TRAIN_UNTIL:-535}
-COMMON="--device cuda --size 512 512 300 --nfe 3 --project 1000 250 100 50"
-# Denoising's default overlap (0.25) on the tiled abdomen crop (no air: every window is evaluated) and on a real
-# 512 x 512 CT (the windows wholly in air are skipped), then with torch.compile and with cuDNN's algorithm
-# search; 0.5 as in the first table (2026-11-26) last, if time is left. Each set names its --input.
-B="$COMMON --window-batch 256 --precision bf16 --input .gpu/example_ct.npz"
-R="$COMMON --window-batch 256 --precision bf16 --input .gpu/crlm.npz --estimate-noise"  # a user's set-up, estimate included
-BENCH_SETS=${BENCH_SETS:-"$B --overlap 0.25;$R --overlap 0.25;$R --overlap 0.25 --compile;$R --overlap 0.25 --cudnn-benchmark;$B --overlap 0.5"}
+NET_UNTIL=${NET_UNTIL:-130}; BENCH_UNTIL=${BENCH_UNTIL:-540}; TRAIN_UNTIL=${TRAIN_UNTIL:-0}
+# Session 9 (H100) measured the table in benchmarks/README.md; what it left open is set up here. The network
+# alone, profiled (what limits it once compiled: normalisations, attention, small kernels?), eager and compiled.
+NET_SETS=${NET_SETS:-"--options eager compile --batch 512 --iters 10 --profile"}
+# Denoising a real 512 x 512 CT (CRLM-CT-1004 mirror-padded to 300 slices; the windows wholly in air are
+# skipped) at the default overlap 0.25, NFE 100 for real (a fixed 80 HU noise level puts t_start above 100):
+# compiled at window batch 512 (the product now pads the last batch, so it compiles one shape), then the
+# user's default (noise estimated, NFE 3) for comparison with session 9.
+M="--model .gpu/model/ema.safetensors --device cuda --size 512 512 300 --precision bf16"
+R="$M --input .gpu/crlm.npz --overlap 0.25 --threads 16"
+BENCH_SETS=${BENCH_SETS:-"$R --nfe 100 --noise-level 80 --compile --window-batch 512;\
+$R --nfe 3 --estimate-noise --window-batch 256"}
 TRAIN_ARGS=${TRAIN_ARGS:---batch-size 32 --num-workers 14 --channels-last --low-noise-fraction 0.7 --low-noise-max-t 60}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 elapsed() { echo $(( $(date +%s) - START )); }
@@ -31,14 +36,22 @@ export PYTHONPATH=$PWD:/tmp/site:$PWD/.gpu/stub PYTHONUNBUFFERED=1
 LOG=$OUT/device.log
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; nproc
   python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__, 'cuda', torch.cuda.is_available())"; } >> "$LOG" 2>&1
+# run_sets SCRIPT UNTIL SETS: each ';'-separated argument set of SCRIPT while more than 20 s are left before UNTIL
+run_sets() {
+  local script=$1 until=$2 args left
+  IFS=';' read -ra SETS <<< "$3"
+  for args in "${SETS[@]}"; do
+    left=$(( until - $(elapsed) )); [ $left -gt 20 ] || break
+    timeout -k 5 $left python3 $script $args >> "$LOG" 2>&1
+    echo "$script exit $? at $(elapsed) s" >> "$LOG"
+    pkill -9 -f "$script" 2>/dev/null  # spawned children left by a timeout
+  done
+}
+echo "== network at $(elapsed) s" >> "$LOG"
+run_sets benchmarks/network_speed.py $NET_UNTIL "${NET_SETS:-}"
 echo "== bench at $(elapsed) s" >> "$LOG"
-IFS=';' read -ra SETS <<< "$BENCH_SETS"
-for args in "${SETS[@]}"; do
-  left=$(( BENCH_UNTIL - $(elapsed) )); [ $left -gt 20 ] || break
-  timeout -k 5 $left python3 benchmarks/denoise_speed.py --model .gpu/model/ema.safetensors $args >> "$LOG" 2>&1
-  echo "bench exit $? at $(elapsed) s" >> "$LOG"
-  pkill -9 -f "benchmarks/denoise_speed.py" 2>/dev/null  # spawned children left by a timeout
-done
+run_sets benchmarks/denoise_speed.py $BENCH_UNTIL "$BENCH_SETS"
+[ $(( TRAIN_UNTIL - $(elapsed) )) -gt 60 ] || { echo "no time left to train; done at $(elapsed) s" >> "$LOG"; exit 0; }
 echo "== train at $(elapsed) s" >> "$LOG"
 rm -rf .gpu/run  # a warm machine may hold an earlier call's run: this call packs its own
 python3 -m MedDiffFMLib train --preset default --data .gpu/cache --out .gpu/run --cache-dir .gpu/unused \

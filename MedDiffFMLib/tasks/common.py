@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import sys
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -74,8 +75,13 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[to
     return torch.bfloat16
 
 
-def load_model(name_or_path: str, device: torch.device) -> torch.nn.Module:
-    """Load a registered model name or a model file, in eval mode on `device`."""
+def load_model(name_or_path: str, device: torch.device, compile: bool = False) -> torch.nn.Module:
+    """Load a registered model name or a model file, in eval mode on `device`.
+
+    `compile`: wrap the network in torch.compile. On an H100 the first network call then compiles for about
+    20-40 s and every step after it runs 1.7x faster, so it pays for long runs (from about 80 steps on a
+    512 x 512 x 300 CT); on the CPU it gained nothing (benchmarks/README.md, session 9).
+    """
     from ..checkpoints import load_model as load_checkpoint
 
     from ..network import parameter_count
@@ -83,7 +89,16 @@ def load_model(name_or_path: str, device: torch.device) -> torch.nn.Module:
     model, cfg, info = load_checkpoint(name_or_path, device)
     log.info("model %s: preset %s, %.2fM parameters, %s training steps, on %s", name_or_path, cfg.name,
              parameter_count(model) / 1e6, info.get("steps", "unknown"), device)
-    return model.eval()
+    model = model.eval()
+    if compile:
+        log.info("the network is compiled at its first call (torch.compile)")
+        model = torch.compile(model, dynamic=False)
+    return model
+
+
+def is_compiled(model: torch.nn.Module) -> bool:
+    dynamo = sys.modules.get("torch._dynamo")  # imported by torch.compile; importing it here would cost seconds
+    return dynamo is not None and isinstance(model, dynamo.eval_frame.OptimizedModule)
 
 
 def check_seed(seed) -> int:
@@ -222,10 +237,12 @@ def make_sampler(model: torch.nn.Module, shape_zyx: Sequence[int], spacing_zyx: 
         cond = VolumeCondition(cfg, shape_zyx, spacing_zyx, region, anatomy_labels)
     elif tuple(cond.shape) != tuple(int(n) for n in shape_zyx):
         raise ValueError(f"the condition's grid {cond.shape} differs from the sampled grid {tuple(shape_zyx)}")
+    # A compiled network sees one batch shape only, so the last, shorter batch is padded instead of compiled again.
     sampler = SlidingWindowSampler(model, cond, schedule_for(cfg), cfg.patch_size, overlap=overlap,
                                    batch_size=window_batch, device=device,
                                    autocast_dtype=autocast_dtype(device, precision),
-                                   volume_condition_bytes=volume_condition_budget(device))
+                                   volume_condition_bytes=volume_condition_budget(device),
+                                   fixed_batch=is_compiled(model))
     log.info("%d windows of %d^3 voxels per step (overlap %.2f)", sampler.num_windows, cfg.patch_size, overlap)
     return sampler
 
