@@ -396,6 +396,14 @@ def test_options_that_would_be_ignored_or_cannot_work_are_refused(files, tmp_pat
             main(task_arguments(task, files[0], files[1], out) + ["--seed", "-1"])
         assert (exit_info.value.code == 2
                 and "--seed: must be in 0..9223372036854775807, got -1" in capsys.readouterr().err)
+        for option in ("--window-batch", "--threads"):
+            with pytest.raises(SystemExit) as exit_info:
+                main(task_arguments(task, files[0], files[1], out) + [option, "0"])
+            assert exit_info.value.code == 2 and f"{option}: must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--preset", "tiny", "--data", str(files[0]), "--out", str(tmp_path / "run"), "--num-workers",
+              "-1"])
+    assert exit_info.value.code == 2 and "--num-workers: must be 0 or more, got -1" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

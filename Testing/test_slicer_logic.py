@@ -354,6 +354,7 @@ def test_sampling_options_map_to_cli_flags():
     assert [str(a) for a in arguments] == ["--seed", "3", "--device", "cpu", "--model", "tiny", "--nfe", "8"]
     # no model named: each command uses its own default (fine-tuned tasks have their own model)
     assert "--model" not in logic_module.MedDiffFMTasks.samplingArguments()
+    assert logic_module.MedDiffFMTasks.samplingArguments(compileNetwork=True)[-1] == "--compile"
     with pytest.raises(TypeError):
         logic_module.MedDiffFMTasks.samplingArguments(noise=1)
 

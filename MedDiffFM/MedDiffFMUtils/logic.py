@@ -137,7 +137,7 @@ class MedDiffFMTasks:
 
     @staticmethod
     def samplingArguments(model=None, nfe=None, seed=0, forceCpu=False, overlap=None, windowBatch=None,
-                          region=None):
+                          region=None, compileNetwork=False):
         """CLI options shared by all tasks (the `**options` of every task method).
 
         model: name in Resources/Models.json or a model file (None = the task's own default: the base
@@ -145,8 +145,9 @@ class MedDiffFMTasks:
         task's default); seed: random seed (same seed, same result on the
         same machine and window batch); forceCpu: never use a GPU;
         overlap: sliding-window overlap fraction (0..<1); windowBatch: windows per network call (lower
-        it when the GPU runs out of memory); region: head_neck, chest, abdomen or other (None = guess).
-        None means the command line's default for every option.
+        it when the GPU runs out of memory); region: head_neck, chest, abdomen or other (None = guess);
+        compileNetwork: torch.compile the network (on a GPU, tens of seconds once, then faster steps: for long
+        runs such as synthesis). None means the command line's default for every option.
         """
         arguments = ["--seed", seed, "--device", "cpu" if forceCpu else "auto"]
         if model:
@@ -159,6 +160,8 @@ class MedDiffFMTasks:
             arguments += ["--overlap", overlap]
         if windowBatch is not None:
             arguments += ["--window-batch", windowBatch]
+        if compileNetwork:
+            arguments.append("--compile")
         return arguments
 
     def _runTask(self, task, volumeNode, taskArguments, wait, options, importResults=None,

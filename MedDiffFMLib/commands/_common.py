@@ -15,14 +15,27 @@ PROGRESS_MODES = ("tqdm", "machine", "none")
 PROGRESS_PREFIX = "MEDDIFFFM_PROGRESS"
 
 
-def positive_int(text: str) -> int:
-    """argparse type of counts that must be at least 1 (steps, seeds): refused while parsing, with usage."""
+def _whole_number(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts that must be at least 1 (steps, seeds, threads, window batch): refused while
+    parsing, with usage."""
+    value = _whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of counts that may be 0 (e.g. data-loading workers)."""
+    value = _whole_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
@@ -30,10 +43,7 @@ def seed(text: str) -> int:
     """argparse type of --seed: a whole number in 0..MAX_SEED (see `tasks.common.check_seed`)."""
     from ..validation import MAX_SEED
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    value = _whole_number(text)
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"must be in 0..{MAX_SEED}, got {value}")
     return value
@@ -57,11 +67,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, nfe: Optional[int] = No
                         help=f"progress display; 'machine' prints '{PROGRESS_PREFIX} <step> <total>' lines")
     parser.add_argument("--overlap", type=float, default=None,
                         help="overlap of neighbouring windows (0..<1; default: the task's, 0.25 for denoise, else 0.5)")
-    parser.add_argument("--window-batch", type=int, default=None,
+    parser.add_argument("--window-batch", type=positive_int, default=None,
                         help="windows per network call (default: 4 on the CPU, up to 256 on a GPU as memory allows)")
     parser.add_argument("--region", default="auto",
                         help="body region: auto (guessed from the image), head_neck, chest, abdomen, other")
-    parser.add_argument("--threads", type=int, help="CPU threads for the network (default: PyTorch's choice)")
+    parser.add_argument("--threads", type=positive_int,
+                        help="CPU threads for the network (default: PyTorch's choice)")
     parser.add_argument("--compile", action="store_true",
                         help="compile the network (torch.compile) at its first call: on a GPU about 20-40 s once, "
                         "then each step about 1.7x faster, so it pays for long runs (e.g. 100+ steps on a whole "
@@ -87,12 +98,9 @@ def load_model(args: argparse.Namespace):
     """The model of --model on the device of --device (after applying --threads)."""
     import torch
 
-    from ..errors import InputError
     from ..tasks.common import choose_device, load_model as load
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise InputError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     return load(args.model, choose_device(args.device), compile=args.compile)
 
@@ -185,6 +193,6 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--validate-every", type=positive_int, default=200, help="steps between validations")
     parser.add_argument("--checkpoint-every", type=positive_int, default=500, help="steps between checkpoints")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--num-workers", type=non_negative_int, default=0, help="data-loading worker processes")
     parser.add_argument("--fp32-export", action="store_true", help="store exported EMA weights as fp32")
