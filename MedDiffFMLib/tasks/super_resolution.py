@@ -8,7 +8,7 @@ and the ControlNet sees the thick input linearly interpolated onto the thin grid
 
 With the paper's sigma_n = 1.0 the data step fades out as sigma_bar_t -> 0, so the last steps follow the
 prior alone and the slice averages drift from the measured thick slices. By default the result is
-therefore projected onto the data once at the end, x <- x + H^T(y - H x), which makes every group of
+therefore projected onto the data once at the end (in HU), x <- x + H^T(y - H x), which makes every group of
 `factor` thin slices average exactly to its thick slice (H H^T = I) without touching the detail within
 the group. `project=False` gives the paper's plain DiffPIR output.
 
@@ -162,8 +162,8 @@ def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: 
     log.info("%d of %d windows hold voxels of the [%g, %g] HU window", len(windows), sampler.num_windows, *window)
     x = sampler.run(None, steps, seed, x0_transform=data_step, zeta=zeta, progress=progress, windows=windows,
                     fallback=control[None, None].to(device))
-    if project:
-        x = x + repeat_slices(y - average_slices(x, factor), factor, n_thin)
+    # The projection is applied once, in HU after the blend (_full_range): the blend weight is constant within a
+    # group of thin slices, so a projection before it would be undone there anyway.
     return guide.with_array(_full_range(unit_to_hu(x[0, 0].cpu().numpy(), window), volume.array, weight, factor,
                                         project))
 
