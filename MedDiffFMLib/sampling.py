@@ -128,7 +128,8 @@ class SlidingWindowSampler:
     Window conditions are cached when they fit in CONDITION_CACHE_BYTES; otherwise the whole-volume stack
     is built once when it fits in `volume_condition_bytes` (0: never), else each window's is rebuilt.
     `fixed_batch`: every network call gets exactly `batch_size` windows (a shorter last batch is padded with
-    copies of its first window, whose results are dropped), for networks compiled for one shape.
+    copies of its first window, whose results are dropped), for networks compiled for one shape. The batch is
+    then balanced over the grid (never more than its windows), so little work is padding.
     """
 
     def __init__(self, model_fn: ModelFn, cond: VolumeCondition, schedule: Schedule, window: int,
@@ -148,6 +149,8 @@ class SlidingWindowSampler:
         self.shape = tuple(cond.shape)
         self.padded_shape = tuple(max(n, self.window) for n in self.shape)
         self.starts = window_grid(self.shape, self.window, overlap)
+        if fixed_batch:
+            self.batch_size = math.ceil(len(self.starts) / math.ceil(len(self.starts) / self.batch_size))
         self._region = torch.tensor(cond.region, dtype=torch.long, device=self.device)
         self._crop = tuple(slice(pad_before(n, p), pad_before(n, p) + n) for n, p in zip(self.shape, self.padded_shape))
         self._weights = window_weights(self.window).to(self.device)

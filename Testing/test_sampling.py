@@ -136,6 +136,13 @@ def test_fixed_batch_pads_the_last_batch_and_drops_its_copies(prior):
     assert plain.num_windows == 8  # batches of 3, 3, 2
     torch.testing.assert_close(fixed.eps(x_t, 700), plain.eps(x_t, 700), atol=1e-6, rtol=1e-6)
     assert sizes == {"plain": [3, 3, 2], "fixed": [3, 3, 3]}
+    # Evaluating a subset of the windows: the padded call still has the full shape.
+    sizes.clear()
+    fixed.eps(x_t, 700, windows=[6])
+    assert sizes == {"fixed": [3]}
+    # The batch is balanced over the grid and never exceeds it (a GPU's 256 on a small box would be mostly copies).
+    assert make_sampler(prior, 16, batch_size=5, fixed_batch=True).batch_size == 4  # 8 windows: 4 + 4, not 5 + 3
+    assert make_sampler(prior, 16, batch_size=256, fixed_batch=True).batch_size == 8
 
 
 def test_ddpm_reproduces_gaussian_prior(prior):

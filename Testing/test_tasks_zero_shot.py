@@ -360,6 +360,17 @@ def test_compiled_network_denoises_like_the_plain_one(ct_crop, tiny_model, tmp_p
     assert counters["stats"]["unique_graphs"] == 1  # compiled, and once: 18 windows in batches of 5, last padded
 
 
+def test_compile_without_a_compiler_is_refused_before_any_work(ct_crop, tiny_model, tmp_path, capsys, monkeypatch):
+    import shutil as shutil_module
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil_module, "which", lambda name: None)
+    out = tmp_path / "den.nii.gz"
+    assert run_cli("denoise", ct_crop, "-o", out, "--model", tiny_model, "--device", "cpu", "--compile") == 2
+    assert "--compile on the CPU needs a C++ compiler" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_detect_anomalies_cli_end_to_end(ct_crop, tiny_model, tmp_path, capsys, caplog):
     caplog.set_level(logging.INFO)
     out, mask = tmp_path / "map.nii.gz", tmp_path / "mask.nrrd"

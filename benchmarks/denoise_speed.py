@@ -127,7 +127,7 @@ def run_one(args, nfe: int, window_batch: int, precision: str, memory_format: st
         model = MedDiffNet(preset(args.preset)).to(device).eval()
     if memory_format == "channels_last":
         model = model.to(memory_format=torch.channels_last_3d)
-    if args.compile:  # fixed shapes: one compile for the full window batch, one for the last, shorter one
+    if args.compile:  # one fixed shape: the sampler pads the last batch of a compiled network (make_sampler)
         model = torch.compile(model, dynamic=False)
     volume = volume_of_size(args.input, args.size)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

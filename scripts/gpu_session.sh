@@ -8,23 +8,23 @@
 #   .gpu/stub/SimpleITK.py  an empty module: training from cache entries never reads scans
 #   .gpu/cache/*.npz        cache entries of the train split (a subset that fits the transfer limit)
 #   .gpu/model/ema.*        the weights to start from
-#   .gpu/example_ct.npz     python benchmarks/denoise_speed.py --save-input .gpu/example_ct.npz
-#   .gpu/crlm.npz           the same with --input ../shared/data/ct/mirp_crlm/CRLM-CT-1004/image/ (11 MB: leave
-#                           that much of the cache behind); a real 512 x 512 CT, with the air around the body
+#   .gpu/crlm.npz           python benchmarks/denoise_speed.py --save-input .gpu/crlm.npz --input
+#                           ../shared/data/ct/mirp_crlm/CRLM-CT-1004/image/ (11 MB: leave that much of the cache
+#                           behind, or all of it when TRAIN_UNTIL is 0); a real 512 x 512 CT, air around the body
 # Back here: cat run.tar.part-* | tar xf - in a run folder, then `train --resume` continues it.
 set -u
 START=$(date +%s)
 NET_UNTIL=${NET_UNTIL:-130}; BENCH_UNTIL=${BENCH_UNTIL:-540}; TRAIN_UNTIL=${TRAIN_UNTIL:-0}
 # Session 9 (H100) measured the table in benchmarks/README.md; what it left open is set up here. The network
 # alone, profiled (what limits it once compiled: normalisations, attention, small kernels?), eager and compiled.
-NET_SETS=${NET_SETS:-"--options eager compile --batch 512 --iters 10 --profile"}
+NET_SETS=${NET_SETS-"--options eager compile --batch 512 --iters 10 --profile"}
 # Denoising a real 512 x 512 CT (CRLM-CT-1004 mirror-padded to 300 slices; the windows wholly in air are
 # skipped) at the default overlap 0.25, NFE 100 for real (a fixed 80 HU noise level puts t_start above 100):
 # compiled at window batch 512 (the product now pads the last batch, so it compiles one shape), then the
 # user's default (noise estimated, NFE 3) for comparison with session 9.
 M="--model .gpu/model/ema.safetensors --device cuda --size 512 512 300 --precision bf16"
 R="$M --input .gpu/crlm.npz --overlap 0.25 --threads 16"
-BENCH_SETS=${BENCH_SETS:-"$R --nfe 100 --noise-level 80 --compile --window-batch 512;\
+BENCH_SETS=${BENCH_SETS-"$R --nfe 100 --noise-level 80 --compile --window-batch 512;\
 $R --nfe 3 --estimate-noise --window-batch 256"}
 TRAIN_ARGS=${TRAIN_ARGS:---batch-size 32 --num-workers 14 --channels-last --low-noise-fraction 0.7 --low-noise-max-t 60}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -37,6 +37,7 @@ LOG=$OUT/device.log
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; nproc
   python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__, 'cuda', torch.cuda.is_available())"; } >> "$LOG" 2>&1
 # run_sets SCRIPT UNTIL SETS: each ';'-separated argument set of SCRIPT while more than 20 s are left before UNTIL
+# (an empty SETS runs nothing). timeout signals the whole process group, the spawned benchmark children too.
 run_sets() {
   local script=$1 until=$2 args left
   IFS=';' read -ra SETS <<< "$3"
@@ -44,11 +45,10 @@ run_sets() {
     left=$(( until - $(elapsed) )); [ $left -gt 20 ] || break
     timeout -k 5 $left python3 $script $args >> "$LOG" 2>&1
     echo "$script exit $? at $(elapsed) s" >> "$LOG"
-    pkill -9 -f "$script" 2>/dev/null  # spawned children left by a timeout
   done
 }
 echo "== network at $(elapsed) s" >> "$LOG"
-run_sets benchmarks/network_speed.py $NET_UNTIL "${NET_SETS:-}"
+run_sets benchmarks/network_speed.py $NET_UNTIL "$NET_SETS"
 echo "== bench at $(elapsed) s" >> "$LOG"
 run_sets benchmarks/denoise_speed.py $BENCH_UNTIL "$BENCH_SETS"
 [ $(( TRAIN_UNTIL - $(elapsed) )) -gt 60 ] || { echo "no time left to train; done at $(elapsed) s" >> "$LOG"; exit 0; }

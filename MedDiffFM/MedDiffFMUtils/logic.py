@@ -146,7 +146,7 @@ class MedDiffFMTasks:
         same machine and window batch); forceCpu: never use a GPU;
         overlap: sliding-window overlap fraction (0..<1); windowBatch: windows per network call (lower
         it when the GPU runs out of memory); region: head_neck, chest, abdomen or other (None = guess);
-        compileNetwork: torch.compile the network (on a GPU, tens of seconds once, then faster steps: for long
+        compileNetwork: torch.compile the network (on a GPU about 40 s once, then faster steps: for long
         runs such as synthesis). None means the command line's default for every option.
         """
         arguments = ["--seed", seed, "--device", "cpu" if forceCpu else "auto"]

@@ -78,9 +78,11 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[to
 def load_model(name_or_path: str, device: torch.device, compile: bool = False) -> torch.nn.Module:
     """Load a registered model name or a model file, in eval mode on `device`.
 
-    `compile`: wrap the network in torch.compile. On an H100 the first network call then compiles for about
-    20-40 s and every step after it runs 1.7x faster, so it pays for long runs (from about 80 steps on a
-    512 x 512 x 300 CT); on the CPU it gained nothing (benchmarks/README.md, session 9).
+    `compile`: wrap the network in torch.compile. On an H100 the first network call then compiled for about
+    40 s (two batch shapes; the sampler now gives a compiled network one) and every step after it ran 1.7x
+    faster, so it pays for long runs (from about 80 steps on a 512 x 512 x 300 CT); on the CPU it gained
+    nothing (benchmarks/README.md, session 9). A window batch halved after running out of GPU memory is a new
+    shape and compiles again.
     """
     from ..checkpoints import load_model as load_checkpoint
 
@@ -91,9 +93,26 @@ def load_model(name_or_path: str, device: torch.device, compile: bool = False) -
              parameter_count(model) / 1e6, info.get("steps", "unknown"), device)
     model = model.eval()
     if compile:
+        check_compiler(device)
         log.info("the network is compiled at its first call (torch.compile)")
         model = torch.compile(model, dynamic=False)
     return model
+
+
+def check_compiler(device: torch.device) -> None:
+    """Refuse torch.compile before any work when its code generator is missing: it would fail at the first
+    network call, after the set-up, with a compiler traceback."""
+    import importlib.util
+    import os
+    import shutil
+
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            raise InputError("--compile on a GPU needs Triton (pip install triton; it comes with PyTorch's Linux "
+                             "CUDA wheels); run without --compile")
+    elif not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++", "c++", "cl") if c):
+        raise InputError("--compile on the CPU needs a C++ compiler (g++, clang++ or MSVC's cl), and gains "
+                         "nothing there (benchmarks/README.md); run without --compile")
 
 
 def is_compiled(model: torch.nn.Module) -> bool:
