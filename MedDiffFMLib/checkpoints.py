@@ -186,7 +186,7 @@ def resolve_model(name_or_path: PathLike) -> Path:
                 candidate = folder / entry["file"]
                 if candidate.exists():
                     return candidate
-            where = f"download it from {entry['url']} into {cache_dir()}" if entry.get("url") else \
+            where = f"download it from {entry['url']} to {cache_dir() / entry['file']}" if entry.get("url") else \
                 f"its file {entry['file']} is missing from {RESOURCES} and {cache_dir()}"
             raise CheckpointError(f"model {text!r} is registered but not installed: {where}")
     cached = cache_dir() / f"{text}.safetensors"

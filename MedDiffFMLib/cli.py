@@ -9,6 +9,7 @@ import sys
 from typing import List, Optional
 
 from . import __version__, commands
+from .commands._common import HelpFormatter
 from .errors import Cancelled, MedDiffFMError
 
 log = logging.getLogger("MedDiffFMLib")
@@ -18,16 +19,6 @@ def _command_modules():
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):
             yield importlib.import_module(f"{commands.__name__}.{info.name}")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Adds an option's default to its help, unless the default is None (nothing to show) or the help already
-    says what the default is (e.g. "default: estimated from the image")."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or "default" in (action.help or ""):
-            return action.help or ""
-        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,19 +21,23 @@ from MedDiffFMLib.validation import check_ct
 def test_every_task_has_help_without_empty_or_repeated_defaults(capsys):
     from MedDiffFMLib.cli import build_parser
 
-    commands = build_parser()._subparsers._group_actions[0].choices
+    commands = dict(build_parser()._subparsers._group_actions[0].choices)
     assert {"denoise", "detect-anomalies", "synthesize", "super-resolve", "generate-lesion", "inpaint",
             "train", "finetune", "evaluate", "preprocess", "info"} <= set(commands)
+    for name, parser in commands["evaluate"]._subparsers._group_actions[0].choices.items():
+        commands[f"evaluate {name}"] = parser
     for name, parser in commands.items():
         with pytest.raises(SystemExit) as stop:
-            main([name, "--help"])
+            main(name.split() + ["--help"])
         assert stop.value.code == 0
         text = " ".join(capsys.readouterr().out.split())
-        assert text.startswith("usage: python -m MedDiffFMLib " + name) and "(default: None)" not in text
+        assert text.startswith("usage: python -m MedDiffFMLib " + name) and "(default: None)" not in text, name
         formatter = parser._get_formatter()
         for action in parser._actions:  # a help that states its default is not given a second one
             assert len(re.findall(r"\(default[ :]", formatter._get_help_string(action))) <= 1, action.option_strings
     assert "(default: 10.0)" in " ".join(commands["denoise"].format_help().split())  # plain defaults still shown
+    # ... also where the help names a default-like word ("tiny, default or paper")
+    assert "(default: default)" in " ".join(commands["train"].format_help().split())
 
 
 @pytest.fixture(scope="module")

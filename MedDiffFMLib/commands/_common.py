@@ -15,6 +15,16 @@ PROGRESS_MODES = ("tqdm", "machine", "none")
 PROGRESS_PREFIX = "MEDDIFFFM_PROGRESS"
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds an option's default to its help, unless the default is None (nothing to show) or the help already
+    says what the default is (e.g. "default: estimated from the image")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or "default:" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def _whole_number(text: str) -> int:
     try:
         return int(text)
@@ -190,7 +200,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--lr", type=float, default=1e-4,
                         help="Adam learning rate (also on --resume: lower it to anneal a run)")
-    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--seed", type=seed, default=0, help="seed of patch sampling, timesteps and noise")
     parser.add_argument("--validate-every", type=positive_int, default=200, help="steps between validations")
     parser.add_argument("--checkpoint-every", type=positive_int, default=500, help="steps between checkpoints")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")

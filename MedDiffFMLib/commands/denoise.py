@@ -26,11 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"timesteps of the start, at least {MIN_NFE}: more for noisier images)")
     parser.add_argument("--noise-level", type=float, help="noise std in HU (default: estimated from the image)")
     parser.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"),
-                        help="HU window mapped to [-1, 1] (default: the model's window for the region; the "
-                        "paper used -160 240)")
+                        help="HU window mapped to [-1, 1] (default: the model's window for the region, its lower "
+                        "edge moved down by one noise std to make room for noisy fat; the paper used -160 240)")
     parser.add_argument("--soft-tissue-pass", choices=("auto", "on", "off"), default="auto",
-                        help="second pass in [-160, 240] HU for soft tissue; auto: when the model's window is "
-                        "much wider (chest) and --window is not given")
+                        help="second pass in [-160, 240] HU for soft tissue (its lower edge moved down by one "
+                        "noise std, as the automatic window); auto: when the model's window is much wider "
+                        "(chest) and --window is not given")
     parser.add_argument("--lambda", dest="lam", type=float, default=DEFAULT_LAMBDA, help="DiffPIR lambda")
     parser.add_argument("--zeta", type=float,
                         help=f"DiffPIR noise mixing 0..1 (default {DEFAULT_ZETA:g} for one seed, "
@@ -71,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
                      progress=_common.progress_reporter(args.progress), **_common.sampler_options(args))
     inputs = [args.input]
     write_volume(result.denoised, args.output, overwrite=args.overwrite, inputs=inputs)
-    log.info("denoised CT written to %s (noise %.1f HU, window %s HU, t_start %d, %d steps)", args.output,
-             result.noise_hu, result.window, result.t_start, len(result.steps))
+    log.info("denoised CT written to %s (noise %.1f HU; %d pass(es), each logged above with its window, t_start "
+             "and steps)", args.output, result.noise_hu, len(result.windows))
     if result.uncertainty is not None:
         write_volume(result.uncertainty, uncertainty_path, overwrite=args.overwrite, inputs=inputs)
         log.info("standard deviation over %d seeds written to %s", args.seeds, uncertainty_path)

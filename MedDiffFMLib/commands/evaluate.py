@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import evaluate as harness
 from ..errors import InputError, ResourceError
 from ..validation import check_output_folder
-from ._common import positive_int, seed
+from ._common import HelpFormatter, positive_int, seed
 
 NAME = "evaluate"
 HELP = ("Benchmark denoising on simulated low-dose CT against Gaussian/NLM/BM3D, or score anomaly maps "
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     sub.required = True
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = HelpFormatter
 
     den = sub.add_parser("denoise", formatter_class=formatter,
                          help="simulate low dose on clean CTs and compare denoisers")

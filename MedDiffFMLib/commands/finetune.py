@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..finetune import TASKS
 
-    parser.add_argument("--task", choices=sorted(TASKS), required=True)
+    parser.add_argument("--task", choices=sorted(TASKS), required=True,
+                        help="what the ControlNet learns to condition on")
     parser.add_argument("--base", required=True, help="base model: registered name or .safetensors path")
     parser.add_argument("--data", nargs="+", default=["train"],
                         help="'train' or 'validation' (split of the shared CT data), or CT files (a folder "

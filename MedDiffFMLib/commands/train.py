@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mix of patch modes, e.g. whole=0.2,crop2x=0.3,crop=0.5")
     parser.add_argument("--low-noise-fraction", type=float, default=0.5,
                         help="share of timesteps drawn from t < --low-noise-max-t")
-    parser.add_argument("--low-noise-max-t", type=int, default=250)
+    parser.add_argument("--low-noise-max-t", type=int, default=250, help="upper end of the low-noise timesteps")
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0, help="also checkpoint after this long")
     parser.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")

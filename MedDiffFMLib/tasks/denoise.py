@@ -8,7 +8,7 @@ except at the last step, which returns the network's x0.
 
 Choices:
 - Grid: the input's own voxels (no resampling; the model is told the spacing). A measured trial lost more
-  to a 1 mm resampling round trip than the denoiser gained (NOTES-DENOISING.md).
+  to a 1 mm resampling round trip than the denoiser gained (../shared/NOTES-DENOISING.md beside the repository).
 - Window: by default the model's own training window for the body region (`cfg.windows[region]`), because
   the prior was learned on that HU-to-[-1, 1] mapping; another window feeds the network contrasts it never
   saw. The paper's [-160, 240] HU is the right choice for a model trained with that window and can be set
