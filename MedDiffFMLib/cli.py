@@ -51,3 +51,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     except MedDiffFMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as exc:  # torch reports CPU and GPU allocation failures as RuntimeErrors
+        if not _out_of_memory(exc):
+            raise
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        print(f"error: out of memory ({detail}); no output was written. Try a smaller window batch "
+              "(--window-batch 1), a CT cropped to the region of interest, or closing other programs", file=sys.stderr)
+        return 2
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Memory exhausted somewhere the memory estimate did not foresee (NumPy, the CPU or GPU allocator)."""
+    text = str(exc).lower()
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in text or "out of memory" in text)

@@ -220,6 +220,32 @@ def test_absurd_synthesis_size_gets_the_memory_message_not_an_allocation_failure
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("failure, is_memory", [
+    (MemoryError("Unable to allocate 1.20 TiB for an array with shape (300, 512, 512, 8000)"), True),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
+                  "allocate 9000000000000 bytes"), True),
+    (RuntimeError("a bug in the sampler"), False)])
+def test_memory_exhausted_after_the_estimate_is_a_clear_error(failure, is_memory, files, tmp_path, monkeypatch,
+                                                               capsys):
+    """An allocation failure the memory estimate did not foresee (e.g. in the set-up) gives a message, not a
+    traceback; any other error still propagates."""
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(common, "anatomy_for", fail)
+    out = tmp_path / "result.nii.gz"
+    args = task_arguments("denoise", files[0], files[1], out)
+    if not is_memory:
+        with pytest.raises(RuntimeError, match="a bug"):
+            main(args)
+    else:
+        code, err = run_cli(args, capsys)
+        assert code == 2 and "error: out of memory (" in err and "--window-batch 1" in err, err
+        assert str(failure).splitlines()[0][:60] in err
+    assert list(tmp_path.iterdir()) == []
+    assert_inputs_unchanged(files)
+
+
 def test_python_callers_get_clear_errors_for_arrays_and_devices(chest_nodule_crop):
     import torch
 
