@@ -56,3 +56,23 @@ def test_denoise_speed_reads_a_saved_input_and_projects_more_steps(denoise_speed
     assert cells[1] == pytest.approx(per_step, abs=1e-3)
     assert cells[2] == pytest.approx(setup + 100 * per_step, abs=1) and cells[3] == pytest.approx(
         setup + 1000 * per_step, abs=1)
+
+
+def test_network_speed_prints_rates_and_flops_per_channel_variant(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import network_speed
+
+    argv = ["--preset", "tiny", "--channels", "preset", "4,16,16", "--options", "eager", "channels_last",
+            "--batch", "2", "--iters", "1", "--device", "cpu", "--windows", "100"]
+    assert network_speed.main(argv) == 0
+    rows = [line.strip("|").split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    rows = [[cell.strip() for cell in row] for row in rows[1:]]  # the header row first
+    assert [(row[0], row[3]) for row in rows] == [("8,16,16", "eager"), ("8,16,16", "channels_last"),
+                                                  ("4,16,16", "eager"), ("4,16,16", "channels_last")]
+    flops = {row[0]: float(row[2]) for row in rows}
+    assert flops["4,16,16"] < flops["8,16,16"]  # fewer full-resolution channels, fewer FLOPs
+    for row in rows:  # s/step is the given window count over the measured rate
+        assert float(row[6]) == pytest.approx(100 / float(row[4]), rel=0.02, abs=0.006)  # printed to 0.01
+    with pytest.raises(SystemExit):
+        network_speed.main(["--options", "fast"])
+    sys.modules.pop("network_speed", None)
