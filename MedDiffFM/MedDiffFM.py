@@ -285,6 +285,11 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        windowBatch=p.windowBatch or None, region=None if p.region == "auto" else p.region, wait=False)
         if TASKS[p.task].usesNfe:
             options["nfe"] = p.nfe or None
+        # A segment limits a task only when one is chosen; a segmentation without a segment means the whole image.
+        segment = dict(segmentationNode=p.maskSegmentation, segmentId=p.maskSegmentId) if (
+            p.maskSegmentation and p.maskSegmentId) else dict(segmentationNode=None, segmentId=None)
+        if TASKS[p.task].mask == "optional" and segment["segmentId"]:
+            self.addLog(f"{TASKS[p.task].title} runs inside the selected Mask segment only.")
         if p.task == "synthesize":
             if p.synthesizeOnInputGrid:
                 return self.logic.synthesize(p.inputVolume, **options)
@@ -293,11 +298,10 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 spacing=(p.synthesizeSpacingXY, p.synthesizeSpacingXY, p.synthesizeSpacingZ), **options)
         if p.task == "denoise":
             return self.logic.denoise(p.inputVolume, noiseLevel=p.noiseLevel if p.noiseLevel >= 0 else None,
-                                      segmentationNode=p.maskSegmentation, segmentId=p.maskSegmentId, **options)
+                                      **segment, **options)
         if p.task == "detect-anomalies":
             return self.logic.detectAnomalies(
-                p.inputVolume, threshold=p.anomalyThreshold if p.anomalyThreshold >= 0 else None,
-                segmentationNode=p.maskSegmentation, segmentId=p.maskSegmentId, **options)
+                p.inputVolume, threshold=p.anomalyThreshold if p.anomalyThreshold >= 0 else None, **segment, **options)
         if p.task == "super-resolve":
             return self.logic.superResolve(p.inputVolume, factor=p.superResolveFactor, **options)
         if p.task == "generate-lesion":

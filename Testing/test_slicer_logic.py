@@ -13,6 +13,7 @@ import re
 import sys
 import textwrap
 import time
+import types
 
 import numpy as np
 import pytest
@@ -202,7 +203,7 @@ def test_closed_surface_segment_exported_without_changing_the_segmentation(ct_no
 def test_empty_or_unknown_segment_is_refused(ct_node, tmp_path):
     segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     empty_id = segmentation.GetSegmentation().AddEmptySegment("lesion")
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="has no voxels inside"):
         volumes.writeSegmentMask(segmentation, empty_id, ct_node, tmp_path / "m.nrrd")
     with pytest.raises(ValueError, match="not found"):
         volumes.writeSegmentMask(segmentation, "nonexistent", ct_node, tmp_path / "m.nrrd")
@@ -303,6 +304,29 @@ def test_runner_failure_raises_cli_message_and_imports_nothing(tmp_path):
     assert not work_dir.exists()
 
 
+def test_refused_command_line_options_show_argparse_message_not_usage():
+    usage = ["usage: python -m MedDiffFMLib denoise [-h] [--model MODEL] INPUT -o OUTPUT", "  [--nfe NFE]",
+             "python -m MedDiffFMLib denoise: error: argument --nfe: must be at least 1, got 0"]
+    assert process.errorMessageFromOutput(usage, 2) == "argument --nfe: must be at least 1, got 0"
+    # A log line mentioning an error is not mistaken for the job's own message.
+    other = ["INFO stored error: none", "Traceback (most recent call last):", "ValueError: boom"]
+    assert process.errorMessageFromOutput(other, 1).startswith("MedDiffFMLib exited with code 1:")
+
+
+def test_waiting_from_the_console_keeps_the_application_handling_events(tmp_path, monkeypatch):
+    """A console call blocks until its job ends; Slicer's event loop must keep running meanwhile."""
+    handled = []
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(processEvents=lambda: handled.append(1)), raising=False)
+    command = script(tmp_path, """
+        import time
+        time.sleep(0.5)
+        print("MEDDIFFFM_PROGRESS 1 1")
+        """)
+    run, events, _ = make_run(command, tmp_path)
+    assert run.start().wait(pollInterval=0.02) == "imported"
+    assert len(handled) >= 5 and events["progress"] == [(1, 1)]
+
+
 def test_cancel_kills_the_process_tree_and_leaves_no_output(tmp_path):
     psutil = pytest.importorskip("psutil")
     output = tmp_path / "output.nrrd"
@@ -355,6 +379,7 @@ def test_sampling_options_map_to_cli_flags():
     # no model named: each command uses its own default (fine-tuned tasks have their own model)
     assert "--model" not in logic_module.MedDiffFMTasks.samplingArguments()
     assert logic_module.MedDiffFMTasks.samplingArguments(compileNetwork=True)[-1] == "--compile"
+    assert logic_module.MedDiffFMTasks.samplingArguments(threads=3)[-2:] == ["--threads", 3]
     with pytest.raises(TypeError):
         logic_module.MedDiffFMTasks.samplingArguments(noise=1)
 
@@ -526,6 +551,16 @@ def test_console_calls_without_proper_nodes_get_clear_messages(ct_node, fake_cli
         logic.denoise(ct_node, segmentId="Segment_1")
     with pytest.raises(ValueError, match="Detect anomalies needs a segmentation node"):
         logic.detectAnomalies(ct_node, segmentId="Segment_1")
+    # ... and a segmentation without its segment too.
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lesions")
+    for task in (logic.denoise, logic.detectAnomalies):
+        with pytest.raises(ValueError, match=r"'lesions'\) was given without segmentId"):
+            task(ct_node, segmentationNode=segmentation)
+    slicer.mrmlScene.RemoveNode(segmentation)
+    # Sampling options are checked under their own names, before anything starts.
+    for option, value in (("nfe", 0), ("windowBatch", 0), ("threads", 0), ("seed", -1), ("nfe", 2.5)):
+        with pytest.raises(ValueError, match=f"{option} must be a whole number of at least"):
+            logic.denoise(ct_node, **{option: value})
     with pytest.raises(ValueError, match="not a CT volume node"):
         logic.denoise(slicer.mrmlScene.AddNewNodeByClass("vtkMRMLModelNode", "surface"))
     assert scene_nodes() - nodes_before == {slicer.mrmlScene.GetFirstNodeByName("surface").GetID()}
@@ -538,6 +573,18 @@ def test_repeated_runs_get_distinct_names(ct_node, fake_cli):
     first, second = (logic.detectAnomalies(ct_node) for _ in range(2))
     assert [node.GetName() for node in first + second] == [
         "CT anomaly map", "CT anomalies", "CT anomaly map_1", "CT anomalies_1"]
+
+
+def test_a_ct_result_is_shown_like_its_input(ct_node, fake_cli):
+    ct_node.CreateDefaultDisplayNodes()
+    display = ct_node.GetDisplayNode()
+    display.SetAutoWindowLevel(False)
+    display.SetWindowLevel(400, 40)
+    result = MedDiffFM.MedDiffFMLogic().denoise(ct_node).GetDisplayNode()
+    assert not result.GetAutoWindowLevel() and (result.GetWindow(), result.GetLevel()) == (400, 40)
+    assert result.GetColorNodeID() == display.GetColorNodeID()
+    display.SetAutoWindowLevel(True)  # an automatic input leaves the result automatic too
+    assert MedDiffFM.MedDiffFMLogic().denoise(ct_node).GetDisplayNode().GetAutoWindowLevel()
 
 
 def test_detect_anomalies_refuses_nfe(ct_node):
@@ -649,7 +696,7 @@ def test_bad_mask_fails_before_running_and_leaves_nothing(ct_node, fake_cli, tmp
     segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     empty_id = segmentation.GetSegmentation().AddEmptySegment("lesion")
     nodes_before = scene_nodes()
-    with pytest.raises(ValueError, match="is empty"):
+    with pytest.raises(ValueError, match="has no voxels inside"):
         MedDiffFM.MedDiffFMLogic().inpaint(ct_node, segmentation, empty_id)
     assert list(temporary.iterdir()) == []
     assert not (tmp_path / "lib" / "argv.json").exists()  # the command never ran

@@ -7,7 +7,7 @@ import importlib.util
 import logging
 import os
 
-# Modules the jobs (and the cancel button: psutil) import; torch comes first, as the largest download.
+# Modules the jobs import (psutil: the free-memory check); torch comes first, as the largest download.
 REQUIRED_IMPORTS = ("torch", "monai", "einops", "scipy", "SimpleITK", "nibabel", "safetensors", "tqdm", "pydicom",
                     "psutil")
 
@@ -60,9 +60,10 @@ def setupPythonRequirements(libraryRoot, log=logging.info):
 
 
 def computeDeviceMessage():
-    """One line saying whether jobs will run on a GPU; CPU works, only slowly."""
+    """One line saying whether jobs will run on a GPU; CPU works, only slowly. Only counts the GPUs: naming one
+    would set up CUDA inside Slicer, holding GPU memory the jobs need for the rest of the session."""
     import torch
     if torch.cuda.is_available():
-        return f"GPU found: {torch.cuda.get_device_name(0)}."
+        return f"CUDA GPU found ({torch.cuda.device_count()}): MedDiffFM jobs will run on it."
     return ("No CUDA GPU found: MedDiffFM will run on the CPU. That works, but a full volume can take "
             "minutes to hours; lower NFE for a quicker preview.")

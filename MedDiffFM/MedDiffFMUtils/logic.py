@@ -23,6 +23,15 @@ def _slicerApp():
     return getattr(slicer, "app", None)
 
 
+def _optionalSegment(segmentationNode, segmentId):
+    """(node, segment) of an optional segment, or None; a node without a segment is a mistake, not 'everywhere'
+    (a segment without its node is refused by _checkInputs)."""
+    if segmentationNode is not None and not segmentId:
+        raise ValueError(f"A segmentation ('{segmentationNode.GetName()}') was given without segmentId: name the "
+                         "segment to limit the task to, or leave both out to use the whole image.")
+    return (segmentationNode, segmentId) if segmentId else None
+
+
 def _resultName(inputNode, task):
     return f"{inputNode.GetName()} {TASKS[task].resultSuffix}"
 
@@ -91,7 +100,7 @@ class MedDiffFMTasks:
             arguments += ["--noise-level", noiseLevel]
         if window is not None:
             arguments += ["--window", *window]
-        mask = (segmentationNode, segmentId) if segmentId else None
+        mask = _optionalSegment(segmentationNode, segmentId)
         return self._runTask("denoise", volumeNode, arguments, wait, options, mask=mask)
 
     def detectAnomalies(self, volumeNode, threshold=None, segmentationNode=None, segmentId=None, wait=True,
@@ -100,7 +109,7 @@ class MedDiffFMTasks:
         the map (None = the model's default). Returns (anomaly map volume node in HU, segmentation node
         of the voxels above the threshold)."""
         arguments = [] if threshold is None else ["--threshold", threshold]
-        mask = (segmentationNode, segmentId) if segmentId else None
+        mask = _optionalSegment(segmentationNode, segmentId)
 
         def importResults(workDir):
             mapNode, anomalySegmentation = _addAllOrNothing(
@@ -137,7 +146,7 @@ class MedDiffFMTasks:
 
     @staticmethod
     def samplingArguments(model=None, nfe=None, seed=0, forceCpu=False, overlap=None, windowBatch=None,
-                          region=None, compileNetwork=False):
+                          region=None, compileNetwork=False, threads=None):
         """CLI options shared by all tasks (the `**options` of every task method).
 
         model: name in Resources/Models.json or a model file (None = the task's own default: the base
@@ -147,8 +156,13 @@ class MedDiffFMTasks:
         overlap: sliding-window overlap fraction (0..<1); windowBatch: windows per network call (lower
         it when the GPU runs out of memory); region: head_neck, chest, abdomen or other (None = guess);
         compileNetwork: torch.compile the network (on a GPU about 40 s once, then faster steps: for long
-        runs such as synthesis). None means the command line's default for every option.
+        runs such as synthesis); threads: CPU threads of the job (None = all cores; fewer keep Slicer responsive
+        during a CPU job). None means the command line's default for every option.
         """
+        for name, value, least in (("nfe", nfe, 1), ("windowBatch", windowBatch, 1), ("threads", threads, 1),
+                                   ("seed", seed, 0)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+                raise ValueError(f"{name} must be a whole number of at least {least}, got {value!r}")
         arguments = ["--seed", seed, "--device", "cpu" if forceCpu else "auto"]
         if model:
             arguments += ["--model", model]
@@ -162,6 +176,8 @@ class MedDiffFMTasks:
             arguments += ["--window-batch", windowBatch]
         if compileNetwork:
             arguments.append("--compile")
+        if threads is not None:
+            arguments += ["--threads", threads]
         return arguments
 
     def _runTask(self, task, volumeNode, taskArguments, wait, options, importResults=None,
@@ -221,6 +237,7 @@ class MedDiffFMTasks:
         """The importResults of a task whose result is one volume: a new node named `name`."""
         def importResults(workDir):
             node = volumes.addVolumeNodeFromFile(self._outputPath(workDir), name, inputNode)
+            volumes.copyWindowLevel(inputNode, node)
             self._show(node)
             return node
         return importResults

@@ -55,10 +55,13 @@ class TimeLeft:
 
 
 def errorMessageFromOutput(lines, returnCode):
-    """The message to show for a failed run: the CLI's `error: ...` line, else the last output lines."""
+    """The message to show for a failed run: the CLI's `error: ...` line (or argparse's `prog: error: ...`),
+    else the last output lines."""
     for line in reversed(lines):
         if line.startswith("error:"):
             return line[len("error:"):].strip()
+        if line.startswith("python -m MedDiffFMLib") and ": error: " in line:
+            return line.split(": error: ", 1)[1].strip()
     tail = "\n".join(lines[-15:]).strip()
     return f"MedDiffFMLib exited with code {returnCode}" + (f":\n{tail}" if tail else " and printed nothing.")
 
@@ -75,23 +78,28 @@ class TaskCancelled(RuntimeError):
     """The job was cancelled by the user; nothing was added to the scene."""
 
 
+# The job runs in its own process group (POSIX: a new session), so a cancel reaches everything it started:
+# inside Slicer the started process is the PythonSlicer launcher and the job is its child. Windows: no console
+# window beside Slicer's.
+if sys.platform == "win32":
+    # Two distinct bits, added: vermin reads `a | b` of unknown types as a 3.10 union type.
+    _GROUP_OPTIONS = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP + subprocess.CREATE_NO_WINDOW}
+else:
+    _GROUP_OPTIONS = {"start_new_session": True}
+
+
 def killProcessTree(process):
-    """Kill a process and everything it started (workers, data loaders)."""
-    try:
-        import psutil
-    except ImportError:  # psutil missing: children may survive, but the job itself stops
-        process.kill()
+    """Kill a job started by TaskRun and everything it started (launcher child, workers, data loaders)."""
+    if sys.platform == "win32":
+        subprocess.run(["taskkill", "/PID", str(process.pid), "/T", "/F"], capture_output=True,
+                       creationflags=subprocess.CREATE_NO_WINDOW)
         return
+    import signal
+
     try:
-        parent = psutil.Process(process.pid)
-        children = parent.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return
-    for child in children + [parent]:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
+        os.killpg(process.pid, signal.SIGKILL)  # the group of a new session has the leader's pid
+    except ProcessLookupError:  # already gone
+        pass
 
 
 class TaskRun:
@@ -121,10 +129,11 @@ class TaskRun:
     def start(self):
         env = dict(os.environ if self.env is None else self.env)
         env["PYTHONUNBUFFERED"] = "1"  # progress lines must arrive while the job runs, not at exit
+        env["PYTHONIOENCODING"] = "utf-8"  # as this side decodes (Windows would write its code page)
         self._process = subprocess.Popen(
             self.command, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,  # one stream keeps messages in order
-            text=True, encoding="utf-8", errors="replace", bufsize=1)
+            text=True, encoding="utf-8", errors="replace", bufsize=1, **_GROUP_OPTIONS)
         threading.Thread(target=self._readOutput, name="MedDiffFM output reader", daemon=True).start()
         return self
 
@@ -159,8 +168,13 @@ class TaskRun:
         return self.finished
 
     def wait(self, pollInterval=0.1):
-        """Block until the job ends; return the imported result or raise its error."""
+        """Block until the job ends; return the imported result or raise its error. Inside Slicer (a call from
+        the Python console) the application keeps handling events meanwhile: the views, the log and the
+        progress stay live."""
+        application = getattr(sys.modules.get("slicer"), "app", None)
         while not self.poll():
+            if application is not None:
+                application.processEvents()
             time.sleep(pollInterval)
         if self.error is not None:
             raise self.error

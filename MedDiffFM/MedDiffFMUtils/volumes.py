@@ -88,8 +88,9 @@ def writeSegmentMask(segmentationNode, segmentId, referenceVolumeNode, path):
         mask = (slicer.util.arrayFromVolume(labelmapNode) > 0).astype(np.uint8)
         maskToRAS = ijkToRASArray(labelmapNode)
     if not mask.any():
-        raise ValueError(f"Segment '{segment.GetName()}' is empty inside '{referenceVolumeNode.GetName()}': "
-                         "paint the region in the Segment Editor first.")
+        raise ValueError(f"Segment '{segment.GetName()}' has no voxels inside '{referenceVolumeNode.GetName()}': "
+                         "paint the region in the Segment Editor first or, if it is painted, check that it lies "
+                         "over this volume (drawn on another volume, or under another transform).")
     _writeArray(mask, maskToRAS, path)
 
 
@@ -113,6 +114,21 @@ def addVolumeNodeFromFile(path, name, likeNode=None):
     node = slicer.util.addVolumeFromArray(array, ijkToRAS=ijkToRAS, name=slicer.mrmlScene.GenerateUniqueName(name))
     _placeLike(node, likeNode)
     return node
+
+
+def copyWindowLevel(fromNode, toNode):
+    """Show a CT result (denoised, super-resolved, inpainted) as its input is shown, so the two compare at a
+    glance: same window/level and colour table, unless the input has no display yet (then Slicer's automatic
+    window/level stays)."""
+    source = fromNode.GetDisplayNode() if fromNode is not None else None
+    target = toNode.GetDisplayNode()
+    if source is None or target is None:
+        return
+    target.SetAutoWindowLevel(source.GetAutoWindowLevel())
+    if not source.GetAutoWindowLevel():
+        target.SetWindowLevel(source.GetWindow(), source.GetLevel())
+    if source.GetColorNodeID():
+        target.SetAndObserveColorNodeID(source.GetColorNodeID())
 
 
 def addSegmentationNodeFromMaskFile(path, name, segmentName, likeNode=None):
