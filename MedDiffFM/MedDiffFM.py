@@ -322,9 +322,10 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Stop a running job now (module cleanup, scene close): kill it and let it clean up."""
         if self._run is None:
             return
+        self._pollTimer.stop()  # no timer slot, and no event handling, while the scene closes under us
         self._run.cancel()
         try:
-            self._run.wait()
+            self._run.wait(handleEvents=False)
         except TaskCancelled:
             pass
         self._run = None

@@ -325,6 +325,28 @@ def test_waiting_from_the_console_keeps_the_application_handling_events(tmp_path
     run, events, _ = make_run(command, tmp_path)
     assert run.start().wait(pollInterval=0.02) == "imported"
     assert len(handled) >= 5 and events["progress"] == [(1, 1)]
+    # ... but not while the panel cancels its job during a scene close.
+    handled.clear()
+    run, _, _ = make_run(command, tmp_path)
+    assert run.start().wait(pollInterval=0.02, handleEvents=False) == "imported" and handled == []
+
+
+def test_kill_falls_back_to_the_job_itself_when_its_group_cannot_be_signalled(tmp_path, monkeypatch):
+    def refuse(pid, sig):
+        raise PermissionError("not allowed")
+
+    monkeypatch.setattr(os, "killpg", refuse)
+    command = script(tmp_path, """
+        import time
+        time.sleep(60)
+        """)
+    run, _, _ = make_run(command, tmp_path)
+    run.start()
+    started = time.monotonic()
+    run.cancel()
+    with pytest.raises(process.TaskCancelled):
+        run.wait()
+    assert time.monotonic() - started < 10
 
 
 def test_cancel_kills_the_process_tree_and_leaves_no_output(tmp_path):
@@ -380,6 +402,7 @@ def test_sampling_options_map_to_cli_flags():
     assert "--model" not in logic_module.MedDiffFMTasks.samplingArguments()
     assert logic_module.MedDiffFMTasks.samplingArguments(compileNetwork=True)[-1] == "--compile"
     assert logic_module.MedDiffFMTasks.samplingArguments(threads=3)[-2:] == ["--threads", 3]
+    assert logic_module.MedDiffFMTasks.samplingArguments(nfe=np.int64(4))[-2:] == ["--nfe", 4]
     with pytest.raises(TypeError):
         logic_module.MedDiffFMTasks.samplingArguments(noise=1)
 

@@ -5,6 +5,7 @@ Every task method takes MRML nodes and returns new MRML nodes; input nodes are o
 module widget does it from a QTimer) and whose `result` holds the new nodes once it has finished.
 """
 import logging
+import numbers
 import os
 import shutil
 import tempfile
@@ -161,7 +162,8 @@ class MedDiffFMTasks:
         """
         for name, value, least in (("nfe", nfe, 1), ("windowBatch", windowBatch, 1), ("threads", threads, 1),
                                    ("seed", seed, 0)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+            if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)
+                                      or value < least):
                 raise ValueError(f"{name} must be a whole number of at least {least}, got {value!r}")
         arguments = ["--seed", seed, "--device", "cpu" if forceCpu else "auto"]
         if model:

@@ -90,16 +90,23 @@ else:
 
 def killProcessTree(process):
     """Kill a job started by TaskRun and everything it started (launcher child, workers, data loaders)."""
-    if sys.platform == "win32":
-        subprocess.run(["taskkill", "/PID", str(process.pid), "/T", "/F"], capture_output=True,
-                       creationflags=subprocess.CREATE_NO_WINDOW)
-        return
-    import signal
-
     try:
-        os.killpg(process.pid, signal.SIGKILL)  # the group of a new session has the leader's pid
+        if sys.platform == "win32":
+            done = subprocess.run(["taskkill", "/PID", str(process.pid), "/T", "/F"], capture_output=True,
+                                  creationflags=subprocess.CREATE_NO_WINDOW)
+            if done.returncode == 0:
+                return
+        else:
+            import signal
+
+            os.killpg(process.pid, signal.SIGKILL)  # the group of a new session has the leader's pid
+            return
     except ProcessLookupError:  # already gone
+        return
+    except OSError:  # e.g. no permission on the group: at least the job's own process goes
         pass
+    if process.poll() is None:
+        process.kill()
 
 
 class TaskRun:
@@ -167,11 +174,11 @@ class TaskRun:
             self._finish(self._process.wait())
         return self.finished
 
-    def wait(self, pollInterval=0.1):
+    def wait(self, pollInterval=0.1, handleEvents=True):
         """Block until the job ends; return the imported result or raise its error. Inside Slicer (a call from
-        the Python console) the application keeps handling events meanwhile: the views, the log and the
-        progress stay live."""
-        application = getattr(sys.modules.get("slicer"), "app", None)
+        the Python console) the application keeps handling events meanwhile (`handleEvents`): the views, the
+        log and the progress stay live."""
+        application = getattr(sys.modules.get("slicer"), "app", None) if handleEvents else None
         while not self.poll():
             if application is not None:
                 application.processEvents()
