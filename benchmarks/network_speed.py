@@ -14,6 +14,7 @@ training one. `--windows N` prints the seconds a step of N windows would take at
   channels_last   weights and inputs NDHWC
   compile         torch.compile(dynamic=False), default mode
   max-autotune    torch.compile(mode="max-autotune-no-cudagraphs")
+  cudagraphs      torch.compile(mode="reduce-overhead"): the compiled calls replayed as CUDA graphs
 Options combine with '+', e.g. compile+cudnn. `--profile` also prints, per configuration, the operators that
 take the time in 3 profiled calls (torch.profiler), to find what limits the network on a device.
 """
@@ -34,7 +35,7 @@ from MedDiffFMLib.conditioning import condition_channels  # noqa: E402
 from MedDiffFMLib.config import preset  # noqa: E402
 from MedDiffFMLib.network import MedDiffNet, parameter_count  # noqa: E402
 
-KNOWN = {"eager", "cudnn", "channels_last", "compile", "max-autotune"}
+KNOWN = {"eager", "cudnn", "channels_last", "compile", "max-autotune", "cudagraphs"}
 
 
 def variant(name: str, channels: str):
@@ -82,6 +83,8 @@ def windows_per_second(cfg, option: str, device: torch.device, batch: int, iters
         model = model.to(memory_format=torch.channels_last_3d)
     if "max-autotune" in parts:
         model = torch.compile(model, dynamic=False, mode="max-autotune-no-cudagraphs")
+    elif "cudagraphs" in parts:
+        model = torch.compile(model, dynamic=False, mode="reduce-overhead")
     elif "compile" in parts:
         model = torch.compile(model, dynamic=False)
     args = inputs(cfg, batch, device, channels_last)

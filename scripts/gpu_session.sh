@@ -16,8 +16,10 @@ set -u
 START=$(date +%s)
 NET_UNTIL=${NET_UNTIL:-130}; BENCH_UNTIL=${BENCH_UNTIL:-540}; TRAIN_UNTIL=${TRAIN_UNTIL:-0}
 # Session 9 (H100) measured the table in benchmarks/README.md; what it left open is set up here. The network
-# alone, profiled (what limits it once compiled: normalisations, attention, small kernels?), eager and compiled.
-NET_SETS=${NET_SETS-"--options eager compile --batch 512 --iters 10 --profile"}
+# alone (attention now fused: compare with session 9's 2,981 / 5,400 windows/s), profiled (what limits it once
+# compiled: normalisations, attention, small kernels?), then compiled with NDHWC and replayed as CUDA graphs.
+NET_SETS=${NET_SETS-"--options eager compile --batch 512 --iters 10 --profile;\
+--options compile+channels_last cudagraphs --batch 512 --iters 10"}
 # Denoising a real 512 x 512 CT (CRLM-CT-1004 mirror-padded to 300 slices; the windows wholly in air are
 # skipped) at the default overlap 0.25, NFE 100 for real (a fixed 80 HU noise level puts t_start above 100):
 # compiled at window batch 512 (the product now pads the last batch, so it compiles one shape), then the
