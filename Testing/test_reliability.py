@@ -201,12 +201,24 @@ def test_too_large_is_refused_before_sampling_through_the_task_api(chest_nodule_
     assert steps
 
 
+def test_a_masked_denoise_checks_the_whole_ct_set_up_before_starting_it(chest_nodule_crop, monkeypatch):
+    """A mask makes the sampled box small, but the noise estimate and anatomy still cover the whole CT."""
+    image, nodule = chest_nodule_crop
+    set_up_bytes = common.SETUP_COPIES * 4 * image.array.size
+    monkeypatch.setattr(common, "available_memory", lambda device: set_up_bytes // 2)
+    monkeypatch.setattr("MedDiffFMLib.tasks.denoise.estimate_noise", lambda *a: pytest.fail("set-up started"))
+    with pytest.raises(ResourceError, match=r"the set-up of this CT \(noise estimate, anatomy\) needs about"):
+        denoise(image, load_model("tiny")[0], nfe=2, region="chest", mask=nodule)
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_every_task_cli_checks_memory_before_sampling(task, files, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(common, "available_memory", lambda device: 2 ** 20)
     out = tmp_path / "result.nii.gz"
     code, err = run_cli(task_arguments(task, files[0], files[1], out), capsys)
-    assert code == 2 and "GiB is free on cpu" in err and "--window-batch 1" in err
+    # Super-resolution's set-up (anatomy on the thin grid, twice the slices) is refused first; the others' sampling.
+    hint = "the set-up of this CT" if task == "super-resolve" else "--window-batch 1"
+    assert code == 2 and "GiB is free on cpu" in err and hint in err, err
     assert list(tmp_path.iterdir()) == []
     assert_inputs_unchanged(files)
 
