@@ -14,7 +14,7 @@
 # Back here: cat run.tar.part-* | tar xf - in a run folder, then `train --resume` continues it.
 set -u
 START=$(date +%s)
-NET_UNTIL=${NET_UNTIL:-130}; BENCH_UNTIL=${BENCH_UNTIL:-540}; TRAIN_UNTIL=${TRAIN_UNTIL:-0}
+NET_UNTIL=${NET_UNTIL:-220}; BENCH_UNTIL=${BENCH_UNTIL:-540}; TRAIN_UNTIL=${TRAIN_UNTIL:-0}
 # Session 9 (H100) measured the table in benchmarks/README.md; what it left open is set up here. The network
 # alone (attention now fused: compare with session 9's 2,981 / 5,400 windows/s), profiled (what limits it once
 # compiled: normalisations, attention, small kernels?), then compiled with NDHWC and replayed as CUDA graphs.
