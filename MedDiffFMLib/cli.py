@@ -10,7 +10,7 @@ from typing import List, Optional
 
 from . import __version__, commands
 from .commands._common import HelpFormatter
-from .errors import Cancelled, MedDiffFMError
+from .errors import Cancelled, MedDiffFMError, is_out_of_memory
 
 log = logging.getLogger("MedDiffFMLib")
 
@@ -52,16 +52,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as exc:  # torch reports CPU and GPU allocation failures as RuntimeErrors
-        if not _out_of_memory(exc):
+        if not is_out_of_memory(exc):
             raise
+        log.debug("out of memory", exc_info=True)
         detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        print(f"error: out of memory ({detail}); no output was written. Try a smaller window batch "
-              "(--window-batch 1), a CT cropped to the region of interest, or closing other programs", file=sys.stderr)
+        hint = OUT_OF_MEMORY_HINTS.get(args.command, OUT_OF_MEMORY_HINTS["sampling"])
+        print(f"error: out of memory ({detail}). Try {hint}, or close other programs", file=sys.stderr)
         return 2
 
 
-def _out_of_memory(exc: BaseException) -> bool:
-    """Memory exhausted somewhere the memory estimate did not foresee (NumPy, the CPU or GPU allocator)."""
-    text = str(exc).lower()
-    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
-            or "can't allocate memory" in text or "out of memory" in text)
+#: What to change when a command runs out of memory (the model-running commands share the sampling hint).
+OUT_OF_MEMORY_HINTS = {
+    "sampling": "a smaller window batch (--window-batch 1) or a CT cropped to the region of interest",
+    "train": "a smaller --batch-size (--resume continues the run from its last checkpoint)",
+    "finetune": "a smaller --batch-size (--resume continues the run from its last checkpoint)",
+    "evaluate": "fewer or smaller CTs (--crop, --slices)",
+    "preprocess": "a CT cropped to the region of interest",
+}

@@ -20,3 +20,16 @@ class ResourceError(MedDiffFMError):
 
 class Cancelled(MedDiffFMError):
     """Raised from a progress callback to stop a long job; nothing is written."""
+
+
+#: How allocation failures read where they are not a MemoryError: torch's CPU and CUDA allocators, cuBLAS and cuDNN
+#: (..._STATUS_ALLOC_FAILED), ITK ("Failed to allocate memory for image"), NumPy ("Unable to allocate").
+_OUT_OF_MEMORY_PHRASES = ("out of memory", "can't allocate memory", "failed to allocate memory", "alloc_failed",
+                          "unable to allocate")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is memory running out (somewhere the memory estimates did not foresee)."""
+    text = str(exc).lower()
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or any(phrase in text for phrase in _OUT_OF_MEMORY_PHRASES))

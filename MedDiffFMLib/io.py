@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .errors import InputError, is_out_of_memory
 from .validation import check_dimensions, check_mask, check_output_path, format_values
 
 log = logging.getLogger(__name__)
@@ -238,6 +238,8 @@ def write_volume(vol: Volume, path: PathLike, overwrite: bool = False,
         with atomic_path(path) as tmp:
             sitk.WriteImage(vol.to_sitk(), str(tmp), useCompression=True)
     except (RuntimeError, OSError) as exc:  # disk full, quota, file system gone read-only while running
+        if is_out_of_memory(exc):
+            raise
         raise InputError(f"cannot write {path} ({_first_line(exc)}); check the free disk space and that "
                          f"{path.parent} is writable, then retry") from None
     return path
@@ -274,6 +276,8 @@ def _read_file(path: Path) -> sitk.Image:
             _check_nifti_complete(path)
         return sitk.ReadImage(str(path))
     except (RuntimeError, OSError) as exc:  # OSError: nibabel opens a NIfTI first (e.g. no read permission)
+        if is_out_of_memory(exc):
+            raise
         raise InputError(
             f"cannot read {path} as an image ({_first_line(exc)}). Supported: NIfTI (.nii, .nii.gz), "
             "NRRD (.nrrd), MetaImage (.mha/.mhd) files and DICOM series folders.") from None

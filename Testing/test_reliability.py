@@ -204,7 +204,7 @@ def test_too_large_is_refused_before_sampling_through_the_task_api(chest_nodule_
 def test_a_masked_denoise_checks_the_whole_ct_set_up_before_starting_it(chest_nodule_crop, monkeypatch):
     """A mask makes the sampled box small, but the noise estimate and anatomy still cover the whole CT."""
     image, nodule = chest_nodule_crop
-    set_up_bytes = common.SETUP_COPIES * 4 * image.array.size
+    set_up_bytes = common.NOISE_ESTIMATE_EXTRA_COPIES * 4 * image.array.size
     monkeypatch.setattr(common, "available_memory", lambda device: set_up_bytes // 2)
     monkeypatch.setattr("MedDiffFMLib.tasks.denoise.estimate_noise", lambda *a: pytest.fail("set-up started"))
     with pytest.raises(ResourceError, match=r"the set-up of this CT \(noise estimate, anatomy\) needs about"):
@@ -256,6 +256,32 @@ def test_memory_exhausted_after_the_estimate_is_a_clear_error(failure, is_memory
         assert str(failure).splitlines()[0][:60] in err
     assert list(tmp_path.iterdir()) == []
     assert_inputs_unchanged(files)
+
+
+def test_allocation_failures_are_told_from_other_errors(tmp_path, monkeypatch, chest_nodule_crop):
+    from MedDiffFMLib.errors import is_out_of_memory
+
+    for text in ("CUDA out of memory. Tried to allocate 2.00 GiB", "CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate",
+                 "itk::ExceptionObject: Failed to allocate memory for image."):
+        assert is_out_of_memory(RuntimeError(text)), text
+    assert is_out_of_memory(MemoryError()) and not is_out_of_memory(RuntimeError("shape mismatch"))
+    # Writing: memory running out is not reported as a full disk.
+    monkeypatch.setattr(sitk, "WriteImage", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("itk::ExceptionObject: Failed to allocate memory for image.")))
+    with pytest.raises(RuntimeError, match="Failed to allocate memory"):
+        write_volume(chest_nodule_crop[0], tmp_path / "out.nii.gz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_training_out_of_memory_gets_a_training_hint(files, tmp_path, monkeypatch, capsys):
+    def fail(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("MedDiffFMLib.training.train", fail)
+    code, err = run_cli(["train", "--preset", "tiny", "--data", str(files[0]), "--out", str(tmp_path / "run"),
+                         "--steps", "1"], capsys)
+    assert code == 2 and "out of memory (CUDA out of memory." in err and "a smaller --batch-size" in err, err
+    assert "--window-batch" not in err
 
 
 def test_python_callers_get_clear_errors_for_arrays_and_devices(chest_nodule_crop):

@@ -176,8 +176,8 @@ def anatomy_for(vol: Volume, cfg: ModelConfig, user_labels: Optional[Volume] = N
 
     spec = anatomy_spec(cfg)
     source = "user" if user_labels is not None else spec.source
-    if source != "user":
-        check_setup_memory(vol.shape)
+    if source not in ("user", "totalsegmentator"):  # TotalSegmentator runs in its own process
+        check_setup_memory(vol.shape, ANATOMY_EXTRA_COPIES)
     try:
         labels, used = get_anatomy(vol, source=source, user_labels=user_labels)
     except ResourceError as exc:  # say why TotalSegmentator is needed at all
@@ -332,16 +332,18 @@ def available_memory(device: torch.device) -> Optional[int]:
     return int(psutil.virtual_memory().available)
 
 
-#: Peak CPU memory of the set-up on the whole CT (noise estimate, threshold anatomy), in float32 copies of the CT:
-#: 7.3 measured with tracemalloc on CRLM-CT-1004 at 512 x 512 x 120 (session 9), the CT itself included.
-SETUP_COPIES = 8
+#: Peak CPU memory of the whole CT's set-up beyond the CT itself (already loaded), in float32 copies of the CT,
+#: measured with tracemalloc (session 9): the noise estimate 6.3, threshold anatomy 5.1 (rounded up here).
+NOISE_ESTIMATE_EXTRA_COPIES = 7
+ANATOMY_EXTRA_COPIES = 6
 
 
-def check_setup_memory(shape_zyx: Sequence[int]) -> None:
-    """Refuse a CT whose set-up would clearly exhaust the CPU memory, before it starts. A task that samples only a
-    box (a mask's) is checked for the box by `check_memory`; its set-up still covers the whole CT."""
+def check_setup_memory(shape_zyx: Sequence[int], copies: int) -> None:
+    """Refuse a CT whose set-up (`copies` float32 copies of it) would clearly exhaust the CPU memory, before it
+    starts. A task that samples only a box (a mask's) is checked for the box by `check_memory`; its set-up still
+    covers the whole CT."""
     free = available_memory(torch.device("cpu"))
-    needed = SETUP_COPIES * 4 * int(np.prod([int(n) for n in shape_zyx]))
+    needed = copies * 4 * int(np.prod([int(n) for n in shape_zyx]))
     if free is not None and needed > free:
         gib = 2.0 ** 30
         raise ResourceError(

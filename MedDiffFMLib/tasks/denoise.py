@@ -193,7 +193,7 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
 
     estimate = None
     if noise_level is None:
-        common.check_setup_memory(volume.shape)
+        common.check_setup_memory(volume.shape, common.NOISE_ESTIMATE_EXTRA_COPIES)
         estimate = estimate_noise(volume)
         log.info("%s", estimate.describe())
         if estimate.sigma_hu < MIN_NOISE_HU:
