@@ -16,7 +16,6 @@ import torch
 
 from ..conditioning import VolumeCondition
 from ..diffusion import timesteps
-from ..errors import InputError
 from ..finetune import ControlledCondition, ControlledNet, check_task
 from ..io import Volume
 from ..orientation import in_patient_axes
