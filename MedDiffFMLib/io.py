@@ -146,6 +146,7 @@ def read_volume(path: PathLike) -> Volume:
     path = Path(path)
     if not path.exists():
         raise InputError(f"input not found: {path}")
+    float_voxels = None
     if path.is_dir():
         image = _read_dicom_folder(path, series_id=None)
     elif _is_dicom_file(path):
@@ -155,10 +156,10 @@ def read_volume(path: PathLike) -> Volume:
         uid = header.GetMetaData("0020|000e").strip() if header.HasMetaDataKey("0020|000e") else None
         image = _read_dicom_folder(path.parent, series_id=uid)
     else:
-        image = _read_file(path)
+        image, float_voxels = _read_file(path)
     vol = Volume.from_sitk(image, dtype=np.float32)
-    if path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES):
-        _restore_nifti_nonfinite(path, vol.array)
+    if float_voxels is not None:
+        _restore_nonfinite(vol.array, float_voxels)
     return vol
 
 
@@ -174,7 +175,7 @@ def read_mask(path: PathLike, like: Volume) -> Volume:
     if path.is_dir() or _is_dicom_file(path):
         raise InputError(f"mask {path.name}: give a label-map file (.nii.gz, .nrrd, .seg.nrrd, .mha); DICOM "
                          "masks (DICOM SEG) are not read, export them as a label map first")
-    image = _read_file(path)
+    image, _ = _read_file(path)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
             f"mask {path.name} has {image.GetNumberOfComponentsPerPixel()} layers (overlapping segments); "
@@ -270,11 +271,11 @@ def atomic_path(final: PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
-def _read_file(path: Path) -> sitk.Image:
+def _read_file(path: Path) -> Tuple[sitk.Image, Optional[np.ndarray]]:
+    """The image, and a float NIfTI's voxels as nibabel read them (see `_check_nifti_complete`), else None."""
     try:
-        if path.name.lower().endswith(NIFTI_SUFFIXES):
-            _check_nifti_complete(path)
-        return sitk.ReadImage(str(path))
+        float_voxels = _check_nifti_complete(path) if path.name.lower().endswith(NIFTI_SUFFIXES) else None
+        return sitk.ReadImage(str(path)), float_voxels
     except (RuntimeError, OSError) as exc:  # OSError: nibabel opens a NIfTI first (e.g. no read permission)
         if is_out_of_memory(exc):
             raise
@@ -283,21 +284,40 @@ def _read_file(path: Path) -> sitk.Image:
             "NRRD (.nrrd), MetaImage (.mha/.mhd) files and DICOM series folders.") from None
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """Refuse a truncated or corrupt NIfTI: ITK's reader fills missing voxels with 0 and says nothing."""
+def _check_nifti_complete(path: Path) -> Optional[np.ndarray]:
+    """Refuse a truncated or corrupt NIfTI: ITK's reader fills missing voxels with 0 and says nothing.
+
+    The size of the (decompressed) file is compared with the header's promise; a .gz is decompressed to its end,
+    where gzip checks its CRC. A 3D float NIfTI's voxels are returned, taken from that same decompression: ITK's
+    reader turns NaN and inf into 0, and `_restore_nonfinite` puts them back from these.
+    """
     import nibabel
 
     try:
-        proxy = nibabel.load(str(path)).dataobj  # reads the header only
+        image = nibabel.load(str(path))  # reads the header only
+        proxy = image.dataobj
         needed = proxy.offset + int(np.prod(proxy.shape)) * proxy.dtype.itemsize
-        found = _gunzipped_size(path) if path.name.lower().endswith(".gz") else path.stat().st_size
+        is_float = image.get_data_dtype().kind == "f" and len(image.shape) == 3
+        if path.name.lower().endswith(".gz"):
+            if not is_float:
+                found = _gunzipped_size(path)
+            else:
+                with gzip.open(path, "rb") as stream:
+                    raw = stream.read()
+                found = len(raw)
+        else:
+            found, raw = path.stat().st_size, None
     except FileNotFoundError:  # nibabel derives names from the suffix and misses e.g. `ct.Nii.gz`: ITK decides
-        return
+        return None
     except (nibabel.filebasedimages.ImageFileError, nibabel.spatialimages.HeaderDataError, EOFError,
             gzip.BadGzipFile, zlib.error) as exc:
         raise InputError(_damaged_nifti_message(path, _first_line(exc))) from None
     if found < needed:
         raise InputError(_damaged_nifti_message(path, f"{found} bytes where its header promises {needed}"))
+    if not is_float:
+        return None
+    whole = image if raw is None else type(image).from_bytes(raw)
+    return np.asanyarray(whole.dataobj)
 
 
 def _gunzipped_size(path: Path) -> int:
@@ -314,14 +334,9 @@ def _damaged_nifti_message(path: Path, detail: str) -> str:
             "from the original")
 
 
-def _restore_nifti_nonfinite(path: Path, array: np.ndarray) -> None:
-    """Put back NaN/inf voxels that ITK's NIfTI reader silently turns into 0, so checks can see them."""
-    import nibabel
-
-    image = nibabel.load(str(path))
-    if image.get_data_dtype().kind != "f" or len(image.shape) != 3:
-        return  # integer data cannot hold NaN/inf
-    data = np.asanyarray(image.dataobj)
+def _restore_nonfinite(array: np.ndarray, data: np.ndarray) -> None:
+    """Put back into `array` the NaN/inf voxels of a float NIfTI's `data` (nibabel's) that ITK's NIfTI reader
+    silently turns into 0, so checks can see them."""
     bad = ~np.isfinite(data)
     if bad.any():
         # nibabel indexes voxels (i, j, k) = (x, y, z); SimpleITK arrays are (z, y, x) of the same voxels.
