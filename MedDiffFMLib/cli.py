@@ -61,11 +61,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
 
+_TRAINING_HINT = "a smaller --batch-size (--resume continues the run from its last checkpoint)"
 #: What to change when a command runs out of memory (the model-running commands share the sampling hint).
 OUT_OF_MEMORY_HINTS = {
     "sampling": "a smaller window batch (--window-batch 1) or a CT cropped to the region of interest",
-    "train": "a smaller --batch-size (--resume continues the run from its last checkpoint)",
-    "finetune": "a smaller --batch-size (--resume continues the run from its last checkpoint)",
+    "train": _TRAINING_HINT,
+    "finetune": _TRAINING_HINT,
     "evaluate": "fewer or smaller CTs (--crop, --slices)",
     "preprocess": "a CT cropped to the region of interest",
 }

@@ -298,15 +298,15 @@ def _check_nifti_complete(path: Path) -> Optional[np.ndarray]:
         proxy = image.dataobj
         needed = proxy.offset + int(np.prod(proxy.shape)) * proxy.dtype.itemsize
         is_float = image.get_data_dtype().kind == "f" and len(image.shape) == 3
-        if path.name.lower().endswith(".gz"):
-            if not is_float:
-                found = _gunzipped_size(path)
-            else:
-                with gzip.open(path, "rb") as stream:
-                    raw = stream.read()
-                found = len(raw)
+        raw = None  # a float .nii.gz's decompressed bytes
+        if not path.name.lower().endswith(".gz"):
+            found = path.stat().st_size
+        elif is_float:
+            with gzip.open(path, "rb") as stream:
+                raw = stream.read()
+            found = len(raw)
         else:
-            found, raw = path.stat().st_size, None
+            found = _gunzipped_size(path)
     except FileNotFoundError:  # nibabel derives names from the suffix and misses e.g. `ct.Nii.gz`: ITK decides
         return None
     except (nibabel.filebasedimages.ImageFileError, nibabel.spatialimages.HeaderDataError, EOFError,
