@@ -18,7 +18,7 @@ from MedDiffFMLib.conditioning import VolumeCondition
 from MedDiffFMLib.errors import InputError, ResourceError
 from MedDiffFMLib.io import Volume, read_volume, write_volume
 from MedDiffFMLib.preprocess import unit_to_hu
-from MedDiffFMLib.sampling import SlidingWindowSampler
+from MedDiffFMLib.sampling import SlidingWindowSampler, window_grid
 from MedDiffFMLib.tasks import common
 from MedDiffFMLib.tasks.anomaly import detect_anomalies
 from MedDiffFMLib.tasks.denoise import denoise, diffpir
@@ -118,6 +118,41 @@ def test_denoise_skips_windows_outside_its_window_and_gives_the_same_result(monk
     assert evaluated < 0.6 * sum(calls)
     assert np.array_equal(skipped[:, 22:], hu[:, 22:])
     np.testing.assert_allclose(skipped, everything, atol=1e-3)
+
+
+def test_window_size_changes_the_tiling_not_the_answer():
+    """A larger sliding window (the --window-size option) tiles the grid with fewer, larger windows; with a
+    pointwise prior whose mean depends on the global position the result is the same. A size the network
+    cannot halve at every level is refused before any work."""
+    prior = AnalyticGaussian(std=0.2)  # tiny preset: 16^3 training patch, 3 levels
+    rng = np.random.default_rng(5)
+    hu = (40.0 + 30.0 * rng.standard_normal((20, 40, 36))).astype(np.float32)
+    hu[:, :2] = -1000.0  # a strip of air, as around a body
+    volume = Volume(hu, (0.8, 0.8, 2.0))
+    before = volume.array.copy()
+    calls = []
+    exact = prior.forward
+    prior.forward = lambda x, t, cond, region: (calls.append(tuple(x.shape[-3:])), exact(x, t, cond, region))[1]
+    settings = dict(noise_level=30.0, window=WINDOW, region="abdomen", nfe=3, seed=0, overlap=0.25)
+    patch = denoise(volume, prior, **settings)
+    assert set(calls) == {(16, 16, 16)}
+    calls.clear()
+    larger = denoise(volume, prior, window_size=24, **settings)
+    assert set(calls) == {(24, 24, 24)}
+    assert larger.windows[0][1] == len(window_grid(volume.shape, 24, 0.25)) < patch.windows[0][1]
+    np.testing.assert_allclose(larger.denoised.array, patch.denoised.array, atol=1e-3)
+    for bad in (18, 2, 0, 24.0, True):
+        with pytest.raises(InputError, match="window size must be a whole multiple of 4"):
+            denoise(volume, prior, window_size=bad, **settings)
+    assert np.array_equal(volume.array, before)
+
+
+def test_memory_estimate_grows_with_the_window():
+    from MedDiffFMLib.config import preset
+
+    cfg, shape = preset("default"), (300, 512, 512)
+    small, large = (common.estimate_memory(cfg, shape, 8, w)[1] for w in (32, 48))
+    assert common.estimate_memory(cfg, shape, 8)[1] == small and large > (48 / 32) ** 3 * small
 
 
 def test_denoise_inside_a_mask_only(monkeypatch):
@@ -338,6 +373,33 @@ def test_denoise_cli_end_to_end(ct_crop, tiny_model, tmp_path, capsys, caplog):
     assert run_cli("denoise", ct_crop, "-o", ct_crop, "--model", tiny_model) == 2
     assert run_cli("denoise", ct_crop, "-o", out, "--model", tiny_model) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_window_size_option_reaches_every_sampling_command(ct_crop, tiny_model, tmp_path, capsys, caplog):
+    """--window-size from the command line: the windows are that size, and a size the network cannot halve
+    evenly is refused with a message and no output."""
+    out = tmp_path / "lesion.nii.gz"
+    mask = tmp_path / "mask.nii.gz"
+    ct = read_volume(ct_crop)
+    inside = np.zeros(ct.shape, np.uint8)
+    inside[8:12, 12:18, 12:18] = 1
+    write_volume(ct.with_array(inside), mask)
+    commands = {
+        "synthesize": ("synthesize", "--size", 24, 24, 20, "--region", "abdomen", "--nfe", 2),
+        "denoise": ("denoise", ct_crop, "--noise-level", 20, "--nfe", 2),
+        "inpaint": ("inpaint", ct_crop, "--mask", mask, "--resample", 1, "--nfe", 2),
+        "detect-anomalies": ("detect-anomalies", ct_crop),
+    }
+    for name, command in commands.items():
+        target = tmp_path / f"{name}.nii.gz"
+        with caplog.at_level(logging.INFO, logger="MedDiffFMLib"):
+            assert run_cli(*command, "-o", target, "--model", tiny_model, "--device", "cpu",
+                           "--window-size", 24, "--progress", "none") == 0, name
+        assert "windows of 24^3 voxels" in caplog.text, name
+        caplog.clear()
+    assert run_cli("synthesize", "--size", 24, 24, 20, "--region", "abdomen", "-o", out, "--model", tiny_model,
+                   "--nfe", 2, "--device", "cpu", "--window-size", 18) == 2
+    assert "window size must be a whole multiple of 4" in capsys.readouterr().err and not out.exists()
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,

@@ -57,6 +57,7 @@ def parse_args(argv=None):
                         help="network weights' memory format (channels_last = NDHWC, as `train --channels-last`)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--overlap", type=float, default=0.5)
+    parser.add_argument("--window-size", type=int, help="sliding window edge in voxels (default: the model's patch)")
     parser.add_argument("--noise-level", type=float, default=20.0, help="HU; sets t_start, which caps the steps")
     parser.add_argument("--estimate-noise", action="store_true",
                         help="estimate the noise map from the image, as a user's denoise does (its time falls in "
@@ -143,7 +144,8 @@ def run_one(args, nfe: int, window_batch: int, precision: str, memory_format: st
     start = time.perf_counter()
     noise_level = None if args.estimate_noise else args.noise_level
     result = denoise(volume, model, nfe=nfe, noise_level=noise_level, region="abdomen", device=device,
-                     overlap=args.overlap, window_batch=window_batch, precision=precision, progress=stamp)
+                     overlap=args.overlap, window_batch=window_batch, window_size=args.window_size,
+                     precision=precision, progress=stamp)
     sync()
     seconds = time.perf_counter() - start
     if device.type == "cuda":
@@ -174,7 +176,7 @@ def main(argv=None) -> int:
         precisions.remove("bf16")
     size = "x".join(map(str, args.size))
     print(f"\nDenoising a {size} (x y z) volume, {args.model or 'untrained ' + args.preset} network, "
-          f"overlap {args.overlap}, {args.threads} CPU thread(s), "
+          f"overlap {args.overlap}, window {args.window_size or 'of the model'}, {args.threads} CPU thread(s), "
           f"cuDNN benchmark {'on' if args.cudnn_benchmark else 'off'}, torch.compile {'on' if args.compile else 'off'}")
     header = ("NFE", "steps", "window batch", "precision", "memory format", "device", "windows/step (of the grid)",
               "seconds", "setup s", "s/step", "peak GiB", "noise HU")

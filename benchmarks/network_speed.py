@@ -7,7 +7,8 @@ Denoising's cost is windows x (one forward pass a window) per step, so this time
 random inputs of the shapes the sampler feeds it (no_grad, bf16 autocast on CUDA as `denoise --precision bf16`),
 and counts its FLOPs with `torch.utils.flop_counter`. `--channels` times variants of --preset with other
 channel counts per level (untrained: cost does not depend on the weights), to size a cheaper network before
-training one. `--windows N` prints the seconds a step of N windows would take at each measured rate
+training one. `--window W` times windows of W^3 voxels instead of the preset's training patch (the
+denoising option `--window-size`); the Mvoxel/s column compares window sizes. `--windows N` prints the seconds a step of N windows would take at each measured rate
 (default 3170: CRLM-CT-1004 padded to 512 x 512 x 300, overlap 0.25, abdomen window). Options:
   eager           the network as the product runs it (cuDNN picks its algorithms by heuristics)
   cudnn           torch.backends.cudnn.benchmark: cuDNN times its algorithms on the first call
@@ -38,9 +39,12 @@ from MedDiffFMLib.network import MedDiffNet, parameter_count  # noqa: E402
 KNOWN = {"eager", "cudnn", "channels_last", "compile", "max-autotune", "cudagraphs"}
 
 
-def variant(name: str, channels: str):
-    """--preset with another channel count per level; GroupNorm groups shrink to fit the smallest level."""
+def variant(name: str, channels: str, window: int = 0):
+    """--preset with another channel count per level (GroupNorm groups shrink to fit the smallest level) and
+    windows of `window`^3 voxels (0: the preset's patch)."""
     cfg = preset(name)
+    if window:
+        cfg = dataclasses.replace(cfg, patch_size=window)
     if channels == "preset":
         return cfg
     levels = tuple(int(c) for c in channels.split(","))
@@ -126,6 +130,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=256, help="windows per network call")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--windows", type=int, default=3170, help="windows per denoising step, for the s/step column")
+    parser.add_argument("--window", type=int, default=0, help="window edge in voxels (default: the preset's patch)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--profile", action="store_true", help="also print where each configuration spends its time")
@@ -139,14 +144,15 @@ def main(argv=None) -> int:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     print(f"\n{where}, torch {torch.__version__}, {precision}, batch {args.batch}, {args.iters} timed calls")
-    header = ("channels", "params", "GFLOP/window", "option", "windows/s", "TFLOP/s", f"s/step ({args.windows} windows)")
+    header = ("channels", "window", "params", "GFLOP/window", "option", "windows/s", "Mvoxel/s", "TFLOP/s",
+              f"s/step ({args.windows} windows)")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header), flush=True)
     for channels in args.channels:
-        cfg = variant(args.preset, channels)
+        cfg = variant(args.preset, channels, args.window)
         params = parameter_count(MedDiffNet(cfg)) / 1e6
         gflop = flops_per_window(cfg) / 1e9
-        label = ",".join(map(str, cfg.channels))
+        label = ",".join(map(str, cfg.channels)) + f" | {cfg.patch_size}"
         for option in args.options:
             try:
                 rate = windows_per_second(cfg, option, device, args.batch, args.iters, args.profile)
@@ -154,8 +160,9 @@ def main(argv=None) -> int:
                 print(f"| {label} | {params:.2f}M | {gflop:.2f} | {option} | failed: {type(exc).__name__}: "
                       f"{str(exc).splitlines()[0][:80]} |", flush=True)
                 continue
-            print(f"| {label} | {params:.2f}M | {gflop:.2f} | {option} | {rate:.0f} | {rate * gflop / 1e3:.1f} | "
-                  f"{args.windows / rate:.2f} |", flush=True)
+            print(f"| {label} | {params:.2f}M | {gflop:.2f} | {option} | {rate:.0f} | "
+                  f"{rate * cfg.patch_size ** 3 / 1e6:.0f} | {rate * gflop / 1e3:.1f} | {args.windows / rate:.2f} |",
+                  flush=True)
     return 0
 
 

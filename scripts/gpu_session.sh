@@ -14,21 +14,23 @@
 # Back here: cat run.tar.part-* | tar xf - in a run folder, then `train --resume` continues it.
 set -u
 START=$(date +%s)
-NET_UNTIL=${NET_UNTIL:-220}; BENCH_UNTIL=${BENCH_UNTIL:-540}; TRAIN_UNTIL=${TRAIN_UNTIL:-0}
-# Session 9 (H100) measured the table in benchmarks/README.md; what it left open is set up here. The network
-# alone (attention now fused: compare with session 9's 2,981 / 5,400 windows/s), profiled (what limits it once
-# compiled: normalisations, attention, small kernels?), then compiled with NDHWC and replayed as CUDA graphs.
+NET_UNTIL=${NET_UNTIL:-200}; BENCH_UNTIL=${BENCH_UNTIL:-560}; TRAIN_UNTIL=${TRAIN_UNTIL:-0}
+# Session 9 (H100) measured the table in benchmarks/README.md. Session 10 sets: the network alone with attention
+# fused (compare with session 9's 2,981 / 5,400 windows/s), profiled (what limits it once compiled), then 48^3
+# windows (same voxels a call) and compiled NDHWC.
 NET_SETS=${NET_SETS-"--options eager compile --batch 512 --iters 10 --profile;\
---options compile+channels_last cudagraphs --batch 512 --iters 10"}
+--options compile --window 48 --batch 152 --iters 10;--options compile+channels_last --batch 512 --iters 10"}
 # Denoising a real 512 x 512 CT (CRLM-CT-1004 mirror-padded to 300 slices; the windows wholly in air are
-# skipped) at the default overlap 0.25, NFE 100 for real (a fixed 80 HU noise level puts t_start above 100):
-# compiled at window batch 512 (the product now pads the last batch, so it compiles one shape), twice: the
-# second process finds the first one's kernels in torch's on-disk compile cache, as a user's second run would;
-# then the user's default (noise estimated, NFE 3) for comparison with session 9.
+# skipped), NFE 100 for real (a fixed 80 HU noise level puts t_start above 100), compiled: 32^3 windows at the
+# default overlap 0.25 and window batch 512 (the product pads the last batch, so it compiles one shape); 48^3
+# windows overlapping by 8 voxels as 32^3 ones at 0.25 do (--window-size 48, same quality on tuning slices);
+# then 32^3 again, whose kernels the second process finds in torch's on-disk compile cache, as a user's second
+# run would; then overlap 0.125 (1.48x fewer voxels a step).
 M="--model .gpu/model/ema.safetensors --device cuda --size 512 512 300 --precision bf16"
-R="$M --input .gpu/crlm.npz --overlap 0.25 --threads 16"
-BENCH_SETS=${BENCH_SETS-"$R --nfe 100 --noise-level 80 --compile --window-batch 512;\
-$R --nfe 100 --noise-level 80 --compile --window-batch 512;$R --nfe 3 --estimate-noise --window-batch 256"}
+R="$M --input .gpu/crlm.npz --threads 16 --nfe 100 --noise-level 80 --compile"
+BENCH_SETS=${BENCH_SETS-"$R --overlap 0.25 --window-batch 512;\
+$R --overlap 0.1667 --window-size 48 --window-batch 152;$R --overlap 0.25 --window-batch 512;\
+$R --overlap 0.125 --window-batch 512"}
 TRAIN_ARGS=${TRAIN_ARGS:---batch-size 32 --num-workers 14 --channels-last --low-noise-fraction 0.7 --low-noise-max-t 60}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 elapsed() { echo $(( $(date +%s) - START )); }

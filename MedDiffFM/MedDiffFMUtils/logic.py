@@ -147,7 +147,7 @@ class MedDiffFMTasks:
 
     @staticmethod
     def samplingArguments(model=None, nfe=None, seed=0, forceCpu=False, overlap=None, windowBatch=None,
-                          region=None, compileNetwork=False, threads=None):
+                          region=None, compileNetwork=False, threads=None, windowSize=None):
         """CLI options shared by all tasks (the `**options` of every task method).
 
         model: name in Resources/Models.json or a model file (None = the task's own default: the base
@@ -158,10 +158,11 @@ class MedDiffFMTasks:
         it when the GPU runs out of memory); region: head_neck, chest, abdomen or other (None = guess);
         compileNetwork: torch.compile the network (on a GPU about 40 s once, then faster steps: for long
         runs such as synthesis); threads: CPU threads of the job (None = all cores; fewer keep Slicer responsive
-        during a CPU job). None means the command line's default for every option.
+        during a CPU job); windowSize: the sliding window's edge in voxels (None = the model's training patch;
+        larger can be faster on a GPU). None means the command line's default for every option.
         """
         for name, value, least in (("nfe", nfe, 1), ("windowBatch", windowBatch, 1), ("threads", threads, 1),
-                                   ("seed", seed, 0)):
+                                   ("windowSize", windowSize, 1), ("seed", seed, 0)):
             if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)
                                       or value < least):
                 raise ValueError(f"{name} must be a whole number of at least {least}, got {value!r}")
@@ -176,6 +177,8 @@ class MedDiffFMTasks:
             arguments += ["--overlap", overlap]
         if windowBatch is not None:
             arguments += ["--window-batch", windowBatch]
+        if windowSize is not None:
+            arguments += ["--window-size", windowSize]
         if compileNetwork:
             arguments.append("--compile")
         if threads is not None:

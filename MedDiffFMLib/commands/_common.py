@@ -60,8 +60,8 @@ def seed(text: str) -> int:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, nfe: Optional[int] = None) -> None:
-    """--model, --seed, --nfe, --device, --precision, --progress, --overlap, --window-batch, --region,
-    --threads, --compile, --overwrite."""
+    """--model, --seed, --nfe, --device, --precision, --progress, --overlap, --window-batch, --window-size,
+    --region, --threads, --compile, --overwrite."""
     parser.add_argument("--model", default="default",
                         help="registered model name or path to a .safetensors model file")
     parser.add_argument("--seed", type=seed, default=0,
@@ -79,6 +79,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, nfe: Optional[int] = No
                         help="overlap of neighbouring windows (0..<1; default: the task's, 0.25 for denoise, else 0.5)")
     parser.add_argument("--window-batch", type=positive_int, default=None,
                         help="windows per network call (default: 4 on the CPU, up to 256 on a GPU as memory allows)")
+    parser.add_argument("--window-size", type=positive_int, default=None,
+                        help="edge of the cubic sliding window in voxels, a multiple of 4 for the default model "
+                        "(default: the model's training patch, 32 for the default model). Larger windows "
+                        "evaluate fewer voxels per step, which can be faster on a GPU (benchmarks/README.md)")
     parser.add_argument("--region", default="auto",
                         help="body region: auto (guessed from the image), head_neck, chest, abdomen, other")
     parser.add_argument("--threads", type=positive_int,
@@ -94,7 +98,8 @@ def sampler_options(args: argparse.Namespace) -> dict:
     """Keyword arguments every task takes from the shared options."""
     from ..tasks.common import choose_device
 
-    options = dict(device=choose_device(args.device), window_batch=args.window_batch, precision=args.precision)
+    options = dict(device=choose_device(args.device), window_batch=args.window_batch, precision=args.precision,
+                   window_size=args.window_size)
     if args.overlap is not None:  # else each task's own default
         options["overlap"] = args.overlap
     return options

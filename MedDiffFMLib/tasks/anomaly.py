@@ -54,7 +54,7 @@ def detect_anomalies(volume: Volume, model: torch.nn.Module, mask: Optional[Volu
                      threshold: Optional[float] = None, region: Optional[str] = None,
                      anatomy_labels: Optional[Volume] = None, device: Union[str, torch.device] = "cpu",
                      overlap: float = 0.5, window_batch: Optional[int] = None,
-                     precision: str = "auto") -> AnomalyResult:
+                     window_size: Optional[int] = None, precision: str = "auto") -> AnomalyResult:
     """Anomaly map, thresholded mask and image score for a CT (HU); see the module docstring.
 
     `mask`: label map on the image grid (nonzero = search here); None: the body from the anatomy map.
@@ -80,7 +80,8 @@ def detect_anomalies(volume: Volume, model: torch.nn.Module, mask: Optional[Volu
             raise InputError("no body found in the image (nothing above -500 HU); give a mask (--mask)")
     window = common.model_window(cfg, region)
     sampler = common.make_sampler(model, volume.shape, volume.spacing_zyx, region, labels, device,
-                                  overlap=overlap, window_batch=window_batch, precision=precision)
+                                  overlap=overlap, window_batch=window_batch, precision=precision,
+                                  window_size=window_size)
 
     x = window_to_unit(volume.array.astype(np.float32), window)
     x[~inside] = -1.0

@@ -239,33 +239,53 @@ def mask_box(mask: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float,
 def make_sampler(model: torch.nn.Module, shape_zyx: Sequence[int], spacing_zyx: Sequence[float], region: str,
                  anatomy_labels: Optional[np.ndarray], device: torch.device, overlap: float = 0.5,
                  window_batch: Optional[int] = None, precision: str = "auto",
-                 cond: Optional[VolumeCondition] = None) -> SlidingWindowSampler:
-    """A sliding-window sampler over a grid, with the model's patch size as the window, after a memory check.
+                 cond: Optional[VolumeCondition] = None, window_size: Optional[int] = None) -> SlidingWindowSampler:
+    """A sliding-window sampler over a grid, after a memory check.
 
     `cond` replaces the condition built from the other arguments (e.g. a sub-box of a larger volume, or a
     condition carrying a ControlNet's control volume, see `finetune.ControlledCondition`). `window_batch`
-    None picks `default_window_batch`.
+    None picks `default_window_batch`; `window_size` None is the model's training patch (see
+    `check_window_size`).
     """
     cfg = model_config(model)
+    window_size = check_window_size(cfg, window_size)
     if not 0.0 <= overlap < 1.0:
         raise InputError(f"window overlap must be in [0, 1), got {overlap}")
     if window_batch is None:
-        window_batch = default_window_batch(cfg, shape_zyx, device)
+        window_batch = default_window_batch(cfg, shape_zyx, device, window_size)
     if window_batch < 1:
         raise InputError(f"window batch size must be >= 1, got {window_batch}")
-    check_memory(cfg, shape_zyx, window_batch, device)
+    check_memory(cfg, shape_zyx, window_batch, device, window_size)
     if cond is None:
         cond = VolumeCondition(cfg, shape_zyx, spacing_zyx, region, anatomy_labels)
     elif tuple(cond.shape) != tuple(int(n) for n in shape_zyx):
         raise ValueError(f"the condition's grid {cond.shape} differs from the sampled grid {tuple(shape_zyx)}")
     # A compiled network sees one batch shape only, so the last, shorter batch is padded instead of compiled again.
-    sampler = SlidingWindowSampler(model, cond, schedule_for(cfg), cfg.patch_size, overlap=overlap,
+    sampler = SlidingWindowSampler(model, cond, schedule_for(cfg), window_size, overlap=overlap,
                                    batch_size=window_batch, device=device,
                                    autocast_dtype=autocast_dtype(device, precision),
                                    volume_condition_bytes=volume_condition_budget(device),
                                    fixed_batch=is_compiled(model))
-    log.info("%d windows of %d^3 voxels per step (overlap %.2f)", sampler.num_windows, cfg.patch_size, overlap)
+    log.info("%d windows of %d^3 voxels per step (overlap %.2f)", sampler.num_windows, window_size, overlap)
     return sampler
+
+
+def check_window_size(cfg: ModelConfig, window_size: Optional[int]) -> int:
+    """The sliding window's edge in voxels: the model's training patch when None.
+
+    The network is convolutional and its position input is global, so it runs on any window whose edge
+    halves evenly at every level. A larger window puts fewer voxels through the network per step (less
+    overlap) in fewer, larger calls, which a GPU runs faster; the prior was trained on the patch size, and
+    quality measured at other sizes is in benchmarks/README.md.
+    """
+    if window_size is None:
+        return cfg.patch_size
+    factor = 2 ** (len(cfg.channels) - 1)
+    if isinstance(window_size, bool) or not isinstance(window_size, (int, np.integer)) or window_size < factor \
+            or window_size % factor:
+        raise InputError(f"window size must be a whole multiple of {factor} voxels for this model (one halving "
+                         f"per level; its training patch is {cfg.patch_size}), got {window_size!r}")
+    return int(window_size)
 
 
 #: Windows per network call when none is given. The CPU gains nothing from more. On a GPU, 256 ran 17 %
@@ -275,12 +295,13 @@ CPU_WINDOW_BATCH = 4
 GPU_WINDOW_BATCH = 256
 
 
-def default_window_batch(cfg: ModelConfig, shape_zyx: Sequence[int], device: torch.device) -> int:
+def default_window_batch(cfg: ModelConfig, shape_zyx: Sequence[int], device: torch.device,
+                         window_size: Optional[int] = None) -> int:
     """The window batch for `device` when the caller gives none (see GPU_WINDOW_BATCH)."""
     if device.type != "cuda":
         return CPU_WINDOW_BATCH
     free = available_memory(device)
-    volume_bytes, per_window = estimate_memory(cfg, shape_zyx, 1)
+    volume_bytes, per_window = estimate_memory(cfg, shape_zyx, 1, window_size)
     batch = GPU_WINDOW_BATCH
     while batch > 1 and free is not None and volume_bytes + batch * per_window > free / 2:
         batch //= 2
@@ -299,16 +320,18 @@ def volume_condition_budget(device: torch.device) -> int:
     return int(free * VOLUME_CONDITION_SHARE) if free else 0
 
 
-def estimate_memory(cfg: ModelConfig, shape_zyx: Sequence[int], window_batch: int) -> Tuple[int, int]:
-    """Rough peak bytes (volume-sized arrays, network per window batch) of a sliding-window task.
+def estimate_memory(cfg: ModelConfig, shape_zyx: Sequence[int], window_batch: int,
+                    window_size: Optional[int] = None) -> Tuple[int, int]:
+    """Rough peak bytes (volume-sized arrays, network per window batch) of a sliding-window task with windows
+    of `window_size`^3 voxels (None: the training patch).
 
     Volume: about 16 float32 copies (state, averaging buffers, input, noise, outputs, numpy HU arrays).
     Network (no gradients): the skip activations of every level plus a few working maps at the finest
     level, for input and condition channels too, plus the attention matrices, all float32, per window.
     """
-    voxels = int(np.prod([max(int(n), cfg.patch_size) for n in shape_zyx]))
+    w = cfg.patch_size if window_size is None else int(window_size)
+    voxels = int(np.prod([max(int(n), w) for n in shape_zyx]))
     volume_bytes = 16 * 4 * voxels
-    w = cfg.patch_size
     per_window = (1 + condition_channels(cfg)) * w ** 3 * 4 * 2
     for level, (channels, attention, head_channels) in enumerate(
             zip(cfg.channels, cfg.attention_levels, cfg.num_head_channels)):
@@ -351,9 +374,10 @@ def check_setup_memory(shape_zyx: Sequence[int], copies: int) -> None:
             f"{free / gib:.1f} GiB is free on cpu; crop the CT to the region of interest, or close other programs")
 
 
-def check_memory(cfg: ModelConfig, shape_zyx: Sequence[int], window_batch: int, device: torch.device) -> None:
+def check_memory(cfg: ModelConfig, shape_zyx: Sequence[int], window_batch: int, device: torch.device,
+                 window_size: Optional[int] = None) -> None:
     """Refuse a job whose estimated memory clearly exceeds what is free, saying what to change."""
-    volume_bytes, network_bytes = estimate_memory(cfg, shape_zyx, window_batch)
+    volume_bytes, network_bytes = estimate_memory(cfg, shape_zyx, window_batch, window_size)
     free = available_memory(device)
     gib = 2.0 ** 30
     log.info("memory estimate: %.2f GiB volume arrays + %.2f GiB network (window batch %d)",

@@ -143,7 +143,7 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
             region: Optional[str] = None, anatomy_labels: Optional[Volume] = None,
             soft_tissue_pass: Optional[bool] = None, mask: Optional[Volume] = None,
             device: Union[str, torch.device] = "cpu", overlap: float = DEFAULT_OVERLAP,
-            window_batch: Optional[int] = None,
+            window_batch: Optional[int] = None, window_size: Optional[int] = None,
             precision: str = "auto", progress: Optional[Callable[[int, int], None]] = None) -> DenoiseResult:
     """Denoise a CT (HU) with the diffusion prior; see the module docstring for the method and choices.
 
@@ -157,7 +157,8 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
     image grid; only its nonzero voxels are denoised (the rest keep the input, and only a box around it, one
     window wider on every side, is sampled), e.g. a quick look at a region on the CPU. The noise, the anatomy and
     the start of the steps still come from the whole image, so inside the mask the result is the unmasked one up
-    to the window tiling.
+    to the window tiling. `window_size`: the sliding window's edge in voxels (None: the model's training patch;
+    see `common.check_window_size`).
     """
     seed = common.check_seed(seed)
     check_ct(volume)
@@ -174,6 +175,7 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
     device = common.task_device(model, device)
     common.check_base(model, "denoising")
     cfg = common.model_config(model)
+    window_size = common.check_window_size(cfg, window_size)
     region = common.resolve_region(volume, region, cfg)
     model_window = common.model_window(cfg, region)
     chosen = model_window if window is None else as_window(window)
@@ -188,7 +190,7 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
     # With a mask only a box around it is sampled, with a window of context on every side (unit spacing: the
     # margin is in voxels), so the per-step work follows the region, not the whole CT.
     box = (tuple(slice(0, n) for n in volume.shape) if inside is None
-           else common.mask_box(inside, (1.0, 1.0, 1.0), cfg.patch_size, cfg.patch_size))
+           else common.mask_box(inside, (1.0, 1.0, 1.0), window_size, window_size))
     work = volume if inside is None else volume.crop(box)
 
     estimate = None
@@ -214,7 +216,8 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
     cond = VolumeCondition(cfg, work.shape, work.spacing_zyx, region, labels, offset_zyx=[s.start for s in box],
                            full_shape_zyx=volume.shape)
     sampler = common.make_sampler(model, work.shape, work.spacing_zyx, region, None, device, overlap=overlap,
-                                  window_batch=window_batch, precision=precision, cond=cond)
+                                  window_batch=window_batch, precision=precision, cond=cond,
+                                  window_size=window_size)
     # Each pass denoises inside its window; narrower windows are applied last, so they win where they apply.
     output = work.array.astype(np.float32)
     std_hu = np.zeros(work.shape, np.float64) if seeds > 1 else None

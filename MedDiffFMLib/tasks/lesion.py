@@ -22,8 +22,8 @@ from ..orientation import in_patient_axes
 from ..preprocess import unit_to_hu, window_to_unit
 from ..sampling import SlidingWindowSampler
 from ..validation import check_ct, check_mask
-from .common import (anatomy_for, check_seed, make_sampler, mask_box, model_config, model_window,
-                     resolve_region, task_device, window_weight)
+from .common import (anatomy_for, check_seed, check_window_size, make_sampler, mask_box, model_config,
+                     model_window, resolve_region, task_device, window_weight)
 
 Progress = Optional[Callable[[int, int], None]]
 Box = Tuple[slice, slice, slice]
@@ -61,18 +61,20 @@ class BoxJob:
 
 def prepare_box(volume: Volume, mask: Volume, model: torch.nn.Module, region: Optional[str], margin_mm: float,
                 device: Union[str, torch.device], overlap: float, window_batch: Optional[int], precision: str,
-                mask_name: str = "mask") -> BoxJob:
+                mask_name: str = "mask", window_size: Optional[int] = None) -> BoxJob:
     """Check the inputs and set up sampling of the box around `mask` in the frame of the whole volume.
 
-    A `ControlledNet` gets the mask as its control volume; a plain base model gets the usual condition.
+    A `ControlledNet` gets the mask as its control volume; a plain base model gets the usual condition. The box
+    is at least one window (`window_size`, None: the training patch) along every axis the volume allows.
     """
     check_ct(volume)
     check_mask(mask, volume, name=mask_name)
     cfg = model_config(model)
+    window_size = check_window_size(cfg, window_size)
     region = resolve_region(volume, region, cfg)
     window = model_window(cfg, region)
     inside_all = mask.array > 0
-    box = mask_box(inside_all, volume.spacing_zyx, margin_mm, cfg.patch_size)
+    box = mask_box(inside_all, volume.spacing_zyx, margin_mm, window_size)
     inside = inside_all[box]
     anatomy = anatomy_for(volume, cfg)[box]
     place = dict(offset_zyx=[s.start for s in box], full_shape_zyx=volume.shape)
@@ -82,7 +84,7 @@ def prepare_box(volume: Volume, mask: Volume, model: torch.nn.Module, region: Op
         cond = VolumeCondition(cfg, inside.shape, volume.spacing_zyx, region, anatomy, **place)
     device = task_device(model, device)
     sampler = make_sampler(model, inside.shape, volume.spacing_zyx, region, None, device, overlap, window_batch,
-                           precision, cond=cond)
+                           precision, cond=cond, window_size=window_size)
     known = torch.from_numpy(window_to_unit(volume.array[box].astype(np.float32), window))[None, None]
     return BoxJob(box, inside, known.to(device), window, sampler)
 
@@ -91,7 +93,7 @@ def prepare_box(volume: Volume, mask: Volume, model: torch.nn.Module, region: Op
 def generate_lesion(volume: Volume, lesion_mask: Volume, model: torch.nn.Module, nfe: int = 100,
                     margin_mm: float = DEFAULT_MARGIN_MM, region: Optional[str] = None, seed: int = 0,
                     device: Union[str, torch.device] = "cpu", overlap: float = 0.5, window_batch: Optional[int] = None,
-                    precision: str = "auto", progress: Progress = None) -> Volume:
+                    window_size: Optional[int] = None, precision: str = "auto", progress: Progress = None) -> Volume:
     """A copy of `volume` whose box around `lesion_mask` is synthesised anew, with a lesion where the mask is.
 
     `model` is a lesion `ControlledNet`. The whole box is generated (voxels outside the lesion too); to keep
@@ -101,7 +103,7 @@ def generate_lesion(volume: Volume, lesion_mask: Volume, model: torch.nn.Module,
     seed = check_seed(seed)
     check_task(model, "lesion")
     job = prepare_box(volume, lesion_mask, model, region, margin_mm, device, overlap, window_batch, precision,
-                      mask_name="lesion mask")
+                      mask_name="lesion mask", window_size=window_size)
     steps = timesteps(nfe, job.sampler.schedule.T - 1)
     x = job.sampler.run(None, steps, seed, progress=progress)
     # Around the lesion, voxels outside the model's window (air, bone) keep their input values.

@@ -106,7 +106,7 @@ def check_factor(factor: int) -> None:
 def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: int = 100, lam: float = 1.0,
                   sigma_n: float = 1.0, zeta: float = DEFAULT_ZETA, region: Optional[str] = None, seed: int = 0,
                   device: Union[str, torch.device] = "cpu", overlap: float = 0.5, window_batch: Optional[int] = None,
-                  precision: str = "auto", project: bool = True, progress: Progress = None) -> Volume:
+                  window_size: Optional[int] = None, precision: str = "auto", project: bool = True, progress: Progress = None) -> Volume:
     """Thin-slice CT (HU) on the grid `factor` times finer along z than the thick input `volume`.
 
     `model` is a super-resolution `ControlledNet`. `sigma_n` is the assumed noise of the thick slices in
@@ -147,7 +147,7 @@ def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: 
     guide = Volume(unit_to_hu(control.numpy(), window), spacing, origin, volume.direction)
     cond = ControlledCondition(cfg, control.numpy(), guide.spacing_zyx, region, anatomy_for(guide, cfg))
     sampler = make_sampler(model, guide.shape, guide.spacing_zyx, region, None, device, overlap, window_batch,
-                           precision, cond=cond)
+                           precision, cond=cond, window_size=window_size)
 
     schedule = sampler.schedule
     y = thick.to(device)[None, None]

@@ -31,7 +31,7 @@ def synthesize(model: torch.nn.Module, region: Optional[str] = None,
                reference: Optional[Volume] = None, anatomy_labels: Optional[Volume] = None,
                nfe: int = DEFAULT_NFE, eta: float = 1.0, seed: int = 0,
                device: Union[str, torch.device] = "cpu", overlap: float = 0.5, window_batch: Optional[int] = None,
-               precision: str = "auto", progress: Optional[Callable[[int, int], None]] = None) -> Volume:
+               window_size: Optional[int] = None, precision: str = "auto", progress: Optional[Callable[[int, int], None]] = None) -> Volume:
     """Synthesise a CT (HU) with the model's window for `region`.
 
     Grid: `reference`'s, else `anatomy_labels`'s, else `size_xyz` voxels of `spacing_xyz` mm (origin 0,
@@ -53,7 +53,8 @@ def synthesize(model: torch.nn.Module, region: Optional[str] = None,
         raise InputError(f"eta must be in [0, 1] (1 = DDPM, 0 = DDIM), got {eta}")
 
     sampler = common.make_sampler(model, grid.shape, grid.spacing_zyx, region, labels, device,
-                                  overlap=overlap, window_batch=window_batch, precision=precision)
+                                  overlap=overlap, window_batch=window_batch, precision=precision,
+                                  window_size=window_size)
     steps = diffusion.timesteps(nfe, cfg.num_train_timesteps - 1)
     x0 = sampler.run(None, steps, seed, eta=eta, progress=progress)
     hu = unit_to_hu(x0[0, 0].cpu().numpy(), common.model_window(cfg, region))
