@@ -86,14 +86,6 @@ def window_grid(shape: Sequence[int], window: int, overlap: float) -> List[Tuple
     return list(itertools.product(*per_axis))
 
 
-def non_overlapping_colours(starts: Sequence[int], window: int) -> List[int]:
-    """A colour per window start along one axis such that windows of one colour never overlap: the start's
-    index modulo the fewest indices that always put starts a window apart."""
-    step = next(m for m in range(1, len(starts) + 1)
-                if all(b - a >= window for a, b in zip(starts, starts[m:])))
-    return [i % step for i in range(len(starts))]
-
-
 def pad_before(n: int, target: int) -> int:
     """Voxels `mirror_pad` adds before an axis of length n to reach `target` (half, rounded down)."""
     return max(int(target) - n, 0) // 2
@@ -157,18 +149,11 @@ class SlidingWindowSampler:
         self.shape = tuple(cond.shape)
         self.padded_shape = tuple(max(n, self.window) for n in self.shape)
         self.starts = window_grid(self.shape, self.window, overlap)
-        self._colour = self._window_colours(overlap)
         if fixed_batch:
             self.batch_size = math.ceil(len(self.starts) / math.ceil(len(self.starts) / self.batch_size))
         self._region = torch.tensor(cond.region, dtype=torch.long, device=self.device)
         self._crop = tuple(slice(pad_before(n, p), pad_before(n, p) + n) for n, p in zip(self.shape, self.padded_shape))
         self._weights = window_weights(self.window).to(self.device)
-        # Flat indices into the padded volume: each window's first voxel, and its voxels relative to that.
-        strides = (self.padded_shape[1] * self.padded_shape[2], self.padded_shape[2], 1)
-        self._first_voxel = [sum(a * s for a, s in zip(start, strides)) for start in self.starts]
-        axis = torch.arange(self.window, device=self.device)
-        self._window_voxels = (axis[:, None, None] * strides[0] + axis[None, :, None] * strides[1]
-                               + axis[None, None, :]).reshape(-1)
         self._cond_cache = None
         self._cond_volume = None
         self._coverage_of: Optional[Tuple[Tuple[int, ...], torch.Tensor]] = None  # (windows, weight sum)
@@ -185,31 +170,6 @@ class SlidingWindowSampler:
     @property
     def num_windows(self) -> int:
         return len(self.starts)
-
-    def _window_colours(self, overlap: float) -> List[Tuple[int, int, int]]:
-        """Per window, a colour shared only by windows that do not overlap: one colour per axis, so two windows
-        of one colour lie apart along an axis where they differ (8 to 27 colours at overlaps up to 0.5)."""
-        per_axis = []
-        for n in self.shape:
-            starts = window_starts(int(n), self.window, overlap)
-            per_axis.append(dict(zip(starts, non_overlapping_colours(starts, self.window))))
-        return [(per_axis[0][z], per_axis[1][y], per_axis[2][x]) for z, y, x in self.starts]
-
-    def _add_windows(self, total: torch.Tensor, values: torch.Tensor, windows: Sequence[int]) -> None:
-        """total (1, 1, *padded_shape) += values (len(windows), 1, w, w, w) at the windows' places.
-
-        One `index_add_` per colour: windows of one colour do not overlap, so no voxel is added to twice in a
-        call and the sum is deterministic on a GPU too. Per-window slicing cost ~0.1 s a step of 3,200 windows
-        on an H100 (two kernel launches each).
-        """
-        rows_of = {}
-        for k, j in enumerate(windows):
-            rows_of.setdefault(self._colour[j], []).append(k)
-        flat, values = total.view(-1), values.reshape(len(windows), -1)
-        for rows in rows_of.values():
-            first = torch.tensor([self._first_voxel[windows[k]] for k in rows], device=self.device)
-            index = (first[:, None] + self._window_voxels[None, :]).reshape(-1)
-            flat.index_add_(0, index, values[rows].reshape(-1))
 
     def _condition(self, start: Sequence[int]) -> torch.Tensor:
         """(C, w, w, w) condition of the window at `start`, padded like the image on short axes."""
@@ -250,7 +210,8 @@ class SlidingWindowSampler:
             eps = self._evaluate(x_pad, t, batch)
             if eps is None:  # out of memory: batch_size was halved, try again
                 continue
-            self._add_windows(total, eps * self._weights, batch)
+            for k, j in enumerate(batch):
+                total[self._box(self.starts[j])] += eps[k] * self._weights
             i += len(batch)
         coverage = self._coverage(windows)
         return torch.where(coverage > 0, total / coverage.clamp_min(WINDOW_WEIGHT_FLOOR ** 3), 0.0)[
@@ -261,9 +222,8 @@ class SlidingWindowSampler:
         key = tuple(windows)
         if self._coverage_of is None or self._coverage_of[0] != key:
             weight_sum = torch.zeros((1, 1) + self.padded_shape, device=self.device)
-            for i in range(0, len(windows), self.batch_size):
-                chunk = windows[i:i + self.batch_size]
-                self._add_windows(weight_sum, self._weights.expand(len(chunk), 1, *self._weights.shape), chunk)
+            for j in windows:
+                weight_sum[self._box(self.starts[j])] += self._weights
             self._coverage_of = (key, weight_sum)
         return self._coverage_of[1]
 
