@@ -62,17 +62,27 @@ def test_network_speed_prints_rates_and_flops_per_channel_variant(monkeypatch, c
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import network_speed
 
-    argv = ["--preset", "tiny", "--channels", "preset", "4,16,16", "--options", "eager", "channels_last",
-            "--batch", "2", "--iters", "1", "--device", "cpu", "--windows", "100"]
-    assert network_speed.main(argv) == 0
-    rows = [line.strip("|").split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    rows = [[cell.strip() for cell in row] for row in rows[1:]]  # the header row first
-    assert [(row[0], row[3]) for row in rows] == [("8,16,16", "eager"), ("8,16,16", "channels_last"),
-                                                  ("4,16,16", "eager"), ("4,16,16", "channels_last")]
-    flops = {row[0]: float(row[2]) for row in rows}
-    assert flops["4,16,16"] < flops["8,16,16"]  # fewer full-resolution channels, fewer FLOPs
-    for row in rows:  # s/step is the given window count over the measured rate
-        assert float(row[6]) == pytest.approx(100 / float(row[4]), rel=0.02, abs=0.006)  # printed to 0.01
+    rows = {}
+    for window in ("0", "24"):
+        argv = ["--preset", "tiny", "--channels", "preset", "4,16,16", "--options", "eager", "channels_last",
+                "--batch", "2", "--iters", "1", "--device", "cpu", "--windows", "100", "--window", window]
+        assert network_speed.main(argv) == 0
+        lines = [line.strip("|").split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+        rows[window] = [[cell.strip() for cell in line] for line in lines[1:]]  # the header row first
+    assert [(row[0], row[1], row[4]) for row in rows["0"]] == [
+        ("8,16,16", "16", "eager"), ("8,16,16", "16", "channels_last"),
+        ("4,16,16", "16", "eager"), ("4,16,16", "16", "channels_last")]
+    flops = {(row[0], row[1]): float(row[3]) for row in rows["0"] + rows["24"]}
+    assert flops["4,16,16", "16"] < flops["8,16,16", "16"]  # fewer full-resolution channels, fewer FLOPs
+    assert flops["8,16,16", "24"] > 3 * flops["8,16,16", "16"]  # (24 / 16)^3 = 3.4x the voxels
+    assert {row[1] for row in rows["24"]} == {"24"}
+    for row in rows["0"] + rows["24"]:
+        window = int(row[1])
+        # Mvoxel/s is the window rate (printed to the unit) times the window's voxels; s/step the given window
+        # count over the rate.
+        voxels = window ** 3 / 1e6
+        assert float(row[6]) == pytest.approx(float(row[5]) * voxels, rel=0.01, abs=0.5 * voxels)
+        assert float(row[8]) == pytest.approx(100 / float(row[5]), rel=0.02, abs=0.006)  # printed to 0.01
     with pytest.raises(SystemExit):
         network_speed.main(["--options", "fast"])
     sys.modules.pop("network_speed", None)

@@ -466,6 +466,32 @@ def fake_cli(tmp_path, monkeypatch):
     return lambda: json.loads((tmp_path / "lib" / "argv.json").read_text())
 
 
+def test_one_job_at_a_time_from_panel_and_console(ct_node, tmp_path, monkeypatch):
+    """A second job, from another logic instance (the panel's and the console's differ), is refused while the
+    first runs, and leaves nothing behind; once the first is cancelled the next one starts."""
+    package = tmp_path / "lib" / "MedDiffFMLib"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text("import time\ntime.sleep(60)\n")
+    monkeypatch.setattr(library, "libraryRoot", lambda: str(tmp_path / "lib"))
+    monkeypatch.setattr(logic_module.MedDiffFMTasks, "_temporaryRoot", staticmethod(lambda: str(tmp_path)))
+    panel, console = logic_module.MedDiffFMTasks(), logic_module.MedDiffFMTasks()
+    first = panel.denoise(ct_node, wait=False)
+    nodes, folders = slicer.mrmlScene.GetNumberOfNodes(), sorted(tmp_path.iterdir())
+    with pytest.raises(RuntimeError, match="Another MedDiffFM job is still running"):
+        console.denoise(ct_node)
+    assert slicer.mrmlScene.GetNumberOfNodes() == nodes and sorted(tmp_path.iterdir()) == folders
+    first.cancel()
+    with pytest.raises(process.TaskCancelled):
+        first.wait(handleEvents=False)
+    second = console.denoise(ct_node, wait=False)
+    assert second.running
+    second.cancel()
+    with pytest.raises(process.TaskCancelled):
+        second.wait(handleEvents=False)
+    assert not second.running
+
+
 def test_logic_denoise_makes_new_node_on_input_grid(ct_node, fake_cli):
     before = slicer.util.arrayFromVolume(ct_node).copy()
     logic = MedDiffFM.MedDiffFMLogic()

@@ -161,7 +161,7 @@ def main(argv=None) -> int:
                       f"{str(exc).splitlines()[0][:80]} |", flush=True)
                 continue
             print(f"| {label} | {params:.2f}M | {gflop:.2f} | {option} | {rate:.0f} | "
-                  f"{rate * cfg.patch_size ** 3 / 1e6:.0f} | {rate * gflop / 1e3:.1f} | {args.windows / rate:.2f} |",
+                  f"{rate * cfg.patch_size ** 3 / 1e6:.3g} | {rate * gflop / 1e3:.1f} | {args.windows / rate:.2f} |",
                   flush=True)
     return 0
 

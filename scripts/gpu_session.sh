@@ -15,22 +15,17 @@
 set -u
 START=$(date +%s)
 NET_UNTIL=${NET_UNTIL:-200}; BENCH_UNTIL=${BENCH_UNTIL:-560}; TRAIN_UNTIL=${TRAIN_UNTIL:-0}
-# Session 9 (H100) measured the table in benchmarks/README.md. Session 10 sets: the network alone with attention
-# fused (compare with session 9's 2,981 / 5,400 windows/s), profiled (what limits it once compiled), then 48^3
-# windows (same voxels a call) and compiled NDHWC.
-NET_SETS=${NET_SETS-"--options eager compile --batch 512 --iters 10 --profile;\
---options compile --window 48 --batch 152 --iters 10;--options compile+channels_last --batch 512 --iters 10"}
+# Sessions 9 and 10 (H100) measured the tables in benchmarks/README.md, the network alone included (NET_SETS is
+# empty by default; e.g. "--options eager compile --batch 512 --profile" times and profiles it again).
+NET_SETS=${NET_SETS-""}
 # Denoising a real 512 x 512 CT (CRLM-CT-1004 mirror-padded to 300 slices; the windows wholly in air are
-# skipped), NFE 100 for real (a fixed 80 HU noise level puts t_start above 100), compiled: 32^3 windows at the
-# default overlap 0.25 and window batch 512 (the product pads the last batch, so it compiles one shape); 48^3
-# windows overlapping by 8 voxels as 32^3 ones at 0.25 do (--window-size 48, same quality on tuning slices);
-# then 32^3 again, whose kernels the second process finds in torch's on-disk compile cache, as a user's second
-# run would; then overlap 0.125 (1.48x fewer voxels a step).
+# skipped), NFE 100 for real (a fixed 80 HU noise level puts t_start above 100), compiled, 32^3 windows at the
+# default overlap 0.25, window batch 512. Left open by session 10: the same run again, whose kernels the second
+# process finds in torch's on-disk compile cache (a user's second run); then with cuDNN's algorithm search,
+# which session 9 had on for its compiled run (0.686 s/step against 0.734 without).
 M="--model .gpu/model/ema.safetensors --device cuda --size 512 512 300 --precision bf16"
-R="$M --input .gpu/crlm.npz --threads 16 --nfe 100 --noise-level 80 --compile"
-BENCH_SETS=${BENCH_SETS-"$R --overlap 0.25 --window-batch 512;\
-$R --overlap 0.1667 --window-size 48 --window-batch 152;$R --overlap 0.25 --window-batch 512;\
-$R --overlap 0.125 --window-batch 512"}
+R="$M --input .gpu/crlm.npz --threads 16 --nfe 100 --noise-level 80 --compile --overlap 0.25 --window-batch 512"
+BENCH_SETS=${BENCH_SETS-"$R;$R;$R --cudnn-benchmark"}
 TRAIN_ARGS=${TRAIN_ARGS:---batch-size 32 --num-workers 14 --channels-last --low-noise-fraction 0.7 --low-noise-max-t 60}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 elapsed() { echo $(( $(date +%s) - START )); }

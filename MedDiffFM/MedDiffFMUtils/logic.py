@@ -68,8 +68,13 @@ def _addAllOrNothing(*loaders):
 
 
 class MedDiffFMTasks:
-    """Console-scriptable MedDiffFM tasks on MRML nodes (mixed into MedDiffFMLogic)."""
+    """Console-scriptable MedDiffFM tasks on MRML nodes (mixed into MedDiffFMLogic).
 
+    One job runs at a time, whichever logic instance (the panel's, or one made in the console) started it: two
+    would compete for the GPU's memory and the CPU cores, and the panel would not show the other's progress.
+    """
+
+    _activeRun = None  # the last job started by any instance
     def __init__(self):
         self.logCallback = logging.info  # called with each output line of a job
         self.progressCallback = None  # called with (step, total)
@@ -156,7 +161,7 @@ class MedDiffFMTasks:
         same machine and window batch); forceCpu: never use a GPU;
         overlap: sliding-window overlap fraction (0..<1); windowBatch: windows per network call (lower
         it when the GPU runs out of memory); region: head_neck, chest, abdomen or other (None = guess);
-        compileNetwork: torch.compile the network (on a GPU about 40 s once, then faster steps: for long
+        compileNetwork: torch.compile the network (on a GPU about 20 s once, then faster steps: for long
         runs such as synthesis); threads: CPU threads of the job (None = all cores; fewer keep Slicer responsive
         during a CPU job); windowSize: the sliding window's edge in voxels (None = the model's training patch;
         larger can be faster on a GPU). None means the command line's default for every option.
@@ -192,6 +197,12 @@ class MedDiffFMTasks:
         importResults(workDir) makes the result nodes; by default one volume named after the input.
         """
         _checkInputs(task, volumeNode, mask)
+        active = MedDiffFMTasks._activeRun
+        if active is not None and active.running:
+            raise RuntimeError(
+                "Another MedDiffFM job is still running (started from the module panel or the Python console). "
+                "Wait for it to end, or cancel it (the panel's Cancel button, or cancel() on the job a wait=False "
+                "call returned), then start this one.")
         if importResults is None:
             importResults = self._importVolume(_resultName(volumeNode, task), volumeNode)
         if options.get("nfe") is not None and not TASKS[task].usesNfe:
@@ -219,6 +230,7 @@ class MedDiffFMTasks:
                           progressCallback=self.progressCallback)
             self.logCallback(f"Running MedDiffFM {task}...")
             run.start()
+            MedDiffFMTasks._activeRun = run
         except Exception:  # nothing started: leave no temporary files behind
             shutil.rmtree(workDir, ignore_errors=True)
             raise

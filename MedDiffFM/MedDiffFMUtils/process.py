@@ -144,6 +144,11 @@ class TaskRun:
         threading.Thread(target=self._readOutput, name="MedDiffFM output reader", daemon=True).start()
         return self
 
+    @property
+    def running(self):
+        """True from start() until the job's process exits (its results may still wait for poll())."""
+        return self._process is not None and self._process.poll() is None
+
     def _readOutput(self):
         for line in self._process.stdout:
             self._lines.put(line.rstrip("\r\n"))

@@ -88,7 +88,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, nfe: Optional[int] = No
     parser.add_argument("--threads", type=positive_int,
                         help="CPU threads for the network (default: PyTorch's choice)")
     parser.add_argument("--compile", action="store_true",
-                        help="compile the network (torch.compile) at its first call: on an H100 about 40 s once, "
+                        help="compile the network (torch.compile) at its first call: on an H100 about 20 s once, "
                         "then each step about 1.7x faster, so it pays for long runs (e.g. 100+ steps on a whole "
                         "CT); no gain on the CPU")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")

@@ -78,11 +78,11 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[to
 def load_model(name_or_path: str, device: torch.device, compile: bool = False) -> torch.nn.Module:
     """Load a registered model name or a model file, in eval mode on `device`.
 
-    `compile`: wrap the network in torch.compile. On an H100 the first network call then compiled for about
-    40 s (two batch shapes; the sampler now gives a compiled network one) and every step after it ran 1.7x
-    faster, so it pays for long runs (from about 80 steps on a 512 x 512 x 300 CT); on the CPU it gained
-    nothing (benchmarks/README.md, session 9). A window batch halved after running out of GPU memory is a new
-    shape and compiles again.
+    `compile`: wrap the network in torch.compile. On an H100 the first network call then compiles for about
+    20 s (one batch shape: the sampler pads the last batch of a compiled network) and every step after it runs
+    about 1.6x faster, so it pays for long runs (from about 50 steps on a 512 x 512 x 300 CT); on the CPU it
+    gained nothing (benchmarks/README.md, sessions 9 and 10). A window batch halved after running out of GPU
+    memory is a new shape and compiles again.
     """
     from ..checkpoints import load_model as load_checkpoint
 
