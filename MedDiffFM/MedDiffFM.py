@@ -63,7 +63,7 @@ if parameterNodeWrapper is not None:
     @parameterNodeWrapper
     class MedDiffFMParameterNode:
         """Panel state, saved with the scene. Negative noise level / threshold = automatic; nfe and overlap 0 =
-        task default; window batch 0 = automatic (4 on the CPU, up to 256 on a GPU)."""
+        task default; window batch 0 = automatic (4 on the CPU, up to 256 on a GPU); window size 0 = the model's."""
         inputVolume: slicer.vtkMRMLScalarVolumeNode
         maskSegmentation: slicer.vtkMRMLSegmentationNode
         maskSegmentId: str = ""
@@ -83,6 +83,7 @@ if parameterNodeWrapper is not None:
         seed: Annotated[int, WithinRange(0, 2 ** 31 - 1)] = 0
         overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.0
         windowBatch: Annotated[int, WithinRange(0, 1024)] = 0
+        windowSize: Annotated[int, WithinRange(0, 256)] = 0
         forceCpu: bool = False
 
 
@@ -282,7 +283,8 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _startRun(self):
         p = self._parameterNode
         options = dict(model=p.model or None, seed=p.seed, forceCpu=p.forceCpu, overlap=p.overlap or None,
-                       windowBatch=p.windowBatch or None, region=None if p.region == "auto" else p.region, wait=False)
+                       windowBatch=p.windowBatch or None, windowSize=p.windowSize or None,
+                       region=None if p.region == "auto" else p.region, wait=False)
         if TASKS[p.task].usesNfe:
             options["nfe"] = p.nfe or None
         # A segment limits a task only when one is chosen; a segmentation without a segment means the whole image.

@@ -65,7 +65,7 @@ def test_network_speed_prints_rates_and_flops_per_channel_variant(monkeypatch, c
     rows = {}
     for window in ("0", "24"):
         argv = ["--preset", "tiny", "--channels", "preset", "4,16,16", "--options", "eager", "channels_last",
-                "--batch", "2", "--iters", "1", "--device", "cpu", "--windows", "100", "--window", window]
+                "--batch", "2", "--iters", "1", "--device", "cpu", "--windows", "100", "--window-size", window]
         assert network_speed.main(argv) == 0
         lines = [line.strip("|").split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
         rows[window] = [[cell.strip() for cell in line] for line in lines[1:]]  # the header row first

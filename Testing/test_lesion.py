@@ -62,6 +62,27 @@ def test_generated_box_is_pasted_into_a_copy(chest_nodule_crop, lesion_model):
     assert np.array_equal(image.array, before)
 
 
+def test_a_larger_window_samples_a_larger_box_but_regenerates_the_same_one(chest_nodule_crop, lesion_model):
+    """--window-size grows the sampled box to hold one window (more context), but the region generate-lesion
+    rewrites is the box at the training patch, whatever the window."""
+    image = chest_nodule_crop[0]
+    blob = np.zeros(image.shape, np.uint8)
+    blob[5:8, 20:26, 20:26] = 1  # 6 voxels and 2 x 4 of margin in-plane: a 16^3 window holds it
+    blob = image.with_array(blob)
+    plain = prepare_box(image, blob, lesion_model, "chest", 2.0, "cpu", 0.0, 8, "fp32")
+    job = prepare_box(image, blob, lesion_model, "chest", 2.0, "cpu", 0.0, 8, "fp32", window_size=32)
+    assert job.core == plain.core == plain.box
+    assert [s.stop - s.start for s in plain.box] == [12, 16, 16]  # z: the whole 12-slice crop
+    assert [s.stop - s.start for s in job.box] == [12, 32, 32]
+    assert all(b.start <= c.start and c.stop <= b.stop for b, c in zip(job.box, job.core))
+    assert job.sampler.window == 32 and job.known.shape[-3:] == job.inside.shape
+    out = generate_lesion(image, blob, lesion_model, seed=1, window_size=32, **FAST)
+    outside = np.ones(image.shape, bool)
+    outside[job.core] = False
+    assert np.array_equal(out.array[outside], image.array[outside])
+    assert np.abs(out.array[job.core] - image.array[job.core]).mean() > 20.0
+
+
 def test_around_the_lesion_voxels_outside_the_window_keep_their_values(chest_nodule_crop, lesion_model):
     image, nodule = chest_nodule_crop
     fast = dict(FAST, region="abdomen")  # window [-120, 240] HU: the lung around the nodule lies below it

@@ -147,12 +147,45 @@ def test_window_size_changes_the_tiling_not_the_answer():
     assert np.array_equal(volume.array, before)
 
 
-def test_memory_estimate_grows_with_the_window():
+def test_memory_estimate_and_check_follow_the_window(monkeypatch, caplog):
+    """The estimate counts the window's network memory and pads short axes to it; the check before sampling
+    uses the window asked for, and its message says a smaller window would fit."""
     from MedDiffFMLib.config import preset
 
     cfg, shape = preset("default"), (300, 512, 512)
     small, large = (common.estimate_memory(cfg, shape, 8, w)[1] for w in (32, 48))
     assert common.estimate_memory(cfg, shape, 8)[1] == small and large > (48 / 32) ** 3 * small
+    assert common.estimate_memory(cfg, (20, 20, 20), 1, 48)[0] == 16 * 4 * 48 ** 3
+    prior = AnalyticGaussian(std=0.2)  # tiny preset: 16^3 patch
+    grid = (24, 24, 24)
+    fits = sum(common.estimate_memory(prior.cfg, grid, 2))
+    monkeypatch.setattr(common, "available_memory", lambda device: 2 * fits)
+    assert common.make_sampler(prior, grid, (1, 1, 1), "abdomen", None, torch.device("cpu"), window_batch=2).window == 16
+    with pytest.raises(ResourceError, match="a smaller window \\(--window-size; the default is the model's 16\\)"):
+        common.make_sampler(prior, grid, (1, 1, 1), "abdomen", None, torch.device("cpu"), window_batch=2,
+                            window_size=40)
+    monkeypatch.setattr(common, "available_memory", lambda device: None)
+    with caplog.at_level(logging.WARNING, logger="MedDiffFMLib"):
+        common.make_sampler(prior, grid, (1, 1, 1), "abdomen", None, torch.device("cpu"), window_size=32)
+    assert "window is larger than the grid" in caplog.text
+
+
+def test_a_masked_denoise_samples_a_box_of_at_least_one_window():
+    """With a mask, the sampled box holds at least one window of the size asked for (the voxels outside the
+    mask keep their input either way)."""
+    prior = AnalyticGaussian(std=0.2)
+    rng = np.random.default_rng(6)
+    hu = (40.0 + 30.0 * rng.standard_normal((24, 48, 44))).astype(np.float32)
+    hu[:, :2] = -1000.0
+    volume = Volume(hu, (0.8, 0.8, 2.0))
+    inside = np.zeros(volume.shape, np.uint8)
+    inside[10:13, 20:24, 20:23] = 1
+    settings = dict(noise_level=30.0, window=WINDOW, region="abdomen", nfe=2, seed=0, mask=volume.with_array(inside),
+                    overlap=0.25)
+    for size in (16, 24):  # the box: the mask grown by one window on every side, clamped to the volume
+        box = [(max(0, lo - size), min(n, hi + size)) for lo, hi, n in zip((10, 20, 20), (13, 24, 23), volume.shape)]
+        shape = [hi - lo for lo, hi in box]
+        assert denoise(volume, prior, window_size=size, **settings).windows[0][1] == len(window_grid(shape, size, 0.25))
 
 
 def test_denoise_inside_a_mask_only(monkeypatch):
@@ -384,17 +417,20 @@ def test_window_size_option_reaches_every_sampling_command(ct_crop, tiny_model, 
     inside = np.zeros(ct.shape, np.uint8)
     inside[8:12, 12:18, 12:18] = 1
     write_volume(ct.with_array(inside), mask)
+    base = ("--model", tiny_model)  # the fine-tuned tasks use their registered tiny ControlNets by default
     commands = {
-        "synthesize": ("synthesize", "--size", 24, 24, 20, "--region", "abdomen", "--nfe", 2),
-        "denoise": ("denoise", ct_crop, "--noise-level", 20, "--nfe", 2),
-        "inpaint": ("inpaint", ct_crop, "--mask", mask, "--resample", 1, "--nfe", 2),
-        "detect-anomalies": ("detect-anomalies", ct_crop),
+        "synthesize": ("synthesize", "--size", 24, 24, 20, "--region", "abdomen", "--nfe", 2, *base),
+        "denoise": ("denoise", ct_crop, "--noise-level", 20, "--nfe", 2, *base),
+        "inpaint": ("inpaint", ct_crop, "--mask", mask, "--resample", 1, "--nfe", 2, *base),
+        "detect-anomalies": ("detect-anomalies", ct_crop, *base),
+        "generate-lesion": ("generate-lesion", ct_crop, "--mask", mask, "--region", "chest", "--nfe", 2),
+        "super-resolve": ("super-resolve", ct_crop, "--factor", 2, "--region", "chest", "--nfe", 1),
     }
     for name, command in commands.items():
         target = tmp_path / f"{name}.nii.gz"
         with caplog.at_level(logging.INFO, logger="MedDiffFMLib"):
-            assert run_cli(*command, "-o", target, "--model", tiny_model, "--device", "cpu",
-                           "--window-size", 24, "--progress", "none") == 0, name
+            assert run_cli(*command, "-o", target, "--device", "cpu", "--window-size", 24,
+                           "--progress", "none") == 0, name
         assert "windows of 24^3 voxels" in caplog.text, name
         caplog.clear()
     assert run_cli("synthesize", "--size", 24, 24, 20, "--region", "abdomen", "-o", out, "--model", tiny_model,

@@ -7,9 +7,10 @@ Denoising's cost is windows x (one forward pass a window) per step, so this time
 random inputs of the shapes the sampler feeds it (no_grad, bf16 autocast on CUDA as `denoise --precision bf16`),
 and counts its FLOPs with `torch.utils.flop_counter`. `--channels` times variants of --preset with other
 channel counts per level (untrained: cost does not depend on the weights), to size a cheaper network before
-training one. `--window W` times windows of W^3 voxels instead of the preset's training patch (the
-denoising option `--window-size`); the Mvoxel/s column compares window sizes. `--windows N` prints the seconds a step of N windows would take at each measured rate
-(default 3170: CRLM-CT-1004 padded to 512 x 512 x 300, overlap 0.25, abdomen window). Options:
+training one. `--window-size W` times windows of W^3 voxels instead of the preset's training patch (as the
+sampling option of that name); the Mvoxel/s column compares window sizes. `--windows N` prints the seconds
+a step of N windows would take at each measured rate (default 3170: CRLM-CT-1004 padded to 512 x 512 x 300,
+overlap 0.25, abdomen window). Options:
   eager           the network as the product runs it (cuDNN picks its algorithms by heuristics)
   cudnn           torch.backends.cudnn.benchmark: cuDNN times its algorithms on the first call
   channels_last   weights and inputs NDHWC
@@ -130,7 +131,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=256, help="windows per network call")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--windows", type=int, default=3170, help="windows per denoising step, for the s/step column")
-    parser.add_argument("--window", type=int, default=0, help="window edge in voxels (default: the preset's patch)")
+    parser.add_argument("--window-size", type=int, default=0,
+                        help="window edge in voxels (default: the preset's patch)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--profile", action="store_true", help="also print where each configuration spends its time")
@@ -149,7 +151,7 @@ def main(argv=None) -> int:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header), flush=True)
     for channels in args.channels:
-        cfg = variant(args.preset, channels, args.window)
+        cfg = variant(args.preset, channels, args.window_size)
         params = parameter_count(MedDiffNet(cfg)) / 1e6
         gflop = flops_per_window(cfg) / 1e9
         label = ",".join(map(str, cfg.channels)) + f" | {cfg.patch_size}"

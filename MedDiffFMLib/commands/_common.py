@@ -81,16 +81,17 @@ def add_model_arguments(parser: argparse.ArgumentParser, nfe: Optional[int] = No
                         help="windows per network call (default: 4 on the CPU, up to 256 on a GPU as memory allows)")
     parser.add_argument("--window-size", type=positive_int, default=None,
                         help="edge of the cubic sliding window in voxels, a multiple of 4 for the default model "
-                        "(default: the model's training patch, 32 for the default model). Larger windows "
-                        "evaluate fewer voxels per step, which can be faster on a GPU (benchmarks/README.md)")
+                        "(default: the model's training patch, 32 for the default model). --overlap is a fraction "
+                        "of it: 48 with --overlap 0.1667 overlaps by 8 voxels as the default does, and ran each "
+                        "compiled step 9%% faster on an H100 (slower on the CPU; benchmarks/README.md)")
     parser.add_argument("--region", default="auto",
                         help="body region: auto (guessed from the image), head_neck, chest, abdomen, other")
     parser.add_argument("--threads", type=positive_int,
                         help="CPU threads for the network (default: PyTorch's choice)")
     parser.add_argument("--compile", action="store_true",
                         help="compile the network (torch.compile) at its first call: on an H100 about 20 s once, "
-                        "then each step about 1.7x faster, so it pays for long runs (e.g. 100+ steps on a whole "
-                        "CT); no gain on the CPU")
+                        "then each step about 1.6x faster, so it pays for long runs (from about 50 steps on a "
+                        "whole CT); no gain on the CPU")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 

@@ -54,7 +54,7 @@ def detect_anomalies(volume: Volume, model: torch.nn.Module, mask: Optional[Volu
                      threshold: Optional[float] = None, region: Optional[str] = None,
                      anatomy_labels: Optional[Volume] = None, device: Union[str, torch.device] = "cpu",
                      overlap: float = 0.5, window_batch: Optional[int] = None,
-                     window_size: Optional[int] = None, precision: str = "auto") -> AnomalyResult:
+                     precision: str = "auto", window_size: Optional[int] = None) -> AnomalyResult:
     """Anomaly map, thresholded mask and image score for a CT (HU); see the module docstring.
 
     `mask`: label map on the image grid (nonzero = search here); None: the body from the anatomy map.
@@ -64,6 +64,7 @@ def detect_anomalies(volume: Volume, model: torch.nn.Module, mask: Optional[Volu
     check_ct(volume)
     common.check_base(model, "anomaly detection")
     cfg = common.model_config(model)
+    common.check_window_size(cfg, window_size)
     if not 0 <= t < cfg.num_train_timesteps:
         raise InputError(f"noising step t must be in 0..{cfg.num_train_timesteps - 1}, got {t}")
     if smoothing_sigma_mm < 0:

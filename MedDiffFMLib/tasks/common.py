@@ -256,6 +256,10 @@ def make_sampler(model: torch.nn.Module, shape_zyx: Sequence[int], spacing_zyx: 
     if window_batch < 1:
         raise InputError(f"window batch size must be >= 1, got {window_batch}")
     check_memory(cfg, shape_zyx, window_batch, device, window_size)
+    if window_size > cfg.patch_size and any(int(n) < window_size for n in shape_zyx):
+        log.warning("the %d^3 window is larger than the grid %s along some axis: it is filled by mirroring, which "
+                    "costs time and gains nothing; the model's %d^3 window is faster here", window_size,
+                    tuple(int(n) for n in shape_zyx), cfg.patch_size)
     if cond is None:
         cond = VolumeCondition(cfg, shape_zyx, spacing_zyx, region, anatomy_labels)
     elif tuple(cond.shape) != tuple(int(n) for n in shape_zyx):
@@ -274,8 +278,9 @@ def check_window_size(cfg: ModelConfig, window_size: Optional[int]) -> int:
     """The sliding window's edge in voxels: the model's training patch when None.
 
     The network is convolutional and its position input is global, so it runs on any window whose edge
-    halves evenly at every level. A larger window puts fewer voxels through the network per step (less
-    overlap) in fewer, larger calls, which a GPU runs faster; the prior was trained on the patch size, and
+    halves evenly at every level. The overlap is a fraction of the window: a larger window at a smaller
+    fraction (48 at 0.1667 overlaps by 8 voxels, as 32 at 0.25 does) puts fewer voxels through the network per
+    step, in fewer, larger calls, which a GPU runs faster; the prior was trained on the patch size, and
     quality measured at other sizes is in benchmarks/README.md.
     """
     if window_size is None:
@@ -389,6 +394,8 @@ def check_memory(cfg: ModelConfig, shape_zyx: Sequence[int], window_batch: int, 
         hints = []
         if window_batch > 1:
             hints.append("a smaller window batch (--window-batch 1)")
+        if window_size is not None and window_size > cfg.patch_size:
+            hints.append(f"a smaller window (--window-size; the default is the model's {cfg.patch_size})")
         hints.append("a smaller volume (crop to the region of interest)")
         if device.type == "cuda":
             hints.append("the CPU (--device cpu), which has more memory but is slower")

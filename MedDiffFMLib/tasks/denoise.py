@@ -143,8 +143,8 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
             region: Optional[str] = None, anatomy_labels: Optional[Volume] = None,
             soft_tissue_pass: Optional[bool] = None, mask: Optional[Volume] = None,
             device: Union[str, torch.device] = "cpu", overlap: float = DEFAULT_OVERLAP,
-            window_batch: Optional[int] = None, window_size: Optional[int] = None,
-            precision: str = "auto", progress: Optional[Callable[[int, int], None]] = None) -> DenoiseResult:
+            window_batch: Optional[int] = None, precision: str = "auto",
+            progress: Optional[Callable[[int, int], None]] = None, window_size: Optional[int] = None) -> DenoiseResult:
     """Denoise a CT (HU) with the diffusion prior; see the module docstring for the method and choices.
 
     `nfe` None: `automatic_nfe` for each pass (more steps for noisier images).

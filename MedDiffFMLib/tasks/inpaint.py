@@ -63,7 +63,7 @@ def inpaint(volume: Volume, mask: Volume, model: torch.nn.Module, nfe: int = 100
             jump_length: int = DEFAULT_JUMP_LENGTH, resample: int = DEFAULT_RESAMPLE,
             margin_mm: float = DEFAULT_MARGIN_MM, region: Optional[str] = None, seed: int = 0,
             device: Union[str, torch.device] = "cpu", overlap: float = 0.5, window_batch: Optional[int] = None,
-            window_size: Optional[int] = None, precision: str = "auto", progress: Progress = None) -> Volume:
+            precision: str = "auto", progress: Progress = None, window_size: Optional[int] = None) -> Volume:
     """A copy of `volume` with the voxels inside `mask` (> 0) synthesised to fit their surroundings.
 
     `model` is a lesion `ControlledNet` (the mask is its control: a lesion grows there) or a base model

@@ -52,7 +52,8 @@ def paste_weights(box: Box, volume_shape: Sequence[int], spacing_zyx: Sequence[f
 class BoxJob:
     """A box of a volume prepared for sliding-window sampling, with its known image in [-1, 1]."""
 
-    box: Box
+    box: Box  # the box sampled: `core` grown to at least one window along every axis the volume allows
+    core: Box  # the mask's box grown by the margin and to at least the training patch, whatever the window
     inside: np.ndarray  # bool, the mask on the box
     known: torch.Tensor  # (1, 1, *box shape) the input in [-1, 1]
     window: Tuple[float, float]
@@ -65,7 +66,8 @@ def prepare_box(volume: Volume, mask: Volume, model: torch.nn.Module, region: Op
     """Check the inputs and set up sampling of the box around `mask` in the frame of the whole volume.
 
     A `ControlledNet` gets the mask as its control volume; a plain base model gets the usual condition. The box
-    is at least one window (`window_size`, None: the training patch) along every axis the volume allows.
+    is at least one window (`window_size`, None: the training patch) along every axis the volume allows, and
+    holds the `core` box, which does not depend on the window.
     """
     check_ct(volume)
     check_mask(mask, volume, name=mask_name)
@@ -74,6 +76,8 @@ def prepare_box(volume: Volume, mask: Volume, model: torch.nn.Module, region: Op
     region = resolve_region(volume, region, cfg)
     window = model_window(cfg, region)
     inside_all = mask.array > 0
+    core = mask_box(inside_all, volume.spacing_zyx, margin_mm, cfg.patch_size)
+    # A larger window grows the box from the same centre and clamping, so it always holds the core.
     box = mask_box(inside_all, volume.spacing_zyx, margin_mm, window_size)
     inside = inside_all[box]
     anatomy = anatomy_for(volume, cfg)[box]
@@ -86,14 +90,14 @@ def prepare_box(volume: Volume, mask: Volume, model: torch.nn.Module, region: Op
     sampler = make_sampler(model, inside.shape, volume.spacing_zyx, region, None, device, overlap, window_batch,
                            precision, cond=cond, window_size=window_size)
     known = torch.from_numpy(window_to_unit(volume.array[box].astype(np.float32), window))[None, None]
-    return BoxJob(box, inside, known.to(device), window, sampler)
+    return BoxJob(box, core, inside, known.to(device), window, sampler)
 
 
 @in_patient_axes
 def generate_lesion(volume: Volume, lesion_mask: Volume, model: torch.nn.Module, nfe: int = 100,
                     margin_mm: float = DEFAULT_MARGIN_MM, region: Optional[str] = None, seed: int = 0,
                     device: Union[str, torch.device] = "cpu", overlap: float = 0.5, window_batch: Optional[int] = None,
-                    window_size: Optional[int] = None, precision: str = "auto", progress: Progress = None) -> Volume:
+                    precision: str = "auto", progress: Progress = None, window_size: Optional[int] = None) -> Volume:
     """A copy of `volume` whose box around `lesion_mask` is synthesised anew, with a lesion where the mask is.
 
     `model` is a lesion `ControlledNet`. The whole box is generated (voxels outside the lesion too); to keep
@@ -106,8 +110,11 @@ def generate_lesion(volume: Volume, lesion_mask: Volume, model: torch.nn.Module,
                       mask_name="lesion mask", window_size=window_size)
     steps = timesteps(nfe, job.sampler.schedule.T - 1)
     x = job.sampler.run(None, steps, seed, progress=progress)
-    # Around the lesion, voxels outside the model's window (air, bone) keep their input values.
-    around = paste_weights(job.box, volume.shape, volume.spacing_zyx, margin_mm / 2)
+    # The core box is regenerated (a larger sampled box only adds context); around the lesion, voxels outside
+    # the model's window (air, bone) keep their input values.
+    around = np.zeros(job.inside.shape, np.float32)
+    around[tuple(slice(c.start - b.start, c.stop - b.start) for c, b in zip(job.core, job.box))] = paste_weights(
+        job.core, volume.shape, volume.spacing_zyx, margin_mm / 2)
     weights = np.maximum(around * window_weight(volume.array[job.box], job.window), job.inside)
     out = volume.array.astype(np.float32, copy=True)
     generated = unit_to_hu(x[0, 0].cpu().numpy(), job.window)

@@ -34,7 +34,7 @@ from ..io import Volume
 from ..orientation import in_patient_axes
 from ..preprocess import unit_to_hu, window_to_unit
 from ..validation import check_ct
-from .common import (anatomy_for, check_seed, make_sampler, model_config, model_window,
+from .common import (anatomy_for, check_seed, check_window_size, make_sampler, model_config, model_window,
                      resolve_region, task_device, window_weight)
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,8 @@ def check_factor(factor: int) -> None:
 def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: int = 100, lam: float = 1.0,
                   sigma_n: float = 1.0, zeta: float = DEFAULT_ZETA, region: Optional[str] = None, seed: int = 0,
                   device: Union[str, torch.device] = "cpu", overlap: float = 0.5, window_batch: Optional[int] = None,
-                  window_size: Optional[int] = None, precision: str = "auto", project: bool = True, progress: Progress = None) -> Volume:
+                  precision: str = "auto", project: bool = True, progress: Progress = None,
+                  window_size: Optional[int] = None) -> Volume:
     """Thin-slice CT (HU) on the grid `factor` times finer along z than the thick input `volume`.
 
     `model` is a super-resolution `ControlledNet`. `sigma_n` is the assumed noise of the thick slices in
@@ -136,6 +137,7 @@ def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: 
         log.warning("this model was fine-tuned to make %d thin slices per thick slice; factor %d is outside what "
                     "it learnt, so expect a weaker result", model.slice_factor, factor)
     cfg = model_config(model)
+    check_window_size(cfg, window_size)
     region = resolve_region(volume, region, cfg)
     window = model_window(cfg, region)
     device = task_device(model, device)

@@ -31,7 +31,8 @@ def synthesize(model: torch.nn.Module, region: Optional[str] = None,
                reference: Optional[Volume] = None, anatomy_labels: Optional[Volume] = None,
                nfe: int = DEFAULT_NFE, eta: float = 1.0, seed: int = 0,
                device: Union[str, torch.device] = "cpu", overlap: float = 0.5, window_batch: Optional[int] = None,
-               window_size: Optional[int] = None, precision: str = "auto", progress: Optional[Callable[[int, int], None]] = None) -> Volume:
+               precision: str = "auto", progress: Optional[Callable[[int, int], None]] = None,
+               window_size: Optional[int] = None) -> Volume:
     """Synthesise a CT (HU) with the model's window for `region`.
 
     Grid: `reference`'s, else `anatomy_labels`'s, else `size_xyz` voxels of `spacing_xyz` mm (origin 0,
@@ -42,6 +43,7 @@ def synthesize(model: torch.nn.Module, region: Optional[str] = None,
     device = common.task_device(model, device)
     common.check_base(model, "synthesis")
     cfg = common.model_config(model)
+    common.check_window_size(cfg, window_size)
     grid = _output_grid(size_xyz, spacing_xyz, reference, anatomy_labels)
     region = common.resolve_region(reference, region, cfg)
     labels = None
