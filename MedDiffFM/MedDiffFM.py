@@ -135,6 +135,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self._cancelAndWait()
+        MedDiffFMTasks.cancelActiveJob()  # one started from the console
         self.removeObservers()
 
     def enter(self):
@@ -147,7 +148,9 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
 
     def onSceneStartClose(self, caller, event):
-        self._cancelAndWait()  # its results would belong to the scene being closed
+        # A job's results would belong to the scene being closed: the panel's job, or one from the console.
+        self._cancelAndWait()
+        MedDiffFMTasks.cancelActiveJob()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -264,6 +267,11 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._run is not None:
             self.addLog("Cancelling...")
             self._run.cancel()
+            return
+        if MedDiffFMTasks.activeJob() is not None:  # checked before the log is cleared: the panel keeps its log
+            slicer.util.errorDisplay(
+                "A MedDiffFM job started from the Python console is still running. Wait for it to end, or cancel "
+                "it in the console: MedDiffFM.MedDiffFMLogic.cancelActiveJob()")
             return
         with slicer.util.tryWithErrorDisplay("MedDiffFM could not start.", waitCursor=True):
             self._ensureDependencies()

@@ -76,6 +76,8 @@ def test_a_larger_window_samples_a_larger_box_but_regenerates_the_same_one(chest
     assert [s.stop - s.start for s in job.box] == [12, 32, 32]
     assert all(b.start <= c.start and c.stop <= b.stop for b, c in zip(job.box, job.core))
     assert job.sampler.window == 32 and job.known.shape[-3:] == job.inside.shape
+    smaller = prepare_box(image, blob, lesion_model, "chest", 2.0, "cpu", 0.0, 8, "fp32", window_size=8)
+    assert smaller.box == smaller.core == plain.core and smaller.sampler.window == 8  # never less than the patch
     out = generate_lesion(image, blob, lesion_model, seed=1, window_size=32, **FAST)
     outside = np.ones(image.shape, bool)
     outside[job.core] = False

@@ -93,6 +93,14 @@ def ct_node(scene, ct_image):
     return node_from_image(ct_image, "CT")
 
 
+@pytest.fixture(autouse=True)
+def no_job_left_running():
+    """A test that fails while its job runs must not block the next tests' jobs (one job at a time)."""
+    yield
+    logic_module.MedDiffFMTasks.cancelActiveJob()
+    logic_module.MedDiffFMTasks._activeRun = None
+
+
 def assert_same_geometry(image, reference):
     np.testing.assert_allclose(image.GetSpacing(), reference.GetSpacing(), rtol=0, atol=1e-5)
     np.testing.assert_allclose(image.GetOrigin(), reference.GetOrigin(), rtol=0, atol=1e-4)
@@ -481,15 +489,16 @@ def test_one_job_at_a_time_from_panel_and_console(ct_node, tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="Another MedDiffFM job is still running"):
         console.denoise(ct_node)
     assert slicer.mrmlScene.GetNumberOfNodes() == nodes and sorted(tmp_path.iterdir()) == folders
-    first.cancel()
+    assert logic_module.MedDiffFMTasks.activeJob() is first
+    first.cancel()  # returns once the job is gone: the next one starts at once, before any wait() or poll()
+    second = console.denoise(ct_node, wait=False)
+    assert second.running and logic_module.MedDiffFMTasks.activeJob() is second
     with pytest.raises(process.TaskCancelled):
         first.wait(handleEvents=False)
-    second = console.denoise(ct_node, wait=False)
-    assert second.running
-    second.cancel()
+    assert logic_module.MedDiffFMTasks.cancelActiveJob() and not second.running
     with pytest.raises(process.TaskCancelled):
         second.wait(handleEvents=False)
-    assert not second.running
+    assert logic_module.MedDiffFMTasks.activeJob() is None and not logic_module.MedDiffFMTasks.cancelActiveJob()
 
 
 def test_logic_denoise_makes_new_node_on_input_grid(ct_node, fake_cli):
@@ -642,6 +651,30 @@ def test_a_ct_result_is_shown_like_its_input(ct_node, fake_cli):
 def test_detect_anomalies_refuses_nfe(ct_node):
     with pytest.raises(ValueError, match="no NFE"):
         MedDiffFM.MedDiffFMLogic().detectAnomalies(ct_node, nfe=10)
+
+
+@pytest.mark.parametrize("fields, expected", [
+    (dict(windowSize=0, overlap=0.0, windowBatch=0, nfe=0), dict(windowSize=None, overlap=None, windowBatch=None,
+                                                                  nfe=None)),
+    (dict(windowSize=48, overlap=0.17, windowBatch=64, nfe=20), dict(windowSize=48, overlap=0.17, windowBatch=64,
+                                                                      nfe=20)),
+])
+def test_panel_maps_its_automatic_values_to_the_commands_defaults(fields, expected):
+    """The panel's 0 / 'automatic' values reach the logic as None (the command's own default), others as set."""
+    calls = []
+    panel = types.SimpleNamespace(
+        _parameterNode=types.SimpleNamespace(
+            model="", seed=3, forceCpu=True, region="auto", task="denoise", inputVolume="CT", noiseLevel=-1.0,
+            maskSegmentation=None, maskSegmentId="", **fields),
+        logic=types.SimpleNamespace(denoise=lambda volume, **options: calls.append((volume, options)) or "job"),
+        addLog=lambda text: None)
+    assert MedDiffFM.MedDiffFMWidget._startRun(panel) == "job"
+    (volume, options), = calls
+    assert volume == "CT" and options["noiseLevel"] is None and options["seed"] == 3 and options["region"] is None
+    assert {key: options[key] for key in expected} == expected
+    logic_module.MedDiffFMTasks.samplingArguments(**{key: value for key, value in options.items()
+                                                     if key in ("model", "nfe", "seed", "forceCpu", "overlap",
+                                                                "windowBatch", "region", "windowSize")})
 
 
 def test_panel_widgets_and_parameter_node_agree():

@@ -4,6 +4,7 @@ Every task method takes MRML nodes and returns new MRML nodes; input nodes are o
 `wait=False` a method returns the started `TaskRun` instead, whose `poll()` the caller drives (the
 module widget does it from a QTimer) and whose `result` holds the new nodes once it has finished.
 """
+import atexit
 import logging
 import numbers
 import os
@@ -75,6 +76,7 @@ class MedDiffFMTasks:
     """
 
     _activeRun = None  # the last job started by any instance
+
     def __init__(self):
         self.logCallback = logging.info  # called with each output line of a job
         self.progressCallback = None  # called with (step, total)
@@ -148,6 +150,22 @@ class MedDiffFMTasks:
         arguments = [] if resample is None else ["--resample", resample]
         return self._runTask("inpaint", volumeNode, arguments, wait, options, mask=(segmentationNode, segmentId))
 
+    # --- the running job ---------------------------------------------------------------------------
+
+    @staticmethod
+    def activeJob():
+        """The running job (a TaskRun), whichever logic instance started it, or None."""
+        active = MedDiffFMTasks._activeRun
+        return active if active is not None and active.running else None
+
+    @staticmethod
+    def cancelActiveJob():
+        """Cancel the running job, if any (its result is not imported); True if there was one."""
+        active = MedDiffFMTasks.activeJob()
+        if active is not None:
+            active.cancel()
+        return active is not None
+
     # --- shared machinery -----------------------------------------------------------------------
 
     @staticmethod
@@ -198,12 +216,11 @@ class MedDiffFMTasks:
         importResults(workDir) makes the result nodes; by default one volume named after the input.
         """
         _checkInputs(task, volumeNode, mask)
-        active = MedDiffFMTasks._activeRun
-        if active is not None and active.running:
+        if self.activeJob() is not None:
             raise RuntimeError(
                 "Another MedDiffFM job is still running (started from the module panel or the Python console). "
-                "Wait for it to end, or cancel it (the panel's Cancel button, or cancel() on the job a wait=False "
-                "call returned), then start this one.")
+                "Wait for it to end, or cancel it (the panel's Cancel button, or "
+                "MedDiffFM.MedDiffFMLogic.cancelActiveJob() in the Python console), then start this one.")
         if importResults is None:
             importResults = self._importVolume(_resultName(volumeNode, task), volumeNode)
         if options.get("nfe") is not None and not TASKS[task].usesNfe:
@@ -277,3 +294,7 @@ class MedDiffFMTasks:
             return
         slicer.util.setSliceViewerLayers(background=background, foreground=foreground,
                                          foregroundOpacity=0.5 if foreground is not None else None, fit=True)
+
+
+# A job runs in its own process group, so it would outlive Slicer: stop it when Slicer exits.
+atexit.register(MedDiffFMTasks.cancelActiveJob)

@@ -88,6 +88,10 @@ else:
     _GROUP_OPTIONS = {"start_new_session": True}
 
 
+#: Seconds cancel() waits for the killed job's process to exit.
+CANCEL_WAIT_S = 5.0
+
+
 def killProcessTree(process):
     """Kill a job started by TaskRun and everything it started (launcher child, workers, data loaders)."""
     try:
@@ -156,10 +160,16 @@ class TaskRun:
         self._lines.put(_END_OF_OUTPUT)
 
     def cancel(self):
-        """Stop the job; the next poll() finishes it with a TaskCancelled error."""
+        """Stop the job; the next poll() finishes it with a TaskCancelled error. Returns once the job's process
+        has exited (a killed process goes at once; waiting is bounded by CANCEL_WAIT_S), so the next job can
+        start right away."""
         self._cancelRequested = True
         if self._process is not None and self._process.poll() is None:
             killProcessTree(self._process)
+            try:
+                self._process.wait(timeout=CANCEL_WAIT_S)
+            except subprocess.TimeoutExpired:
+                pass
 
     def poll(self):
         """Handle the output that arrived; return True once the job has finished (see result/error)."""

@@ -82,8 +82,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, nfe: Optional[int] = No
     parser.add_argument("--window-size", type=positive_int, default=None,
                         help="edge of the cubic sliding window in voxels, a multiple of 4 for the default model "
                         "(default: the model's training patch, 32 for the default model). --overlap is a fraction "
-                        "of it: 48 with --overlap 0.1667 overlaps by 8 voxels as the default does, and ran each "
-                        "compiled step 9%% faster on an H100 (slower on the CPU; benchmarks/README.md)")
+                        "of it: 48 with --overlap 0.1667 overlaps by 8 voxels as denoise's default does, and ran "
+                        "each compiled denoising step 9%% faster on an H100 (slower on the CPU; "
+                        "benchmarks/README.md)")
     parser.add_argument("--region", default="auto",
                         help="body region: auto (guessed from the image), head_neck, chest, abdomen, other")
     parser.add_argument("--threads", type=positive_int,

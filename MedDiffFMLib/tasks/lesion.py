@@ -1,7 +1,7 @@
 """Lesion generation (paper, section 3.5): synthesise the CT around a lesion mask with a lesion ControlNet.
 
-Only a box around the mask is sampled (its bounding box plus a margin, grown to at least one network
-window where the volume allows); the box keeps its place in the whole volume through the global
+Only a box around the mask is sampled (its bounding box plus a margin, grown to at least the training patch
+where the volume allows, and to one window when a larger one is asked for); the box keeps its place in the whole volume through the global
 coordinates, and the generated box is pasted into a copy of the input with a linear blend over the
 outer half of the margin (`paste_weights`), so the box leaves no seam. `prepare_box` is shared with
 lesion inpainting, which samples the same box but keeps the known voxels.
@@ -52,7 +52,7 @@ def paste_weights(box: Box, volume_shape: Sequence[int], spacing_zyx: Sequence[f
 class BoxJob:
     """A box of a volume prepared for sliding-window sampling, with its known image in [-1, 1]."""
 
-    box: Box  # the box sampled: `core` grown to at least one window along every axis the volume allows
+    box: Box  # the box sampled: `core`, grown to at least one window along every axis the volume allows
     core: Box  # the mask's box grown by the margin and to at least the training patch, whatever the window
     inside: np.ndarray  # bool, the mask on the box
     known: torch.Tensor  # (1, 1, *box shape) the input in [-1, 1]
@@ -77,8 +77,8 @@ def prepare_box(volume: Volume, mask: Volume, model: torch.nn.Module, region: Op
     window = model_window(cfg, region)
     inside_all = mask.array > 0
     core = mask_box(inside_all, volume.spacing_zyx, margin_mm, cfg.patch_size)
-    # A larger window grows the box from the same centre and clamping, so it always holds the core.
-    box = mask_box(inside_all, volume.spacing_zyx, margin_mm, window_size)
+    # Growing the minimum size moves a box's start down and its end up only, so the box holds the core.
+    box = mask_box(inside_all, volume.spacing_zyx, margin_mm, max(window_size, cfg.patch_size))
     inside = inside_all[box]
     anatomy = anatomy_for(volume, cfg)[box]
     place = dict(offset_zyx=[s.start for s in box], full_shape_zyx=volume.shape)
@@ -100,8 +100,9 @@ def generate_lesion(volume: Volume, lesion_mask: Volume, model: torch.nn.Module,
                     precision: str = "auto", progress: Progress = None, window_size: Optional[int] = None) -> Volume:
     """A copy of `volume` whose box around `lesion_mask` is synthesised anew, with a lesion where the mask is.
 
-    `model` is a lesion `ControlledNet`. The whole box is generated (voxels outside the lesion too); to keep
-    the surroundings of the lesion as they are, use `inpaint`. The lesion lies within the region's HU
+    `model` is a lesion `ControlledNet`. The whole box around the mask (at least the training patch, whatever
+    `window_size`) is generated anew, voxels outside the lesion too; to keep the surroundings of the lesion as
+    they are, use `inpaint`. The lesion lies within the region's HU
     window; around it, voxels outside the window (air, bone) keep their input values.
     """
     seed = check_seed(seed)
@@ -110,8 +111,9 @@ def generate_lesion(volume: Volume, lesion_mask: Volume, model: torch.nn.Module,
                       mask_name="lesion mask", window_size=window_size)
     steps = timesteps(nfe, job.sampler.schedule.T - 1)
     x = job.sampler.run(None, steps, seed, progress=progress)
-    # The core box is regenerated (a larger sampled box only adds context); around the lesion, voxels outside
-    # the model's window (air, bone) keep their input values.
+    # Only the core box is pasted, so the region rewritten does not depend on the window (a larger sampled box
+    # is generated too, then dropped); around the lesion, voxels outside the model's window (air, bone) keep
+    # their input values.
     around = np.zeros(job.inside.shape, np.float32)
     around[tuple(slice(c.start - b.start, c.stop - b.start) for c, b in zip(job.core, job.box))] = paste_weights(
         job.core, volume.shape, volume.spacing_zyx, margin_mm / 2)
