@@ -1,9 +1,10 @@
 """Lesion generation (paper, section 3.5): synthesise the CT around a lesion mask with a lesion ControlNet.
 
 Only a box around the mask is sampled (its bounding box plus a margin, grown to at least the training patch
-where the volume allows, and to one window when a larger one is asked for); the box keeps its place in the whole volume through the global
-coordinates, and the generated box is pasted into a copy of the input with a linear blend over the
-outer half of the margin (`paste_weights`), so the box leaves no seam. `prepare_box` is shared with
+where the volume allows, and to one window when a larger one is asked for); the box keeps its place in the
+whole volume through the global coordinates, and the generated box (at the training patch, whatever the
+window) is pasted into a copy of the input with a linear blend over the outer half of the margin
+(`paste_weights`), so the box leaves no seam. `prepare_box` is shared with
 lesion inpainting, which samples the same box but keeps the known voxels.
 """
 from __future__ import annotations
@@ -66,8 +67,8 @@ def prepare_box(volume: Volume, mask: Volume, model: torch.nn.Module, region: Op
     """Check the inputs and set up sampling of the box around `mask` in the frame of the whole volume.
 
     A `ControlledNet` gets the mask as its control volume; a plain base model gets the usual condition. The box
-    is at least one window (`window_size`, None: the training patch) along every axis the volume allows, and
-    holds the `core` box, which does not depend on the window.
+    is at least the training patch and one window (`window_size`, None: the training patch) along every axis
+    the volume allows, and holds the `core` box, which does not depend on the window.
     """
     check_ct(volume)
     check_mask(mask, volume, name=mask_name)
@@ -102,8 +103,8 @@ def generate_lesion(volume: Volume, lesion_mask: Volume, model: torch.nn.Module,
 
     `model` is a lesion `ControlledNet`. The whole box around the mask (at least the training patch, whatever
     `window_size`) is generated anew, voxels outside the lesion too; to keep the surroundings of the lesion as
-    they are, use `inpaint`. The lesion lies within the region's HU
-    window; around it, voxels outside the window (air, bone) keep their input values.
+    they are, use `inpaint`. The lesion lies within the region's HU window; around it, voxels outside the
+    window (air, bone) keep their input values.
     """
     seed = check_seed(seed)
     check_task(model, "lesion")
