@@ -10,7 +10,7 @@ channel counts per level (untrained: cost does not depend on the weights), to si
 training one. `--window-size W` times windows of W^3 voxels instead of the preset's training patch (as the
 sampling option of that name); the Mvoxel/s column compares window sizes. `--windows N` prints the seconds
 a step of N windows would take at each measured rate (default 3170: CRLM-CT-1004 padded to 512 x 512 x 300,
-overlap 0.25, abdomen window). Options:
+overlap 0.25, abdomen window, 32^3 windows; give the count for other windows, e.g. 872 for 48^3 at 0.1667). Options:
   eager           the network as the product runs it (cuDNN picks its algorithms by heuristics)
   cudnn           torch.backends.cudnn.benchmark: cuDNN times its algorithms on the first call
   channels_last   weights and inputs NDHWC

@@ -81,7 +81,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, nfe: Optional[int] = No
                         help="windows per network call (default: 4 on the CPU, up to 256 on a GPU as memory allows)")
     parser.add_argument("--window-size", type=positive_int, default=None,
                         help="edge of the cubic sliding window in voxels, a multiple of 4 for the default model "
-                        "(default: the model's training patch, 32 for the default model). --overlap is a fraction "
+                        "(default: the model's training patch: 32 for 'default', 16 for the tiny models). "
+                        "--overlap is a fraction "
                         "of it: 48 with --overlap 0.1667 overlaps by 8 voxels as denoise's default does, and ran "
                         "each compiled denoising step 9%% faster on an H100 (slower on the CPU; "
                         "benchmarks/README.md)")
