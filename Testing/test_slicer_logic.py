@@ -185,6 +185,31 @@ def test_segment_exported_as_mask_on_volume_grid(ct_node, ct_image, tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), expected)
 
 
+def test_one_segment_of_a_shared_labelmap_is_exported_alone(ct_node, ct_image, tmp_path):
+    """Segments painted in one layer share a labelmap: only the chosen one becomes the mask, and the user's
+    segmentation is left as it was."""
+    labels = np.zeros(slicer.util.arrayFromVolume(ct_node).shape, np.uint8)
+    labels[6:10, 10:20, 10:20] = 1
+    labels[6:10, 25:35, 25:35] = 2
+    labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    slicer.util.updateVolumeFromArray(labelmap, labels)
+    matrix = vtk.vtkMatrix4x4()
+    ct_node.GetIJKToRASMatrix(matrix)
+    labelmap.SetIJKToRASMatrix(matrix)
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Layers")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    slicer.mrmlScene.RemoveNode(labelmap)
+    inner = segmentation.GetSegmentation()
+    first, second = inner.GetNthSegmentID(0), inner.GetNthSegmentID(1)
+    assert inner.GetNumberOfLayers() == 1 and inner.GetNumberOfSegments() == 2  # label values 1 and 2, one layer
+    modified = segmentation.GetMTime()
+    volumes.writeSegmentMask(segmentation, second, ct_node, tmp_path / "m.nrrd")
+    mask = sitk.ReadImage(str(tmp_path / "m.nrrd"))
+    assert_same_geometry(mask, ct_image)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), (labels == 2).astype(np.uint8))
+    assert segmentation.GetMTime() == modified and inner.GetNumberOfSegments() == 2 and inner.GetSegment(first)
+
+
 def test_closed_surface_segment_exported_without_changing_the_segmentation(ct_node, ct_image, tmp_path):
     center_ras = volumes.ijkToRASArray(ct_node) @ np.array([24, 24, 8, 1.0])
     sphere = vtk.vtkSphereSource()

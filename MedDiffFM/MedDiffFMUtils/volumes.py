@@ -70,10 +70,14 @@ def writeSegmentMask(segmentationNode, segmentId, referenceVolumeNode, path):
         raise ValueError(f"Segment '{segmentId}' not found in '{segmentationNode.GetName()}': "
                          "select the segment that marks the region.")
     with _scratchNodes():
-        # Export from a copy: converting a closed-surface segment to a labelmap would otherwise add that
-        # representation to the user's segmentation.
+        # Export from a copy of the one segment: converting a closed-surface segment to a labelmap would
+        # otherwise add that representation to the user's segmentation.
         copyNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-        copyNode.GetSegmentation().DeepCopy(segmentation)
+        copy = copyNode.GetSegmentation()
+        copy.SetSourceRepresentationName(segmentation.GetSourceRepresentationName())
+        copy.CopyConversionParameters(segmentation)
+        if not copy.CopySegmentFromSegmentation(segmentation, segmentId):
+            raise ValueError(f"Segment '{segment.GetName()}' could not be copied for export.")
         _placeLike(copyNode, segmentationNode)
         copyNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)  # convert at CT resolution
         labelmapNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
