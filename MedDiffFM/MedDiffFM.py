@@ -148,9 +148,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
 
     def onSceneStartClose(self, caller, event):
-        # A job's results would belong to the scene being closed: the panel's job, or one from the console.
-        self._cancelAndWait()
-        MedDiffFMTasks.cancelActiveJob()
+        self._cancelAndWait()  # its results would belong to the scene being closed (the logic cancels console jobs)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):

@@ -524,6 +524,12 @@ def test_one_job_at_a_time_from_panel_and_console(ct_node, tmp_path, monkeypatch
     with pytest.raises(process.TaskCancelled):
         second.wait(handleEvents=False)
     assert logic_module.MedDiffFMTasks.activeJob() is None and not logic_module.MedDiffFMTasks.cancelActiveJob()
+    # Closing the scene cancels a console job too (the panel was never opened here).
+    third = console.denoise(ct_node, wait=False)
+    slicer.mrmlScene.Clear(0)
+    assert not third.running and logic_module.MedDiffFMTasks.activeJob() is None
+    with pytest.raises(process.TaskCancelled):
+        third.wait(handleEvents=False)
 
 
 def test_logic_denoise_makes_new_node_on_input_grid(ct_node, fake_cli):

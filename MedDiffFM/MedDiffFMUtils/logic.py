@@ -76,6 +76,7 @@ class MedDiffFMTasks:
     """
 
     _activeRun = None  # the last job started by any instance
+    _observedScene = None  # the scene whose closing cancels the running job (see _cancelOnSceneClose)
 
     def __init__(self):
         self.logCallback = logging.info  # called with each output line of a job
@@ -166,6 +167,18 @@ class MedDiffFMTasks:
             active.cancel()
         return active is not None
 
+    @staticmethod
+    def _cancelOnSceneClose():
+        """Closing the scene cancels the running job (its results would land in the next scene), also when the
+        module panel, which does the same for its own jobs, was never opened. One observer per scene."""
+        scene = slicer.mrmlScene
+        if MedDiffFMTasks._observedScene is not scene:
+            # Only the current scene's closing counts: a scene destroyed when let go of (scripts and tests that
+            # replace slicer.mrmlScene) closes too.
+            scene.AddObserver(scene.StartCloseEvent,
+                              lambda caller, event: caller is slicer.mrmlScene and MedDiffFMTasks.cancelActiveJob())
+            MedDiffFMTasks._observedScene = scene
+
     # --- shared machinery -----------------------------------------------------------------------
 
     @staticmethod
@@ -249,6 +262,7 @@ class MedDiffFMTasks:
             self.logCallback(f"Running MedDiffFM {task}...")
             run.start()
             MedDiffFMTasks._activeRun = run
+            self._cancelOnSceneClose()
         except Exception:  # nothing started: leave no temporary files behind
             shutil.rmtree(workDir, ignore_errors=True)
             raise
