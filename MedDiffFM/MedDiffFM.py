@@ -266,10 +266,13 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addLog("Cancelling...")
             self._run.cancel()
             return
-        if MedDiffFMTasks.activeJob() is not None:  # checked before the log is cleared: the panel keeps its log
-            slicer.util.errorDisplay(
-                "A MedDiffFM job started from the Python console is still running. Wait for it to end, or cancel "
-                "it in the console: MedDiffFM.MedDiffFMLogic.cancelActiveJob()")
+        # Checked before the log is cleared, so the panel keeps its log. A console call waiting for its job blocks
+        # the console, so the panel is where such a job can be cancelled.
+        if MedDiffFMTasks.activeJob() is not None:
+            if slicer.util.confirmYesNoDisplay(
+                    "A MedDiffFM job started from the Python console is still running, and one job runs at a time. "
+                    "Cancel it? (Then click Apply again to start this one.)"):
+                MedDiffFMTasks.cancelActiveJob()
             return
         with slicer.util.tryWithErrorDisplay("MedDiffFM could not start.", waitCursor=True):
             self._ensureDependencies()
