@@ -168,6 +168,13 @@ def test_memory_estimate_and_check_follow_the_window(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="MedDiffFMLib"):
         common.make_sampler(prior, grid, (1, 1, 1), "abdomen", None, torch.device("cpu"), window_size=32)
     assert "window is larger than the grid" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="MedDiffFMLib"):
+        common.make_sampler(prior, (12, 24, 24), (1, 1, 1), "abdomen", None, torch.device("cpu"), window_size=20)
+    assert "window is larger" not in caplog.text  # along z the model's own 16^3 window is mirrored too
+    with caplog.at_level(logging.WARNING, logger="MedDiffFMLib"):
+        common.make_sampler(prior, grid, (1, 1, 1), "abdomen", None, torch.device("cpu"), window_size=8)
+    assert "smaller than the model's 16^3 training patch" in caplog.text
 
 
 def test_a_masked_denoise_samples_a_box_of_at_least_one_window():
@@ -334,10 +341,16 @@ def test_anomaly_detection_evaluates_only_the_windows_in_its_region(monkeypatch)
     assert np.all(skipped.reconstruction.array[:, 30:, 30:] == WINDOW[0])
 
 
-def test_anomaly_threshold_override_and_bad_mask():
+def test_anomaly_threshold_override_and_bad_mask(caplog):
     prior, _, sick, _, body = smooth_phantom()
     high = detect_anomalies(sick, prior, mask=body, region="abdomen", threshold=1e6)
     assert high.threshold == 1e6 and high.anomaly_mask.array.sum() == 0
+    # A region of a few voxels is its own reference: the automatic threshold is refused as meaningless.
+    few = np.zeros(body.shape, np.uint8)
+    few[10, 10, 10:12] = 1
+    with caplog.at_level(logging.WARNING, logger="MedDiffFMLib"):
+        detect_anomalies(sick, prior, mask=body.with_array(few), region="abdomen")
+    assert "only 2 voxels, too few for an automatic threshold" in caplog.text
     wrong_grid = Volume(body.array, (2.0, 1.0, 1.0))
     with pytest.raises(InputError, match="not on the grid"):
         detect_anomalies(sick, prior, mask=wrong_grid, region="abdomen")

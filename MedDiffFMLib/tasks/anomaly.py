@@ -14,6 +14,7 @@ Image-level score: the 99th percentile of the map inside the region (HU), so one
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -28,12 +29,17 @@ from ..preprocess import unit_to_hu, window_to_unit
 from ..validation import check_ct, check_mask
 from . import common
 
+log = logging.getLogger(__name__)
+
 #: Noising step of the paper: small steps do not corrupt lesions enough to be "healed".
 DEFAULT_T = 950
 #: Gaussian smoothing of the anomaly map (mm).
 DEFAULT_SMOOTHING_MM = 2.0
 #: Threshold = mean + THRESHOLD_STDS * std of the map inside the region, unless given.
 THRESHOLD_STDS = 3.0
+#: Below this many voxels in the search region, mean + THRESHOLD_STDS std of the region itself cannot single out
+#: anomalous voxels (a lesion is most of such a region; one voxel is its own mean): a warning asks for --threshold.
+MIN_THRESHOLD_REGION_VOXELS = 100
 #: Percentile of the map inside the region that is the image-level score.
 SCORE_PERCENTILE = 99.0
 
@@ -98,6 +104,10 @@ def detect_anomalies(volume: Volume, model: torch.nn.Module, mask: Optional[Volu
     values = anomaly[inside]
     if threshold is None:
         threshold = float(values.mean() + THRESHOLD_STDS * values.std())
+        if values.size < MIN_THRESHOLD_REGION_VOXELS:
+            log.warning("the search region has only %d voxels, too few for an automatic threshold (mean + %g std "
+                        "of the region itself); give one (--threshold HU), or search a larger region",
+                        values.size, THRESHOLD_STDS)
     score = float(np.percentile(values, SCORE_PERCENTILE))
     region_mask = volume.with_array(inside.astype(np.uint8))
     return AnomalyResult(

@@ -256,10 +256,14 @@ def make_sampler(model: torch.nn.Module, shape_zyx: Sequence[int], spacing_zyx: 
     if window_batch < 1:
         raise InputError(f"window batch size must be >= 1, got {window_batch}")
     check_memory(cfg, shape_zyx, window_batch, device, window_size)
-    if window_size > cfg.patch_size and any(int(n) < window_size for n in shape_zyx):
-        log.warning("the %d^3 window is larger than the grid %s along some axis: it is filled by mirroring, which "
-                    "costs time and gains nothing; the model's %d^3 window is faster here", window_size,
+    if any(cfg.patch_size <= int(n) < window_size for n in shape_zyx):
+        log.warning("the %d^3 window is larger than the grid %s along an axis the model's %d^3 window fits: it is "
+                    "filled by mirroring, which costs time and gains nothing", window_size,
                     tuple(int(n) for n in shape_zyx), cfg.patch_size)
+    elif window_size < cfg.patch_size:
+        log.warning("the %d^3 window is smaller than the model's %d^3 training patch: more, smaller network calls "
+                    "per step (slower), each with less context than the model was trained with", window_size,
+                    cfg.patch_size)
     if cond is None:
         cond = VolumeCondition(cfg, shape_zyx, spacing_zyx, region, anatomy_labels)
     elif tuple(cond.shape) != tuple(int(n) for n in shape_zyx):
@@ -393,13 +397,13 @@ def check_memory(cfg: ModelConfig, shape_zyx: Sequence[int], window_batch: int, 
     needed = network_bytes + volume_bytes
     if needed > free:
         hints = []
+        if window_size is not None and window_size > cfg.patch_size:  # first: it sets both terms of the estimate
+            hints.append(f"a smaller window (--window-size; the default is the model's {cfg.patch_size})")
         if window_batch > 1:
             hints.append("a smaller window batch (--window-batch 1)")
-        if window_size is not None and window_size > cfg.patch_size:
-            hints.append(f"a smaller window (--window-size; the default is the model's {cfg.patch_size})")
         hints.append("a smaller volume (crop to the region of interest)")
         if device.type == "cuda":
             hints.append("the CPU (--device cpu), which has more memory but is slower")
         raise ResourceError(
-            f"this job needs about {needed / gib:.1f} GiB but only {free / gib:.1f} GiB is free on "
+            f"this job needs about {needed / gib:.3g} GiB but only {free / gib:.1f} GiB is free on "
             f"{device.type}; try " + ", or ".join(hints))
