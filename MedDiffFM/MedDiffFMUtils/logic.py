@@ -261,11 +261,11 @@ class MedDiffFMTasks:
                           progressCallback=self.progressCallback)
             self.logCallback(f"Running MedDiffFM {task}...")
             run.start()
-            MedDiffFMTasks._activeRun = run
-            self._cancelOnSceneClose()
         except Exception:  # nothing started: leave no temporary files behind
             shutil.rmtree(workDir, ignore_errors=True)
             raise
+        MedDiffFMTasks._activeRun = run
+        self._cancelOnSceneClose()
         return run.wait() if wait else run
 
     @staticmethod
