@@ -491,22 +491,23 @@ sitk.WriteImage(out, args.output)
 
 @pytest.fixture
 def fake_cli(tmp_path, monkeypatch):
+    install_fake_library(tmp_path, monkeypatch, FAKE_CLI)
+    return lambda: json.loads((tmp_path / "lib" / "argv.json").read_text())
+
+
+def install_fake_library(tmp_path, monkeypatch, main_source):
+    """A `MedDiffFMLib` package under tmp_path/lib whose `python -m` runs `main_source`, found by the module."""
     package = tmp_path / "lib" / "MedDiffFMLib"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
-    (package / "__main__.py").write_text(FAKE_CLI)
+    (package / "__main__.py").write_text(main_source)
     monkeypatch.setattr(library, "libraryRoot", lambda: str(tmp_path / "lib"))
-    return lambda: json.loads((tmp_path / "lib" / "argv.json").read_text())
 
 
 def test_one_job_at_a_time_from_panel_and_console(ct_node, tmp_path, monkeypatch):
     """A second job, from another logic instance (the panel's and the console's differ), is refused while the
     first runs, and leaves nothing behind; once the first is cancelled the next one starts."""
-    package = tmp_path / "lib" / "MedDiffFMLib"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "__main__.py").write_text("import time\ntime.sleep(60)\n")
-    monkeypatch.setattr(library, "libraryRoot", lambda: str(tmp_path / "lib"))
+    install_fake_library(tmp_path, monkeypatch, "import time\ntime.sleep(60)\n")
     monkeypatch.setattr(logic_module.MedDiffFMTasks, "_temporaryRoot", staticmethod(lambda: str(tmp_path)))
     panel, console = logic_module.MedDiffFMTasks(), logic_module.MedDiffFMTasks()
     first = panel.denoise(ct_node, wait=False)

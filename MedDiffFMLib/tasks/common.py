@@ -339,7 +339,7 @@ def estimate_memory(cfg: ModelConfig, shape_zyx: Sequence[int], window_batch: in
     Network (no gradients): the skip activations of every level plus a few working maps at the finest
     level, for input and condition channels too, plus the attention matrices, all float32, per window.
     """
-    w = cfg.patch_size if window_size is None else int(window_size)
+    w = check_window_size(cfg, window_size)
     voxels = int(np.prod([max(int(n), w) for n in shape_zyx]))
     volume_bytes = 16 * 4 * voxels
     per_window = (1 + condition_channels(cfg)) * w ** 3 * 4 * 2

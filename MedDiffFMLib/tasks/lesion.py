@@ -79,7 +79,7 @@ def prepare_box(volume: Volume, mask: Volume, model: torch.nn.Module, region: Op
     inside_all = mask.array > 0
     core = mask_box(inside_all, volume.spacing_zyx, margin_mm, cfg.patch_size)
     # Growing the minimum size moves a box's start down and its end up only, so the box holds the core.
-    box = mask_box(inside_all, volume.spacing_zyx, margin_mm, max(window_size, cfg.patch_size))
+    box = core if window_size <= cfg.patch_size else mask_box(inside_all, volume.spacing_zyx, margin_mm, window_size)
     inside = inside_all[box]
     anatomy = anatomy_for(volume, cfg)[box]
     place = dict(offset_zyx=[s.start for s in box], full_shape_zyx=volume.shape)
