@@ -3,7 +3,8 @@
 # the denoise-speed table (BENCH_SETS), then `default` training from cache entries until TRAIN_UNTIL seconds
 # after the start (skipped when less than a minute is left for it), stopped cleanly
 # (SIGTERM -> checkpoint), with the run packed into $OUT in parts under 16 MB.
-# Run from the repo root on the GPU machine, with a bundle prepared here (git-ignored, < 64 MiB in all):
+# Run from the repo root on the GPU machine, with a bundle that scripts/prepare_gpu_bundle.sh builds here
+# (git-ignored, < 64 MiB in all):
 #   .whl/                   monai + nibabel wheels (../shared/tools/device-wheels.sh)
 #   .gpu/stub/SimpleITK.py  an empty module: training from cache entries never reads scans
 #   .gpu/cache/*.npz        cache entries of the train split (a subset that fits the transfer limit)
