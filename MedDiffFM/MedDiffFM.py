@@ -62,7 +62,8 @@ SlicerMONAIAuto3DSeg extensions.
 if parameterNodeWrapper is not None:
     @parameterNodeWrapper
     class MedDiffFMParameterNode:
-        """Panel state, saved with the scene. Negative noise level / threshold = automatic; nfe and overlap 0 =
+        """Panel state, saved with the scene. Noise level / threshold 0 = automatic (scenes saved before used -1, also
+        read as automatic: no noise level or threshold of 0 HU is meaningful); nfe and overlap 0 =
         task default; window batch 0 = automatic (4 on the CPU, up to 256 on a GPU); window size 0 = the model's."""
         inputVolume: slicer.vtkMRMLScalarVolumeNode
         maskSegmentation: slicer.vtkMRMLSegmentationNode
@@ -76,8 +77,8 @@ if parameterNodeWrapper is not None:
         synthesizeSizeZ: Annotated[int, WithinRange(8, 2048)] = 64
         synthesizeSpacingXY: Annotated[float, WithinRange(0.1, 20.0)] = 1.0
         synthesizeSpacingZ: Annotated[float, WithinRange(0.1, 20.0)] = 1.0
-        noiseLevel: Annotated[float, WithinRange(-1.0, 1000.0)] = -1.0
-        anomalyThreshold: Annotated[float, WithinRange(-1.0, 1000.0)] = -1.0
+        noiseLevel: Annotated[float, WithinRange(-1.0, 1000.0)] = 0.0
+        anomalyThreshold: Annotated[float, WithinRange(-1.0, 1000.0)] = 0.0
         superResolveFactor: Annotated[int, WithinRange(2, 10)] = 5
         nfe: Annotated[int, WithinRange(0, 1000)] = 0
         seed: Annotated[int, WithinRange(0, 2 ** 31 - 1)] = 0
@@ -85,6 +86,24 @@ if parameterNodeWrapper is not None:
         windowBatch: Annotated[int, WithinRange(0, 1024)] = 0
         windowSize: Annotated[int, WithinRange(0, 256)] = 0
         forceCpu: bool = False
+
+
+def firstCTVolume(scene):
+    """The scene's first scalar volume that is not a label map (the input selector hides label maps), or None."""
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode")
+        if not node.IsA("vtkMRMLLabelMapVolumeNode"):
+            return node
+    return None
+
+
+def modelMismatch(model, kind, task):
+    """Why `model` (of `kind`, see library.availableModels) cannot run `task`, or '' when it can or is unknown."""
+    if not model or kind is None or kind in TASKS[task].modelKinds:
+        return ""
+    what = "a base model" if kind == "base" else f"a {kind} ControlNet"
+    needs = " or ".join("a base model" if k == "base" else f"a {k} ControlNet" for k in TASKS[task].modelKinds)
+    return f"Model '{model}' is {what}; {TASKS[task].title} runs {needs}: choose Task default."
 
 
 class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -101,6 +120,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer = None
         self._dependenciesChecked = False
         self._modelsInstalled = False
+        self._modelKinds = {}  # model name -> "base" / the task of a ControlNet / None (unknown)
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -158,7 +178,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            self._parameterNode.inputVolume = firstCTVolume(slicer.mrmlScene)
 
     def setParameterNode(self, inputParameterNode):
         if self._parameterNode:
@@ -178,8 +198,9 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo.clear()
         models = library.availableModels()
         self._modelsInstalled = bool(models)
+        self._modelKinds = {name: kind for name, _description, kind in models}
         combo.addItem("Task default" if models else f"Task default ({library.MODEL_NOT_INSTALLED})", "")
-        for name, description in models:
+        for name, description, _kind in models:
             combo.addItem(name, name)
             combo.setItemData(combo.count - 1, description, qt.Qt.ToolTipRole)
 
@@ -188,8 +209,13 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.model = self.ui.modelComboBox.itemData(index) or ""
 
     def _onTaskChanged(self, index):
-        if self._parameterNode:
-            self._parameterNode.task = list(TASKS)[index]
+        p = self._parameterNode
+        if p:
+            p.task = list(TASKS)[index]
+            if modelMismatch(p.model, self._modelKinds.get(p.model), p.task):
+                # A model picked on another tab (e.g. the lesion ControlNet) would only fail here.
+                self.addLog(f"Model: Task default for {TASKS[p.task].title} ({p.model} does not run it).")
+                p.model = ""
 
     def _onMaskChanged(self, *args):
         if self._parameterNode:
@@ -227,6 +253,9 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return "Select an input volume."
         if p.task == "synthesize" and not p.synthesizeOnInputGrid and p.region == "auto":
             return "Choose the body region: it can only be guessed from an input volume."
+        mismatch = modelMismatch(p.model, self._modelKinds.get(p.model), p.task)
+        if mismatch:
+            return mismatch
         if info.mask == "required" and not (p.maskSegmentation and p.maskSegmentId):
             return "Select the mask segment (paint it in the Segment Editor)."
         return ""
@@ -308,11 +337,11 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 size=(p.synthesizeSizeX, p.synthesizeSizeY, p.synthesizeSizeZ),
                 spacing=(p.synthesizeSpacingXY, p.synthesizeSpacingXY, p.synthesizeSpacingZ), **options)
         if p.task == "denoise":
-            return self.logic.denoise(p.inputVolume, noiseLevel=p.noiseLevel if p.noiseLevel >= 0 else None,
+            return self.logic.denoise(p.inputVolume, noiseLevel=p.noiseLevel if p.noiseLevel > 0 else None,
                                       **segment, **options)
         if p.task == "detect-anomalies":
             return self.logic.detectAnomalies(
-                p.inputVolume, threshold=p.anomalyThreshold if p.anomalyThreshold >= 0 else None, **segment, **options)
+                p.inputVolume, threshold=p.anomalyThreshold if p.anomalyThreshold > 0 else None, **segment, **options)
         if p.task == "super-resolve":
             return self.logic.superResolve(p.inputVolume, factor=p.superResolveFactor, **options)
         if p.task == "generate-lesion":

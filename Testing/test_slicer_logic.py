@@ -183,6 +183,45 @@ def test_segment_exported_as_mask_on_volume_grid(ct_node, ct_image, tmp_path):
     mask = sitk.ReadImage(str(path))
     assert_same_geometry(mask, ct_image)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), expected)
+    # A console user may name the segment as Slicer shows it, not by its ID.
+    name = segmentation.GetSegmentation().GetSegment(segment_id).GetName()
+    assert name != segment_id
+    volumes.writeSegmentMask(segmentation, name, ct_node, tmp_path / "by-name.nrrd")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "by-name.nrrd"))), expected)
+
+
+def test_image_data_not_starting_at_voxel_zero_is_exported_where_slicer_shows_it(ct_node, tmp_path):
+    """VTK filters can leave image data whose extent starts past 0; its first voxel lies that far along the axes."""
+    array = slicer.util.arrayFromVolume(ct_node).copy()
+    nz, ny, nx = array.shape
+    image = vtk.vtkImageData()
+    image.SetExtent(5, 5 + nx - 1, 2, 2 + ny - 1, 0, nz - 1)
+    image.AllocateScalars(vtk.VTK_SHORT, 1)
+    shifted = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "shifted CT")
+    matrix = vtk.vtkMatrix4x4()
+    ct_node.GetIJKToRASMatrix(matrix)
+    shifted.SetIJKToRASMatrix(matrix)
+    shifted.SetAndObserveImageData(image)
+    slicer.util.arrayFromVolume(shifted)[:] = array
+    volumes.writeVolumeNode(shifted, tmp_path / "ct.nrrd")
+    written = sitk.ReadImage(str(tmp_path / "ct.nrrd"))
+    first_voxel_ras = slicer.util.arrayFromVTKMatrix(matrix) @ np.array([5, 2, 0, 1.0])
+    np.testing.assert_allclose(written.GetOrigin(), LPS_TO_RAS @ first_voxel_ras[:3], atol=1e-4)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(written), array)
+    # A segment painted over it lands on the same voxels of the written mask.
+    segmentation, segment_id, expected = sphere_segmentation(shifted, center_ijk=(8, 20, 26), radius_vox=6)
+    volumes.writeSegmentMask(segmentation, segment_id, shifted, tmp_path / "mask.nrrd")
+    mask = sitk.ReadImage(str(tmp_path / "mask.nrrd"))
+    assert_same_geometry(mask, written)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), expected)
+
+
+def test_the_panel_starts_on_a_ct_not_a_label_map(ct_node):
+    slicer.mrmlScene.RemoveNode(ct_node)
+    slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    assert MedDiffFM.firstCTVolume(slicer.mrmlScene) is None
+    ct = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
+    assert MedDiffFM.firstCTVolume(slicer.mrmlScene) is ct
 
 
 def test_one_segment_of_a_shared_labelmap_is_exported_alone(ct_node, ct_image, tmp_path):
@@ -340,10 +379,28 @@ def test_runner_failure_raises_cli_message_and_imports_nothing(tmp_path):
 def test_refused_command_line_options_show_argparse_message_not_usage():
     usage = ["usage: python -m MedDiffFMLib denoise [-h] [--model MODEL] INPUT -o OUTPUT", "  [--nfe NFE]",
              "python -m MedDiffFMLib denoise: error: argument --nfe: must be at least 1, got 0"]
-    assert process.errorMessageFromOutput(usage, 2) == "argument --nfe: must be at least 1, got 0"
+    assert process.errorMessageFromOutput(usage, 2) == ("argument --nfe: must be at least 1, got 0\n"
+                                                        "(In Slicer: --nfe is NFE in the panel, nfe in the console.)")
     # A log line mentioning an error is not mistaken for the job's own message.
     other = ["INFO stored error: none", "Traceback (most recent call last):", "ValueError: boom"]
     assert process.errorMessageFromOutput(other, 1).startswith("MedDiffFMLib exited with code 1:")
+    # A job killed by a signal prints nothing of its own; SIGKILL is most often the system out of memory.
+    assert process.errorMessageFromOutput([], -9).startswith("MedDiffFMLib was killed by signal 9 (SIGKILL: often "
+                                                             "the system running out of memory")
+
+
+def test_command_line_advice_gets_the_slicer_names_of_its_options():
+    """The job's messages suggest command line options; a Slicer user sets them in the panel or the console."""
+    message = "error: cannot estimate the noise level; give it yourself (e.g. --noise-level 20)"
+    assert process.errorMessageFromOutput([message], 1) == (
+        "cannot estimate the noise level; give it yourself (e.g. --noise-level 20)\n"
+        "(In Slicer: --noise-level is Noise level in the panel, noiseLevel in the console.)")
+    # Whole option names only: --window-size and --window-batch do not also count as --window.
+    message = "error: out of memory; try a smaller window (--window-size) or window batch (--window-batch 1)"
+    assert process.errorMessageFromOutput([message], 1).endswith(
+        "(In Slicer: --window-size is Window size in the panel, windowSize in the console; "
+        "--window-batch is Window batch in the panel, windowBatch in the console.)")
+    assert process.errorMessageFromOutput(["error: the mask is empty"], 1) == "the mask is empty"
 
 
 def test_waiting_from_the_console_keeps_the_application_handling_events(tmp_path, monkeypatch):
@@ -409,6 +466,41 @@ def test_cancel_kills_the_process_tree_and_leaves_no_output(tmp_path):
     assert not output.exists()
     assert not work_dir.exists()
     assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+
+
+def test_cancel_finishes_the_job_at_once_and_removes_its_folder(tmp_path):
+    """A console job started with wait=False may never be polled again: cancel() alone must clean up, also for a
+    job whose process has ended but whose results were not imported yet."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    run, events, work_dir = make_run(script(tmp_path / "a", "import time\ntime.sleep(60)\n"), tmp_path / "a")
+    run.start().cancel()
+    assert run.finished and isinstance(run.error, process.TaskCancelled) and not work_dir.exists()
+    ended, events, work_dir = make_run(script(tmp_path / "b", "print('done')\n"), tmp_path / "b")
+    ended.start()._process.wait()
+    ended.cancel()
+    assert ended.finished and isinstance(ended.error, process.TaskCancelled)
+    assert events["imported"] == 0 and not work_dir.exists()
+    with pytest.raises(process.TaskCancelled):
+        ended.wait()
+
+
+@pytest.mark.parametrize("failure", [NameError, KeyboardInterrupt])
+def test_an_exception_while_waiting_cancels_the_job(tmp_path, failure):
+    """A broken progress callback (or Ctrl-C in the console) must not leave the job running unwatched."""
+    run, events, work_dir = make_run(script(tmp_path, """
+        import time
+        print("MEDDIFFFM_PROGRESS 1 100")
+        time.sleep(60)
+        """), tmp_path)
+
+    def broken(step, total):
+        raise failure("totl")
+    run.progressCallback = broken
+    started = time.monotonic()
+    with pytest.raises(failure):
+        run.start().wait(pollInterval=0.02)
+    assert time.monotonic() - started < 30
+    assert not run.running and run.finished and events["imported"] == 0 and not work_dir.exists()
 
 
 # --- the module file and its Logic ------------------------------------------------------------------
@@ -531,6 +623,19 @@ def test_one_job_at_a_time_from_panel_and_console(ct_node, tmp_path, monkeypatch
     assert not third.running and logic_module.MedDiffFMTasks.activeJob() is None
     with pytest.raises(process.TaskCancelled):
         third.wait(handleEvents=False)
+    assert not list(tmp_path.glob("MedDiffFM-*"))  # the jobs' folders, with the exported CT, are gone
+
+
+def test_closing_the_scene_drops_a_finished_job_not_yet_imported(ct_node, fake_cli, tmp_path, monkeypatch):
+    """A console job whose process has ended but whose results wait for poll() must not land in the next scene."""
+    monkeypatch.setattr(logic_module.MedDiffFMTasks, "_temporaryRoot", staticmethod(lambda: str(tmp_path / "tmp")))
+    (tmp_path / "tmp").mkdir()
+    run = MedDiffFM.MedDiffFMLogic().denoise(ct_node, wait=False)
+    run._process.wait()
+    slicer.mrmlScene.Clear(0)
+    with pytest.raises(process.TaskCancelled):
+        run.wait(handleEvents=False)
+    assert slicer.mrmlScene.GetFirstNodeByName("CT denoised") is None and not any((tmp_path / "tmp").iterdir())
 
 
 def test_logic_denoise_makes_new_node_on_input_grid(ct_node, fake_cli):
@@ -640,23 +745,25 @@ def test_console_calls_without_proper_nodes_get_clear_messages(ct_node, fake_cli
     with pytest.raises(ValueError, match="'lesion labels' \\(vtkMRMLLabelMapVolumeNode\\)"):
         logic.generateLesion(ct_node, labelmap, "1")
     # An optional segment given without its segmentation is refused, not dropped (the whole CT would run).
-    with pytest.raises(ValueError, match="Denoise needs a segmentation node and a segment ID, got nothing"):
-        logic.denoise(ct_node, segmentId="Segment_1")
-    with pytest.raises(ValueError, match="Detect anomalies needs a segmentation node"):
-        logic.detectAnomalies(ct_node, segmentId="Segment_1")
+    for task in (logic.denoise, logic.detectAnomalies):
+        with pytest.raises(ValueError, match="segmentId 'Segment_1' was given without its segmentationNode"):
+            task(ct_node, segmentId="Segment_1")
     # ... and a segmentation without its segment too.
     segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lesions")
     for task in (logic.denoise, logic.detectAnomalies):
         with pytest.raises(ValueError, match=r"'lesions'\) was given without segmentId"):
             task(ct_node, segmentationNode=segmentation)
-    slicer.mrmlScene.RemoveNode(segmentation)
     # Sampling options are checked under their own names, before anything starts.
     for option, value in (("nfe", 0), ("windowBatch", 0), ("threads", 0), ("seed", -1), ("nfe", 2.5)):
         with pytest.raises(ValueError, match=f"{option} must be a whole number of at least"):
             logic.denoise(ct_node, **{option: value})
     with pytest.raises(ValueError, match="not a CT volume node"):
         logic.denoise(slicer.mrmlScene.AddNewNodeByClass("vtkMRMLModelNode", "surface"))
-    assert scene_nodes() - nodes_before == {slicer.mrmlScene.GetFirstNodeByName("surface").GetID()}
+    with pytest.raises(ValueError, match="'lesion labels' is a vtkMRMLLabelMapVolumeNode, not a CT volume node"):
+        logic.synthesize(labelmap)
+    with pytest.raises(ValueError, match="'lesions' is a vtkMRMLSegmentationNode, not a CT volume node"):
+        logic.synthesize(segmentation)
+    assert scene_nodes() - nodes_before == {segmentation.GetID(), slicer.mrmlScene.GetFirstNodeByName("surface").GetID()}
 
 
 def test_repeated_runs_get_distinct_names(ct_node, fake_cli):
@@ -686,23 +793,25 @@ def test_detect_anomalies_refuses_nfe(ct_node):
 
 
 @pytest.mark.parametrize("fields, expected", [
-    (dict(windowSize=0, overlap=0.0, windowBatch=0, nfe=0), dict(windowSize=None, overlap=None, windowBatch=None,
-                                                                  nfe=None)),
-    (dict(windowSize=48, overlap=0.17, windowBatch=64, nfe=20), dict(windowSize=48, overlap=0.17, windowBatch=64,
-                                                                      nfe=20)),
+    (dict(windowSize=0, overlap=0.0, windowBatch=0, nfe=0, noiseLevel=0.0),
+     dict(windowSize=None, overlap=None, windowBatch=None, nfe=None, noiseLevel=None)),
+    (dict(windowSize=0, overlap=0.0, windowBatch=0, nfe=0, noiseLevel=-1.0), dict(noiseLevel=None)),
+    (dict(windowSize=48, overlap=0.17, windowBatch=64, nfe=20, noiseLevel=12.5),
+     dict(windowSize=48, overlap=0.17, windowBatch=64, nfe=20, noiseLevel=12.5)),
 ])
 def test_panel_maps_its_automatic_values_to_the_commands_defaults(fields, expected):
-    """The panel's 0 / 'automatic' values reach the logic as None (the command's own default), others as set."""
+    """The panel's 0 / 'automatic' values reach the logic as None (the command's own default), others as set.
+    A noise level of 0 ('auto' in its spin box) or -1 (scenes saved before) is estimated; 0 HU is not a level."""
     calls = []
     panel = types.SimpleNamespace(
         _parameterNode=types.SimpleNamespace(
-            model="", seed=3, forceCpu=True, region="auto", task="denoise", inputVolume="CT", noiseLevel=-1.0,
+            model="", seed=3, forceCpu=True, region="auto", task="denoise", inputVolume="CT",
             maskSegmentation=None, maskSegmentId="", **fields),
         logic=types.SimpleNamespace(denoise=lambda volume, **options: calls.append((volume, options)) or "job"),
         addLog=lambda text: None)
     assert MedDiffFM.MedDiffFMWidget._startRun(panel) == "job"
     (volume, options), = calls
-    assert volume == "CT" and options["noiseLevel"] is None and options["seed"] == 3 and options["region"] is None
+    assert volume == "CT" and options["seed"] == 3 and options["region"] is None
     assert {key: options[key] for key in expected} == expected
     logic_module.MedDiffFMTasks.samplingArguments(**{key: value for key, value in options.items()
                                                      if key in ("model", "nfe", "seed", "forceCpu", "overlap",
@@ -826,8 +935,39 @@ def test_models_listed_from_models_json(tmp_path, monkeypatch):
     (tmp_path / "Resources").mkdir()
     (tmp_path / "Resources" / "Models.json").write_text(json.dumps({"models": [
         {"name": "tiny", "file": "Models/tiny.safetensors", "description": "CPU-trained tiny model"},
-        {"name": "tiny-lesion", "file": "Models/tiny-lesion.safetensors", "description": "lesion ControlNet"}]}))
-    assert library.availableModels() == [("tiny", "CPU-trained tiny model"), ("tiny-lesion", "lesion ControlNet")]
+        {"name": "tiny-lesion", "file": "Models/tiny-lesion.safetensors", "description": "lesion ControlNet"},
+        {"name": "lost", "file": "Models/lost.safetensors", "description": "its .json is missing"}]}))
+    (tmp_path / "Resources" / "Models").mkdir()
+    (tmp_path / "Resources" / "Models" / "tiny.json").write_text(json.dumps({"format": 1}))
+    (tmp_path / "Resources" / "Models" / "tiny-lesion.json").write_text(json.dumps({"kind": "controlnet",
+                                                                                     "task": "lesion"}))
+    assert library.availableModels() == [("tiny", "CPU-trained tiny model", "base"),
+                                         ("tiny-lesion", "lesion ControlNet", "lesion"),
+                                         ("lost", "its .json is missing", None)]
+
+
+def test_registered_models_fit_the_tasks_the_panel_offers_them_for():
+    """The kinds read from the bundled models' own files: each task's default model fits it."""
+    kinds = {name: kind for name, _description, kind in library.availableModels()}
+    assert kinds["default"] == "base" and kinds["tiny-lesion"] == "lesion"
+    assert kinds["tiny-super-resolution"] == "super-resolution"
+    assert MedDiffFM.modelMismatch("tiny-lesion", "lesion", "generate-lesion") == ""
+    assert MedDiffFM.modelMismatch("default", "base", "inpaint") == ""  # fills with normal tissue
+    assert MedDiffFM.modelMismatch("unknown", None, "denoise") == ""  # the job will say what is wrong
+    assert MedDiffFM.modelMismatch("tiny-lesion", "lesion", "denoise") == (
+        "Model 'tiny-lesion' is a lesion ControlNet; Denoise runs a base model: choose Task default.")
+
+
+def test_switching_task_drops_a_model_that_cannot_run_the_new_one():
+    """One model choice serves every tab: a ControlNet picked for lesions would only fail on Denoise."""
+    logged = []
+    panel = types.SimpleNamespace(_parameterNode=types.SimpleNamespace(task="generate-lesion", model="tiny-lesion"),
+                                  _modelKinds={"tiny-lesion": "lesion", "tiny": "base"}, addLog=logged.append)
+    MedDiffFM.MedDiffFMWidget._onTaskChanged(panel, list(MedDiffFM.TASKS).index("inpaint"))
+    assert panel._parameterNode.model == "tiny-lesion" and logged == []
+    MedDiffFM.MedDiffFMWidget._onTaskChanged(panel, list(MedDiffFM.TASKS).index("denoise"))
+    assert panel._parameterNode.task == "denoise" and panel._parameterNode.model == ""
+    assert logged == ["Model: Task default for Denoise (tiny-lesion does not run it)."]
 
 
 def test_library_found_from_the_module_folder_alone(tmp_path):

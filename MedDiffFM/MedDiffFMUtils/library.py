@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-MODEL_NOT_INSTALLED = "tiny test model not installed"
+MODEL_NOT_INSTALLED = "Resources/Models.json lists none"
 
 
 def libraryRoot():
@@ -32,7 +32,9 @@ def modelsFile():
 
 
 def availableModels():
-    """[(name, description)] from Resources/Models.json; [] when the file is absent or lists nothing."""
+    """[(name, description, kind)] from Resources/Models.json; [] when the file is absent or lists nothing. kind is
+    "base", or the task a ControlNet was fine-tuned for ("lesion", "super-resolution"), as the model's own .json
+    says; None when that file cannot be read (the job then says what is wrong)."""
     path = modelsFile()
     if not os.path.exists(path):
         return []
@@ -41,4 +43,17 @@ def availableModels():
     entries = data.get("models", data) if isinstance(data, dict) else data
     if isinstance(entries, dict):  # {"name": {...}} form
         entries = [dict(entry, name=name) for name, entry in entries.items()]
-    return [(entry["name"], entry.get("description", "")) for entry in entries if "name" in entry]
+    resources = os.path.dirname(path)
+    return [(entry["name"], entry.get("description", ""), _modelKind(resources, entry.get("file")))
+            for entry in entries if "name" in entry]
+
+
+def _modelKind(resources, weightsFile):
+    if not weightsFile:
+        return None
+    try:
+        with open(os.path.join(resources, os.path.splitext(weightsFile)[0] + ".json"), encoding="utf-8") as file:
+            info = json.load(file)
+    except (OSError, ValueError):
+        return None
+    return info.get("task") if info.get("kind") == "controlnet" else "base"

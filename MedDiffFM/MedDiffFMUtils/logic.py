@@ -26,11 +26,14 @@ def _slicerApp():
 
 
 def _optionalSegment(segmentationNode, segmentId):
-    """(node, segment) of an optional segment, or None; a node without a segment is a mistake, not 'everywhere'
-    (a segment without its node is refused by _checkInputs)."""
+    """(node, segment) of an optional segment, or None; a node without its segment, or a segment without its node,
+    is a mistake, not 'everywhere'."""
     if segmentationNode is not None and not segmentId:
         raise ValueError(f"A segmentation ('{segmentationNode.GetName()}') was given without segmentId: name the "
                          "segment to limit the task to, or leave both out to use the whole image.")
+    if segmentId and segmentationNode is None:
+        raise ValueError(f"segmentId '{segmentId}' was given without its segmentationNode: pass both to limit the "
+                         "task to the segment, or leave both out to use the whole image.")
     return (segmentationNode, segmentId) if segmentId else None
 
 
@@ -42,8 +45,7 @@ def _checkInputs(task, volumeNode, mask):
     """Console calls get the panel's checks: a clear message instead of an AttributeError later."""
     if TASKS[task].needsInputVolume and volumeNode is None:
         raise ValueError(f"{TASKS[task].title} needs an input volume: pass the CT's volume node.")
-    if volumeNode is not None and not volumeNode.IsA("vtkMRMLScalarVolumeNode"):
-        raise ValueError(f"'{volumeNode.GetName()}' is a {volumeNode.GetClassName()}, not a CT volume node.")
+    _checkVolume(volumeNode)
     if mask is None:
         return
     segmentationNode, segmentId = mask
@@ -53,6 +55,15 @@ def _checkInputs(task, volumeNode, mask):
         raise ValueError(f"{TASKS[task].title} needs a segmentation node and a segment ID, got {what}. "
                          "Draw the region in the Segment Editor (a labelmap can be converted to a "
                          "segmentation in the Data module).")
+
+
+def _checkVolume(volumeNode):
+    """A CT is a scalar volume node; a label map is one too, but never a CT (the panel's selector hides them)."""
+    if volumeNode is not None and not (hasattr(volumeNode, "IsA") and volumeNode.IsA("vtkMRMLScalarVolumeNode")
+                                       and not volumeNode.IsA("vtkMRMLLabelMapVolumeNode")):
+        what = volumeNode.GetClassName() if hasattr(volumeNode, "GetClassName") else type(volumeNode).__name__
+        name = volumeNode.GetName() if hasattr(volumeNode, "GetName") else repr(volumeNode)
+        raise ValueError(f"'{name}' is a {what}, not a CT volume node.")
 
 
 def _addAllOrNothing(*loaders):
@@ -89,6 +100,7 @@ class MedDiffFMTasks:
         voxels) and `spacing` (x, y, z mm); without a reference give `region` too. Returns the new node."""
         if referenceVolumeNode is None and (size is None or spacing is None):
             raise ValueError("Give a reference volume, or both size (x, y, z voxels) and spacing (x, y, z mm).")
+        _checkVolume(referenceVolumeNode)
         arguments, inputs = [], {}
         if referenceVolumeNode is not None:
             inputs["--reference"] = referenceVolumeNode
@@ -168,15 +180,23 @@ class MedDiffFMTasks:
         return active is not None
 
     @staticmethod
+    def _cancelUnfinishedJob():
+        """Cancel the last job unless it has finished, also when its process has ended but its results wait for
+        poll(): they are not imported, and its folder (holding the exported CT) is removed."""
+        last = MedDiffFMTasks._activeRun
+        if last is not None and not last.finished:
+            last.cancel()
+
+    @staticmethod
     def _cancelOnSceneClose():
-        """Closing the scene cancels the running job (its results would land in the next scene), also when the
+        """Closing the scene cancels the unfinished job (its results would land in the next scene), also when the
         module panel, which does the same for its own jobs, was never opened. One observer per scene."""
         scene = slicer.mrmlScene
         if MedDiffFMTasks._observedScene is not scene:
             # Only the current scene's closing counts: a scene destroyed when let go of (scripts and tests that
             # replace slicer.mrmlScene) closes too.
-            scene.AddObserver(scene.StartCloseEvent,
-                              lambda caller, event: caller is slicer.mrmlScene and MedDiffFMTasks.cancelActiveJob())
+            scene.AddObserver(scene.StartCloseEvent, lambda caller, event: caller is slicer.mrmlScene
+                              and MedDiffFMTasks._cancelUnfinishedJob())
             MedDiffFMTasks._observedScene = scene
 
     # --- shared machinery -----------------------------------------------------------------------
@@ -310,5 +330,5 @@ class MedDiffFMTasks:
                                          foregroundOpacity=0.5 if foreground is not None else None, fit=True)
 
 
-# A job runs in its own process group, so it would outlive Slicer: stop it when Slicer exits.
-atexit.register(MedDiffFMTasks.cancelActiveJob)
+# A job runs in its own process group, so it would outlive Slicer: stop it when Slicer exits (and remove its folder).
+atexit.register(MedDiffFMTasks._cancelUnfinishedJob)

@@ -16,6 +16,7 @@ import threading
 import time
 
 from .library import libraryRoot
+from .tasks import inSlicerTerms
 
 libraryRoot()  # makes MedDiffFMLib importable when the module runs from the source tree
 from MedDiffFMLib.commands._common import PROGRESS_PREFIX  # noqa: E402  (the CLI's side of the protocol)
@@ -55,15 +56,22 @@ class TimeLeft:
 
 
 def errorMessageFromOutput(lines, returnCode):
-    """The message to show for a failed run: the CLI's `error: ...` line (or argparse's `prog: error: ...`),
-    else the last output lines."""
+    """The message to show for a failed run: the CLI's `error: ...` line (or argparse's `prog: error: ...`), with the
+    Slicer names of the options it suggests, else the last output lines."""
     for line in reversed(lines):
         if line.startswith("error:"):
-            return line[len("error:"):].strip()
+            return inSlicerTerms(line[len("error:"):].strip())
         if line.startswith("python -m MedDiffFMLib") and ": error: " in line:
-            return line.split(": error: ", 1)[1].strip()
+            return inSlicerTerms(line.split(": error: ", 1)[1].strip())
     tail = "\n".join(lines[-15:]).strip()
-    return f"MedDiffFMLib exited with code {returnCode}" + (f":\n{tail}" if tail else " and printed nothing.")
+    if returnCode < 0:  # POSIX: ended by a signal, which no message of the job's own can say
+        ended = f"MedDiffFMLib was killed by signal {-returnCode}"
+        if -returnCode == 9:
+            ended += (" (SIGKILL: often the system running out of memory; try a smaller window batch or a crop of "
+                      "the CT)")
+    else:
+        ended = f"MedDiffFMLib exited with code {returnCode}"
+    return ended + (f":\n{tail}" if tail else " and printed nothing.")
 
 
 class TaskFailed(RuntimeError):
@@ -135,6 +143,7 @@ class TaskRun:
         self.finished = False
         self._cancelRequested = False
         self._process = None
+        self._reader = None
         self._lines = queue.Queue()
 
     def start(self):
@@ -145,7 +154,8 @@ class TaskRun:
             self.command, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,  # one stream keeps messages in order
             text=True, encoding="utf-8", errors="replace", bufsize=1, **_GROUP_OPTIONS)
-        threading.Thread(target=self._readOutput, name="MedDiffFM output reader", daemon=True).start()
+        self._reader = threading.Thread(target=self._readOutput, name="MedDiffFM output reader", daemon=True)
+        self._reader.start()
         return self
 
     @property
@@ -160,16 +170,27 @@ class TaskRun:
         self._lines.put(_END_OF_OUTPUT)
 
     def cancel(self):
-        """Stop the job; the next poll() finishes it with a TaskCancelled error. Returns once the job's process
-        has exited (a killed process goes at once; waiting is bounded by CANCEL_WAIT_S), so the next job can
-        start right away."""
+        """Stop the job and finish it with a TaskCancelled error: its results are not imported, also when its
+        process had already ended, and its folder is removed. Returns once the job's process has exited (a killed
+        process goes at once; waiting is bounded by CANCEL_WAIT_S, after which the next poll() finishes it), so the
+        next job can start right away."""
+        if self.finished:
+            return
         self._cancelRequested = True
-        if self._process is not None and self._process.poll() is None:
+        if self._process is None:
+            return
+        if self._process.poll() is None:
             killProcessTree(self._process)
-            try:
-                self._process.wait(timeout=CANCEL_WAIT_S)
-            except subprocess.TimeoutExpired:
-                pass
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        try:
+            returnCode = self._process.wait(timeout=CANCEL_WAIT_S)
+        except subprocess.TimeoutExpired:
+            return
+        # The output ends once every process of the job has gone (they share the pipe): inside Slicer the started
+        # process is a launcher, and the job its child, which may still be writing into the folder.
+        self._reader.join(timeout=max(0.0, deadline - time.monotonic()))
+        if not self._reader.is_alive():
+            self._finish(returnCode)
 
     def poll(self):
         """Handle the output that arrived; return True once the job has finished (see result/error)."""
@@ -194,10 +215,16 @@ class TaskRun:
         the Python console) the application keeps handling events meanwhile (`handleEvents`): the views, the
         log and the progress stay live."""
         application = getattr(sys.modules.get("slicer"), "app", None) if handleEvents else None
-        while not self.poll():
-            if application is not None:
-                application.processEvents()
-            time.sleep(pollInterval)
+        try:
+            while not self.poll():
+                if application is not None:
+                    application.processEvents()
+                time.sleep(pollInterval)
+        except BaseException:
+            # A failing callback or Ctrl-C must not leave the job running unwatched, holding the one-job slot,
+            # with the exported CT in its folder.
+            self.cancel()
+            raise
         if self.error is not None:
             raise self.error
         return self.result

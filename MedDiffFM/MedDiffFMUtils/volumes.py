@@ -15,10 +15,16 @@ from .geometry import ijkToRASFromSitkGeometry, sitkGeometryFromIJKToRAS
 
 
 def ijkToRASArray(volumeNode):
-    """The node's 4x4 IJK-to-RAS matrix as a numpy array."""
+    """The 4x4 IJK-to-RAS matrix of the node's voxel array, whose first voxel is the image data's extent start
+    (usually 0, 0, 0; not always for image data made by VTK filters)."""
     matrix = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(matrix)
-    return slicer.util.arrayFromVTKMatrix(matrix)
+    ijkToRAS = slicer.util.arrayFromVTKMatrix(matrix)
+    image = volumeNode.GetImageData()
+    if image is not None:
+        start = np.array(image.GetExtent()[::2], dtype=float)
+        ijkToRAS[:3, 3] += ijkToRAS[:3, :3] @ start
+    return ijkToRAS
 
 
 def _writeArray(array, ijkToRAS, path):
@@ -65,9 +71,11 @@ def _scratchNodes():
 def writeSegmentMask(segmentationNode, segmentId, referenceVolumeNode, path):
     """Write one segment as a 0/1 uint8 mask on the grid of `referenceVolumeNode`."""
     segmentation = segmentationNode.GetSegmentation()
+    if segmentId and segmentation.GetSegment(segmentId) is None:  # a console user may give the name shown in Slicer
+        segmentId = segmentation.GetSegmentIdBySegmentName(segmentId) or segmentId
     segment = segmentation.GetSegment(segmentId) if segmentId else None
     if segment is None:
-        raise ValueError(f"Segment '{segmentId}' not found in '{segmentationNode.GetName()}': "
+        raise ValueError(f"Segment '{segmentId}' not found in '{segmentationNode.GetName()}' (by ID or by name): "
                          "select the segment that marks the region.")
     with _scratchNodes():
         # Export from a copy of the one segment: converting a closed-surface segment to a labelmap would
