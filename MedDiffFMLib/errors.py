@@ -18,6 +18,10 @@ class ResourceError(MedDiffFMError):
     """The job would not fit in the available memory or an optional dependency is missing."""
 
 
+class TrainingDiverged(MedDiffFMError):
+    """The training loss or gradients became NaN or infinite; the last checkpoint is kept as it was."""
+
+
 class Cancelled(MedDiffFMError):
     """Raised from a progress callback to stop a long job; nothing is written."""
 

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError, is_out_of_memory
+from .errors import CheckpointError, InputError, is_out_of_memory
 from .validation import check_dimensions, check_mask, check_output_path, format_values
 
 log = logging.getLogger(__name__)
@@ -235,6 +235,13 @@ def write_volume(vol: Volume, path: PathLike, overwrite: bool = False,
     path = Path(path)
     check_output_suffix(path)
     check_output_path(path, inputs=inputs, overwrite=overwrite)
+    if vol.array.dtype.kind == "f":
+        # Readers turn NaN into 0 HU without a word; a result with NaN comes from broken or diverged weights.
+        bad = int(np.count_nonzero(~np.isfinite(vol.array)))
+        if bad:
+            raise CheckpointError(f"the result has {bad} of {vol.array.size} voxels that are NaN or infinite, so "
+                                  f"{path} was not written: the model's weights are broken (e.g. a training run that "
+                                  "diverged); use another model")
     try:
         with atomic_path(path) as tmp:
             sitk.WriteImage(vol.to_sitk(), str(tmp), useCompression=True)

@@ -5,9 +5,9 @@ One command scales from CPU to N GPUs:
     torchrun --standalone --nproc_per_node=4 -m MedDiffFMLib train --preset default --data train --out runs/default
 
 Reproducibility: the data item for (step, micro-batch, rank, sample) has a fixed index (see
-`dataset.CTPatchDataset`), and timesteps/noise come from one seeded generator per rank whose state is
-checkpointed with the model, EMA and optimizer. Resuming therefore gives the same weights as an
-uninterrupted run with the same seed (bit-identical on CPU).
+`dataset.CTPatchDataset`), and the timesteps/noise of a step come from a generator seeded with (seed, rank, step),
+so no random state needs checkpointing on any rank. Resuming therefore gives the same weights as an
+uninterrupted run with the same seed, on one process or many (bit-identical on CPU).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import torch.distributed as dist
 from .checkpoints import check_architecture, load_model, load_training_state, save_model, save_training_state
 from .config import ModelConfig
 from .diffusion import Schedule, q_sample, training_timesteps
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, TrainingDiverged
 from .network import MedDiffNet, controlnet_task, parameter_count
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,8 @@ def _device(rank: Rank) -> torch.device:
     return torch.device(f"cuda:{rank.local}") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _rank_seed(seed: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
 
 
 def _batches(data, start_step: int, settings: TrainSettings, rank: Rank) -> Iterator[dict]:
@@ -204,10 +204,10 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
         model.load_state_dict(_init_weights(init_from, model))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
     ema = EMA(model, settings.ema_decay)
-    gen = torch.Generator().manual_seed(_rank_seed(settings.seed, rank.rank))
+    gen = torch.Generator()  # reseeded at every step (_step_seed)
     start, wall_before, best = 0, 0.0, float("inf")
     if resume:
-        restored = _restore(out_dir, cfg, model, ema, optimizer, gen, rank, settings)
+        restored = _restore(out_dir, cfg, model, ema, optimizer, rank, settings)
         if restored is not None:
             start, wall_before, best = restored
     if settings.channels_last:
@@ -239,12 +239,20 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
     stop = _StopRequest()
     try:
         for step in range(start + 1, settings.steps + 1):
+            gen.manual_seed(_step_seed(settings.seed, rank.rank, step))
             loss_sum, grad_norm = _optimizer_step(net, forward, model, optimizer, batches, schedule, gen, settings,
                                                   device, autocast)
             ema.update(model, step)
             if progress is not None:
                 progress(step, settings.steps)
             loss_value, stopping = _agree_over_ranks(loss_sum, stop.requested, rank, device)
+            # Every rank sees the same mean loss and (DDP averages gradients) the same gradient norm: all stop here,
+            # before a checkpoint could keep the broken weights.
+            if not (np.isfinite(loss_value) and np.isfinite(grad_norm)):
+                raise TrainingDiverged(
+                    f"the loss became {loss_value:g} (gradient norm {grad_norm:g}) at step {step}: training diverged "
+                    f"(is the learning rate {settings.lr:g} too high?). Nothing of this step was saved; resume from "
+                    "the last checkpoint with a lower --lr")
             if rank.main:
                 logger.add(step, loss_value, grad_norm)
                 bar.update(1)
@@ -259,7 +267,7 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
             if rank.main and due:
                 improved = bool(val) and val["mean"] < best
                 best = val["mean"] if improved else best
-                _save(out_dir, cfg, settings, model, ema, optimizer, gen, step, wall, best, data, val, device, improved,
+                _save(out_dir, cfg, settings, model, ema, optimizer, step, wall, best, data, val, device, improved,
                       export_model)
                 logger.flush(plot=True)
                 last_save = time.monotonic()
@@ -360,7 +368,7 @@ def _progress_bar(start: int, total: int, enabled: bool):
 
 
 # -- checkpoint state ----------------------------------------------------------------------------------
-def _save(out_dir: Path, cfg: ModelConfig, settings: TrainSettings, model, ema: EMA, optimizer, gen,
+def _save(out_dir: Path, cfg: ModelConfig, settings: TrainSettings, model, ema: EMA, optimizer,
           step: int, wall: float, best: float, data, val: dict, device: torch.device, improved: bool,
           export_model=save_model) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -373,8 +381,6 @@ def _save(out_dir: Path, cfg: ModelConfig, settings: TrainSettings, model, ema: 
                 tensors[f"optim.{index}.{key}"] = value
             else:
                 optimizer_scalars.setdefault(str(index), {})[key] = value
-    tensors["rng.train"] = gen.get_state()
-    tensors["rng.torch"] = torch.get_rng_state()
     scalars = {"config": cfg.to_dict(), "settings": asdict(settings), "wall_seconds": wall, "best_validation": best,
                "optimizer": {"param_groups": opt["param_groups"], "scalars": optimizer_scalars}}
     save_training_state(out_dir, step, tensors, scalars)
@@ -386,7 +392,7 @@ def _save(out_dir: Path, cfg: ModelConfig, settings: TrainSettings, model, ema: 
         export_model(ema.shadow, cfg, out_dir / "ema-best", info, half=settings.half_export)
 
 
-def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, gen, rank: Rank,
+def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: Rank,
              settings: TrainSettings):
     loaded = load_training_state(out_dir)
     if loaded is None:
@@ -431,8 +437,6 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, gen, r
         group["lr"] = settings.lr
     if rank.main and saved_lr != settings.lr:
         log.info("learning rate %g (the checkpoint trained at %g)", settings.lr, saved_lr)
-    gen.set_state(tensors["rng.train"])
-    torch.set_rng_state(tensors["rng.torch"])
     if rank.main:
         log.info("resumed %s at step %d", out_dir, record["step"])
     return record["step"], record["wall_seconds"], record["best_validation"]

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 
 from conftest import (ABDOMEN_SMALL_NII, CHEST_NODULE_NRRD, CHEST_NRRD, HEAD_TILTED_DICOM, LIMB_MASK_NII,
                       LIMB_NII, THREE_SLICE_DICOM)
-from MedDiffFMLib.errors import InputError
+from MedDiffFMLib.errors import CheckpointError, InputError
 from MedDiffFMLib.io import Volume, atomic_path, check_output_suffix, read_mask, read_volume, write_volume
 
 
@@ -222,6 +222,17 @@ def test_nifti_nan_and_inf_are_not_hidden(tmp_path):
     np.testing.assert_array_equal(np.isnan(back), np.isnan(broken))
     assert back[5, 7, 9] == -np.inf
     np.testing.assert_array_equal(back[np.isfinite(broken)], broken[np.isfinite(broken)])
+
+
+def test_a_result_with_nan_is_not_written(tmp_path):
+    """Readers show NaN as 0 HU: a result with NaN (broken or diverged weights) must fail, not look like a blank CT."""
+    vol = read_volume(LIMB_NII)
+    broken = vol.array.astype(np.float32)
+    broken[3, 4, 5] = np.nan
+    with pytest.raises(CheckpointError, match="1 of .* voxels that are NaN or infinite"):
+        write_volume(vol.with_array(broken), tmp_path / "out.nii.gz")
+    assert list(tmp_path.iterdir()) == []
+    write_volume(vol.with_array(np.nan_to_num(broken)), tmp_path / "out.nii.gz")
 
 
 def test_mask_cropped_to_its_extent_is_placed_on_the_image_grid(tmp_path):

@@ -19,7 +19,7 @@ from MedDiffFMLib.cli import main as cli_main
 from MedDiffFMLib.config import preset
 from MedDiffFMLib.dataset import CTCase, CTPatchDataset
 from MedDiffFMLib.diffusion import Schedule
-from MedDiffFMLib.errors import CheckpointError, InputError
+from MedDiffFMLib.errors import CheckpointError, InputError, TrainingDiverged
 from MedDiffFMLib.network import MedDiffNet
 from MedDiffFMLib.training import TrainSettings, train, validation_batch, validation_losses
 
@@ -100,6 +100,17 @@ def test_resume_applies_a_new_learning_rate(cfg, data, tmp_path):
     assert not all(torch.equal(v, moved["model"].state_dict()[k[len("model."):]]) for k, v in start.items())
 
 
+def test_a_diverging_run_stops_with_its_last_finite_checkpoint(cfg, data, tmp_path):
+    """A learning rate far too high turns the weights into NaN within a few steps: training must stop there, not
+    finish and export a model whose every output is NaN."""
+    with pytest.raises(TrainingDiverged, match="training diverged .*resume from the last checkpoint with a lower --lr"):
+        train(cfg, data, tmp_path, TrainSettings(steps=50, batch_size=1, lr=1e4, checkpoint_every=1))
+    tensors, record = load_training_state(tmp_path)
+    assert 0 < record["step"] < 50 and all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())
+    model, _, _ = load_model(tmp_path / "ema")
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+
+
 def test_sigterm_stops_after_the_step_with_a_checkpoint(cfg, data, tmp_path):
     def kill_at_step_2(step, total):
         if step == 2:
@@ -137,27 +148,36 @@ def test_init_from_loads_a_model_and_refuses_another_architecture(cfg, data, tmp
         train(wider, data, tmp_path / "b", _quiet(steps=0), init_from="tiny")
 
 
-def _ddp_worker(rank: int, world: int, port: int, cfg, cache, out_dir) -> None:
+def _ddp_worker(rank: int, world: int, port: int, cfg, cache, out_dir, steps: int, resume: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     data = CTPatchDataset(CASES, cfg, cache, seed=0)
-    record = train(cfg, data, out_dir, _quiet(steps=3, batch_size=1, lr=1e-3, seed=0))
-    torch.save({k: v.clone() for k, v in record["model"].state_dict().items()}, out_dir.parent / f"rank{rank}.pt")
+    record = train(cfg, data, out_dir, _quiet(steps=steps, batch_size=1, lr=1e-3, seed=0), resume=resume)
+    torch.save({k: v.clone() for k, v in record["model"].state_dict().items()},
+               out_dir.parent / f"{out_dir.name}-rank{rank}.pt")
 
 
-def test_ddp_two_cpu_processes_end_with_identical_weights(cfg, data, cache, tmp_path):
+def _ddp_run(cfg, cache, out_dir, steps: int, resume: bool = False) -> list:
+    """Train on two CPU processes (gloo); the weights each rank ended with."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, cfg, cache, tmp_path / "run"), nprocs=2, join=True)
-    rank0 = torch.load(tmp_path / "rank0.pt")  # written by this test itself
-    rank1 = torch.load(tmp_path / "rank1.pt")
+    mp.spawn(_ddp_worker, args=(2, port, cfg, cache, out_dir, steps, resume), nprocs=2, join=True)
+    return [torch.load(out_dir.parent / f"{out_dir.name}-rank{rank}.pt") for rank in (0, 1)]  # this test's own files
+
+
+def test_ddp_two_cpu_processes_end_with_identical_weights_and_resume_exactly(cfg, data, cache, tmp_path):
+    rank0, rank1 = _ddp_run(cfg, cache, tmp_path / "run", steps=4)
     torch.manual_seed(0)
     initial = MedDiffNet(cfg).state_dict()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert any(not torch.equal(rank0[k], initial[k]) for k in rank0)  # and they did train
     assert (tmp_path / "run" / "last.json").exists()
+    # Stopped after 2 steps and resumed, both ranks continue their own streams: the same weights as straight on.
+    _ddp_run(cfg, cache, tmp_path / "split", steps=2)
+    resumed, _ = _ddp_run(cfg, cache, tmp_path / "split", steps=4, resume=True)
+    assert all(torch.equal(rank0[k], resumed[k]) for k in rank0)
 
 
 def test_cli_trains_and_resumes(cfg, cache, tmp_path):
