@@ -71,16 +71,26 @@ def save_model(state_dict: Dict[str, torch.Tensor], cfg: ModelConfig, path: Path
     tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
                for k, v in state_dict.items()}
     config = cfg.to_dict()
-    with atomic_path(weights) as tmp:
+    # Both files are complete before either replaces its predecessor, and the two replaces follow each other at
+    # once: a kill can hardly leave new weights beside the old description (`train --resume` repairs that case).
+    with atomic_path(weights) as tmp_weights, atomic_path(sidecar) as tmp_sidecar:
         # Bytes written like any file (save_file would create it readable by its owner only).
-        tmp.write_bytes(save(tensors, metadata={"format": FORMAT, "config": json.dumps(config)}))
-    record = {"format": FORMAT, "config": config, "patch_size": cfg.patch_size, "anatomy": cfg.anatomy,
-              "windows": {k: list(v) for k, v in cfg.windows.items()}, "dtype": str(dtype).replace("torch.", ""),
-              "weights": weights.name, "sha256": sha256_file(weights), "size": weights.stat().st_size}
-    record.update(info or {})
-    with atomic_path(sidecar) as tmp:
-        tmp.write_text(json.dumps(record, indent=1))
+        tmp_weights.write_bytes(save(tensors, metadata={"format": FORMAT, "config": json.dumps(config)}))
+        record = {"format": FORMAT, "config": config, "patch_size": cfg.patch_size, "anatomy": cfg.anatomy,
+                  "windows": {k: list(v) for k, v in cfg.windows.items()}, "dtype": str(dtype).replace("torch.", ""),
+                  "weights": weights.name, "sha256": sha256_file(tmp_weights), "size": tmp_weights.stat().st_size}
+        record.update(info or {})
+        tmp_sidecar.write_text(json.dumps(record, indent=1))
     return weights
+
+
+def model_intact(path: PathLike) -> bool:
+    """Whether a model's weights and description exist and agree (SHA-256); nothing is loaded."""
+    weights, _ = _weights_and_sidecar(path)
+    try:
+        return weights.exists() and sha256_file(weights) == read_model_info(weights)["sha256"]
+    except (CheckpointError, OSError):
+        return False
 
 
 def read_model_info(path: PathLike) -> dict:
@@ -97,8 +107,17 @@ def read_model_info(path: PathLike) -> dict:
     if not isinstance(info, dict):
         raise CheckpointError(f"{sidecar} is not a MedDiffFM model description (its top level is not a "
                               "JSON object); re-download or re-export the model")
-    if info.get("format") != FORMAT or "config" not in info or "sha256" not in info:
-        raise CheckpointError(f"{sidecar} is not a MedDiffFM model description (format {info.get('format')!r})")
+    if info.get("format") != FORMAT:
+        raise CheckpointError(f"{sidecar} is not a MedDiffFM model description (format {info.get('format')!r}, "
+                              f"expected {FORMAT!r})")
+    missing = [key for key in ("config", "sha256") if key not in info]
+    if missing:
+        raise CheckpointError(f"{sidecar} lacks {' and '.join(missing)}; re-download or re-export the model")
+    sha = info["sha256"]
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        # Without it the weights could not be checked before loading.
+        raise CheckpointError(f"{sidecar} records no valid SHA-256 of its weights ({sha!r}); re-download or "
+                              "re-export the model")
     return info
 
 
@@ -124,17 +143,16 @@ def load_model(name_or_path: PathLike, device: Union[str, torch.device] = "cpu")
     return model.to(device).eval(), cfg, info
 
 
-def _load_verified(weights: Path, expected_sha: Optional[str]) -> Dict[str, torch.Tensor]:
+def _load_verified(weights: Path, expected_sha: str) -> Dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if not weights.exists():
         raise CheckpointError(f"model weights {weights} not found")
-    if expected_sha is not None:
-        actual = sha256_file(weights)
-        if actual != expected_sha:
-            raise CheckpointError(
-                f"{weights.name} is damaged or was replaced: its SHA-256 {actual[:12]}... does not match the "
-                f"recorded {expected_sha[:12]}...; re-download or re-export the model")
+    actual = sha256_file(weights)
+    if actual != expected_sha:
+        raise CheckpointError(
+            f"{weights.name} is damaged or was replaced: its SHA-256 {actual[:12]}... does not match the "
+            f"recorded {str(expected_sha)[:12]}...; re-download or re-export the model")
     try:
         return load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types for truncated/garbage headers
@@ -147,9 +165,13 @@ def check_architecture(expected: Dict[str, torch.Tensor], found: Dict[str, torch
     unexpected = sorted(set(found) - set(expected))
     wrong = [f"{k} {tuple(found[k].shape)} vs {tuple(expected[k].shape)}"
              for k in sorted(set(expected) & set(found)) if found[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
+    # Integer weights where floats belong would load (cast to float) and run, giving noise.
+    wrong_type = [f"{k} {found[k].dtype} vs {expected[k].dtype}" for k in sorted(set(expected) & set(found))
+                  if found[k].is_floating_point() != expected[k].is_floating_point()]
+    if missing or unexpected or wrong or wrong_type:
         parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
+                             ("wrong type", wrong_type)):
             if items:
                 parts.append(f"{len(items)} {label} (e.g. {items[0]})")
         raise CheckpointError(f"{name}: the weights do not fit the architecture in its config: "
@@ -175,10 +197,20 @@ def available_models() -> List[str]:
 
 
 def resolve_model(name_or_path: PathLike) -> Path:
-    """Weights path for a model name (repo Resources first, then the user cache) or an existing path."""
+    """Weights path for a registered model name (repo Resources first, then the user cache), a file path, or the
+    name of a model in the user cache. A registered name wins over a file of that name in the working folder
+    (e.g. a `default.json` preset config)."""
     text = str(name_or_path)
+    path = Path(text)
+    if path.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin", ".pkl"):
+        raise CheckpointError(f"{text}: MedDiffFM loads only .safetensors models with their .json description; "
+                              f"{path.suffix} files can hold pickled code and are never loaded")
+    if path.is_dir():
+        raise CheckpointError(f"{text} is a folder; give the model file in it (a training run's is "
+                              f"{path / 'ema.safetensors'})")
     weights, sidecar = _weights_and_sidecar(text)
-    if weights.exists() or sidecar.exists() or os.sep in text or text.endswith((".safetensors", ".json")):
+    is_path = any(sep in text for sep in (os.sep, os.altsep) if sep) or text.endswith((".safetensors", ".json"))
+    if is_path:
         return weights
     for entry in registry():
         if entry["name"] == text:
@@ -189,6 +221,8 @@ def resolve_model(name_or_path: PathLike) -> Path:
             where = f"download it from {entry['url']} to {cache_dir() / entry['file']}" if entry.get("url") else \
                 f"its file {entry['file']} is missing from {RESOURCES} and {cache_dir()}"
             raise CheckpointError(f"model {text!r} is registered but not installed: {where}")
+    if weights.exists() or sidecar.exists():
+        return weights
     cached = cache_dir() / f"{text}.safetensors"
     if cached.exists():
         return cached

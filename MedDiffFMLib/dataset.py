@@ -306,12 +306,15 @@ def _content_hash(path: Path) -> str:
 
 def _header_geometry(path: Path) -> Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]:
     """Voxel spacing (x, y, z) and direction of a 3D image file from its header, without reading the pixels;
-    None for an image that is not 3D."""
+    None for an image that is not 3D or whose header cannot be read (reading it whole then says what is wrong)."""
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
-    reader.ReadImageInformation()
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
     if reader.GetDimension() != 3:
         return None
     return reader.GetSpacing(), reader.GetDirection()

@@ -122,9 +122,13 @@ _PREFIX = "controlnet."
 
 
 def base_record(base_name_or_path: str) -> dict:
-    """How a ControlNet names its base model: the name or path given, and the SHA-256 of its weights."""
+    """How a ControlNet names its base model: the model name given, or the absolute path of a file (so that it is
+    found from any working folder), and the SHA-256 of its weights."""
     weights = resolve_model(base_name_or_path)
-    return {"name": str(base_name_or_path), "sha256": read_model_info(weights)["sha256"]}
+    name = str(base_name_or_path)
+    if name not in available_models():
+        name = str(weights.resolve())
+    return {"name": name, "sha256": read_model_info(weights)["sha256"]}
 
 
 def save_controlled(state_dict: Dict[str, torch.Tensor], cfg: ModelConfig, path, task: str, base: dict,
@@ -145,7 +149,12 @@ def load_controlled(weights: Path, info: dict, device="cpu") -> Tuple[Controlled
     The base model is the one recorded by name; if that is missing or differs, any installed model whose
     weights have the recorded SHA-256 is used instead.
     """
-    base, cfg, _ = load_model(find_base(info["base_model"], weights.name))
+    base_model = info.get("base_model")
+    if not (isinstance(base_model, dict) and {"name", "sha256"} <= set(base_model)) or info.get("task") not in TASKS:
+        raise CheckpointError(f"{weights.name} is a ControlNet whose description lacks its base model (name and "
+                              f"SHA-256) or names an unknown task ({info.get('task')!r}; known: {', '.join(TASKS)}); "
+                              "re-download or re-export the model")
+    base, cfg, _ = load_model(find_base(base_model, weights.name))
     model = ControlledNet(base, info["task"], (info.get("training_data") or {}).get("slice_factor"))
     tensors = checkpoints._load_verified(weights, info["sha256"])
     check_architecture(model.controlnet.state_dict(), tensors, weights.name)

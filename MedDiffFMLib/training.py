@@ -20,7 +20,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoints import check_architecture, load_model, load_training_state, save_model, save_training_state
+from .checkpoints import (check_architecture, load_model, load_training_state, model_intact, save_model,
+                          save_training_state)
 from .config import ModelConfig
 from .diffusion import Schedule, q_sample, training_timesteps
 from .errors import CheckpointError, InputError, TrainingDiverged
@@ -41,6 +42,10 @@ VALIDATION_BUCKETS = ((0, 100), (100, 250), (250, 500), (500, 1000))
 VALIDATION_SEED = 1234
 
 
+#: Adam's learning rate of a new run (a resumed run keeps its checkpoint's unless another is given).
+DEFAULT_LR = 1e-4
+
+
 @dataclass
 class TrainSettings:
     """How to train (the model itself is the ModelConfig); recorded in checkpoints and model files."""
@@ -48,7 +53,7 @@ class TrainSettings:
     steps: int = 1000  # total optimizer steps, resumed ones included
     batch_size: int = 2
     grad_accum: int = 1
-    lr: float = 1e-4
+    lr: Optional[float] = None  # None: DEFAULT_LR for a new run, the checkpoint's rate on resume
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     # Extra weight on the low-noise range the restoration tasks start from (synthesis still sees all t).
@@ -66,18 +71,20 @@ class TrainSettings:
     # Free-form facts stored with the run (e.g. the fine-tuning task), not used by the loop itself.
     extra: Dict[str, object] = field(default_factory=dict)
 
-    def check(self) -> None:
-        """Refuse settings that would crash the loop later or train nothing while reporting success."""
+    def check(self, cfg: Optional[ModelConfig] = None) -> None:
+        """Refuse settings that would crash the loop later or train nothing while reporting success (with `cfg`,
+        also those that do not fit the model's diffusion schedule)."""
         counts = dict(batch_size=self.batch_size, grad_accum=self.grad_accum, validate_every=self.validate_every,
                       checkpoint_every=self.checkpoint_every, validation_patches=self.validation_patches)
         problems = [f"{name} must be at least 1, got {value}" for name, value in counts.items() if value < 1]
         if self.steps < 0 or self.num_workers < 0:
             problems.append(f"steps and num_workers cannot be negative, got {self.steps} and {self.num_workers}")
-        if not self.lr > 0 or not self.checkpoint_minutes > 0:
-            problems.append(f"the learning rate and checkpoint minutes must be > 0, got {self.lr} and "
+        if (self.lr is not None and not 0 < self.lr < float("inf")) or not self.checkpoint_minutes > 0:
+            problems.append(f"the learning rate and checkpoint minutes must be finite and > 0, got {self.lr} and "
                             f"{self.checkpoint_minutes}")
-        if not 0.0 <= self.low_noise_fraction <= 1.0 or self.low_noise_max_t < 1:
-            problems.append(f"the low-noise fraction must be in [0, 1] and its max t >= 1, got "
+        top_t = cfg.num_train_timesteps if cfg is not None else float("inf")
+        if not 0.0 <= self.low_noise_fraction <= 1.0 or not 1 <= self.low_noise_max_t <= top_t:
+            problems.append(f"the low-noise fraction must be in [0, 1] and its max t in [1, {top_t}], got "
                             f"{self.low_noise_fraction} and {self.low_noise_max_t}")
         if problems:
             raise InputError("bad training settings: " + "; ".join(problems))
@@ -193,7 +200,7 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
     `export_model(state_dict, cfg, path, info, half=...)` let fine-tuning reuse the loop (e.g. a ControlNet
     on a frozen base: only parameters that require gradients are optimised).
     """
-    settings.check()
+    settings.check(cfg)
     out_dir = Path(out_dir)
     check_new_run(out_dir, resume)
     rank = setup_distributed()
@@ -202,7 +209,7 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
     model = build_model(cfg).to(device)
     if init_from:
         model.load_state_dict(_init_weights(init_from, model))
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=settings.lr or DEFAULT_LR)
     ema = EMA(model, settings.ema_decay)
     gen = torch.Generator()  # reseeded at every step (_step_seed)
     start, wall_before, best = 0, 0.0, float("inf")
@@ -210,6 +217,11 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
         restored = _restore(out_dir, cfg, model, ema, optimizer, rank, settings)
         if restored is not None:
             start, wall_before, best = restored
+            if rank.main and not model_intact(out_dir / "ema"):
+                # Killed between replacing the exported model's two files: export it again from the state.
+                log.warning("the exported model %s/ema.* is damaged; exporting it again from step %d", out_dir, start)
+                _export(out_dir, cfg, settings, ema, start, wall_before, data, {}, _device(rank), False, export_model)
+    settings = replace(settings, lr=optimizer.param_groups[0]["lr"])  # recorded as trained
     if settings.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     net = model
@@ -276,7 +288,7 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
                 break
     finally:
         stop.release()
-    bar.close()
+        bar.close()
     record = {"step": step, "loss": logger.recent_mean() if rank.main else None, "validation": val,
               "wall_hours": (wall_before + time.monotonic() - started) / 3600,
               "stopped": stopping and step < settings.steps}
@@ -384,12 +396,35 @@ def _save(out_dir: Path, cfg: ModelConfig, settings: TrainSettings, model, ema: 
     scalars = {"config": cfg.to_dict(), "settings": asdict(settings), "wall_seconds": wall, "best_validation": best,
                "optimizer": {"param_groups": opt["param_groups"], "scalars": optimizer_scalars}}
     save_training_state(out_dir, step, tensors, scalars)
+    _export(out_dir, cfg, settings, ema, step, wall, data, val, device, improved, export_model)
+
+
+def _export(out_dir: Path, cfg: ModelConfig, settings: TrainSettings, ema: EMA, step: int, wall: float, data,
+            val: dict, device: torch.device, improved: bool, export_model=save_model) -> None:
+    """Write the EMA weights as a model file (`ema`, and `ema-best` when validation improved)."""
     info = {"steps": step, "wall_hours": round(wall / 3600, 4), "device": _device_name(device),
             "validation_loss": val, "training_data": getattr(data, "summary", lambda: {})(),
             "settings": asdict(settings), "weights_kind": "ema"}
     export_model(ema.shadow, cfg, out_dir / "ema", info, half=settings.half_export)
     if improved:
         export_model(ema.shadow, cfg, out_dir / "ema-best", info, half=settings.half_export)
+
+
+_STATE_KEYS = ("step", "config", "settings", "optimizer", "wall_seconds", "best_validation")
+_OTHER_CONFIG = ("{out_dir} holds a run of another model configuration; resume with the same preset/config (or "
+                 "--init-from model) or train into a new folder")
+
+
+def check_resume_config(out_dir, cfg: ModelConfig) -> None:
+    """Refuse, before any data is prepared, to resume a run of another model configuration (reads JSON only)."""
+    out_dir = Path(out_dir)
+    try:
+        stem = json.loads((out_dir / "last.json").read_text())["state"]
+        saved = json.loads((out_dir / f"{stem}.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no run yet, or a damaged pointer: train() falls back to an older state or says what is wrong
+    if saved != json.loads(json.dumps(cfg.to_dict())):
+        raise CheckpointError(_OTHER_CONFIG.format(out_dir=out_dir))
 
 
 def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: Rank,
@@ -400,9 +435,12 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: 
             log.info("no training state in %s; starting a new run", out_dir)
         return None
     tensors, record = loaded
+    missing = [key for key in _STATE_KEYS if key not in record]
+    if missing:
+        raise CheckpointError(f"the training state in {out_dir} lacks {', '.join(missing)}; it was not written by "
+                              "this version of MedDiffFM's train; start a new run in another folder")
     if record["config"] != json.loads(json.dumps(cfg.to_dict())):
-        raise CheckpointError(f"{out_dir} holds a run of another model configuration; resume with the same "
-                              "preset/config or train into a new folder")
+        raise CheckpointError(_OTHER_CONFIG.format(out_dir=out_dir))
     try:
         model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     except RuntimeError:
@@ -431,12 +469,13 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: 
     for index, values in record["optimizer"]["scalars"].items():
         state.setdefault(int(index), {}).update(values)
     optimizer.load_state_dict({"state": state, "param_groups": record["optimizer"]["param_groups"]})
-    # The learning rate asked for now wins over the checkpoint's, so a resumed run can be annealed.
+    # A learning rate asked for now wins over the checkpoint's, so a resumed run can be annealed; none keeps it.
     saved_lr = optimizer.param_groups[0]["lr"]
-    for group in optimizer.param_groups:
-        group["lr"] = settings.lr
-    if rank.main and saved_lr != settings.lr:
-        log.info("learning rate %g (the checkpoint trained at %g)", settings.lr, saved_lr)
+    if settings.lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr
+        if rank.main and saved_lr != settings.lr:
+            log.info("learning rate %g (the checkpoint trained at %g)", settings.lr, saved_lr)
     if rank.main:
         log.info("resumed %s at step %d", out_dir, record["step"])
     return record["step"], record["wall_seconds"], record["best_validation"]

@@ -77,6 +77,47 @@ def test_missing_damaged_and_wrong_files(tiny, tmp_path):
         load_model(base)
 
 
+def test_a_description_must_let_the_weights_be_checked(tiny, tmp_path):
+    """Without a SHA-256 the loader could not tell damaged or swapped weights: such a description is refused."""
+    cfg, state = tiny
+    save_model(state, cfg, tmp_path / "m", {}, half=False)
+    info = json.loads((tmp_path / "m.json").read_text())
+    for sha, message in ((None, "records no valid SHA-256 of its weights \\(None\\)"),
+                         ("abc", "records no valid SHA-256"), (..., "m.json lacks sha256")):
+        changed = {k: v for k, v in info.items() if k != "sha256"} if sha is ... else dict(info, sha256=sha)
+        (tmp_path / "m.json").write_text(json.dumps(changed))
+        with pytest.raises(CheckpointError, match=message):
+            load_model(tmp_path / "m")
+    assert checkpoints.model_intact(tmp_path / "m") is False
+    (tmp_path / "m.json").write_text(json.dumps(info))
+    assert checkpoints.model_intact(tmp_path / "m") is True
+
+
+def test_integer_weights_are_refused_even_with_a_matching_hash(tiny, tmp_path):
+    cfg, state = tiny
+    save_model({k: (v * 100).to(torch.int8) for k, v in state.items()}, cfg, tmp_path / "m", {}, half=False)
+    with pytest.raises(CheckpointError, match="do not fit the architecture.*wrong type \\(e.g. .* torch.int8 vs "
+                                              "torch.float32"):
+        load_model(tmp_path / "m")
+
+
+def test_paths_that_are_not_model_files_get_their_own_message(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"pickle")
+    with pytest.raises(CheckpointError, match="only .safetensors models .* .pt files can hold pickled code"):
+        resolve_model(tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match="is a folder; give the model file in it .*ema.safetensors"):
+        resolve_model(tmp_path)
+
+
+def test_a_registered_name_wins_over_a_file_of_that_name_in_the_working_folder(tmp_path, monkeypatch):
+    """A `default.json` training config next to the user's data must not hide the registered `default` model."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.json").write_text(json.dumps(preset("tiny").to_dict()))
+    assert resolve_model("tiny") == checkpoints.RESOURCES / next(
+        m["file"] for m in checkpoints.registry() if m["name"] == "tiny")
+    assert resolve_model("./tiny").resolve() == tmp_path / "tiny.safetensors"  # asked for as a path: that file
+
+
 def test_wrong_architecture_is_named(tiny, tmp_path):
     cfg, state = tiny
     wider = dataclasses.replace(cfg, channels=(8, 16, 32), num_head_channels=(0, 0, 32))

@@ -216,6 +216,16 @@ def test_cli_compares_several_models(tmp_path, capsys):
     assert "MedDiffFM run/ema" in capsys.readouterr().out
 
 
+def test_models_that_would_share_a_short_name_keep_their_own_rows():
+    from MedDiffFMLib.commands.evaluate import _model_labels
+
+    assert _model_labels(["a/run/ema.safetensors"]) == ["MedDiffFM"]
+    assert _model_labels(["tiny", "a/run/ema.safetensors", "b/run/ema.safetensors"]) == [
+        "MedDiffFM tiny", "MedDiffFM a/run/ema.safetensors", "MedDiffFM b/run/ema.safetensors"]
+    with pytest.raises(InputError, match="a --model is given twice \\(tiny\\)"):
+        _model_labels(["tiny", "tiny"])
+
+
 def test_cli_anomaly_on_files(tmp_path, capsys):
     from MedDiffFMLib.io import write_volume
 

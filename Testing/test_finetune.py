@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ from MedDiffFMLib import diffusion
 from MedDiffFMLib.anatomy import threshold_anatomy
 from MedDiffFMLib.checkpoints import load_model, save_model
 from MedDiffFMLib.errors import CheckpointError, InputError
-from MedDiffFMLib.finetune import ControlledCondition, ControlledNet, LesionPatches, SuperResolutionPairs, finetune
+from MedDiffFMLib.finetune import (ControlledCondition, ControlledNet, LesionPatches, SuperResolutionPairs, base_record,
+                                   finetune)
 from MedDiffFMLib.io import write_volume
 from MedDiffFMLib.network import MedDiffNet
 from MedDiffFMLib.preprocess import window_to_unit
@@ -137,11 +139,25 @@ def test_finetune_trains_only_the_controlnet_and_saves_a_small_file(base, chest_
     assert isinstance(loaded, ControlledNet) and loaded.task == "lesion" and cfg == base.cfg
     assert torch.equal(loaded.base.unet.conv_in.conv.weight, base.unet.conv_in.conv.weight)
 
+    # A description that lacks its base model record is refused with a message, not a KeyError.
+    (tmp_path / "broken.json").write_text(json.dumps({k: v for k, v in info.items() if k != "base_model"}))
+    shutil.copy(tmp_path / "run" / "ema.safetensors", tmp_path / "broken.safetensors")
+    with pytest.raises(CheckpointError, match="broken.safetensors is a ControlNet whose description lacks its base"):
+        load_model(tmp_path / "broken")
+
     # The ControlNet names its base by SHA-256: a retrained base is refused, not silently combined.
     other = MedDiffNet(base.cfg)
     save_model(other.state_dict(), base.cfg, tmp_path / "base", half=False)
     with pytest.raises(CheckpointError, match="not installed"):
         load_model(tmp_path / "run" / "ema.safetensors")
+
+
+def test_a_base_given_by_relative_path_is_recorded_absolute(base, tmp_path, monkeypatch):
+    """So that the ControlNet finds its base from any working folder; a model name stays a name."""
+    save_model(base.state_dict(), base.cfg, tmp_path / "base", half=False)
+    monkeypatch.chdir(tmp_path)
+    assert base_record("base.safetensors")["name"] == str(tmp_path / "base.safetensors")
+    assert base_record("tiny")["name"] == "tiny"
 
 
 def test_resumed_finetuning_equals_an_uninterrupted_run(base, chest_nodule_crop, tmp_path):

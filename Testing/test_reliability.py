@@ -22,6 +22,7 @@ Only the gaps left by the other test files are tested here. Where each item of i
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import signal
@@ -340,13 +341,14 @@ def test_damaged_model_files_through_the_cli(files, tmp_path, capsys):
     model.write_bytes(b"")
     code, err = run_with_model()
     assert code == 2 and "is damaged or was replaced" in err
-    info["sha256"] = None  # without the checksum, the safetensors reader meets the truncation itself
-    (tmp_path / "m.json").write_text(json.dumps(info))
     model.write_bytes(good[: len(good) // 3])
+    info["sha256"] = hashlib.sha256(model.read_bytes()).hexdigest()  # past the checksum: the reader meets the cut
+    (tmp_path / "m.json").write_text(json.dumps(info))
     code, err = run_with_model()
     assert code == 2 and "truncated or corrupt" in err
     # A config whose anatomy encoding differs from the weights' (binary: 3 channels, onehot: 4).
     model.write_bytes(good)
+    info["sha256"] = hashlib.sha256(good).hexdigest()
     info["config"]["anatomy"]["encoding"] = "binary"
     (tmp_path / "m.json").write_text(json.dumps(info))
     code, err = run_with_model()

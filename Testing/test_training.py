@@ -5,6 +5,7 @@ import dataclasses
 import logging
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -100,6 +101,29 @@ def test_resume_applies_a_new_learning_rate(cfg, data, tmp_path):
     assert not all(torch.equal(v, moved["model"].state_dict()[k[len("model."):]]) for k, v in start.items())
 
 
+def test_resume_without_a_learning_rate_keeps_the_checkpoints(cfg, data, tmp_path):
+    """An annealed run resumed without --lr goes on at its annealed rate, not back at the default."""
+    train(cfg, data, tmp_path, _quiet(steps=2, batch_size=1, lr=3e-5))
+    record = train(cfg, data, tmp_path, _quiet(steps=3, batch_size=1), resume=True)
+    _, state = load_training_state(tmp_path)
+    assert state["optimizer"]["param_groups"][0]["lr"] == 3e-5 and record["step"] == 3
+    assert json.loads((tmp_path / "ema.json").read_text())["settings"]["lr"] == 3e-5  # recorded as trained
+
+
+def test_resume_repairs_an_export_left_half_replaced(cfg, data, tmp_path):
+    """A kill between replacing ema.safetensors and ema.json leaves a pair that does not verify; a resume that
+    has nothing left to train must not leave the run's model unloadable."""
+    settings = _quiet(steps=2, batch_size=1)
+    train(cfg, data, tmp_path, settings)
+    good = (tmp_path / "ema.safetensors").read_bytes()
+    (tmp_path / "ema.safetensors").write_bytes(good[:-8] + b"12345678")
+    with pytest.raises(CheckpointError, match="damaged or was replaced"):
+        load_model(tmp_path / "ema")
+    train(cfg, data, tmp_path, settings, resume=True)
+    _, _, info = load_model(tmp_path / "ema")
+    assert info["steps"] == 2
+
+
 def test_a_diverging_run_stops_with_its_last_finite_checkpoint(cfg, data, tmp_path):
     """A learning rate far too high turns the weights into NaN within a few steps: training must stop there, not
     finish and export a model whose every output is NaN."""
@@ -188,3 +212,32 @@ def test_cli_trains_and_resumes(cfg, cache, tmp_path):
     assert cli_main(args) == 0
     assert cli_main(args[:-4] + ["--steps", "3", "--batch-size", "1", "--resume"]) == 0
     assert json.loads((tmp_path / "run" / "last.json").read_text())["step"] == 3
+
+
+def test_cli_refuses_conflicting_or_unusable_settings_before_preparing_data(cfg, tmp_path, capsys):
+    """Each of these used to fail late (after minutes of preprocessing) or with a traceback; none may touch the
+    cache or the run folder."""
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    train_args = ["train", "--data", str(ABDOMEN_SMALL_NII), "--cache-dir", str(cache), "--out", str(run),
+                  "--steps", "1", "--batch-size", "1"]
+    bad_config = tmp_path / "list.json"
+    bad_config.write_text("[1, 2]")
+    for extra, message in (
+            (["--preset", "tiny", "--init-from", "default"], "--init-from default is a 'default' model, but --preset "
+                                                             "tiny asks for another"),
+            (["--config", str(tmp_path / "absent.json")], "cannot read --config"),
+            (["--config", str(bad_config)], "is not a usable model configuration"),
+            (["--preset", "tiny", "--low-noise-max-t", "5000"], "its max t in \\[1, 1000\\]"),
+            (["--preset", "tiny", "--mode-weights", "whole=nan"], "--mode-weights must be finite"),
+            (["--preset", "tiny", "--lr", "inf"], "learning rate .* must be finite")):
+        assert cli_main(train_args + extra) == 2
+        assert re.search(message, capsys.readouterr().err), extra
+    assert not cache.exists() and not run.exists()
+    # A resume under another preset is refused before any data is prepared too.
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(cfg.to_dict()))
+    assert cli_main(train_args + ["--config", str(config)]) == 0
+    entries = sorted(cache.iterdir())
+    assert cli_main(train_args + ["--preset", "default", "--resume"]) == 2
+    assert "holds a run of another model configuration" in capsys.readouterr().err
+    assert sorted(cache.iterdir()) == entries  # no `default` entries were made

@@ -206,8 +206,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="total optimizer steps (including resumed ones)")
     parser.add_argument("--batch-size", type=positive_int, default=2, help="patches per micro-batch per process")
     parser.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--lr", type=float, default=1e-4,
-                        help="Adam learning rate (also on --resume: lower it to anneal a run)")
+    parser.add_argument("--lr", type=float,
+                        help="Adam learning rate (default: 1e-4 for a new run; on --resume the checkpoint's, unless "
+                        "given: give a lower one to anneal a run)")
     parser.add_argument("--seed", type=seed, default=0, help="seed of patch sampling, timesteps and noise")
     parser.add_argument("--validate-every", type=positive_int, default=200, help="steps between validations")
     parser.add_argument("--checkpoint-every", type=positive_int, default=500, help="steps between checkpoints")

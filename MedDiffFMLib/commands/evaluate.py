@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import List
 
 from .. import evaluate as harness
 from ..errors import InputError, ResourceError
@@ -72,9 +73,9 @@ def _run_denoise(args: argparse.Namespace) -> int:
     cases = harness.load_cases(args.inputs, args.slices, args.crop or None, args.context_slices)
     methods = harness.classical_methods(args.methods, args.gaussian_sigma)
     windows = [tuple(w) for w in args.model_window] if args.model_window else [None]
+    models = args.model or []
     try:
-        for model in args.model or []:
-            label = "MedDiffFM" if len(args.model) == 1 else f"MedDiffFM {_model_label(model)}"
+        for model, label in zip(models, _model_labels(models)):
             for window in windows:
                 name = label if window is None else f"{label} [{window[0]:g}, {window[1]:g}]"
                 options = {} if window is None else {"window": window}
@@ -90,8 +91,20 @@ def _run_denoise(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_label(model: str) -> str:
-    """A model's short name in tables: a registered name as is, a file by its parent folder and stem."""
+def _model_labels(models: List[str]) -> List[str]:
+    """The models' names in tables: "MedDiffFM" for one; for several, a registered name as is and a file by its
+    parent folder and stem, or as given where two files would share that short name (each needs its own row)."""
+    if len(models) == 1:
+        return ["MedDiffFM"]
+    short = [_short_label(model) for model in models]
+    labels = [name if short.count(name) == 1 else model for name, model in zip(short, models)]
+    if len(set(labels)) < len(labels):
+        raise InputError(f"a --model is given twice ({', '.join(sorted({m for m in models if models.count(m) > 1}))}); "
+                         "give each model once")
+    return [f"MedDiffFM {label}" for label in labels]
+
+
+def _short_label(model: str) -> str:
     path = Path(model)
     if path.suffix != ".safetensors":
         return model

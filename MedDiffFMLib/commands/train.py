@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="default", help="model preset: tiny, default or paper")
+    parser.add_argument("--preset", help="model preset: tiny, default or paper (default: default, or the "
+                        "configuration of the --init-from model)")
     parser.add_argument("--config", type=Path, help="JSON ModelConfig (overrides --preset)")
     parser.add_argument("--data", nargs="+", default=["train"],
                         help="'train' or 'validation' (split of the shared CT data), a folder, or CT files")
@@ -35,23 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..config import ModelConfig, preset
     from ..dataset import CTPatchDataset, split_cases
-    from ..errors import InputError
-    from ..training import TrainSettings, train
+    from ..training import TrainSettings, check_resume_config, train
 
     _common.check_run_folder(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        cfg = ModelConfig.from_dict(json.loads(args.config.read_text())) if args.config else preset(args.preset)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
-    if args.init_from and not args.config:
-        from ..checkpoints import read_model_info, resolve_model
-
-        cfg = ModelConfig.from_dict(read_model_info(resolve_model(args.init_from))["config"])
-        log.info("--init-from: using the configuration of %s (%s)", args.init_from, cfg.name)
+    cfg = _model_config(args)
 
     def cases(spec):
         if len(spec) == 1 and spec[0] in ("train", "validation"):
@@ -66,16 +57,52 @@ def run(args: argparse.Namespace) -> int:
         validate_every=args.validate_every, checkpoint_every=args.checkpoint_every,
         checkpoint_minutes=args.checkpoint_minutes, num_workers=args.num_workers,
         channels_last=args.channels_last, compile=args.compile, half_export=not args.fp32_export)
-    data = CTPatchDataset(cases(args.data), cfg, cache, seed=args.seed, mode_weights=_mode_weights(args.mode_weights))
+    # Everything that can be refused is refused before the (slow) data preparation.
+    settings.check(cfg)
+    if args.resume:
+        check_resume_config(args.out, cfg)
+    mode_weights = _mode_weights(args.mode_weights)
+    data = CTPatchDataset(cases(args.data), cfg, cache, seed=args.seed, mode_weights=mode_weights)
     val = CTPatchDataset(cases(val_spec), cfg, cache, seed=args.seed + 1, anatomy_dropout=0.0) if val_spec else None
     record = train(cfg, data, args.out, settings, val_data=val, resume=args.resume, init_from=args.init_from)
     return _common.training_result(record, args.out / "ema.safetensors", "EMA model")
+
+
+def _model_config(args: argparse.Namespace):
+    """The ModelConfig of --config, else of the --init-from model, else of --preset (default: `default`)."""
+    from ..config import ModelConfig, preset
+    from ..errors import InputError
+
+    if args.config:
+        try:
+            return ModelConfig.from_dict(json.loads(args.config.read_text()))
+        except OSError as exc:
+            raise InputError(f"cannot read --config {args.config} ({exc.strerror or exc})") from None
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise InputError(f"--config {args.config} is not a usable model configuration ({exc})") from None
+    if args.init_from:
+        from ..checkpoints import read_model_info, resolve_model
+
+        cfg = ModelConfig.from_dict(read_model_info(resolve_model(args.init_from))["config"])
+        if args.preset and args.preset != cfg.name:
+            raise InputError(f"--init-from {args.init_from} is a {cfg.name!r} model, but --preset {args.preset} asks "
+                             "for another: leave --preset out to train the model's own configuration")
+        log.info("--init-from: using the configuration of %s (%s)", args.init_from, cfg.name)
+        return cfg
+    try:
+        return preset(args.preset or "default")
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def _mode_weights(text: str) -> dict:
     from ..errors import InputError
 
     try:
-        return {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
+        weights = {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
     except ValueError:
         raise InputError(f"--mode-weights must look like whole=0.2,crop2x=0.3,crop=0.5, got {text!r}") from None
+    values = list(weights.values())
+    if not all(0 <= value < float("inf") for value in values) or sum(values) <= 0:
+        raise InputError(f"--mode-weights must be finite, not negative, and not all 0, got {text!r}")
+    return weights
