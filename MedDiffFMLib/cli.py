@@ -4,8 +4,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import pkgutil
+import signal
 import sys
+import threading
 from typing import List, Optional
 
 from . import __version__, commands
@@ -39,10 +42,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _option_names(parser: argparse.ArgumentParser) -> dict:
+    """dest -> option string of every option of `parser` and its subcommands (e.g. lam -> --lambda)."""
+    names = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action.choices.values():
+                names.update(_option_names(choice))
+        elif action.option_strings:
+            names.setdefault(action.dest, action.option_strings[-1])
+    return names
+
+
+def _non_finite_option(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optional[str]:
+    """The first option given a NaN or infinite number (argparse's float() accepts 'nan' and 'inf')."""
+    for name, value in vars(args).items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for item in values:
+            items = item if isinstance(item, (list, tuple)) else [item]  # append + nargs: lists of lists
+            if any(isinstance(x, float) and not math.isfinite(x) for x in items):
+                return _option_names(parser).get(name, name)
+    return None
+
+
+def _cancel_on_sigterm(signum, frame):
+    """`kill PID` cancels a job as Ctrl-C does (no output written, exit code 130). Training installs its own
+    handler for the duration of the loop (stop after the step, with a checkpoint)."""
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    bad = _non_finite_option(parser, args)
+    if bad:
+        print(f"error: {bad} must be a finite number (not NaN or infinite)", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(message)s", stream=sys.stderr)
+    # Signal handlers can only be set from the main thread; main() may also run in another (scripts, tests).
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+    if main_thread:
+        signal.signal(signal.SIGTERM, _cancel_on_sigterm)
     try:
         return int(args._run(args) or 0)
     except (Cancelled, KeyboardInterrupt):
@@ -59,6 +101,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         hint = OUT_OF_MEMORY_HINTS.get(args.command, OUT_OF_MEMORY_HINTS["sampling"])
         print(f"error: out of memory ({detail}). Try {hint}, or close other programs", file=sys.stderr)
         return 2
+    finally:
+        if main_thread:  # main() may be called from Python: leave the handler as it was
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 _TRAINING_HINT = "a smaller --batch-size (--resume continues the run from its last checkpoint)"

@@ -232,25 +232,45 @@ def write_volume(vol: Volume, path: PathLike, overwrite: bool = False,
 
     Refuses an existing file unless `overwrite`, and always refuses any path listed in `inputs`.
     """
-    path = Path(path)
-    check_output_suffix(path)
-    check_output_path(path, inputs=inputs, overwrite=overwrite)
-    if vol.array.dtype.kind == "f":
-        # Readers turn NaN into 0 HU without a word; a result with NaN comes from broken or diverged weights.
-        bad = int(np.count_nonzero(~np.isfinite(vol.array)))
-        if bad:
-            raise CheckpointError(f"the result has {bad} of {vol.array.size} voxels that are NaN or infinite, so "
-                                  f"{path} was not written: the model's weights are broken (e.g. a training run that "
-                                  "diverged); use another model")
+    return write_volumes([(vol, path)], overwrite=overwrite, inputs=inputs)[0]
+
+
+def write_volumes(items: Sequence[Tuple[Volume, PathLike]], overwrite: bool = False,
+                  inputs: Iterable[PathLike] = ()) -> List[Path]:
+    """Write the (volume, path) pairs of one job all or none: each is checked and written to a temporary file
+    first, and only when all are complete do they replace their targets (back to back)."""
+    inputs = list(inputs)
+    paths = [Path(path) for _, path in items]
+    for vol, path in zip((vol for vol, _ in items), paths):
+        check_output_suffix(path)
+        check_output_path(path, inputs=inputs, overwrite=overwrite)
+        _check_writable(vol, path)
     try:
-        with atomic_path(path) as tmp:
-            sitk.WriteImage(vol.to_sitk(), str(tmp), useCompression=True)
+        with contextlib.ExitStack() as stack:
+            for (vol, _), path in zip(items, paths):
+                sitk.WriteImage(vol.to_sitk(), str(stack.enter_context(atomic_path(path))), useCompression=True)
     except (RuntimeError, OSError) as exc:  # disk full, quota, file system gone read-only while running
         if is_out_of_memory(exc):
             raise
-        raise InputError(f"cannot write {path} ({_first_line(exc)}); check the free disk space and that "
-                         f"{path.parent} is writable, then retry") from None
-    return path
+        raise InputError(f"cannot write {', '.join(map(str, paths))} ({_first_line(exc)}); check the free disk "
+                         f"space and that {paths[0].parent} is writable, then retry (nothing was written)") from None
+    return paths
+
+
+def _check_writable(vol: Volume, path: Path) -> None:
+    """Refuse what a file would not keep: NaN (readers show it as 0 HU) and, in NIfTI, a sheared grid."""
+    if vol.array.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(vol.array)))
+        if bad:  # a result with NaN comes from broken or diverged weights
+            raise CheckpointError(f"the result has {bad} of {vol.array.size} voxels that are NaN or infinite, so "
+                                  f"{path} was not written: the model's weights are broken (e.g. a training run that "
+                                  "diverged); use another model")
+    if path.name.lower().endswith(NIFTI_SUFFIXES):
+        direction = np.asarray(vol.direction, dtype=float).reshape(3, 3)
+        if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+            # ITK would make the axes perpendicular and move the voxels by millimetres without an error.
+            raise InputError(f"cannot write {path.name}: the CT's axes are not perpendicular (a sheared grid, e.g. "
+                             "from a gantry tilt), which NIfTI cannot store; write .nrrd or .mha instead")
 
 
 def check_output_suffix(path: PathLike) -> None:
@@ -261,6 +281,10 @@ def check_output_suffix(path: PathLike) -> None:
                          "use the single-file equivalent .nrrd or .mha instead")
     if not name.lower().endswith(OUTPUT_SUFFIXES):
         raise InputError(f"cannot write {name}: use one of {', '.join(OUTPUT_SUFFIXES)}")
+    nifti = next((name[-len(suffix):] for suffix in NIFTI_SUFFIXES if name.lower().endswith(suffix)), None)
+    if nifti is not None and nifti not in (nifti.lower(), nifti.upper()):
+        raise InputError(f"cannot write {name}: ITK reads NIfTI files only with a suffix in one case "
+                         f"({nifti.lower()} or {nifti.upper()})")
 
 
 @contextlib.contextmanager
@@ -268,8 +292,13 @@ def atomic_path(final: PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `final` (same suffix); it replaces `final` only on success."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder -> os.replace is atomic; the temp name ends like `final` so writers pick the format.
-    tmp = final.parent / f".tmp-{uuid.uuid4().hex[:8]}-{final.name}"
+    # Same folder -> os.replace is atomic. The temp name ends in `final`'s suffix, in lower case, and has no other
+    # dot: writers pick the format from it, and ITK's are case-sensitive (X.NII.GZ) and rewrite names with a second
+    # image suffix (x.nii.nii.gz, ct.hdr.nii.gz), so the file written would not be the one renamed.
+    name = final.name
+    suffix = name[-7:] if name.lower().endswith(".nii.gz") else final.suffix
+    stem = name[:len(name) - len(suffix)].replace(".", "_")
+    tmp = final.parent / f".tmp-{uuid.uuid4().hex[:8]}-{stem}{suffix.lower()}"
     try:
         yield tmp
         os.replace(tmp, final)
@@ -282,10 +311,18 @@ def _read_file(path: Path) -> Tuple[sitk.Image, Optional[np.ndarray]]:
     """The image, and a float NIfTI's voxels as nibabel read them (see `_check_nifti_complete`), else None."""
     try:
         float_voxels = _check_nifti_complete(path) if path.name.lower().endswith(NIFTI_SUFFIXES) else None
-        return sitk.ReadImage(str(path)), float_voxels
+        # ITK picks MetaImage and NRRD readers by a lower-case suffix only: name them for V.MHA, CT.NRRD.
+        image_io = {".mha": "MetaImageIO", ".mhd": "MetaImageIO", ".nrrd": "NrrdImageIO",
+                    ".nhdr": "NrrdImageIO"}.get(path.suffix.lower(), "")
+        return sitk.ReadImage(str(path), imageIO=image_io), float_voxels
     except (RuntimeError, OSError) as exc:  # OSError: nibabel opens a NIfTI first (e.g. no read permission)
         if is_out_of_memory(exc):
             raise
+        if "orthonormal" in str(exc):
+            raise InputError(f"cannot read {path}: its axes are not perpendicular (a sheared grid, e.g. a gantry-tilt "
+                             "series converted without tilt correction), which ITK cannot represent; convert the "
+                             "series again with tilt correction (e.g. dcm2niix), or resample it onto an orthogonal "
+                             "grid") from None
         raise InputError(
             f"cannot read {path} as an image ({_first_line(exc)}). Supported: NIfTI (.nii, .nii.gz), "
             "NRRD (.nrrd), MetaImage (.mha/.mhd) files and DICOM series folders.") from None

@@ -76,12 +76,18 @@ def check_ct(vol: "Volume") -> List[str]:
             "before running MedDiffFM")
     _check_spacing(vol.spacing, warnings)
     lo, hi = float(array.min()), float(array.max())
-    if lo > CT_MIN_EXPECTED_HU or hi - lo < 100.0:
+    if hi - lo < 1.0:
+        raise InputError(f"the image is uniform (every voxel is {lo:.4g}): it holds no anatomy to work on (e.g. a "
+                         "crop of the padding outside the scan's field of view, or an empty image)")
+    if lo > CT_MIN_EXPECTED_HU:
         raise InputError(
             f"the intensities ({lo:.4g}..{hi:.4g}) do not look like CT in Hounsfield units: no voxel is "
             f"below {CT_MIN_EXPECTED_HU:.0f} HU (air is -1000 HU, fat about -100 HU). MedDiffFM is for CT; "
             "MR or intensity-normalised images cannot be used. If this is CT stored without its rescale "
             "slope/intercept, convert it to HU first.")
+    if hi - lo < 100.0:
+        raise InputError(f"the intensities span only {lo:.4g}..{hi:.4g} HU: air without the soft tissue or bone of "
+                         "a body, so there is nothing to work on (a crop outside the body?)")
     if lo < -4000.0 or hi > 40000.0:
         warnings.append(f"unusual intensity range {lo:.0f}..{hi:.0f} HU; values are clipped to the "
                         "region window anyway")

@@ -65,6 +65,12 @@ def make_bad_inputs(limb, folder):
     save("mr_like.nii.gz", limb.with_array(mr_like).to_sitk(), "do not look like CT")
     unit = (limb.array - limb.array.min()) / np.ptp(limb.array)
     save("normalised.nii.gz", limb.with_array(unit.astype(np.float32)).to_sitk(), "do not look like CT")
+    # DICOM padding outside the field of view, cropped: not "no voxel below -200 HU", which would be untrue.
+    save("padding.nii.gz", limb.with_array(np.full(limb.shape, -3024, np.int16)).to_sitk(),
+         "the image is uniform (every voxel is -3024)")
+    air = np.full(limb.shape, -1000, np.int16)
+    air[::2] = -990
+    save("air.nii.gz", limb.with_array(air).to_sitk(), "air without the soft tissue or bone of a body")
     thick = limb.to_sitk()
     thick.SetSpacing((0.2, 0.2, 5.0))
     save("anisotropic.nii.gz", thick, "extremely anisotropic")

@@ -283,3 +283,14 @@ def test_crop_keeps_every_voxel_at_its_physical_point():
             vol.crop(bad)
     with pytest.raises(InputError, match="three slices"):
         vol.crop((slice(0, 2), 3, slice(None)))
+
+
+def test_a_sheared_nifti_says_what_is_wrong_with_it(tmp_path):
+    """Not "supported formats: NIfTI ...": the file is a NIfTI, but its axes are not perpendicular."""
+    import nibabel
+
+    affine = np.eye(4)
+    affine[1, 2] = 0.3  # y grows with the slice index: a sheared (tilted) grid
+    nibabel.save(nibabel.Nifti1Image(np.full((10, 10, 10), -1000, np.int16), affine), str(tmp_path / "tilt.nii.gz"))
+    with pytest.raises(InputError, match="axes are not perpendicular .* tilt correction"):
+        read_volume(tmp_path / "tilt.nii.gz")

@@ -544,3 +544,84 @@ def test_cli_is_deterministic_by_seed(task, files, tmp_path, capsys):
     assert np.array_equal(arrays[0], arrays[1]), "same seed, different output"
     assert not np.array_equal(arrays[0], arrays[2]), "different seed, same output"
     assert_inputs_unchanged(files)
+
+
+# --- outputs: names, all or none, what a file cannot keep -------------------------------------------------
+
+@pytest.mark.parametrize("name", ["X.NII.GZ", "V.MHA", "c.NRRD", "x.nii.nii.gz", "ct.hdr.nii.gz", "b.NII"])
+def test_output_names_itk_would_mishandle_are_written_and_read_back(files, tmp_path, name):
+    """ITK picks writers by a case-sensitive suffix and rewrites names with a second image suffix: the file it
+    wrote used to differ from the one renamed into place, after the whole job."""
+    image = read_volume(files[0])
+    write_volume(image, tmp_path / name)
+    back = read_volume(tmp_path / name)
+    assert back.same_grid(image) and np.array_equal(back.array, image.array)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no temporary file left
+
+
+def test_a_mixed_case_nifti_name_is_refused_before_the_job(files, tmp_path, capsys):
+    code, err = run_cli(task_arguments("denoise", files[0], None, tmp_path / "out.Nii.gz"), capsys)
+    assert code == 2 and "ITK reads NIfTI files only with a suffix in one case" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_several_outputs_are_written_all_or_none(files, tmp_path, monkeypatch, capsys):
+    """detect-anomalies writes a map and a mask: a failure on the second leaves neither."""
+    calls = []
+
+    def write_then_fail(image, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise RuntimeError("No space left on device")
+        original(image, path, *args, **kwargs)
+    original = sitk.WriteImage
+    monkeypatch.setattr(sitk, "WriteImage", write_then_fail)
+    args = task_arguments("detect-anomalies", files[0], None, tmp_path / "map.nii.gz")
+    code, err = run_cli(args + ["--mask-output", str(tmp_path / "mask.nii.gz")], capsys)
+    assert code == 2 and "No space left on device" in err and "nothing was written" in err
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_a_sheared_grid_is_not_written_as_nifti(files, tmp_path):
+    """NIfTI cannot store axes that are not perpendicular; ITK would straighten them and move the voxels."""
+    image = read_volume(files[0])
+    tilt = np.deg2rad(15)
+    sheared = Volume(image.array, image.spacing, image.origin,
+                     (1.0, 0.0, 0.0, 0.0, 1.0, float(np.sin(tilt)), 0.0, 0.0, float(np.cos(tilt))))
+    with pytest.raises(InputError, match="axes are not perpendicular .* write .nrrd or .mha instead"):
+        write_volume(sheared, tmp_path / "out.nii.gz")
+    assert list(tmp_path.iterdir()) == []
+    back = read_volume(write_volume(sheared, tmp_path / "out.nrrd"))
+    np.testing.assert_allclose(back.direction, sheared.direction, atol=1e-9)
+
+
+@pytest.mark.parametrize("option, value", [("--noise-level", "nan"), ("--lambda", "inf"), ("--window", "nan")])
+def test_numbers_that_are_not_finite_are_refused(files, tmp_path, capsys, option, value):
+    args = task_arguments("denoise", files[0], None, tmp_path / "out.nii.gz")
+    extra = [option, value, "100"] if option == "--window" else [option, value]
+    code, err = run_cli(args + extra, capsys)
+    assert code == 2 and f"{option} must be a finite number" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_preview_must_be_a_png(files, tmp_path, capsys):
+    args = task_arguments("denoise", files[0], None, tmp_path / "out.nii.gz")
+    code, err = run_cli(args + ["--preview", str(tmp_path / "preview.nii")], capsys)
+    assert code == 2 and "give a name ending in .png" in err and list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_cancels_a_job_like_ctrl_c(files, tmp_path):
+    """`kill PID` (what job schedulers and process managers send) ends a task with no output and exit code 130."""
+    out = tmp_path / "out.nii.gz"
+    args = task_arguments("synthesize", files[0], None, out)
+    args[args.index("--nfe") + 1] = "1000"
+    args[args.index("--progress") + 1] = "machine"
+    job = subprocess.Popen([sys.executable, "-m", "MedDiffFMLib", *args], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    for line in job.stdout:  # the job is sampling once it reports progress
+        if line.startswith(_common.PROGRESS_PREFIX):
+            job.send_signal(signal.SIGTERM)
+            break
+    rest = job.stdout.read()
+    assert job.wait(timeout=60) == 130 and "error: cancelled; no output was written" in rest
+    assert not out.exists() and list(tmp_path.iterdir()) == []

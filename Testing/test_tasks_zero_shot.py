@@ -629,3 +629,14 @@ def test_chest_soft_tissue_pass_overrides_the_wide_pass_inside_its_window(tiny_m
     expected = wide + (soft - crop.array) - w * (wide - crop.array)
     assert np.allclose(both.denoised.array, expected, atol=1e-2)
     assert not np.allclose(both.denoised.array, wide, atol=1.0)
+
+
+def test_denoising_never_leaves_the_inputs_range_of_values(gaussian_problem):
+    """A high noise level moves the automatic window's lower edge far below air; the result must still not hold
+    values below the input's air (or above its brightest voxel)."""
+    prior = gaussian_problem[0]
+    rng = np.random.default_rng(1)
+    hu = (40.0 + 30.0 * rng.standard_normal(SHAPE)).astype(np.float32)
+    hu[:, :, -2:] = -1000.0
+    result = denoise(Volume(hu), prior, noise_level=3000.0, region="abdomen", seed=0)
+    assert hu.min() <= result.denoised.array.min() and result.denoised.array.max() <= hu.max()

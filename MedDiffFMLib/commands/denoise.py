@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
-    from ..io import read_mask, read_volume, sibling_path, write_volume
+    from ..io import read_mask, read_volume, sibling_path, write_volumes
     from ..orientation import AxisOrder
     from ..tasks.denoise import denoise
 
@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         uncertainty_path = sibling_path(args.output, "_std")
     _common.check_outputs(args, [args.input, args.mask, args.anatomy_labels], volumes=[args.output, uncertainty_path],
                           others=[args.preview])
+    if args.preview and args.preview.suffix.lower() != ".png":
+        raise InputError(f"--preview {args.preview}: the preview is a PNG figure; give a name ending in .png")
     volume = read_volume(args.input)
     mask = read_mask(args.mask, like=volume) if args.mask else None
     labels = read_mask(args.anatomy_labels, like=volume) if args.anatomy_labels else None
@@ -71,11 +73,13 @@ def run(args: argparse.Namespace) -> int:
                      region=_common.region_option(args), anatomy_labels=labels, mask=mask,
                      progress=_common.progress_reporter(args.progress), **_common.sampler_options(args))
     inputs = [args.input]
-    write_volume(result.denoised, args.output, overwrite=args.overwrite, inputs=inputs)
+    outputs = [(result.denoised, args.output)]
+    if result.uncertainty is not None:
+        outputs.append((result.uncertainty, uncertainty_path))
+    write_volumes(outputs, overwrite=args.overwrite, inputs=inputs)
     log.info("denoised CT written to %s (noise %.1f HU; %d pass(es), each logged above with its window, t_start "
              "and steps)", args.output, result.noise_hu, len(result.windows))
     if result.uncertainty is not None:
-        write_volume(result.uncertainty, uncertainty_path, overwrite=args.overwrite, inputs=inputs)
         log.info("standard deviation over %d seeds written to %s", args.seeds, uncertainty_path)
     if args.preview:
         axial = AxisOrder.of(volume.direction).array  # the preview's slice is axial however the CT is stored

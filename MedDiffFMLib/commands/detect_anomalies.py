@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io import read_mask, read_volume, write_volume
+    from ..io import read_mask, read_volume, write_volumes
     from ..tasks.anomaly import detect_anomalies
 
     _common.check_outputs(args, [args.input, args.mask, args.anatomy_labels],
@@ -50,11 +50,9 @@ def run(args: argparse.Namespace) -> int:
                               **_common.sampler_options(args))
     progress(1, 1)
     inputs = [args.input]
-    write_volume(result.anomaly_map, args.output, overwrite=args.overwrite, inputs=inputs)
-    if args.mask_output:
-        write_volume(result.anomaly_mask, args.mask_output, overwrite=args.overwrite, inputs=inputs)
-    if args.reconstruction:
-        write_volume(result.reconstruction, args.reconstruction, overwrite=args.overwrite, inputs=inputs)
+    outputs = [(result.anomaly_map, args.output), (result.anomaly_mask, args.mask_output),
+               (result.reconstruction, args.reconstruction)]
+    write_volumes([(vol, path) for vol, path in outputs if path], overwrite=args.overwrite, inputs=inputs)
     summary = {"score_hu": round(result.score, 3), "threshold_hu": round(result.threshold, 3),
                "anomalous_voxels": int(result.anomaly_mask.array.sum())}
     log.info("anomaly map written to %s", args.output)

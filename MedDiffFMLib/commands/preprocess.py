@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..anatomy import get_anatomy
     from ..errors import InputError
-    from ..io import atomic_path, read_mask, read_volume, sibling_path, write_preview, write_volume
+    from ..io import atomic_path, read_mask, read_volume, sibling_path, write_preview, write_volumes
     from ..preprocess import as_window, guess_region, resample, window_to_unit
     from ..validation import MIN_AXIS_VOXELS, check_ct
 
@@ -80,11 +80,10 @@ def run(args: argparse.Namespace) -> int:
     window = as_window(region)
     unit = resampled.with_array(window_to_unit(resampled.array, window).astype("float32"))
 
-    write_volume(unit, outputs["image"], overwrite=args.overwrite, inputs=inputs)
-    write_volume(resampled.with_array(labels), outputs["anatomy"], overwrite=args.overwrite, inputs=inputs)
+    volumes = [(unit, outputs["image"]), (resampled.with_array(labels), outputs["anatomy"])]
     if mask is not None:
-        write_volume(resample(mask, spacing, is_mask=True), outputs["mask"], overwrite=args.overwrite,
-                     inputs=inputs)
+        volumes.append((resample(mask, spacing, is_mask=True), outputs["mask"]))
+    write_volumes(volumes, overwrite=args.overwrite, inputs=inputs)
     sidecar = {
         "input": str(args.input), "region": region, "region_reason": reason, "window_hu": list(window),
         "spacing_mm": list(resampled.spacing), "anatomy_source": source,

@@ -203,6 +203,8 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
                              "nothing to denoise. To denoise anyway, give the noise level (--noise-level HU)")
         # The whole CT's median sets t_start, so a masked denoise starts where the unmasked one does.
         noise_hu = float(np.median(estimate.sigma_map_hu))
+        log.info("noise level %.1f HU sets where DiffPIR starts (the median of the per-voxel map, which the data "
+                 "steps use voxel by voxel)", noise_hu)
         sigma_hu_map = estimate.sigma_map_hu[box]
     else:
         if noise_level <= 0:
@@ -265,6 +267,9 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
         if std_hu is not None:
             std_hu, boxed = np.zeros(volume.shape, np.float32), std_hu
             std_hu[box] = boxed
+    # Removing noise never widens the range of values: a wide automatic window (a high noise level moves its lower
+    # edge down) must not put voxels below the input's air.
+    output = np.clip(output, volume.array.min(), volume.array.max())
     uncertainty = None if std_hu is None else volume.with_array(std_hu.astype(np.float32))
     return DenoiseResult(volume.with_array(output.astype(np.float32)), uncertainty, noise_hu, estimate,
                          tuple(chosen), steps[0], steps, SOFT_TISSUE_WINDOW_HU if soft_tissue_pass else None,
