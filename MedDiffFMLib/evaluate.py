@@ -125,14 +125,18 @@ def load_cases(paths: Sequence[Path], n_slices: int, crop_yx: Optional[int] = No
     files = collect_ct_paths(paths)
     cases = []
     for name, path in zip(case_names(files), files):
-        volume = read_volume(path)
-        check_ct(volume)  # the reference must be a clean CT in HU: PSNR in an HU window means nothing otherwise
-        order = AxisOrder.of(volume.direction)
-        # Cases are axial slices and low dose is simulated per axial slice: a CT stored sagittal- or coronal-first
-        # is brought to patient order. Reversed axes alone are kept, so the published tables' noise draws stay.
-        if order.source != (0, 1, 2):
-            volume = order.volume(volume)
-        cases.append(central_case(name, volume, n_slices, crop_yx, context))
+        try:
+            volume = read_volume(path)
+            check_ct(volume)  # the reference must be a clean CT in HU: PSNR in an HU window means nothing otherwise
+            order = AxisOrder.of(volume.direction)
+            # Cases are axial slices and low dose is simulated per axial slice: a CT stored sagittal- or
+            # coronal-first is brought to patient order. Reversed axes alone are kept, so the published tables'
+            # noise draws stay.
+            if order.source != (0, 1, 2):
+                volume = order.volume(volume)
+            cases.append(central_case(name, volume, n_slices, crop_yx, context))
+        except InputError as exc:  # among many files, say which one
+            raise InputError(f"{path}: {exc}") from None
     return cases
 
 
@@ -354,12 +358,15 @@ def evaluate_anomaly(cases: Sequence[AnomalyCase], max_fpr: float = 0.3) -> List
         has_lesion = mask.reshape(len(mask), -1).any(axis=1)
         slice_scores.append(per_slice)
         slice_labels.append(has_lesion)
-        dice_value, threshold = metrics.best_dice(scores, mask)
-        rows.append({"case": case.name, "pixel_auroc": metrics.pixel_auroc(scores, mask),
-                     "image_auroc": _auroc_if_defined(per_slice, has_lesion),
-                     "best_dice": dice_value, "best_dice_threshold": threshold,
-                     "pro": metrics.pro_score(scores, mask, max_fpr),
-                     "lesion_slices": int(has_lesion.sum()), "healthy_slices": int((~has_lesion).sum())})
+        try:
+            dice_value, threshold = metrics.best_dice(scores, mask)
+            rows.append({"case": case.name, "pixel_auroc": metrics.pixel_auroc(scores, mask),
+                         "image_auroc": _auroc_if_defined(per_slice, has_lesion),
+                         "best_dice": dice_value, "best_dice_threshold": threshold,
+                         "pro": metrics.pro_score(scores, mask, max_fpr),
+                         "lesion_slices": int(has_lesion.sum()), "healthy_slices": int((~has_lesion).sum())})
+        except (InputError, ValueError) as exc:  # e.g. NaN scores, or a mask covering every voxel
+            raise InputError(f"case {case.name}: {exc}") from None
     pooled = {"case": f"all {len(rows)} cases",
               "image_auroc": _auroc_if_defined(np.concatenate(slice_scores), np.concatenate(slice_labels))}
     for key in ("pixel_auroc", "best_dice", "pro", "lesion_slices", "healthy_slices"):

@@ -149,7 +149,7 @@ def read_volume(path: PathLike) -> Volume:
     float_voxels = None
     if path.is_dir():
         image = _read_dicom_folder(path, series_id=None)
-    elif _is_dicom_file(path):
+    elif is_dicom_file(path):
         header = sitk.ImageFileReader()
         header.SetFileName(str(path))
         header.ReadImageInformation()
@@ -172,7 +172,7 @@ def read_mask(path: PathLike, like: Volume) -> Volume:
     path = Path(path)
     if not path.exists():
         raise InputError(f"mask not found: {path}")
-    if path.is_dir() or _is_dicom_file(path):
+    if path.is_dir() or is_dicom_file(path):
         raise InputError(f"mask {path.name}: give a label-map file (.nii.gz, .nrrd, .seg.nrrd, .mha); DICOM "
                          "masks (DICOM SEG) are not read, export them as a label map first")
     image, _ = _read_file(path)
@@ -387,7 +387,8 @@ def _restore_nonfinite(array: np.ndarray, data: np.ndarray) -> None:
         array[bad.T] = data.T[bad.T]
 
 
-def _is_dicom_file(path: Path) -> bool:
+def is_dicom_file(path: Path) -> bool:
+    """Whether a file is one DICOM slice (by its suffix, or by the DICM marker of a file without one)."""
     if path.suffix.lower() in (".dcm", ".ima"):
         return True
     if path.name.lower().endswith(VOLUME_SUFFIXES):

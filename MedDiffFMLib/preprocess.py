@@ -1,7 +1,7 @@
 """Resampling, HU windows mapped to [-1, 1] and their inverse, and the body-region guess."""
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -49,10 +49,8 @@ def resample(vol: Volume, spacing: Sequence[float] = (1.0, 1.0, 1.0), is_mask: b
     Linear interpolation for images, nearest neighbour for label maps.
     """
     spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise InputError(f"target spacing must be three positive numbers in mm (x, y, z), got {spacing}")
     size_xyz = tuple(reversed(vol.shape))
-    new_size = [max(1, int(round(n * old / new))) for n, old, new in zip(size_xyz, vol.spacing, spacing)]
+    new_size = resampled_size(vol, spacing)
     # Shift (mm, along each image axis) of the first voxel centre that keeps the grid's centre where it was.
     shift = [((n - 1) * old - (m - 1) * new) / 2.0 for n, m, old, new in zip(size_xyz, new_size, vol.spacing, spacing)]
     direction = np.asarray(vol.direction, float).reshape(3, 3)
@@ -61,6 +59,14 @@ def resample(vol: Volume, spacing: Sequence[float] = (1.0, 1.0, 1.0), is_mask: b
     reference.SetOrigin(tuple(np.asarray(vol.origin, float) + direction @ np.asarray(shift)))
     reference.SetDirection(vol.direction)
     return _resample_onto(vol, reference, is_mask)
+
+
+def resampled_size(vol: Volume, spacing: Sequence[float]) -> List[int]:
+    """Voxels (x, y, z) of `resample(vol, spacing)`: the extent over the new spacing, rounded."""
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or not all(0 < s < float("inf") for s in spacing):
+        raise InputError(f"target spacing must be three positive numbers in mm (x, y, z), got {spacing}")
+    return [max(1, int(round(n * old / new))) for n, old, new in zip(reversed(vol.shape), vol.spacing, spacing)]
 
 
 def resample_like(vol: Volume, reference: Volume, is_mask: bool = False) -> Volume:

@@ -160,6 +160,10 @@ def test_preprocess_refuses_a_spacing_that_leaves_almost_no_voxels(tmp_path, cap
     assert main(["preprocess", str(LIMB_NII), "-o", str(out), "--spacing", "100"]) == 2
     assert "leaves a grid of 2 x 2 x 2 voxels (x y z); at least 8" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+    # ... or one so fine that the new grid could not fit in memory (the system used to kill the process).
+    assert main(["preprocess", str(LIMB_NII), "-o", str(out), "--spacing", "0.001"]) == 2
+    assert "error: resampling to 0.001 x 0.001 x 0.001 mm (" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_preprocess_never_writes_onto_its_input(tmp_path, capsys):

@@ -5,6 +5,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import pytest
 
 from conftest import CHEST_NODULE_NRRD, CHEST_NRRD, LIMB_NII, THREE_SLICE_DICOM
@@ -171,6 +172,25 @@ def test_cli_denoise_and_errors(tmp_path, capsys):
     assert main(["evaluate", "anomaly", "--scores", str(LIMB_NII), str(LIMB_NII), "--masks", str(LIMB_NII),
                  "--out", str(out)]) == 2
     assert "one mask" in capsys.readouterr().err
+
+
+def test_errors_name_the_case_they_come_from(tmp_path, capsys):
+    """With a folder of CTs, "the image has 25 NaN voxels" alone does not say which file to fix."""
+    limb = sitk.ReadImage(str(LIMB_NII))
+    broken = sitk.GetArrayFromImage(limb).astype(np.float32)
+    broken[5, 5, 5] = np.nan
+    bad = sitk.GetImageFromArray(broken)
+    bad.CopyInformation(limb)
+    sitk.WriteImage(bad, str(tmp_path / "broken.nii.gz"))
+    assert main(["evaluate", "denoise", str(LIMB_NII), str(tmp_path / "broken.nii.gz"), "--methods", "gaussian",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert f"error: {tmp_path / 'broken.nii.gz'}: the image has 1 NaN" in capsys.readouterr().err
+    mask = sitk.Image(limb.GetSize(), sitk.sitkUInt8) + 1  # a "lesion" everywhere: no healthy voxel to rank
+    mask.CopyInformation(limb)
+    sitk.WriteImage(mask, str(tmp_path / "all.nii.gz"))
+    assert main(["evaluate", "anomaly", "--scores", str(LIMB_NII), "--masks", str(tmp_path / "all.nii.gz"),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "error: case CT_image" in capsys.readouterr().err
 
 
 def test_meddifffm_plugs_in(tmp_path):

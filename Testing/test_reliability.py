@@ -625,3 +625,17 @@ def test_sigterm_cancels_a_job_like_ctrl_c(files, tmp_path):
     rest = job.stdout.read()
     assert job.wait(timeout=60) == 130 and "error: cancelled; no output was written" in rest
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_no_output_goes_into_the_series_folder_of_one_dicom_file_given(tmp_path, capsys):
+    """One .dcm file stands for its whole series, as its folder does: the output may not land beside it."""
+    from conftest import THREE_SLICE_DICOM
+
+    series = tmp_path / "series"
+    shutil.copytree(THREE_SLICE_DICOM, series)
+    one_file = sorted(series.iterdir())[0]
+    before = sorted(p.name for p in series.iterdir())
+    args = task_arguments("denoise", one_file, None, series / "denoised.nii.gz")
+    code, err = run_cli(args, capsys)
+    assert code == 2 and "is inside the input folder" in err
+    assert sorted(p.name for p in series.iterdir()) == before

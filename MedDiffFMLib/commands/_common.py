@@ -149,10 +149,12 @@ def progress_reporter(mode: str) -> Callable[[int, int], None]:
 def check_outputs(args: argparse.Namespace, inputs, volumes=(), others=()) -> None:
     """Refuse bad output paths before any computation (not after minutes of sampling)."""
     from ..errors import InputError
-    from ..io import check_output_suffix
+    from ..io import check_output_suffix, is_dicom_file
     from ..validation import check_output_path
 
-    inputs = [p for p in inputs if p is not None]
+    inputs = [Path(p) for p in inputs if p is not None]
+    # One DICOM file stands for its whole series: its folder is an input folder as much as a folder given itself.
+    inputs += [p.parent for p in inputs if p.is_file() and is_dicom_file(p)]
     outputs = [out for out in list(volumes) + list(others) if out is not None]
     seen = set()
     for out in outputs:

@@ -121,9 +121,12 @@ def _run_anomaly(args: argparse.Namespace) -> int:
     names = harness.case_names(args.scores)
     cases = []
     for index, (name, score_path, mask_path) in enumerate(zip(names, args.scores, args.masks)):
-        scores = read_volume(score_path)
-        mask = read_mask(mask_path, like=scores)
-        image = read_volume(args.images[index]).array if args.images else None
+        try:
+            scores = read_volume(score_path)
+            mask = read_mask(mask_path, like=scores)
+            image = read_volume(args.images[index]).array if args.images else None
+        except InputError as exc:  # among many files, say which case
+            raise InputError(f"case {name} ({score_path}): {exc}") from None
         cases.append(harness.AnomalyCase(name, scores.array, mask.array, image))
     rows = harness.evaluate_anomaly(cases, max_fpr=args.max_fpr)
     for path in harness.write_anomaly_report(rows, cases, args.out, max_fpr=args.max_fpr):

@@ -9,6 +9,9 @@ from pathlib import Path
 from . import _common
 
 NAME = "preprocess"
+#: float32 copies of the new grid alive at once: the resampled CT, ITK's output before it, the window to [-1, 1],
+#: the anatomy labels and their working arrays.
+PREPROCESS_COPIES = 6
 HELP = ("Resample a CT (default 1 mm isotropic), clip it to its body region's HU window mapped to [-1, 1] "
         "(what the model sees), and write the anatomy label map, an optional resampled mask, a JSON "
         "sidecar and a PNG preview next to OUTPUT.")
@@ -39,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from ..anatomy import get_anatomy
     from ..errors import InputError
     from ..io import atomic_path, read_mask, read_volume, sibling_path, write_preview, write_volumes
-    from ..preprocess import as_window, guess_region, resample, window_to_unit
+    from ..preprocess import as_window, guess_region, resample, resampled_size, window_to_unit
+    from ..tasks.common import check_setup_memory
     from ..validation import MIN_AXIS_VOXELS, check_ct
 
     if len(args.spacing) not in (1, 3):
@@ -68,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         region, reason = args.region, "set by the user"
 
+    size = resampled_size(vol, spacing)
+    check_setup_memory(tuple(reversed(size)), PREPROCESS_COPIES,
+                       f"resampling to {' x '.join(f'{v:g}' for v in spacing)} mm ({' x '.join(map(str, size))} voxels)")
     resampled = resample(vol, spacing)
     if min(resampled.shape) < MIN_AXIS_VOXELS:  # nothing could train on or be denoised on that grid
         raise InputError(f"--spacing {' '.join(f'{v:g}' for v in spacing)} mm leaves a grid of "

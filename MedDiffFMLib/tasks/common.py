@@ -371,17 +371,18 @@ NOISE_ESTIMATE_EXTRA_COPIES = 7
 ANATOMY_EXTRA_COPIES = 6
 
 
-def check_setup_memory(shape_zyx: Sequence[int], copies: int) -> None:
-    """Refuse a CT whose set-up (`copies` float32 copies of it) would clearly exhaust the CPU memory, before it
-    starts. A task that samples only a box (a mask's) is checked for the box by `check_memory`; its set-up still
-    covers the whole CT."""
+def check_setup_memory(shape_zyx: Sequence[int], copies: int,
+                       work: str = "the set-up of this CT (noise estimate, anatomy)") -> None:
+    """Refuse `work` on a grid of `shape_zyx` (`copies` float32 copies of it) when it would clearly exhaust the CPU
+    memory, before it starts. A task that samples only a box (a mask's) is checked for the box by `check_memory`;
+    its set-up still covers the whole CT."""
     free = available_memory(torch.device("cpu"))
     needed = copies * 4 * int(np.prod([int(n) for n in shape_zyx]))
     if free is not None and needed > free:
         gib = 2.0 ** 30
         raise ResourceError(
-            f"the set-up of this CT (noise estimate, anatomy) needs about {needed / gib:.1f} GiB but only "
-            f"{free / gib:.1f} GiB is free on cpu; crop the CT to the region of interest, or close other programs")
+            f"{work} needs about {needed / gib:.1f} GiB but only {free / gib:.1f} GiB is free on cpu; crop the CT "
+            "to the region of interest, or close other programs")
 
 
 def check_memory(cfg: ModelConfig, shape_zyx: Sequence[int], window_batch: int, device: torch.device,
