@@ -82,7 +82,7 @@ def format_report(report: Dict[str, Any]) -> str:
         f"spacing:    {numbers(round(v, 4) for v in report['spacing_mm'])} mm",
         f"extent:     {numbers(report['extent_mm'])} mm",
         f"origin:     ({', '.join(f'{v:.2f}' for v in report['origin_mm'])}) mm (LPS)",
-        f"direction:  ({', '.join(f'{v:.3f}' for v in report['direction'])})",
+        f"direction:  ({', '.join(f'{round(v, 3) + 0.0:.3f}' for v in report['direction'])})",  # no "-0.000"
         f"HU range:   {report['hu_range'][0]:g} .. {report['hu_range'][1]:g} "
         f"(1/50/99 %: {', '.join(f'{v:g}' for v in report['hu_percentiles_1_50_99'])})",
     ]
