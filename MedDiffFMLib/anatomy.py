@@ -21,7 +21,7 @@ from typing import Dict, Optional, Tuple, Union
 import numpy as np
 
 from .errors import InputError, ResourceError
-from .io import Volume, as_label_array, read_mask, read_volume, write_volume
+from .io import Volume, as_label_array, has_perpendicular_axes, read_mask, read_volume, write_volume
 from .orientation import AxisOrder
 from .validation import check_mask
 
@@ -224,6 +224,12 @@ def totalsegmentator_problem(fast: bool = False) -> Optional[str]:
             "copy its ~/.totalsegmentator folder to this machine and set TOTALSEG_HOME_DIR to that folder.")
 
 
+#: TotalSegmentator reads NIfTI, which cannot hold a sheared grid.
+SHEARED_FOR_TOTALSEGMENTATOR = ("TotalSegmentator cannot run on this CT: its axes are not perpendicular (a sheared "
+                                "grid, e.g. from a gantry tilt), which its NIfTI input cannot store; resample the CT "
+                                "onto an orthogonal grid first, or use the threshold anatomy.")
+
+
 def totalsegmentator_anatomy(vol: Union[Volume, str, "os.PathLike[str]"], fast: bool = False,
                              timeout_s: Optional[float] = None) -> np.ndarray:
     """TotalSegmentator `total` labels 1..117 plus body (118) on the grid of `vol`, as uint8 (z, y, x).
@@ -235,6 +241,8 @@ def totalsegmentator_anatomy(vol: Union[Volume, str, "os.PathLike[str]"], fast: 
     if problem:
         raise ResourceError(problem)
     vol = vol if isinstance(vol, Volume) else read_volume(vol)
+    if not has_perpendicular_axes(vol):
+        raise InputError(SHEARED_FOR_TOTALSEGMENTATOR)
     with tempfile.TemporaryDirectory(prefix="meddifffm-totalseg-") as tmp:
         image_path, seg_path = Path(tmp) / "ct.nii.gz", Path(tmp) / "seg.nii.gz"
         write_volume(vol, image_path)
@@ -263,7 +271,8 @@ def get_anatomy(vol: Volume, source: str = "auto",
         if user_labels is not None:
             source = "user"
         else:
-            problem = totalsegmentator_problem()
+            problem = totalsegmentator_problem() or (
+                None if has_perpendicular_axes(vol) else SHEARED_FOR_TOTALSEGMENTATOR)
             if problem:
                 log.info("%s Using the download-free threshold anatomy instead.", problem)
                 source = "threshold"

@@ -4,7 +4,7 @@ A model `<name>` is two files: `<name>.safetensors` (weights, fp16 or fp32) and 
 ModelConfig, anatomy encoding, patch size, windows, training record and the SHA-256 of the weights file).
 `load_model` checks the hash before parsing anything and never unpickles.
 
-Training state (model, EMA, optimizer moments, RNG states) is saved the same way: tensors in a
+Training state (model, EMA, optimizer moments) is saved the same way: tensors in a
 safetensors file, scalars in JSON, then a tiny `last.json` pointer is replaced atomically, so a run killed
 mid-write still resumes from the previous complete state.
 
@@ -72,7 +72,8 @@ def save_model(state_dict: Dict[str, torch.Tensor], cfg: ModelConfig, path: Path
                for k, v in state_dict.items()}
     config = cfg.to_dict()
     # Both files are complete before either replaces its predecessor, and the two replaces follow each other at
-    # once: a kill can hardly leave new weights beside the old description (`train --resume` repairs that case).
+    # once (the description first): a kill can hardly leave a new description beside the old weights, and
+    # `train --resume` repairs that case.
     with atomic_path(weights) as tmp_weights, atomic_path(sidecar) as tmp_sidecar:
         # Bytes written like any file (save_file would create it readable by its owner only).
         tmp_weights.write_bytes(save(tensors, metadata={"format": FORMAT, "config": json.dumps(config)}))
@@ -205,23 +206,21 @@ def resolve_model(name_or_path: PathLike) -> Path:
     if path.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin", ".pkl"):
         raise CheckpointError(f"{text}: MedDiffFM loads only .safetensors models with their .json description; "
                               f"{path.suffix} files can hold pickled code and are never loaded")
-    if path.is_dir():
-        raise CheckpointError(f"{text} is a folder; give the model file in it (a training run's is "
-                              f"{path / 'ema.safetensors'})")
     weights, sidecar = _weights_and_sidecar(text)
     is_path = any(sep in text for sep in (os.sep, os.altsep) if sep) or text.endswith((".safetensors", ".json"))
-    if is_path:
-        return weights
-    for entry in registry():
-        if entry["name"] == text:
-            for folder in (RESOURCES, cache_dir()):
-                candidate = folder / entry["file"]
-                if candidate.exists():
-                    return candidate
-            where = f"download it from {entry['url']} to {cache_dir() / entry['file']}" if entry.get("url") else \
-                f"its file {entry['file']} is missing from {RESOURCES} and {cache_dir()}"
-            raise CheckpointError(f"model {text!r} is registered but not installed: {where}")
-    if weights.exists() or sidecar.exists():
+    entry = None if is_path else next((m for m in registry() if m["name"] == text), None)
+    if entry is not None:
+        for folder in (RESOURCES, cache_dir()):
+            candidate = folder / entry["file"]
+            if candidate.exists():
+                return candidate
+        where = f"download it from {entry['url']} to {cache_dir() / entry['file']}" if entry.get("url") else \
+            f"its file {entry['file']} is missing from {RESOURCES} and {cache_dir()}"
+        raise CheckpointError(f"model {text!r} is registered but not installed: {where}")
+    if path.is_dir():  # e.g. a run folder (`train --out NAME`)
+        raise CheckpointError(f"{text} is a folder; give the model file in it (a training run's is "
+                              f"{path / 'ema.safetensors'})")
+    if is_path or weights.exists() or sidecar.exists():
         return weights
     cached = cache_dir() / f"{text}.safetensors"
     if cached.exists():

@@ -135,8 +135,8 @@ def load_cases(paths: Sequence[Path], n_slices: int, crop_yx: Optional[int] = No
             if order.source != (0, 1, 2):
                 volume = order.volume(volume)
             cases.append(central_case(name, volume, n_slices, crop_yx, context))
-        except InputError as exc:  # among many files, say which one
-            raise InputError(f"{path}: {exc}") from None
+        except InputError as exc:  # among many files, say which one (unless the message does)
+            raise InputError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
     return cases
 
 

@@ -253,8 +253,14 @@ def write_volumes(items: Sequence[Tuple[Volume, PathLike]], overwrite: bool = Fa
         if is_out_of_memory(exc):
             raise
         raise InputError(f"cannot write {', '.join(map(str, paths))} ({_first_line(exc)}); check the free disk "
-                         f"space and that {paths[0].parent} is writable, then retry (nothing was written)") from None
+                         f"space and that {paths[0].parent} is writable, then retry (no partial file is left)") from None
     return paths
+
+
+def has_perpendicular_axes(vol: Volume) -> bool:
+    """False for a sheared grid (e.g. a gantry tilt kept in the geometry), which NIfTI cannot store."""
+    direction = np.asarray(vol.direction, dtype=float).reshape(3, 3)
+    return bool(np.allclose(direction.T @ direction, np.eye(3), atol=1e-4))
 
 
 def _check_writable(vol: Volume, path: Path) -> None:
@@ -265,12 +271,10 @@ def _check_writable(vol: Volume, path: Path) -> None:
             raise CheckpointError(f"the result has {bad} of {vol.array.size} voxels that are NaN or infinite, so "
                                   f"{path} was not written: the model's weights are broken (e.g. a training run that "
                                   "diverged); use another model")
-    if path.name.lower().endswith(NIFTI_SUFFIXES):
-        direction = np.asarray(vol.direction, dtype=float).reshape(3, 3)
-        if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
-            # ITK would make the axes perpendicular and move the voxels by millimetres without an error.
-            raise InputError(f"cannot write {path.name}: the CT's axes are not perpendicular (a sheared grid, e.g. "
-                             "from a gantry tilt), which NIfTI cannot store; write .nrrd or .mha instead")
+    if path.name.lower().endswith(NIFTI_SUFFIXES) and not has_perpendicular_axes(vol):
+        # ITK would make the axes perpendicular and move the voxels by millimetres without an error.
+        raise InputError(f"cannot write {path.name}: the CT's axes are not perpendicular (a sheared grid, e.g. "
+                         "from a gantry tilt), which NIfTI cannot store; write .nrrd or .mha instead")
 
 
 def check_output_suffix(path: PathLike) -> None:

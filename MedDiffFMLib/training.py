@@ -212,16 +212,22 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=settings.lr or DEFAULT_LR)
     ema = EMA(model, settings.ema_decay)
     gen = torch.Generator()  # reseeded at every step (_step_seed)
-    start, wall_before, best = 0, 0.0, float("inf")
+    start, wall_before, best, val = 0, 0.0, float("inf"), {}
     if resume:
         restored = _restore(out_dir, cfg, model, ema, optimizer, rank, settings)
         if restored is not None:
-            start, wall_before, best = restored
-            if rank.main and not model_intact(out_dir / "ema"):
-                # Killed between replacing the exported model's two files: export it again from the state.
-                log.warning("the exported model %s/ema.* is damaged; exporting it again from step %d", out_dir, start)
-                _export(out_dir, cfg, settings, ema, start, wall_before, data, {}, _device(rank), False, export_model)
+            start, wall_before, best, val = restored
     settings = replace(settings, lr=optimizer.param_groups[0]["lr"])  # recorded as trained
+    if start and rank.main:
+        # A kill between replacing an exported model's two files leaves them disagreeing. Both were written from
+        # the state restored here (`ema-best` too: it is written only with the state whose EMA is the best).
+        damaged = [name for name in ("ema", "ema-best")
+                   if any((out_dir / f"{name}{suffix}").exists() for suffix in (".json", ".safetensors"))
+                   and not model_intact(out_dir / name)]
+        if damaged:
+            log.warning("exported model(s) %s in %s damaged; exporting them again from step %d",
+                        ", ".join(damaged), out_dir, start)
+            _export(out_dir, cfg, settings, ema, start, wall_before, data, val, device, damaged, export_model)
     if settings.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     net = model
@@ -245,7 +251,6 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
     batches = _batches(data, start, settings, rank)
     bar = _progress_bar(start, settings.steps, rank.main and progress is None)
     started, last_save = time.monotonic(), time.monotonic()
-    val = {}
     step = start
     stopping = False
     stop = _StopRequest()
@@ -394,25 +399,30 @@ def _save(out_dir: Path, cfg: ModelConfig, settings: TrainSettings, model, ema: 
             else:
                 optimizer_scalars.setdefault(str(index), {})[key] = value
     scalars = {"config": cfg.to_dict(), "settings": asdict(settings), "wall_seconds": wall, "best_validation": best,
+               "validation": val,
                "optimizer": {"param_groups": opt["param_groups"], "scalars": optimizer_scalars}}
     save_training_state(out_dir, step, tensors, scalars)
-    _export(out_dir, cfg, settings, ema, step, wall, data, val, device, improved, export_model)
+    _export(out_dir, cfg, settings, ema, step, wall, data, val, device, ("ema", "ema-best") if improved else ("ema",),
+            export_model)
 
 
 def _export(out_dir: Path, cfg: ModelConfig, settings: TrainSettings, ema: EMA, step: int, wall: float, data,
-            val: dict, device: torch.device, improved: bool, export_model=save_model) -> None:
-    """Write the EMA weights as a model file (`ema`, and `ema-best` when validation improved)."""
+            val: dict, device: torch.device, names, export_model=save_model) -> None:
+    """Write the EMA weights as the model files `names` (`ema`, and `ema-best` when validation improved)."""
     info = {"steps": step, "wall_hours": round(wall / 3600, 4), "device": _device_name(device),
             "validation_loss": val, "training_data": getattr(data, "summary", lambda: {})(),
             "settings": asdict(settings), "weights_kind": "ema"}
-    export_model(ema.shadow, cfg, out_dir / "ema", info, half=settings.half_export)
-    if improved:
-        export_model(ema.shadow, cfg, out_dir / "ema-best", info, half=settings.half_export)
+    for name in names:
+        export_model(ema.shadow, cfg, out_dir / name, info, half=settings.half_export)
 
 
 _STATE_KEYS = ("step", "config", "settings", "optimizer", "wall_seconds", "best_validation")
 _OTHER_CONFIG = ("{out_dir} holds a run of another model configuration; resume with the same preset/config (or "
                  "--init-from model) or train into a new folder")
+
+
+def _same_config(saved: dict, cfg: ModelConfig) -> bool:
+    return saved == json.loads(json.dumps(cfg.to_dict()))  # tuples become lists in JSON
 
 
 def check_resume_config(out_dir, cfg: ModelConfig) -> None:
@@ -423,7 +433,7 @@ def check_resume_config(out_dir, cfg: ModelConfig) -> None:
         saved = json.loads((out_dir / f"{stem}.json").read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return  # no run yet, or a damaged pointer: train() falls back to an older state or says what is wrong
-    if saved != json.loads(json.dumps(cfg.to_dict())):
+    if not _same_config(saved, cfg):
         raise CheckpointError(_OTHER_CONFIG.format(out_dir=out_dir))
 
 
@@ -439,7 +449,7 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: 
     if missing:
         raise CheckpointError(f"the training state in {out_dir} lacks {', '.join(missing)}; it was not written by "
                               "this version of MedDiffFM's train; start a new run in another folder")
-    if record["config"] != json.loads(json.dumps(cfg.to_dict())):
+    if not _same_config(record["config"], cfg):
         raise CheckpointError(_OTHER_CONFIG.format(out_dir=out_dir))
     try:
         model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -478,7 +488,7 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: 
             log.info("learning rate %g (the checkpoint trained at %g)", settings.lr, saved_lr)
     if rank.main:
         log.info("resumed %s at step %d", out_dir, record["step"])
-    return record["step"], record["wall_seconds"], record["best_validation"]
+    return record["step"], record["wall_seconds"], record["best_validation"], record.get("validation", {})
 
 
 def _device_name(device: torch.device) -> str:

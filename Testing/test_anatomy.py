@@ -13,7 +13,7 @@ from MedDiffFMLib.anatomy import (TOTALSEG_BODY_LABEL, AnatomySpec, decode_anato
                                   get_anatomy, threshold_anatomy, totalsegmentator_anatomy,
                                   totalsegmentator_problem)
 from MedDiffFMLib.errors import InputError, ResourceError
-from MedDiffFMLib.io import read_mask, read_volume
+from MedDiffFMLib.io import Volume, read_mask, read_volume
 
 AIR, FAT, SOFT, BONE = 1, 2, 3, 4
 TOTALSEG_LUNG_LOBES = [10, 11, 12, 13, 14]  # labels_total.json
@@ -116,6 +116,14 @@ def test_totalsegmentator_subprocess_and_body_class(tmp_path, monkeypatch):
     body_only = labels == TOTALSEG_BODY_LABEL
     assert body_only.any() and not np.any(organs[body_only])
     assert np.all(labels[threshold_anatomy(vol) == 0] != TOTALSEG_BODY_LABEL)
+    # A sheared grid cannot go to TotalSegmentator as NIfTI: `auto` says so and uses the threshold anatomy,
+    # an explicit request is refused (not a message about a temporary file the user never named).
+    tilt = np.deg2rad(15)
+    sheared = Volume(vol.array, vol.spacing, vol.origin, (1.0, 0, 0, 0, 1.0, float(np.sin(tilt)), 0, 0, float(np.cos(tilt))))
+    labels, source = get_anatomy(sheared, source="auto")
+    assert source == "threshold"
+    with pytest.raises(InputError, match="TotalSegmentator cannot run on this CT: its axes are not perpendicular"):
+        totalsegmentator_anatomy(sheared)
 
 
 def test_user_labels_must_match_the_image():

@@ -116,6 +116,10 @@ def test_a_registered_name_wins_over_a_file_of_that_name_in_the_working_folder(t
     assert resolve_model("tiny") == checkpoints.RESOURCES / next(
         m["file"] for m in checkpoints.registry() if m["name"] == "tiny")
     assert resolve_model("./tiny").resolve() == tmp_path / "tiny.safetensors"  # asked for as a path: that file
+    (tmp_path / "tiny").mkdir()  # e.g. a run folder (`train --out tiny`)
+    assert resolve_model("tiny").name == "meddifffm-tiny.safetensors"
+    with pytest.raises(CheckpointError, match="is a folder"):
+        resolve_model("./tiny")
 
 
 def test_wrong_architecture_is_named(tiny, tmp_path):

@@ -242,8 +242,12 @@ def test_models_that_would_share_a_short_name_keep_their_own_rows():
     assert _model_labels(["a/run/ema.safetensors"]) == ["MedDiffFM"]
     assert _model_labels(["tiny", "a/run/ema.safetensors", "b/run/ema.safetensors"]) == [
         "MedDiffFM tiny", "MedDiffFM a/run/ema.safetensors", "MedDiffFM b/run/ema.safetensors"]
-    with pytest.raises(InputError, match="a --model is given twice \\(tiny\\)"):
+    with pytest.raises(InputError, match="a --model is given twice \\(tiny name the same file\\)"):
         _model_labels(["tiny", "tiny"])
+    from MedDiffFMLib.checkpoints import resolve_model
+
+    with pytest.raises(InputError, match="given twice"):  # a registered name and its file are one model
+        _model_labels(["tiny", str(resolve_model("tiny"))])
 
 
 def test_cli_anomaly_on_files(tmp_path, capsys):

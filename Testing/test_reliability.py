@@ -578,7 +578,7 @@ def test_several_outputs_are_written_all_or_none(files, tmp_path, monkeypatch, c
     monkeypatch.setattr(sitk, "WriteImage", write_then_fail)
     args = task_arguments("detect-anomalies", files[0], None, tmp_path / "map.nii.gz")
     code, err = run_cli(args + ["--mask-output", str(tmp_path / "mask.nii.gz")], capsys)
-    assert code == 2 and "No space left on device" in err and "nothing was written" in err
+    assert code == 2 and "No space left on device" in err and "no partial file is left" in err
     assert len(calls) == 2 and list(tmp_path.iterdir()) == []
 
 
@@ -637,5 +637,9 @@ def test_no_output_goes_into_the_series_folder_of_one_dicom_file_given(tmp_path,
     before = sorted(p.name for p in series.iterdir())
     args = task_arguments("denoise", one_file, None, series / "denoised.nii.gz")
     code, err = run_cli(args, capsys)
-    assert code == 2 and "is inside the input folder" in err
+    assert code == 2 and "is inside the folder of the input DICOM series" in err
     assert sorted(p.name for p in series.iterdir()) == before
+    # ... but the folder above it is not the series': a .dcm in the working folder does not block results/.
+    args = task_arguments("denoise", one_file, None, tmp_path / "results" / "denoised.nii.gz")
+    code, err = run_cli(args, capsys)
+    assert "inside the folder" not in err

@@ -113,15 +113,19 @@ def test_resume_without_a_learning_rate_keeps_the_checkpoints(cfg, data, tmp_pat
 def test_resume_repairs_an_export_left_half_replaced(cfg, data, tmp_path):
     """A kill between replacing ema.safetensors and ema.json leaves a pair that does not verify; a resume that
     has nothing left to train must not leave the run's model unloadable."""
-    settings = _quiet(steps=2, batch_size=1)
-    train(cfg, data, tmp_path, settings)
-    good = (tmp_path / "ema.safetensors").read_bytes()
-    (tmp_path / "ema.safetensors").write_bytes(good[:-8] + b"12345678")
-    with pytest.raises(CheckpointError, match="damaged or was replaced"):
-        load_model(tmp_path / "ema")
-    train(cfg, data, tmp_path, settings, resume=True)
-    _, _, info = load_model(tmp_path / "ema")
-    assert info["steps"] == 2
+    val = CTPatchDataset(CASES, cfg, data.cache_dir, seed=1, anatomy_dropout=0.0)
+    settings = TrainSettings(steps=2, batch_size=1, validate_every=2, checkpoint_every=2)
+    train(cfg, data, tmp_path, settings, val_data=val)
+    losses = json.loads((tmp_path / "ema.json").read_text())["validation_loss"]
+    for name in ("ema", "ema-best"):
+        good = (tmp_path / f"{name}.safetensors").read_bytes()
+        (tmp_path / f"{name}.safetensors").write_bytes(good[:-8] + b"12345678")
+        with pytest.raises(CheckpointError, match="damaged or was replaced"):
+            load_model(tmp_path / name)
+    train(cfg, data, tmp_path, dataclasses.replace(settings, lr=None), resume=True)
+    for name in ("ema", "ema-best"):
+        _, _, info = load_model(tmp_path / name)
+        assert info["steps"] == 2 and info["validation_loss"] == losses and info["settings"]["lr"] == 1e-4
 
 
 def test_a_diverging_run_stops_with_its_last_finite_checkpoint(cfg, data, tmp_path):

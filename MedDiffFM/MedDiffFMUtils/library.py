@@ -56,4 +56,5 @@ def _modelKind(resources, weightsFile):
             info = json.load(file)
     except (OSError, ValueError):
         return None
+    # As MedDiffFMLib.finetune records it (CONTROLNET_KIND, TASKS); read here without importing torch into Slicer.
     return info.get("task") if info.get("kind") == "controlnet" else "base"

@@ -179,15 +179,16 @@ class TaskRun:
         self._cancelRequested = True
         if self._process is None:
             return
-        if self._process.poll() is None:
+        # The group is signalled while any of its processes lives (they hold the output pipe): inside Slicer the
+        # started launcher may be gone while the job, its child, still runs.
+        if self._process.poll() is None or self._reader.is_alive():
             killProcessTree(self._process)
         deadline = time.monotonic() + CANCEL_WAIT_S
         try:
             returnCode = self._process.wait(timeout=CANCEL_WAIT_S)
         except subprocess.TimeoutExpired:
             return
-        # The output ends once every process of the job has gone (they share the pipe): inside Slicer the started
-        # process is a launcher, and the job its child, which may still be writing into the folder.
+        # The output ends once every process of the job has gone, so none can still write into the folder.
         self._reader.join(timeout=max(0.0, deadline - time.monotonic()))
         if not self._reader.is_alive():
             self._finish(returnCode)

@@ -153,8 +153,8 @@ def check_outputs(args: argparse.Namespace, inputs, volumes=(), others=()) -> No
     from ..validation import check_output_path
 
     inputs = [Path(p) for p in inputs if p is not None]
-    # One DICOM file stands for its whole series: its folder is an input folder as much as a folder given itself.
-    inputs += [p.parent for p in inputs if p.is_file() and is_dicom_file(p)]
+    # One DICOM file stands for its whole series: nothing is written beside it, as into a series folder given itself.
+    series_folders = {p.parent.resolve() for p in inputs if p.is_file() and is_dicom_file(p)}
     outputs = [out for out in list(volumes) + list(others) if out is not None]
     seen = set()
     for out in outputs:
@@ -162,6 +162,9 @@ def check_outputs(args: argparse.Namespace, inputs, volumes=(), others=()) -> No
         if key in seen:  # one output would silently replace another, or fail after the whole run
             raise InputError(f"{out} is given for two different outputs; give each output its own file")
         seen.add(key)
+        if Path(key).parent in series_folders:
+            raise InputError(f"output {out} is inside the folder of the input DICOM series {Path(key).parent}; "
+                             "choose another folder")
         check_output_path(out, inputs=inputs, overwrite=args.overwrite)  # first: says when -o is a folder
     for out in volumes:
         if out is not None:

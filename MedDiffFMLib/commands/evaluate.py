@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import List
 
@@ -96,12 +97,23 @@ def _model_labels(models: List[str]) -> List[str]:
     parent folder and stem, or as given where two files would share that short name (each needs its own row)."""
     if len(models) == 1:
         return ["MedDiffFM"]
+    files = [_model_file(model) for model in models]  # a name and a path can be the same model
+    twice = sorted({model for model, file in zip(models, files) if files.count(file) > 1})
+    if twice:
+        raise InputError(f"a --model is given twice ({', '.join(twice)} name the same file); give each model once")
     short = [_short_label(model) for model in models]
     labels = [name if short.count(name) == 1 else model for name, model in zip(short, models)]
-    if len(set(labels)) < len(labels):
-        raise InputError(f"a --model is given twice ({', '.join(sorted({m for m in models if models.count(m) > 1}))}); "
-                         "give each model once")
     return [f"MedDiffFM {label}" for label in labels]
+
+
+def _model_file(model: str) -> str:
+    from ..checkpoints import resolve_model
+    from ..errors import CheckpointError
+
+    try:
+        return os.path.realpath(resolve_model(model))
+    except CheckpointError:  # loading it will say what is wrong
+        return model
 
 
 def _short_label(model: str) -> str:

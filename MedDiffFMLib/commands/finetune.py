@@ -44,6 +44,11 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = ModelConfig.from_dict(read_model_info(resolve_model(args.base))["config"])
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                             seed=args.seed, validate_every=args.validate_every,
+                             checkpoint_every=args.checkpoint_every, num_workers=args.num_workers,
+                             half_export=not args.fp32_export, low_noise_fraction=0.0)
+    settings.check(cfg)  # before the (slow) data preparation
     val_spec = args.val_data if args.val_data is not None else (["validation"] if args.data == ["train"] else [])
     if args.task == "super-resolution":
         data = _super_resolution_data(args, args.data, cfg, args.seed, None)
@@ -51,10 +56,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         data = _lesion_data(args, args.data, args.masks, cfg, args.seed, None)
         val = _lesion_data(args, val_spec, args.val_masks, cfg, args.seed + 1, 0.0) if val_spec else None
-    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                             seed=args.seed, validate_every=args.validate_every,
-                             checkpoint_every=args.checkpoint_every, num_workers=args.num_workers,
-                             half_export=not args.fp32_export, low_noise_fraction=0.0)
     record = finetune(args.base, args.task, data, args.out, settings, val_data=val, resume=args.resume)
     return _common.training_result(record, args.out / "ema.safetensors", "ControlNet model")
 
