@@ -93,6 +93,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except MedDiffFMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the file system refused a path: too long a name, no permission, ...
+        if is_out_of_memory(exc):
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except (MemoryError, RuntimeError) as exc:  # torch reports CPU and GPU allocation failures as RuntimeErrors
         if not is_out_of_memory(exc):
             raise

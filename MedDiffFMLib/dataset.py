@@ -78,6 +78,18 @@ CACHE_SUFFIX = ".npz"
 VALIDATION_SUBJECTS = ("lung1", "ts_example", "STS_002")
 
 
+def check_mode_weights(weights: Dict[str, float]) -> Dict[str, float]:
+    """The patch-mode mix as given, once it names only known modes with finite, non-negative weights, not all 0."""
+    weights = dict(weights)
+    unknown = sorted(set(weights) - set(MODES))
+    if unknown:
+        raise InputError(f"unknown patch mode(s) {', '.join(unknown)}; the modes are {', '.join(MODES)}")
+    values = list(weights.values())
+    if not all(0 <= value < float("inf") for value in values) or sum(values) <= 0:
+        raise InputError(f"patch mode weights must be finite, not negative, and not all 0, got {weights}")
+    return weights
+
+
 def split_cases(data_root: Union[str, Path], split: str) -> List[CTCase]:
     """The `train` or `validation` cases of the shared CT data under `data_root`."""
     if split not in ("train", "validation"):
@@ -149,10 +161,7 @@ class CTPatchDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.length = int(length)
         self.anatomy_dropout = cfg.anatomy_dropout if anatomy_dropout is None else float(anatomy_dropout)
-        weights = dict(DEFAULT_MODE_WEIGHTS if mode_weights is None else mode_weights)
-        unknown = set(weights) - set(MODES)
-        if unknown or sum(weights.values()) <= 0 or min(weights.values()) < 0:
-            raise InputError(f"patch mode weights must be >= 0 for modes {', '.join(MODES)}, got {weights}")
+        weights = check_mode_weights(DEFAULT_MODE_WEIGHTS if mode_weights is None else mode_weights)
         self.mode_weights = np.array([weights.get(m, 0.0) for m in MODES]) / sum(weights.values())
         self.spec = anatomy_spec(cfg)
         self.cache_dir = Path(cache_dir)

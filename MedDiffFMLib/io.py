@@ -248,7 +248,13 @@ def write_volumes(items: Sequence[Tuple[Volume, PathLike]], overwrite: bool = Fa
     try:
         with contextlib.ExitStack() as stack:
             for (vol, _), path in zip(items, paths):
-                sitk.WriteImage(vol.to_sitk(), str(stack.enter_context(atomic_path(path))), useCompression=True)
+                tmp = stack.enter_context(atomic_path(path))
+                sitk.WriteImage(vol.to_sitk(), str(tmp), useCompression=True)
+                if path.name.lower().endswith(NIFTI_SUFFIXES):
+                    try:  # ITK's NIfTI writer only prints a warning when the disk fills up
+                        _check_nifti_complete(tmp)
+                    except InputError:
+                        raise OSError("the file written is incomplete") from None
     except (RuntimeError, OSError) as exc:  # disk full, quota, file system gone read-only while running
         if is_out_of_memory(exc):
             raise
@@ -271,9 +277,15 @@ def _check_writable(vol: Volume, path: Path) -> None:
             raise CheckpointError(f"the result has {bad} of {vol.array.size} voxels that are NaN or infinite, so "
                                   f"{path} was not written: the model's weights are broken (e.g. a training run that "
                                   "diverged); use another model")
-    if path.name.lower().endswith(NIFTI_SUFFIXES) and not has_perpendicular_axes(vol):
+    check_output_grid(vol, path)
+
+
+def check_output_grid(vol: Volume, path: PathLike) -> None:
+    """Refuse a NIfTI output for a sheared grid (known before a job runs: its outputs share the input's axes)."""
+    name = Path(path).name
+    if name.lower().endswith(NIFTI_SUFFIXES) and not has_perpendicular_axes(vol):
         # ITK would make the axes perpendicular and move the voxels by millimetres without an error.
-        raise InputError(f"cannot write {path.name}: the CT's axes are not perpendicular (a sheared grid, e.g. "
+        raise InputError(f"cannot write {name}: the CT's axes are not perpendicular (a sheared grid, e.g. "
                          "from a gantry tilt), which NIfTI cannot store; write .nrrd or .mha instead")
 
 
@@ -285,6 +297,8 @@ def check_output_suffix(path: PathLike) -> None:
                          "use the single-file equivalent .nrrd or .mha instead")
     if not name.lower().endswith(OUTPUT_SUFFIXES):
         raise InputError(f"cannot write {name}: use one of {', '.join(OUTPUT_SUFFIXES)}")
+    if name.lower() in OUTPUT_SUFFIXES:
+        raise InputError(f"cannot write {name}: give the file a name before its suffix, e.g. ct{name}")
     nifti = next((name[-len(suffix):] for suffix in NIFTI_SUFFIXES if name.lower().endswith(suffix)), None)
     if nifti is not None and nifti not in (nifti.lower(), nifti.upper()):
         raise InputError(f"cannot write {name}: ITK reads NIfTI files only with a suffix in one case "
@@ -301,7 +315,7 @@ def atomic_path(final: PathLike) -> Iterator[Path]:
     # image suffix (x.nii.nii.gz, ct.hdr.nii.gz), so the file written would not be the one renamed.
     name = final.name
     suffix = name[-7:] if name.lower().endswith(".nii.gz") else final.suffix
-    stem = name[:len(name) - len(suffix)].replace(".", "_")
+    stem = name[:len(name) - len(suffix)].replace(".", "_")[:64]  # the name itself may use all 255 bytes
     tmp = final.parent / f".tmp-{uuid.uuid4().hex[:8]}-{stem}{suffix.lower()}"
     try:
         yield tmp

@@ -332,11 +332,16 @@ def _optimizer_step(net, forward, model, optimizer, batches, schedule: Schedule,
     return loss_sum, grad_norm
 
 
+def refuse_controlnet_start(init_from: str, controlnet_task_name: Optional[str]) -> None:
+    """Pre-training starts from a base model, not from a ControlNet (`controlnet_task_name` is its task)."""
+    if controlnet_task_name is not None:
+        raise InputError(f"--init-from {init_from} is a ControlNet fine-tuned for {controlnet_task_name}; "
+                         "pre-training starts from a base model such as `default`")
+
+
 def _init_weights(init_from: str, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     source, _, _ = load_model(init_from)
-    if controlnet_task(source) is not None:
-        raise InputError(f"--init-from {init_from} is a ControlNet fine-tuned for {controlnet_task(source)}; "
-                         "pre-training starts from a base model such as `default`")
+    refuse_controlnet_start(init_from, controlnet_task(source))
     weights = source.state_dict()
     check_architecture(model.state_dict(), weights, f"--init-from {init_from}")
     return weights
@@ -417,8 +422,8 @@ def _export(out_dir: Path, cfg: ModelConfig, settings: TrainSettings, ema: EMA, 
 
 
 _STATE_KEYS = ("step", "config", "settings", "optimizer", "wall_seconds", "best_validation")
-_OTHER_CONFIG = ("{out_dir} holds a run of another model configuration; resume with the same preset/config (or "
-                 "--init-from model) or train into a new folder")
+_OTHER_CONFIG = ("{out_dir} holds a run of another model configuration ({saved!r}, not {asked!r}); resume with the "
+                 "same preset/config (or --init-from model) or train into a new folder")
 
 
 def _same_config(saved: dict, cfg: ModelConfig) -> bool:
@@ -434,7 +439,7 @@ def check_resume_config(out_dir, cfg: ModelConfig) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         return  # no run yet, or a damaged pointer: train() falls back to an older state or says what is wrong
     if not _same_config(saved, cfg):
-        raise CheckpointError(_OTHER_CONFIG.format(out_dir=out_dir))
+        raise CheckpointError(_OTHER_CONFIG.format(out_dir=out_dir, saved=saved.get("name"), asked=cfg.name))
 
 
 def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: Rank,
@@ -450,7 +455,7 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: 
         raise CheckpointError(f"the training state in {out_dir} lacks {', '.join(missing)}; it was not written by "
                               "this version of MedDiffFM's train; start a new run in another folder")
     if not _same_config(record["config"], cfg):
-        raise CheckpointError(_OTHER_CONFIG.format(out_dir=out_dir))
+        raise CheckpointError(_OTHER_CONFIG.format(out_dir=out_dir, saved=record["config"].get("name"), asked=cfg.name))
     try:
         model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     except RuntimeError:

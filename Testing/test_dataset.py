@@ -114,7 +114,7 @@ def test_anatomy_dropout_and_seeds(data, cfg, cases):
 
 
 def test_bad_inputs_are_refused(cfg, cases, tmp_path):
-    with pytest.raises(InputError, match="mode weights"):
+    with pytest.raises(InputError, match="unknown patch mode\\(s\\) tiles"):
         CTPatchDataset(cases, cfg, tmp_path, mode_weights={"tiles": 1.0})
     with pytest.raises(InputError, match="no CT volumes"):
         CTPatchDataset(str(tmp_path), cfg, tmp_path)

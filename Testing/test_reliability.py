@@ -582,7 +582,7 @@ def test_several_outputs_are_written_all_or_none(files, tmp_path, monkeypatch, c
     assert len(calls) == 2 and list(tmp_path.iterdir()) == []
 
 
-def test_a_sheared_grid_is_not_written_as_nifti(files, tmp_path):
+def test_a_sheared_grid_is_not_written_as_nifti(files, tmp_path, monkeypatch, capsys):
     """NIfTI cannot store axes that are not perpendicular; ITK would straighten them and move the voxels."""
     image = read_volume(files[0])
     tilt = np.deg2rad(15)
@@ -593,6 +593,26 @@ def test_a_sheared_grid_is_not_written_as_nifti(files, tmp_path):
     assert list(tmp_path.iterdir()) == []
     back = read_volume(write_volume(sheared, tmp_path / "out.nrrd"))
     np.testing.assert_allclose(back.direction, sheared.direction, atol=1e-9)
+    # Through the CLI it is refused before the job, not after it.
+    args = task_arguments("denoise", tmp_path / "out.nrrd", None, tmp_path / "denoised.nii.gz")
+    calls = []
+    monkeypatch.setattr(_common, "load_model", lambda *a, **k: calls.append(1))
+    code, err = run_cli(args, capsys)
+    assert code == 2 and "axes are not perpendicular" in err and calls == []
+
+
+def test_a_nifti_cut_short_by_a_full_disk_is_not_renamed_into_place(files, tmp_path, monkeypatch, capsys):
+    """ITK's NIfTI writer only prints a warning when the disk fills up: the file would be renamed into place with
+    exit code 0. The written file is checked before it replaces anything."""
+    original = sitk.WriteImage
+
+    def short_write(image, path, *args, **kwargs):
+        original(image, path, *args, **kwargs)
+        data = Path(path).read_bytes()
+        Path(path).write_bytes(data[: len(data) // 2])
+    monkeypatch.setattr(sitk, "WriteImage", short_write)
+    code, err = run_cli(task_arguments("denoise", files[0], None, tmp_path / "out.nii.gz"), capsys)
+    assert code == 2 and "the file written is incomplete" in err and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("option, value", [("--noise-level", "nan"), ("--lambda", "inf"), ("--window", "nan")])

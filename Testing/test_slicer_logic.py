@@ -97,7 +97,7 @@ def ct_node(scene, ct_image):
 def no_job_left_running():
     """A test that fails while its job runs must not block the next tests' jobs (one job at a time)."""
     yield
-    logic_module.MedDiffFMTasks.cancelActiveJob()
+    logic_module.MedDiffFMTasks._cancelUnfinishedJobs()
     logic_module.MedDiffFMTasks._activeRun = None
 
 
@@ -482,6 +482,13 @@ def test_cancel_finishes_the_job_at_once_and_removes_its_folder(tmp_path):
     assert events["imported"] == 0 and not work_dir.exists()
     with pytest.raises(process.TaskCancelled):
         ended.wait()
+    # A job cancelled before it started never runs, and waiting for it returns at once.
+    (tmp_path / "c").mkdir()
+    never, events, work_dir = make_run(script(tmp_path / "c", "print('ran')\n"), tmp_path / "c")
+    never.cancel()
+    assert never.finished and not work_dir.exists() and never.start() is never and never._process is None
+    with pytest.raises(process.TaskCancelled):
+        never.wait()
 
 
 @pytest.mark.parametrize("failure", [NameError, KeyboardInterrupt])
@@ -630,11 +637,15 @@ def test_closing_the_scene_drops_a_finished_job_not_yet_imported(ct_node, fake_c
     """A console job whose process has ended but whose results wait for poll() must not land in the next scene."""
     monkeypatch.setattr(logic_module.MedDiffFMTasks, "_temporaryRoot", staticmethod(lambda: str(tmp_path / "tmp")))
     (tmp_path / "tmp").mkdir()
-    run = MedDiffFM.MedDiffFMLogic().denoise(ct_node, wait=False)
+    logic = MedDiffFM.MedDiffFMLogic()
+    run = logic.denoise(ct_node, wait=False)
     run._process.wait()
+    later = logic.denoise(ct_node, wait=False)  # the first has ended, so another may start: both are unfinished
+    later._process.wait()
     slicer.mrmlScene.Clear(0)
-    with pytest.raises(process.TaskCancelled):
-        run.wait(handleEvents=False)
+    for job in (run, later):
+        with pytest.raises(process.TaskCancelled):
+            job.wait(handleEvents=False)
     assert slicer.mrmlScene.GetFirstNodeByName("CT denoised") is None and not any((tmp_path / "tmp").iterdir())
 
 

@@ -232,7 +232,9 @@ def test_cli_refuses_conflicting_or_unusable_settings_before_preparing_data(cfg,
             (["--config", str(tmp_path / "absent.json")], "cannot read --config"),
             (["--config", str(bad_config)], "is not a usable model configuration"),
             (["--preset", "tiny", "--low-noise-max-t", "5000"], "its max t in \\[1, 1000\\]"),
-            (["--preset", "tiny", "--mode-weights", "whole=nan"], "--mode-weights must be finite"),
+            (["--preset", "tiny", "--mode-weights", "whole=nan"], "patch mode weights must be finite"),
+            (["--preset", "tiny", "--mode-weights", "foo=1"], "unknown patch mode\\(s\\) foo; the modes are whole"),
+            (["--init-from", "tiny-lesion"], "--init-from tiny-lesion is a ControlNet fine-tuned for lesion"),
             (["--preset", "tiny", "--lr", "inf"], "--lr must be a finite number")):
         assert cli_main(train_args + extra) == 2
         assert re.search(message, capsys.readouterr().err), extra
@@ -243,5 +245,5 @@ def test_cli_refuses_conflicting_or_unusable_settings_before_preparing_data(cfg,
     assert cli_main(train_args + ["--config", str(config)]) == 0
     entries = sorted(cache.iterdir())
     assert cli_main(train_args + ["--preset", "default", "--resume"]) == 2
-    assert "holds a run of another model configuration" in capsys.readouterr().err
+    assert "holds a run of another model configuration ('tiny', not 'default')" in capsys.readouterr().err
     assert sorted(cache.iterdir()) == entries  # no `default` entries were made

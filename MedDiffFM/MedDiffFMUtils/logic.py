@@ -87,6 +87,7 @@ class MedDiffFMTasks:
     """
 
     _activeRun = None  # the last job started by any instance
+    _unfinishedRuns = []  # every job started and not finished yet (a wait=False job ends unpolled; see below)
     _observedScene = None  # the scene whose closing cancels the running job (see _cancelOnSceneClose)
 
     def __init__(self):
@@ -180,12 +181,13 @@ class MedDiffFMTasks:
         return active is not None
 
     @staticmethod
-    def _cancelUnfinishedJob():
-        """Cancel the last job unless it has finished, also when its process has ended but its results wait for
-        poll(): they are not imported, and its folder (holding the exported CT) is removed."""
-        last = MedDiffFMTasks._activeRun
-        if last is not None and not last.finished:
-            last.cancel()
+    def _cancelUnfinishedJobs():
+        """Cancel every job that has not finished, also one whose process has ended but whose results wait for
+        poll(): they are not imported (they would land in the next scene), and its folder, holding the exported
+        CT, is removed."""
+        for run in MedDiffFMTasks._unfinishedRuns:
+            run.cancel()
+        MedDiffFMTasks._unfinishedRuns = [run for run in MedDiffFMTasks._unfinishedRuns if not run.finished]
 
     @staticmethod
     def _cancelOnSceneClose():
@@ -196,7 +198,7 @@ class MedDiffFMTasks:
             # Only the current scene's closing counts: a scene destroyed when let go of (scripts and tests that
             # replace slicer.mrmlScene) closes too.
             scene.AddObserver(scene.StartCloseEvent, lambda caller, event: caller is slicer.mrmlScene
-                              and MedDiffFMTasks._cancelUnfinishedJob())
+                              and MedDiffFMTasks._cancelUnfinishedJobs())
             MedDiffFMTasks._observedScene = scene
 
     # --- shared machinery -----------------------------------------------------------------------
@@ -285,6 +287,7 @@ class MedDiffFMTasks:
             shutil.rmtree(workDir, ignore_errors=True)
             raise
         MedDiffFMTasks._activeRun = run
+        MedDiffFMTasks._unfinishedRuns = [r for r in MedDiffFMTasks._unfinishedRuns if not r.finished] + [run]
         self._cancelOnSceneClose()
         return run.wait() if wait else run
 
@@ -331,4 +334,4 @@ class MedDiffFMTasks:
 
 
 # A job runs in its own process group, so it would outlive Slicer: stop it when Slicer exits (and remove its folder).
-atexit.register(MedDiffFMTasks._cancelUnfinishedJob)
+atexit.register(MedDiffFMTasks._cancelUnfinishedJobs)

@@ -147,6 +147,8 @@ class TaskRun:
         self._lines = queue.Queue()
 
     def start(self):
+        if self.finished:  # cancelled before it started: nothing runs
+            return self
         env = dict(os.environ if self.env is None else self.env)
         env["PYTHONUNBUFFERED"] = "1"  # progress lines must arrive while the job runs, not at exit
         env["PYTHONIOENCODING"] = "utf-8"  # as this side decodes (Windows would write its code page)
@@ -177,7 +179,8 @@ class TaskRun:
         if self.finished:
             return
         self._cancelRequested = True
-        if self._process is None:
+        if self._process is None:  # never started
+            self._finish(None)
             return
         # The group is signalled while any of its processes lives (they hold the output pipe): inside Slicer the
         # started launcher may be gone while the job, its child, still runs.

@@ -171,6 +171,15 @@ def check_outputs(args: argparse.Namespace, inputs, volumes=(), others=()) -> No
             check_output_suffix(out)
 
 
+def check_output_grids(volume, *paths) -> None:
+    """Refuse, before the job, outputs that cannot hold the grid of `volume` (see io.check_output_grid)."""
+    from ..io import check_output_grid
+
+    for path in paths:
+        if path is not None:
+            check_output_grid(volume, path)
+
+
 #: The shared CT data next to the repository (the split names 'train'/'validation' refer to it).
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ct"
 

@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if args.preview and args.preview.suffix.lower() != ".png":
         raise InputError(f"--preview {args.preview}: the preview is a PNG figure; give a name ending in .png")
     volume = read_volume(args.input)
+    _common.check_output_grids(volume, args.output, uncertainty_path)
     mask = read_mask(args.mask, like=volume) if args.mask else None
     labels = read_mask(args.anatomy_labels, like=volume) if args.anatomy_labels else None
     model = _common.load_model(args)

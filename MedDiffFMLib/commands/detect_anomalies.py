@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     _common.check_outputs(args, [args.input, args.mask, args.anatomy_labels],
                           volumes=[args.output, args.mask_output, args.reconstruction])
     volume = read_volume(args.input)
+    _common.check_output_grids(volume, args.output, args.mask_output, args.reconstruction)
     mask = read_mask(args.mask, like=volume) if args.mask else None
     labels = read_mask(args.anatomy_labels, like=volume) if args.anatomy_labels else None
     model = _common.load_model(args)

@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     _common.check_outputs(args, [args.input, args.mask], volumes=[args.output])
     volume = read_volume(args.input)
+    _common.check_output_grids(volume, args.output)
     mask = read_mask(args.mask, like=volume)
     model = _common.load_model(args)
     result = generate_lesion(volume, mask, model, nfe=args.nfe, margin_mm=args.margin_mm,

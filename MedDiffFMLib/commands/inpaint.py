@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     _common.check_outputs(args, [args.input, args.mask], volumes=[args.output])
     volume = read_volume(args.input)
+    _common.check_output_grids(volume, args.output)
     mask = read_mask(args.mask, like=volume)
     model = _common.load_model(args)
     result = inpaint(volume, mask, model, nfe=args.nfe, jump_length=args.jump_length, resample=args.resample,

@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
                           others=[outputs["sidecar"], outputs["preview"]])
 
     vol = read_volume(args.input)
+    _common.check_output_grids(vol, outputs["image"], outputs["anatomy"], outputs.get("mask"))
     check_ct(vol)
     mask = read_mask(args.mask, like=vol) if args.mask is not None else None
     user_labels = read_mask(args.anatomy_labels, like=vol) if args.anatomy_labels is not None else None

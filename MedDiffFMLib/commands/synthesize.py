@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
                          "give one or the other")
     _common.check_outputs(args, [args.reference, args.anatomy], volumes=[args.output])
     reference = read_volume(args.reference) if args.reference else None
+    if reference is not None:
+        _common.check_output_grids(reference, args.output)
     anatomy = None
     if args.anatomy:
         # Read as an image (it may define the grid); the task checks it against the reference grid.

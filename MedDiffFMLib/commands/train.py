@@ -82,8 +82,11 @@ def _model_config(args: argparse.Namespace):
             raise InputError(f"--config {args.config} is not a usable model configuration ({exc})") from None
     if args.init_from:
         from ..checkpoints import read_model_info, resolve_model
+        from ..training import refuse_controlnet_start
 
-        cfg = ModelConfig.from_dict(read_model_info(resolve_model(args.init_from))["config"])
+        info = read_model_info(resolve_model(args.init_from))
+        refuse_controlnet_start(args.init_from, info.get("task") if info.get("kind") == "controlnet" else None)
+        cfg = ModelConfig.from_dict(info["config"])
         if args.preset and args.preset != cfg.name:
             raise InputError(f"--init-from {args.init_from} is a {cfg.name!r} model, but --preset {args.preset} asks "
                              "for another: leave --preset out to train the model's own configuration")
@@ -98,11 +101,10 @@ def _model_config(args: argparse.Namespace):
 def _mode_weights(text: str) -> dict:
     from ..errors import InputError
 
+    from ..dataset import check_mode_weights
+
     try:
         weights = {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
     except ValueError:
         raise InputError(f"--mode-weights must look like whole=0.2,crop2x=0.3,crop=0.5, got {text!r}") from None
-    values = list(weights.values())
-    if not all(0 <= value < float("inf") for value in values) or sum(values) <= 0:
-        raise InputError(f"--mode-weights must be finite, not negative, and not all 0, got {text!r}")
-    return weights
+    return check_mode_weights(weights)
