@@ -191,7 +191,7 @@ class MedDiffFMTasks:
 
     @staticmethod
     def _cancelOnSceneClose():
-        """Closing the scene cancels the unfinished job (its results would land in the next scene), also when the
+        """Closing the scene cancels the unfinished jobs (their results would land in the next scene), also when the
         module panel, which does the same for its own jobs, was never opened. One observer per scene."""
         scene = slicer.mrmlScene
         if MedDiffFMTasks._observedScene is not scene:
