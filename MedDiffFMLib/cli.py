@@ -93,13 +93,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except MedDiffFMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # the file system refused a path: too long a name, no permission, ...
-        if is_out_of_memory(exc):
-            raise
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 2
-    except (MemoryError, RuntimeError) as exc:  # torch reports CPU and GPU allocation failures as RuntimeErrors
+    except (MemoryError, RuntimeError, OSError) as exc:  # torch reports allocation failures as RuntimeErrors
+        if isinstance(exc, OSError) and not is_out_of_memory(exc):  # the file system refused a path
+            where = exc.filename2 or exc.filename  # os.replace(temporary, output): the output is the 2nd
+            print(f"error: {exc.strerror or exc}" + (f": {where}" if where else ""), file=sys.stderr)
+            return 2
         if not is_out_of_memory(exc):
             raise
         log.debug("out of memory", exc_info=True)

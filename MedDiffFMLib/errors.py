@@ -28,8 +28,8 @@ class Cancelled(MedDiffFMError):
 
 #: How allocation failures read where they are not a MemoryError: torch's CPU and CUDA allocators, cuBLAS and cuDNN
 #: (..._STATUS_ALLOC_FAILED), ITK ("Failed to allocate memory for image"), NumPy ("Unable to allocate").
-_OUT_OF_MEMORY_PHRASES = ("out of memory", "can't allocate memory", "failed to allocate memory", "alloc_failed",
-                          "unable to allocate")
+_OUT_OF_MEMORY_PHRASES = ("out of memory", "can't allocate memory", "cannot allocate memory",
+                          "failed to allocate memory", "alloc_failed", "unable to allocate")
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -252,9 +252,9 @@ def write_volumes(items: Sequence[Tuple[Volume, PathLike]], overwrite: bool = Fa
                 sitk.WriteImage(vol.to_sitk(), str(tmp), useCompression=True)
                 if path.name.lower().endswith(NIFTI_SUFFIXES):
                     try:  # ITK's NIfTI writer only prints a warning when the disk fills up
-                        _check_nifti_complete(tmp)
+                        _check_nifti_complete(tmp, voxels=False)
                     except InputError:
-                        raise OSError("the file written is incomplete") from None
+                        raise OSError(f"{path.name} was written incomplete") from None
     except (RuntimeError, OSError) as exc:  # disk full, quota, file system gone read-only while running
         if is_out_of_memory(exc):
             raise
@@ -298,7 +298,7 @@ def check_output_suffix(path: PathLike) -> None:
     if not name.lower().endswith(OUTPUT_SUFFIXES):
         raise InputError(f"cannot write {name}: use one of {', '.join(OUTPUT_SUFFIXES)}")
     if name.lower() in OUTPUT_SUFFIXES:
-        raise InputError(f"cannot write {name}: give the file a name before its suffix, e.g. ct{name}")
+        raise InputError(f"cannot write {name}: give the file a name before its suffix, e.g. ct{name.lower()}")
     nifti = next((name[-len(suffix):] for suffix in NIFTI_SUFFIXES if name.lower().endswith(suffix)), None)
     if nifti is not None and nifti not in (nifti.lower(), nifti.upper()):
         raise InputError(f"cannot write {name}: ITK reads NIfTI files only with a suffix in one case "
@@ -315,7 +315,8 @@ def atomic_path(final: PathLike) -> Iterator[Path]:
     # image suffix (x.nii.nii.gz, ct.hdr.nii.gz), so the file written would not be the one renamed.
     name = final.name
     suffix = name[-7:] if name.lower().endswith(".nii.gz") else final.suffix
-    stem = name[:len(name) - len(suffix)].replace(".", "_")[:64]  # the name itself may use all 255 bytes
+    # At most 64 bytes of the name: the name itself may use all 255 bytes a file system allows.
+    stem = name[:len(name) - len(suffix)].replace(".", "_").encode()[:64].decode("utf-8", "ignore")
     tmp = final.parent / f".tmp-{uuid.uuid4().hex[:8]}-{stem}{suffix.lower()}"
     try:
         yield tmp
@@ -346,12 +347,13 @@ def _read_file(path: Path) -> Tuple[sitk.Image, Optional[np.ndarray]]:
             "NRRD (.nrrd), MetaImage (.mha/.mhd) files and DICOM series folders.") from None
 
 
-def _check_nifti_complete(path: Path) -> Optional[np.ndarray]:
+def _check_nifti_complete(path: Path, voxels: bool = True) -> Optional[np.ndarray]:
     """Refuse a truncated or corrupt NIfTI: ITK's reader fills missing voxels with 0 and says nothing.
 
     The size of the (decompressed) file is compared with the header's promise; a .gz is decompressed to its end,
     where gzip checks its CRC. A 3D float NIfTI's voxels are returned, taken from that same decompression: ITK's
-    reader turns NaN and inf into 0, and `_restore_nonfinite` puts them back from these.
+    reader turns NaN and inf into 0, and `_restore_nonfinite` puts them back from these. `voxels=False` only
+    checks (a file just written), streaming the decompression.
     """
     import nibabel
 
@@ -359,7 +361,7 @@ def _check_nifti_complete(path: Path) -> Optional[np.ndarray]:
         image = nibabel.load(str(path))  # reads the header only
         proxy = image.dataobj
         needed = proxy.offset + int(np.prod(proxy.shape)) * proxy.dtype.itemsize
-        is_float = image.get_data_dtype().kind == "f" and len(image.shape) == 3
+        is_float = voxels and image.get_data_dtype().kind == "f" and len(image.shape) == 3
         raw = None  # a float .nii.gz's decompressed bytes
         if not path.name.lower().endswith(".gz"):
             found = path.stat().st_size

@@ -422,12 +422,21 @@ def _export(out_dir: Path, cfg: ModelConfig, settings: TrainSettings, ema: EMA, 
 
 
 _STATE_KEYS = ("step", "config", "settings", "optimizer", "wall_seconds", "best_validation")
-_OTHER_CONFIG = ("{out_dir} holds a run of another model configuration ({saved!r}, not {asked!r}); resume with the "
-                 "same preset/config (or --init-from model) or train into a new folder")
+_OTHER_CONFIG = ("{out_dir} holds a run of another model configuration ({difference}); resume with the same "
+                 "preset/config (or --init-from model) or train into a new folder")
 
 
 def _same_config(saved: dict, cfg: ModelConfig) -> bool:
     return saved == json.loads(json.dumps(cfg.to_dict()))  # tuples become lists in JSON
+
+
+def _config_difference(saved: dict, cfg: ModelConfig) -> str:
+    """How a run's configuration differs from `cfg`: by name, or (same name, edited) by the fields that differ."""
+    asked = json.loads(json.dumps(cfg.to_dict()))
+    if saved.get("name") != asked.get("name"):
+        return f"{saved.get('name')!r}, not {asked.get('name')!r}"
+    fields = sorted(k for k in set(saved) | set(asked) if saved.get(k) != asked.get(k))
+    return f"its {', '.join(fields)} {'differs' if len(fields) == 1 else 'differ'}"
 
 
 def check_resume_config(out_dir, cfg: ModelConfig) -> None:
@@ -439,7 +448,7 @@ def check_resume_config(out_dir, cfg: ModelConfig) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         return  # no run yet, or a damaged pointer: train() falls back to an older state or says what is wrong
     if not _same_config(saved, cfg):
-        raise CheckpointError(_OTHER_CONFIG.format(out_dir=out_dir, saved=saved.get("name"), asked=cfg.name))
+        raise CheckpointError(_OTHER_CONFIG.format(out_dir=out_dir, difference=_config_difference(saved, cfg)))
 
 
 def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: Rank,
@@ -455,7 +464,8 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: 
         raise CheckpointError(f"the training state in {out_dir} lacks {', '.join(missing)}; it was not written by "
                               "this version of MedDiffFM's train; start a new run in another folder")
     if not _same_config(record["config"], cfg):
-        raise CheckpointError(_OTHER_CONFIG.format(out_dir=out_dir, saved=record["config"].get("name"), asked=cfg.name))
+        raise CheckpointError(_OTHER_CONFIG.format(out_dir=out_dir,
+                                                   difference=_config_difference(record["config"], cfg)))
     try:
         model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     except RuntimeError:

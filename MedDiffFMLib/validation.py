@@ -143,10 +143,18 @@ def check_mask(mask: "Volume", vol: "Volume", name: str = "mask") -> List[int]:
     return labels
 
 
+#: Longest file or folder name (bytes) on the common file systems (ext4, XFS, APFS, NTFS).
+NAME_MAX_BYTES = 255
+
+
 def check_output_path(out: "os.PathLike[str] | str", inputs: Iterable["os.PathLike[str] | str"] = (),
                       overwrite: bool = False) -> None:
     """Refuse writing onto an input, onto a folder, or onto an existing file unless `overwrite`."""
     out = Path(out)
+    too_long = [part for part in out.parts if len(part.encode()) > NAME_MAX_BYTES]
+    if too_long:  # caught here even in a folder still to be made, not when the result is written
+        raise InputError(f"output {out}: the name {too_long[0][:40]}... is longer than the {NAME_MAX_BYTES} bytes a "
+                         "file system allows; choose a shorter name")
     for source in inputs:
         source = Path(source)
         if out.resolve() == source.resolve() or (out.exists() and source.exists() and out.samefile(source)):

@@ -599,6 +599,12 @@ def test_a_sheared_grid_is_not_written_as_nifti(files, tmp_path, monkeypatch, ca
     monkeypatch.setattr(_common, "load_model", lambda *a, **k: calls.append(1))
     code, err = run_cli(args, capsys)
     assert code == 2 and "axes are not perpendicular" in err and calls == []
+    # ... also where an anatomy label map alone gives synthesis its grid.
+    labels = write_volume(Volume((image.array > 0).astype(np.uint8), image.spacing, image.origin, sheared.direction),
+                          tmp_path / "labels.nrrd")
+    code, err = run_cli(["synthesize", "--anatomy", str(labels), "--model", "tiny", "--region", "chest", "-o",
+                         str(tmp_path / "synthetic.nii.gz")], capsys)
+    assert code == 2 and "axes are not perpendicular" in err and calls == []
 
 
 def test_a_nifti_cut_short_by_a_full_disk_is_not_renamed_into_place(files, tmp_path, monkeypatch, capsys):
@@ -612,7 +618,7 @@ def test_a_nifti_cut_short_by_a_full_disk_is_not_renamed_into_place(files, tmp_p
         Path(path).write_bytes(data[: len(data) // 2])
     monkeypatch.setattr(sitk, "WriteImage", short_write)
     code, err = run_cli(task_arguments("denoise", files[0], None, tmp_path / "out.nii.gz"), capsys)
-    assert code == 2 and "the file written is incomplete" in err and list(tmp_path.iterdir()) == []
+    assert code == 2 and "out.nii.gz was written incomplete" in err and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("option, value", [("--noise-level", "nan"), ("--lambda", "inf"), ("--window", "nan")])
@@ -663,3 +669,29 @@ def test_no_output_goes_into_the_series_folder_of_one_dicom_file_given(tmp_path,
     args = task_arguments("denoise", one_file, None, tmp_path / "results" / "denoised.nii.gz")
     code, err = run_cli(args, capsys)
     assert "inside the folder" not in err
+
+
+def test_a_name_too_long_is_refused_before_the_job_even_in_a_new_folder(files, tmp_path, capsys):
+    """The folder does not exist yet, so the file system cannot be asked: the name's length is checked itself."""
+    out = tmp_path / "new" / ("b" * 300 + ".nii.gz")
+    code, err = run_cli(task_arguments("denoise", files[0], None, out), capsys)
+    assert code == 2 and "is longer than the 255 bytes a file system allows" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_long_name_in_multibyte_characters_is_written(files, tmp_path):
+    """The temporary name keeps at most 64 bytes of the name, also when its characters take 4 bytes each."""
+    name = "\U0001F600" * 60 + ".nrrd"  # 245 bytes: a legal name
+    write_volume(read_volume(files[0]), tmp_path / name)
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_out_of_memory_from_the_operating_system_gets_the_hint(monkeypatch, capsys):
+    """ENOMEM arrives as an OSError ("Cannot allocate memory"): the out-of-memory hint, not a path message."""
+    from MedDiffFMLib.commands import info
+
+    def no_memory(args):
+        raise OSError(12, "Cannot allocate memory")
+    monkeypatch.setattr(info, "run", no_memory)  # the parser takes each command's run when it is built
+    assert main(["info", "x.nii.gz"]) == 2
+    assert "error: out of memory (" in capsys.readouterr().err

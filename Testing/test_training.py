@@ -218,6 +218,15 @@ def test_cli_trains_and_resumes(cfg, cache, tmp_path):
     assert json.loads((tmp_path / "run" / "last.json").read_text())["step"] == 3
 
 
+def test_a_resume_under_another_configuration_says_how_it_differs(cfg):
+    from MedDiffFMLib.training import _config_difference
+
+    saved = json.loads(json.dumps(cfg.to_dict()))
+    assert _config_difference(saved, preset("default")) == "'tiny', not 'default'"
+    edited = dict(saved, patch_size=32)  # the same name, one field changed
+    assert _config_difference(edited, cfg) == "its patch_size differs"
+
+
 def test_cli_refuses_conflicting_or_unusable_settings_before_preparing_data(cfg, tmp_path, capsys):
     """Each of these used to fail late (after minutes of preprocessing) or with a traceback; none may touch the
     cache or the run folder."""

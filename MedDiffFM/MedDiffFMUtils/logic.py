@@ -186,7 +186,10 @@ class MedDiffFMTasks:
         poll(): they are not imported (they would land in the next scene), and its folder, holding the exported
         CT, is removed."""
         for run in MedDiffFMTasks._unfinishedRuns:
-            run.cancel()
+            try:
+                run.cancel()
+            except Exception:  # the others must still be stopped (at exit, in a scene close)
+                logging.exception("could not cancel a MedDiffFM job")
         MedDiffFMTasks._unfinishedRuns = [run for run in MedDiffFMTasks._unfinishedRuns if not run.finished]
 
     @staticmethod

@@ -182,8 +182,9 @@ class TaskRun:
         if self._process is None:  # never started
             self._finish(None)
             return
-        # The group is signalled while any of its processes lives (they hold the output pipe): inside Slicer the
-        # started launcher may be gone while the job, its child, still runs.
+        # POSIX: the group is signalled while any of its processes lives (they hold the output pipe): inside Slicer
+        # the started launcher may be gone while the job, its child, still runs. (Windows' taskkill /T needs the
+        # launcher alive.)
         if self._process.poll() is None or self._reader.is_alive():
             killProcessTree(self._process)
         deadline = time.monotonic() + CANCEL_WAIT_S

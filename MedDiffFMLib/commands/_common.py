@@ -165,7 +165,7 @@ def check_outputs(args: argparse.Namespace, inputs, volumes=(), others=()) -> No
         if Path(key).parent in series_folders:
             raise InputError(f"output {out} is inside the folder of the input DICOM series {Path(key).parent}; "
                              "choose another folder")
-        check_output_path(out, inputs=inputs, overwrite=args.overwrite)  # first: says when -o is a folder
+        check_output_path(out, inputs=inputs, overwrite=args.overwrite)  # says too when -o is a folder
     for out in volumes:
         if out is not None:
             check_output_suffix(out)

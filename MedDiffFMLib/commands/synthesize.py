@@ -40,13 +40,14 @@ def run(args: argparse.Namespace) -> int:
                          "give one or the other")
     _common.check_outputs(args, [args.reference, args.anatomy], volumes=[args.output])
     reference = read_volume(args.reference) if args.reference else None
-    if reference is not None:
-        _common.check_output_grids(reference, args.output)
     anatomy = None
     if args.anatomy:
         # Read as an image (it may define the grid); the task checks it against the reference grid.
         labels = read_volume(args.anatomy)
         anatomy = labels.with_array(as_label_array(labels.array, name=args.anatomy.name))
+    grid = reference if reference is not None else anatomy  # the output's grid, when one is given
+    if grid is not None:
+        _common.check_output_grids(grid, args.output)
     model = _common.load_model(args)
     volume = synthesize(model, region=_common.region_option(args), size_xyz=args.size,
                         spacing_xyz=args.spacing or (1.0, 1.0, 1.0), reference=reference, anatomy_labels=anatomy,
