@@ -104,6 +104,11 @@ TRUNK_MIN_AREA_CM2 = 350.0
 WHOLE_BODY_MIN_LENGTH_MM = 1000.0
 
 
+#: guess_region's reason when it finds no body to go by (callers warn: `other` is then a default, not a finding).
+REGION_UNKNOWN = (f"no body found by the threshold anatomy on a {REGION_GUESS_SPACING:g} mm grid (a small or edge crop?); "
+                  "region unknown, so 'other': set it yourself (--region)")
+
+
 def guess_region(vol: Volume) -> Tuple[str, str]:
     """Guess the body region from the image; returns (region, a sentence saying how it decided).
 
@@ -125,7 +130,7 @@ def guess_region(vol: Volume) -> Tuple[str, str]:
     labels = threshold_anatomy(coarse)
     body = labels > 0
     if not body.any():
-        return "other", "no body found above -500 HU; region unknown, set it yourself"
+        return "other", REGION_UNKNOWN
     body_length_mm = np.count_nonzero(body.any(axis=(1, 2))) * REGION_GUESS_SPACING
     if body_length_mm > WHOLE_BODY_MIN_LENGTH_MM:
         return "other", (f"whole body: the body spans {body_length_mm:.0f} mm head to foot "

@@ -136,3 +136,21 @@ def test_guess_region_is_independent_of_array_orientation_and_sees_whole_body():
     long_body = Volume(np.concatenate([trunk.array] * 4, axis=0), trunk.spacing, trunk.origin, trunk.direction)
     region, reason = guess_region(long_body)
     assert region == "other" and "whole body" in reason
+
+
+def test_a_crop_without_body_warns_that_its_region_is_a_default(caplog):
+    """`other` is then a fallback, not a finding: the task says so as a warning, and how to set the region."""
+    import logging
+
+    from MedDiffFMLib.config import preset
+    from MedDiffFMLib.preprocess import REGION_UNKNOWN
+    from MedDiffFMLib.tasks.common import resolve_region
+
+    air = np.full((20, 40, 40), -1000.0, np.float32)
+    air[10, 20, 20] = 40.0  # one voxel of tissue is no body
+    volume = Volume(air, (1.0, 1.0, 1.0))
+    assert guess_region(volume) == ("other", REGION_UNKNOWN)
+    with caplog.at_level(logging.INFO):
+        assert resolve_region(volume, None, preset("tiny")) == "other"
+    assert [r.levelname for r in caplog.records if "body region guessed" in r.message] == ["WARNING"]
+    assert "set it yourself (--region)" in caplog.text

@@ -157,10 +157,10 @@ def resolve_region(vol: Optional[Volume], region: Optional[str], cfg: ModelConfi
         if vol is None:
             raise InputError(f"no body region given and no image to guess it from; choose one of "
                              f"{', '.join(cfg.regions)}")
-        from ..preprocess import guess_region
+        from ..preprocess import REGION_UNKNOWN, guess_region
 
         region, reason = guess_region(vol)
-        log.info("body region guessed: %s", reason)
+        (log.warning if reason == REGION_UNKNOWN else log.info)("body region guessed: %s", reason)
     if region not in cfg.regions:
         raise InputError(f"unknown body region {region!r}; this model knows {', '.join(cfg.regions)}")
     return region
