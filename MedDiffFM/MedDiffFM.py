@@ -155,7 +155,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self._cancelAndWait()
-        MedDiffFMTasks.cancelActiveJob()  # one started from the console
+        MedDiffFMTasks._cancelUnfinishedJobs()  # those started from the console too, as when Slicer quits
         self.removeObservers()
 
     def enter(self):

@@ -129,7 +129,7 @@ def load_model(name_or_path: PathLike, device: Union[str, torch.device] = "cpu")
 
     weights = resolve_model(name_or_path)
     info = read_model_info(weights)
-    if info.get("kind") == "controlnet":  # fine-tuned: a ControlNet file that names its frozen base model
+    if controlnet_task_in(info) is not None:  # fine-tuned: a ControlNet file that names its frozen base model
         from .finetune import load_controlled
 
         return load_controlled(weights, info, device)
@@ -142,6 +142,11 @@ def load_model(name_or_path: PathLike, device: Union[str, torch.device] = "cpu")
     check_architecture(model.state_dict(), tensors, weights.name)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
     return model.to(device).eval(), cfg, info
+
+
+def controlnet_task_in(info: dict) -> Optional[str]:
+    """The task a model description's ControlNet was fine-tuned for, or None for a base model."""
+    return info.get("task") if info.get("kind") == "controlnet" else None
 
 
 def _load_verified(weights: Path, expected_sha: str) -> Dict[str, torch.Tensor]:

@@ -259,7 +259,8 @@ def write_volumes(items: Sequence[Tuple[Volume, PathLike]], overwrite: bool = Fa
         if is_out_of_memory(exc):
             raise
         raise InputError(f"cannot write {', '.join(map(str, paths))} ({_first_line(exc)}); check the free disk "
-                         f"space and that {paths[0].parent} is writable, then retry (no partial file is left)") from None
+                         f"space and that {paths[0].parent} is writable, then retry (no partial file is left)"
+                         ) from None
     return paths
 
 

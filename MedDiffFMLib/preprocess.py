@@ -105,8 +105,8 @@ WHOLE_BODY_MIN_LENGTH_MM = 1000.0
 
 
 #: guess_region's reason when it finds no body to go by (callers warn: `other` is then a default, not a finding).
-REGION_UNKNOWN = (f"no body found by the threshold anatomy on a {REGION_GUESS_SPACING:g} mm grid (a small or edge crop?); "
-                  "region unknown, so 'other': set it yourself (--region)")
+REGION_UNKNOWN = (f"no body found by the threshold anatomy on a {REGION_GUESS_SPACING:g} mm grid (a small or edge "
+                  "crop?); region unknown, so 'other': set it yourself (--region)")
 
 
 def guess_region(vol: Volume) -> Tuple[str, str]:

@@ -422,17 +422,23 @@ def _export(out_dir: Path, cfg: ModelConfig, settings: TrainSettings, ema: EMA, 
 
 
 _STATE_KEYS = ("step", "config", "settings", "optimizer", "wall_seconds", "best_validation")
-_OTHER_CONFIG = ("{out_dir} holds a run of another model configuration ({difference}); resume with the same "
-                 "preset/config (or --init-from model) or train into a new folder")
 
 
-def _same_config(saved: dict, cfg: ModelConfig) -> bool:
-    return saved == json.loads(json.dumps(cfg.to_dict()))  # tuples become lists in JSON
+def _as_saved(cfg: ModelConfig) -> dict:
+    return json.loads(json.dumps(cfg.to_dict()))  # as a training state holds it: tuples become lists in JSON
+
+
+def _refuse_other_config(out_dir: Path, saved: dict, cfg: ModelConfig) -> None:
+    """Refuse to resume the run in `out_dir`, whose configuration is `saved`, as one of `cfg`, unless they agree."""
+    if saved != _as_saved(cfg):
+        raise CheckpointError(f"{out_dir} holds a run of another model configuration "
+                              f"({_config_difference(saved, cfg)}); resume with the same preset/config (or "
+                              "--init-from model) or train into a new folder")
 
 
 def _config_difference(saved: dict, cfg: ModelConfig) -> str:
     """How a run's configuration differs from `cfg`: by name, or (same name, edited) by the fields that differ."""
-    asked = json.loads(json.dumps(cfg.to_dict()))
+    asked = _as_saved(cfg)
     if saved.get("name") != asked.get("name"):
         return f"{saved.get('name')!r}, not {asked.get('name')!r}"
     fields = sorted(k for k in set(saved) | set(asked) if saved.get(k) != asked.get(k))
@@ -447,8 +453,7 @@ def check_resume_config(out_dir, cfg: ModelConfig) -> None:
         saved = json.loads((out_dir / f"{stem}.json").read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return  # no run yet, or a damaged pointer: train() falls back to an older state or says what is wrong
-    if not _same_config(saved, cfg):
-        raise CheckpointError(_OTHER_CONFIG.format(out_dir=out_dir, difference=_config_difference(saved, cfg)))
+    _refuse_other_config(out_dir, saved, cfg)
 
 
 def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: Rank,
@@ -463,9 +468,7 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: 
     if missing:
         raise CheckpointError(f"the training state in {out_dir} lacks {', '.join(missing)}; it was not written by "
                               "this version of MedDiffFM's train; start a new run in another folder")
-    if not _same_config(record["config"], cfg):
-        raise CheckpointError(_OTHER_CONFIG.format(out_dir=out_dir,
-                                                   difference=_config_difference(record["config"], cfg)))
+    _refuse_other_config(out_dir, record["config"], cfg)
     try:
         model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     except RuntimeError:

@@ -220,8 +220,8 @@ class MedDiffFMTasks:
         compileNetwork: torch.compile the network (on a GPU about 20 s once, then faster steps: for long
         runs such as synthesis); threads: CPU threads of the job (None = all cores; fewer keep Slicer responsive
         during a CPU job); windowSize: the sliding window's edge in voxels (None = the model's training patch;
-        with a smaller overlap, e.g. 48 at 0.1667, 9 % faster a step on an H100 when compiled, see --window-size). None means the command
-        line's default for every option.
+        with a smaller overlap, e.g. 48 at 0.1667, 9 % faster a step on an H100 when compiled, see
+        --window-size). None means the command line's default for every option.
         """
         for name, value, least in (("nfe", nfe, 1), ("windowBatch", windowBatch, 1), ("threads", threads, 1),
                                    ("windowSize", windowSize, 1), ("seed", seed, 0)):

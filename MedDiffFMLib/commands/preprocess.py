@@ -74,8 +74,8 @@ def run(args: argparse.Namespace) -> int:
         region, reason = args.region, "set by the user"
 
     size = resampled_size(vol, spacing)
-    check_setup_memory(tuple(reversed(size)), PREPROCESS_COPIES,
-                       f"resampling to {' x '.join(f'{v:g}' for v in spacing)} mm ({' x '.join(map(str, size))} voxels)")
+    grid = f"{' x '.join(f'{v:g}' for v in spacing)} mm ({' x '.join(map(str, size))} voxels)"
+    check_setup_memory(tuple(reversed(size)), PREPROCESS_COPIES, f"resampling to {grid}")
     resampled = resample(vol, spacing)
     if min(resampled.shape) < MIN_AXIS_VOXELS:  # nothing could train on or be denoised on that grid
         raise InputError(f"--spacing {' '.join(f'{v:g}' for v in spacing)} mm leaves a grid of "

@@ -81,11 +81,11 @@ def _model_config(args: argparse.Namespace):
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise InputError(f"--config {args.config} is not a usable model configuration ({exc})") from None
     if args.init_from:
-        from ..checkpoints import read_model_info, resolve_model
+        from ..checkpoints import controlnet_task_in, read_model_info, resolve_model
         from ..training import refuse_controlnet_start
 
         info = read_model_info(resolve_model(args.init_from))
-        refuse_controlnet_start(args.init_from, info.get("task") if info.get("kind") == "controlnet" else None)
+        refuse_controlnet_start(args.init_from, controlnet_task_in(info))
         cfg = ModelConfig.from_dict(info["config"])
         if args.preset and args.preset != cfg.name:
             raise InputError(f"--init-from {args.init_from} is a {cfg.name!r} model, but --preset {args.preset} asks "
@@ -99,9 +99,8 @@ def _model_config(args: argparse.Namespace):
 
 
 def _mode_weights(text: str) -> dict:
-    from ..errors import InputError
-
     from ..dataset import check_mode_weights
+    from ..errors import InputError
 
     try:
         weights = {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
