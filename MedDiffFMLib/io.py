@@ -432,6 +432,7 @@ def _read_dicom_folder(folder: Path, series_id: Optional[str]) -> sitk.Image:
             log.info("%s holds %d DICOM series; reading the largest (%d files, SeriesInstanceUID %s)",
                      folder, len(files_by_series), len(files_by_series[series_id]), series_id)
     files = files_by_series[series_id]
+    _refuse_non_image_object(files[0])
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     # ITK's own warning about uneven slices is replaced by the clearer one of _warn_irregular_slices.
@@ -445,6 +446,27 @@ def _read_dicom_folder(folder: Path, series_id: Optional[str]) -> sitk.Image:
         sitk.ProcessObject.SetGlobalWarningDisplay(show_itk_warnings)
     _warn_irregular_slices(files)
     return image
+
+
+# DICOM objects that hold no image of the patient; GDCM reads some of them (a SEG as a 4D stack of frames).
+_NON_IMAGE_MODALITIES = {
+    "SEG": "a segmentation (DICOM SEG)", "RTSTRUCT": "a structure set (RTSTRUCT)", "RTDOSE": "a dose grid (RTDOSE)",
+    "RTPLAN": "a treatment plan (RTPLAN)", "SR": "a structured report (SR)", "PR": "a presentation state (PR)",
+    "KO": "a key-object selection (KO)", "REG": "a registration (REG)"}
+
+
+def _refuse_non_image_object(name: str) -> None:
+    """Refuse a series that is a DICOM object other than an image (by its Modality, 0008,0060)."""
+    header = sitk.ImageFileReader()
+    header.SetFileName(name)
+    header.ReadImageInformation()
+    modality = header.GetMetaData("0008|0060").strip().upper() if header.HasMetaDataKey("0008|0060") else ""
+    if modality in _NON_IMAGE_MODALITIES:
+        raise InputError(
+            f"{Path(name).name} is {_NON_IMAGE_MODALITIES[modality]}, not a CT image. Give the CT series itself "
+            "(the folder of its slice files). A DICOM SEG is read as a mask only once exported as a label map "
+            "(e.g. 3D Slicer with its QuantitativeReporting extension: load it, then export the segmentation "
+            "to a .nii.gz or .seg.nrrd file).")
 
 
 def _warn_irregular_slices(files: Sequence[str]) -> None:

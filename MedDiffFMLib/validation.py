@@ -58,8 +58,10 @@ def check_volume_type(vol, name: str = "the image") -> None:
                          "Volume.from_sitk(image)")
 
 
-def check_ct(vol: "Volume") -> List[str]:
-    """Raise InputError if `vol` is not a usable 3D CT in HU; return warnings for usable-but-odd input."""
+def check_ct(vol: "Volume", log_warnings: bool = True) -> List[str]:
+    """Raise InputError if `vol` is not a usable 3D CT in HU; return warnings for usable-but-odd input.
+
+    `log_warnings=False` leaves them to the caller (`info` prints them in its report, once)."""
     check_volume_type(vol)
     warnings = []
     check_dimensions(vol.array.shape)
@@ -91,8 +93,9 @@ def check_ct(vol: "Volume") -> List[str]:
     if lo < -4000.0 or hi > 40000.0:
         warnings.append(f"unusual intensity range {lo:.0f}..{hi:.0f} HU; values are clipped to the "
                         "region window anyway")
-    for message in warnings:
-        log.warning(message)
+    if log_warnings:
+        for message in warnings:
+            log.warning(message)
     return warnings
 
 

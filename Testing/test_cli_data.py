@@ -124,6 +124,12 @@ def test_info_json_on_real_case(capsys):
     assert set(report["anatomy_ml"]) == {"air/lung", "fat", "soft tissue", "bone"}
 
 
+def test_info_states_each_warning_once(capsys, caplog):
+    assert main(["info", str(CHEST_NRRD)]) == 0
+    printed = capsys.readouterr()
+    assert (printed.out + printed.err + caplog.text).count("is anisotropic (ratio 8.8)") == 1
+
+
 def test_preprocess_writes_window_anatomy_mask_sidecar_preview(limb, tmp_path, capsys):
     out = tmp_path / "limb.nii.gz"
     args = ["preprocess", str(LIMB_NII), "-o", str(out), "--spacing", "2", "--mask", str(LIMB_MASK_NII)]

@@ -62,6 +62,14 @@ def test_dicom_folder_with_two_series_reads_the_largest(tmp_path):
     assert read_volume(one_file).shape == (3, 512, 512)
 
 
+def test_dicom_seg_given_as_the_ct_is_named_as_such(tmp_path):
+    seg = THREE_SLICE_DICOM.parent / "liver.dcm"  # a real DICOM SEG (dcmqi's example), which GDCM reads as 4D
+    shutil.copy(seg, tmp_path / seg.name)
+    for given in (seg, tmp_path):  # the file itself, and a folder that holds only it
+        with pytest.raises(InputError, match=r"liver.dcm is a segmentation \(DICOM SEG\), not a CT image"):
+            read_volume(given)
+
+
 @pytest.fixture
 def jpeg2000_series(tmp_path):
     """The real 3-slice CT series re-encoded as lossless JPEG 2000."""

@@ -57,7 +57,7 @@ def describe(vol, path: Path, mask_path: "Path | None" = None) -> Dict[str, Any]
     from ..preprocess import guess_region
     from ..validation import check_ct
 
-    warnings = check_ct(vol)
+    warnings = check_ct(vol, log_warnings=False)  # the report lists them
     region, reason = guess_region(vol)
     report = geometry(vol, path)
     report.update({
