@@ -5,6 +5,7 @@ import argparse
 import importlib
 import logging
 import math
+import os
 import pkgutil
 import signal
 import sys
@@ -65,6 +66,14 @@ def _non_finite_option(parser: argparse.ArgumentParser, args: argparse.Namespace
     return None
 
 
+def _process_rank() -> int:
+    """This process's rank among torchrun's processes (RANK, set by torchrun); 0 when run alone."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def _cancel_on_sigterm(signum, frame):
     """`kill PID` cancels a job as Ctrl-C does (no output written, exit code 130). Training installs its own
     handler for the duration of the loop (stop after the step, with a checkpoint)."""
@@ -78,8 +87,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if bad:
         print(f"error: {bad} must be a finite number (not NaN or infinite)", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(message)s", stream=sys.stderr)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    if _process_rank() > 0:  # under torchrun every process runs the command: only the first one reports progress
+        level = logging.ERROR
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s", stream=sys.stderr)
     # Signal handlers can only be set from the main thread; main() may also run in another (scripts, tests).
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main_thread else None

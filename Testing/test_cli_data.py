@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -186,3 +187,15 @@ def test_python_m_entry_point_reports_bad_input(limb, tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "error: the image is 2D" in done.stderr
+
+
+def test_under_torchrun_only_the_first_process_logs(tmp_path):
+    """torchrun runs the command once per process: the others would repeat every line; they report errors only."""
+    def stderr(rank: str) -> str:
+        env = dict(os.environ, RANK=rank)
+        done = subprocess.run([sys.executable, "-m", "MedDiffFMLib", "info", str(HEAD_TILTED_DICOM)],
+                              cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 0
+        return done.stderr
+    assert "WARNING DICOM series has gantry tilt 18.5 deg" in stderr("0")
+    assert stderr("1") == ""
