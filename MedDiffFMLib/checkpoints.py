@@ -205,7 +205,7 @@ def available_models() -> List[str]:
 def resolve_model(name_or_path: PathLike) -> Path:
     """Weights path for a registered model name (repo Resources first, then the user cache), a file path, or the
     name of a model in the user cache. A registered name wins over a file of that name in the working folder
-    (e.g. a `default.json` preset config)."""
+    (e.g. a `default.json` preset config); a name, registered or in the cache, wins over a folder of that name."""
     text = str(name_or_path)
     path = Path(text)
     if path.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin", ".pkl"):
@@ -222,13 +222,14 @@ def resolve_model(name_or_path: PathLike) -> Path:
         where = f"download it from {entry['url']} to {cache_dir() / entry['file']}" if entry.get("url") else \
             f"its file {entry['file']} is missing from {RESOURCES} and {cache_dir()}"
         raise CheckpointError(f"model {text!r} is registered but not installed: {where}")
-    if path.is_dir():  # e.g. a run folder (`train --out NAME`)
+    cached = None if is_path else cache_dir() / f"{text}.safetensors"
+    in_cache = cached is not None and cached.exists()
+    if path.is_dir() and not in_cache:  # e.g. a run folder (`train --out NAME`); a name, as above, wins over it
         raise CheckpointError(f"{text} is a folder; give the model file in it (a training run's is "
                               f"{path / 'ema.safetensors'})")
     if is_path or weights.exists() or sidecar.exists():
         return weights
-    cached = cache_dir() / f"{text}.safetensors"
-    if cached.exists():
+    if in_cache:
         return cached
     raise CheckpointError(f"unknown model {text!r}; available: {', '.join(available_models()) or 'none'} "
                           f"(or give the path of a .safetensors file)")

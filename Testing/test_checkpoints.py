@@ -122,6 +122,17 @@ def test_a_registered_name_wins_over_a_file_of_that_name_in_the_working_folder(t
         resolve_model("./tiny")
 
 
+def test_a_model_in_the_user_cache_wins_over_a_folder_of_that_name(tiny, tmp_path, monkeypatch):
+    cfg, state = tiny
+    monkeypatch.setenv("MEDDIFFFM_HOME", str(tmp_path / "home"))
+    save_model(state, cfg, tmp_path / "home" / "mine", {}, half=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()  # e.g. the run folder the model was trained in
+    assert resolve_model("mine") == tmp_path / "home" / "mine.safetensors"
+    with pytest.raises(CheckpointError, match="is a folder"):
+        resolve_model("./mine")
+
+
 def test_wrong_architecture_is_named(tiny, tmp_path):
     cfg, state = tiny
     wider = dataclasses.replace(cfg, channels=(8, 16, 32), num_head_channels=(0, 0, 32))
