@@ -38,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "are not scored: a 3D denoiser then sees the neighbours it would see in a whole scan")
     den.add_argument("--crop", type=int, default=0, help="centred in-plane crop size in pixels (0 = whole slice)")
     den.add_argument("--methods", nargs="*", default=list(harness.CLASSICAL_METHODS),
-                     choices=harness.CLASSICAL_METHODS, help="classical methods to run")
+                     choices=harness.CLASSICAL_METHODS,
+                     help="classical methods to run; give the option with no method to run none (only the low-dose "
+                     "input and the --model rows, e.g. to score a new model against an earlier table)")
     den.add_argument("--gaussian-sigma", type=float, default=1.0, help="Gaussian smoothing sigma in pixels")
     den.add_argument("--sigma", choices=("oracle", "estimate"), default="oracle",
                      help="give NLM, BM3D and MedDiffFM the simulation's true noise std, or let them estimate it")
