@@ -42,10 +42,6 @@ class ModelConfig:
     # Training-time choices that inference must know about are recorded here too.
     anatomy_dropout: float = 0.1
     train_spacings: Tuple[Tuple[float, float, float], ...] = ((1.0, 1.0, 1.0),)
-    # Space-to-depth factor of the network's input (1: none). With 2, each 2x2x2 block of x_t becomes 8 channels
-    # (and the conditions are averaged over it), so the UNet runs at half resolution: wider channels for less
-    # arithmetic than full-resolution 16-channel levels, and all of the image still reaches the network.
-    stem: int = 1
 
     def __post_init__(self):
         n = len(self.channels)
@@ -53,19 +49,11 @@ class ModelConfig:
             raise ValueError("channels, attention_levels and num_head_channels need one entry per level")
         if any(c % self.norm_num_groups for c in self.channels):
             raise ValueError(f"every channel count must be divisible by norm_num_groups={self.norm_num_groups}")
-        if self.stem not in (1, 2):
-            raise ValueError(f"stem must be 1 (none) or 2 (space-to-depth by 2), got {self.stem!r}")
-        if self.patch_size % self.size_multiple:
-            raise ValueError(f"patch_size {self.patch_size} must be divisible by {self.size_multiple} (the stem's "
-                             f"factor {self.stem} times one halving per level)")
+        if self.patch_size % 2 ** (n - 1):
+            raise ValueError(f"patch_size {self.patch_size} must be divisible by 2^{n - 1} (one halving per level)")
         missing = set(self.regions) - set(self.windows)
         if missing:
             raise ValueError(f"no intensity window for regions {sorted(missing)}")
-
-    @property
-    def size_multiple(self) -> int:
-        """Every window edge the network takes is a whole multiple of this (the stem, then one halving per level)."""
-        return self.stem * 2 ** (len(self.channels) - 1)
 
     def region_index(self, region: str) -> int:
         if region not in self.regions:
@@ -101,11 +89,6 @@ PRESETS: Dict[str, ModelConfig] = {
     "default": ModelConfig(name="default", patch_size=32, channels=(16, 32, 64),
                            attention_levels=(False, False, True), num_head_channels=(0, 0, 32),
                            norm_num_groups=16, pe_frequencies=4, train_spacings=CLINICAL_SPACINGS),
-    # `default`'s conditioning and windows; the UNet runs at half resolution behind a space-to-depth stem, with
-    # twice the channels per level and 4x the parameters, for less than half the arithmetic per voxel.
-    "s2d": ModelConfig(name="s2d", patch_size=32, channels=(32, 64, 128), attention_levels=(False, False, True),
-                       num_head_channels=(0, 0, 32), norm_num_groups=16, pe_frequencies=4,
-                       train_spacings=CLINICAL_SPACINGS, stem=2),
     "paper": ModelConfig(name="paper", patch_size=128, channels=(32, 64, 64, 128),
                          attention_levels=(False, False, False, True), num_head_channels=(0, 0, 0, 32),
                          norm_num_groups=32, pe_frequencies=4,

@@ -33,7 +33,7 @@ from .config import ModelConfig
 from .dataset import case_spacings, split_cases
 from .errors import CheckpointError, InputError
 from .io import read_mask, read_volume
-from .network import MedDiffNet, check_loaded, space_to_depth, unet_kwargs
+from .network import MedDiffNet, check_loaded, unet_kwargs
 from .orientation import AxisOrder
 from .position import global_coords
 from .preprocess import guess_region, resample, window_to_unit
@@ -63,7 +63,7 @@ class ControlledNet(nn.Module):
         self.base = base
         # A single embedding level keeps the control volume at the patch resolution (MONAI's default
         # embedding assumes a condition 8x larger than a latent image).
-        self.controlnet = ControlNet(conditioning_embedding_in_channels=self.cfg.stem ** 3,
+        self.controlnet = ControlNet(conditioning_embedding_in_channels=1,
                                      conditioning_embedding_num_channels=(self.cfg.channels[0],),
                                      **unet_kwargs(self.cfg))
         copy_model_state(self.controlnet, base.unet)
@@ -84,9 +84,8 @@ class ControlledNet(nn.Module):
             raise ValueError(f"a ControlledNet needs {expected} condition channels (the model's {expected - 1} "
                              f"plus the control volume), got {cond.shape[1]}")
         base_cond, control = cond[:, :-1], cond[:, -1:]
-        x = self.base.unet_input(x_t, base_cond)
-        control = space_to_depth(control.to(x_t.dtype), self.cfg.stem)  # at the UNet's resolution, as x
-        down, mid = self.controlnet(x, t, controlnet_cond=control, class_labels=region)
+        x = torch.cat([x_t, base_cond.to(x_t.dtype)], dim=1)
+        down, mid = self.controlnet(x, t, controlnet_cond=control.to(x_t.dtype), class_labels=region)
         return self.base(x_t, t, base_cond, region, down_residuals=down, mid_residual=mid)
 
 

@@ -18,7 +18,7 @@ def unet_kwargs(cfg: ModelConfig) -> dict:
     does not write out the attention matrices)."""
     return dict(
         spatial_dims=3,
-        in_channels=cfg.stem ** 3 + condition_channels(cfg),
+        in_channels=1 + condition_channels(cfg),
         num_res_blocks=cfg.num_res_blocks,
         channels=tuple(cfg.channels),
         attention_levels=tuple(cfg.attention_levels),
@@ -29,51 +29,22 @@ def unet_kwargs(cfg: ModelConfig) -> dict:
     )
 
 
-def space_to_depth(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """(B, C, D, H, W) -> (B, C * factor^3, D / factor, H / factor, W / factor): each factor^3 block of voxels
-    becomes channels (lossless; `depth_to_space` undoes it)."""
-    if factor == 1:
-        return x
-    b, c, d, h, w = x.shape
-    f = factor
-    x = x.reshape(b, c, d // f, f, h // f, f, w // f, f).permute(0, 1, 3, 5, 7, 2, 4, 6)
-    return x.reshape(b, c * f ** 3, d // f, h // f, w // f)
-
-
-def depth_to_space(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """The inverse of `space_to_depth`."""
-    if factor == 1:
-        return x
-    b, c, d, h, w = x.shape
-    f = factor
-    x = x.reshape(b, c // f ** 3, f, f, f, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
-    return x.reshape(b, c // f ** 3, d * f, h * f, w * f)
-
-
 class MedDiffNet(nn.Module):
-    """eps = net(x_t, t, cond, region): the UNet's input is [x_t, cond] concatenated on channels, after the
-    configuration's stem (space-to-depth of x_t, the conditions averaged over each block)."""
+    """eps = net(x_t, t, cond, region): input is [x_t, cond] concatenated on channels."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         from monai.networks.nets import DiffusionModelUNet  # heavy import, only when a model is built
 
         self.cfg = cfg
-        self.unet = DiffusionModelUNet(out_channels=cfg.stem ** 3, **unet_kwargs(cfg))
-
-    def unet_input(self, x_t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """What the UNet (and a ControlNet copy of it) takes: [x_t, cond] at the network's resolution."""
-        cond = cond.to(x_t.dtype)
-        if self.cfg.stem > 1:  # conditions are smooth (positions, spacing) or labels: their block mean suffices
-            cond = nn.functional.avg_pool3d(cond, self.cfg.stem)
-        return torch.cat([space_to_depth(x_t, self.cfg.stem), cond], dim=1)
+        self.unet = DiffusionModelUNet(out_channels=1, **unet_kwargs(cfg))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, region: torch.Tensor,
                 down_residuals: Optional[Sequence[torch.Tensor]] = None,
                 mid_residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        eps = self.unet(self.unet_input(x_t, cond), t, class_labels=region,
-                        down_block_additional_residuals=down_residuals, mid_block_additional_residual=mid_residual)
-        return depth_to_space(eps, self.cfg.stem)
+        return self.unet(torch.cat([x_t, cond.to(x_t.dtype)], dim=1), t, class_labels=region,
+                         down_block_additional_residuals=down_residuals,
+                         mid_block_additional_residual=mid_residual)
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -430,19 +430,10 @@ def _as_saved(cfg: ModelConfig) -> dict:
 
 def _refuse_other_config(out_dir: Path, saved: dict, cfg: ModelConfig) -> None:
     """Refuse to resume the run in `out_dir`, whose configuration is `saved`, as one of `cfg`, unless they agree."""
-    saved = _with_defaults(saved)
     if saved != _as_saved(cfg):
         raise CheckpointError(f"{out_dir} holds a run of another model configuration "
                               f"({_config_difference(saved, cfg)}); resume with the same preset/config (or "
                               "--init-from model) or train into a new folder")
-
-
-def _with_defaults(saved: dict) -> dict:
-    """A saved configuration with the fields added since it was saved at their defaults (as it loads)."""
-    try:
-        return _as_saved(ModelConfig.from_dict(saved))
-    except (ValueError, TypeError, KeyError):  # not a configuration this version reads: compared as it is
-        return saved
 
 
 def _config_difference(saved: dict, cfg: ModelConfig) -> str:

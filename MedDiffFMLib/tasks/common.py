@@ -290,12 +290,11 @@ def check_window_size(cfg: ModelConfig, window_size: Optional[int]) -> int:
     """
     if window_size is None:
         return cfg.patch_size
-    factor = cfg.size_multiple
+    factor = 2 ** (len(cfg.channels) - 1)
     if isinstance(window_size, bool) or not isinstance(window_size, (int, np.integer)) or window_size < factor \
             or window_size % factor:
-        raise InputError(f"window size must be a whole multiple of {factor} voxels for this model (its input "
-                         f"stem, then one halving per level; its training patch is {cfg.patch_size}), got "
-                         f"{window_size!r}")
+        raise InputError(f"window size must be a whole multiple of {factor} voxels for this model (one halving "
+                         f"per level; its training patch is {cfg.patch_size}), got {window_size!r}")
     return int(window_size)
 
 
