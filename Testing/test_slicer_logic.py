@@ -768,6 +768,24 @@ def test_console_calls_without_proper_nodes_get_clear_messages(ct_node, fake_cli
     for option, value in (("nfe", 0), ("windowBatch", 0), ("threads", 0), ("seed", -1), ("nfe", 2.5)):
         with pytest.raises(ValueError, match=f"{option} must be a whole number of at least"):
             logic.denoise(ct_node, **{option: value})
+    # Task settings too, in the console's terms (before: argparse's words from the job, or a wrong result).
+    for call, message in (
+            (lambda: logic.denoise(ct_node, window="chest"), r"window must be two numbers \(low, high\)"),
+            (lambda: logic.denoise(ct_node, window=(240, -160)), "with low < high"),
+            (lambda: logic.denoise(ct_node, noiseLevel=0), "noiseLevel must be a number above 0"),
+            (lambda: logic.detectAnomalies(ct_node, threshold=0), "threshold must be a number above 0"),
+            (lambda: logic.superResolve(ct_node, factor=2.5), "factor must be a whole number of at least 2"),
+            (lambda: logic.inpaint(ct_node, segmentation, "1", resample=0), "resample must be a whole number"),
+            (lambda: logic.inpaint(ct_node, segmentation, None), r"Inpaint needs a segment ID \(or name\): the "
+                                                                  "segment of 'lesions'"),
+            (lambda: logic.synthesize(size=[16.0, 16, 16], spacing=[1, 1, 1], region="chest"),
+             "each size value must be a whole number"),
+            (lambda: logic.synthesize(size=[16, 16], spacing=[1, 1, 1]), r"size must be three values \(x, y, z\)"),
+            (lambda: logic.synthesize(size=[16, 16, 16], spacing=[1, 0, 1]), "each spacing value must be a number "
+                                                                             "above 0"),
+            (lambda: logic.synthesize(ct_node, size=[16, 16, 16], spacing=[1, 1, 1]), "not both")):
+        with pytest.raises(ValueError, match=message):
+            call()
     with pytest.raises(ValueError, match="not a CT volume node"):
         logic.denoise(slicer.mrmlScene.AddNewNodeByClass("vtkMRMLModelNode", "surface"))
     with pytest.raises(ValueError, match="'lesion labels' is a vtkMRMLLabelMapVolumeNode, not a CT volume node"):

@@ -345,6 +345,9 @@ def test_anomaly_threshold_override_and_bad_mask(caplog):
     prior, _, sick, _, body = smooth_phantom()
     high = detect_anomalies(sick, prior, mask=body, region="abdomen", threshold=1e6)
     assert high.threshold == 1e6 and high.anomaly_mask.array.sum() == 0
+    for meaningless in (0.0, -3.0):  # the map is never negative: every voxel would be "anomalous"
+        with pytest.raises(InputError, match="threshold must be above 0 HU"):
+            detect_anomalies(sick, prior, mask=body, region="abdomen", threshold=meaningless)
     # A region of a few voxels is its own reference: the automatic threshold is refused as meaningless.
     few = np.zeros(body.shape, np.uint8)
     few[10, 10, 10:12] = 1

@@ -6,6 +6,7 @@ module widget does it from a QTimer) and whose `result` holds the new nodes once
 """
 import atexit
 import logging
+import math
 import numbers
 import os
 import shutil
@@ -37,6 +38,25 @@ def _optionalSegment(segmentationNode, segmentId):
     return (segmentationNode, segmentId) if segmentId else None
 
 
+def _checkWholeNumber(name, value, least):
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+        raise ValueError(f"{name} must be a whole number of at least {least}, got {value!r}")
+    return value
+
+
+def _checkPositiveNumber(name, value):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a number above 0, got {value!r}")
+    return value
+
+
+def _checkTriple(name, values, check):
+    """Three values (x, y, z), each passing check(name, value); a string or a wrong count is refused whole."""
+    if isinstance(values, str) or not hasattr(values, "__len__") or len(values) != 3:
+        raise ValueError(f"{name} must be three values (x, y, z), got {values!r}")
+    return [check(f"each {name} value", value) for value in values]
+
+
 def _resultName(inputNode, task):
     return f"{inputNode.GetName()} {TASKS[task].resultSuffix}"
 
@@ -55,6 +75,9 @@ def _checkInputs(task, volumeNode, mask):
         raise ValueError(f"{TASKS[task].title} needs a segmentation node and a segment ID, got {what}. "
                          "Draw the region in the Segment Editor (a labelmap can be converted to a "
                          "segmentation in the Data module).")
+    if not segmentId:
+        raise ValueError(f"{TASKS[task].title} needs a segment ID (or name): the segment of "
+                         f"'{segmentationNode.GetName()}' to work in.")
 
 
 def _checkVolume(volumeNode):
@@ -99,15 +122,17 @@ class MedDiffFMTasks:
     def synthesize(self, referenceVolumeNode=None, size=None, spacing=None, wait=True, **options):
         """Generate a new CT on the grid (and anatomy) of `referenceVolumeNode`, or of `size` (x, y, z
         voxels) and `spacing` (x, y, z mm); without a reference give `region` too. Returns the new node."""
-        if referenceVolumeNode is None and (size is None or spacing is None):
-            raise ValueError("Give a reference volume, or both size (x, y, z voxels) and spacing (x, y, z mm).")
+        if (referenceVolumeNode is None) == (size is None or spacing is None):
+            raise ValueError("Give a reference volume, or both size (x, y, z voxels) and spacing (x, y, z mm), "
+                             "not both: a reference sets the grid.")
         _checkVolume(referenceVolumeNode)
         arguments, inputs = [], {}
         if referenceVolumeNode is not None:
             inputs["--reference"] = referenceVolumeNode
             name = _resultName(referenceVolumeNode, "synthesize")
         else:
-            arguments += ["--size", *size, "--spacing", *spacing]
+            arguments += ["--size", *_checkTriple("size", size, lambda n, v: _checkWholeNumber(n, v, 1)),
+                          "--spacing", *_checkTriple("spacing", spacing, _checkPositiveNumber)]
             name = f"MedDiffFM {TASKS['synthesize'].resultSuffix}"
         return self._runTask("synthesize", None, arguments, wait, options, namedInputs=inputs,
                              importResults=self._importVolume(name, referenceVolumeNode))
@@ -119,8 +144,12 @@ class MedDiffFMTasks:
         inside it (the rest keeps its values). Returns the new volume node."""
         arguments = []
         if noiseLevel is not None:
-            arguments += ["--noise-level", noiseLevel]
+            arguments += ["--noise-level", _checkPositiveNumber("noiseLevel", noiseLevel)]
         if window is not None:
+            if (isinstance(window, str) or not hasattr(window, "__len__") or len(window) != 2
+                    or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                               for v in window) or not window[0] < window[1]):
+                raise ValueError(f"window must be two numbers (low, high) in HU with low < high, got {window!r}")
             arguments += ["--window", *window]
         mask = _optionalSegment(segmentationNode, segmentId)
         return self._runTask("denoise", volumeNode, arguments, wait, options, mask=mask)
@@ -130,16 +159,17 @@ class MedDiffFMTasks:
         """Detect anomalies (inside segment `segmentId` if given, else the body). `threshold` in HU of
         the map (None = the model's default). Returns (anomaly map volume node in HU, segmentation node
         of the voxels above the threshold)."""
-        arguments = [] if threshold is None else ["--threshold", threshold]
+        arguments = [] if threshold is None else ["--threshold", _checkPositiveNumber("threshold", threshold)]
         mask = _optionalSegment(segmentationNode, segmentId)
+        # Named as the input is named now, as every other task's result (a wait=False job imports them later).
+        mapName = _resultName(volumeNode, "detect-anomalies") if volumeNode is not None else None
+        segmentationName = f"{volumeNode.GetName()} {ANOMALY_SEGMENTATION_SUFFIX}" if volumeNode is not None else None
 
         def importResults(workDir):
             mapNode, anomalySegmentation = _addAllOrNothing(
-                lambda: volumes.addVolumeNodeFromFile(
-                    self._outputPath(workDir), _resultName(volumeNode, "detect-anomalies"), volumeNode),
+                lambda: volumes.addVolumeNodeFromFile(self._outputPath(workDir), mapName, volumeNode),
                 lambda: volumes.addSegmentationNodeFromMaskFile(
-                    self._anomalyMaskPath(workDir), f"{volumeNode.GetName()} {ANOMALY_SEGMENTATION_SUFFIX}",
-                    ANOMALY_SEGMENTATION_SUFFIX, volumeNode))
+                    self._anomalyMaskPath(workDir), segmentationName, ANOMALY_SEGMENTATION_SUFFIX, volumeNode))
             mapNode.GetDisplayNode().SetAndObserveColorNodeID(ANOMALY_COLOR_NODE_ID)
             self._show(volumeNode, foreground=mapNode)
             return mapNode, anomalySegmentation
@@ -150,7 +180,7 @@ class MedDiffFMTasks:
     def superResolve(self, volumeNode, factor=None, wait=True, **options):
         """Super-resolve a thick-slice CT: `factor` thin slices per thick slice (None = the command's
         default, 5). Returns a new volume node on the finer grid."""
-        arguments = [] if factor is None else ["--factor", factor]
+        arguments = [] if factor is None else ["--factor", _checkWholeNumber("factor", factor, 2)]
         return self._runTask("super-resolve", volumeNode, arguments, wait, options)
 
     def generateLesion(self, volumeNode, segmentationNode, segmentId, wait=True, **options):
@@ -161,7 +191,7 @@ class MedDiffFMTasks:
         """Replace the region of segment `segmentId` with tissue that fits its surroundings (RePaint;
         `resample` passes per jump, None = the command's default, 1 = fastest). Voxels outside the
         segment keep their values. Returns the new volume node."""
-        arguments = [] if resample is None else ["--resample", resample]
+        arguments = [] if resample is None else ["--resample", _checkWholeNumber("resample", resample, 1)]
         return self._runTask("inpaint", volumeNode, arguments, wait, options, mask=(segmentationNode, segmentId))
 
     # --- the running job ---------------------------------------------------------------------------
@@ -225,9 +255,8 @@ class MedDiffFMTasks:
         """
         for name, value, least in (("nfe", nfe, 1), ("windowBatch", windowBatch, 1), ("threads", threads, 1),
                                    ("windowSize", windowSize, 1), ("seed", seed, 0)):
-            if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)
-                                      or value < least):
-                raise ValueError(f"{name} must be a whole number of at least {least}, got {value!r}")
+            if value is not None:
+                _checkWholeNumber(name, value, least)
         arguments = ["--seed", seed, "--device", "cpu" if forceCpu else "auto"]
         if model:
             arguments += ["--model", model]

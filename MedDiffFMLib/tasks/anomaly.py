@@ -75,6 +75,8 @@ def detect_anomalies(volume: Volume, model: torch.nn.Module, mask: Optional[Volu
         raise InputError(f"noising step t must be in 0..{cfg.num_train_timesteps - 1}, got {t}")
     if smoothing_sigma_mm < 0:
         raise InputError(f"smoothing must be >= 0 mm, got {smoothing_sigma_mm}")
+    if threshold is not None and not threshold > 0:  # the map is an absolute difference: <= 0 marks every voxel
+        raise InputError(f"the threshold must be above 0 HU (the anomaly map is never negative), got {threshold:g}")
     device = common.task_device(model, device)
     region = common.resolve_region(volume, region, cfg)
     labels = common.anatomy_for(volume, cfg, anatomy_labels)
