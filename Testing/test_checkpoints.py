@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pickle
 
 import pytest
@@ -181,6 +182,18 @@ def test_registry_resolves_the_shipped_tiny_model(monkeypatch, tmp_path):
         resolve_model("nope")
     save_model(model.state_dict(), cfg, tmp_path / "mine", {})
     assert resolve_model("mine") == tmp_path / "mine.safetensors" and "mine" in checkpoints.available_models()
+
+
+def test_tasks_warn_when_they_run_a_test_model(caplog):
+    from MedDiffFMLib.tasks.common import load_model as load_for_task
+
+    assert {m["name"] for m in checkpoints.registry() if m.get("test_only")} == {
+        "tiny", "tiny-lesion", "tiny-super-resolution"}
+    with caplog.at_level(logging.WARNING, logger="MedDiffFMLib"):
+        load_for_task("default", torch.device("cpu"))
+        assert "test model" not in caplog.text
+        load_for_task("tiny-lesion", torch.device("cpu"))
+    assert "model tiny-lesion is a test model (Resources/Models.json)" in caplog.text
 
 
 def test_training_state_survives_a_kill_mid_write(tmp_path):
