@@ -9,6 +9,7 @@ from MedDiffFMLib.errors import InputError
 from MedDiffFMLib.finetune import ControlledNet
 from MedDiffFMLib.io import Volume, read_volume, write_volume
 from MedDiffFMLib.tasks.inpaint import inpaint, repaint_path
+from MedDiffFMLib.tasks.lesion import generate_lesion
 
 FAST = dict(nfe=4, jump_length=2, resample=2, margin_mm=2.0, region="chest", overlap=0.0, window_batch=8)
 #: A small blob inside the lung crop: its box is one network window.
@@ -49,6 +50,16 @@ def test_outside_the_mask_is_unchanged_exactly_and_inside_differs(chest_nodule_c
     assert np.array_equal(out.array[~inside], image.array[~inside])
     assert np.abs(out.array[inside] - image.array[inside]).mean() > 20.0
     assert np.array_equal(image.array, before)  # input untouched
+
+
+def test_generated_values_stay_within_the_input_range(chest_nodule_crop, lesion_model):
+    """The chest window reaches -1400 HU; an (untrained) model sampling lung there would put voxels below air."""
+    image, _ = chest_nodule_crop
+    mask = with_mask(image, [(slice(None), slice(8, 40), slice(8, 40))])
+    out = inpaint(image, mask, lesion_model, seed=1, **FAST).array
+    generate = generate_lesion(image, mask, lesion_model, seed=1, nfe=2).array
+    for result in (out, generate):
+        assert image.array.min() <= result.min() and result.max() <= image.array.max()
 
 
 def test_deterministic_by_seed(chest_nodule_crop, lesion_model):

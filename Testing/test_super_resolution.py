@@ -13,8 +13,8 @@ from MedDiffFMLib.errors import InputError
 from MedDiffFMLib.finetune import ControlledNet
 from MedDiffFMLib.io import Volume, read_volume, write_volume
 from MedDiffFMLib.sampling import SlidingWindowSampler
-from MedDiffFMLib.tasks.super_resolution import (average_slices, interpolate_slices, repeat_slices, super_resolve,
-                                                 thin_geometry)
+from MedDiffFMLib.tasks.super_resolution import (average_slices, interpolate_slices, project_in_range, repeat_slices,
+                                                 super_resolve, thin_geometry)
 
 CHEST_WINDOW = (-1400.0, 400.0)
 
@@ -133,9 +133,30 @@ def test_final_projection_makes_the_paper_setting_data_consistent(thick, sr_mode
     projected = super_resolve(thick, sr_model, factor=2, nfe=3, region="chest", seed=3)
     averaged = average_slices(torch.from_numpy(projected.array), 2).numpy()
     assert np.abs(averaged - np.clip(thick.array, *CHEST_WINDOW)).max() < 0.5
-    # Projection only shifts each group by a constant: differences between thin slices of a group stay.
+    assert plain.array.min() < thick.array.min() <= projected.array.min()  # nothing below the input's air
+    # Projection shifts each group by a constant: differences between thin slices of a group stay, except in the
+    # groups where a value reached the input's lowest.
     detail = lambda v: v.array[0::2] - v.array[1::2]  # noqa: E731
-    assert np.allclose(detail(projected), detail(plain), atol=1e-2)
+    unclipped = np.minimum(projected.array[0::2], projected.array[1::2]) > thick.array.min()
+    assert unclipped.mean() > 0.5
+    assert np.allclose(detail(projected)[unclipped], detail(plain)[unclipped], atol=1e-2)
+
+
+def test_projection_in_range_is_the_nearest_consistent_volume():
+    rng = np.random.default_rng(0)
+    thin = torch.from_numpy(rng.normal(0, 400, (9, 4, 4)).astype(np.float32))  # 9 slices: a short last group
+    thick = torch.from_numpy(rng.uniform(-900, 900, (3, 4, 4)).astype(np.float32))
+    lo, hi = -1000.0, 1000.0
+    out = project_in_range(thin, thick, 4, lo, hi)
+    assert torch.allclose(average_slices(out, 4), thick, atol=1e-3) and lo <= out.min() and out.max() <= hi
+    # Nearer to the input than other consistent, in-range volumes: the plain shift clipped and re-shifted ...
+    other = project_in_range(thin + torch.from_numpy(rng.normal(0, 50, thin.shape).astype(np.float32)), thick, 4,
+                             lo, hi)
+    assert (out - thin).norm() < (other - thin).norm()
+    # ... and where the shift needs no clipping it is the plain projection x + H^T(y - H x).
+    plain = thin + repeat_slices(thick - average_slices(thin, 4), 4, 9)
+    wide = project_in_range(thin, thick, 4, -1e5, 1e5)
+    assert torch.allclose(wide, plain, atol=1e-2)
 
 
 def test_deterministic_by_seed_and_input_untouched(thick, sr_model):

@@ -513,6 +513,7 @@ def test_synthesize_cli_end_to_end(ct_crop, tiny_model, tmp_path):
                    tiny_model, "--nfe", 2, "--device", "cpu", "--progress", "none", "--region", "chest") == 0
     vol = read_volume(sized)
     assert vol.shape == (9, 17, 20) and vol.spacing == pytest.approx((1.5, 1.5, 3.0))
+    assert vol.array.min() >= -1024.0  # air as a scanner stores it, not the chest window's -1400 HU edge
     assert run_cli("synthesize", "-o", tmp_path / "x.nii.gz", "--model", tiny_model, "--size", 20, 20, 20) == 2
 
 

@@ -219,6 +219,16 @@ def window_weight(original: np.ndarray, window: Sequence[float]) -> np.ndarray:
     return np.clip(inside, 0.0, 1.0, out=inside)
 
 
+#: The lowest value a CT scanner stores for air (-1000 HU plus noise): results never go below it unless the input does.
+CT_AIR_HU = -1024.0
+
+
+def clip_to_range(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """`values` clipped in place to [lo, hi]: a task's result holds no value its input could not (the model's
+    window can reach below air, e.g. -1400 HU for the chest, and an untrained or strained model goes there)."""
+    return np.clip(values, lo, hi, out=values)
+
+
 def mask_box(mask: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float,
              min_size: int) -> Tuple[slice, slice, slice]:
     """Bounding box of `mask` > 0 grown by `margin_mm` on every side, then (centred) to at least

@@ -8,9 +8,11 @@ and the ControlNet sees the thick input linearly interpolated onto the thin grid
 
 With the paper's sigma_n = 1.0 the data step fades out as sigma_bar_t -> 0, so the last steps follow the
 prior alone and the slice averages drift from the measured thick slices. By default the result is
-therefore projected onto the data once at the end (in HU), x <- x + H^T(y - H x), which makes every group of
-`factor` thin slices average exactly to its thick slice (H H^T = I) without touching the detail within
-the group. `project=False` gives the paper's plain DiffPIR output.
+therefore projected onto the data once at the end (in HU): onto the volumes whose every group of `factor` thin
+slices averages exactly to its thick slice and whose values stay between the input's lowest (air) and what a
+scanner stores (`project_in_range`). That shifts each group by one value, so the detail within the group is
+kept, except where a value would leave that range (x <- x + H^T(y - H x) alone put lung voxels below air).
+`project=False` gives the paper's plain DiffPIR output, unclipped.
 
 The model sees only its region's HU window. Voxels outside it (air, lung or bone in a soft-tissue window)
 would come back clipped to the window edges; they get the thick slices interpolated instead (`_full_range`),
@@ -184,6 +186,42 @@ def _full_range(resolved: np.ndarray, thick_hu: np.ndarray, weight: np.ndarray, 
     weight = repeat_slices(torch.from_numpy(weight), factor, n_thin)
     outside = interpolate_slices(measured, factor, n_thin)
     blended = outside + weight * (torch.from_numpy(resolved.astype(np.float32)) - outside)
-    if project:
-        blended = blended + repeat_slices(measured - average_slices(blended, factor), factor, n_thin)
+    if project:  # no thin value below the input's lowest (air) or above what a scanner stores
+        return project_in_range(blended, measured, factor, float(thick_hu.min()),
+                                max(float(thick_hu.max()), CT_MAX_HU)).numpy()
     return blended.numpy().astype(np.float32)
+
+
+#: What a 12-bit CT stores at most; thin slices may exceed their thick average, so this, not the input's highest,
+#: bounds them (unless the input holds more).
+CT_MAX_HU = 3071.0
+#: Halvings of the search for each group's shift: the range (a few thousand HU) down to well under 0.001 HU.
+PROJECTION_BISECTIONS = 32
+
+
+def project_in_range(thin: torch.Tensor, thick: torch.Tensor, factor: int, lo: float, hi: float) -> torch.Tensor:
+    """The nearest volume to `thin` whose groups of `factor` slices average to `thick` and whose values lie in
+    [lo, hi] (each thick value must lie there too).
+
+    That nearest point is clip(thin + shift, lo, hi) with one shift per group (the constraints' optimality
+    conditions), and the clipped group mean only grows with the shift: found by bisection, for all groups at once.
+    """
+    n_thin = thin.shape[-3]
+    thin = thin.float()
+    below = torch.full_like(thick, lo) - _group_extreme(thin, factor, torch.amax)  # every value at lo
+    above = torch.full_like(thick, hi) - _group_extreme(thin, factor, torch.amin)  # every value at hi
+    for _ in range(PROJECTION_BISECTIONS):
+        shift = (below + above) / 2
+        low_mean = average_slices((thin + repeat_slices(shift, factor, n_thin)).clamp_(lo, hi), factor) < thick
+        below = torch.where(low_mean, shift, below)
+        above = torch.where(low_mean, above, shift)
+    return (thin + repeat_slices((below + above) / 2, factor, n_thin)).clamp_(lo, hi)
+
+
+def _group_extreme(thin: torch.Tensor, factor: int, reduce) -> torch.Tensor:
+    """The max (or min) over each group of `factor` slices (a short last group over the slices it has)."""
+    n = thin.shape[-3]
+    groups = -(-n // factor)
+    padded = torch.cat([thin, thin[..., -1:, :, :].expand(*thin.shape[:-3], groups * factor - n, *thin.shape[-2:])],
+                       dim=-3)
+    return reduce(padded.unflatten(-3, (groups, factor)), dim=-3)
