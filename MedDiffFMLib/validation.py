@@ -20,8 +20,9 @@ if TYPE_CHECKING:  # io imports this module; only type names are needed here
 
 log = logging.getLogger(__name__)
 
-#: Any CT region the model covers contains air (-1000 HU) or at least fat (about -100 HU).
-CT_MIN_EXPECTED_HU = -200.0
+#: Any CT region the model covers contains air (-1000 HU) or at least some fat (about -100 HU, noise around it);
+#: images in other units (MR, or 0..1 / z-scored intensities) have no value this low.
+CT_MIN_EXPECTED_HU = -50.0
 #: Largest ratio of the coarsest to the finest voxel spacing accepted.
 MAX_ANISOTROPY = 20.0
 #: Spacing ratio above which results on the coarse axis are warned to be blurry.
@@ -84,9 +85,10 @@ def check_ct(vol: "Volume", log_warnings: bool = True) -> List[str]:
     if lo > CT_MIN_EXPECTED_HU:
         raise InputError(
             f"the intensities ({lo:.4g}..{hi:.4g}) do not look like CT in Hounsfield units: no voxel is "
-            f"below {CT_MIN_EXPECTED_HU:.0f} HU (air is -1000 HU, fat about -100 HU). MedDiffFM is for CT; "
-            "MR or intensity-normalised images cannot be used. If this is CT stored without its rescale "
-            "slope/intercept, convert it to HU first.")
+            f"below {CT_MIN_EXPECTED_HU:.0f} HU, so it holds neither air (-1000 HU) nor fat (about -100 HU). MedDiffFM "
+            "is for CT; MR or intensity-normalised images cannot be used. If this is CT stored without its rescale "
+            "slope/intercept, convert it to HU first; if it is a crop inside solid tissue, crop a larger region "
+            "that takes in some fat or air.")
     if hi - lo < 100.0:
         raise InputError(f"the intensities span only {lo:.4g}..{hi:.4g} HU: air without the soft tissue or bone of "
                          "a body, so there is nothing to work on (a crop outside the body?)")

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from conftest import (ABDOMEN_DICOM, ABDOMEN_NII, CHEST_NODULE_NRRD, CHEST_NRRD, CT_DATA, HEAD_TILTED_DICOM,
                       LIMB_MASK_NII, LIMB_NII, REPO, grid_centre)
 from MedDiffFMLib.cli import main
-from MedDiffFMLib.io import read_volume, write_volume
+from MedDiffFMLib.io import Volume, read_volume, write_volume
 from MedDiffFMLib.preprocess import resample, unit_to_hu
 from MedDiffFMLib.validation import check_ct
 
@@ -66,7 +66,7 @@ def make_bad_inputs(limb, folder):
     save("mr_like.nii.gz", limb.with_array(mr_like).to_sitk(), "do not look like CT")
     unit = (limb.array - limb.array.min()) / np.ptp(limb.array)
     save("normalised.nii.gz", limb.with_array(unit.astype(np.float32)).to_sitk(), "do not look like CT")
-    # DICOM padding outside the field of view, cropped: not "no voxel below -200 HU", which would be untrue.
+    # DICOM padding outside the field of view, cropped: not "no voxel below -50 HU", which would be untrue.
     save("padding.nii.gz", limb.with_array(np.full(limb.shape, -3024, np.int16)).to_sitk(),
          "the image is uniform (every voxel is -3024)")
     air = np.full(limb.shape, -1000, np.int16)
@@ -199,3 +199,12 @@ def test_under_torchrun_only_the_first_process_logs(tmp_path):
         return done.stderr
     assert "WARNING DICOM series has gantry tilt 18.5 deg" in stderr("0")
     assert stderr("1") == ""
+
+
+def test_a_crop_in_soft_tissue_with_some_fat_is_ct(limb):
+    """A tumour-region crop of the limb (-155..118 HU: soft tissue and a little fat, no air) is usable CT."""
+    from MedDiffFMLib.validation import check_ct
+
+    crop = Volume.from_sitk(limb.to_sitk()[80:120, 0:40, 0:10], dtype=np.float32)  # x, y, z
+    assert -200 < crop.array.min() < -50
+    check_ct(crop)
