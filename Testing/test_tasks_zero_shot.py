@@ -644,3 +644,18 @@ def test_denoising_never_leaves_the_inputs_range_of_values(gaussian_problem):
     hu[:, :, -2:] = -1000.0
     result = denoise(Volume(hu), prior, noise_level=3000.0, region="abdomen", seed=0)
     assert hu.min() <= result.denoised.array.min() and result.denoised.array.max() <= hu.max()
+
+
+def test_anomaly_search_warns_when_the_body_mask_leaves_out_tissue(chest_nodule_crop, caplog):
+    """A crop around a lung nodule: the lungs reach the crop's edges, so the body mask does not enclose them and
+    they are not searched (a nodule in them would not be either); the user is told to give the region. A whole scan
+    gets no such warning."""
+    from MedDiffFMLib.checkpoints import load_model
+
+    model = load_model("tiny")[0]
+    with caplog.at_level(logging.WARNING, logger="MedDiffFMLib"):
+        detect_anomalies(read_volume(ABDOMEN_SMALL_NII), model, region="abdomen", window_batch=8)
+        assert "leaves out" not in caplog.text
+        result = detect_anomalies(chest_nodule_crop[0], model, region="chest", window_batch=8)
+    assert "the search region (the body found by the threshold anatomy) leaves out" in caplog.text
+    assert result.region_mask.array.mean() < 0.85  # what the warning is about

@@ -54,6 +54,24 @@ class AnomalyResult:
     region_mask: Volume      # uint8 region the detection was restricted to
 
 
+#: Share of the image that may be denser than air yet outside the body mask before a warning: on whole scans the
+#: table and clothing make 3-5 %; on crops whose edges cut through the lungs or the body, 30-38 %.
+LEFT_OUT_TISSUE_WARNING = 0.15
+#: Denser than air (with its noise): lung parenchyma (about -850 HU) counts.
+DENSER_THAN_AIR_HU = -900.0
+
+
+def _warn_if_tissue_left_out(volume: Volume, inside: np.ndarray) -> None:
+    """Say so when the default search region (the body mask) leaves out much tissue: in a crop, lungs (and a nodule
+    in them) that reach the crop's edge are not enclosed by the body, so they are never searched."""
+    left_out = np.count_nonzero(~inside & (volume.array > DENSER_THAN_AIR_HU)) / inside.size
+    if left_out > LEFT_OUT_TISSUE_WARNING:
+        log.warning("the search region (the body found by the threshold anatomy) leaves out %.0f %% of the image "
+                    "although it is denser than air: in a crop, lungs or tissue that reach its edge are not enclosed "
+                    "by the body and are not searched. Give the region to search as a mask (--mask; in Slicer, a "
+                    "segment)", 100 * left_out)
+
+
 @in_patient_axes
 def detect_anomalies(volume: Volume, model: torch.nn.Module, mask: Optional[Volume] = None, t: int = DEFAULT_T,
                      seed: int = 0, smoothing_sigma_mm: float = DEFAULT_SMOOTHING_MM,
@@ -87,6 +105,7 @@ def detect_anomalies(volume: Volume, model: torch.nn.Module, mask: Optional[Volu
         inside = labels > 0
         if not inside.any():
             raise InputError("no body found in the image (nothing above -500 HU); give a mask (--mask)")
+        _warn_if_tissue_left_out(volume, inside)
     window = common.model_window(cfg, region)
     sampler = common.make_sampler(model, volume.shape, volume.spacing_zyx, region, labels, device,
                                   overlap=overlap, window_batch=window_batch, precision=precision,
