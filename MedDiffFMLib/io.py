@@ -114,15 +114,22 @@ class Volume:
             array = array.astype(dtype, copy=False)
         return cls(array, image.GetSpacing(), image.GetOrigin(), image.GetDirection())
 
-    def grid_differences(self, other: "Volume", tol: float = GRID_TOLERANCE) -> List[str]:
-        """Human-readable list of how the grids of `self` and `other` differ (empty if they match)."""
+    def grid_differences(self, other: "Volume", tol: float = GRID_TOLERANCE,
+                         names: Sequence[str] = ("", "vs")) -> List[str]:
+        """Human-readable list of how the grids of `self` and `other` differ (empty if they match); `names` label
+        the two values, e.g. ("image", "mask") gives "size (z,y,x): image (16, 80, 80), mask (48, 512, 512)"."""
+        def differ(what: str, mine: str, theirs: str) -> str:
+            if names == ("", "vs"):
+                return f"{what} {mine} vs {theirs}"
+            return f"{what}: {names[0]} {mine}, {names[1]} {theirs}"
+
         diffs = []
         if self.shape[-3:] != other.shape[-3:]:
-            diffs.append(f"size (z,y,x) {self.shape[-3:]} vs {other.shape[-3:]}")
+            diffs.append(differ("size (z,y,x)", str(self.shape[-3:]), str(other.shape[-3:])))
         for name in ("spacing", "origin", "direction"):
             mine, theirs = np.asarray(getattr(self, name)), np.asarray(getattr(other, name))
             if not np.allclose(mine, theirs, rtol=0.0, atol=tol):
-                diffs.append(f"{name} {format_values(mine)} vs {format_values(theirs)}")
+                diffs.append(differ(name, format_values(mine), format_values(theirs)))
         return diffs
 
     def same_grid(self, other: "Volume", tol: float = GRID_TOLERANCE) -> bool:
@@ -163,30 +170,31 @@ def read_volume(path: PathLike) -> Volume:
     return vol
 
 
-def read_mask(path: PathLike, like: Volume) -> Volume:
-    """Read a label map (integer labels, 0 = background) that must lie on the grid of `like`.
+def read_mask(path: PathLike, like: Volume, what: str = "mask") -> Volume:
+    """Read a label map (integer labels, 0 = background) that must lie on the grid of `like`; `what` names it in
+    messages ("mask", "anatomy label map").
 
     Nothing is resampled. A mask stored on a block of the image grid (3D Slicer saves segmentations
     cropped to their extent) is placed onto the full grid; any other grid is an error saying how it differs.
     """
     path = Path(path)
     if not path.exists():
-        raise InputError(f"mask not found: {path}")
+        raise InputError(f"{what} not found: {path}")
     if path.is_dir() or is_dicom_file(path):
-        raise InputError(f"mask {path.name}: give a label-map file (.nii.gz, .nrrd, .seg.nrrd, .mha); DICOM "
+        raise InputError(f"{what} {path.name}: give a label-map file (.nii.gz, .nrrd, .seg.nrrd, .mha); DICOM "
                          "masks (DICOM SEG) are not read, export them as a label map first")
     image, _ = _read_file(path)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
-            f"mask {path.name} has {image.GetNumberOfComponentsPerPixel()} layers (overlapping segments); "
+            f"{what} {path.name} has {image.GetNumberOfComponentsPerPixel()} layers (overlapping segments); "
             "export a single label map (3D Slicer: Segmentations > Export to files / labelmap) and retry")
     mask = Volume.from_sitk(image)
     placed = _place_on_grid(mask, like)
     if placed is not None:
-        log.info("mask %s covers a %s block of the image grid; placed on the full grid (zeros around)",
+        log.info("%s %s covers a %s block of the image grid; placed on the full grid (zeros around)", what,
                  path.name, "x".join(str(n) for n in reversed(mask.shape)))
         mask = placed
-    check_mask(mask, like, name=f"mask {path.name}")
+    check_mask(mask, like, name=f"{what} {path.name}")
     return mask.with_array(as_label_array(mask.array, name=path.name))
 
 

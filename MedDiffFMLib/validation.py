@@ -123,11 +123,11 @@ def format_values(values: Sequence[float]) -> str:
 
 def check_same_grid(mask: "Volume", vol: "Volume", name: str = "mask") -> None:
     """Refuse a label map whose grid (size, spacing, origin, direction) is not the image's."""
-    diffs = vol.grid_differences(mask)
+    diffs = vol.grid_differences(mask, names=("image", "label map"))
     if diffs:
         raise InputError(
             f"{name} is not on the grid of the image: " + "; ".join(diffs)
-            + ". Resample the mask onto the image with nearest-neighbour interpolation (e.g. 3D Slicer "
+            + ". Resample it onto the image with nearest-neighbour interpolation (e.g. 3D Slicer "
             "'Resample Scalar/Vector/DWI Volume' or MedDiffFMLib.preprocess.resample_like) and retry.")
 
 

@@ -208,3 +208,12 @@ def test_a_crop_in_soft_tissue_with_some_fat_is_ct(limb):
     crop = Volume.from_sitk(limb.to_sitk()[80:120, 0:40, 0:10], dtype=np.float32)  # x, y, z
     assert -200 < crop.array.min() < -50
     check_ct(crop)
+
+
+def test_a_label_map_on_another_grid_is_named_and_each_value_labelled(tmp_path, capsys):
+    out = tmp_path / "d.nii.gz"
+    assert main(["denoise", str(LIMB_NII), "-o", str(out), "--anatomy-labels", str(CHEST_NODULE_NRRD)]) == 2
+    err = capsys.readouterr().err
+    assert ("anatomy label map lung1_label.nrrd is not on the grid of the image: size (z,y,x): image (59, 202, 198), "
+            "label map (48, 512, 512)") in err
+    assert not out.exists()

@@ -103,7 +103,8 @@ def test_empty_mask_wrong_grid_and_wrong_model_are_refused(chest_nodule_crop, le
     smaller = Volume(nodule.array[:, :40], nodule.spacing, nodule.origin, nodule.direction)
     with pytest.raises(InputError, match="not on the grid"):
         inpaint(image, smaller, lesion_model, **FAST)
-    with pytest.raises(InputError, match="lesion"):
+    with pytest.raises(InputError, match="runs a base model .* or a lesion ControlNet .*; the given model is a "
+                                         "super-resolution ControlNet"):
         inpaint(image, nodule, ControlledNet(tiny_base, "super-resolution"), **FAST)
 
 

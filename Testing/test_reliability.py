@@ -161,7 +161,7 @@ def test_mask_tasks_refuse_empty_and_off_grid_masks(task, files, chest_nodule_cr
         if task == "detect-anomalies":
             args += ["--mask", str(mask)]
         code, err = run_cli(args, capsys)
-        assert code == 2 and phrase in err and ("Resample the mask" in err or "draw or select" in err), err
+        assert code == 2 and phrase in err and ("Resample it onto the image" in err or "draw or select" in err), err
         assert not out.exists()
     assert_inputs_unchanged(files)
 

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     volume = read_volume(args.input)
     _common.check_output_grids(volume, args.output, uncertainty_path)
     mask = read_mask(args.mask, like=volume) if args.mask else None
-    labels = read_mask(args.anatomy_labels, like=volume) if args.anatomy_labels else None
+    labels = read_mask(args.anatomy_labels, like=volume, what="anatomy label map") if args.anatomy_labels else None
     model = _common.load_model(args)
     result = denoise(volume, model, nfe=args.nfe, noise_level=args.noise_level, window=args.window,
                      soft_tissue_pass={"auto": None, "on": True, "off": False}[args.soft_tissue_pass],

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     volume = read_volume(args.input)
     _common.check_output_grids(volume, args.output, args.mask_output, args.reconstruction)
     mask = read_mask(args.mask, like=volume) if args.mask else None
-    labels = read_mask(args.anatomy_labels, like=volume) if args.anatomy_labels else None
+    labels = read_mask(args.anatomy_labels, like=volume, what="anatomy label map") if args.anatomy_labels else None
     model = _common.load_model(args)
     progress = _common.progress_reporter(args.progress)
     progress(0, 1)

@@ -16,7 +16,7 @@ import torch
 
 from ..diffusion import Schedule, q_sample, reverse_step, timesteps
 from ..errors import InputError
-from ..finetune import ControlledNet, check_task
+from ..finetune import ControlledNet
 from ..io import Volume
 from ..network import check_loaded
 from ..orientation import in_patient_axes
@@ -72,8 +72,9 @@ def inpaint(volume: Volume, mask: Volume, model: torch.nn.Module, nfe: int = 100
     """
     seed = check_seed(seed)
     check_loaded(model)
-    if isinstance(model, ControlledNet):
-        check_task(model, "lesion")
+    if isinstance(model, ControlledNet) and model.task != "lesion":
+        raise InputError(f"inpainting runs a base model (normal tissue fills the mask, e.g. `default`) or a lesion "
+                         f"ControlNet (a lesion grows there); the given model is a {model.task} ControlNet")
     job = prepare_box(volume, mask, model, region, margin_mm, device, overlap, window_batch, precision,
                       window_size=window_size)
     sampler, schedule = job.sampler, job.sampler.schedule
