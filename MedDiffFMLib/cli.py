@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP,
                            formatter_class=HelpFormatter)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _parser=p)
     return parser
 
 
@@ -82,7 +82,9 @@ def _cancel_on_sigterm(signum, frame):
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the task's own parser: its usage line shows the options it does take
+        args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     bad = _non_finite_option(parser, args)
     if bad:
         print(f"error: {bad} must be a finite number (not NaN or infinite)", file=sys.stderr)

@@ -181,6 +181,14 @@ def test_preprocess_never_writes_onto_its_input(tmp_path, capsys):
     assert source.read_bytes() == LIMB_NII.read_bytes()
 
 
+def test_an_unknown_option_is_refused_with_the_tasks_own_usage(capsys):
+    with pytest.raises(SystemExit) as refused:
+        main(["detect-anomalies", str(LIMB_NII), "-o", "a.nrrd", "--nfe", "3"])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and err.startswith("usage: python -m MedDiffFMLib detect-anomalies")
+    assert "python -m MedDiffFMLib detect-anomalies: error: unrecognized arguments: --nfe 3" in err
+
+
 def test_python_m_entry_point_reports_bad_input(limb, tmp_path):
     sitk.WriteImage(limb.to_sitk()[:, :, 30], str(tmp_path / "slice.nii.gz"))
     done = subprocess.run([sys.executable, "-m", "MedDiffFMLib", "info", str(tmp_path / "slice.nii.gz")],
