@@ -175,6 +175,14 @@ def test_bad_factor_is_refused(thick, sr_model, factor):
         super_resolve(thick, sr_model, factor=factor, nfe=1, region="chest")
 
 
+def test_a_factor_too_large_for_memory_is_refused_before_any_work(thick, sr_model):
+    from MedDiffFMLib.errors import ResourceError
+
+    with pytest.raises(ResourceError, match=r"super-resolution by 10000000 \(80000000 thin slices of .* needs about "
+                                            r".* GiB .*give a smaller factor \(--factor\)"):
+        super_resolve(thick, sr_model, factor=10 ** 7, nfe=1, region="chest")
+
+
 def test_volume_too_thin_and_wrong_model_are_refused(thick, sr_model):
     with pytest.raises(InputError):
         super_resolve(Volume(thick.array[:1], thick.spacing, thick.origin, thick.direction), sr_model, nfe=1)

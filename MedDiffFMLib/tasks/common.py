@@ -385,7 +385,8 @@ ANATOMY_EXTRA_COPIES = 6
 
 
 def check_setup_memory(shape_zyx: Sequence[int], copies: int,
-                       work: str = "the set-up of this CT (noise estimate, anatomy)") -> None:
+                       work: str = "the set-up of this CT (noise estimate, anatomy)",
+                       remedy: str = "crop the CT to the region of interest") -> None:
     """Refuse `work` on a grid of `shape_zyx` (`copies` float32 copies of it) when it would clearly exhaust the CPU
     memory, before it starts. A task that samples only a box (a mask's) is checked for the box by `check_memory`;
     its set-up still covers the whole CT."""
@@ -394,8 +395,8 @@ def check_setup_memory(shape_zyx: Sequence[int], copies: int,
     if free is not None and needed > free:
         gib = 2.0 ** 30
         raise ResourceError(
-            f"{work} needs about {needed / gib:.1f} GiB but only {free / gib:.1f} GiB is free on cpu; crop the CT "
-            "to the region of interest, or close other programs")
+            f"{work} needs about {needed / gib:.1f} GiB but only {free / gib:.1f} GiB is free on cpu; {remedy}, or "
+            "close other programs")
 
 
 def check_memory(cfg: ModelConfig, shape_zyx: Sequence[int], window_batch: int, device: torch.device,

@@ -36,8 +36,8 @@ from ..io import Volume
 from ..orientation import in_patient_axes
 from ..preprocess import unit_to_hu, window_to_unit
 from ..validation import check_ct
-from .common import (anatomy_for, check_seed, check_window_size, make_sampler, model_config, model_window,
-                     resolve_region, task_device, window_weight)
+from .common import (anatomy_for, check_seed, check_setup_memory, check_window_size, make_sampler, model_config,
+                     model_window, resolve_region, task_device, window_weight)
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,11 @@ def thin_geometry(volume: Volume, factor: int) -> Tuple[Tuple[float, ...], Tuple
     return (sx, sy, thin_dz), tuple(float(o) for o in origin)
 
 
+#: Float32 copies of the thin grid held at once besides the sampler's (its condition, the interpolated input, the
+#: blend and the projection).
+THIN_GRID_COPIES = 6
+
+
 def check_factor(factor: int) -> None:
     if int(factor) != factor or factor < 2:
         raise InputError(f"the slice factor must be an integer >= 2 (thin slices per thick slice), got {factor}")
@@ -144,8 +149,11 @@ def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: 
     window = model_window(cfg, region)
     device = task_device(model, device)
 
-    thick = torch.from_numpy(window_to_unit(volume.array.astype(np.float32), window))
     n_thin = volume.shape[0] * factor
+    check_setup_memory((n_thin, *volume.shape[1:]), THIN_GRID_COPIES,
+                       work=f"super-resolution by {factor} ({n_thin} thin slices of {sz / factor:.3g} mm)",
+                       remedy="give a smaller factor (--factor), or crop the CT to the region of interest")
+    thick = torch.from_numpy(window_to_unit(volume.array.astype(np.float32), window))
     spacing, origin = thin_geometry(volume, factor)
     control = interpolate_slices(thick, factor, n_thin)
     guide = Volume(unit_to_hu(control.numpy(), window), spacing, origin, volume.direction)
