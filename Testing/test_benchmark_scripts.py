@@ -86,3 +86,21 @@ def test_network_speed_prints_rates_and_flops_per_channel_variant(monkeypatch, c
     with pytest.raises(SystemExit):
         network_speed.main(["--options", "fast"])
     sys.modules.pop("network_speed", None)
+
+
+def test_super_resolution_quality_scores_interpolation_and_each_model(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import super_resolution_quality as benchmark
+
+    try:
+        thin = benchmark.read_volume(LIMB_NII).crop((slice(0, 10), slice(0, 32), slice(0, 32)))
+        thick = benchmark.thick_from_thin(thin, 5)  # asserts that the thin grid comes back from it
+        assert thick.shape == (2, 32, 32) and thick.spacing[2] == pytest.approx(5 * thin.spacing[2])
+        argv = ["--model", "tiny-super-resolution", "--nfe", "1", "--cases", "STS_002 (limb, 3.27 mm)"]
+        assert benchmark.main(argv) == 0
+    finally:
+        sys.modules.pop("super_resolution_quality", None)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| STS_002")]
+    assert [row.split("|")[2].strip() for row in rows] == ["linear interpolation",
+                                                           "MedDiffFM `tiny-super-resolution`"]
+    assert all(0 < float(row.split("|")[3].split("/")[0]) < 60 for row in rows)  # PSNR in dB
