@@ -157,6 +157,7 @@ def read_volume(path: PathLike) -> Volume:
     if path.is_dir():
         image = _read_dicom_folder(path, series_id=None)
     elif is_dicom_file(path):
+        _refuse_non_image_object(path)  # before GDCM, which has no reader for objects without pixels
         header = sitk.ImageFileReader()
         header.SetFileName(str(path))
         header.ReadImageInformation()
@@ -429,6 +430,9 @@ def is_dicom_file(path: Path) -> bool:
 def _read_dicom_folder(folder: Path, series_id: Optional[str]) -> sitk.Image:
     series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series_ids:
+        for name in sorted(folder.iterdir()):  # e.g. a folder of an RTSTRUCT only: say what it holds
+            if name.is_file() and is_dicom_file(name):
+                _refuse_non_image_object(name)
         raise InputError(
             f"no DICOM series found in folder {folder} (sub-folders are not searched). Give the folder that "
             "directly holds the DICOM files of the CT series, or a NIfTI/NRRD/MHA file.")
@@ -463,12 +467,16 @@ _NON_IMAGE_MODALITIES = {
     "KO": "a key-object selection (KO)", "REG": "a registration (REG)"}
 
 
-def _refuse_non_image_object(name: str) -> None:
-    """Refuse a series that is a DICOM object other than an image (by its Modality, 0008,0060)."""
-    header = sitk.ImageFileReader()
-    header.SetFileName(name)
-    header.ReadImageInformation()
-    modality = header.GetMetaData("0008|0060").strip().upper() if header.HasMetaDataKey("0008|0060") else ""
+def _refuse_non_image_object(name: PathLike) -> None:
+    """Refuse a DICOM file that is an object other than an image (by its Modality, 0008,0060), read with pydicom:
+    GDCM reads a SEG as a 4D stack and has no reader at all for objects without pixel data (RTSTRUCT, SR)."""
+    import pydicom
+
+    try:
+        modality = str(pydicom.dcmread(str(name), stop_before_pixels=True, specific_tags=["Modality"])
+                       .get("Modality", "")).strip().upper()
+    except Exception:  # pydicom raises several types for a damaged file: GDCM's reading reports it then
+        return
     if modality in _NON_IMAGE_MODALITIES:
         raise InputError(
             f"{Path(name).name} is {_NON_IMAGE_MODALITIES[modality]}, not a CT image. Give the CT series itself "

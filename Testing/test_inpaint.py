@@ -60,6 +60,14 @@ def test_generated_values_stay_within_the_input_range(chest_nodule_crop, lesion_
     generate = generate_lesion(image, mask, lesion_model, seed=1, nfe=2).array
     for result in (out, generate):
         assert image.array.min() <= result.min() and result.max() <= image.array.max()
+    # Padding outside the field of view (-3024 HU) in a corner does not lower the floor in the mask below air.
+    padded = image.array.copy()
+    padded[:, :4, :4] = -3024.0
+    padded = image.with_array(padded)
+    inside = mask.array > 0
+    for result in (inpaint(padded, mask, lesion_model, seed=1, **FAST).array,
+                   generate_lesion(padded, mask, lesion_model, seed=1, nfe=2).array):
+        assert result[inside].min() >= -1024.0 and result[:, :4, :4].min() == -3024.0
 
 
 def test_deterministic_by_seed(chest_nodule_crop, lesion_model):

@@ -70,6 +70,25 @@ def test_dicom_seg_given_as_the_ct_is_named_as_such(tmp_path):
             read_volume(given)
 
 
+def test_a_dicom_object_without_pixels_given_as_the_ct_is_named_as_such(tmp_path):
+    """An RTSTRUCT has no image for GDCM to read at all (before: a traceback, or 'no DICOM series')."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"  # RT Structure Set Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    rtstruct = Dataset()
+    rtstruct.file_meta = meta
+    rtstruct.SOPClassUID, rtstruct.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    rtstruct.Modality, rtstruct.SeriesInstanceUID = "RTSTRUCT", generate_uid()
+    rtstruct.save_as(tmp_path / "contours.dcm", enforce_file_format=True)
+    for given in (tmp_path / "contours.dcm", tmp_path):
+        with pytest.raises(InputError, match=r"contours.dcm is a structure set \(RTSTRUCT\), not a CT image"):
+            read_volume(given)
+
+
 @pytest.fixture
 def jpeg2000_series(tmp_path):
     """The real 3-slice CT series re-encoded as lossless JPEG 2000."""

@@ -153,6 +153,11 @@ def test_projection_in_range_is_the_nearest_consistent_volume():
     other = project_in_range(thin + torch.from_numpy(rng.normal(0, 50, thin.shape).astype(np.float32)), thick, 4,
                              lo, hi)
     assert (out - thin).norm() < (other - thin).norm()
+    # A floor per group (air, or the thick voxel itself where that is lower, e.g. padding) holds too.
+    floors = torch.clamp(thick, max=-300.0)
+    floored = project_in_range(thin, thick, 4, floors, hi)
+    assert torch.allclose(average_slices(floored, 4), thick, atol=1e-3)
+    assert (floored >= repeat_slices(floors, 4, 9)).all() and floored.min() < -300.0  # where the thick is lower
     # ... and where the shift needs no clipping it is the plain projection x + H^T(y - H x).
     plain = thin + repeat_slices(thick - average_slices(thin, 4), 4, 9)
     wide = project_in_range(thin, thick, 4, -1e5, 1e5)

@@ -223,10 +223,19 @@ def window_weight(original: np.ndarray, window: Sequence[float]) -> np.ndarray:
 CT_AIR_HU = -1024.0
 
 
-def clip_to_range(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """`values` clipped in place to [lo, hi]: a task's result holds no value its input could not (the model's
-    window can reach below air, e.g. -1400 HU for the chest, and an untrained or strained model goes there)."""
-    return np.clip(values, lo, hi, out=values)
+def input_floor(original: np.ndarray) -> float:
+    """The lowest value a result may hold where its input holds more: air as a scanner stores it, or the input's
+    lowest value if that is higher. Not the input's minimum itself: padding outside the field of view (-2048 or
+    -3024 HU) would let lung come out below air again."""
+    return max(float(original.min()), CT_AIR_HU)
+
+
+def clip_to_input_range(values: np.ndarray, original: np.ndarray, floor: float, ceiling: float) -> np.ndarray:
+    """`values` clipped in place: not below `floor` (or below the voxel's own input value in `original`, where that
+    is lower), not above `ceiling`. A task's result then holds no value its input could not: the model's window can
+    reach below air (-1400 HU for the chest), and an untrained or strained model goes there."""
+    np.maximum(values, np.minimum(original, floor), out=values)
+    return np.minimum(values, ceiling, out=values)
 
 
 def mask_box(mask: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float,

@@ -36,8 +36,8 @@ from ..io import Volume
 from ..orientation import in_patient_axes
 from ..preprocess import unit_to_hu, window_to_unit
 from ..validation import check_ct
-from .common import (anatomy_for, check_seed, check_setup_memory, check_window_size, make_sampler, model_config,
-                     model_window, resolve_region, task_device, window_weight)
+from .common import (anatomy_for, check_seed, check_setup_memory, check_window_size, input_floor, make_sampler,
+                     model_config, model_window, resolve_region, task_device, window_weight)
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,9 @@ def thin_geometry(volume: Volume, factor: int) -> Tuple[Tuple[float, ...], Tuple
     return (sx, sy, thin_dz), tuple(float(o) for o in origin)
 
 
-#: Float32 copies of the thin grid held at once besides the sampler's (its condition, the interpolated input, the
-#: blend and the projection).
-THIN_GRID_COPIES = 6
+#: Float32 copies of the thin grid held at once (the condition, the sampled result on the CPU, the interpolated
+#: input, the blend and the projection's work: about 10 measured at the peak).
+THIN_GRID_COPIES = 10
 
 
 def check_factor(factor: int) -> None:
@@ -194,9 +194,9 @@ def _full_range(resolved: np.ndarray, thick_hu: np.ndarray, weight: np.ndarray, 
     weight = repeat_slices(torch.from_numpy(weight), factor, n_thin)
     outside = interpolate_slices(measured, factor, n_thin)
     blended = outside + weight * (torch.from_numpy(resolved.astype(np.float32)) - outside)
-    if project:  # no thin value below the input's lowest (air) or above what a scanner stores
-        return project_in_range(blended, measured, factor, float(thick_hu.min()),
-                                max(float(thick_hu.max()), CT_MAX_HU)).numpy()
+    if project:  # no thin value below air (or its thick voxel, if lower) or above what a scanner stores
+        lowest = torch.clamp(measured, max=input_floor(thick_hu))
+        return project_in_range(blended, measured, factor, lowest, max(float(thick_hu.max()), CT_MAX_HU)).numpy()
     return blended.numpy().astype(np.float32)
 
 
@@ -207,23 +207,29 @@ CT_MAX_HU = 3071.0
 PROJECTION_BISECTIONS = 32
 
 
-def project_in_range(thin: torch.Tensor, thick: torch.Tensor, factor: int, lo: float, hi: float) -> torch.Tensor:
+def project_in_range(thin: torch.Tensor, thick: torch.Tensor, factor: int, lo, hi: float) -> torch.Tensor:
     """The nearest volume to `thin` whose groups of `factor` slices average to `thick` and whose values lie in
-    [lo, hi] (each thick value must lie there too).
+    [lo, hi]; `lo` is a number or one per thick voxel (its group), and each thick value must lie in its range.
 
     That nearest point is clip(thin + shift, lo, hi) with one shift per group (the constraints' optimality
     conditions), and the clipped group mean only grows with the shift: found by bisection, for all groups at once.
     """
     n_thin = thin.shape[-3]
     thin = thin.float()
-    below = torch.full_like(thick, lo) - _group_extreme(thin, factor, torch.amax)  # every value at lo
-    above = torch.full_like(thick, hi) - _group_extreme(thin, factor, torch.amin)  # every value at hi
+    lo = torch.as_tensor(lo, dtype=thin.dtype).expand_as(thick)
+    lo_thin = repeat_slices(lo, factor, n_thin)
+
+    def clipped(shift: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(thin + repeat_slices(shift, factor, n_thin), lo_thin).clamp_(max=hi)
+
+    below = lo - _group_extreme(thin, factor, torch.amax)  # every value at its lowest
+    above = hi - _group_extreme(thin, factor, torch.amin)  # every value at hi
     for _ in range(PROJECTION_BISECTIONS):
         shift = (below + above) / 2
-        low_mean = average_slices((thin + repeat_slices(shift, factor, n_thin)).clamp_(lo, hi), factor) < thick
+        low_mean = average_slices(clipped(shift), factor) < thick
         below = torch.where(low_mean, shift, below)
         above = torch.where(low_mean, above, shift)
-    return (thin + repeat_slices((below + above) / 2, factor, n_thin)).clamp_(lo, hi)
+    return clipped((below + above) / 2)
 
 
 def _group_extreme(thin: torch.Tensor, factor: int, reduce) -> torch.Tensor:

@@ -61,10 +61,8 @@ def synthesize(model: torch.nn.Module, region: Optional[str] = None,
     x0 = sampler.run(None, steps, seed, eta=eta, progress=progress)
     window = common.model_window(cfg, region)
     hu = unit_to_hu(x0[0, 0].cpu().numpy(), window).astype(np.float32)
-    # A reference's own range, else what a scanner stores: not the window's lower edge (-1400 HU for the chest).
-    lo, hi = (reference.array.min(), reference.array.max()) if reference is not None else \
-        (max(window[0], common.CT_AIR_HU), window[1])
-    return grid.with_array(common.clip_to_range(hu, lo, hi))
+    # Not below air as a scanner stores it: the window's lower edge is -1400 HU for the chest.
+    return grid.with_array(np.clip(hu, max(window[0], common.CT_AIR_HU), window[1], out=hu))
 
 
 def _output_grid(size_xyz, spacing_xyz, reference: Optional[Volume], anatomy_labels: Optional[Volume]) -> Volume:
