@@ -67,10 +67,11 @@ def _non_finite_option(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def _process_rank() -> int:
-    """This process's rank among torchrun's processes (RANK, set by torchrun); 0 when run alone."""
+    """This process's rank among torchrun's processes; 0 when run alone. As `training.setup_distributed` reads it:
+    RANK counts only with WORLD_SIZE > 1 (a scheduler may export RANK for a single process)."""
     try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
+        return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except (KeyError, ValueError):
         return 0
 
 

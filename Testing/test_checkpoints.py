@@ -193,7 +193,9 @@ def test_tasks_warn_when_they_run_a_test_model(caplog):
         load_for_task("default", torch.device("cpu"))
         assert "test model" not in caplog.text
         load_for_task("tiny-lesion", torch.device("cpu"))
+        load_for_task(str(resolve_model("tiny")), torch.device("cpu"))  # by its file's path too
     assert "model tiny-lesion is a test model (Resources/Models.json)" in caplog.text
+    assert "meddifffm-tiny.safetensors is a test model" in caplog.text
 
 
 def test_training_state_survives_a_kill_mid_write(tmp_path):

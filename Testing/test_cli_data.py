@@ -187,6 +187,9 @@ def test_an_unknown_option_is_refused_with_the_tasks_own_usage(capsys):
     err = capsys.readouterr().err
     assert refused.value.code == 2 and err.startswith("usage: python -m MedDiffFMLib detect-anomalies")
     assert "python -m MedDiffFMLib detect-anomalies: error: unrecognized arguments: --nfe 3" in err
+    with pytest.raises(SystemExit):  # the benchmarks of `evaluate` too
+        main(["evaluate", "denoise", str(LIMB_NII), "--out", "x", "--bogus"])
+    assert capsys.readouterr().err.startswith("usage: python -m MedDiffFMLib evaluate denoise")
 
 
 def test_python_m_entry_point_reports_bad_input(limb, tmp_path):
@@ -199,14 +202,15 @@ def test_python_m_entry_point_reports_bad_input(limb, tmp_path):
 
 def test_under_torchrun_only_the_first_process_logs(tmp_path):
     """torchrun runs the command once per process: the others would repeat every line; they report errors only."""
-    def stderr(rank: str) -> str:
-        env = dict(os.environ, RANK=rank)
+    def stderr(rank: str, world: str = "2") -> str:
+        env = dict(os.environ, RANK=rank, WORLD_SIZE=world)
         done = subprocess.run([sys.executable, "-m", "MedDiffFMLib", "info", str(HEAD_TILTED_DICOM)],
                               cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
         assert done.returncode == 0
         return done.stderr
     assert "WARNING DICOM series has gantry tilt 18.5 deg" in stderr("0")
     assert stderr("1") == ""
+    assert "gantry tilt" in stderr("1", world="1")  # RANK alone (a scheduler's) is one process: it logs
 
 
 def test_a_crop_in_soft_tissue_with_some_fat_is_ct(limb):

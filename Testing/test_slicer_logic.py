@@ -783,7 +783,9 @@ def test_console_calls_without_proper_nodes_get_clear_messages(ct_node, fake_cli
             (lambda: logic.synthesize(size=[16, 16], spacing=[1, 1, 1]), r"size must be three values \(x, y, z\)"),
             (lambda: logic.synthesize(size=[16, 16, 16], spacing=[1, 0, 1]), "each spacing value must be a number "
                                                                              "above 0"),
-            (lambda: logic.synthesize(ct_node, size=[16, 16, 16], spacing=[1, 1, 1]), "not both")):
+            (lambda: logic.synthesize(ct_node, size=[16, 16, 16], spacing=[1, 1, 1]), "not both"),
+            (lambda: logic.synthesize(ct_node, size=[16, 16, 16]), "not both"),
+            (lambda: logic.synthesize(size=[16, 16, 16]), "or both size .* and spacing")):
         with pytest.raises(ValueError, match=message):
             call()
     with pytest.raises(ValueError, match="not a CT volume node"):

@@ -657,5 +657,5 @@ def test_anomaly_search_warns_when_the_body_mask_leaves_out_tissue(chest_nodule_
         detect_anomalies(read_volume(ABDOMEN_SMALL_NII), model, region="abdomen", window_batch=8)
         assert "leaves out" not in caplog.text
         result = detect_anomalies(chest_nodule_crop[0], model, region="chest", window_batch=8)
-    assert "the search region (the body found by the threshold anatomy) leaves out" in caplog.text
+    assert "the search region (the body: the voxels the anatomy map labels) leaves out" in caplog.text
     assert result.region_mask.array.mean() < 0.85  # what the warning is about

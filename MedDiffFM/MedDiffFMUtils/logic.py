@@ -122,9 +122,10 @@ class MedDiffFMTasks:
     def synthesize(self, referenceVolumeNode=None, size=None, spacing=None, wait=True, **options):
         """Generate a new CT on the grid (and anatomy) of `referenceVolumeNode`, or of `size` (x, y, z
         voxels) and `spacing` (x, y, z mm); without a reference give `region` too. Returns the new node."""
-        if (referenceVolumeNode is None) == (size is None or spacing is None):
-            raise ValueError("Give a reference volume, or both size (x, y, z voxels) and spacing (x, y, z mm), "
-                             "not both: a reference sets the grid.")
+        if referenceVolumeNode is not None and (size is not None or spacing is not None):
+            raise ValueError("Give a reference volume or size and spacing, not both: a reference sets the grid.")
+        if referenceVolumeNode is None and (size is None or spacing is None):
+            raise ValueError("Give a reference volume, or both size (x, y, z voxels) and spacing (x, y, z mm).")
         _checkVolume(referenceVolumeNode)
         arguments, inputs = [], {}
         if referenceVolumeNode is not None:

@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "window for the body region)")
     den.add_argument("--device", default="auto", help="MedDiffFM device: auto, cpu or cuda")
     den.add_argument("--seed", type=seed, default=0, help="seed of the noise simulation and of MedDiffFM")
-    den.set_defaults(_benchmark=_run_denoise)
+    den.set_defaults(_benchmark=_run_denoise, _parser=den)  # cli.main: an unknown option shows this usage
 
     ano = sub.add_parser("anomaly", formatter_class=formatter,
                          help="score anomaly maps against lesion masks (AUROC, Dice, PRO)")
@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ano.add_argument("--images", type=Path, nargs="*", default=[], help="the CTs, for the figures (optional)")
     ano.add_argument("--out", type=Path, required=True, help="folder for the CSV, Markdown and PNG files")
     ano.add_argument("--max-fpr", type=float, default=0.3, help="PRO integration limit")
-    ano.set_defaults(_benchmark=_run_anomaly)
+    ano.set_defaults(_benchmark=_run_anomaly, _parser=ano)
 
 
 def run(args: argparse.Namespace) -> int:

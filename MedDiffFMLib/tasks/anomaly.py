@@ -66,7 +66,7 @@ def _warn_if_tissue_left_out(volume: Volume, inside: np.ndarray) -> None:
     in them) that reach the crop's edge are not enclosed by the body, so they are never searched."""
     left_out = np.count_nonzero(~inside & (volume.array > DENSER_THAN_AIR_HU)) / inside.size
     if left_out > LEFT_OUT_TISSUE_WARNING:
-        log.warning("the search region (the body found by the threshold anatomy) leaves out %.0f %% of the image "
+        log.warning("the search region (the body: the voxels the anatomy map labels) leaves out %.0f %% of the image "
                     "although it is denser than air: in a crop, lungs or tissue that reach its edge are not enclosed "
                     "by the body and are not searched. Give the region to search as a mask (--mask; in Slicer, a "
                     "segment)", 100 * left_out)

@@ -84,14 +84,15 @@ def load_model(name_or_path: str, device: torch.device, compile: bool = False) -
     gained nothing (benchmarks/README.md, sessions 9 and 10). A window batch halved after running out of GPU
     memory is a new shape and compiles again.
     """
-    from ..checkpoints import load_model as load_checkpoint, registry
+    from ..checkpoints import RESOURCES, load_model as load_checkpoint, registry, resolve_model
 
     from ..network import parameter_count
 
     model, cfg, info = load_checkpoint(name_or_path, device)
     log.info("model %s: preset %s, %.2fM parameters, %s training steps, on %s", name_or_path, cfg.name,
              parameter_count(model) / 1e6, info.get("steps", "unknown"), device)
-    if any(entry["name"] == str(name_or_path) and entry.get("test_only") for entry in registry()):
+    weights = resolve_model(name_or_path).resolve()  # by name or by the path of its file
+    if any(entry.get("test_only") and (RESOURCES / entry["file"]).resolve() == weights for entry in registry()):
         log.warning("model %s is a test model (Resources/Models.json): it proves the code path end to end, and its "
                     "output is not clinically meaningful", name_or_path)
     model = model.eval()
