@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     _common.check_output_grids(vol, outputs["image"], outputs["anatomy"], outputs.get("mask"))
     check_ct(vol)
     mask = read_mask(args.mask, like=vol) if args.mask is not None else None
-    user_labels = read_mask(args.anatomy_labels, like=vol, what="anatomy label map") if args.anatomy_labels is not None else None
+    user_labels = (read_mask(args.anatomy_labels, like=vol, what="anatomy label map")
+                   if args.anatomy_labels is not None else None)
     if args.region == "auto":
         region, reason = guess_region(vol)
         log.info("region %s guessed: %s (override with --region)", region, reason)
