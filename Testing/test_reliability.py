@@ -217,8 +217,8 @@ def test_every_task_cli_checks_memory_before_sampling(task, files, tmp_path, mon
     monkeypatch.setattr(common, "available_memory", lambda device: 2 ** 20)
     out = tmp_path / "result.nii.gz"
     code, err = run_cli(task_arguments(task, files[0], files[1], out), capsys)
-    # Super-resolution's set-up (anatomy on the thin grid, twice the slices) is refused first; the others' sampling.
-    hint = "the set-up of this CT" if task == "super-resolve" else "--window-batch 1"
+    # Super-resolution's thin grid (twice the slices) is refused first; the others' sampling.
+    hint = "super-resolution by 2" if task == "super-resolve" else "--window-batch 1"
     assert code == 2 and "GiB is free on cpu" in err and hint in err, err
     assert list(tmp_path.iterdir()) == []
     assert_inputs_unchanged(files)
