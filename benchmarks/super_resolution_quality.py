@@ -7,7 +7,7 @@ and the result is compared with the original slices. The baseline is the thick s
 the thin grid (what a viewer shows, and the ControlNet's own condition). Metrics: PSNR / SSIM in the [-160, 240] HU
 window (soft tissue) and over [-1000, 1000] HU (lung and bone too), and seconds per case.
 
-    python benchmarks/super_resolution_quality.py --model default-super-resolution --model tiny-super-resolution
+    python benchmarks/super_resolution_quality.py --model tiny-super-resolution --model RUN/ema.safetensors
 """
 from __future__ import annotations
 
