@@ -10,6 +10,7 @@ import ast
 import json
 import os
 import re
+import subprocess
 import sys
 import textwrap
 import time
@@ -631,6 +632,25 @@ def test_one_job_at_a_time_from_panel_and_console(ct_node, tmp_path, monkeypatch
     with pytest.raises(process.TaskCancelled):
         third.wait(handleEvents=False)
     assert not list(tmp_path.glob("MedDiffFM-*"))  # the jobs' folders, with the exported CT, are gone
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the sweep asks with signal 0 whether a process lives")
+def test_a_new_job_removes_the_folders_of_jobs_whose_slicer_was_killed(ct_node, fake_cli, tmp_path, monkeypatch):
+    """A Slicer killed mid-job leaves its job folder (an exported CT) behind; the next job removes it, but not the
+    folder of a live process's job (another Slicer's) nor one without an owner file."""
+    monkeypatch.setattr(logic_module.MedDiffFMTasks, "_temporaryRoot", staticmethod(lambda: str(tmp_path / "tmp")))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    folders = {}
+    for name, owner in (("killed", gone.pid), ("live", os.getppid()), ("unowned", None)):
+        folders[name] = tmp_path / "tmp" / f"MedDiffFM-{name}"
+        folders[name].mkdir(parents=True)
+        (folders[name] / "input.nrrd").write_bytes(b"CT")
+        if owner is not None:
+            (folders[name] / logic_module.JOB_OWNER_FILE).write_text(str(owner))
+    MedDiffFM.MedDiffFMLogic().denoise(ct_node)
+    assert not folders["killed"].exists() and folders["live"].exists() and folders["unowned"].exists()
+    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == ["MedDiffFM-live", "MedDiffFM-unowned"]
 
 
 def test_closing_the_scene_drops_a_finished_job_not_yet_imported(ct_node, fake_cli, tmp_path, monkeypatch):

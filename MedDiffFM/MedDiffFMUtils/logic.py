@@ -5,6 +5,7 @@ Every task method takes MRML nodes and returns new MRML nodes; input nodes are o
 module widget does it from a QTimer) and whose `result` holds the new nodes once it has finished.
 """
 import atexit
+import glob
 import logging
 import math
 import numbers
@@ -87,6 +88,27 @@ def _checkVolume(volumeNode):
         what = volumeNode.GetClassName() if hasattr(volumeNode, "GetClassName") else type(volumeNode).__name__
         name = volumeNode.GetName() if hasattr(volumeNode, "GetName") else repr(volumeNode)
         raise ValueError(f"'{name}' is a {what}, not a CT volume node.")
+
+
+#: In each job's folder: the process id of the Slicer (or Python) that started it.
+JOB_OWNER_FILE = "owner.pid"
+
+
+def _removeAbandonedJobFolders(root):
+    """Remove the job folders (each holds an exported CT) whose starting process is gone: a Slicer that was killed
+    could not clean up. Folders of live processes (another Slicer's running job) and without an owner file stay.
+    POSIX only: Windows has no harmless signal 0 to ask whether a process lives."""
+    if os.name != "posix":
+        return
+    for folder in glob.glob(os.path.join(root or tempfile.gettempdir(), "MedDiffFM-*")):
+        try:
+            with open(os.path.join(folder, JOB_OWNER_FILE)) as owner:
+                pid = int(owner.read())
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (OSError, ValueError):  # no owner file, not ours to judge, or another user's live process
+            continue
 
 
 def _addAllOrNothing(*loaders):
@@ -294,8 +316,11 @@ class MedDiffFMTasks:
         if options.get("nfe") is not None and not TASKS[task].usesNfe:
             raise ValueError(f"{TASKS[task].title} has no NFE setting; leave nfe out.")
         samplingArguments = self.samplingArguments(**options)  # rejects unknown option names early
+        _removeAbandonedJobFolders(self._temporaryRoot())
         workDir = tempfile.mkdtemp(prefix="MedDiffFM-", dir=self._temporaryRoot())
         try:
+            with open(os.path.join(workDir, JOB_OWNER_FILE), "w") as owner:
+                owner.write(str(os.getpid()))
             command = [pythonExecutable(), "-m", "MedDiffFMLib", task]
             if volumeNode is not None:
                 command.append(self._export(volumeNode, workDir, "input.nrrd"))
