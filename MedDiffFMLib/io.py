@@ -115,12 +115,10 @@ class Volume:
         return cls(array, image.GetSpacing(), image.GetOrigin(), image.GetDirection())
 
     def grid_differences(self, other: "Volume", tol: float = GRID_TOLERANCE,
-                         names: Sequence[str] = ("", "vs")) -> List[str]:
+                         names: Sequence[str] = ("this", "other")) -> List[str]:
         """Human-readable list of how the grids of `self` and `other` differ (empty if they match); `names` label
         the two values, e.g. ("image", "mask") gives "size (z,y,x): image (16, 80, 80), mask (48, 512, 512)"."""
         def differ(what: str, mine: str, theirs: str) -> str:
-            if names == ("", "vs"):
-                return f"{what} {mine} vs {theirs}"
             return f"{what}: {names[0]} {mine}, {names[1]} {theirs}"
 
         diffs = []

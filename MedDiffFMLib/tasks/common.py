@@ -231,12 +231,15 @@ def input_floor(original: np.ndarray) -> float:
     return max(float(original.min()), CT_AIR_HU)
 
 
-def clip_to_input_range(values: np.ndarray, original: np.ndarray, floor: float, ceiling: float) -> np.ndarray:
-    """`values` clipped in place: not below `floor` (or below the voxel's own input value in `original`, where that
-    is lower), not above `ceiling`. A task's result then holds no value its input could not: the model's window can
-    reach below air (-1400 HU for the chest), and an untrained or strained model goes there."""
-    np.maximum(values, np.minimum(original, floor), out=values)
-    return np.minimum(values, ceiling, out=values)
+def clip_to_input_range(values: np.ndarray, whole: np.ndarray,
+                        box: Optional[Tuple[slice, ...]] = None) -> np.ndarray:
+    """`values` (on `whole[box]`, the input CT or a box of it) clipped in place: not below `input_floor(whole)` (or
+    below the voxel's own input value, where that is lower), not above the input's highest. A task's result then
+    holds no value its input could not: the model's window can reach below air (-1400 HU for the chest), and an
+    untrained or strained model goes there."""
+    original = whole if box is None else whole[box]
+    np.maximum(values, np.minimum(original, input_floor(whole)), out=values)
+    return np.minimum(values, whole.max(), out=values)
 
 
 def mask_box(mask: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float,

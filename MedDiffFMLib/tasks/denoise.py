@@ -269,7 +269,7 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
             std_hu[box] = boxed
     # Removing noise never widens the range of values: a wide automatic window (a high noise level moves its lower
     # edge down) must not put voxels below the input's air.
-    common.clip_to_input_range(output, volume.array, common.input_floor(volume.array), volume.array.max())
+    common.clip_to_input_range(output, volume.array)
     uncertainty = None if std_hu is None else volume.with_array(std_hu.astype(np.float32))
     return DenoiseResult(volume.with_array(output.astype(np.float32, copy=False)), uncertainty, noise_hu, estimate,
                          tuple(chosen), steps[0], steps, SOFT_TISSUE_WINDOW_HU if soft_tissue_pass else None,

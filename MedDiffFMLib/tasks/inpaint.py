@@ -21,7 +21,7 @@ from ..io import Volume
 from ..network import check_loaded
 from ..orientation import in_patient_axes
 from ..preprocess import unit_to_hu
-from .common import check_seed, clip_to_input_range, input_floor
+from .common import check_seed, clip_to_input_range
 from .lesion import DEFAULT_MARGIN_MM, prepare_box
 
 Progress = Optional[Callable[[int, int], None]]
@@ -103,8 +103,7 @@ def inpaint(volume: Volume, mask: Volume, model: torch.nn.Module, nfe: int = 100
         if progress is not None:
             progress(done, total)
 
-    generated = clip_to_input_range(unit_to_hu(x[0, 0].cpu().numpy(), job.window), volume.array[job.box],
-                                    input_floor(volume.array), volume.array.max())
+    generated = clip_to_input_range(unit_to_hu(x[0, 0].cpu().numpy(), job.window), volume.array, job.box)
     out = volume.array.astype(np.float32, copy=True)
     out[job.box] = np.where(job.inside, generated, out[job.box])
     return volume.with_array(out)

@@ -23,8 +23,8 @@ from ..orientation import in_patient_axes
 from ..preprocess import unit_to_hu, window_to_unit
 from ..sampling import SlidingWindowSampler
 from ..validation import check_ct, check_mask
-from .common import (anatomy_for, check_seed, check_window_size, clip_to_input_range, input_floor, make_sampler,
-                     mask_box, model_config, model_window, resolve_region, task_device, window_weight)
+from .common import (anatomy_for, check_seed, check_window_size, clip_to_input_range, make_sampler, mask_box,
+                     model_config, model_window, resolve_region, task_device, window_weight)
 
 Progress = Optional[Callable[[int, int], None]]
 Box = Tuple[slice, slice, slice]
@@ -120,7 +120,6 @@ def generate_lesion(volume: Volume, lesion_mask: Volume, model: torch.nn.Module,
         job.core, volume.shape, volume.spacing_zyx, margin_mm / 2)
     weights = np.maximum(around * window_weight(volume.array[job.box], job.window), job.inside)
     out = volume.array.astype(np.float32, copy=True)
-    generated = clip_to_input_range(unit_to_hu(x[0, 0].cpu().numpy(), job.window), volume.array[job.box],
-                                    input_floor(volume.array), volume.array.max())
+    generated = clip_to_input_range(unit_to_hu(x[0, 0].cpu().numpy(), job.window), volume.array, job.box)
     out[job.box] = weights * generated + (1 - weights) * out[job.box]
     return volume.with_array(out)

@@ -10,8 +10,9 @@ With the paper's sigma_n = 1.0 the data step fades out as sigma_bar_t -> 0, so t
 prior alone and the slice averages drift from the measured thick slices. By default the result is
 therefore projected onto the data once at the end (in HU): onto the volumes whose every group of `factor` thin
 slices averages exactly to its thick slice and whose values stay above air (or the input's lowest value, if
-higher; or a padding voxel's own value) and below what a scanner stores (`project_in_range`). That shifts each group by one value, so the detail within the group is
-kept, except where a value would leave that range (x <- x + H^T(y - H x) alone put lung voxels below air).
+higher; or a padding voxel's own value) and below what a scanner stores (`project_in_range`). That shifts each
+group by one value, so the detail within the group is kept, except where a value would leave that range
+(x <- x + H^T(y - H x) alone put lung voxels below air).
 `project=False` gives the paper's plain DiffPIR output, unclipped.
 
 The model sees only its region's HU window. Voxels outside it (air, lung or bone in a soft-tissue window)
