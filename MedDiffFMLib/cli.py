@@ -5,7 +5,6 @@ import argparse
 import importlib
 import logging
 import math
-import os
 import pkgutil
 import signal
 import sys
@@ -14,7 +13,8 @@ from typing import List, Optional
 
 from . import __version__, commands
 from .commands._common import HelpFormatter
-from .errors import Cancelled, MedDiffFMError, is_out_of_memory
+from .errors import Cancelled, InputError, MedDiffFMError, is_out_of_memory
+from .torchrun_env import torchrun_place
 
 log = logging.getLogger("MedDiffFMLib")
 
@@ -67,11 +67,11 @@ def _non_finite_option(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def _process_rank() -> int:
-    """This process's rank among torchrun's processes; 0 when run alone. As `training.setup_distributed` reads it:
-    RANK counts only with WORLD_SIZE > 1 (a scheduler may export RANK for a single process)."""
+    """0 alone or in torchrun's first process; a malformed torchrun environment counts as 0 here, and training
+    refuses it with its own message."""
     try:
-        return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
-    except (KeyError, ValueError):
+        return torchrun_place().rank
+    except InputError:
         return 0
 
 

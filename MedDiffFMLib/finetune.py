@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -66,7 +67,13 @@ class ControlledNet(nn.Module):
         self.controlnet = ControlNet(conditioning_embedding_in_channels=1,
                                      conditioning_embedding_num_channels=(self.cfg.channels[0],),
                                      **unet_kwargs(self.cfg))
-        copy_model_state(self.controlnet, base.unet)
+        monai_log = logging.getLogger("monai.networks.utils")
+        level = monai_log.level
+        monai_log.setLevel(logging.WARNING)  # its "'dst' model updated: 85 of 103 variables" tells a user nothing
+        try:
+            copy_model_state(self.controlnet, base.unet)
+        finally:
+            monai_log.setLevel(level)
         self.base.requires_grad_(False)
         self.base.eval()
 

@@ -16,7 +16,6 @@ import csv
 import functools
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -34,6 +33,7 @@ from .config import ModelConfig
 from .diffusion import Schedule, q_sample, training_timesteps
 from .errors import CheckpointError, InputError, TrainingDiverged
 from .network import MedDiffNet, controlnet_task, parameter_count
+from .torchrun_env import torchrun_place
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +104,9 @@ class Rank:
 
 def setup_distributed() -> Rank:
     """Join the process group when launched by torchrun (RANK/WORLD_SIZE set); otherwise one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world, local = torchrun_place()
     if world <= 1:
         return Rank()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     owns = not dist.is_initialized()
     if owns:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -260,7 +259,7 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
             loss_sum, grad_norm = _optimizer_step(net, forward, model, optimizer, batches, schedule, gen, settings,
                                                   device, autocast)
             ema.update(model, step)
-            if progress is not None:
+            if progress is not None and rank.main:
                 progress(step, settings.steps)
             loss_value, stopping = _agree_over_ranks(loss_sum, stop.requested, rank, device)
             # Every rank sees the same mean loss and (DDP averages gradients) the same gradient norm: all stop here,

@@ -14,6 +14,7 @@ import SimpleITK as sitk
 from conftest import (ABDOMEN_DICOM, ABDOMEN_NII, CHEST_NODULE_NRRD, CHEST_NRRD, CT_DATA, HEAD_TILTED_DICOM,
                       LIMB_MASK_NII, LIMB_NII, REPO, grid_centre)
 from MedDiffFMLib.cli import main
+from MedDiffFMLib.errors import InputError
 from MedDiffFMLib.io import Volume, read_volume, write_volume
 from MedDiffFMLib.preprocess import resample, unit_to_hu
 from MedDiffFMLib.validation import check_ct
@@ -211,6 +212,21 @@ def test_under_torchrun_only_the_first_process_logs(tmp_path):
     assert "WARNING DICOM series has gantry tilt 18.5 deg" in stderr("0")
     assert stderr("1") == ""
     assert "gantry tilt" in stderr("1", world="1")  # RANK alone (a scheduler's) is one process: it logs
+
+
+def test_a_malformed_torchrun_environment_is_named(monkeypatch):
+    from MedDiffFMLib.torchrun_env import Place, torchrun_place
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert torchrun_place() == Place(1, 2, 1)
+    monkeypatch.delenv("RANK")
+    with pytest.raises(InputError, match="WORLD_SIZE='2' with RANK=None .* is not a torchrun launch"):
+        torchrun_place()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(InputError, match="is not a torchrun launch"):
+        torchrun_place()
 
 
 def test_a_crop_in_soft_tissue_with_some_fat_is_ct(limb):

@@ -208,13 +208,19 @@ def test_ddp_two_cpu_processes_end_with_identical_weights_and_resume_exactly(cfg
     assert all(torch.equal(rank0[k], resumed[k]) for k in rank0)
 
 
-def test_cli_trains_and_resumes(cfg, cache, tmp_path):
+def test_cli_trains_and_resumes(cfg, cache, tmp_path, capsys):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(cfg.to_dict()))
     args = ["train", "--config", str(config), "--data", str(ABDOMEN_SMALL_NII), "--cache-dir", str(cache),
             "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "1"]
-    assert cli_main(args) == 0
-    assert cli_main(args[:-4] + ["--steps", "3", "--batch-size", "1", "--resume"]) == 0
+    assert cli_main(args + ["--progress", "machine"]) == 0
+    out, err = capsys.readouterr()
+    assert re.findall(r"MEDDIFFFM_PROGRESS (\d+) (\d+)", out) == [("1", "2"), ("2", "2")]
+    assert "step/s" not in err and "s/step" not in err  # and no bar beside the lines
+    # A background run's log keeps its messages only: --progress none draws no bar.
+    assert cli_main(args[:-4] + ["--steps", "3", "--batch-size", "1", "--resume", "--progress", "none"]) == 0
+    out, err = capsys.readouterr()
+    assert "MEDDIFFFM_PROGRESS" not in out and "step/s" not in err and "s/step" not in err
     assert json.loads((tmp_path / "run" / "last.json").read_text())["step"] == 3
 
 

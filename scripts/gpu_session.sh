@@ -60,6 +60,7 @@ echo "== train at $(elapsed) s" >> "$LOG"
 rm -rf .gpu/run  # a warm machine may hold an earlier call's run: this call packs its own
 python3 -m MedDiffFMLib train --preset default --data .gpu/cache --out .gpu/run --cache-dir .gpu/unused \
   --init-from .gpu/model/ema.safetensors --steps 1000000 --seed 1 --checkpoint-minutes 2 --checkpoint-every 100000 \
+  --progress none \
   $TRAIN_ARGS >> "$OUT/train.log" 2>&1 &
 PID=$!
 while kill -0 $PID 2>/dev/null && [ $(elapsed) -lt $TRAIN_UNTIL ]; do sleep 2; done

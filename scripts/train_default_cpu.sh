@@ -18,7 +18,7 @@ fi
 OMP_NUM_THREADS="$THREADS" nohup nice -n 5 python -m MedDiffFMLib train --preset default --data train \
     --out "$OUT" --cache-dir "$OUT/../cache" --resume --steps 1000000 --batch-size 2 --channels-last \
     --checkpoint-minutes 5 --checkpoint-every 1000 --validate-every 100 --threads "$THREADS" \
-    --low-noise-fraction 0.7 --low-noise-max-t 60 "$@" \
+    --low-noise-fraction 0.7 --low-noise-max-t 60 --progress none "$@" \
     >> "$OUT/train.log" 2>&1 &
 echo $! > "$OUT/train.pid"
 echo "training in the background (pid $!); log: $OUT/train.log, EMA model: $OUT/ema.safetensors"

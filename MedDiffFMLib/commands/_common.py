@@ -146,6 +146,11 @@ def progress_reporter(mode: str) -> Callable[[int, int], None]:
     return update
 
 
+def training_progress(mode: str) -> Optional[Callable[[int, int], None]]:
+    """The progress callback of a training command; None keeps training's own bar, which also shows the loss."""
+    return None if mode == "tqdm" else progress_reporter(mode)
+
+
 def check_outputs(args: argparse.Namespace, inputs, volumes=(), others=()) -> None:
     """Refuse bad output paths before any computation (not after minutes of sampling)."""
     from ..errors import InputError
@@ -229,3 +234,6 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--num-workers", type=non_negative_int, default=0, help="data-loading worker processes")
     parser.add_argument("--fp32-export", action="store_true", help="store exported EMA weights as fp32")
+    parser.add_argument("--progress", choices=PROGRESS_MODES, default="tqdm",
+                        help=f"progress display; 'machine' prints '{PROGRESS_PREFIX} <step> <total>' lines, 'none' "
+                        "keeps a background run's log to its messages")

@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         data = _lesion_data(args, args.data, args.masks, cfg, args.seed, None)
         val = _lesion_data(args, val_spec, args.val_masks, cfg, args.seed + 1, 0.0) if val_spec else None
-    record = finetune(args.base, args.task, data, args.out, settings, val_data=val, resume=args.resume)
+    record = finetune(args.base, args.task, data, args.out, settings, val_data=val, resume=args.resume,
+                      progress=_common.training_progress(args.progress))
     return _common.training_result(record, args.out / "ema.safetensors", "ControlNet model")
 
 

@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     mode_weights = _mode_weights(args.mode_weights)
     data = CTPatchDataset(cases(args.data), cfg, cache, seed=args.seed, mode_weights=mode_weights)
     val = CTPatchDataset(cases(val_spec), cfg, cache, seed=args.seed + 1, anatomy_dropout=0.0) if val_spec else None
-    record = train(cfg, data, args.out, settings, val_data=val, resume=args.resume, init_from=args.init_from)
+    record = train(cfg, data, args.out, settings, val_data=val, resume=args.resume, init_from=args.init_from,
+                   progress=_common.training_progress(args.progress))
     return _common.training_result(record, args.out / "ema.safetensors", "EMA model")
 
 
