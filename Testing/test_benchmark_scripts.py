@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import LIMB_NII
@@ -104,3 +105,23 @@ def test_super_resolution_quality_scores_interpolation_and_each_model(monkeypatc
     assert [row.split("|")[2].strip() for row in rows] == ["linear interpolation",
                                                            "MedDiffFM `tiny-super-resolution`"]
     assert all(0 < float(row.split("|")[3].split("/")[0]) < 60 for row in rows)  # PSNR in dB
+
+
+def test_lesion_quality_scores_the_real_lesion_and_each_model(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import lesion_quality as benchmark
+
+    try:
+        dot = np.zeros((3, 9, 9), bool)
+        dot[1, 4, 4] = True
+        assert benchmark.shell(dot).sum() == 7 * 7 - 1 and not benchmark.shell(dot)[[0, 2]].any()  # in-plane ring
+        image = np.where(dot, 50.0, -800.0)
+        assert benchmark.lesion_scores(image, image, dot) == {"mean": 50.0, "w1": 0.0, "contrast": 850.0}
+        argv = ["--model", "tiny-lesion", "--nfe", "1", "--resample", "1", "--seeds", "1",
+                "--cases", "STS_002 (sarcoma, limb)"]
+        assert benchmark.main(argv) == 0
+    finally:
+        sys.modules.pop("lesion_quality", None)
+    rows = [line.split("|")[2:6] for line in capsys.readouterr().out.splitlines() if line.startswith("| STS_002")]
+    assert [row[0].strip() for row in rows] == ["the real lesion", "`tiny-lesion`"]
+    assert rows[0][2].strip() == "0" and float(rows[1][2]) > 0  # W1: the real lesion against itself is 0
