@@ -437,10 +437,8 @@ def _read_dicom_folder(folder: Path, series_id: Optional[str]) -> sitk.Image:
     files_by_series = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
                        for uid in series_ids}
     if series_id is None or series_id not in files_by_series:
-        series_id = max(files_by_series, key=lambda uid: len(files_by_series[uid]))
-        if len(files_by_series) > 1:
-            log.info("%s holds %d DICOM series; reading the largest (%d files, SeriesInstanceUID %s)",
-                     folder, len(files_by_series), len(files_by_series[series_id]), series_id)
+        series_id = _largest_series(folder, files_by_series)
+    _warn_unread_files(folder, files_by_series)
     files = files_by_series[series_id]
     _refuse_non_image_object(files[0])
     reader = sitk.ImageSeriesReader()
@@ -454,8 +452,50 @@ def _read_dicom_folder(folder: Path, series_id: Optional[str]) -> sitk.Image:
         image = _read_dicom_with_pydicom(files, exc)
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(show_itk_warnings)
-    _warn_irregular_slices(files)
-    return image
+    return _even_slices(folder, files, image)
+
+
+def _largest_series(folder: Path, files_by_series: dict) -> str:
+    """The series with the most files; two or more equally large ones (e.g. two reconstruction kernels) are
+    refused, listed, since picking one would be a guess."""
+    most = max(len(files) for files in files_by_series.values())
+    largest = [uid for uid, files in files_by_series.items() if len(files) == most]
+    if len(largest) > 1:
+        listed = "; ".join(f"{_series_description(files_by_series[uid][0])} ({Path(files_by_series[uid][0]).name} "
+                           f"...)" for uid in largest)
+        raise InputError(f"{folder} holds {len(largest)} DICOM series of {most} files each: {listed}. Give one file "
+                         "of the series to read (it stands for its whole series), or a folder with that series only")
+    if len(files_by_series) > 1:
+        log.info("%s holds %d DICOM series; reading the largest (%d files, %s)", folder, len(files_by_series), most,
+                 _series_description(files_by_series[largest[0]][0]))
+    return largest[0]
+
+
+def _series_description(name: str) -> str:
+    """'series "<SeriesDescription>" (number <SeriesNumber>)', from what the file holds."""
+    header = sitk.ImageFileReader()
+    header.SetFileName(name)
+    header.ReadImageInformation()
+    tags = {key: header.GetMetaData(key).strip() if header.HasMetaDataKey(key) else ""
+            for key in ("0008|103e", "0020|0011", "0020|000e")}
+    words = [f'"{tags["0008|103e"]}"'] if tags["0008|103e"] else []
+    words += [f"number {tags['0020|0011']}"] if tags["0020|0011"] else [f"UID {tags['0020|000e']}"]
+    return "series " + " ".join(words)
+
+
+def _warn_unread_files(folder: Path, files_by_series: dict) -> None:
+    """Warn about DICOM files that belong to no series GDCM could read: a damaged slice is left out silently."""
+    read = {Path(name).resolve() for files in files_by_series.values() for name in files}
+    unread = []
+    for name in sorted(folder.iterdir()):
+        try:
+            if name.is_file() and name.resolve() not in read and is_dicom_file(name):
+                unread.append(name.name)
+        except OSError:  # unreadable: reported as unread too
+            unread.append(name.name)
+    if unread:
+        log.warning("%d DICOM file(s) in %s could not be read and were left out (damaged or incomplete copies?): "
+                    "%s%s", len(unread), folder, ", ".join(unread[:5]), " ..." if len(unread) > 5 else "")
 
 
 # DICOM objects that hold no image of the patient; GDCM reads some of them (a SEG as a 4D stack of frames).
@@ -483,30 +523,58 @@ def _refuse_non_image_object(name: PathLike) -> None:
             "to a .nii.gz or .seg.nrrd file).")
 
 
-def _warn_irregular_slices(files: Sequence[str]) -> None:
-    """Log gantry tilt and uneven slice gaps: SimpleITK then uses a mean spacing (geometry approximate)."""
-    if len(files) < 3:
-        return
-    positions, normal, tilt = [], None, 0.0
+def _even_slices(folder: Path, files: Sequence[str], image: sitk.Image) -> sitk.Image:
+    """The series `image` (slices stacked in `files` order with one spacing) with every slice where it was scanned.
+
+    Uneven gaps (mixed slice thicknesses, a missing slice) are resampled onto even slices at the smallest gap, by
+    linear interpolation along the slice axis: one spacing would put anatomy millimetres from where it was
+    scanned. Slices that share a position (two acquisitions in one series) are refused. Gantry tilt is warned
+    about, not corrected.
+    """
+    if len(files) < 3 or image.GetDimension() != 3:
+        return image
+    positions, tilt = [], 0.0
     for name in files:
         header = sitk.ImageFileReader()
         header.SetFileName(name)
         header.ReadImageInformation()
-        if not header.HasMetaDataKey("0020|0032") or not header.HasMetaDataKey("0020|0037"):
-            return
+        if not header.HasMetaDataKey("0020|0032"):
+            return image
         positions.append([float(v) for v in header.GetMetaData("0020|0032").split("\\")])
-        if normal is None:
-            cosines = [float(v) for v in header.GetMetaData("0020|0037").split("\\")]
-            normal = np.cross(cosines[:3], cosines[3:])
-            if header.HasMetaDataKey("0018|1120"):
-                tilt = float(header.GetMetaData("0018|1120") or 0.0)
-    gaps = np.diff(np.sort(np.asarray(positions) @ normal))
+        if header.HasMetaDataKey("0018|1120") and len(positions) == 1:
+            tilt = float(header.GetMetaData("0018|1120") or 0.0)
     if abs(tilt) > 0.01:
         log.warning("DICOM series has gantry tilt %.1f deg; slices are sheared and the geometry is "
                     "approximate (no tilt correction applied)", tilt)
-    if gaps.size and gaps.max() - gaps.min() > 0.01 * max(gaps.mean(), 1e-6):
-        log.warning("DICOM slice gaps are uneven (%.2f..%.2f mm); SimpleITK assumes one mean spacing, "
-                    "so the z geometry is approximate", gaps.min(), gaps.max())
+    axis = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
+    along = (np.asarray(positions) - positions[0]) @ axis  # each slice's place along the volume's slice axis (mm)
+    gaps = np.diff(along)
+    if np.abs(gaps).min() < 1e-3 * image.GetSpacing()[2] or not (np.all(gaps > 0) or np.all(gaps < 0)):
+        shared = np.sort(along + float(np.asarray(positions[0]) @ axis))
+        shared = shared[1:][np.diff(shared) < 1e-3 * image.GetSpacing()[2]]
+        where = f", e.g. at {shared[0]:.2f} mm along the slice axis" if shared.size else ""
+        raise InputError(
+            f"slices of the DICOM series in {folder} share positions or are out of order{where}: the series holds "
+            "repeated or overlapping acquisitions. Put the files of one acquisition into a folder of their own and "
+            "give that folder")
+    if gaps.max() - gaps.min() <= 0.01 * abs(gaps.mean()):
+        return image
+    along = along * np.sign(gaps[0])  # increasing from 0, whichever way the slices run along the axis
+    step = float(np.abs(gaps).min())
+    count = int(np.floor(along[-1] / step + 1e-6)) + 1
+    target = np.arange(count) * step
+    above = np.clip(np.searchsorted(along, target, side="right"), 1, len(along) - 1)
+    below = above - 1
+    weight = ((target - along[below]) / (along[above] - along[below])).astype(np.float32)[:, None, None]
+    stack = sitk.GetArrayFromImage(image).astype(np.float32)
+    even = sitk.GetImageFromArray(stack[below] + weight * (stack[above] - stack[below]))  # exact between equal values
+    even.SetOrigin(image.GetOrigin())
+    even.SetDirection(image.GetDirection())
+    even.SetSpacing((*image.GetSpacing()[:2], step))
+    log.warning("DICOM slice gaps are uneven (%.2f..%.2f mm: mixed slice thicknesses, or a missing slice); the "
+                "series is resampled onto %d even slices of %.2f mm, each at its scanned position", np.abs(gaps).min(),
+                np.abs(gaps).max(), count, step)
+    return even
 
 
 def _read_dicom_with_pydicom(files: Sequence[str], sitk_error: Exception) -> sitk.Image:
@@ -530,6 +598,15 @@ def _read_dicom_with_pydicom(files: Sequence[str], sitk_error: Exception) -> sit
         slope = float(getattr(ds, "RescaleSlope", 1.0))
         intercept = float(getattr(ds, "RescaleIntercept", 0.0))
         slices.append(pixels * slope + intercept)
+    sizes = {}
+    for name, pixels in zip(files, slices):
+        sizes.setdefault(pixels.shape, []).append(Path(name).name)
+    if len(sizes) > 1:
+        listed = "; ".join(f"{'x'.join(map(str, shape))} in {len(names)} file(s) ({', '.join(names[:3])}"
+                           f"{' ...' if len(names) > 3 else ''})" for shape, names in sizes.items())
+        raise InputError(f"the slices of the DICOM series in {Path(files[0]).parent} differ in size ({listed}): the "
+                         "series mixes images, e.g. a localizer or a reformat. Give a folder holding only the CT "
+                         "slices")
     # File order from GetGDCMSeriesFileNames is already sorted along the slice normal.
     image = sitk.GetImageFromArray(np.stack(slices))
     first = pydicom.dcmread(files[0], stop_before_pixels=True)

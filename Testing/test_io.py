@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import (ABDOMEN_SMALL_NII, CHEST_NODULE_NRRD, CHEST_NRRD, HEAD_TILTED_DICOM, LIMB_MASK_NII,
+from conftest import (ABDOMEN_DICOM, ABDOMEN_SMALL_NII, CHEST_NODULE_NRRD, CHEST_NRRD, HEAD_TILTED_DICOM, LIMB_MASK_NII,
                       LIMB_NII, THREE_SLICE_DICOM)
 from MedDiffFMLib.errors import CheckpointError, InputError
 from MedDiffFMLib.io import Volume, atomic_path, check_output_suffix, read_mask, read_volume, write_volume
@@ -44,19 +44,92 @@ def test_read_volume_matches_manifest_and_simpleitk():
     np.testing.assert_array_equal(vol.array, sitk.GetArrayFromImage(sitk.ReadImage(str(CHEST_NRRD))))
 
 
-def test_gantry_tilted_head_series_loads_with_warning(caplog):
+def test_gantry_tilted_head_series_with_uneven_slices_loads_with_warnings(caplog):
+    """Its 28 slices lie 1.08 to 7.00 mm apart: read with one spacing, slices were up to 26 mm from where they
+    were scanned. It is resampled onto even slices at the smallest gap (the tilt is warned about, not corrected)."""
     vol = read_volume(HEAD_TILTED_DICOM)
-    assert vol.shape == (28, 512, 512)
-    np.testing.assert_allclose(vol.spacing[:2], (0.4882812, 0.4882812), atol=1e-6)
-    assert (vol.array.min(), vol.array.max()) == (-1500.0, 2121.0)
-    assert "gantry tilt 18.5" in caplog.text
+    assert vol.shape == (134, 512, 512)
+    np.testing.assert_allclose(vol.spacing, (0.4882812, 0.4882812, 1.0811), atol=1e-4)
+    assert -1500.0 <= vol.array.min() and vol.array.max() <= 2121.0
+    assert "gantry tilt 18.5" in caplog.text and "resampled onto 134 even slices of 1.08 mm" in caplog.text
+
+
+def dicom_series(folder, z_mm, hu, series_uid=None, names=None):
+    """Slices of the real abdomen series moved to positions `z_mm` along their axis, each filled with one HU value."""
+    from pydicom import dcmread
+
+    sources = sorted(ABDOMEN_DICOM.iterdir())
+    folder.mkdir(exist_ok=True)
+    for index, (z, value) in enumerate(zip(z_mm, hu)):
+        ds = dcmread(sources[index])
+        ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1], float(z)]
+        stored = (value - float(ds.RescaleIntercept)) / float(ds.RescaleSlope)
+        ds.PixelData = np.full((ds.Rows, ds.Columns), stored, dtype=ds.pixel_array.dtype).tobytes()
+        if series_uid is not None:
+            ds.SeriesInstanceUID = series_uid
+        ds.save_as(folder / (names[index] if names else f"slice{index:02d}.dcm"))
+    return folder
+
+
+def test_uneven_slices_are_resampled_to_where_they_were_scanned(tmp_path, caplog):
+    """Each slice holds 10 HU per mm of its position: on the even grid every slice must read 10 x its own z."""
+    z = [0.0, 3.0, 6.0, 12.0, 15.0, 21.0]  # mixed gaps of 3 and 6 mm (e.g. a slice missing)
+    vol = read_volume(dicom_series(tmp_path / "uneven", z, [10 * v for v in z]))
+    assert vol.shape[0] == 8 and vol.spacing[2] == pytest.approx(3.0)
+    axis = np.asarray(vol.direction).reshape(3, 3)[:, 2]
+    slice_z = vol.origin[2] + np.arange(8) * vol.spacing[2] * axis[2]
+    np.testing.assert_allclose(vol.array[:, 100, 100], 10 * slice_z, atol=1e-3)
+    assert "resampled onto 8 even slices of 3.00 mm" in caplog.text
+    even = read_volume(dicom_series(tmp_path / "even", [0.0, 3.0, 6.0, 9.0], [0.0, 30.0, 60.0, 90.0]))
+    assert even.shape[0] == 4 and even.spacing[2] == pytest.approx(3.0)  # an even series is read as it is
+
+
+def test_series_with_shared_positions_or_two_equal_series_are_refused(tmp_path, caplog):
+    twice = dicom_series(tmp_path / "twice", [0.0, 3.0, 6.0, 9.0], [0.0] * 4)
+    dicom_series(twice, [3.0, 6.0], [50.0] * 2, names=["again0.dcm", "again1.dcm"],
+                 series_uid=str(next(iter({read_uid(f) for f in twice.iterdir()}))))
+    with pytest.raises(InputError, match="share positions or are out of order, e.g. at .* repeated or overlapping"):
+        read_volume(twice)
+    tie = dicom_series(tmp_path / "tie", [0.0, 3.0, 6.0], [0.0] * 3)
+    dicom_series(tie, [0.0, 3.0, 6.0], [0.0] * 3, series_uid="1.2.3.4", names=["b0.dcm", "b1.dcm", "b2.dcm"])
+    with pytest.raises(InputError, match="holds 2 DICOM series of 3 files each: .*Give one file of the series"):
+        read_volume(tie)
+    assert read_volume(tie / "b1.dcm").shape[0] == 3  # one file chooses its series
+
+
+def read_uid(path):
+    from pydicom import dcmread
+
+    return dcmread(path, stop_before_pixels=True).SeriesInstanceUID
+
+
+def test_a_damaged_slice_file_is_named(tmp_path, caplog):
+    folder = dicom_series(tmp_path / "cut", [0.0, 3.0, 6.0, 9.0], [0.0] * 4)
+    data = (folder / "slice03.dcm").read_bytes()
+    (folder / "slice03.dcm").write_bytes(data[:len(data) // 3])
+    assert read_volume(folder).shape[0] == 3
+    assert "1 DICOM file(s) in" in caplog.text and "could not be read and were left out" in caplog.text
+    assert "slice03.dcm" in caplog.text
+
+
+def test_a_series_mixing_image_sizes_is_refused_by_name(tmp_path):
+    from pydicom import dcmread
+
+    folder = dicom_series(tmp_path / "mixed", [0.0, 3.0, 6.0, 9.0], [0.0] * 4)
+    ds = dcmread(folder / "slice03.dcm")
+    ds.Rows, ds.Columns = 64, 48
+    ds.PixelData = np.zeros((64, 48), dtype=np.int16).tobytes()
+    ds.save_as(folder / "slice03.dcm")
+    with pytest.raises(InputError, match=r"differ in size \(512x512 in 3 file\(s\) .*; 64x48 in 1 file\(s\) "
+                                         r"\(slice03.dcm\)\): the series mixes images"):
+        read_volume(folder)
 
 
 def test_dicom_folder_with_two_series_reads_the_largest(tmp_path):
     for source in (HEAD_TILTED_DICOM, THREE_SLICE_DICOM):
         for f in source.iterdir():
             shutil.copy(f, tmp_path / f"{source.parent.name}_{f.name}")
-    assert read_volume(tmp_path).shape == (28, 512, 512)
+    assert read_volume(tmp_path).shape == (134, 512, 512)  # the 28-file head series, on even slices
     # One file of a series reads that whole series, even when it is the smaller one.
     one_file = sorted(tmp_path.glob("dcmqi*"))[0]
     assert read_volume(one_file).shape == (3, 512, 512)
