@@ -146,7 +146,8 @@ def sibling_path(path: PathLike, tag: str, suffix: Optional[str] = None) -> Path
 def read_volume(path: PathLike) -> Volume:
     """Read a CT as float32 HU: a NIfTI/NRRD/MHA file, a DICOM series folder or one file of a series.
 
-    A folder with several DICOM series gives the series with the most files (logged).
+    A folder with several DICOM series gives the series with the most files (logged; a tie is refused). A series
+    with uneven slice gaps is resampled onto even slices (`_even_slices`).
     """
     path = Path(path)
     if not path.exists():
