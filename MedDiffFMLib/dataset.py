@@ -29,7 +29,7 @@ from .anatomy import encode_anatomy, threshold_anatomy
 from .conditioning import anatomy_spec, assemble
 from .config import ModelConfig
 from .errors import InputError
-from .io import VOLUME_SUFFIXES, Volume, atomic_path, read_mask, read_volume
+from .io import VOLUME_SUFFIXES, Volume, atomic_path, is_dicom_file, read_mask, read_volume
 from .orientation import AxisOrder
 from .patches import MODES, sample_patch
 from .preprocess import guess_region, resample, window_to_unit
@@ -38,7 +38,8 @@ from .validation import check_ct
 log = logging.getLogger(__name__)
 
 #: Bump when the preprocessing code changes in a way that makes old cache entries wrong.
-CACHE_VERSION = 2  # 2: resampling keeps the field of view; entries in patient axis order
+CACHE_VERSION = 3  # 2: resampling keeps the field of view; entries in patient axis order. 3: DICOM series with
+# uneven slices are read onto even ones (io._even_slices)
 #: Patch modes mixed at random (paper: image level, 2x region level, patch level).
 DEFAULT_MODE_WEIGHTS = {"whole": 0.2, "crop2x": 0.3, "crop": 0.5}
 #: A training grid may be at most this much finer than the native slice spacing (no invented slices).
@@ -107,15 +108,19 @@ def split_cases(data_root: Union[str, Path], split: str) -> List[CTCase]:
 
 def as_cases(files: Union[str, Path, Sequence[Union[str, Path, CTCase]]],
              masks: Optional[Sequence[Optional[Union[str, Path]]]] = None) -> List[CTCase]:
-    """CTCase list from a folder (every volume file directly inside it), a list of paths or CTCases."""
+    """CTCase list from a folder (every volume file directly inside it, or the one DICOM series it holds), a list of
+    paths or CTCases."""
     if isinstance(files, (str, Path)):
         folder = Path(files)
         if not folder.is_dir():
             raise InputError(f"training data {folder} is not a folder; give a folder or a list of CT files")
         suffixes = VOLUME_SUFFIXES + (CACHE_SUFFIX,)
         files = sorted(p for p in folder.iterdir() if p.name.lower().endswith(suffixes))
+        if not files and any(p.is_file() and is_dicom_file(p) for p in folder.iterdir()):
+            files = [folder]  # the folder of one DICOM series: one case, as every task reads it
         if not files:
-            raise InputError(f"no CT volumes or cache entries ({', '.join(suffixes)}) found in {folder}")
+            raise InputError(f"no CT volumes, cache entries ({', '.join(suffixes)}) or DICOM series found in "
+                             f"{folder}")
     if masks is not None and len(masks) != len(files):
         raise InputError(f"{len(masks)} anatomy masks for {len(files)} CT files; give one (or None) per file")
     cases = []
@@ -235,7 +240,10 @@ class CTPatchDataset(torch.utils.data.Dataset):
                 params["patient_axes"] = [list(order.source), list(order.flip)]
             key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:20]
             path = self.cache_dir / f"{Path(case.path).name.split('.')[0]}-{key}.npz"
-            if not path.exists():
+            intact = path.exists() and _entry_intact(path)
+            if path.exists() and not intact:
+                log.warning("cache entry %s is damaged; preprocessing %s again", path, case.path)
+            if not intact:
                 vol = vol if vol is not None else self._read(case)
                 self._write_entry(path, case, vol, region, grid, params)
             entries.append(path)
@@ -248,6 +256,8 @@ class CTPatchDataset(torch.utils.data.Dataset):
                 params = json.loads(str(data["params"]))
         except Exception as err:  # zip, key and JSON errors alike: the file is not one of our entries
             raise InputError(f"{path} is not a MedDiffFM preprocessed-cache entry ({err})") from None
+        if not _entry_intact(path):
+            raise InputError(f"{path}: the cache entry is damaged (truncated or corrupt); preprocess its CT again")
         region = params.get("region")
         if params.get("version") != CACHE_VERSION or region not in self.cfg.regions:
             raise InputError(f"{path}: cache entry of another preprocessing version or region "
@@ -297,8 +307,25 @@ class CTPatchDataset(torch.utils.data.Dataset):
         return entry
 
 
+def _entry_intact(path: Path) -> bool:
+    """Whether a cache entry reads whole: every array present and every member's checksum right. Checked before
+    training, so a damaged file is rebuilt instead of failing the first step that draws from it."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            return archive.testzip() is None and ENTRY_ARRAYS <= names
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return False
+
+
 def _bytes(memory: "OrderedDict[Path, dict]") -> int:
     return sum(e["image"].nbytes + e["labels"].nbytes for e in memory.values())
+
+
+#: The arrays of a cache entry (`np.savez` members).
+ENTRY_ARRAYS = {"image.npy", "labels.npy", "spacing_zyx.npy", "params.npy"}
 
 
 def _content_hash(path: Path) -> str:

@@ -181,11 +181,24 @@ def validation_losses(model: torch.nn.Module, schedule: Schedule, batch: dict,
     return losses
 
 
+#: Files a run writes besides its states; a new run would replace them.
+RUN_FILES = ("ema.safetensors", "ema.json", "ema-best.safetensors", "ema-best.json", "loss.csv", "validation.csv")
+
+
 def check_new_run(out_dir: Path, resume: bool) -> None:
-    """Refuse to start a new run in a folder that holds one: it would overwrite that run's files."""
-    if not resume and (Path(out_dir) / "last.json").exists():
-        raise InputError(f"{out_dir} already holds a training run; continue it with --resume (resume=True) or "
-                         "train into a new folder")
+    """Refuse to start a new run in a folder that holds one, or a run's model without its training state (a run
+    cleaned up to save space, a copied model): the new run would overwrite those files."""
+    out_dir = Path(out_dir)
+    if (out_dir / "last.json").exists():
+        if not resume:
+            raise InputError(f"{out_dir} already holds a training run; continue it with --resume (resume=True) or "
+                             "train into a new folder")
+        return
+    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if found:
+        raise InputError(f"{out_dir} holds {', '.join(found)} of an earlier run but no training state to "
+                         f"{'resume' if resume else 'keep'}; a new run would overwrite them. Train into a new folder "
+                         "(or move those files away)")
 
 
 def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=None, resume: bool = False,

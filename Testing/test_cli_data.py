@@ -163,6 +163,14 @@ def test_preprocess_writes_window_anatomy_mask_sidecar_preview(limb, tmp_path, c
     assert sidecar["region"] == "chest" and sidecar["window_hu"] == [-1400.0, 400.0]
 
 
+def test_preprocess_into_a_folder_is_refused_like_every_task(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for out in (".", str(tmp_path)):  # its extra outputs are named after the file: there was none (a traceback)
+        assert main(["preprocess", str(LIMB_NII), "-o", out]) == 2
+        assert "is a folder; give a file name such as" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_preprocess_refuses_a_spacing_that_leaves_almost_no_voxels(tmp_path, capsys):
     out = tmp_path / "coarse.nii.gz"
     assert main(["preprocess", str(LIMB_NII), "-o", str(out), "--spacing", "100"]) == 2

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ABDOMEN_SMALL_NII, CT_DATA, LIMB_MASK_NII, LIMB_NII
+from conftest import ABDOMEN_SMALL_NII, CT_DATA, LIMB_MASK_NII, LIMB_NII, THREE_SLICE_DICOM
 from MedDiffFMLib.conditioning import anatomy_spec, condition_channels
 from MedDiffFMLib.config import preset
 from MedDiffFMLib.dataset import (SHARED_CASES, VALIDATION_SUBJECTS, CTCase, CTPatchDataset, case_spacings,
@@ -116,8 +116,10 @@ def test_anatomy_dropout_and_seeds(data, cfg, cases):
 def test_bad_inputs_are_refused(cfg, cases, tmp_path):
     with pytest.raises(InputError, match="unknown patch mode\\(s\\) tiles"):
         CTPatchDataset(cases, cfg, tmp_path, mode_weights={"tiles": 1.0})
-    with pytest.raises(InputError, match="no CT volumes"):
+    with pytest.raises(InputError, match="no CT volumes, cache entries .* or DICOM series found in"):
         CTPatchDataset(str(tmp_path), cfg, tmp_path)
+    from MedDiffFMLib.dataset import as_cases  # the folder of one DICOM series is one case (it was "no CT volumes")
+    assert [case.path for case in as_cases(str(THREE_SLICE_DICOM))] == [str(THREE_SLICE_DICOM)]
     with pytest.raises(InputError, match="not found"):
         CTPatchDataset([str(tmp_path / "absent.nii.gz")], cfg, tmp_path)
     with pytest.raises(InputError, match="unknown body region 'knee'"):
@@ -168,6 +170,25 @@ def test_cache_entries_train_without_the_raw_scans(cfg, tmp_path):
     np.savez(shipped / "foreign.npz", image=np.zeros(3))
     with pytest.raises(InputError, match="foreign.npz is not a MedDiffFM preprocessed-cache entry"):
         CTPatchDataset(str(shipped), one_grid, tmp_path)
+
+
+def test_a_damaged_cache_entry_is_rebuilt_or_named(cfg, tmp_path, caplog):
+    """A truncated entry used to fail the first training step that drew it, on every rerun, with a traceback."""
+    one_grid = dataclasses.replace(cfg, train_spacings=((3.0, 3.0, 3.0),))
+    case = [CTCase(str(LIMB_NII), region="other")]
+    (entry,) = CTPatchDataset(case, one_grid, tmp_path / "cache", seed=5).entries[0]
+    whole = entry.read_bytes()
+    entry.write_bytes(whole[:len(whole) // 2])
+    again = CTPatchDataset(case, one_grid, tmp_path / "cache", seed=5)
+    assert "is damaged; preprocessing" in caplog.text and entry.read_bytes() == whole  # rebuilt, the same
+    assert again[0]["image"].shape[-1] == one_grid.patch_size
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    middle = len(whole) // 3  # inside the image array: its checksum fails, the archive still opens
+    flipped = whole[:middle] + bytes(b ^ 0xFF for b in whole[middle:middle + 64]) + whole[middle + 64:]
+    (shipped / entry.name).write_bytes(flipped)  # given as training data: there is no CT to rebuild it from
+    with pytest.raises(InputError, match="the cache entry is damaged"):
+        CTPatchDataset(str(shipped), one_grid, tmp_path / "unused")
 
 
 def test_a_training_file_that_is_not_ct_is_named(cfg, tmp_path):

@@ -163,6 +163,16 @@ def test_bad_settings_and_an_existing_run_are_refused_before_training(cfg, data,
     with pytest.raises(InputError, match="already holds a training run; continue it with --resume"):
         train(cfg, data, tmp_path / "run", _quiet(steps=2, batch_size=1))
     assert {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir()} == files
+    # A finished model kept without its states (cleaned up, or copied in) is not overwritten either.
+    for name in list(files):
+        if name.startswith(("state-", "last.json")):
+            (tmp_path / "run" / name).unlink()
+    kept = {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir()}
+    for resume in (False, True):
+        with pytest.raises(InputError, match=r"holds ema.safetensors, ema.json.* of an earlier run but no training "
+                                             r"state .* a new run would overwrite them"):
+            train(cfg, data, tmp_path / "run", _quiet(steps=2, batch_size=1), resume=resume)
+    assert {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir()} == kept
 
 
 def test_init_from_loads_a_model_and_refuses_another_architecture(cfg, data, tmp_path):

@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--spacing takes one value or three (x y z), got {len(args.spacing)}")
     spacing = tuple(args.spacing) * 3 if len(args.spacing) == 1 else tuple(args.spacing)
     inputs = [p for p in (args.input, args.mask, args.anatomy_labels) if p is not None]
+    _common.check_outputs(args, inputs, volumes=[args.output])  # first: the names below derive from a file name
     outputs = {
         "image": args.output,
         "anatomy": sibling_path(args.output, "_anatomy"),
