@@ -190,8 +190,12 @@ def registry(path: Path = REGISTRY) -> List[dict]:
     if not path.exists():
         return []
     try:
-        return json.loads(path.read_text())["models"]
-    except (ValueError, KeyError, TypeError) as exc:  # TypeError: JSON that is not an object
+        models = json.loads(path.read_text())["models"]
+        for entry in models:
+            if not (isinstance(entry.get("name"), str) and isinstance(entry.get("file"), str)):
+                raise ValueError(f"an entry without a name or file: {json.dumps(entry)[:80]}")
+        return models
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # Type/AttributeError: not objects
         raise CheckpointError(f"the model registry {path} is damaged ({exc}); restore it from the repository") from None
 
 
@@ -218,6 +222,7 @@ def resolve_model(name_or_path: PathLike) -> Path:
         for folder in (RESOURCES, cache_dir()):
             candidate = folder / entry["file"]
             if candidate.exists():
+                _check_registered(text, entry, candidate)
                 return candidate
         where = f"download it from {entry['url']} to {cache_dir() / entry['file']}" if entry.get("url") else \
             f"its file {entry['file']} is missing from {RESOURCES} and {cache_dir()}"
@@ -227,12 +232,26 @@ def resolve_model(name_or_path: PathLike) -> Path:
     if path.is_dir() and not in_cache:  # e.g. a run folder (`train --out NAME`); a name, as above, wins over it
         raise CheckpointError(f"{text} is a folder; give the model file in it (a training run's is "
                               f"{path / 'ema.safetensors'})")
+    if is_path and not weights.exists() and not sidecar.exists():
+        registered = next((m["name"] for m in registry() if m["name"] == weights.stem and text == weights.name), None)
+        hint = f"; registered models are named without a suffix: {registered}" if registered else ""
+        raise CheckpointError(f"model file {weights} not found{hint}")
     if is_path or weights.exists() or sidecar.exists():
         return weights
     if in_cache:
         return cached
     raise CheckpointError(f"unknown model {text!r}; available: {', '.join(available_models()) or 'none'} "
                           f"(or give the path of a .safetensors file)")
+
+
+def _check_registered(name: str, entry: dict, weights: Path) -> None:
+    """Refuse an installed file of a registered model that is not the one registered (its description records the
+    weights' SHA-256, which loading verifies against the weights)."""
+    recorded = read_model_info(weights).get("sha256")
+    if entry.get("sha256") and recorded != entry["sha256"]:
+        raise CheckpointError(f"the installed files of model {name!r} ({weights}) are not the registered model "
+                              f"(SHA-256 {str(recorded)[:12]}..., registered {entry['sha256'][:12]}...); reinstall "
+                              "them from the repository or the model's download")
 
 
 def register_model(source: PathLike, name: str, description: str, licence: str = "Apache-2.0",

@@ -194,6 +194,10 @@ class SuperResolutionPairs(torch.utils.data.Dataset):
         from .tasks.super_resolution import check_factor  # the tasks package imports this module
 
         check_factor(factor)
+        size = patches.cfg.patch_size
+        if factor > size // 2:  # the control would hold one averaged slice, a condition sampling never meets
+            raise InputError(f"a slice factor of {factor} leaves the {size}^3 training patch fewer than 2 thick "
+                             f"slices; fine-tune this model for factors up to {size // 2}")
         self.patches = patches
         self.factor = int(factor)
 

@@ -481,12 +481,8 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: 
         raise CheckpointError(f"the training state in {out_dir} lacks {', '.join(missing)}; it was not written by "
                               "this version of MedDiffFM's train; start a new run in another folder")
     _refuse_other_config(out_dir, record["config"], cfg)
-    try:
-        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    except RuntimeError:
-        raise CheckpointError(f"{out_dir} holds a run of another kind of model (a pre-training run and a "
-                              "ControlNet fine-tuning run cannot continue each other); train into a new "
-                              "folder") from None
+    _check_state_tensors(out_dir, record["step"], tensors, model, ema, optimizer)
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     if rank.main:
         # These fix which patches each step trains on: a resume under others continues on another stream.
         changed = [f"--{name.replace('_', '-')} {record['settings'][name]} -> {getattr(settings, name)}"
@@ -519,6 +515,34 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: 
     if rank.main:
         log.info("resumed %s at step %d", out_dir, record["step"])
     return record["step"], record["wall_seconds"], record["best_validation"], record.get("validation", {})
+
+
+def _check_state_tensors(out_dir: Path, step: int, tensors: Dict[str, torch.Tensor], model, ema: EMA,
+                         optimizer) -> None:
+    """Refuse a training state whose model, EMA or optimizer tensors do not fit the run's model, before any of them
+    is loaded (a wrong shape would fail later inside the EMA or Adam, with a traceback)."""
+    part = {prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            for prefix in ("model.", "ema.", "optim.")}
+    expected = model.state_dict()
+    if any(k.startswith("controlnet.") for k in part["model."]) != any(k.startswith("controlnet.") for k in expected):
+        raise CheckpointError(f"{out_dir} holds a run of another kind of model (a pre-training run and a "
+                              "ControlNet fine-tuning run cannot continue each other); train into a new folder")
+    where = f"the training state of step {step} in {out_dir}"
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    wrong = []
+    for key, value in part["optim."].items():  # "<parameter index>.<name>", e.g. 3.exp_avg
+        index = int(key.split(".")[0])
+        shape = tuple(params[index].shape) if index < len(params) else "no such parameter"
+        if value.dim() > 0 and tuple(value.shape) != shape:  # 0-dim: Adam's step count
+            wrong.append(f"{key} {tuple(value.shape)} vs {shape}")
+    try:
+        check_architecture(expected, part["model."], where)
+        check_architecture(ema.shadow, part["ema."], where + " (EMA)")
+        if wrong:
+            raise CheckpointError(f"{where} (optimizer): {len(wrong)} wrong shape (e.g. {wrong[0]})")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}. The state is damaged or from another version: move it (and last.json) "
+                              "away to resume from an older state, or train into a new folder") from None
 
 
 def _device_name(device: torch.device) -> str:

@@ -230,6 +230,24 @@ def test_training_state_survives_a_kill_mid_write(tmp_path):
     assert load_training_state(tmp_path / "empty") is None
 
 
+def test_a_missing_model_file_and_a_replaced_registered_model_are_named(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"model file m/nothere.safetensors not found$"):
+        resolve_model("m/nothere.safetensors")  # it was "model description m/nothere.json not found"
+    with pytest.raises(CheckpointError, match="not found; registered models are named without a suffix: tiny"):
+        resolve_model("tiny.safetensors")
+    cfg, state = tiny
+    other = save_model(state, cfg, tmp_path / "other", {}, half=False)
+    entry = next(m for m in checkpoints.registry() if m["name"] == "tiny")
+    checkpoints._check_registered("tiny", entry, checkpoints.RESOURCES / entry["file"])  # the shipped one passes
+    with pytest.raises(CheckpointError, match="installed files of model 'tiny' .* are not the registered model"):
+        checkpoints._check_registered("tiny", entry, other)
+    registry_file = tmp_path / "Models.json"
+    registry_file.write_text(json.dumps({"models": [{"name": "x", "file": "x.safetensors"}, {"file": "y"}]}))
+    with pytest.raises(CheckpointError, match="is damaged \\(an entry without a name or file"):
+        checkpoints.registry(registry_file)
+
+
 @pytest.mark.parametrize("content", ["[1, 2]", '"text"', '{"state": 3}'])
 def test_training_state_and_registry_that_are_not_json_objects(tmp_path, content):
     (tmp_path / "last.json").write_text(content)

@@ -12,6 +12,7 @@ import torch
 from MedDiffFMLib import diffusion
 from MedDiffFMLib.anatomy import threshold_anatomy
 from MedDiffFMLib.checkpoints import load_model, save_model
+from MedDiffFMLib.config import preset
 from MedDiffFMLib.errors import CheckpointError, InputError
 from MedDiffFMLib.finetune import (ControlledCondition, ControlledNet, LesionPatches, SuperResolutionPairs, base_record,
                                    finetune)
@@ -102,6 +103,8 @@ def test_condition_without_control_channel_is_refused(base, chest_nodule_crop):
 
 def test_super_resolution_pairs_append_the_degraded_patch():
     class Patches:
+        cfg = preset("tiny")  # 16^3 patches
+
         def __getitem__(self, index):
             image = torch.linspace(-1, 1, 16 ** 3).reshape(1, 16, 16, 16)
             return {"image": image, "cond": torch.zeros(3, 16, 16, 16), "region": torch.tensor(0)}
@@ -111,6 +114,9 @@ def test_super_resolution_pairs_append_the_degraded_patch():
     assert torch.equal(item["cond"][-1:], degrade(item["image"], 4))
     with pytest.raises(InputError):
         SuperResolutionPairs(Patches(), factor=1)
+    SuperResolutionPairs(Patches(), factor=8)  # two thick slices per patch
+    with pytest.raises(InputError, match="a slice factor of 9 leaves the 16\\^3 training patch fewer than 2 thick"):
+        SuperResolutionPairs(Patches(), factor=9)  # it trained on one averaged slice, silently
 
 
 def lesion_training_files(base, chest_nodule_crop, tmp_path):

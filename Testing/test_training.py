@@ -175,6 +175,23 @@ def test_bad_settings_and_an_existing_run_are_refused_before_training(cfg, data,
     assert {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir()} == kept
 
 
+@pytest.mark.parametrize("part", ["model.", "ema.", "optim."])
+def test_a_state_tensor_of_the_wrong_shape_is_named_on_resume(cfg, data, tmp_path, part):
+    """A hand-edited state or one of another version: it failed inside the EMA or Adam with a traceback, or (a model
+    tensor) was called a run of another kind."""
+    from MedDiffFMLib.checkpoints import save_training_state
+
+    train(cfg, data, tmp_path / "run", _quiet(steps=2, batch_size=1))
+    tensors, record = load_training_state(tmp_path / "run")
+    key = next(k for k, v in tensors.items() if k.startswith(part) and v.dim() > 1)
+    tensors[key] = torch.zeros(3, 3)
+    scalars = {k: v for k, v in record.items() if k not in ("format", "step", "sha256")}
+    save_training_state(tmp_path / "run", record["step"], tensors, scalars)
+    with pytest.raises(CheckpointError, match="the training state of step 2 in .* wrong shape .*\\(3, 3\\).* The "
+                                              "state is damaged or from another version"):
+        train(cfg, data, tmp_path / "run", _quiet(steps=3, batch_size=1), resume=True)
+
+
 def test_init_from_loads_a_model_and_refuses_another_architecture(cfg, data, tmp_path):
     record = train(cfg, data, tmp_path / "a", _quiet(steps=0), init_from="tiny")
     shipped, _, _ = load_model("tiny")
