@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import CheckpointError, InputError, is_out_of_memory
-from .validation import check_dimensions, check_mask, check_output_path, format_values
+from .validation import check_dimensions, check_mask, check_output_path, format_pair, format_values
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class Volume:
         for name in ("spacing", "origin", "direction"):
             mine, theirs = np.asarray(getattr(self, name)), np.asarray(getattr(other, name))
             if not np.allclose(mine, theirs, rtol=0.0, atol=tol):
-                diffs.append(differ(name, format_values(mine), format_values(theirs)))
+                diffs.append(differ(name, *format_pair(mine, theirs)))
         return diffs
 
     def same_grid(self, other: "Volume", tol: float = GRID_TOLERANCE) -> bool:
@@ -188,6 +188,9 @@ def read_mask(path: PathLike, like: Volume, what: str = "mask") -> Volume:
         raise InputError(
             f"{what} {path.name} has {image.GetNumberOfComponentsPerPixel()} layers (overlapping segments); "
             "export a single label map (3D Slicer: Segmentations > Export to files / labelmap) and retry")
+    if image.GetDimension() != 3:  # Volume.from_sitk's message would speak of the CT
+        raise InputError(f"{what} {path.name} has {image.GetDimension()} dimensions (size "
+                         f"{tuple(reversed(image.GetSize()))}); give a 3D label map on the grid of the CT")
     mask = Volume.from_sitk(image)
     placed = _place_on_grid(mask, like)
     if placed is not None:
@@ -342,7 +345,10 @@ def _read_file(path: Path) -> Tuple[sitk.Image, Optional[np.ndarray]]:
         # ITK picks MetaImage and NRRD readers by a lower-case suffix only: name them for V.MHA, CT.NRRD.
         image_io = {".mha": "MetaImageIO", ".mhd": "MetaImageIO", ".nrrd": "NrrdImageIO",
                     ".nhdr": "NrrdImageIO"}.get(path.suffix.lower(), "")
-        return sitk.ReadImage(str(path), imageIO=image_io), float_voxels
+        image = sitk.ReadImage(str(path), imageIO=image_io)
+        if path.name.lower().endswith(NIFTI_SUFFIXES):
+            _check_nifti_geometry(path, image)
+        return image, float_voxels
     except (RuntimeError, OSError) as exc:  # OSError: nibabel opens a NIfTI first (e.g. no read permission)
         if is_out_of_memory(exc):
             raise
@@ -370,7 +376,9 @@ def _check_nifti_complete(path: Path, voxels: bool = True) -> Optional[np.ndarra
         image = nibabel.load(str(path))  # reads the header only
         proxy = image.dataobj
         needed = proxy.offset + int(np.prod(proxy.shape)) * proxy.dtype.itemsize
-        is_float = voxels and image.get_data_dtype().kind == "f" and len(image.shape) == 3
+        # Trailing singleton dimensions (a 4D file of one volume) are dropped by ITK too.
+        is_float = (voxels and image.get_data_dtype().kind == "f" and len(image.shape) >= 3
+                    and all(n == 1 for n in image.shape[3:]))
         raw = None  # a float .nii.gz's decompressed bytes
         if not path.name.lower().endswith(".gz"):
             found = path.stat().st_size
@@ -390,7 +398,66 @@ def _check_nifti_complete(path: Path, voxels: bool = True) -> Optional[np.ndarra
     if not is_float:
         return None
     whole = image if raw is None else type(image).from_bytes(raw)
-    return np.asanyarray(whole.dataobj)
+    return np.asanyarray(whole.dataobj).reshape(image.shape[:3])
+
+
+def _check_nifti_geometry(path: Path, image: sitk.Image) -> None:
+    """Refuse a NIfTI whose header places the voxels in two ways: a qform and an sform that disagree (readers
+    differ in which they take: ITK, used here and by 3D Slicer, often the qform; nibabel and FSL the sform), or a
+    stored geometry that ITK reads otherwise (a zero or negative voxel size, an sform with pixdim that disagree).
+    The result would be written with ITK's reading: misplaced for every tool that reads the header otherwise."""
+    import nibabel
+
+    try:
+        header = nibabel.load(str(path)).header
+        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as stream:
+            stored_pixdim = type(header).from_fileobj(stream, check=False)["pixdim"][1:4]  # load() makes 0 into 1
+    except Exception:  # damage is `_check_nifti_complete`'s to report; a name nibabel misses: ITK decides
+        return
+    if image.GetDimension() != 3:
+        return  # 2D and 4D images are refused later, with their own message
+    size = np.asarray(image.GetSize())
+    forms = {name: affine for name, code, affine in (("qform", header["qform_code"], header.get_qform()),
+                                                      ("sform", header["sform_code"], header.get_sform())) if code > 0}
+    if "sform" not in forms and np.any(np.asarray(stored_pixdim) == 0):  # ITK and nibabel read a zero as 1 mm
+        raise InputError(f"{path.name}: its NIfTI voxel size (pixdim {format_values(stored_pixdim)}) is 0 along an "
+                         "axis; save the image again with its true voxel size")
+    if not forms:
+        return
+    itk = _itk_affine_ras(image)
+    tolerance = 0.1 * min(image.GetSpacing())
+    if len(forms) == 2:
+        apart = _voxel_displacement(forms["qform"], forms["sform"], size)
+        if apart > tolerance:
+            itk_reads = min(forms, key=lambda name: _voxel_displacement(itk, forms[name], size))
+            raise InputError(
+                f"{path.name}: its NIfTI header holds two geometries (qform and sform) that place voxels up to "
+                f"{apart:.1f} mm apart. Tools differ in which they use (ITK, used here and by 3D Slicer, reads the "
+                f"{itk_reads}), so a result could land in the wrong place. Make them agree where the file was made "
+                "(convert the DICOM again), or set one from the other (nibabel: img.set_qform(img.get_sform()); "
+                "FSL: fslorient -copysform2qform) and retry")
+    stored = forms.get("sform", forms.get("qform"))
+    off = _voxel_displacement(itk, stored, size)
+    if off > tolerance:
+        raise InputError(
+            f"{path.name}: its NIfTI geometry cannot be read as stored: ITK places voxels up to {off:.1f} mm from "
+            f"where the header's {'sform' if 'sform' in forms else 'qform'} puts them (e.g. a zero or negative voxel "
+            "size in pixdim, or pixdim that disagree with the sform). Save the image again with a consistent "
+            "header and retry")
+
+
+def _itk_affine_ras(image: sitk.Image) -> np.ndarray:
+    """The 4 x 4 voxel-to-RAS matrix of ITK's geometry (ITK's physical space is LPS)."""
+    affine = np.eye(4)
+    affine[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
+    affine[:3, 3] = image.GetOrigin()
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+
+
+def _voxel_displacement(a: np.ndarray, b: np.ndarray, size) -> float:
+    """Largest distance (mm) between where two voxel-to-world matrices put the corners of a grid of `size`."""
+    corners = np.array([[i, j, k, 1.0] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)])
+    return float(np.linalg.norm((corners @ (a - b).T)[:, :3], axis=1).max())
 
 
 def _gunzipped_size(path: Path) -> int:
@@ -403,6 +470,14 @@ def _gunzipped_size(path: Path) -> int:
 
 
 def _damaged_nifti_message(path: Path, detail: str) -> str:
+    with open(path, "rb") as stream:
+        start = stream.read(4)
+    gzipped = start[:2] == b"\x1f\x8b"
+    nifti = start in (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c")  # a NIfTI-1 header starts with its size, 348
+    if gzipped != path.name.lower().endswith(".gz") and (gzipped or nifti):
+        right = path.name[:-3] if not gzipped else path.name + ".gz"
+        return (f"cannot read {path}: its name says {'gzip-compressed' if not gzipped else 'uncompressed'}, but the "
+                f"file is {'gzip-compressed' if gzipped else 'an uncompressed NIfTI'}; rename it to {right}")
     return (f"cannot read {path}: the NIfTI file is truncated or corrupt ({detail}); copy or export it again "
             "from the original")
 

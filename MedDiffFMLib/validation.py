@@ -116,9 +116,18 @@ def _check_spacing(spacing: Sequence[float], warnings: List[str]) -> None:
                         "detail along the coarse axis is limited")
 
 
-def format_values(values: Sequence[float]) -> str:
+def format_values(values: Sequence[float], digits: int = 4) -> str:
     """`(0.5703, 0.5703, 5)`: short numbers for messages."""
-    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
+    return "(" + ", ".join(f"{float(v):.{digits}g}" for v in values) + ")"
+
+
+def format_pair(a: Sequence[float], b: Sequence[float]) -> "tuple[str, str]":
+    """Two value lists with as many digits as it takes to tell them apart (4 at least, 10 at most)."""
+    for digits in range(4, 11):
+        pair = format_values(a, digits), format_values(b, digits)
+        if pair[0] != pair[1]:
+            return pair
+    return pair
 
 
 def check_same_grid(mask: "Volume", vol: "Volume", name: str = "mask") -> None:

@@ -1,6 +1,7 @@
 """CT and mask I/O on the real cases: geometry round trips, DICOM series choice, atomic safe writing."""
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -394,3 +395,88 @@ def test_a_sheared_nifti_says_what_is_wrong_with_it(tmp_path):
     nibabel.save(nibabel.Nifti1Image(np.full((10, 10, 10), -1000, np.int16), affine), str(tmp_path / "tilt.nii.gz"))
     with pytest.raises(InputError, match="axes are not perpendicular .* tilt correction"):
         read_volume(tmp_path / "tilt.nii.gz")
+
+
+@pytest.fixture
+def small_nifti():
+    """A 24 x 20 x 10 crop of the real limb CT as a nibabel image (qform and sform both set, in agreement)."""
+    import nibabel
+
+    image = nibabel.load(str(LIMB_NII))
+    data = np.asarray(image.dataobj)[40:64, 40:60, 10:20].astype(np.int16)
+    crop = nibabel.Nifti1Image(data, image.affine)
+    crop.set_qform(image.affine, code=1)
+    crop.set_sform(image.affine, code=1)
+    return crop
+
+
+def test_a_nifti_header_that_places_voxels_two_ways_is_refused(small_nifti, tmp_path):
+    import nibabel
+
+    read_volume(nibabel.save(small_nifti, tmp_path / "fine.nii.gz") or tmp_path / "fine.nii.gz")
+    moved = small_nifti.affine.copy()
+    moved[:3, 3] += (10, 20, 30)
+    small_nifti.set_sform(moved, code=2)  # e.g. an aligned sform beside the scanner qform
+    nibabel.save(small_nifti, tmp_path / "two.nii.gz")
+    with pytest.raises(InputError, match=r"two geometries \(qform and sform\) that place voxels up to 37.4 mm apart.*"
+                                         r"reads the qform"):
+        read_volume(tmp_path / "two.nii.gz")
+    only_sform = nibabel.Nifti1Image(small_nifti.get_fdata().astype(np.int16), None)
+    only_sform.set_sform(small_nifti.affine, code=1)
+    only_sform.header["pixdim"][1:4] = 1.0  # the sform says ~1 x 1 x 3.3 mm voxels, pixdim says 1 mm
+    nibabel.save(only_sform, tmp_path / "sform.nii.gz")
+    if not np.allclose(only_sform.header.get_zooms(), 1.0):  # nibabel keeps pixdim in step with a set sform
+        pytest.skip("nibabel rewrote pixdim from the sform")
+    with pytest.raises(InputError, match="cannot be read as stored: ITK places voxels up to"):
+        read_volume(tmp_path / "sform.nii.gz")
+
+
+def test_a_zero_voxel_size_and_a_misnamed_compression_are_named(small_nifti, tmp_path):
+    import gzip
+
+    import nibabel
+
+    small_nifti.set_sform(None, code=0)
+    small_nifti.header["pixdim"][3] = 0.0  # nibabel and ITK would both read it as 1 mm
+    raw = small_nifti.header.binaryblock + b"\0" * 4 + np.asarray(small_nifti.dataobj).tobytes(order="F")
+    (tmp_path / "zero.nii").write_bytes(raw)
+    with pytest.raises(InputError, match=r"voxel size \(pixdim .*, 0\)\) is 0 along an axis"):
+        read_volume(tmp_path / "zero.nii")
+    nibabel.save(nibabel.Nifti1Image(np.zeros((8, 8, 8), np.int16) - 1000, np.eye(4)), tmp_path / "plain.nii")
+    (tmp_path / "plain.nii.gz").write_bytes((tmp_path / "plain.nii").read_bytes())
+    with pytest.raises(InputError, match="its name says gzip-compressed, but the file is an uncompressed NIfTI; "
+                                         "rename it to plain.nii$"):
+        read_volume(tmp_path / "plain.nii.gz")
+    (tmp_path / "packed.nii").write_bytes(gzip.compress((tmp_path / "plain.nii").read_bytes()))
+    with pytest.raises(InputError, match="its name says uncompressed, but the file is gzip-compressed; rename it to "
+                                         "packed.nii.gz$"):
+        read_volume(tmp_path / "packed.nii")
+
+
+def test_nan_in_a_float_nifti_of_one_volume_in_4d_is_seen(small_nifti, tmp_path):
+    import nibabel
+
+    from MedDiffFMLib.validation import check_ct
+
+    data = small_nifti.get_fdata().astype(np.float32)[..., None]  # x, y, z, 1
+    data[3, 4, 5, 0] = np.nan
+    nibabel.save(nibabel.Nifti1Image(data, small_nifti.affine), tmp_path / "nan4d.nii.gz")
+    vol = read_volume(tmp_path / "nan4d.nii.gz")  # ITK drops the singleton and reads NaN as 0
+    assert np.isnan(vol.array[5, 4, 3])
+    with pytest.raises(InputError, match="1 NaN or infinite voxels"):
+        check_ct(vol)
+
+
+def test_mask_messages_name_the_mask_and_show_the_digits_that_differ(tmp_path):
+    import nibabel
+
+    ct = read_volume(LIMB_NII)
+    nibabel.save(nibabel.Nifti1Image(np.zeros((4, 5, 6, 2), np.uint8), np.eye(4)), tmp_path / "two.nii.gz")
+    with pytest.raises(InputError, match=r"mask two.nii.gz has 4 dimensions \(size \(2, 6, 5, 4\)\); give a 3D label"):
+        read_mask(tmp_path / "two.nii.gz", like=ct)
+    shifted = Volume(np.zeros(ct.shape, np.uint8), ct.spacing, np.add(ct.origin, (0.002, 0, 0)), ct.direction)
+    write_volume(shifted, tmp_path / "off.nrrd")
+    with pytest.raises(InputError) as refused:
+        read_mask(tmp_path / "off.nrrd", like=ct)
+    image, mask = re.search(r"origin: image (\(.*?\)), label map (\(.*?\))", str(refused.value)).groups()
+    assert image != mask  # at 4 significant digits both read the same
