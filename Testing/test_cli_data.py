@@ -130,6 +130,12 @@ def test_info_states_each_warning_once(capsys, caplog):
     assert main(["info", str(CHEST_NRRD)]) == 0
     printed = capsys.readouterr()
     assert (printed.out + printed.err + caplog.text).count("is anisotropic (ratio 8.8)") == 1
+    # The reader's warnings too, and in the JSON report (they were only logged).
+    assert main(["info", "--json", str(HEAD_TILTED_DICOM)]) == 0
+    printed = capsys.readouterr()
+    warnings = json.loads(printed.out)["warnings"]
+    assert any("gantry tilt 18.5" in w for w in warnings) and any("resampled onto 134" in w for w in warnings)
+    assert "gantry tilt" not in printed.err + caplog.text
 
 
 def test_preprocess_writes_window_anatomy_mask_sidecar_preview(limb, tmp_path, capsys):
@@ -213,13 +219,14 @@ def test_under_torchrun_only_the_first_process_logs(tmp_path):
     """torchrun runs the command once per process: the others would repeat every line; they report errors only."""
     def stderr(rank: str, world: str = "2") -> str:
         env = dict(os.environ, RANK=rank, WORLD_SIZE=world)
-        done = subprocess.run([sys.executable, "-m", "MedDiffFMLib", "info", str(HEAD_TILTED_DICOM)],
+        done = subprocess.run([sys.executable, "-m", "MedDiffFMLib", "preprocess", str(LIMB_NII), "-o",
+                               str(tmp_path / f"{rank}-{world}.nii.gz")],
                               cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
         assert done.returncode == 0
         return done.stderr
-    assert "WARNING DICOM series has gantry tilt 18.5 deg" in stderr("0")
+    assert "INFO region other guessed" in stderr("0")
     assert stderr("1") == ""
-    assert "gantry tilt" in stderr("1", world="1")  # RANK alone (a scheduler's) is one process: it logs
+    assert "region other guessed" in stderr("1", world="1")  # RANK alone (a scheduler's) is one process: it logs
 
 
 def test_a_malformed_torchrun_environment_is_named(monkeypatch):

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Iterator, List
 
 import numpy as np
 
@@ -23,15 +25,34 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..io import read_volume
 
-    vol = read_volume(args.input)
+    with _reader_warnings() as read_warnings:  # e.g. gantry tilt, uneven DICOM slices: the report lists them
+        vol = read_volume(args.input)
     try:
         report = describe(vol, args.input, args.mask)
     except InputError:  # what was read still shows why the volume is refused (2D, too thin, not HU): print it
         report = geometry(vol, args.input)
+        report["warnings"] = read_warnings
         print(json.dumps(report, indent=2) if args.json else format_report(report))
         raise
+    report["warnings"] = read_warnings + report["warnings"]
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
+
+
+@contextlib.contextmanager
+def _reader_warnings() -> Iterator[List[str]]:
+    """Collect the warnings that reading the CT logs, instead of logging them (the report shows each once)."""
+    reader_log = logging.getLogger("MedDiffFMLib.io")
+    collected: List[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: collected.append(record.getMessage())
+    reader_log.addHandler(handler)
+    propagate, reader_log.propagate = reader_log.propagate, False
+    try:
+        yield collected
+    finally:
+        reader_log.removeHandler(handler)
+        reader_log.propagate = propagate
 
 
 def geometry(vol, path: Path) -> Dict[str, Any]:
