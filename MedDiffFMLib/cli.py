@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import math
 import pkgutil
@@ -75,6 +76,18 @@ def _process_rank() -> int:
         return 0
 
 
+def _what_a_cancel_leaves(args: argparse.Namespace) -> str:
+    """A task writes nothing; a training run (a second Ctrl-C skips the stop at a checkpoint) keeps its last one."""
+    out = getattr(args, "out", None)
+    if args.command not in ("train", "finetune") or out is None:
+        return "no output was written"
+    try:
+        step = json.loads((out / "last.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no checkpoint was written to {out}"
+    return f"{out} keeps its checkpoint of step {step}; continue with the same command and --resume"
+
+
 def _cancel_on_sigterm(signum, frame):
     """`kill PID` cancels a job as Ctrl-C does (no output written, exit code 130). Training installs its own
     handler for the duration of the loop (stop after the step, with a checkpoint)."""
@@ -102,7 +115,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args._run(args) or 0)
     except (Cancelled, KeyboardInterrupt):
-        print("error: cancelled; no output was written", file=sys.stderr)
+        print(f"error: cancelled; {_what_a_cancel_leaves(args)}", file=sys.stderr)
         return 130
     except MedDiffFMError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -251,6 +251,29 @@ def test_cli_trains_and_resumes(cfg, cache, tmp_path, capsys):
     assert json.loads((tmp_path / "run" / "last.json").read_text())["step"] == 3
 
 
+def test_a_hard_cancel_of_training_says_which_checkpoint_stays(cfg, cache, tmp_path, capsys, monkeypatch):
+    """A second Ctrl-C skips the stop at a checkpoint: the message said "no output was written" even when the run
+    folder held checkpoints to resume from."""
+    import MedDiffFMLib.training as training
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(cfg.to_dict()))
+    args = ["train", "--config", str(config), "--data", str(ABDOMEN_SMALL_NII), "--cache-dir", str(cache),
+            "--out", str(tmp_path / "run"), "--batch-size", "1", "--progress", "none"]
+    assert cli_main(args + ["--steps", "2"]) == 0
+    capsys.readouterr()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_optimizer_step", interrupted)
+    assert cli_main(args + ["--steps", "4", "--resume"]) == 130
+    assert (f"error: cancelled; {tmp_path / 'run'} keeps its checkpoint of step 2; continue with the same command "
+            "and --resume") in capsys.readouterr().err
+    assert cli_main(args[:-8] + ["--out", str(tmp_path / "new"), "--batch-size", "1", "--steps", "4"]) == 130
+    assert f"error: cancelled; no checkpoint was written to {tmp_path / 'new'}" in capsys.readouterr().err
+
+
 def test_a_resume_under_another_configuration_says_how_it_differs(cfg):
     from MedDiffFMLib.training import _config_difference
 
