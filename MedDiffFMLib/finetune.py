@@ -41,6 +41,8 @@ from .preprocess import guess_region, resample, window_to_unit
 from .training import train
 from .validation import check_ct
 
+log = logging.getLogger(__name__)
+
 #: Fine-tuning tasks and what their control volume holds.
 TASKS = {
     "super-resolution": "the thick-slice CT, slice-averaged and upsampled to the thin grid, in [-1, 1]",
@@ -323,6 +325,10 @@ def finetune(base: str, task: str, data, out_dir, settings, val_data=None, resum
     if isinstance(base_model, ControlledNet):
         raise InputError(f"{base} is already a ControlNet model; fine-tune on a base model")
     record = base_record(base)
+    if Path(str(base)).name.startswith("ema") and (Path(str(base)).parent / "last.json").exists():
+        log.warning("the base %s is a training run's EMA model, which the run's next checkpoint replaces, and a "
+                    "ControlNet fits only the exact base it was trained on: copy the base elsewhere (or register it) "
+                    "and fine-tune on the copy", base)
     # Recorded with the training state, so --resume cannot continue another task's, base's or slice factor's run.
     run = {"task": task, "base_sha256": record["sha256"]}
     if isinstance(data, SuperResolutionPairs):
@@ -337,6 +343,13 @@ def finetune(base: str, task: str, data, out_dir, settings, val_data=None, resum
                                  "new folder")
             earlier = run
         # A run recorded before the slice factor was stored is compared on what it recorded.
+        others = {key: value for key, value in run.items() if key != "base_sha256"}
+        if (earlier.get("base_sha256") != run["base_sha256"]
+                and {key: value for key, value in earlier.items() if key in others} == others):
+            raise InputError(f"{out_dir} fine-tunes a base whose weights have changed since: {base} now has SHA-256 "
+                             f"{run['base_sha256'][:12]}..., the run began on {str(earlier.get('base_sha256'))[:12]}"
+                             "... A ControlNet fits only the exact base it was trained on: resume on that base, or "
+                             "fine-tune into a new folder")
         if earlier != {key: value for key, value in run.items() if key in earlier}:
             raise InputError(f"{out_dir} holds a fine-tuning run of another task, base model or slice factor "
                              f"({earlier}); resume it with the same --task, --base and --factor, or train into a "

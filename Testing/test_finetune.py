@@ -197,6 +197,21 @@ def test_resumed_finetuning_equals_an_uninterrupted_run(base, chest_nodule_crop,
         finetune(weights, "super-resolution", data, tmp_path / "resumed", TrainSettings(steps=6), resume=True)
     with pytest.raises(CheckpointError, match="a pre-training run and a ControlNet fine-tuning run cannot"):
         train(base.cfg, data, tmp_path / "resumed", TrainSettings(steps=6), resume=True)
+    # The base file retrained in place (e.g. a training run's ema.safetensors): the message says so.
+    changed = {k: v + 0.01 if v.is_floating_point() else v for k, v in base.state_dict().items()}
+    save_model(changed, base.cfg, tmp_path / "base", half=False)
+    with pytest.raises(InputError, match="fine-tunes a base whose weights have changed since: .* A ControlNet fits "
+                                         "only the exact base it was trained on"):
+        finetune(weights, "lesion", data, tmp_path / "resumed", TrainSettings(steps=6), resume=True)
+
+
+def test_finetuning_on_a_training_runs_ema_model_is_warned_about(base, chest_nodule_crop, tmp_path, caplog):
+    data, _ = lesion_training_files(base, chest_nodule_crop, tmp_path)
+    save_model(base.state_dict(), base.cfg, tmp_path / "run" / "ema", half=False)  # as a training run exports it
+    (tmp_path / "run" / "last.json").write_text('{"state": "state-00000001", "step": 1}')
+    finetune(str(tmp_path / "run" / "ema.safetensors"), "lesion", data, tmp_path / "cn",
+             TrainSettings(steps=1, batch_size=1, validate_every=1000))
+    assert "is a training run's EMA model, which the run's next checkpoint replaces" in caplog.text
 
 
 def test_finetuning_a_controlnet_model_is_refused(base, tmp_path):
