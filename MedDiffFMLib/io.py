@@ -348,6 +348,10 @@ def _read_file(path: Path) -> Tuple[sitk.Image, Optional[np.ndarray]]:
         image = sitk.ReadImage(str(path), imageIO=image_io)
         if path.name.lower().endswith(NIFTI_SUFFIXES):
             _check_nifti_geometry(path, image)
+        elif image_io == "NrrdImageIO" and not _nrrd_has_spacing(path):
+            log.warning("%s stores no voxel spacing (NRRD 'space directions' or 'spacings'): it is read as 1 mm "
+                        "voxels; give the CT with its true geometry, or every result is only as sized as that",
+                        path.name)
         return image, float_voxels
     except (RuntimeError, OSError) as exc:  # OSError: nibabel opens a NIfTI first (e.g. no read permission)
         if is_out_of_memory(exc):
@@ -458,6 +462,13 @@ def _voxel_displacement(a: np.ndarray, b: np.ndarray, size) -> float:
     """Largest distance (mm) between where two voxel-to-world matrices put the corners of a grid of `size`."""
     corners = np.array([[i, j, k, 1.0] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)])
     return float(np.linalg.norm((corners @ (a - b).T)[:, :3], axis=1).max())
+
+
+def _nrrd_has_spacing(path: Path) -> bool:
+    """Whether a NRRD header (the text up to its first blank line) gives the voxel size."""
+    with open(path, "rb") as stream:
+        header = stream.read(1 << 16).split(b"\n\n", 1)[0].decode("latin-1").lower()
+    return any(field in header for field in ("space directions:", "spacings:"))
 
 
 def _gunzipped_size(path: Path) -> int:

@@ -480,3 +480,14 @@ def test_mask_messages_name_the_mask_and_show_the_digits_that_differ(tmp_path):
         read_mask(tmp_path / "off.nrrd", like=ct)
     image, mask = re.search(r"origin: image (\(.*?\)), label map (\(.*?\))", str(refused.value)).groups()
     assert image != mask  # at 4 significant digits both read the same
+
+
+def test_a_nrrd_without_voxel_size_is_warned_about(tmp_path, caplog):
+    data = np.full((6, 8, 10), -1000, np.int16)
+    header = "NRRD0004\ntype: short\ndimension: 3\nsizes: 10 8 6\nendian: little\nencoding: raw\n\n"
+    (tmp_path / "bare.nrrd").write_bytes(header.encode() + data.tobytes())
+    assert read_volume(tmp_path / "bare.nrrd").spacing == (1.0, 1.0, 1.0)
+    assert "bare.nrrd stores no voxel spacing" in caplog.text
+    caplog.clear()
+    read_volume(CHEST_NRRD)  # 'space directions'
+    assert "stores no voxel spacing" not in caplog.text
