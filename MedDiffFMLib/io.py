@@ -147,7 +147,7 @@ def read_volume(path: PathLike) -> Volume:
     """Read a CT as float32 HU: a NIfTI/NRRD/MHA file, a DICOM series folder or one file of a series.
 
     A folder with several DICOM series gives the series with the most files (logged; a tie is refused). A series
-    with uneven slice gaps is resampled onto even slices (`_even_slices`).
+    with uneven slice gaps or gantry tilt is resampled onto an orthogonal grid of even slices (`_even_slices`).
     """
     path = Path(path)
     if not path.exists():
@@ -613,14 +613,16 @@ def _refuse_non_image_object(name: PathLike) -> None:
 def _even_slices(folder: Path, files: Sequence[str], image: sitk.Image) -> sitk.Image:
     """The series `image` (slices stacked in `files` order with one spacing) with every slice where it was scanned.
 
-    Uneven gaps (mixed slice thicknesses, a missing slice) are resampled onto even slices at the smallest gap, by
-    linear interpolation along the slice axis: one spacing would put anatomy millimetres from where it was
-    scanned. Slices that share a position (two acquisitions in one series) are refused. Gantry tilt is warned
-    about, not corrected.
+    Read with one spacing along the slice normal, a series places a slice wrongly when its gaps are uneven (mixed
+    slice thicknesses, a missing slice) or when the slices are offset in-plane from one another (gantry tilt: the
+    stack is sheared). Such a series is resampled onto an orthogonal grid of even slices (at the smallest gap),
+    each slice shifted in-plane to its scanned position and interpolated linearly between its neighbours. Voxels
+    outside every scanned slice take the series' lowest value. Slices that share a position (two acquisitions in
+    one series) are refused.
     """
-    if len(files) < 3 or image.GetDimension() != 3:
+    if len(files) < 2 or image.GetDimension() != 3:
         return image
-    positions, tilt = [], 0.0
+    positions = []
     for name in files:
         header = sitk.ImageFileReader()
         header.SetFileName(name)
@@ -628,40 +630,50 @@ def _even_slices(folder: Path, files: Sequence[str], image: sitk.Image) -> sitk.
         if not header.HasMetaDataKey("0020|0032"):
             return image
         positions.append([float(v) for v in header.GetMetaData("0020|0032").split("\\")])
-        if header.HasMetaDataKey("0018|1120") and len(positions) == 1:
-            tilt = float(header.GetMetaData("0018|1120") or 0.0)
-    if abs(tilt) > 0.01:
-        log.warning("DICOM series has gantry tilt %.1f deg; slices are sheared and the geometry is "
-                    "approximate (no tilt correction applied)", tilt)
-    axis = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
-    along = (np.asarray(positions) - positions[0]) @ axis  # each slice's place along the volume's slice axis (mm)
-    gaps = np.diff(along)
-    if np.abs(gaps).min() < 1e-3 * image.GetSpacing()[2] or not (np.all(gaps > 0) or np.all(gaps < 0)):
-        shared = np.sort(along + float(np.asarray(positions[0]) @ axis))
-        shared = shared[1:][np.diff(shared) < 1e-3 * image.GetSpacing()[2]]
+    axes = np.asarray(image.GetDirection()).reshape(3, 3)  # columns: row, column and slice-normal directions
+    spacing = np.asarray(image.GetSpacing())
+    offsets = (np.asarray(positions) - positions[0]) @ axes  # each slice's offset from the first (mm, x y z)
+    along, gaps = offsets[:, 2], np.diff(offsets[:, 2])
+    if np.abs(gaps).min() < 1e-3 * spacing[2] or not (np.all(gaps > 0) or np.all(gaps < 0)):
+        shared = np.sort(along + float(np.asarray(positions[0]) @ axes[:, 2]))
+        shared = shared[1:][np.diff(shared) < 1e-3 * spacing[2]]
         where = f", e.g. at {shared[0]:.2f} mm along the slice axis" if shared.size else ""
         raise InputError(
             f"slices of the DICOM series in {folder} share positions or are out of order{where}: the series holds "
             "repeated or overlapping acquisitions. Put the files of one acquisition into a folder of their own and "
             "give that folder")
-    if gaps.max() - gaps.min() <= 0.01 * abs(gaps.mean()):
+    sheared = np.abs(offsets[:, :2]).max() > 0.01 * spacing[:2].min()
+    uneven = gaps.max() - gaps.min() > 0.01 * abs(gaps.mean())
+    if not (sheared or uneven):
         return image
-    along = along * np.sign(gaps[0])  # increasing from 0, whichever way the slices run along the axis
-    step = float(np.abs(gaps).min())
+    stack = sitk.GetArrayFromImage(image).astype(np.float32)  # (slice, row index along y, column index along x)
+    if sheared:
+        from scipy import ndimage
+
+        outside = float(stack.min())
+        for k in range(len(stack)):  # voxel (y, x) of the grid through slice 0 lies at slice k's (y - dy, x - dx)
+            shift = (offsets[k, 1] / spacing[1], offsets[k, 0] / spacing[0])
+            stack[k] = ndimage.shift(stack[k], shift, order=1, mode="constant", cval=outside)
+        log.warning("DICOM series is sheared (gantry tilt: slices offset in-plane by up to %.1f mm); it is resampled "
+                    "onto an orthogonal grid, each slice at its scanned position", np.abs(offsets[:, :2]).max())
+    sign = float(np.sign(gaps[0]))
+    along = along * sign  # increasing from 0, whichever way the slices run along the axis
+    step = float(np.abs(gaps).min()) if uneven else float(along[-1] / (len(along) - 1))
     count = int(np.floor(along[-1] / step + 1e-6)) + 1
     target = np.arange(count) * step
     above = np.clip(np.searchsorted(along, target, side="right"), 1, len(along) - 1)
     below = above - 1
     weight = ((target - along[below]) / (along[above] - along[below])).astype(np.float32)[:, None, None]
-    stack = sitk.GetArrayFromImage(image).astype(np.float32)
-    even = sitk.GetImageFromArray(stack[below] + weight * (stack[above] - stack[below]))  # exact between equal values
-    even.SetOrigin(image.GetOrigin())
-    even.SetDirection(image.GetDirection())
-    even.SetSpacing((*image.GetSpacing()[:2], step))
-    log.warning("DICOM slice gaps are uneven (%.2f..%.2f mm: mixed slice thicknesses, or a missing slice); the "
-                "series is resampled onto %d even slices of %.2f mm, each at its scanned position", np.abs(gaps).min(),
-                np.abs(gaps).max(), count, step)
-    return even
+    regular = sitk.GetImageFromArray(stack[below] + weight * (stack[above] - stack[below]))  # exact between equals
+    axes[:, 2] *= sign
+    regular.SetOrigin(tuple(float(v) for v in positions[0]))
+    regular.SetDirection(tuple(axes.ravel()))
+    regular.SetSpacing((float(spacing[0]), float(spacing[1]), step))
+    if uneven:
+        log.warning("DICOM slice gaps are uneven (%.2f..%.2f mm: mixed slice thicknesses, or a missing slice); the "
+                    "series is resampled onto %d even slices of %.2f mm, each at its scanned position",
+                    np.abs(gaps).min(), np.abs(gaps).max(), count, step)
+    return regular
 
 
 def _read_dicom_with_pydicom(files: Sequence[str], sitk_error: Exception) -> sitk.Image:

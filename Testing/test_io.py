@@ -46,13 +46,17 @@ def test_read_volume_matches_manifest_and_simpleitk():
 
 
 def test_gantry_tilted_head_series_with_uneven_slices_loads_with_warnings(caplog):
-    """Its 28 slices lie 1.08 to 7.00 mm apart: read with one spacing, slices were up to 26 mm from where they
-    were scanned. It is resampled onto even slices at the smallest gap (the tilt is warned about, not corrected)."""
+    """Its 28 slices lie 1.08 to 7.00 mm apart, tilted by 18.5 deg: read with one spacing and no shear, slices were
+    up to 26 mm (along the stack) and 48 mm (in-plane) from where they were scanned. It is resampled onto an
+    orthogonal grid of even slices at the smallest gap."""
     vol = read_volume(HEAD_TILTED_DICOM)
     assert vol.shape == (134, 512, 512)
     np.testing.assert_allclose(vol.spacing, (0.4882812, 0.4882812, 1.0811), atol=1e-4)
+    axes = np.asarray(vol.direction).reshape(3, 3)
+    assert np.allclose(axes.T @ axes, np.eye(3), atol=1e-6)
     assert -1500.0 <= vol.array.min() and vol.array.max() <= 2121.0
-    assert "gantry tilt 18.5" in caplog.text and "resampled onto 134 even slices of 1.08 mm" in caplog.text
+    assert "slices offset in-plane by up to 48.2 mm" in caplog.text
+    assert "resampled onto 134 even slices of 1.08 mm" in caplog.text
 
 
 def dicom_series(folder, z_mm, hu, series_uid=None, names=None):
@@ -83,6 +87,44 @@ def test_uneven_slices_are_resampled_to_where_they_were_scanned(tmp_path, caplog
     assert "resampled onto 8 even slices of 3.00 mm" in caplog.text
     even = read_volume(dicom_series(tmp_path / "even", [0.0, 3.0, 6.0, 9.0], [0.0, 30.0, 60.0, 90.0]))
     assert even.shape[0] == 4 and even.spacing[2] == pytest.approx(3.0)  # an even series is read as it is
+
+
+@pytest.mark.parametrize("tilt_deg, z_mm", [(20.0, [0.0, 3.0, 6.0, 9.0, 12.0]), (-15.0, [0.0, 2.0, 4.0, 8.0, 10.0])])
+def test_a_tilted_series_is_read_onto_an_orthogonal_grid_where_it_was_scanned(tmp_path, caplog, tilt_deg, z_mm):
+    """Gantry tilt: slices in tilted planes, stacked along z, so the stack is sheared. Every pixel holds the sum of its
+    world y and z (mm); on the grid read, every voxel that a slice covers must hold its own world y + z."""
+    from pydicom import dcmread
+
+    source = dcmread(sorted(ABDOMEN_DICOM.iterdir())[0])
+    angle = np.deg2rad(tilt_deg)
+    row, col = np.array([1.0, 0.0, 0.0]), np.array([0.0, np.cos(angle), np.sin(angle)])
+    spacing = 2.0
+    folder = tmp_path / "tilted"
+    folder.mkdir()
+    for index, z in enumerate(z_mm):
+        ds = dcmread(sorted(ABDOMEN_DICOM.iterdir())[index])
+        corner = np.array([-40.0, -30.0, z])
+        ds.ImageOrientationPatient = [*row, *col]
+        ds.ImagePositionPatient = [float(v) for v in corner]
+        ds.Rows = ds.Columns = 40
+        ds.PixelSpacing = [spacing, spacing]
+        j, i = np.mgrid[0:40, 0:40]  # j: row index (along col), i: column index (along row)
+        world = corner + i[..., None] * spacing * row + j[..., None] * spacing * col
+        hu = np.round(world[..., 1] + world[..., 2])
+        ds.PixelData = ((hu - float(source.RescaleIntercept)) / float(source.RescaleSlope)).astype(np.int16).tobytes()
+        ds.save_as(folder / f"s{index}.dcm")
+    vol = read_volume(folder)
+    assert "is sheared (gantry tilt" in caplog.text
+    axes = np.asarray(vol.direction).reshape(3, 3)
+    assert np.allclose(axes.T @ axes, np.eye(3), atol=1e-6)  # an orthogonal grid
+    k, j, i = np.mgrid[0:vol.shape[0], 0:vol.shape[1], 0:vol.shape[2]]
+    world = np.asarray(vol.origin) + np.stack([i, j, k], -1) * np.asarray(vol.spacing) @ axes.T
+    from scipy import ndimage
+
+    # Voxels outside every scanned slice hold the lowest value; those beside them blend the two.
+    covered = ndimage.binary_erosion(vol.array > vol.array.min(), iterations=1)
+    assert covered.mean() > 0.5
+    np.testing.assert_allclose(vol.array[covered], (world[..., 1] + world[..., 2])[covered], atol=0.6)
 
 
 def test_series_with_shared_positions_or_two_equal_series_are_refused(tmp_path, caplog):
