@@ -108,6 +108,9 @@ def central_case(name: str, vol: Volume, n_slices: int, crop_yx: Optional[int] =
     if context < 0:
         raise InputError(f"context slices must be >= 0, got {context}.")
     scored, extended = _middle(vol.shape[0], n_slices), _middle(vol.shape[0], n_slices + 2 * context)
+    if vol.shape[0] < n_slices:
+        log.warning("%s has %d axial slices, fewer than the %d asked for: all of them are scored", name,
+                    vol.shape[0], n_slices)
     block = central_block(vol, n_slices + 2 * context, crop_yx)
     return DenoiseCase(name, block, slice(scored.start - extended.start, scored.stop - extended.start))
 

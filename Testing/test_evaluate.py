@@ -79,7 +79,7 @@ def test_crop_keeps_physical_positions(cases):
     assert harness.central_block(full, 500).shape == full.shape  # more slices than exist: all of them
 
 
-def test_context_slices_are_given_but_not_scored():
+def test_context_slices_are_given_but_not_scored(caplog):
     full = read_volume(CHEST_NRRD)
     case = harness.central_case("chest", full, 2, 48, context=3)
     assert case.volume.shape == (8, 48, 48)
@@ -91,6 +91,10 @@ def test_context_slices_are_given_but_not_scored():
     np.testing.assert_array_equal(edge.volume.array[edge.scored], short.array[2:4])
     with pytest.raises(InputError):
         harness.central_case("bad", full, 2, context=-1)
+    caplog.clear()
+    few = harness.central_case("few", short, 10, None)
+    assert few.volume.array[few.scored].shape[0] == 6
+    assert "few has 6 axial slices, fewer than the 10 asked for: all of them are scored" in caplog.text
 
     # A method that wrecks the context slices and returns the scored ones untouched scores as the input.
     def wreck_context(noisy, sigma):
