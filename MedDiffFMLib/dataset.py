@@ -38,8 +38,8 @@ from .validation import check_ct
 log = logging.getLogger(__name__)
 
 #: Bump when the preprocessing code changes in a way that makes old cache entries wrong.
-CACHE_VERSION = 3  # 2: resampling keeps the field of view; entries in patient axis order. 3: DICOM series with
-# uneven slices are read onto even ones (io._even_slices)
+CACHE_VERSION = 4  # 2: resampling keeps the field of view; entries in patient axis order. 3, 4: DICOM series with
+# uneven slices or gantry tilt are read onto an orthogonal grid of even slices (io._even_slices)
 #: Patch modes mixed at random (paper: image level, 2x region level, patch level).
 DEFAULT_MODE_WEIGHTS = {"whole": 0.2, "crop2x": 0.3, "crop": 0.5}
 #: A training grid may be at most this much finer than the native slice spacing (no invented slices).

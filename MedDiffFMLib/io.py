@@ -413,23 +413,30 @@ def _check_nifti_geometry(path: Path, image: sitk.Image) -> None:
     import nibabel
 
     try:
-        header = nibabel.load(str(path)).header
         with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as stream:
-            stored_pixdim = type(header).from_fileobj(stream, check=False)["pixdim"][1:4]  # load() makes 0 into 1
-    except Exception:  # damage is `_check_nifti_complete`'s to report; a name nibabel misses: ITK decides
+            # As stored: nibabel.load() would make a zero pixdim 1. NIfTI-2 and other headers: ITK decides.
+            header = nibabel.Nifti1Header.from_fileobj(stream, check=False)
+        forms = {}
+        if header["qform_code"] > 0:
+            forms["qform"] = _qform_affine(header)
+        if header["sform_code"] > 0:
+            forms["sform"] = header.get_sform()
+    except Exception:  # damage is `_check_nifti_complete`'s to report
         return
     if image.GetDimension() != 3:
         return  # 2D and 4D images are refused later, with their own message
+    stored_pixdim = header["pixdim"][1:4]
     size = np.asarray(image.GetSize())
-    forms = {name: affine for name, code, affine in (("qform", header["qform_code"], header.get_qform()),
-                                                      ("sform", header["sform_code"], header.get_sform())) if code > 0}
     if "sform" not in forms and np.any(np.asarray(stored_pixdim) == 0):  # ITK and nibabel read a zero as 1 mm
         raise InputError(f"{path.name}: its NIfTI voxel size (pixdim {format_values(stored_pixdim)}) is 0 along an "
                          "axis; save the image again with its true voxel size")
     if not forms:
         return
     itk = _itk_affine_ras(image)
-    tolerance = 0.1 * min(image.GetSpacing())
+    # A qform holds its rotation as float32 quaternion parts: for an LPS-stored CT (about 180 deg in RAS) that is
+    # only good to about 0.1 deg, 0.4-0.6 mm over a 36 cm field of view, where its sform (and ITK) is exact.
+    diagonal = float(np.linalg.norm((size - 1) * np.asarray(image.GetSpacing())))
+    tolerance = max(0.1 * min(image.GetSpacing()), QFORM_PRECISION * diagonal)
     if len(forms) == 2:
         apart = _voxel_displacement(forms["qform"], forms["sform"], size)
         if apart > tolerance:
@@ -448,6 +455,33 @@ def _check_nifti_geometry(path: Path, image: sitk.Image) -> None:
             f"where the header's {'sform' if 'sform' in forms else 'qform'} puts them (e.g. a zero or negative voxel "
             "size in pixdim, or pixdim that disagree with the sform). Save the image again with a consistent "
             "header and retry")
+
+
+#: How far apart, as a fraction of the image diagonal, a qform may place voxels from an exact geometry.
+QFORM_PRECISION = 2e-3
+
+
+def _qform_affine(header) -> np.ndarray:
+    """The 4 x 4 voxel-to-RAS matrix of a NIfTI-1 qform, decoded as the NIfTI reference (and ITK, and so 3D Slicer)
+    decodes it. A rotation of about 180 deg (an LPS-stored CT) leaves the quaternion's a near 0, which float32 b, c, d
+    give only roughly: the reference then takes a = 0 where nibabel's decoding is off by up to a millimetre."""
+    b, c, d = (float(header[key]) for key in ("quatern_b", "quatern_c", "quatern_d"))
+    a = 1.0 - (b * b + c * c + d * d)
+    if a < 1e-7:
+        norm = np.sqrt(b * b + c * c + d * d)
+        a, b, c, d = 0.0, b / norm, c / norm, d / norm
+    else:
+        a = np.sqrt(a)
+    rotation = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+                         [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+                         [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b]])
+    pixdim = np.asarray(header["pixdim"], dtype=float)
+    zooms = np.where(pixdim[1:4] > 0, pixdim[1:4], 1.0)
+    zooms[2] *= -1.0 if pixdim[0] < 0 else 1.0  # qfac
+    affine = np.eye(4)
+    affine[:3, :3] = rotation * zooms
+    affine[:3, 3] = [float(header[key]) for key in ("qoffset_x", "qoffset_y", "qoffset_z")]
+    return affine
 
 
 def _itk_affine_ras(image: sitk.Image) -> np.ndarray:
@@ -558,6 +592,19 @@ def _largest_series(folder: Path, files_by_series: dict) -> str:
     return largest[0]
 
 
+def _may_hold_an_image(name: Path) -> bool:
+    """False for a DICOM object of a class that is not an image (a DICOMDIR, a report, a segmentation), by its SOP
+    class, which leads the file and survives a cut; True for an image, and for a file that names no class."""
+    import pydicom
+
+    try:
+        dataset = pydicom.dcmread(str(name), stop_before_pixels=True)
+        sop = dataset.file_meta.get("MediaStorageSOPClassUID") or dataset.get("SOPClassUID")
+    except Exception:  # pydicom raises several types for a damaged file
+        return True
+    return not sop or "Image" in pydicom.uid.UID(str(sop)).name
+
+
 def _series_description(name: str) -> str:
     """'series "<SeriesDescription>" (number <SeriesNumber>)', from what the file holds."""
     header = sitk.ImageFileReader()
@@ -571,12 +618,13 @@ def _series_description(name: str) -> str:
 
 
 def _warn_unread_files(folder: Path, files_by_series: dict) -> None:
-    """Warn about DICOM files that belong to no series GDCM could read: a damaged slice is left out silently."""
+    """Warn about image files that belong to no series GDCM could read: a damaged slice is left out silently.
+    Files that hold no image (a DICOMDIR, a dose report) are no loss."""
     read = {Path(name).resolve() for files in files_by_series.values() for name in files}
     unread = []
     for name in sorted(folder.iterdir()):
         try:
-            if name.is_file() and name.resolve() not in read and is_dicom_file(name):
+            if name.is_file() and name.resolve() not in read and is_dicom_file(name) and _may_hold_an_image(name):
                 unread.append(name.name)
         except OSError:  # unreadable: reported as unread too
             unread.append(name.name)
@@ -634,16 +682,21 @@ def _even_slices(folder: Path, files: Sequence[str], image: sitk.Image) -> sitk.
     spacing = np.asarray(image.GetSpacing())
     offsets = (np.asarray(positions) - positions[0]) @ axes  # each slice's offset from the first (mm, x y z)
     along, gaps = offsets[:, 2], np.diff(offsets[:, 2])
-    if np.abs(gaps).min() < 1e-3 * spacing[2] or not (np.all(gaps > 0) or np.all(gaps < 0)):
-        shared = np.sort(along + float(np.asarray(positions[0]) @ axes[:, 2]))
-        shared = shared[1:][np.diff(shared) < 1e-3 * spacing[2]]
-        where = f", e.g. at {shared[0]:.2f} mm along the slice axis" if shared.size else ""
+    typical = float(np.median(np.abs(gaps)))
+    if np.abs(gaps).min() < NEAR_SLICE_FRACTION * typical or not (np.all(gaps > 0) or np.all(gaps < 0)):
+        order = np.sort(along + float(np.asarray(positions[0]) @ axes[:, 2]))
+        close = order[1:][np.diff(order) < NEAR_SLICE_FRACTION * typical]
+        where = f", e.g. at {close[0]:.2f} mm along the slice axis" if close.size else ""
         raise InputError(
-            f"slices of the DICOM series in {folder} share positions or are out of order{where}: the series holds "
-            "repeated or overlapping acquisitions. Put the files of one acquisition into a folder of their own and "
-            "give that folder")
+            f"slices of the DICOM series in {folder} share positions (or lie within {NEAR_SLICE_FRACTION:.0%} of the "
+            f"typical {typical:.2f} mm gap of each other) or are out of order{where}: the series holds repeated or "
+            "overlapping acquisitions. Put the files of one acquisition into a folder of their own and give that "
+            "folder")
+    # Uneven: a slice lies off the even grid from the first slice to the last by a tenth of a gap or more (rounded
+    # positions, e.g. 0.62 and 0.63 mm gaps for 0.625 mm slices, are even).
+    even_grid = np.linspace(0.0, along[-1], len(along))
+    uneven = np.abs(along - even_grid).max() > 0.1 * typical
     sheared = np.abs(offsets[:, :2]).max() > 0.01 * spacing[:2].min()
-    uneven = gaps.max() - gaps.min() > 0.01 * abs(gaps.mean())
     if not (sheared or uneven):
         return image
     stack = sitk.GetArrayFromImage(image).astype(np.float32)  # (slice, row index along y, column index along x)
@@ -658,8 +711,12 @@ def _even_slices(folder: Path, files: Sequence[str], image: sitk.Image) -> sitk.
                     "onto an orthogonal grid, each slice at its scanned position", np.abs(offsets[:, :2]).max())
     sign = float(np.sign(gaps[0]))
     along = along * sign  # increasing from 0, whichever way the slices run along the axis
-    step = float(np.abs(gaps).min()) if uneven else float(along[-1] / (len(along) - 1))
-    count = int(np.floor(along[-1] / step + 1e-6)) + 1
+    # The grid runs from the first slice to the last in steps of about the finest gap the series repeats (one
+    # transition gap between two slice thicknesses does not set it).
+    count = len(along)
+    if uneven:
+        count = int(np.ceil(along[-1] / _finest_repeated_gap(np.abs(gaps)) - 1e-6)) + 1
+    step = float(along[-1] / (count - 1))
     target = np.arange(count) * step
     above = np.clip(np.searchsorted(along, target, side="right"), 1, len(along) - 1)
     below = above - 1
@@ -674,6 +731,18 @@ def _even_slices(folder: Path, files: Sequence[str], image: sitk.Image) -> sitk.
                     "series is resampled onto %d even slices of %.2f mm, each at its scanned position",
                     np.abs(gaps).min(), np.abs(gaps).max(), count, step)
     return regular
+
+
+#: Two slices closer than this fraction of the series' typical gap are one position scanned twice.
+NEAR_SLICE_FRACTION = 0.1
+
+
+def _finest_repeated_gap(gaps: np.ndarray) -> float:
+    """The smallest slice gap that occurs at least twice (within 1 %), else the median gap."""
+    for gap in np.sort(gaps):
+        if np.count_nonzero(np.abs(gaps - gap) <= 0.01 * gap) >= 2:
+            return float(gap)
+    return float(np.median(gaps))
 
 
 def _read_dicom_with_pydicom(files: Sequence[str], sitk_error: Exception) -> sitk.Image:

@@ -181,8 +181,9 @@ def validation_losses(model: torch.nn.Module, schedule: Schedule, batch: dict,
     return losses
 
 
-#: Files a run writes besides its states; a new run would replace them.
-RUN_FILES = ("ema.safetensors", "ema.json", "ema-best.safetensors", "ema-best.json", "loss.csv", "validation.csv")
+#: The models a run exports besides its states; a new run would replace them. (Its loss logs are no reason to
+#: refuse: a run killed before its first checkpoint leaves one, and a rerun starts afresh.)
+RUN_FILES = ("ema.safetensors", "ema.json", "ema-best.safetensors", "ema-best.json")
 
 
 def check_new_run(out_dir: Path, resume: bool) -> None:

@@ -46,17 +46,17 @@ def test_read_volume_matches_manifest_and_simpleitk():
 
 
 def test_gantry_tilted_head_series_with_uneven_slices_loads_with_warnings(caplog):
-    """Its 28 slices lie 1.08 to 7.00 mm apart, tilted by 18.5 deg: read with one spacing and no shear, slices were
-    up to 26 mm (along the stack) and 48 mm (in-plane) from where they were scanned. It is resampled onto an
-    orthogonal grid of even slices at the smallest gap."""
+    """Its 28 slices lie 4 mm, then 7 mm apart (one 1.08 mm gap between), tilted by 18.5 deg: read with one spacing
+    and no shear, slices were up to 26 mm (along the stack) and 48 mm (in-plane) from where they were scanned. It is
+    resampled onto an orthogonal grid of even slices at about the finest repeated gap (4 mm, fitted to the span)."""
     vol = read_volume(HEAD_TILTED_DICOM)
-    assert vol.shape == (134, 512, 512)
-    np.testing.assert_allclose(vol.spacing, (0.4882812, 0.4882812, 1.0811), atol=1e-4)
+    assert vol.shape == (38, 512, 512)
+    np.testing.assert_allclose(vol.spacing, (0.4882812, 0.4882812, 3.8943), atol=1e-4)
     axes = np.asarray(vol.direction).reshape(3, 3)
     assert np.allclose(axes.T @ axes, np.eye(3), atol=1e-6)
     assert -1500.0 <= vol.array.min() and vol.array.max() <= 2121.0
     assert "slices offset in-plane by up to 48.2 mm" in caplog.text
-    assert "resampled onto 134 even slices of 1.08 mm" in caplog.text
+    assert "resampled onto 38 even slices of 3.89 mm" in caplog.text
 
 
 def dicom_series(folder, z_mm, hu, series_uid=None, names=None):
@@ -87,6 +87,11 @@ def test_uneven_slices_are_resampled_to_where_they_were_scanned(tmp_path, caplog
     assert "resampled onto 8 even slices of 3.00 mm" in caplog.text
     even = read_volume(dicom_series(tmp_path / "even", [0.0, 3.0, 6.0, 9.0], [0.0, 30.0, 60.0, 90.0]))
     assert even.shape[0] == 4 and even.spacing[2] == pytest.approx(3.0)  # an even series is read as it is
+    caplog.clear()  # positions rounded to 0.01 mm (0.62 and 0.63 mm gaps for 0.625 mm slices) are even too
+    rounded = read_volume(dicom_series(tmp_path / "rounded", [0.0, 0.62, 1.25, 1.88, 2.5], [0.0] * 5))
+    assert rounded.shape[0] == 5 and "uneven" not in caplog.text
+    with pytest.raises(InputError, match="lie within 10% of the typical 3.00 mm gap of each other"):
+        read_volume(dicom_series(tmp_path / "near", [0.0, 3.0, 3.01, 6.0, 9.0], [0.0] * 5))  # 0.01 mm: 300 slices
 
 
 @pytest.mark.parametrize("tilt_deg, z_mm", [(20.0, [0.0, 3.0, 6.0, 9.0, 12.0]), (-15.0, [0.0, 2.0, 4.0, 8.0, 10.0])])
@@ -131,7 +136,7 @@ def test_series_with_shared_positions_or_two_equal_series_are_refused(tmp_path, 
     twice = dicom_series(tmp_path / "twice", [0.0, 3.0, 6.0, 9.0], [0.0] * 4)
     dicom_series(twice, [3.0, 6.0], [50.0] * 2, names=["again0.dcm", "again1.dcm"],
                  series_uid=str(next(iter({read_uid(f) for f in twice.iterdir()}))))
-    with pytest.raises(InputError, match="share positions or are out of order, e.g. at .* repeated or overlapping"):
+    with pytest.raises(InputError, match="share positions .* or are out of order, e.g. at .* repeated or overlapping"):
         read_volume(twice)
     tie = dicom_series(tmp_path / "tie", [0.0, 3.0, 6.0], [0.0] * 3)
     dicom_series(tie, [0.0, 3.0, 6.0], [0.0] * 3, series_uid="1.2.3.4", names=["b0.dcm", "b1.dcm", "b2.dcm"])
@@ -146,12 +151,36 @@ def read_uid(path):
     return dcmread(path, stop_before_pixels=True).SeriesInstanceUID
 
 
+def non_image_object(path):
+    """A minimal DICOM report (no image): what a study folder may hold beside its slices."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    report = Dataset()
+    report.file_meta = meta
+    report.SOPClassUID, report.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    report.Modality, report.SeriesInstanceUID = "SR", generate_uid()
+    report.save_as(path, enforce_file_format=True)
+
+
 def test_a_damaged_slice_file_is_named(tmp_path, caplog):
     folder = dicom_series(tmp_path / "cut", [0.0, 3.0, 6.0, 9.0], [0.0] * 4)
     data = (folder / "slice03.dcm").read_bytes()
     (folder / "slice03.dcm").write_bytes(data[:len(data) // 3])
+    non_image_object(folder / "report.dcm")  # no image, so no loss: not named
     assert read_volume(folder).shape[0] == 3
     assert "1 DICOM file(s) in" in caplog.text and "could not be read and were left out" in caplog.text
+    assert "slice03.dcm" in caplog.text and "report.dcm" not in caplog.text
+    # `info` lists the reader's warnings in its report; when reading then fails, they are still shown.
+    from MedDiffFMLib.cli import main
+
+    dicom_series(folder, [3.0], [0.0], series_uid=read_uid(folder / "slice00.dcm"), names=["again.dcm"])
+    caplog.clear()
+    assert main(["info", str(folder)]) == 2
     assert "slice03.dcm" in caplog.text
 
 
@@ -172,7 +201,7 @@ def test_dicom_folder_with_two_series_reads_the_largest(tmp_path):
     for source in (HEAD_TILTED_DICOM, THREE_SLICE_DICOM):
         for f in source.iterdir():
             shutil.copy(f, tmp_path / f"{source.parent.name}_{f.name}")
-    assert read_volume(tmp_path).shape == (134, 512, 512)  # the 28-file head series, on even slices
+    assert read_volume(tmp_path).shape == (38, 512, 512)  # the 28-file head series, on even slices
     # One file of a series reads that whole series, even when it is the smaller one.
     one_file = sorted(tmp_path.glob("dcmqi*"))[0]
     assert read_volume(one_file).shape == (3, 512, 512)
@@ -533,3 +562,21 @@ def test_a_nrrd_without_voxel_size_is_warned_about(tmp_path, caplog):
     caplog.clear()
     read_volume(CHEST_NRRD)  # 'space directions'
     assert "stores no voxel spacing" not in caplog.text
+
+
+def test_slightly_oblique_nifti_written_here_reads_back():
+    """SimpleITK writes a qform beside the sform; for an LPS-stored CT the qform's float32 quaternion is only good to
+    about 0.1 deg, which the header check must not take for two geometries (it refused most small obliquities)."""
+    import tempfile
+
+    from scipy.spatial.transform import Rotation
+
+    array = np.full((4, 8, 600), -1000, np.int16)  # a 42 cm extent at 0.7 mm, where the qform is 0.3-0.6 mm off
+    with tempfile.TemporaryDirectory() as folder:
+        for tilt in np.arange(-5.0, 5.01, 1.0):
+            for yaw in np.arange(-3.0, 3.01, 1.5):
+                direction = Rotation.from_euler("xy", [tilt, yaw], degrees=True).as_matrix().ravel()
+                vol = Volume(array, (0.7, 0.7, 2.5), (200.3, -150.7, -800.2), direction)
+                back = read_volume(write_volume(vol, f"{folder}/oblique.nii.gz", overwrite=True))
+                np.testing.assert_allclose(back.direction, vol.direction, atol=1e-5)
+                np.testing.assert_allclose(back.origin, vol.origin, atol=1e-3)

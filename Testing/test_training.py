@@ -173,6 +173,11 @@ def test_bad_settings_and_an_existing_run_are_refused_before_training(cfg, data,
                                              r"state .* a new run would overwrite them"):
             train(cfg, data, tmp_path / "run", _quiet(steps=2, batch_size=1), resume=resume)
     assert {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir()} == kept
+    # A run killed before its first checkpoint leaves only its loss log: rerunning it (with --resume, as the
+    # background script does) starts afresh.
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / "loss.csv").write_text("step,loss,grad_norm\n1,0.5,1.0\n")
+    assert train(cfg, data, tmp_path / "killed", _quiet(steps=1, batch_size=1), resume=True)["step"] == 1
 
 
 @pytest.mark.parametrize("part", ["model.", "ema.", "optim."])

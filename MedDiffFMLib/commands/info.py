@@ -50,6 +50,12 @@ def _reader_warnings() -> Iterator[List[str]]:
     propagate, reader_log.propagate = reader_log.propagate, False
     try:
         yield collected
+    except BaseException:  # reading failed: there is no report, so the warnings are logged as they came
+        reader_log.removeHandler(handler)
+        reader_log.propagate = propagate
+        for message in collected:
+            reader_log.warning(message)
+        raise
     finally:
         reader_log.removeHandler(handler)
         reader_log.propagate = propagate
