@@ -663,10 +663,10 @@ def _even_slices(folder: Path, files: Sequence[str], image: sitk.Image) -> sitk.
 
     Read with one spacing along the slice normal, a series places a slice wrongly when its gaps are uneven (mixed
     slice thicknesses, a missing slice) or when the slices are offset in-plane from one another (gantry tilt: the
-    stack is sheared). Such a series is resampled onto an orthogonal grid of even slices (at the smallest gap),
-    each slice shifted in-plane to its scanned position and interpolated linearly between its neighbours. Voxels
-    outside every scanned slice take the series' lowest value. Slices that share a position (two acquisitions in
-    one series) are refused.
+    stack is sheared). Such a series is resampled onto an orthogonal grid of even slices (about the finest gap the
+    series repeats, fitted to its span), each slice shifted in-plane to its scanned position and interpolated
+    linearly between its neighbours. Voxels outside every scanned slice take the series' lowest value. Slices that
+    share a position, or nearly (two acquisitions in one series), are refused.
     """
     if len(files) < 2 or image.GetDimension() != 3:
         return image
