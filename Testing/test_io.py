@@ -94,10 +94,14 @@ def test_uneven_slices_are_resampled_to_where_they_were_scanned(tmp_path, caplog
         read_volume(dicom_series(tmp_path / "near", [0.0, 3.0, 3.01, 6.0, 9.0], [0.0] * 5))  # 0.01 mm: 300 slices
 
 
-@pytest.mark.parametrize("tilt_deg, z_mm", [(20.0, [0.0, 3.0, 6.0, 9.0, 12.0]), (-15.0, [0.0, 2.0, 4.0, 8.0, 10.0])])
-def test_a_tilted_series_is_read_onto_an_orthogonal_grid_where_it_was_scanned(tmp_path, caplog, tilt_deg, z_mm):
-    """Gantry tilt: slices in tilted planes, stacked along z, so the stack is sheared. Every pixel holds the sum of its
-    world y and z (mm); on the grid read, every voxel that a slice covers must hold its own world y + z."""
+@pytest.mark.parametrize("tilt_deg, z_mm, y_shift", [(20.0, [0.0, 3.0, 6.0, 9.0, 12.0], 0.0),
+                                                      (-15.0, [0.0, 2.0, 4.0, 8.0, 10.0], 0.0),
+                                                      (0.0, [0.0, 3.0, 6.0, 9.0, 12.0], 0.5)])
+def test_a_tilted_series_is_read_onto_an_orthogonal_grid_where_it_was_scanned(tmp_path, caplog, tilt_deg, z_mm,
+                                                                               y_shift):
+    """Gantry tilt: slices in tilted planes stacked along z, or axial slices whose positions move in y (y_shift mm
+    per mm of z): the stack is sheared. Every pixel holds the sum of its world y and z (mm); on the grid read, every
+    voxel that a slice covers must hold its own world y + z."""
     from pydicom import dcmread
 
     source = dcmread(sorted(ABDOMEN_DICOM.iterdir())[0])
@@ -108,7 +112,7 @@ def test_a_tilted_series_is_read_onto_an_orthogonal_grid_where_it_was_scanned(tm
     folder.mkdir()
     for index, z in enumerate(z_mm):
         ds = dcmread(sorted(ABDOMEN_DICOM.iterdir())[index])
-        corner = np.array([-40.0, -30.0, z])
+        corner = np.array([-40.0, -30.0 + y_shift * z, z])
         ds.ImageOrientationPatient = [*row, *col]
         ds.ImagePositionPatient = [float(v) for v in corner]
         ds.Rows = ds.Columns = 40
