@@ -155,20 +155,21 @@ def read_uid(path):
     return dcmread(path, stop_before_pixels=True).SeriesInstanceUID
 
 
-def non_image_object(path):
-    """A minimal DICOM report (no image): what a study folder may hold beside its slices."""
+def non_image_object(path, sop_class="1.2.840.10008.5.1.4.1.1.88.33", modality="SR"):
+    """A minimal DICOM object without an image (by default a report, Comprehensive SR Storage): what a study folder
+    may hold beside its slices."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR Storage
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    report = Dataset()
-    report.file_meta = meta
-    report.SOPClassUID, report.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    report.Modality, report.SeriesInstanceUID = "SR", generate_uid()
-    report.save_as(path, enforce_file_format=True)
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    dataset.Modality, dataset.SeriesInstanceUID = modality, generate_uid()
+    dataset.save_as(path, enforce_file_format=True)
 
 
 def test_a_damaged_slice_file_is_named(tmp_path, caplog):
@@ -221,18 +222,7 @@ def test_dicom_seg_given_as_the_ct_is_named_as_such(tmp_path):
 
 def test_a_dicom_object_without_pixels_given_as_the_ct_is_named_as_such(tmp_path):
     """An RTSTRUCT has no image for GDCM to read at all (before: a traceback, or 'no DICOM series')."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"  # RT Structure Set Storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    rtstruct = Dataset()
-    rtstruct.file_meta = meta
-    rtstruct.SOPClassUID, rtstruct.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    rtstruct.Modality, rtstruct.SeriesInstanceUID = "RTSTRUCT", generate_uid()
-    rtstruct.save_as(tmp_path / "contours.dcm", enforce_file_format=True)
+    non_image_object(tmp_path / "contours.dcm", "1.2.840.10008.5.1.4.1.1.481.3", "RTSTRUCT")  # RT Structure Set
     for given in (tmp_path / "contours.dcm", tmp_path):
         with pytest.raises(InputError, match=r"contours.dcm is a structure set \(RTSTRUCT\), not a CT image"):
             read_volume(given)
