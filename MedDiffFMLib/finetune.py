@@ -343,9 +343,9 @@ def finetune(base: str, task: str, data, out_dir, settings, val_data=None, resum
                                  "new folder")
             earlier = run
         # A run recorded before the slice factor was stored is compared on what it recorded.
-        others = {key: value for key, value in run.items() if key != "base_sha256"}
-        if (earlier.get("base_sha256") != run["base_sha256"]
-                and {key: value for key, value in earlier.items() if key in others} == others):
+        same_otherwise = all(earlier[key] == value for key, value in run.items()
+                             if key != "base_sha256" and key in earlier)
+        if earlier.get("base_sha256") != run["base_sha256"] and same_otherwise:
             raise InputError(f"{out_dir} fine-tunes a base whose weights have changed since: {base} now has SHA-256 "
                              f"{run['base_sha256'][:12]}..., the run began on {str(earlier.get('base_sha256'))[:12]}"
                              "... A ControlNet fits only the exact base it was trained on: resume on that base, or "
