@@ -664,7 +664,7 @@ def _even_slices(folder: Path, files: Sequence[str], image: sitk.Image) -> sitk.
     Read with one spacing along the slice normal, a series places a slice wrongly when its gaps are uneven (mixed
     slice thicknesses, a missing slice) or when the slices are offset in-plane from one another (gantry tilt: the
     stack is sheared). Such a series is resampled onto an orthogonal grid of even slices (about the finest gap the
-    series repeats, fitted to its span), each slice shifted in-plane to its scanned position and interpolated
+    series repeats often, fitted to its span), each slice shifted in-plane to its scanned position and interpolated
     linearly between its neighbours. Voxels outside every scanned slice take the series' lowest value. Slices that
     share a position, or nearly (two acquisitions in one series), are refused.
     """
@@ -696,7 +696,9 @@ def _even_slices(folder: Path, files: Sequence[str], image: sitk.Image) -> sitk.
     # positions, e.g. 0.62 and 0.63 mm gaps for 0.625 mm slices, are even).
     even_grid = np.linspace(0.0, along[-1], len(along))
     uneven = np.abs(along - even_grid).max() > 0.1 * typical
-    sheared = np.abs(offsets[:, :2]).max() > 0.01 * spacing[:2].min()
+    # Sheared: a slice lies off the first one in-plane by a tenth of a pixel or more (positions stored to 0.01 mm along
+    # an oblique axis wobble by that much in-plane, and are not a tilt).
+    sheared = np.abs(offsets[:, :2]).max() > 0.1 * spacing[:2].min()
     if not (sheared or uneven):
         return image
     stack = sitk.GetArrayFromImage(image).astype(np.float32)  # (slice, row index along y, column index along x)
@@ -738,9 +740,10 @@ NEAR_SLICE_FRACTION = 0.1
 
 
 def _finest_repeated_gap(gaps: np.ndarray) -> float:
-    """The smallest slice gap that occurs at least twice (within 1 %), else the median gap."""
+    """The smallest slice gap (within 1 %) that makes up a fifth of the gaps or more, else the median gap: the short
+    gaps where a series changes slice thickness, once or a few times, do not set the grid."""
     for gap in np.sort(gaps):
-        if np.count_nonzero(np.abs(gaps - gap) <= 0.01 * gap) >= 2:
+        if np.count_nonzero(np.abs(gaps - gap) <= 0.01 * gap) >= max(2, 0.2 * len(gaps)):
             return float(gap)
     return float(np.median(gaps))
 

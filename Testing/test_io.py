@@ -90,6 +90,10 @@ def test_uneven_slices_are_resampled_to_where_they_were_scanned(tmp_path, caplog
     caplog.clear()  # positions rounded to 0.01 mm (0.62 and 0.63 mm gaps for 0.625 mm slices) are even too
     rounded = read_volume(dicom_series(tmp_path / "rounded", [0.0, 0.62, 1.25, 1.88, 2.5], [0.0] * 5))
     assert rounded.shape[0] == 5 and "uneven" not in caplog.text
+    caplog.clear()  # 4 mm slices, then 7 mm, then 4 mm again, with a short gap at each change: about 4 mm slices
+    z = np.cumsum([0.0, 4, 4, 4, 4, 1.1, 7, 7, 7, 7, 1.1, 4, 4, 4, 4])
+    changes = read_volume(dicom_series(tmp_path / "changes", z, [10 * v for v in z]))
+    assert changes.shape[0] == 17 and 3.8 < changes.spacing[2] < 4.0  # not 58 slices of 1.09 mm
     with pytest.raises(InputError, match="lie within 10% of the typical 3.00 mm gap of each other"):
         read_volume(dicom_series(tmp_path / "near", [0.0, 3.0, 3.01, 6.0, 9.0], [0.0] * 5))  # 0.01 mm: 300 slices
 
@@ -134,6 +138,29 @@ def test_a_tilted_series_is_read_onto_an_orthogonal_grid_where_it_was_scanned(tm
     covered = ndimage.binary_erosion(vol.array > vol.array.min(), iterations=1)
     assert covered.mean() > 0.5
     np.testing.assert_allclose(vol.array[covered], (world[..., 1] + world[..., 2])[covered], atol=0.6)
+
+
+def test_an_oblique_series_with_positions_rounded_to_a_hundredth_is_read_as_it_is(tmp_path, caplog):
+    """Positions stored to 0.01 mm along an oblique slice axis wobble in-plane by that much: that is no gantry tilt
+    (it was taken for one, and every slice resampled)."""
+    from pydicom import dcmread
+
+    row = np.array([0.9659258, 0.258819, 0.0])
+    col = np.array([-0.2511, 0.9372, -0.2419])
+    col /= np.linalg.norm(col)
+    normal = np.cross(row, col)
+    folder = tmp_path / "oblique"
+    folder.mkdir()
+    for index in range(12):
+        ds = dcmread(sorted(ABDOMEN_DICOM.iterdir())[index])
+        ds.ImageOrientationPatient = [round(float(v), 6) for v in (*row, *col)]
+        ds.ImagePositionPatient = [round(float(v), 2) for v in np.array([-120.0, -90.0, 30.0]) + index * 0.625 * normal]
+        ds.PixelSpacing = [0.48828, 0.48828]
+        ds.save_as(folder / f"s{index:02d}.dcm")
+    vol = read_volume(folder)
+    assert vol.shape[0] == 12 and "sheared" not in caplog.text and "uneven" not in caplog.text
+    np.testing.assert_array_equal(vol.array, sitk.GetArrayFromImage(sitk.ReadImage(
+        sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))).astype(np.float32))
 
 
 def test_series_with_shared_positions_or_two_equal_series_are_refused(tmp_path, caplog):
