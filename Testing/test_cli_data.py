@@ -169,6 +169,14 @@ def test_preprocess_writes_window_anatomy_mask_sidecar_preview(limb, tmp_path, c
     assert sidecar["region"] == "chest" and sidecar["window_hu"] == [-1400.0, 400.0]
 
 
+def test_preprocess_records_the_readers_warnings_in_its_sidecar(tmp_path, caplog):
+    out = tmp_path / "head.nii.gz"
+    assert main(["preprocess", str(HEAD_TILTED_DICOM), "-o", str(out), "--spacing", "4"]) == 0
+    recorded = json.loads((tmp_path / "head.json").read_text())["warnings"]
+    assert any("sheared (gantry tilt" in w for w in recorded) and any("resampled onto 38" in w for w in recorded)
+    assert "sheared (gantry tilt" in caplog.text  # and logged as they come
+
+
 def test_preprocess_into_a_folder_is_refused_like_every_task(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for out in (".", str(tmp_path)):  # its extra outputs are named after the file: there was none (a traceback)

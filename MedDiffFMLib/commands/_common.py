@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, List, Optional
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,32 @@ def progress_reporter(mode: str) -> Callable[[int, int], None]:
 def training_progress(mode: str) -> Optional[Callable[[int, int], None]]:
     """The progress callback of a training command; None keeps training's own bar, which also shows the loss."""
     return None if mode == "tqdm" else progress_reporter(mode)
+
+
+@contextlib.contextmanager
+def reader_warnings(log_them: bool) -> Iterator[List[str]]:
+    """Collect the warnings that reading a CT logs (e.g. gantry tilt, uneven DICOM slices) for a report. With
+    `log_them` False they are not logged as well (the report shows each once), unless reading fails: there is no
+    report then, so they are logged as they came."""
+    reader_log = logging.getLogger("MedDiffFMLib.io")
+    collected: List[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: collected.append(record.getMessage())
+    reader_log.addHandler(handler)
+    propagate = reader_log.propagate
+    reader_log.propagate = propagate and log_them
+    try:
+        yield collected
+    except BaseException:
+        if not log_them:
+            reader_log.removeHandler(handler)
+            reader_log.propagate = propagate
+            for message in collected:
+                reader_log.warning(message)
+        raise
+    finally:
+        reader_log.removeHandler(handler)
+        reader_log.propagate = propagate
 
 
 def check_outputs(args: argparse.Namespace, inputs, volumes=(), others=()) -> None:

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict
 
 import numpy as np
+
+from . import _common
 
 NAME = "info"
 HELP = ("Describe a CT (file or DICOM folder): geometry, HU range, input checks, guessed body region with "
@@ -25,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..io import read_volume
 
-    with _reader_warnings() as read_warnings:  # e.g. gantry tilt, uneven DICOM slices: the report lists them
+    # e.g. gantry tilt, uneven DICOM slices: the report lists them, once
+    with _common.reader_warnings(log_them=False) as read_warnings:
         vol = read_volume(args.input)
     try:
         report = describe(vol, args.input, args.mask)
@@ -37,28 +38,6 @@ def run(args: argparse.Namespace) -> int:
     report["warnings"] = read_warnings + report["warnings"]
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
-
-
-@contextlib.contextmanager
-def _reader_warnings() -> Iterator[List[str]]:
-    """Collect the warnings that reading the CT logs, instead of logging them (the report shows each once)."""
-    reader_log = logging.getLogger("MedDiffFMLib.io")
-    collected: List[str] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: collected.append(record.getMessage())
-    reader_log.addHandler(handler)
-    propagate, reader_log.propagate = reader_log.propagate, False
-    try:
-        yield collected
-    except BaseException:  # reading failed: there is no report, so the warnings are logged as they came
-        reader_log.removeHandler(handler)
-        reader_log.propagate = propagate
-        for message in collected:
-            reader_log.warning(message)
-        raise
-    finally:
-        reader_log.removeHandler(handler)
-        reader_log.propagate = propagate
 
 
 def geometry(vol, path: Path) -> Dict[str, Any]:

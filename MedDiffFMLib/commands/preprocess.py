@@ -63,9 +63,10 @@ def run(args: argparse.Namespace) -> int:
     _common.check_outputs(args, inputs, volumes=[outputs["image"], outputs["anatomy"], outputs.get("mask")],
                           others=[outputs["sidecar"], outputs["preview"]])
 
-    vol = read_volume(args.input)
+    with _common.reader_warnings(log_them=True) as warnings:  # the sidecar records them too
+        vol = read_volume(args.input)
     _common.check_output_grids(vol, outputs["image"], outputs["anatomy"], outputs.get("mask"))
-    check_ct(vol)
+    warnings += check_ct(vol)
     mask = read_mask(args.mask, like=vol) if args.mask is not None else None
     user_labels = (read_mask(args.anatomy_labels, like=vol, what="anatomy label map")
                    if args.anatomy_labels is not None else None)
@@ -99,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         "spacing_mm": list(resampled.spacing), "anatomy_source": source,
         "original_grid": {"size_xyz": list(reversed(vol.shape)), "spacing_mm": list(vol.spacing),
                           "origin_mm": list(vol.origin), "direction": list(vol.direction)},
+        "warnings": warnings,
     }
     with atomic_path(outputs["sidecar"]) as tmp:
         tmp.write_text(json.dumps(sidecar, indent=2))
