@@ -670,25 +670,32 @@ def _even_slices(folder: Path, files: Sequence[str], image: sitk.Image) -> sitk.
     """
     if len(files) < 2 or image.GetDimension() != 3:
         return image
-    positions = []
+    positions, orientations = [], []
     for name in files:
         header = sitk.ImageFileReader()
         header.SetFileName(name)
         header.ReadImageInformation()
-        if not header.HasMetaDataKey("0020|0032"):
+        if not header.HasMetaDataKey("0020|0032") or not header.HasMetaDataKey("0020|0037"):
             return image
         positions.append([float(v) for v in header.GetMetaData("0020|0032").split("\\")])
+        orientations.append([float(v) for v in header.GetMetaData("0020|0037").split("\\")])
+    turned = np.abs(np.asarray(orientations) - orientations[0]).max(axis=1)
+    if turned.max() > 1e-3:  # one stack holds one plane orientation; a turn mid-series cannot be read as one
+        raise InputError(
+            f"the slices of the DICOM series in {folder} are not all oriented alike (e.g. "
+            f"{Path(files[int(turned.argmax())]).name} differs from {Path(files[0]).name}: a change of gantry tilt "
+            "or a reformat within the series). Give a folder per orientation")
     axes = np.asarray(image.GetDirection()).reshape(3, 3)  # columns: row, column and slice-normal directions
     spacing = np.asarray(image.GetSpacing())
     offsets = (np.asarray(positions) - positions[0]) @ axes  # each slice's offset from the first (mm, x y z)
     along, gaps = offsets[:, 2], np.diff(offsets[:, 2])
     typical = float(np.median(np.abs(gaps)))
-    if np.abs(gaps).min() < NEAR_SLICE_FRACTION * typical or not (np.all(gaps > 0) or np.all(gaps < 0)):
+    if np.abs(gaps).min() < SAME_SLICE_FRACTION * typical or not (np.all(gaps > 0) or np.all(gaps < 0)):
         order = np.sort(along + float(np.asarray(positions[0]) @ axes[:, 2]))
-        close = order[1:][np.diff(order) < NEAR_SLICE_FRACTION * typical]
+        close = order[1:][np.diff(order) < SAME_SLICE_FRACTION * typical]
         where = f", e.g. at {close[0]:.2f} mm along the slice axis" if close.size else ""
         raise InputError(
-            f"slices of the DICOM series in {folder} share positions (or lie within {NEAR_SLICE_FRACTION:.0%} of the "
+            f"slices of the DICOM series in {folder} share positions (or lie within {SAME_SLICE_FRACTION:.0%} of the "
             f"typical {typical:.2f} mm gap of each other) or are out of order{where}: the series holds repeated or "
             "overlapping acquisitions. Put the files of one acquisition into a folder of their own and give that "
             "folder")
@@ -717,7 +724,10 @@ def _even_slices(folder: Path, files: Sequence[str], image: sitk.Image) -> sitk.
     # transition gap between two slice thicknesses does not set it).
     count = len(along)
     if uneven:
-        count = int(np.ceil(along[-1] / _finest_repeated_gap(np.abs(gaps)) - 1e-6)) + 1
+        steps = along[-1] / _finest_repeated_gap(np.abs(gaps))
+        # The span is a whole number of those gaps up to rounding (then each slice of that spacing stays where it
+        # was scanned); else one step more, so that no gap of the grid is wider than the chosen one.
+        count = int(round(steps) if abs(steps - round(steps)) < 0.25 else np.ceil(steps)) + 1
     step = float(along[-1] / (count - 1))
     target = np.arange(count) * step
     above = np.clip(np.searchsorted(along, target, side="right"), 1, len(along) - 1)
@@ -735,16 +745,19 @@ def _even_slices(folder: Path, files: Sequence[str], image: sitk.Image) -> sitk.
     return regular
 
 
-#: Two slices closer than this fraction of the series' typical gap are one position scanned twice.
-NEAR_SLICE_FRACTION = 0.1
+#: Two slices closer than this fraction of the series' typical gap are one position scanned twice (the short gap
+#: where a series changes slice thickness is larger).
+SAME_SLICE_FRACTION = 0.02
 
 
 def _finest_repeated_gap(gaps: np.ndarray) -> float:
-    """The smallest slice gap (within 1 %) that makes up a fifth of the gaps or more, else the median gap: the short
-    gaps where a series changes slice thickness, once or a few times, do not set the grid."""
+    """The typical value of the finest group of like slice gaps (within 1 %, or 0.02 mm for positions stored to two
+    decimals) that makes up a fifth of the gaps or more, else the median gap: the short gaps where a series changes
+    slice thickness, once or a few times, do not set the grid."""
     for gap in np.sort(gaps):
-        if np.count_nonzero(np.abs(gaps - gap) <= 0.01 * gap) >= max(2, 0.2 * len(gaps)):
-            return float(gap)
+        alike = gaps[np.abs(gaps - gap) <= max(0.01 * gap, 0.02)]
+        if len(alike) >= max(2, 0.2 * len(gaps)):
+            return float(np.median(alike))
     return float(np.median(gaps))
 
 

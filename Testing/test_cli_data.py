@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import (ABDOMEN_DICOM, ABDOMEN_NII, CHEST_NODULE_NRRD, CHEST_NRRD, CT_DATA, HEAD_TILTED_DICOM,
-                      LIMB_MASK_NII, LIMB_NII, REPO, grid_centre)
+                      LIMB_MASK_NII, LIMB_NII, REPO, THREE_SLICE_DICOM, grid_centre)
 from MedDiffFMLib.cli import main
 from MedDiffFMLib.errors import InputError
 from MedDiffFMLib.io import Volume, read_volume, write_volume
@@ -126,7 +126,7 @@ def test_info_json_on_real_case(capsys):
     assert set(report["anatomy_ml"]) == {"air/lung", "fat", "soft tissue", "bone"}
 
 
-def test_info_states_each_warning_once(capsys, caplog):
+def test_info_states_each_warning_once(capsys, caplog, tmp_path):
     assert main(["info", str(CHEST_NRRD)]) == 0
     printed = capsys.readouterr()
     assert (printed.out + printed.err + caplog.text).count("is anisotropic (ratio 8.8)") == 1
@@ -134,8 +134,18 @@ def test_info_states_each_warning_once(capsys, caplog):
     assert main(["info", "--json", str(HEAD_TILTED_DICOM)]) == 0
     printed = capsys.readouterr()
     warnings = json.loads(printed.out)["warnings"]
-    assert any("sheared (gantry tilt" in w for w in warnings) and any("resampled onto 38" in w for w in warnings)
+    assert any("sheared (gantry tilt" in w for w in warnings) and any("resampled onto 37" in w for w in warnings)
     assert "gantry tilt" not in printed.err + caplog.text
+    # Messages below warnings still come as ever (which series of a folder was read, for one).
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for source in (ABDOMEN_DICOM, THREE_SLICE_DICOM):
+        for f in sorted(source.iterdir())[:10]:
+            (folder / f"{source.name}-{f.name}").write_bytes(f.read_bytes())
+    caplog.clear()
+    caplog.set_level("INFO", logger="MedDiffFMLib.io")
+    assert main(["info", str(folder)]) == 0  # 10 abdomen slices, 3 of the other series
+    assert "holds 2 DICOM series; reading the largest" in caplog.text
 
 
 def test_preprocess_writes_window_anatomy_mask_sidecar_preview(limb, tmp_path, capsys):
@@ -173,7 +183,7 @@ def test_preprocess_records_the_readers_warnings_in_its_sidecar(tmp_path, caplog
     out = tmp_path / "head.nii.gz"
     assert main(["preprocess", str(HEAD_TILTED_DICOM), "-o", str(out), "--spacing", "4"]) == 0
     recorded = json.loads((tmp_path / "head.json").read_text())["warnings"]
-    assert any("sheared (gantry tilt" in w for w in recorded) and any("resampled onto 38" in w for w in recorded)
+    assert any("sheared (gantry tilt" in w for w in recorded) and any("resampled onto 37" in w for w in recorded)
     assert "sheared (gantry tilt" in caplog.text  # and logged as they come
 
 

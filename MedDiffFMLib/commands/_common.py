@@ -156,26 +156,27 @@ def training_progress(mode: str) -> Optional[Callable[[int, int], None]]:
 def reader_warnings(log_them: bool) -> Iterator[List[str]]:
     """Collect the warnings that reading a CT logs (e.g. gantry tilt, uneven DICOM slices) for a report. With
     `log_them` False they are not logged as well (the report shows each once), unless reading fails: there is no
-    report then, so they are logged as they came."""
+    report then, so they are logged as they came. Messages below warnings are logged as ever."""
     reader_log = logging.getLogger("MedDiffFMLib.io")
     collected: List[str] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: collected.append(record.getMessage())
-    reader_log.addHandler(handler)
-    propagate = reader_log.propagate
-    reader_log.propagate = propagate and log_them
+
+    def collect(record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        collected.append(record.getMessage())
+        return log_them
+
+    reader_log.addFilter(collect)
     try:
         yield collected
     except BaseException:
+        reader_log.removeFilter(collect)
         if not log_them:
-            reader_log.removeHandler(handler)
-            reader_log.propagate = propagate
             for message in collected:
                 reader_log.warning(message)
         raise
     finally:
-        reader_log.removeHandler(handler)
-        reader_log.propagate = propagate
+        reader_log.removeFilter(collect)
 
 
 def check_outputs(args: argparse.Namespace, inputs, volumes=(), others=()) -> None:
