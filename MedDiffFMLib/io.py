@@ -412,6 +412,8 @@ def _check_nifti_geometry(path: Path, image: sitk.Image) -> None:
     The result would be written with ITK's reading: misplaced for every tool that reads the header otherwise."""
     import nibabel
 
+    if image.GetDimension() != 3:
+        return  # 2D and 4D images are refused later, with their own message
     try:
         with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as stream:
             # As stored: nibabel.load() would make a zero pixdim 1. NIfTI-2 and other headers: ITK decides.
@@ -423,8 +425,6 @@ def _check_nifti_geometry(path: Path, image: sitk.Image) -> None:
             forms["sform"] = header.get_sform()
     except Exception:  # damage is `_check_nifti_complete`'s to report
         return
-    if image.GetDimension() != 3:
-        return  # 2D and 4D images are refused later, with their own message
     stored_pixdim = header["pixdim"][1:4]
     size = np.asarray(image.GetSize())
     if "sform" not in forms and np.any(np.asarray(stored_pixdim) == 0):  # ITK and nibabel read a zero as 1 mm

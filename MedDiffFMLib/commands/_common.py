@@ -167,16 +167,15 @@ def reader_warnings(log_them: bool) -> Iterator[List[str]]:
         return log_them
 
     reader_log.addFilter(collect)
+    failed = True
     try:
         yield collected
-    except BaseException:
-        reader_log.removeFilter(collect)
-        if not log_them:
-            for message in collected:
-                reader_log.warning(message)
-        raise
+        failed = False
     finally:
         reader_log.removeFilter(collect)
+        if failed and not log_them:
+            for message in collected:
+                reader_log.warning(message)
 
 
 def check_outputs(args: argparse.Namespace, inputs, volumes=(), others=()) -> None:
