@@ -23,6 +23,7 @@ import numpy as np
 from .errors import InputError, ResourceError
 from .io import Volume, as_label_array, has_perpendicular_axes, read_mask, read_volume, write_volume
 from .orientation import AxisOrder
+from .smoothing import gaussian_filter
 from .validation import check_mask
 
 log = logging.getLogger(__name__)
@@ -107,10 +108,8 @@ def decode_anatomy(channels: np.ndarray, spec: AnatomySpec) -> np.ndarray:
 
 
 def _smoothed_hu(vol: Volume) -> np.ndarray:
-    from scipy import ndimage
-
     sigma = [SMOOTHING_MM / s for s in vol.spacing_zyx]
-    return ndimage.gaussian_filter(vol.array.astype(np.float32), sigma=sigma, truncate=2.0)
+    return gaussian_filter(vol.array, sigma=sigma, truncate=2.0, output=np.float32)
 
 
 def body_mask(vol: Volume, smoothed: Optional[np.ndarray] = None) -> np.ndarray:

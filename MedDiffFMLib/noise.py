@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import InputError
 from .io import Volume
+from .smoothing import gaussian_filter
 
 #: Soft-tissue HU range (on the lightly smoothed image) where the local standard deviation is measured.
 TISSUE_HU = (0.0, 100.0)
@@ -60,11 +61,9 @@ class NoiseEstimate:
 
 def estimate_noise(vol: Volume) -> NoiseEstimate:
     """Estimate the noise std of a CT in HU (see module docstring); refuses images without soft tissue."""
-    from scipy import ndimage
-
     image = vol.array.astype(np.float32)
     dz, dy, dx = vol.spacing_zyx
-    smoothed = ndimage.gaussian_filter(image, sigma=(0.0, SMOOTHING_MM / dy, SMOOTHING_MM / dx))
+    smoothed = gaussian_filter(image, sigma=(0.0, SMOOTHING_MM / dy, SMOOTHING_MM / dx))
     tissue = (smoothed >= TISSUE_HU[0]) & (smoothed <= TISSUE_HU[1])
     box = (1, _box_voxels(dy), _box_voxels(dx))
     local_std = _local_std(image, box)

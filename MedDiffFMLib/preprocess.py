@@ -32,6 +32,11 @@ def window_to_unit(hu, window: Window):
     low, high = as_window(window)
     width = high - low
     clipped = hu.clip(low, high) if hasattr(hu, "clip") else min(max(hu, low), high)
+    if isinstance(clipped, np.ndarray) and clipped.dtype.kind == "f":  # a new array: a whole CT is 300 MB a copy
+        clipped -= low
+        clipped *= 2.0 / width
+        clipped -= 1.0
+        return clipped
     return (clipped - low) * (2.0 / width) - 1.0
 
 

@@ -192,8 +192,18 @@ class SlidingWindowSampler:
         needed = torch.as_tensor(needed)
         if tuple(needed.shape) != self.shape:
             raise ValueError(f"the mask of needed voxels has shape {tuple(needed.shape)}, the grid is {self.shape}")
-        padded = mirror_pad((needed != 0).to(torch.uint8)[None, None], self.padded_shape)
-        return [j for j, start in enumerate(self.starts) if bool(padded[self._box(start)].any())]
+        needed = needed if needed.dtype == torch.bool else needed != 0
+        padded = mirror_pad(needed[None, None], self.padded_shape)[0, 0]
+        # A box holds a needed voxel when its slab of slices does, within that its rows, within those its columns:
+        # reduced once per start on each axis instead of once per window (a 512 x 512 x 300 CT has 5,733 windows).
+        w = self.window
+        z_starts, y_starts = (sorted({start[axis] for start in self.starts}) for axis in (0, 1))
+        rows = {}
+        for z in z_starts:
+            plane = padded[z:z + w].any(dim=0)
+            for y in y_starts:
+                rows[z, y] = plane[y:y + w].any(dim=0)
+        return [j for j, (z, y, x) in enumerate(self.starts) if bool(rows[z, y][x:x + w].any())]
 
     def eps(self, x_t: torch.Tensor, t: int, windows: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Full-volume noise estimate (1, 1, *shape), float32: the weighted mean over the windows covering a voxel.
@@ -210,8 +220,9 @@ class SlidingWindowSampler:
             eps = self._evaluate(x_pad, t, batch)
             if eps is None:  # out of memory: batch_size was halved, try again
                 continue
+            eps = eps * self._weights  # once for the batch: one kernel per window fewer when adding them in
             for k, j in enumerate(batch):
-                total[self._box(self.starts[j])] += eps[k] * self._weights
+                total[self._box(self.starts[j])] += eps[k]
             i += len(batch)
         coverage = self._coverage(windows)
         return torch.where(coverage > 0, total / coverage.clamp_min(WINDOW_WEIGHT_FLOOR ** 3), 0.0)[

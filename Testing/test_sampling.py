@@ -277,6 +277,34 @@ def test_condition_is_the_same_however_it_is_stored(monkeypatch):
     assert torch.equal(volume, windows) and torch.equal(on_demand, windows)
 
 
+def test_active_windows_are_the_windows_whose_box_holds_a_needed_voxel(prior):
+    """The per-axis reduction picks exactly the windows a box-by-box search picks: random sparse masks, a grid whose
+    last windows sit flush with the end (uneven steps), and an axis shorter than the window (mirror padding)."""
+    from MedDiffFMLib.sampling import mirror_pad
+
+    rng = np.random.default_rng(3)
+    partial = 0
+    for shape in [(10, 48, 40), (37, 29, 53)]:
+        sampler = make_sampler(prior, 16, shape=shape, overlap=0.3)
+
+        def check(needed):
+            padded = mirror_pad(torch.as_tensor(needed)[None, None], sampler.padded_shape)
+            expected = [j for j, start in enumerate(sampler.starts) if bool(padded[sampler._box(start)].any())]
+            assert sampler.active_windows(needed) == expected
+            assert (expected == []) == (not needed.any())
+            return expected
+
+        for density in (0.0, 1e-4, 1e-3, 1e-2):
+            expected = check(rng.random(shape) < density)
+            partial += 0 < len(expected) < sampler.num_windows
+        for axis in range(3):  # one voxel at every index along each axis: the boxes' first and last voxels
+            for i in range(shape[axis]):
+                needed = np.zeros(shape, bool)
+                needed[tuple(i if a == axis else shape[a] // 3 for a in range(3))] = True
+                check(needed)
+    assert partial >= 3
+
+
 def test_skipped_windows_leave_every_needed_voxel_its_full_window_average(prior):
     """Evaluating only the windows that hold a needed voxel: with a model whose answer depends on the window,
     every needed voxel gets exactly the all-window average (so no window that holds it was skipped), voxels no

@@ -15,21 +15,20 @@
 # Back here: cat run.tar.part-* | tar xf - in a run folder, then `train --resume` continues it.
 set -u
 START=$(date +%s)
-NET_UNTIL=${NET_UNTIL:-150}; BENCH_UNTIL=${BENCH_UNTIL:-565}; TRAIN_UNTIL=${TRAIN_UNTIL:-0}
+NET_UNTIL=${NET_UNTIL:-60}; BENCH_UNTIL=${BENCH_UNTIL:-570}; TRAIN_UNTIL=${TRAIN_UNTIL:-0}
 # Sessions 9 and 10 (H100) measured the tables in benchmarks/README.md (16,32,64 compiled: 5,380 windows/s). Left
 # open: whether more channels at full resolution cost time at all once compiled (halving them to 8 saved only
-# 2 %, as if the 16-channel convolutions left the tensor cores idle), i.e. whether a larger model for the
-# quality target would be nearly free.
-NET_SETS=${NET_SETS-"--channels 32,32,64 32,64,128 --options compile --batch 512 --iters 10"}
+# 2 %), i.e. whether a larger model for the quality target would be nearly free.
+NET_SETS=${NET_SETS-"--channels 32,32,64 --options compile --batch 512 --iters 10"}
 # Denoising a real 512 x 512 CT (CRLM-CT-1004 mirror-padded to 300 slices; the windows wholly in air are
-# skipped), NFE 100 for real (a fixed 80 HU noise level puts t_start above 100), compiled, 32^3 windows at the
-# default overlap 0.25, window batch 512. Left open by session 10: the same run again, whose kernels the second
-# process finds in torch's on-disk compile cache (a user's second run); then, if time is left (each run takes
-# about 130 s of wall time), with cuDNN's algorithm search, which session 9 had on for its compiled run
-# (0.686 s/step against 0.734 without).
-M="--model .gpu/model/ema.safetensors --device cuda --size 512 512 300 --precision bf16"
-R="$M --input .gpu/crlm.npz --threads 16 --nfe 100 --noise-level 80 --compile --overlap 0.25 --window-batch 512"
-BENCH_SETS=${BENCH_SETS-"$R;$R;$R --cudnn-benchmark"}
+# skipped), NFE 100 for real (a fixed 80 HU noise level puts t_start above 100), compiled, bf16, 32^3 windows.
+# Session 14 sets: overlap 0.125 (session 10: the same PSNR as 0.25 within 0.07 dB, 1.44x fewer windows), cold
+# and then warm (the kernels from torch's on-disk compile cache: a user's second run); the user's everyday denoise
+# (noise estimated, NFE 3, eager); the default overlap 0.25 (session 10: 104.2 s, before the threaded set-up); 48^3
+# windows overlapping by 4 voxels.
+M="--model .gpu/model/ema.safetensors --device cuda --size 512 512 300 --precision bf16 --input .gpu/crlm.npz --threads 16"
+R="$M --nfe 100 --noise-level 80 --compile --window-batch 512"
+BENCH_SETS=${BENCH_SETS-"$R --overlap 0.125;$R --overlap 0.125;$M --nfe 3 --estimate-noise --overlap 0.25 --window-batch 256;$R --overlap 0.25;$R --window-size 48 --overlap 0.0833 --window-batch 152"}
 TRAIN_ARGS=${TRAIN_ARGS:---batch-size 32 --num-workers 14 --channels-last --low-noise-fraction 0.7 --low-noise-max-t 60}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 elapsed() { echo $(( $(date +%s) - START )); }

@@ -26,6 +26,7 @@ from ..errors import InputError
 from ..io import Volume
 from ..orientation import in_patient_axes
 from ..preprocess import unit_to_hu, window_to_unit
+from ..smoothing import gaussian_filter
 from ..validation import check_ct, check_mask
 from . import common
 
@@ -142,12 +143,10 @@ def detect_anomalies(volume: Volume, model: torch.nn.Module, mask: Optional[Volu
 def smooth_inside(values: np.ndarray, inside: np.ndarray, spacing_zyx, sigma_mm: float) -> np.ndarray:
     """Gaussian smoothing (sigma in mm) normalised by the smoothed region, so the region's border is not
     diluted by the zeros outside; zero outside the region."""
-    from scipy import ndimage
-
     weights = inside.astype(np.float32)
     if sigma_mm > 0:
         sigma = [sigma_mm / s for s in spacing_zyx]
-        num = ndimage.gaussian_filter(values * weights, sigma=sigma)
-        den = ndimage.gaussian_filter(weights, sigma=sigma)
+        num = gaussian_filter(values * weights, sigma=sigma)
+        den = gaussian_filter(weights, sigma=sigma)
         values = num / np.maximum(den, 1e-6)
     return np.where(inside, values, 0.0)

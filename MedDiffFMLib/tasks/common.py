@@ -21,6 +21,7 @@ from ..errors import InputError, ResourceError
 from ..io import Volume
 from ..network import check_loaded, controlnet_task
 from ..sampling import SlidingWindowSampler
+from ..smoothing import gaussian_filter
 from ..validation import MAX_SEED
 
 log = logging.getLogger(__name__)
@@ -208,11 +209,9 @@ def window_weight(original: np.ndarray, window: Sequence[float]) -> np.ndarray:
     """Weight of a result made in `window` (denoised, super-resolved): 1 inside, 0 outside, linear over
     a margin inside the window edges. Decided on a lightly smoothed original, so noise does not make it
     flicker."""
-    from scipy import ndimage
-
     lo, hi = window
     margin = EDGE_BLEND_FRACTION * (hi - lo)
-    smoothed = ndimage.gaussian_filter(original, sigma=(0.0, 1.0, 1.0), output=np.float32)
+    smoothed = gaussian_filter(original, sigma=(0.0, 1.0, 1.0), output=np.float32)
     # In place from here: a whole CT is 300 MB per float32 copy.
     above_lo = smoothed - np.float32(lo)
     inside = np.minimum(above_lo, np.subtract(np.float32(hi), smoothed, out=smoothed), out=above_lo)
