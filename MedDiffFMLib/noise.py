@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import InputError
 from .io import Volume
-from .smoothing import gaussian_filter
+from .smoothing import gaussian_filter, uniform_filter
 
 #: Soft-tissue HU range (on the lightly smoothed image) where the local standard deviation is measured.
 TISSUE_HU = (0.0, 100.0)
@@ -105,13 +105,12 @@ def _block_map(local_std: np.ndarray, tissue: np.ndarray, block, profile: np.nda
     ny, nx = -(-height // by), -(-width // bx)
     needed = max(MIN_BLOCK_VOXELS, int(MIN_BLOCK_TISSUE * by * bx))
     modes = np.repeat(profile[:, None, None], ny * nx, axis=1).reshape(depth, ny, nx)
-    for z in range(depth):
-        for iy in range(ny):
-            for ix in range(nx):
-                cell = (z, slice(iy * by, (iy + 1) * by), slice(ix * bx, (ix + 1) * bx))
-                values = local_std[cell][tissue[cell]]
-                if values.size >= needed:
-                    modes[z, iy, ix] = _histogram_mode(values)
+    # Tissue voxels of every cell at once; only the cells with enough of them are visited (a few percent of a CT's).
+    padded = np.pad(tissue, ((0, 0), (0, ny * by - height), (0, nx * bx - width)))
+    counts = np.count_nonzero(padded.reshape(depth, ny, by, nx, bx), axis=(2, 4))
+    for z, iy, ix in zip(*np.nonzero(counts >= needed)):
+        cell = (z, slice(iy * by, (iy + 1) * by), slice(ix * bx, (ix + 1) * bx))
+        modes[z, iy, ix] = _histogram_mode(local_std[cell][tissue[cell]])
     modes = ndimage.median_filter(modes, size=(min(PROFILE_SMOOTHING_SLICES, depth), 1, 1), mode="nearest")
     # Separable linear interpolation as two small matrix products: what ndimage.zoom(order=1, grid_mode=True,
     # mode="nearest") computes, 20x faster on a 512 x 512 x 300 CT.
@@ -138,12 +137,10 @@ def _local_std(image: np.ndarray, box) -> np.ndarray:
 
     float32, on the image shifted to the middle of the tissue range: where the estimate looks (soft tissue),
     the box mean is then small and E[x^2] - E[x]^2 keeps its precision; float64 took twice as long."""
-    from scipy import ndimage
-
     n = float(np.prod(box))
     centred = image.astype(np.float32) - np.float32(sum(TISSUE_HU) / 2.0)
-    mean = ndimage.uniform_filter(centred, size=box)
-    mean_sq = ndimage.uniform_filter(np.square(centred, out=centred), size=box)
+    mean = uniform_filter(centred, size=box)
+    mean_sq = uniform_filter(np.square(centred, out=centred), size=box)
     variance = np.clip(mean_sq - np.square(mean, out=mean), 0.0, None, out=mean_sq)
     return np.sqrt(variance * np.float32(n / (n - 1.0)), out=variance)
 

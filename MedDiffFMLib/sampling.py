@@ -129,7 +129,10 @@ class SlidingWindowSampler:
     is built once when it fits in `volume_condition_bytes` (0: never), else each window's is rebuilt.
     `fixed_batch`: every network call gets exactly `batch_size` windows (a shorter last batch is padded with
     copies of its first window, whose results are dropped), for networks compiled for one shape. The batch is
-    then balanced over the grid (never more than its windows), so little work is padding.
+    then balanced over the first set of windows evaluated (never more than its windows), so little work is
+    padding: a task evaluates the same set at every step, and on a real CT that set (the windows holding voxels to
+    denoise) is about half the grid. Balanced over the whole grid instead, a 512 x 512 x 300 CT's 2,138 windows
+    went to the network as 2,485.
     """
 
     def __init__(self, model_fn: ModelFn, cond: VolumeCondition, schedule: Schedule, window: int,
@@ -149,8 +152,8 @@ class SlidingWindowSampler:
         self.shape = tuple(cond.shape)
         self.padded_shape = tuple(max(n, self.window) for n in self.shape)
         self.starts = window_grid(self.shape, self.window, overlap)
-        if fixed_batch:
-            self.batch_size = math.ceil(len(self.starts) / math.ceil(len(self.starts) / self.batch_size))
+        self._boxes = [self._box(start) for start in self.starts]  # indexed several times a window and step
+        self._batch_balanced = not fixed_batch
         self._region = torch.tensor(cond.region, dtype=torch.long, device=self.device)
         self._crop = tuple(slice(pad_before(n, p), pad_before(n, p) + n) for n, p in zip(self.shape, self.padded_shape))
         self._weights = window_weights(self.window).to(self.device)
@@ -212,6 +215,9 @@ class SlidingWindowSampler:
         (no estimate; `predict_x0` gives them the task's fallback).
         """
         windows = list(range(len(self.starts))) if windows is None else [int(j) for j in windows]
+        if not self._batch_balanced and windows:
+            self.batch_size = math.ceil(len(windows) / math.ceil(len(windows) / self.batch_size))
+            self._batch_balanced = True
         x_pad = mirror_pad(x_t.to(self.device, torch.float32), self.padded_shape)
         total = torch.zeros_like(x_pad)
         i = 0
@@ -222,7 +228,7 @@ class SlidingWindowSampler:
                 continue
             eps = eps * self._weights  # once for the batch: one kernel per window fewer when adding them in
             for k, j in enumerate(batch):
-                total[self._box(self.starts[j])] += eps[k]
+                total[self._boxes[j]] += eps[k]
             i += len(batch)
         coverage = self._coverage(windows)
         return torch.where(coverage > 0, total / coverage.clamp_min(WINDOW_WEIGHT_FLOOR ** 3), 0.0)[
@@ -234,7 +240,7 @@ class SlidingWindowSampler:
         if self._coverage_of is None or self._coverage_of[0] != key:
             weight_sum = torch.zeros((1, 1) + self.padded_shape, device=self.device)
             for j in windows:
-                weight_sum[self._box(self.starts[j])] += self._weights
+                weight_sum[self._boxes[j]] += self._weights
             self._coverage_of = (key, weight_sum)
         return self._coverage_of[1]
 
@@ -246,11 +252,11 @@ class SlidingWindowSampler:
         n = len(batch)
         if self.fixed_batch:
             batch = batch + batch[:1] * (self.batch_size - n)
-        x = torch.stack([x_pad[self._box(self.starts[j])] for j in batch])
+        x = torch.stack([x_pad[self._boxes[j]] for j in batch])
         if self._cond_cache is not None:
             cond = torch.stack([self._cond_cache[j] for j in batch])
         elif self._cond_volume is not None:
-            cond = torch.stack([self._cond_volume[self._box(self.starts[j])[1:]] for j in batch])
+            cond = torch.stack([self._cond_volume[self._boxes[j][1:]] for j in batch])
         else:
             cond = torch.stack([self._condition(self.starts[j]) for j in batch])
         t_batch = torch.full((len(batch),), int(t), dtype=torch.long, device=self.device)

@@ -240,6 +240,26 @@ def test_cli_compares_several_models(tmp_path, capsys):
     assert "MedDiffFM run/ema" in capsys.readouterr().out
 
 
+def test_cli_passes_the_window_options_to_meddifffm(tmp_path, monkeypatch):
+    """--overlap and --window-size reach MedDiffFM's denoising (e.g. to score a cheaper tiling); unset, the task's
+    own defaults apply."""
+    from MedDiffFMLib import evaluate as harness
+
+    given = []
+
+    def recording(model, **options):
+        given.append(options)
+        return lambda vol, sigma: vol
+
+    monkeypatch.setattr(harness, "meddifffm_method", recording)
+    common = ["evaluate", "denoise", str(CHEST_NRRD), "--slices", "2", "--context-slices", "0", "--crop", "32",
+              "--photons", "5e4", "--methods", "--model", "tiny", "--device", "cpu"]
+    assert main(common + ["--overlap", "0.125", "--window-size", "24", "--out", str(tmp_path / "a")]) == 0
+    assert main(common + ["--out", str(tmp_path / "b")]) == 0
+    assert given[0]["overlap"] == 0.125 and given[0]["window_size"] == 24
+    assert "overlap" not in given[1] and given[1]["window_size"] is None
+
+
 def test_models_that_would_share_a_short_name_keep_their_own_rows():
     from MedDiffFMLib.commands.evaluate import _model_labels
 

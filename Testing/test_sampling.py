@@ -140,9 +140,16 @@ def test_fixed_batch_pads_the_last_batch_and_drops_its_copies(prior):
     sizes.clear()
     fixed.eps(x_t, 700, windows=[6])
     assert sizes == {"fixed": [3]}
-    # The batch is balanced over the grid and never exceeds it (a GPU's 256 on a small box would be mostly copies).
-    assert make_sampler(prior, 16, batch_size=5, fixed_batch=True).batch_size == 4  # 8 windows: 4 + 4, not 5 + 3
-    assert make_sampler(prior, 16, batch_size=256, fixed_batch=True).batch_size == 8
+    # The batch is balanced over the first windows evaluated and never exceeds them (a GPU's 256 on a small box would
+    # be mostly copies); later calls keep that one shape.
+    for batch_size, first, expected in [(5, None, 4), (256, None, 8), (256, [1, 2, 5], 3), (2, [1, 2, 5], 2)]:
+        sampler = make_sampler(prior, 16, batch_size=batch_size, fixed_batch=True)
+        sampler.model_fn = lambda x, t, cond, region: (seen.append(x.shape[0]), prior(x, t, cond, region))[1]
+        seen = []
+        sampler.eps(x_t, 700, windows=first)
+        assert sampler.batch_size == expected and set(seen) == {expected}
+        sampler.eps(x_t, 700)
+        assert set(seen) == {expected}
 
 
 def test_ddpm_reproduces_gaussian_prior(prior):

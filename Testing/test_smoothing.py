@@ -1,11 +1,11 @@
-"""The threaded Gaussian filter gives scipy's result bit for bit."""
+"""The threaded separable filters give scipy's results bit for bit."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from MedDiffFMLib.smoothing import gaussian_filter
+from MedDiffFMLib.smoothing import gaussian_filter, uniform_filter
 
 
 @pytest.mark.parametrize("threads", [1, 3, 16])
@@ -31,5 +31,16 @@ def test_integer_ct_smoothed_into_float32_as_scipy_does():
 
 
 def test_sigma_count_must_match_the_dimensions():
-    with pytest.raises(ValueError, match="2 sigmas for an array of 3 dimensions"):
+    with pytest.raises(ValueError, match="2 filter sizes for an array of 3 dimensions"):
         gaussian_filter(np.zeros((3, 4, 5)), (1.0, 1.0))
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("size, options", [((1, 5, 7), {}), (3, {"mode": "nearest"}), ((1, 1, 1), {}),
+                                           ((3, 1, 4), {"output": np.float64})])
+def test_threaded_uniform_equals_scipy(size, options, threads):
+    image = (np.random.default_rng(2).normal(size=(6, 23, 17)) * 50).astype(np.float32)
+    expected = ndimage.uniform_filter(image, size, **options)
+    result = uniform_filter(image, size, threads=threads, **options)
+    assert result.dtype == expected.dtype
+    assert np.array_equal(result, expected)

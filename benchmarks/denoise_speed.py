@@ -67,6 +67,10 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the network (its compile time falls in the setup column)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print the N functions that take the most time in the denoise call (cProfile), and "
+                        "when each step ended: where the set-up goes. Profiling slows the per-window Python, so "
+                        "these rows are not timings")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="let cuDNN time its convolution algorithms on the first calls and keep the fastest "
                         "(the product leaves this off: 1-2 %% per step on an H100, benchmarks/README.md)")
@@ -108,6 +112,8 @@ def volume_of_size(path: Path, size_xyz):
 
 def run_one(args, nfe: int, window_batch: int, precision: str, memory_format: str, results) -> None:
     """Child process: build everything, time one denoise() call, report its timings and peak memory."""
+    import cProfile
+    import pstats
     import resource
 
     import torch
@@ -141,13 +147,21 @@ def run_one(args, nfe: int, window_batch: int, precision: str, memory_format: st
         sync()
         stamps.append(time.perf_counter())
 
+    profiler = cProfile.Profile() if args.profile else None
     start = time.perf_counter()
     noise_level = None if args.estimate_noise else args.noise_level
+    if profiler is not None:
+        profiler.enable()
     result = denoise(volume, model, nfe=nfe, noise_level=noise_level, region="abdomen", device=device,
                      overlap=args.overlap, window_batch=window_batch, window_size=args.window_size,
                      precision=precision, progress=stamp)
     sync()
     seconds = time.perf_counter() - start
+    if profiler is not None:
+        profiler.disable()
+        print("steps ended at " + ", ".join(f"{t - start:.2f}" for t in stamps) + f" s; the call at {seconds:.2f} s")
+        pstats.Stats(profiler, stream=sys.stdout).sort_stats("cumulative").print_stats(args.profile)
+        sys.stdout.flush()
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:

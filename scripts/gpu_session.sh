@@ -15,20 +15,18 @@
 # Back here: cat run.tar.part-* | tar xf - in a run folder, then `train --resume` continues it.
 set -u
 START=$(date +%s)
-NET_UNTIL=${NET_UNTIL:-60}; BENCH_UNTIL=${BENCH_UNTIL:-570}; TRAIN_UNTIL=${TRAIN_UNTIL:-0}
-# Sessions 9 and 10 (H100) measured the tables in benchmarks/README.md (16,32,64 compiled: 5,380 windows/s). Left
-# open: whether more channels at full resolution cost time at all once compiled (halving them to 8 saved only
-# 2 %), i.e. whether a larger model for the quality target would be nearly free.
+NET_UNTIL=${NET_UNTIL:-0}; BENCH_UNTIL=${BENCH_UNTIL:-225}; TRAIN_UNTIL=${TRAIN_UNTIL:-0}
+# The network alone (benchmarks/network_speed.py): not run in session 14's second call (NET_UNTIL 0). Left open:
+# whether 32 channels at full resolution cost time once compiled (60 s was too short for its compile).
 NET_SETS=${NET_SETS-"--channels 32,32,64 --options compile --batch 512 --iters 10"}
 # Denoising a real 512 x 512 CT (CRLM-CT-1004 mirror-padded to 300 slices; the windows wholly in air are
-# skipped), NFE 100 for real (a fixed 80 HU noise level puts t_start above 100), compiled, bf16, 32^3 windows.
-# Session 14 sets: overlap 0.125 (session 10: the same PSNR as 0.25 within 0.07 dB, 1.44x fewer windows), cold
-# and then warm (the kernels from torch's on-disk compile cache: a user's second run); the user's everyday denoise
-# (noise estimated, NFE 3, eager); the default overlap 0.25 (session 10: 104.2 s, before the threaded set-up); 48^3
-# windows overlapping by 4 voxels.
+# skipped), bf16, 32^3 windows. Session 14, second call, on this session's batch balanced over the evaluated
+# windows and threaded set-up: overlap 0.125 compiled, NFE 2 to fill torch's on-disk compile cache, then NFE 100
+# warm (a user's second run; the first call measured 69.2 s); then the same warm at NFE 3 under cProfile (where the
+# set-up goes), and the user's everyday denoise (noise estimated, NFE 3, eager; 21.8 s in the first call).
 M="--model .gpu/model/ema.safetensors --device cuda --size 512 512 300 --precision bf16 --input .gpu/crlm.npz --threads 16"
-R="$M --nfe 100 --noise-level 80 --compile --window-batch 512"
-BENCH_SETS=${BENCH_SETS-"$R --overlap 0.125;$R --overlap 0.125;$M --nfe 3 --estimate-noise --overlap 0.25 --window-batch 256;$R --overlap 0.25;$R --window-size 48 --overlap 0.0833 --window-batch 152"}
+R="$M --noise-level 80 --compile --window-batch 512 --overlap 0.125"
+BENCH_SETS=${BENCH_SETS-"$R --nfe 2;$R --nfe 100;$R --nfe 3 --profile 45;$M --nfe 3 --estimate-noise --overlap 0.25 --window-batch 256"}
 TRAIN_ARGS=${TRAIN_ARGS:---batch-size 32 --num-workers 14 --channels-last --low-noise-fraction 0.7 --low-noise-max-t 60}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 elapsed() { echo $(( $(date +%s) - START )); }

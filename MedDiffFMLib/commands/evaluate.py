@@ -52,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     den.add_argument("--model-window", type=float, nargs=2, action="append", metavar=("LO", "HI"),
                      help="HU window MedDiffFM denoises in (repeat to compare several; default: the model's "
                      "window for the body region)")
+    den.add_argument("--overlap", type=float,
+                     help="overlap of MedDiffFM's sliding windows (unset: the denoising task's default)")
+    den.add_argument("--window-size", type=positive_int,
+                     help="MedDiffFM's sliding window edge in voxels (unset: the model's training patch)")
     den.add_argument("--device", default="auto", help="MedDiffFM device: auto, cpu or cuda")
     den.add_argument("--seed", type=seed, default=0, help="seed of the noise simulation and of MedDiffFM")
     den.set_defaults(_benchmark=_run_denoise, _parser=den)  # cli.main: an unknown option shows this usage
@@ -82,8 +86,10 @@ def _run_denoise(args: argparse.Namespace) -> int:
             for window in windows:
                 name = label if window is None else f"{label} [{window[0]:g}, {window[1]:g}]"
                 options = {} if window is None else {"window": window}
-                methods[name] = harness.meddifffm_method(model, nfe=args.nfe, seed=args.seed,
-                                                         device=args.device, **options)
+                if args.overlap is not None:
+                    options["overlap"] = args.overlap
+                methods[name] = harness.meddifffm_method(model, nfe=args.nfe, seed=args.seed, device=args.device,
+                                                         window_size=args.window_size, **options)
     except ResourceError as exc:
         log.warning("MedDiffFM left out of the comparison: %s", exc)
     report = harness.evaluate_denoising(cases, methods, photons=args.photons, seed=args.seed,
