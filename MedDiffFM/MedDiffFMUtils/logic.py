@@ -323,11 +323,10 @@ class MedDiffFMTasks:
         same machine and window batch); forceCpu: never use a GPU;
         overlap: sliding-window overlap fraction (0..<1); windowBatch: windows per network call (lower
         it when the GPU runs out of memory); region: head_neck, chest, abdomen or other (None = guess);
-        compileNetwork: torch.compile the network (on a GPU about 20 s once, then faster steps: for long
-        runs such as synthesis); threads: CPU threads of the job (None = all cores; fewer keep Slicer responsive
+        compileNetwork: torch.compile the network (on a GPU about 25 s on the first run, a few seconds later,
+        then faster steps: for long runs such as synthesis); threads: CPU threads of the job (None = all cores; fewer keep Slicer responsive
         during a CPU job); windowSize: the sliding window's edge in voxels (None = the model's training patch;
-        with a smaller overlap, e.g. 48 at 0.1667, 9 % faster a step on an H100 when compiled, see
-        --window-size). None means the command line's default for every option.
+        see --window-size). None means the command line's default for every option.
         """
         for name, value, least in (("nfe", nfe, 1), ("windowBatch", windowBatch, 1), ("threads", threads, 1),
                                    ("windowSize", windowSize, 1), ("seed", seed, 0)):

@@ -77,24 +77,23 @@ def add_model_arguments(parser: argparse.ArgumentParser, nfe: Optional[int] = No
     parser.add_argument("--progress", choices=PROGRESS_MODES, default="tqdm",
                         help=f"progress display; 'machine' prints '{PROGRESS_PREFIX} <step> <total>' lines")
     parser.add_argument("--overlap", type=float, default=None,
-                        help="overlap of neighbouring windows (0..<1; default: the task's, 0.25 for denoise, else 0.5)")
+                        help="overlap of neighbouring windows (0..<1; default: the task's, 0.25 for denoise, else 0.5). "
+                        "Denoising at 0.125 evaluates 1.4x fewer windows for 0.04-0.07 dB less PSNR "
+                        "(benchmarks/README.md): with --compile, NFE 100 on a 512 x 512 x 300 CT took 57 s on an H100")
     parser.add_argument("--window-batch", type=positive_int, default=None,
                         help="windows per network call (default: 4 on the CPU, up to 256 on a GPU as memory allows)")
     parser.add_argument("--window-size", type=positive_int, default=None,
                         help="edge of the cubic sliding window in voxels, a multiple of 4 for the default model "
-                        "(default: the model's training patch: 32 for 'default', 16 for the tiny models). "
-                        "--overlap is a fraction "
-                        "of it: 48 with --overlap 0.1667 overlaps by 8 voxels as denoise's default does, and ran "
-                        "each compiled denoising step 9%% faster on an H100 (slower on the CPU; "
-                        "benchmarks/README.md)")
+                        "(default: the model's training patch: 32 for 'default', 16 for the tiny models); "
+                        "--overlap is a fraction of it")
     parser.add_argument("--region", default="auto",
                         help="body region: auto (guessed from the image), head_neck, chest, abdomen, other")
     parser.add_argument("--threads", type=positive_int,
                         help="CPU threads for the network (default: PyTorch's choice)")
     parser.add_argument("--compile", action="store_true",
-                        help="compile the network (torch.compile) at its first call: on an H100 about 20 s once, "
-                        "then each step about 1.6x faster, so it pays for long runs (from about 50 steps on a "
-                        "whole CT); no gain on the CPU")
+                        help="compile the network (torch.compile) at its first call: on an H100 about 25 s on the "
+                        "first run (later runs load the kernels from torch's on-disk cache), then each step about "
+                        "1.6x faster, so it pays for long runs (from about 50 steps on a whole CT); no gain on the CPU")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
