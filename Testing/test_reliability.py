@@ -466,6 +466,14 @@ def test_options_that_would_be_ignored_or_cannot_work_are_refused(files, tmp_pat
             with pytest.raises(SystemExit) as exit_info:
                 main(task_arguments(task, files[0], files[1], out) + [option, "0"])
             assert exit_info.value.code == 2 and f"{option}: must be at least 1, got 0" in capsys.readouterr().err
+        for overlap in ("1", "-0.1", "nan"):  # refused before a whole CT is read and set up
+            with pytest.raises(SystemExit) as exit_info:
+                main(task_arguments(task, files[0], files[1], out) + ["--overlap", overlap])
+            assert (exit_info.value.code == 2
+                    and f"--overlap: must be a fraction in [0, 1), got {overlap}" in capsys.readouterr().err)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "denoise", str(files[0]), "--out", str(tmp_path / "e"), "--overlap", "1.5"])
+    assert exit_info.value.code == 2 and "--overlap: must be a fraction in [0, 1), got 1.5" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--preset", "tiny", "--data", str(files[0]), "--out", str(tmp_path / "run"), "--num-workers",
               "-1"])

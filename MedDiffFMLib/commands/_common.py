@@ -42,6 +42,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def overlap_fraction(text: str) -> float:
+    """argparse type of the sliding windows' overlap, a fraction in [0, 1): refused while parsing, before a whole CT
+    is read and set up."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {text}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     """argparse type of counts that may be 0 (e.g. data-loading workers)."""
     value = _whole_number(text)
@@ -76,7 +88,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, nfe: Optional[int] = No
                         help="network precision on GPU (auto: bf16 where supported)")
     parser.add_argument("--progress", choices=PROGRESS_MODES, default="tqdm",
                         help=f"progress display; 'machine' prints '{PROGRESS_PREFIX} <step> <total>' lines")
-    parser.add_argument("--overlap", type=float, default=None,
+    parser.add_argument("--overlap", type=overlap_fraction, default=None,
                         help="overlap of neighbouring windows (0..<1; default: the task's, 0.25 for denoise, else 0.5). "
                         "Denoising at 0.125 evaluates 1.4x fewer windows for 0.04-0.07 dB less PSNR "
                         "(benchmarks/README.md): with --compile, NFE 100 on a 512 x 512 x 300 CT took 57 s on an H100")

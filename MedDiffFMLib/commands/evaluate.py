@@ -10,7 +10,7 @@ from typing import List
 from .. import evaluate as harness
 from ..errors import InputError, ResourceError
 from ..validation import check_output_folder
-from ._common import HelpFormatter, positive_int, seed
+from ._common import HelpFormatter, overlap_fraction, positive_int, seed
 
 NAME = "evaluate"
 HELP = ("Benchmark denoising on simulated low-dose CT against Gaussian/NLM/BM3D, or score anomaly maps "
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     den.add_argument("--model-window", type=float, nargs=2, action="append", metavar=("LO", "HI"),
                      help="HU window MedDiffFM denoises in (repeat to compare several; default: the model's "
                      "window for the body region)")
-    den.add_argument("--overlap", type=float,
+    den.add_argument("--overlap", type=overlap_fraction,
                      help="overlap of MedDiffFM's sliding windows (unset: the denoising task's default)")
     den.add_argument("--window-size", type=positive_int,
                      help="MedDiffFM's sliding window edge in voxels (unset: the model's training patch)")
