@@ -277,6 +277,7 @@ def write_denoise_report(report: DenoiseReport, out_dir: Path,
     for case, by_dose in report.examples.items():
         scores = {(r["photons"], r["method"]): r["psnr"] for r in report.rows if r["case"] == case}
         written.append(_denoise_figure(case, by_dose, scores, window, out_dir / f"denoise_{case}.png"))
+    _warn_stale_figures(out_dir, "denoise_", written)
     return written
 
 
@@ -394,7 +395,17 @@ def write_anomaly_report(rows: Sequence[Dict[str, object]], cases: Sequence[Anom
             f"thresholds, PRO integrated to FPR {max_fpr:g} (normalised).\n\n" + markdown_table(rows, ANOMALY_COLUMNS))
     written.append(write_text(text, out_dir / "anomaly_results.md"))
     written += [_anomaly_figure(case, out_dir / f"anomaly_{case.name}.png") for case in cases]
+    _warn_stale_figures(out_dir, "anomaly_", written)
     return written
+
+
+def _warn_stale_figures(out_dir: Path, prefix: str, written: Sequence[Path]) -> None:
+    """Name the figures of this kind in `out_dir` that this report did not write: an earlier run's cases, which the
+    new table no longer lists. They are left alone (they may be wanted), but must not pass for this run's."""
+    stale = sorted(set(out_dir.glob(f"{prefix}*.png")) - {Path(p) for p in written})
+    if stale:
+        log.warning("%s also holds figures that this run did not make (an earlier run's cases, not in the new "
+                    "table): %s", out_dir, ", ".join(p.name for p in stale))
 
 
 def _anomaly_figure(case: AnomalyCase, path: Path) -> Path:

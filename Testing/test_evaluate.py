@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -274,7 +275,7 @@ def test_models_that_would_share_a_short_name_keep_their_own_rows():
         _model_labels(["tiny", str(resolve_model("tiny"))])
 
 
-def test_cli_anomaly_on_files(tmp_path, capsys):
+def test_cli_anomaly_on_files(tmp_path, capsys, caplog):
     from MedDiffFMLib.io import write_volume
 
     image = read_volume(CHEST_NRRD)
@@ -293,3 +294,10 @@ def test_cli_anomaly_on_files(tmp_path, capsys):
         row = next(csv.DictReader(handle))
     assert float(row["pixel_auroc"]) > 0.95 and float(row["image_auroc"]) == 1.0
     assert (out / "anomaly_s.png").exists()
+    # A rerun with another case into the same folder names the first run's figure, which its table no longer lists.
+    renamed = paths[2].with_name("t.nii.gz")
+    paths[2].rename(renamed)
+    with caplog.at_level(logging.WARNING):
+        assert main(["evaluate", "anomaly", "--scores", str(renamed), "--masks", str(paths[1]), "--out", str(out)]) == 0
+    assert "figures that this run did not make" in caplog.text and "anomaly_s.png" in caplog.text
+    assert "anomaly_t.png" not in caplog.text and (out / "anomaly_s.png").exists()
