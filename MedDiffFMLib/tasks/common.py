@@ -80,9 +80,10 @@ def load_model(name_or_path: str, device: torch.device, compile: bool = False) -
     """Load a registered model name or a model file, in eval mode on `device`.
 
     `compile`: wrap the network in torch.compile. On an H100 the first network call then compiles for about
-    20 s (one batch shape: the sampler pads the last batch of a compiled network) and every step after it runs
-    about 1.6x faster, so it pays for long runs (from about 50 steps on a 512 x 512 x 300 CT); on the CPU it
-    gained nothing (benchmarks/README.md, sessions 9 and 10). A window batch halved after running out of GPU
+    25 s (one batch shape: the sampler pads the last batch of a compiled network; a later run finds the kernels in
+    torch's on-disk cache, and its whole set-up took 10 s) and every step after it runs about 1.6x faster, so it
+    pays for long runs (from about 50 steps on a 512 x 512 x 300 CT); on the CPU it gained nothing
+    (benchmarks/README.md, sessions 9, 10 and 14). A window batch halved after running out of GPU
     memory is a new shape and compiles again.
     """
     from ..checkpoints import RESOURCES, load_model as load_checkpoint, registry, resolve_model
