@@ -109,7 +109,8 @@ def decode_anatomy(channels: np.ndarray, spec: AnatomySpec) -> np.ndarray:
 
 def _smoothed_hu(vol: Volume) -> np.ndarray:
     sigma = [SMOOTHING_MM / s for s in vol.spacing_zyx]
-    return gaussian_filter(vol.array, sigma=sigma, truncate=2.0, output=np.float32)
+    # Filtered in float32: a float64 CT filtered straight into float32 rounds differently at the class limits.
+    return gaussian_filter(vol.array.astype(np.float32, copy=False), sigma=sigma, truncate=2.0)
 
 
 def body_mask(vol: Volume, smoothed: Optional[np.ndarray] = None) -> np.ndarray:

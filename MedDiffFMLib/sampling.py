@@ -129,10 +129,10 @@ class SlidingWindowSampler:
     is built once when it fits in `volume_condition_bytes` (0: never), else each window's is rebuilt.
     `fixed_batch`: every network call gets exactly `batch_size` windows (a shorter last batch is padded with
     copies of its first window, whose results are dropped), for networks compiled for one shape. The batch is
-    then balanced over the first set of windows evaluated (never more than its windows), so little work is
-    padding: a task evaluates the same set at every step, and on a real CT that set (the windows holding voxels to
-    denoise) is about half the grid. Balanced over the whole grid instead, a 512 x 512 x 300 CT's 2,138 windows
-    went to the network as 2,485.
+    then balanced over the most windows a step will evaluate (`balance_batch`; by default the first set evaluated),
+    never more than them, so little work is padding: on a real CT the windows holding voxels to denoise are about
+    half the grid. Balanced over the whole grid instead, a 512 x 512 x 300 CT's 2,138 windows went to the network
+    as 2,485.
     """
 
     def __init__(self, model_fn: ModelFn, cond: VolumeCondition, schedule: Schedule, window: int,
@@ -208,6 +208,15 @@ class SlidingWindowSampler:
                 rows[z, y] = plane[y:y + w].any(dim=0)
         return [j for j, (z, y, x) in enumerate(self.starts) if bool(rows[z, y][x:x + w].any())]
 
+    def balance_batch(self, count: int) -> None:
+        """With `fixed_batch`: the one batch shape, balanced over `count` windows, the most any step of the task will
+        evaluate (a task whose steps evaluate different sets, such as denoising's two passes, says so before the
+        first; else the first set evaluated decides). Balancing over fewer would make the larger set's calls more
+        and smaller."""
+        if self.fixed_batch and count > 0:
+            self.batch_size = math.ceil(count / math.ceil(count / self.batch_size))
+        self._batch_balanced = True
+
     def eps(self, x_t: torch.Tensor, t: int, windows: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Full-volume noise estimate (1, 1, *shape), float32: the weighted mean over the windows covering a voxel.
 
@@ -216,8 +225,7 @@ class SlidingWindowSampler:
         """
         windows = list(range(len(self.starts))) if windows is None else [int(j) for j in windows]
         if not self._batch_balanced and windows:
-            self.batch_size = math.ceil(len(windows) / math.ceil(len(windows) / self.batch_size))
-            self._batch_balanced = True
+            self.balance_batch(len(windows))
         x_pad = mirror_pad(x_t.to(self.device, torch.float32), self.padded_shape)
         total = torch.zeros_like(x_pad)
         i = 0

@@ -62,9 +62,12 @@ def _separable(array: np.ndarray, passes: List[Tuple[int, Callable]], output: Op
     source = array
     with ThreadPoolExecutor(threads) as pool:
         for axis, filter1d in passes:
-            split = 1 if axis == 0 and array.ndim > 1 else 0
-            bounds = np.linspace(0, array.shape[split], min(threads, array.shape[split]) + 1).astype(int)
-            slabs = [(slice(None),) * split + (slice(a, b),) for a, b in zip(bounds[:-1], bounds[1:])]
+            if array.ndim == 1:  # no other axis to split across
+                slabs = [(slice(None),)]
+            else:
+                split = 1 if axis == 0 else 0
+                bounds = np.linspace(0, array.shape[split], min(threads, array.shape[split]) + 1).astype(int)
+                slabs = [(slice(None),) * split + (slice(a, b),) for a, b in zip(bounds[:-1], bounds[1:])]
             list(pool.map(lambda slab, src=source: filter1d(src[slab], out[slab]), slabs))
             source = out
     return out

@@ -39,6 +39,20 @@ def test_chest_anatomy_is_plausible(chest):
     assert np.count_nonzero(labels[20] == AIR) > 0.1 * np.count_nonzero(body[20])
 
 
+def test_threshold_anatomy_does_not_depend_on_the_array_type():
+    """The CT is smoothed in float32 whatever it is stored in: a float64 array filtered straight into float32 rounds
+    differently, and voxels at a class limit (here soft tissue at -30 HU) changed class."""
+    rng = np.random.default_rng(0)
+    hu = np.full((20, 48, 48), -1000.0)
+    hu[:, 8:40, 8:40] = -30.0 + rng.uniform(-1e-3, 1e-3, (20, 32, 32))
+    as_float64 = Volume(hu, (1.0, 1.0, 1.0))
+    as_float32 = Volume(hu.astype(np.float32), (1.0, 1.0, 1.0))
+    assert np.array_equal(threshold_anatomy(as_float64), threshold_anatomy(as_float32))
+    integer = np.round(hu).astype(np.int16)
+    assert np.array_equal(threshold_anatomy(Volume(integer, (1.0, 1.0, 1.0))),
+                          threshold_anatomy(Volume(integer.astype(np.float32), (1.0, 1.0, 1.0))))
+
+
 def test_threshold_anatomy_agrees_with_totalsegmentator_on_abdomen():
     vol = read_volume(ABDOMEN_NII)
     labels = threshold_anatomy(vol)

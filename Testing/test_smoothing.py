@@ -15,6 +15,7 @@ from MedDiffFMLib.smoothing import gaussian_filter, uniform_filter
     ((6, 8, 10), 1.2, {"truncate": 2.0}),
     ((2, 40, 3), (1.0, 0.0, 3.0), {"mode": "nearest"}),
     ((4, 5, 6), (0.0, 0.0, 0.0), {}),
+    ((50,), 2.0, {}),  # one axis: nothing to split across
 ])
 def test_threaded_gaussian_equals_scipy(shape, sigma, options, threads):
     image = (np.random.default_rng(0).normal(size=shape) * 100).astype(np.float32)
@@ -36,10 +37,11 @@ def test_sigma_count_must_match_the_dimensions():
 
 
 @pytest.mark.parametrize("threads", [1, 4])
-@pytest.mark.parametrize("size, options", [((1, 5, 7), {}), (3, {"mode": "nearest"}), ((1, 1, 1), {}),
-                                           ((3, 1, 4), {"output": np.float64})])
-def test_threaded_uniform_equals_scipy(size, options, threads):
-    image = (np.random.default_rng(2).normal(size=(6, 23, 17)) * 50).astype(np.float32)
+@pytest.mark.parametrize("shape, size, options", [((6, 23, 17), (1, 5, 7), {}), ((6, 23, 17), 3, {"mode": "nearest"}),
+                                                  ((6, 23, 17), (1, 1, 1), {}),
+                                                  ((6, 23, 17), (3, 1, 4), {"output": np.float64}), ((30,), 5, {})])
+def test_threaded_uniform_equals_scipy(shape, size, options, threads):
+    image = (np.random.default_rng(2).normal(size=shape) * 50).astype(np.float32)
     expected = ndimage.uniform_filter(image, size, **options)
     result = uniform_filter(image, size, threads=threads, **options)
     assert result.dtype == expected.dtype

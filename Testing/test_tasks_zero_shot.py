@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 
 import numpy as np
@@ -118,6 +119,36 @@ def test_denoise_skips_windows_outside_its_window_and_gives_the_same_result(monk
     assert evaluated < 0.6 * sum(calls)
     assert np.array_equal(skipped[:, 22:], hu[:, 22:])
     np.testing.assert_allclose(skipped, everything, atol=1e-3)
+
+
+def test_compiled_denoise_batches_are_balanced_over_its_larger_pass(monkeypatch):
+    """A compiled network gets one batch shape. Denoising's two passes evaluate different sets of windows: the
+    shape is balanced over the larger set, here the second pass's (balanced over the first, smaller set, the second
+    pass took more, smaller calls). The result is that of the plain batches."""
+    from MedDiffFMLib.tasks import common
+
+    prior = AnalyticGaussian(std=0.2)
+    shape = (16, 48, 40)
+    hu = (40.0 + 30.0 * np.random.default_rng(2).standard_normal(shape)).astype(np.float32)
+    hu[:, 28:] = -1000.0  # air
+    hu[:, 36:, :8] = -700.0  # lung: the only voxels of the first pass's window, so it evaluates fewer windows
+    volume = Volume(hu, (0.8, 0.8, 2.0))
+    calls = []
+    exact = prior.forward
+    prior.forward = lambda x, t, cond, region: (calls.append(len(x)), exact(x, t, cond, region))[1]
+    settings = dict(noise_level=30.0, window=(-1000.0, -600.0), soft_tissue_pass=True, region="chest", nfe=2,
+                    window_batch=16)
+    plain = denoise(volume, prior, **settings)
+    monkeypatch.setattr(common, "is_compiled", lambda model: True)
+    calls.clear()
+    fixed = denoise(volume, prior, **settings)
+    (lung, grid), (soft, _) = fixed.windows
+    assert lung < soft < grid
+    batch = math.ceil(soft / math.ceil(soft / 16))
+    assert set(calls) == {batch}  # one shape
+    per_step = [math.ceil(n / batch) * batch for n in (lung, soft)]
+    assert sum(calls) == 2 * sum(per_step)  # nfe 2 per pass
+    np.testing.assert_allclose(fixed.denoised.array, plain.denoised.array, atol=1e-4)
 
 
 def test_window_size_changes_the_tiling_not_the_answer():

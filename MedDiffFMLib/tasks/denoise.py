@@ -235,19 +235,24 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
         log.info("denoising only inside the mask: %d voxels (%.1f %% of the image); the rest keeps its values",
                  int(inside.sum()), 100.0 * inside.mean())
         inside = inside[box]
-    for pass_window, plan in zip(windows, plans):
+
+    def pass_weight(pass_window: Tuple[float, float]) -> np.ndarray:
+        weight = common.window_weight(work.array, pass_window)
+        return weight if inside is None else weight * inside
+
+    # Every pass's windows before the first: a compiled network's one batch shape is balanced over the larger set.
+    evaluated_sets = [sampler.active_windows(pass_weight(w) > 0) for w in windows]
+    if not evaluated_sets[0]:  # the first pass has the widest window; only a mask can leave it nothing
+        raise InputError(f"the mask holds no voxel inside the denoising window [{windows[0][0]:g}, "
+                         f"{windows[0][1]:g}] HU: only air or bone, which keep their values anyway; "
+                         "draw it over soft tissue")
+    sampler.balance_batch(max(map(len, evaluated_sets)))
+    for pass_window, plan, evaluated in zip(windows, plans, evaluated_sets):
         def pass_progress(step: int, n: int, done: int = done) -> None:
             if progress is not None:
                 progress(done + step, total)
 
-        weight = common.window_weight(work.array, pass_window)
-        if inside is not None:
-            weight = weight * inside
-            if not pass_windows and not weight.any():  # the first pass has the widest window
-                raise InputError(f"the mask holds no voxel inside the denoising window [{pass_window[0]:g}, "
-                                 f"{pass_window[1]:g}] HU: only air or bone, which keep their values anyway; "
-                                 "draw it over soft tissue")
-        evaluated = sampler.active_windows(weight > 0)
+        weight = pass_weight(pass_window)
         pass_windows.append((len(evaluated), sampler.num_windows))
         log.info("[%g, %g] HU pass: %d of %d windows hold voxels to denoise", *pass_window, len(evaluated),
                  sampler.num_windows)
