@@ -242,7 +242,7 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
 
     # Every pass's windows before the first: a compiled network's one batch shape is balanced over the larger set.
     evaluated_sets = [sampler.active_windows(pass_weight(w) > 0) for w in windows]
-    if not evaluated_sets[0]:  # the first pass has the widest window; only a mask can leave it nothing
+    if inside is not None and not evaluated_sets[0]:  # the first pass has the widest window
         raise InputError(f"the mask holds no voxel inside the denoising window [{windows[0][0]:g}, "
                          f"{windows[0][1]:g}] HU: only air or bone, which keep their values anyway; "
                          "draw it over soft tissue")
