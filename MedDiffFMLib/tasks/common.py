@@ -90,10 +90,10 @@ def load_model(name_or_path: str, device: torch.device, compile: bool = False) -
 
     from ..network import parameter_count
 
-    model, cfg, info = load_checkpoint(name_or_path, device)
+    weights = resolve_model(name_or_path).resolve()  # once: a registered name's files are checked on the way
+    model, cfg, info = load_checkpoint(weights, device)
     log.info("model %s: preset %s, %.2fM parameters, %s training steps, on %s", name_or_path, cfg.name,
              parameter_count(model) / 1e6, info.get("steps", "unknown"), device)
-    weights = resolve_model(name_or_path).resolve()  # by name or by the path of its file
     if any(entry.get("test_only") and (RESOURCES / entry["file"]).resolve() == weights for entry in registry()):
         log.warning("model %s is a test model (Resources/Models.json): it proves the code path end to end, and its "
                     "output is not clinically meaningful", name_or_path)
