@@ -1,6 +1,7 @@
 """Resampling, HU windows mapped to [-1, 1] and their inverse, and the body-region guess."""
 from __future__ import annotations
 
+import math
 from typing import List, Sequence, Tuple, Union
 
 import numpy as np
@@ -22,8 +23,8 @@ def as_window(window: Window) -> Tuple[float, float]:
             raise InputError(f"unknown region {window!r}; choose one of {', '.join(REGIONS)}")
         return REGION_WINDOWS[window]
     low, high = (float(v) for v in window)
-    if high <= low:
-        raise InputError(f"a HU window is (lo, hi) with hi > lo, got ({low}, {high})")
+    if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
+        raise InputError(f"a HU window is two finite numbers (lo, hi) with hi > lo, got ({low}, {high})")
     return low, high
 
 

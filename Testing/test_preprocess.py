@@ -56,6 +56,9 @@ def test_unknown_region_and_bad_window():
         window_to_unit(0.0, "pelvis")
     with pytest.raises(InputError, match="hi > lo"):
         window_to_unit(0.0, (40, 0))
+    for window in [(0.0, float("nan")), (float("nan"), 100.0), (float("-inf"), 100.0), (0.0, float("inf"))]:
+        with pytest.raises(InputError, match="two finite numbers"):  # NaN passed the hi > lo test, inf divided to 0
+            window_to_unit(0.0, window)
 
 
 def test_resample_to_1mm_keeps_extent_and_hu(chest):
