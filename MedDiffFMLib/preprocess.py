@@ -85,6 +85,12 @@ def resample_like(vol: Volume, reference: Volume, is_mask: bool = False) -> Volu
 
 
 def _resample_onto(vol: Volume, reference: sitk.Image, is_mask: bool) -> Volume:
+    if is_mask:
+        # Nearest neighbour breaks exact ties (an output voxel halfway between two source slices) towards the higher
+        # source index. Read in patient axis order, the source's higher index is the same physical direction however
+        # the file stores its axes, so a flipped or permuted copy of a mask resamples to the same voxels.
+        order = AxisOrder.of(vol.direction)
+        vol = vol if order.identity else order.volume(vol)
     image = vol.to_sitk()
     if is_mask:
         interpolator, fill = sitk.sitkNearestNeighbor, 0
