@@ -13,7 +13,7 @@ import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -157,10 +157,7 @@ def read_volume(path: PathLike) -> Volume:
         image = _read_dicom_folder(path, series_id=None)
     elif is_dicom_file(path):
         _refuse_non_image_object(path)  # before GDCM, which has no reader for objects without pixels
-        header = sitk.ImageFileReader()
-        header.SetFileName(str(path))
-        header.ReadImageInformation()
-        uid = header.GetMetaData("0020|000e").strip() if header.HasMetaDataKey("0020|000e") else None
+        uid = _dicom_tags(path, ("0020|000e",))["0020|000e"]
         image = _read_dicom_folder(path.parent, series_id=uid)
     else:
         image, float_voxels = _read_file(path)
@@ -605,13 +602,18 @@ def _may_hold_an_image(name: Path) -> bool:
     return not sop or "Image" in pydicom.uid.UID(str(sop)).name
 
 
+def _dicom_tags(name: PathLike, keys: Sequence[str]) -> Dict[str, Optional[str]]:
+    """The values of DICOM tags ("gggg|eeee") in a file's header, stripped; None for a tag it lacks. The pixels are
+    not read."""
+    header = sitk.ImageFileReader()
+    header.SetFileName(str(name))
+    header.ReadImageInformation()
+    return {key: header.GetMetaData(key).strip() if header.HasMetaDataKey(key) else None for key in keys}
+
+
 def _series_description(name: str) -> str:
     """'series "<SeriesDescription>" (number <SeriesNumber>)', from what the file holds."""
-    header = sitk.ImageFileReader()
-    header.SetFileName(name)
-    header.ReadImageInformation()
-    tags = {key: header.GetMetaData(key).strip() if header.HasMetaDataKey(key) else ""
-            for key in ("0008|103e", "0020|0011", "0020|000e")}
+    tags = {key: value or "" for key, value in _dicom_tags(name, ("0008|103e", "0020|0011", "0020|000e")).items()}
     words = [f'"{tags["0008|103e"]}"'] if tags["0008|103e"] else []
     words += [f"number {tags['0020|0011']}"] if tags["0020|0011"] else [f"UID {tags['0020|000e']}"]
     return "series " + " ".join(words)
@@ -672,13 +674,11 @@ def _even_slices(folder: Path, files: Sequence[str], image: sitk.Image) -> sitk.
         return image
     positions, orientations = [], []
     for name in files:
-        header = sitk.ImageFileReader()
-        header.SetFileName(name)
-        header.ReadImageInformation()
-        if not header.HasMetaDataKey("0020|0032") or not header.HasMetaDataKey("0020|0037"):
+        tags = _dicom_tags(name, ("0020|0032", "0020|0037"))  # image position and orientation (patient)
+        if None in tags.values():
             return image
-        positions.append([float(v) for v in header.GetMetaData("0020|0032").split("\\")])
-        orientations.append([float(v) for v in header.GetMetaData("0020|0037").split("\\")])
+        positions.append([float(v) for v in tags["0020|0032"].split("\\")])
+        orientations.append([float(v) for v in tags["0020|0037"].split("\\")])
     turned = np.abs(np.asarray(orientations) - orientations[0]).max(axis=1)
     if turned.max() > 1e-3:  # one stack holds one plane orientation; a turn mid-series cannot be read as one
         raise InputError(

@@ -90,14 +90,12 @@ def _resample_onto(vol: Volume, reference: sitk.Image, is_mask: bool) -> Volume:
         # source index. Read in patient axis order, the source's higher index is the same physical direction however
         # the file stores its axes, so a flipped or permuted copy of a mask resamples to the same voxels.
         order = AxisOrder.of(vol.direction)
-        vol = vol if order.identity else order.volume(vol)
-    image = vol.to_sitk()
-    if is_mask:
+        image = (vol if order.identity else order.volume(vol)).to_sitk()
         interpolator, fill = sitk.sitkNearestNeighbor, 0
     else:
         # Voxels outside the source extent get its minimum (air / padding), not 0 HU (water).
+        image = sitk.Cast(vol.to_sitk(), sitk.sitkFloat32)
         interpolator, fill = sitk.sitkLinear, float(vol.array.min())
-        image = sitk.Cast(image, sitk.sitkFloat32)
     out = sitk.Resample(image, reference, sitk.Transform(), interpolator, fill)
     return Volume.from_sitk(out, dtype=vol.array.dtype if is_mask else np.float32)
 

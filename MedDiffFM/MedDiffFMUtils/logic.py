@@ -324,9 +324,9 @@ class MedDiffFMTasks:
         overlap: sliding-window overlap fraction (0..<1); windowBatch: windows per network call (lower
         it when the GPU runs out of memory); region: head_neck, chest, abdomen or other (None = guess);
         compileNetwork: torch.compile the network (on a GPU about 25 s on the first run, a few seconds later,
-        then faster steps: for long runs such as synthesis); threads: CPU threads of the job (None = all cores; fewer keep Slicer responsive
-        during a CPU job); windowSize: the sliding window's edge in voxels (None = the model's training patch;
-        see --window-size). None means the command line's default for every option.
+        then faster steps: for long runs such as synthesis); threads: CPU threads of the job (None = all cores;
+        fewer keep Slicer responsive during a CPU job); windowSize: the sliding window's edge in voxels (None = the
+        model's training patch; see --window-size). None means the command line's default for every option.
         """
         for name, value, least in (("nfe", nfe, 1), ("windowBatch", windowBatch, 1), ("threads", threads, 1),
                                    ("windowSize", windowSize, 1), ("seed", seed, 0)):

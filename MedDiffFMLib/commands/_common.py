@@ -89,8 +89,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, nfe: Optional[int] = No
     parser.add_argument("--progress", choices=PROGRESS_MODES, default="tqdm",
                         help=f"progress display; 'machine' prints '{PROGRESS_PREFIX} <step> <total>' lines")
     parser.add_argument("--overlap", type=overlap_fraction, default=None,
-                        help="overlap of neighbouring windows (0..<1; default: the task's, 0.25 for denoise, else 0.5). "
-                        "Denoising at 0.125 evaluates 1.4x fewer windows for 0.04-0.07 dB less PSNR "
+                        help="overlap of neighbouring windows (0..<1; default: the task's, 0.25 for denoise, else "
+                        "0.5). Denoising at 0.125 evaluates 1.4x fewer windows for 0.04-0.07 dB less PSNR "
                         "(benchmarks/README.md): with --compile, NFE 100 on a 512 x 512 x 300 CT took 57 s on an H100")
     parser.add_argument("--window-batch", type=positive_int, default=None,
                         help="windows per network call (default: 4 on the CPU, up to 256 on a GPU as memory allows)")

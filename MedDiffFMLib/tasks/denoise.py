@@ -241,7 +241,10 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
         return weight if inside is None else weight * inside
 
     # Every pass's windows before the first: a compiled network's one batch shape is balanced over the larger set.
-    evaluated_sets = [sampler.active_windows(pass_weight(w) > 0) for w in windows]
+    # The first pass's weight is kept, as that pass comes next; a later pass's is made again when it runs.
+    first_weight = pass_weight(windows[0])
+    evaluated_sets = [sampler.active_windows(first_weight > 0)]
+    evaluated_sets += [sampler.active_windows(pass_weight(w) > 0) for w in windows[1:]]
     if inside is not None and not evaluated_sets[0]:  # the first pass has the widest window
         raise InputError(f"the mask holds no voxel inside the denoising window [{windows[0][0]:g}, "
                          f"{windows[0][1]:g}] HU: only air or bone, which keep their values anyway; "
@@ -252,7 +255,8 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
             if progress is not None:
                 progress(done + step, total)
 
-        weight = pass_weight(pass_window)
+        weight = first_weight if first_weight is not None else pass_weight(pass_window)
+        first_weight = None  # not held through the later passes
         pass_windows.append((len(evaluated), sampler.num_windows))
         log.info("[%g, %g] HU pass: %d of %d windows hold voxels to denoise", *pass_window, len(evaluated),
                  sampler.num_windows)
