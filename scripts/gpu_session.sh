@@ -28,9 +28,18 @@ M="--model .gpu/model/ema.safetensors --device cuda --size 512 512 300 --precisi
 R="$M --noise-level 80 --compile --window-batch 512 --overlap 0.125"
 BENCH_SETS=${BENCH_SETS-"$R --nfe 2;$R --nfe 100;$R --nfe 3 --profile 45;$M --nfe 3 --estimate-noise --overlap 0.25 --window-batch 256"}
 TRAIN_ARGS=${TRAIN_ARGS:---batch-size 32 --num-workers 14 --channels-last --low-noise-fraction 0.7 --low-noise-max-t 60}
+# What to train: `default` from the carried weights, or e.g. "--config .gpu/wide.json" for a new network from scratch.
+TRAIN_MODEL=${TRAIN_MODEL:---preset default --init-from .gpu/model/ema.safetensors}
+# PACK_STATE=0 brings back only the EMA weights and the loss log (a larger network's optimizer state would pass the
+# 64 MiB that comes back from a call); the run then continues with --init-from, not --resume.
+PACK_STATE=${PACK_STATE:-1}
+# The folder of cache entries. Session 15 found that a call's .gpu holds only what that call carries (the rest of
+# an earlier call's .gpu is gone), while /tmp, the wheels' install, stays on a warm machine: so the data cannot be
+# brought in parts over several calls.
+TRAIN_DATA=${TRAIN_DATA:-.gpu/cache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 elapsed() { echo $(( $(date +%s) - START )); }
-if [ -d .whl ]; then
+if [ -d .whl ] && [ ! -d /tmp/site/monai ]; then  # a warm machine keeps an earlier call's install
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
 export PYTHONPATH=$PWD:/tmp/site:$PWD/.gpu/stub PYTHONUNBUFFERED=1
@@ -55,8 +64,8 @@ run_sets benchmarks/denoise_speed.py $BENCH_UNTIL "$BENCH_SETS"
 [ $(( TRAIN_UNTIL - $(elapsed) )) -gt 60 ] || { echo "no time left to train; done at $(elapsed) s" >> "$LOG"; exit 0; }
 echo "== train at $(elapsed) s" >> "$LOG"
 rm -rf .gpu/run  # a warm machine may hold an earlier call's run: this call packs its own
-python3 -m MedDiffFMLib train --preset default --data .gpu/cache --out .gpu/run --cache-dir .gpu/unused \
-  --init-from .gpu/model/ema.safetensors --steps 1000000 --seed 1 --checkpoint-minutes 2 --checkpoint-every 100000 \
+python3 -m MedDiffFMLib train $TRAIN_MODEL --data $TRAIN_DATA --out .gpu/run --cache-dir .gpu/unused \
+  --steps 1000000 --seed 1 --checkpoint-minutes 2 --checkpoint-every 100000 \
   --progress none \
   $TRAIN_ARGS >> "$OUT/train.log" 2>&1 &
 PID=$!
@@ -68,6 +77,7 @@ echo "train stopped at $(elapsed) s" >> "$LOG"
 cd .gpu/run 2>/dev/null && {
   state=$(python3 -c "import json; print(json.load(open('last.json'))['state'])" 2>/dev/null)
   ls -la >> "$LOG"; cat last.json >> "$LOG"
-  tar cf - last.json loss.csv ema.json ema.safetensors $state.json $state.safetensors | split -b 15M - "$OUT/run.tar.part-"
+  [ "$PACK_STATE" = 1 ] || state=""
+  tar cf - last.json loss.csv ema.json ema.safetensors ${state:+$state.json $state.safetensors} | split -b 15M - "$OUT/run.tar.part-"
 }
 echo "done at $(elapsed) s" >> "$LOG"
