@@ -7,9 +7,12 @@ and the filled voxels are compared with the real lesion they replace:
 - W1: the Wasserstein-1 distance (HU) between the filled and the real in-mask intensity distributions;
 - contrast: mean HU inside the mask minus the mean of a shell around it (the tissue the lesion sits in).
 A lesion ControlNet should land nearer the real lesion than a base model, which fills the mask with the normal
-tissue around it. Several seeds are averaged: one filling is one draw.
+tissue around it. Several seeds are averaged: one filling is one draw. `--task generate-lesion` scores the other
+lesion task the same way: the whole box around the mask is synthesised anew (`tasks.lesion.generate_lesion`, lesion
+ControlNets only), so the shell the contrast is taken against is synthesised too.
 
     python benchmarks/lesion_quality.py --model default --model tiny-lesion --model RUN/ema.safetensors
+    python benchmarks/lesion_quality.py --task generate-lesion --model tiny-lesion --model RUN/ema.safetensors
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ sys.path.insert(0, str(REPO))
 from MedDiffFMLib.io import read_mask, read_volume  # noqa: E402
 from MedDiffFMLib.tasks.common import load_model  # noqa: E402
 from MedDiffFMLib.tasks.inpaint import inpaint  # noqa: E402
+from MedDiffFMLib.tasks.lesion import generate_lesion  # noqa: E402
 
 #: case -> (CT and lesion mask relative to the data folder, body region).
 CASES = {
@@ -62,6 +66,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=2, help="fillings per model and case, averaged")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cases", nargs="*", help="case names (default: all)")
+    parser.add_argument("--task", choices=("inpaint", "generate-lesion"), default="inpaint")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(message)s")  # test-model warnings are known
     torch.set_num_threads(args.threads)
@@ -80,7 +85,10 @@ def main(argv=None) -> int:
         for name, model in models.items():
             started, runs = time.time(), []
             for seed in range(args.seeds):
-                filled = inpaint(ct, mask, model, nfe=args.nfe, resample=args.resample, region=region, seed=seed)
+                if args.task == "inpaint":
+                    filled = inpaint(ct, mask, model, nfe=args.nfe, resample=args.resample, region=region, seed=seed)
+                else:
+                    filled = generate_lesion(ct, mask, model, nfe=args.nfe, region=region, seed=seed)
                 runs.append(lesion_scores(filled.array, real, inside))
             mean = {key: float(np.mean([run[key] for run in runs])) for key in runs[0]}
             print(f"| {case} | `{name}` | {mean['mean']:.0f} ({mean['mean'] - truth['mean']:+.0f}) | {mean['w1']:.0f} "
