@@ -198,6 +198,19 @@ def test_tasks_warn_when_they_run_a_test_model(caplog):
     assert "meddifffm-tiny.safetensors is a test model" in caplog.text
 
 
+def test_fine_tuned_tasks_default_to_controlnets_on_the_bundled_base():
+    """generate-lesion, inpaint and super-resolve run, by default, a registered ControlNet for their task that is
+    no test model and sits on the bundled `default` base (a retrained base would orphan it)."""
+    from MedDiffFMLib.commands import generate_lesion, inpaint, super_resolve
+
+    entries = {m["name"]: m for m in checkpoints.registry()}
+    for command, task in ((generate_lesion, "lesion"), (inpaint, "lesion"), (super_resolve, "super-resolution")):
+        assert not entries[command.DEFAULT_MODEL].get("test_only"), command.NAME
+        model, _, info = load_model(command.DEFAULT_MODEL)
+        assert info["task"] == task and model.task == task
+        assert info["base_model"]["sha256"] == entries["default"]["sha256"], command.NAME
+
+
 def test_training_state_survives_a_kill_mid_write(tmp_path):
     tensors = {"model.w": torch.arange(6.0), "rng.train": torch.zeros(4, dtype=torch.uint8)}
     save_training_state(tmp_path, 3, tensors, {"wall_seconds": 1.5})

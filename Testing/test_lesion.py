@@ -137,7 +137,7 @@ def test_wrong_model_and_empty_mask_are_refused(chest_nodule_crop, lesion_model,
         generate_lesion(image, nodule.with_array(np.zeros(image.shape, np.uint8)), lesion_model, **FAST)
 
 
-def test_cli_with_the_registered_lesion_model(chest_nodule_crop, tmp_path):
+def test_cli_with_the_registered_lesion_model(chest_nodule_crop, tmp_path, caplog):
     from MedDiffFMLib.cli import main
     from MedDiffFMLib.io import read_volume, write_volume
 
@@ -148,7 +148,8 @@ def test_cli_with_the_registered_lesion_model(chest_nodule_crop, tmp_path):
     write_volume(image.with_array(blob), tmp_path / "lesion.nii.gz")
     code = main(["generate-lesion", str(tmp_path / "ct.nii.gz"), "--mask", str(tmp_path / "lesion.nii.gz"),
                  "-o", str(tmp_path / "out.nii.gz"), "--nfe", "2", "--margin-mm", "2", "--region", "chest",
-                 "--overlap", "0", "--device", "cpu", "--progress", "none"])  # default --model: tiny-lesion
+                 "--overlap", "0", "--device", "cpu", "--progress", "none"])  # default --model: `lesion`
     assert code == 0
+    assert "is a test model" not in caplog.text
     out = read_volume(tmp_path / "out.nii.gz")
     assert out.same_grid(image) and not np.array_equal(out.array[blob > 0], image.array[blob > 0])

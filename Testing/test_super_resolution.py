@@ -202,7 +202,7 @@ def test_cli_with_the_registered_model_writes_the_thin_volume(thick, tmp_path):
     write_volume(thick, tmp_path / "thick.nii.gz")
     code = main(["super-resolve", str(tmp_path / "thick.nii.gz"), "-o", str(tmp_path / "thin.nii.gz"),
                  "--factor", "5", "--nfe", "1", "--region", "chest", "--sigma-n", "0", "--device", "cpu",
-                 "--progress", "none"])  # default --model: the registered tiny-super-resolution ControlNet
+                 "--progress", "none"])  # default --model: the registered `super-resolution` ControlNet
     assert code == 0
     thin = read_volume(tmp_path / "thin.nii.gz")
     assert thin.shape == (40, 16, 16) and thin.spacing[2] == pytest.approx(1.0)

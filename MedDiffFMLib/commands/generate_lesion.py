@@ -13,7 +13,7 @@ HELP = ("Synthesise a lesion where the mask is: the box around the mask (plus --
         "`inpaint`.")
 
 #: The registered lesion ControlNet used when --model is not given.
-DEFAULT_MODEL = "tiny-lesion"
+DEFAULT_MODEL = "lesion"
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ HELP = ("Replace the voxels inside the mask with synthetic tissue that fits thei
         "Voxels outside the mask are returned unchanged.")
 
 #: The registered lesion ControlNet used when --model is not given.
-DEFAULT_MODEL = "tiny-lesion"
+DEFAULT_MODEL = "lesion"
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ HELP = ("Restore thin slices from a thick-slice CT: the output grid has FACTOR t
         "Needs a model fine-tuned with `finetune --task super-resolution`.")
 
 #: The registered super-resolution ControlNet used when --model is not given.
-DEFAULT_MODEL = "tiny-super-resolution"
+DEFAULT_MODEL = "super-resolution"
 
 log = logging.getLogger(__name__)
 
