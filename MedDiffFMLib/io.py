@@ -174,6 +174,7 @@ def read_mask(path: PathLike, like: Volume, what: str = "mask") -> Volume:
     Nothing is resampled. A mask stored on a block of the image grid (3D Slicer saves segmentations
     cropped to their extent) is placed onto the full grid; any other grid is an error saying how it differs.
     """
+    check_dimensions(like.array.shape)  # a 2D or 4D image is the first thing to fix, whatever the mask's grid
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what} not found: {path}")

@@ -364,6 +364,14 @@ def test_read_mask_on_the_image_grid():
     assert gtv_ml == pytest.approx(365.3, rel=0.01)  # MANIFEST.md
 
 
+def test_a_mask_read_for_a_one_slice_image_names_the_image_first():
+    """The 2D image is what to fix; its mask cannot be on a 3D grid that the image does not have."""
+    limb = read_volume(LIMB_NII)
+    one_slice = Volume(limb.array[:1], limb.spacing, limb.origin, limb.direction)
+    with pytest.raises(InputError, match="the image is 2D"):
+        read_mask(LIMB_MASK_NII, like=one_slice)  # the mask's 3D grid does not match it either
+
+
 def test_read_mask_refuses_other_grid_and_fractions(tmp_path):
     with pytest.raises(InputError, match="not on the grid.*size"):
         read_mask(CHEST_NODULE_NRRD, like=read_volume(LIMB_NII))
