@@ -33,13 +33,19 @@ TRAIN_MODEL=${TRAIN_MODEL:---preset default --init-from .gpu/model/ema.safetenso
 # PACK_STATE=0 brings back only the EMA weights and the loss log (a larger network's optimizer state would pass the
 # 64 MiB that comes back from a call); the run then continues with --init-from, not --resume.
 PACK_STATE=${PACK_STATE:-1}
-# The folder of cache entries. Session 15 found that a call's .gpu holds only what that call carries (the rest of
-# an earlier call's .gpu is gone), while /tmp, the wheels' install, stays on a warm machine: so the data cannot be
-# brought in parts over several calls.
+# The folder of cache entries. One call carries at most 64 MiB, tree included; the train split's entries are about
+# 290 MB. Session 15 found that a call's .gpu holds only what that call carries (an earlier call's .gpu is gone),
+# while /tmp (the wheels' install) stays on a warm machine. So the whole split goes up in parts (PART_MB=54
+# scripts/prepare_gpu_bundle.sh), one call each, back to back (the machine goes back after 30 s idle):
+#   call k: carry [".gpu-data/partk"] (call 1 also ".whl"), command
+#           mkdir -p /tmp/meddifffm-data && cp .gpu-data/partk/*.npz /tmp/meddifffm-data/
+#   last:   carry [".gpu"], command
+#           cp .gpu/cache/*.npz /tmp/meddifffm-data/ 2>/dev/null; TRAIN_DATA=/tmp/meddifffm-data ... bash scripts/gpu_session.sh
 TRAIN_DATA=${TRAIN_DATA:-.gpu/cache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 elapsed() { echo $(( $(date +%s) - START )); }
 if [ -d .whl ] && [ ! -d /tmp/site/monai ]; then  # a warm machine keeps an earlier call's install
+  # (the upload calls above may carry .whl and install it: python3 -m pip ... --target /tmp/site .whl/*.whl)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
 export PYTHONPATH=$PWD:/tmp/site:$PWD/.gpu/stub PYTHONUNBUFFERED=1

@@ -4,6 +4,8 @@
 #   scripts/prepare_gpu_bundle.sh                 wheels, stub, registered `default` weights, the 512 x 512 CT
 #   CACHE_MB=36 scripts/prepare_gpu_bundle.sh     the same plus up to 36 MB of train-split cache entries
 #                                                 (only needed when gpu_session.sh trains: TRAIN_UNTIL > 0)
+#   PART_MB=54 scripts/prepare_gpu_bundle.sh      also the rest of the train split, in folders .gpu-data/partN of
+#                                                 up to 54 MB, one for each upload call (gpu_session.sh, top)
 # Environment: MODEL (weights to start from: a registered name or a .safetensors path, default `default`),
 # DATA_ROOT (the shared CT folder, default ../shared/data/ct). A device call carries at most 64 MiB in all,
 # tree included: the script prints the total and fails above it. Pass carry [".gpu", ".whl"].
@@ -13,7 +15,9 @@ cd "$REPO"
 DATA_ROOT="${DATA_ROOT:-$REPO/../shared/data/ct}"
 MODEL="${MODEL:-default}"
 CACHE_MB="${CACHE_MB:-0}"
+PART_MB="${PART_MB:-0}"
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+grep -qx '/.gpu-data/' .git/info/exclude 2>/dev/null || echo '/.gpu-data/' >> .git/info/exclude
 
 # The GPU image has torch but no MONAI or nibabel (SimpleITK is left behind: ~52 MB, and nothing there reads scans).
 [ -n "$(ls .whl/monai-*.whl 2>/dev/null)" ] || bash "$REPO/../shared/tools/device-wheels.sh" >/dev/null
@@ -48,6 +52,28 @@ for path in itertools.chain(*itertools.zip_longest(*data.entries)):
         shutil.copy(path, ".gpu/cache/")
         used, kept = used + path.stat().st_size, kept + 1
 print(f"cache: {kept} of {sum(map(len, data.entries))} entries ({used / 2**20:.1f} MB) in .gpu/cache")
+EOF
+fi
+rm -rf .gpu-data
+if [ "$PART_MB" -gt 0 ]; then
+  # Every train-split entry not in .gpu/cache, round-robin over the cases, into parts of at most PART_MB.
+  python - "$DATA_ROOT" /tmp/meddifffm-gpu-cache "$PART_MB" <<'EOF'
+import itertools, shutil, sys
+from pathlib import Path
+from MedDiffFMLib.config import preset
+from MedDiffFMLib.dataset import CTPatchDataset, split_cases
+data = CTPatchDataset(split_cases(sys.argv[1], "train"), preset("default"), sys.argv[2])
+carried = {p.name for p in Path(".gpu/cache").glob("*.npz")}
+budget, part, used = int(sys.argv[3]) * 2**20, 0, None
+for path in itertools.chain(*itertools.zip_longest(*data.entries)):
+    if path is None or path.name in carried:
+        continue
+    if used is None or used + path.stat().st_size > budget:
+        part, used = part + 1, 0
+        Path(f".gpu-data/part{part}").mkdir(parents=True)
+    shutil.copy(path, f".gpu-data/part{part}/")
+    used += path.stat().st_size
+print(f"data: the rest of the train split in {part} upload parts under .gpu-data")
 EOF
 fi
 tree=$(git ls-files -z | xargs -0 cat | wc -c)
