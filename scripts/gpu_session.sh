@@ -35,12 +35,13 @@ TRAIN_MODEL=${TRAIN_MODEL:---preset default --init-from .gpu/model/ema.safetenso
 PACK_STATE=${PACK_STATE:-1}
 # The folder of cache entries. One call carries at most 64 MiB, tree included; the train split's entries are about
 # 290 MB. Session 15 found that a call's .gpu holds only what that call carries (an earlier call's .gpu is gone),
-# while /tmp (the wheels' install) stays on a warm machine. So the whole split goes up in parts (PART_MB=54
+# while /tmp (the wheels' install) stays on a warm machine. So the whole split goes up in parts (PART_MB=50
 # scripts/prepare_gpu_bundle.sh), one call each, back to back (the machine goes back after 30 s idle):
 #   call k: carry [".gpu-data/partk"] (call 1 also ".whl"), command
 #           mkdir -p /tmp/meddifffm-data && cp .gpu-data/partk/*.npz /tmp/meddifffm-data/
 #   last:   carry [".gpu"], command
-#           cp .gpu/cache/*.npz /tmp/meddifffm-data/ 2>/dev/null; TRAIN_DATA=/tmp/meddifffm-data ... bash scripts/gpu_session.sh
+#           cp .gpu/cache/*.npz /tmp/meddifffm-data/ 2>/dev/null
+#           TRAIN_DATA=/tmp/meddifffm-data TRAIN_UNTIL=... bash scripts/gpu_session.sh
 TRAIN_DATA=${TRAIN_DATA:-.gpu/cache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 elapsed() { echo $(( $(date +%s) - START )); }

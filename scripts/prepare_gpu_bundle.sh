@@ -4,8 +4,8 @@
 #   scripts/prepare_gpu_bundle.sh                 wheels, stub, registered `default` weights, the 512 x 512 CT
 #   CACHE_MB=36 scripts/prepare_gpu_bundle.sh     the same plus up to 36 MB of train-split cache entries
 #                                                 (only needed when gpu_session.sh trains: TRAIN_UNTIL > 0)
-#   PART_MB=54 scripts/prepare_gpu_bundle.sh      also the rest of the train split, in folders .gpu-data/partN of
-#                                                 up to 54 MB, one for each upload call (gpu_session.sh, top)
+#   PART_MB=50 scripts/prepare_gpu_bundle.sh      also the rest of the train split, in folders .gpu-data/partN of
+#                                                 up to 50 MB, one for each upload call (gpu_session.sh, top)
 # Environment: MODEL (weights to start from: a registered name or a .safetensors path, default `default`),
 # DATA_ROOT (the shared CT folder, default ../shared/data/ct). A device call carries at most 64 MiB in all,
 # tree included: the script prints the total and fails above it. Pass carry [".gpu", ".whl"].
@@ -36,44 +36,35 @@ EOF
 [ -f .gpu/crlm.npz ] || python benchmarks/denoise_speed.py --save-input .gpu/crlm.npz \
     --input "$DATA_ROOT/mirp_crlm/CRLM-CT-1004/image/"
 
-rm -rf .gpu/cache
-if [ "$CACHE_MB" -gt 0 ]; then
-  # Fill a full cache of the train split once, then copy entries round-robin over the cases (each case's
-  # training grids in turn), skipping any that would pass CACHE_MB, so that every case that fits travels.
+rm -rf .gpu/cache .gpu-data
+if [ "$CACHE_MB" -gt 0 ] || [ "$PART_MB" -gt 0 ]; then
+  # Fill a full cache of the train split once, then take its entries round-robin over the cases (each case's
+  # training grids in turn): up to CACHE_MB into .gpu/cache, skipping any that would pass it, so that every case
+  # that fits travels; with PART_MB, all the others into upload parts .gpu-data/partN of at most PART_MB each.
   mkdir -p .gpu/cache
-  python - "$DATA_ROOT" /tmp/meddifffm-gpu-cache "$CACHE_MB" <<'EOF'
-import itertools, shutil, sys
-from MedDiffFMLib.config import preset
-from MedDiffFMLib.dataset import CTPatchDataset, split_cases
-data = CTPatchDataset(split_cases(sys.argv[1], "train"), preset("default"), sys.argv[2])
-budget, used, kept = int(sys.argv[3]) * 2**20, 0, 0
-for path in itertools.chain(*itertools.zip_longest(*data.entries)):
-    if path is not None and used + path.stat().st_size <= budget:
-        shutil.copy(path, ".gpu/cache/")
-        used, kept = used + path.stat().st_size, kept + 1
-print(f"cache: {kept} of {sum(map(len, data.entries))} entries ({used / 2**20:.1f} MB) in .gpu/cache")
-EOF
-fi
-rm -rf .gpu-data
-if [ "$PART_MB" -gt 0 ]; then
-  # Every train-split entry not in .gpu/cache, round-robin over the cases, into parts of at most PART_MB.
-  python - "$DATA_ROOT" /tmp/meddifffm-gpu-cache "$PART_MB" <<'EOF'
+  python - "$DATA_ROOT" /tmp/meddifffm-gpu-cache "$CACHE_MB" "$PART_MB" <<'EOF'
 import itertools, shutil, sys
 from pathlib import Path
 from MedDiffFMLib.config import preset
 from MedDiffFMLib.dataset import CTPatchDataset, split_cases
 data = CTPatchDataset(split_cases(sys.argv[1], "train"), preset("default"), sys.argv[2])
-carried = {p.name for p in Path(".gpu/cache").glob("*.npz")}
-budget, part, used = int(sys.argv[3]) * 2**20, 0, None
+cache_budget, part_budget = int(sys.argv[3]) * 2**20, int(sys.argv[4]) * 2**20
+used, kept, part, part_used = 0, 0, 0, None
 for path in itertools.chain(*itertools.zip_longest(*data.entries)):
-    if path is None or path.name in carried:
+    if path is None:
         continue
-    if used is None or used + path.stat().st_size > budget:
-        part, used = part + 1, 0
-        Path(f".gpu-data/part{part}").mkdir(parents=True)
-    shutil.copy(path, f".gpu-data/part{part}/")
-    used += path.stat().st_size
-print(f"data: the rest of the train split in {part} upload parts under .gpu-data")
+    size = path.stat().st_size
+    if used + size <= cache_budget:
+        shutil.copy(path, ".gpu/cache/")
+        used, kept = used + size, kept + 1
+    elif part_budget:
+        if part_used is None or part_used + size > part_budget:
+            part, part_used = part + 1, 0
+            Path(f".gpu-data/part{part}").mkdir(parents=True)
+        shutil.copy(path, f".gpu-data/part{part}/")
+        part_used += size
+print(f"cache: {kept} of {sum(map(len, data.entries))} entries ({used / 2**20:.1f} MB) in .gpu/cache; "
+      f"{part} upload parts in .gpu-data")
 EOF
 fi
 tree=$(git ls-files -z | xargs -0 cat | wc -c)
@@ -81,4 +72,7 @@ bundle=$(cat $(find .gpu .whl -type f) | wc -c)
 total_mib=$(( (tree + bundle) / 1048576 ))
 echo "travels: tree $(( tree / 1048576 )) MiB + bundle $(( bundle / 1048576 )) MiB = $total_mib MiB (limit 64)"
 [ "$total_mib" -lt 64 ] || { echo "too large for one device call: lower CACHE_MB" >&2; exit 1; }
+for part in $(find .gpu-data -mindepth 1 -maxdepth 1 -type d 2>/dev/null); do  # each travels alone, with the tree
+  [ $(( (tree + $(cat "$part"/* | wc -c)) / 1048576 )) -lt 64 ] || { echo "$part too large: lower PART_MB" >&2; exit 1; }
+done
 echo "bundle ready: device run with carry [\".gpu\", \".whl\"] and command 'bash scripts/gpu_session.sh'"
