@@ -1,6 +1,8 @@
 """Lesion generation: the box around the mask, its place in the whole volume, and the pasted result."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -141,6 +143,7 @@ def test_cli_with_the_registered_lesion_model(chest_nodule_crop, tmp_path, caplo
     from MedDiffFMLib.cli import main
     from MedDiffFMLib.io import read_volume, write_volume
 
+    caplog.set_level(logging.INFO, logger="MedDiffFMLib")
     image, nodule = chest_nodule_crop
     blob = np.zeros(image.shape, np.uint8)
     blob[5:8, 20:26, 20:26] = 1  # small: its box is one network window
@@ -151,5 +154,7 @@ def test_cli_with_the_registered_lesion_model(chest_nodule_crop, tmp_path, caplo
                  "--overlap", "0", "--device", "cpu", "--progress", "none"])  # default --model: `lesion`
     assert code == 0
     assert "is a test model" not in caplog.text
+    # The 32^3 training patch, not the 3 x 6 x 6-voxel mask, sets the box: all 12 slices of 5 mm, 32 x 0.57 mm.
+    assert "generating a box of 60 x 18 x 18 mm (z, y, x) anew" in caplog.text
     out = read_volume(tmp_path / "out.nii.gz")
     assert out.same_grid(image) and not np.array_equal(out.array[blob > 0], image.array[blob > 0])

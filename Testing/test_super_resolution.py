@@ -220,3 +220,13 @@ def test_a_factor_other_than_the_trained_one_is_warned_about(thick, caplog):
     assert "fine-tuned to make" not in caplog.text
     super_resolve(thick, model, factor=2, nfe=1, region="chest")
     assert "fine-tuned to make 5 thin slices per thick slice; factor 2 is outside" in caplog.text
+
+
+def test_slices_already_thinner_than_the_in_plane_voxels_are_warned_about(thick, sr_model, caplog):
+    """A CT whose slices are closer than its in-plane voxels holds nothing thick to resolve along z."""
+    super_resolve(thick, sr_model, factor=5, nfe=1, region="chest")  # 0.57 mm pixels, 5 mm slices
+    assert "already thinner than the in-plane voxels" not in caplog.text
+    coarse = Volume(thick.array, (3.27, 3.27, 0.98), thick.origin, thick.direction)
+    thin = super_resolve(coarse, sr_model, factor=5, nfe=1, region="chest")
+    assert "the slices (0.98 mm apart) are already thinner than the in-plane voxels (3.27 x 3.27 mm)" in caplog.text
+    assert thin.spacing[2] == pytest.approx(0.98 / 5)

@@ -9,6 +9,7 @@ lesion inpainting, which samples the same box but keeps the known voxels.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple, Union
 
@@ -28,6 +29,8 @@ from .common import (anatomy_for, check_seed, check_window_size, clip_to_input_r
 
 Progress = Optional[Callable[[int, int], None]]
 Box = Tuple[slice, slice, slice]
+
+log = logging.getLogger(__name__)
 
 #: Context kept around the lesion on every side (mm).
 DEFAULT_MARGIN_MM = 10.0
@@ -110,6 +113,10 @@ def generate_lesion(volume: Volume, lesion_mask: Volume, model: torch.nn.Module,
     check_task(model, "lesion")
     job = prepare_box(volume, lesion_mask, model, region, margin_mm, device, overlap, window_batch, precision,
                       mask_name="lesion mask", window_size=window_size)
+    # On thick slices the training patch, not the mask, can set the box: say how much of the CT is replaced.
+    extent = " x ".join(f"{(s.stop - s.start) * spacing:.0f}" for s, spacing in zip(job.core, volume.spacing_zyx))
+    log.info("generating a box of %s mm (z, y, x) anew: the lesion mask's box plus %g mm, and at least the model's "
+             "%d^3 training patch", extent, margin_mm, model_config(model).patch_size)
     steps = timesteps(nfe, job.sampler.schedule.T - 1)
     x = job.sampler.run(None, steps, seed, progress=progress)
     # Only the core box is pasted, so the region rewritten does not depend on the window (a larger sampled box
