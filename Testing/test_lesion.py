@@ -155,6 +155,6 @@ def test_cli_with_the_registered_lesion_model(chest_nodule_crop, tmp_path, caplo
     assert code == 0
     assert "is a test model" not in caplog.text
     # The 32^3 training patch, not the 3 x 6 x 6-voxel mask, sets the box: all 12 slices of 5 mm, 32 x 0.57 mm.
-    assert "generating a box of 60 x 18 x 18 mm (z, y, x) anew" in caplog.text
+    assert "generating a box of 60 x 18 x 18 mm (z, y, x) anew" in caplog.text  # z: the whole 12-slice crop
     out = read_volume(tmp_path / "out.nii.gz")
     assert out.same_grid(image) and not np.array_equal(out.array[blob > 0], image.array[blob > 0])

@@ -30,6 +30,8 @@ from scipy.stats import wasserstein_distance
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from MedDiffFMLib.errors import InputError  # noqa: E402
+from MedDiffFMLib.finetune import check_task  # noqa: E402
 from MedDiffFMLib.io import read_mask, read_volume  # noqa: E402
 from MedDiffFMLib.tasks.common import load_model  # noqa: E402
 from MedDiffFMLib.tasks.inpaint import inpaint  # noqa: E402
@@ -66,11 +68,18 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=2, help="fillings per model and case, averaged")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cases", nargs="*", help="case names (default: all)")
-    parser.add_argument("--task", choices=("inpaint", "generate-lesion"), default="inpaint")
+    parser.add_argument("--task", choices=("inpaint", "generate-lesion"), default="inpaint",
+                        help="generate-lesion takes lesion ControlNets only, and no RePaint resampling")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(message)s")  # test-model warnings are known
     torch.set_num_threads(args.threads)
     models = {name: load_model(name, torch.device("cpu")) for name in args.model}
+    if args.task == "generate-lesion":
+        for name, model in models.items():
+            try:
+                check_task(model, "lesion")  # before any case runs
+            except InputError as err:
+                parser.error(f"--model {name}: {err}")
 
     print("| case | filled by | mean HU in mask (error) | W1 to the real lesion (HU) | contrast to the shell (HU) "
           "| time (s) |\n|---|---|---|---|---|---|")

@@ -1,6 +1,7 @@
 #!/bin/bash
 # One short GPU session (development tooling, not part of the product): the network's throughput (NET_SETS),
-# the denoise-speed table (BENCH_SETS), then `default` training from cache entries until TRAIN_UNTIL seconds
+# the denoise-speed table (BENCH_SETS), then training (TRAIN_MODEL: `default` unless told) from cache entries
+# until TRAIN_UNTIL seconds
 # after the start (skipped when less than a minute is left for it), stopped cleanly
 # (SIGTERM -> checkpoint), with the run packed into $OUT in parts under 16 MB.
 # Run from the repo root on the GPU machine, with a bundle that scripts/prepare_gpu_bundle.sh builds here
@@ -12,7 +13,8 @@
 #   .gpu/crlm.npz           python benchmarks/denoise_speed.py --save-input .gpu/crlm.npz --input
 #                           ../shared/data/ct/mirp_crlm/CRLM-CT-1004/image/ (11 MB: leave that much of the cache
 #                           behind, or all of it when TRAIN_UNTIL is 0); a real 512 x 512 CT, air around the body
-# Back here: cat run.tar.part-* | tar xf - in a run folder, then `train --resume` continues it.
+# Back here: cat run.tar.part-* | tar xf - in a run folder, then `train --resume` continues it (with PACK_STATE=0:
+# `train --init-from <its ema.safetensors>`).
 set -u
 START=$(date +%s)
 NET_UNTIL=${NET_UNTIL:-0}; BENCH_UNTIL=${BENCH_UNTIL:-225}; TRAIN_UNTIL=${TRAIN_UNTIL:-0}
@@ -37,16 +39,15 @@ PACK_STATE=${PACK_STATE:-1}
 # 290 MB. Session 15 found that a call's .gpu holds only what that call carries (an earlier call's .gpu is gone),
 # while /tmp (the wheels' install) stays on a warm machine. So the whole split goes up in parts (PART_MB=50
 # scripts/prepare_gpu_bundle.sh), one call each, back to back (the machine goes back after 30 s idle):
-#   call k: carry [".gpu-data/partk"] (call 1 also ".whl"), command
+#   call k: carry [".gpu-data/partk"], command
 #           mkdir -p /tmp/meddifffm-data && cp .gpu-data/partk/*.npz /tmp/meddifffm-data/
-#   last:   carry [".gpu"], command
+#   last:   carry [".gpu", ".whl"], command
 #           cp .gpu/cache/*.npz /tmp/meddifffm-data/ 2>/dev/null
 #           TRAIN_DATA=/tmp/meddifffm-data TRAIN_UNTIL=... bash scripts/gpu_session.sh
 TRAIN_DATA=${TRAIN_DATA:-.gpu/cache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 elapsed() { echo $(( $(date +%s) - START )); }
 if [ -d .whl ] && [ ! -d /tmp/site/monai ]; then  # a warm machine keeps an earlier call's install
-  # (the upload calls above may carry .whl and install it: python3 -m pip ... --target /tmp/site .whl/*.whl)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
 export PYTHONPATH=$PWD:/tmp/site:$PWD/.gpu/stub PYTHONUNBUFFERED=1
@@ -71,7 +72,7 @@ run_sets benchmarks/denoise_speed.py $BENCH_UNTIL "$BENCH_SETS"
 [ $(( TRAIN_UNTIL - $(elapsed) )) -gt 60 ] || { echo "no time left to train; done at $(elapsed) s" >> "$LOG"; exit 0; }
 echo "== train at $(elapsed) s" >> "$LOG"
 rm -rf .gpu/run  # a warm machine may hold an earlier call's run: this call packs its own
-python3 -m MedDiffFMLib train $TRAIN_MODEL --data $TRAIN_DATA --out .gpu/run --cache-dir .gpu/unused \
+python3 -m MedDiffFMLib train $TRAIN_MODEL --data "$TRAIN_DATA" --out .gpu/run --cache-dir .gpu/unused \
   --steps 1000000 --seed 1 --checkpoint-minutes 2 --checkpoint-every 100000 \
   --progress none \
   $TRAIN_ARGS >> "$OUT/train.log" 2>&1 &

@@ -9,9 +9,9 @@ from . import _common
 
 NAME = "generate-lesion"
 HELP = ("Synthesise a lesion where the mask is: the box around the mask (plus --margin-mm, and at least the "
-        "model's training patch along every axis: 32 voxels for `lesion`, i.e. 160 mm along 5 mm slices) is "
-        "generated anew by a lesion ControlNet and pasted into a copy of the CT. To keep the surroundings "
-        "unchanged, use `inpaint`.")
+        "model's training patch along every axis the CT allows: 32 voxels for `lesion`, i.e. 160 mm along 5 mm "
+        "slices) is generated anew by a lesion ControlNet and pasted into a copy of the CT. To keep the "
+        "surroundings unchanged, use `inpaint`.")
 
 #: The registered lesion ControlNet used when --model is not given.
 DEFAULT_MODEL = "lesion"

@@ -116,7 +116,7 @@ def generate_lesion(volume: Volume, lesion_mask: Volume, model: torch.nn.Module,
     # On thick slices the training patch, not the mask, can set the box: say how much of the CT is replaced.
     extent = " x ".join(f"{(s.stop - s.start) * spacing:.0f}" for s, spacing in zip(job.core, volume.spacing_zyx))
     log.info("generating a box of %s mm (z, y, x) anew: the lesion mask's box plus %g mm, and at least the model's "
-             "%d^3 training patch", extent, margin_mm, model_config(model).patch_size)
+             "%d^3 training patch where the CT allows", extent, margin_mm, model_config(model).patch_size)
     steps = timesteps(nfe, job.sampler.schedule.T - 1)
     x = job.sampler.run(None, steps, seed, progress=progress)
     # Only the core box is pasted, so the region rewritten does not depend on the window (a larger sampled box

@@ -136,15 +136,15 @@ def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: 
             f"x, y, z = {', '.join(f'{s:g}' for s in volume.spacing)} mm in patient order): it holds thick sagittal "
             "or coronal slices. Resample it to axial slices first (e.g. the preprocess command or Slicer's Resample "
             "Scalar Volume)")
-    if sz < min(sx, sy):
-        log.warning("the slices (%g mm apart) are already thinner than the in-plane voxels (%g x %g mm): "
-                    "super-resolution adds slices %g mm apart, finer than any detail this CT holds", sz, sx, sy,
-                    sz / factor)
     if sigma_n < 0 or lam <= 0:
         raise InputError(f"need sigma_n >= 0 and lambda > 0, got sigma_n={sigma_n}, lambda={lam}")
     if not 0.0 <= zeta <= 1.0:
         raise InputError(f"zeta (share of fresh noise per step) must be in [0, 1], got {zeta}")
     check_task(model, "super-resolution")
+    if sz < min(sx, sy):
+        log.warning("the slices (%g mm apart) are already thinner than the in-plane voxels (%g x %g mm): "
+                    "super-resolution adds slices %g mm apart, finer than any detail this CT holds", sz, sx, sy,
+                    sz / factor)
     if model.slice_factor not in (None, factor):
         log.warning("this model was fine-tuned to make %d thin slices per thick slice; factor %d is outside what "
                     "it learnt, so expect a weaker result", model.slice_factor, factor)
