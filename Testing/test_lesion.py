@@ -64,6 +64,23 @@ def test_generated_box_is_pasted_into_a_copy(chest_nodule_crop, lesion_model):
     assert np.array_equal(image.array, before)
 
 
+def test_a_lesion_controlnet_reads_soft_tissue_in_its_mask(chest_nodule_crop, lesion_model, tiny_base):
+    """Its training lesions read as soft tissue in the anatomy condition (computed from CTs that held them), so the
+    mask does too, whatever the CT shows there; a base model keeps the anatomy as computed."""
+    from MedDiffFMLib.config import preset
+    from MedDiffFMLib.tasks.common import anatomy_for
+
+    image, nodule = chest_nodule_crop
+    job = prepare_box(image, nodule, lesion_model, "chest", 2.0, "cpu", 0.0, 8, "fp32")
+    computed = anatomy_for(image, preset("tiny"))[job.box]
+    assert (computed[job.inside] != 3).mean() > 0.3  # the nodule reads partly as fat and lung
+    labels = job.sampler.cond.labels
+    assert (labels[job.inside] == 3).all()
+    assert np.array_equal(labels[~job.inside], computed[~job.inside])
+    base = prepare_box(image, nodule, tiny_base, "chest", 2.0, "cpu", 0.0, 8, "fp32")
+    assert np.array_equal(base.sampler.cond.labels, computed)
+
+
 def test_a_larger_window_samples_a_larger_box_but_regenerates_the_same_one(chest_nodule_crop, lesion_model):
     """--window-size grows the sampled box to hold one window (more context), but the region generate-lesion
     rewrites is the box at the training patch, whatever the window."""

@@ -16,7 +16,9 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..conditioning import VolumeCondition
+from ..anatomy import THRESHOLD_CLASSES
+from ..conditioning import VolumeCondition, anatomy_spec
+from ..config import ModelConfig
 from ..diffusion import timesteps
 from ..finetune import ControlledCondition, ControlledNet, check_task
 from ..io import Volume
@@ -64,12 +66,26 @@ class BoxJob:
     sampler: SlidingWindowSampler
 
 
+def lesion_anatomy(labels: np.ndarray, inside: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """The anatomy condition for a lesion ControlNet: soft tissue inside the lesion mask (threshold anatomy).
+
+    The ControlNet learnt lesions whose anatomy was computed from CTs that held them: soft-tissue density. Computed
+    from a CT without the lesion, the mask reads as the tissue it was drawn on, and on healthy lung the ControlNet
+    then grows no lesion at all (benchmarks/README.md, session 15). Other anatomy sources are left as computed.
+    """
+    if anatomy_spec(cfg).source != "threshold":
+        return labels
+    soft_tissue = next(label for label, name in THRESHOLD_CLASSES.items() if name == "soft tissue")
+    return np.where(inside, np.asarray(soft_tissue, labels.dtype), labels)
+
+
 def prepare_box(volume: Volume, mask: Volume, model: torch.nn.Module, region: Optional[str], margin_mm: float,
                 device: Union[str, torch.device], overlap: float, window_batch: Optional[int], precision: str,
                 mask_name: str = "mask", window_size: Optional[int] = None) -> BoxJob:
     """Check the inputs and set up sampling of the box around `mask` in the frame of the whole volume.
 
-    A `ControlledNet` gets the mask as its control volume; a plain base model gets the usual condition. The box
+    A `ControlledNet` gets the mask as its control volume and soft tissue in the mask's anatomy
+    (`lesion_anatomy`); a plain base model gets the usual condition. The box
     is at least the training patch and one window (`window_size`, None: the training patch) along every axis
     the volume allows, and holds the `core` box, which does not depend on the window.
     """
@@ -87,6 +103,7 @@ def prepare_box(volume: Volume, mask: Volume, model: torch.nn.Module, region: Op
     anatomy = anatomy_for(volume, cfg)[box]
     place = dict(offset_zyx=[s.start for s in box], full_shape_zyx=volume.shape)
     if isinstance(model, ControlledNet):
+        anatomy = lesion_anatomy(anatomy, inside, cfg)
         cond = ControlledCondition(cfg, inside.astype(np.float32), volume.spacing_zyx, region, anatomy, **place)
     else:
         cond = VolumeCondition(cfg, inside.shape, volume.spacing_zyx, region, anatomy, **place)
