@@ -64,9 +64,9 @@ def test_generated_box_is_pasted_into_a_copy(chest_nodule_crop, lesion_model):
     assert np.array_equal(image.array, before)
 
 
-def test_a_lesion_controlnet_reads_soft_tissue_in_its_mask(chest_nodule_crop, lesion_model, tiny_base):
+def test_a_lesion_controlnet_reads_soft_tissue_in_its_mask(chest_nodule_crop, lesion_model):
     """Its training lesions read as soft tissue in the anatomy condition (computed from CTs that held them), so the
-    mask does too, whatever the CT shows there; a base model keeps the anatomy as computed."""
+    mask does too, whatever the CT shows there (a base model's mask: the next test)."""
     from MedDiffFMLib.config import preset
     from MedDiffFMLib.tasks.common import anatomy_for
 
@@ -77,8 +77,29 @@ def test_a_lesion_controlnet_reads_soft_tissue_in_its_mask(chest_nodule_crop, le
     labels = job.sampler.cond.labels
     assert (labels[job.inside] == 3).all()
     assert np.array_equal(labels[~job.inside], computed[~job.inside])
-    base = prepare_box(image, nodule, tiny_base, "chest", 2.0, "cpu", 0.0, 8, "fp32")
-    assert np.array_equal(base.sampler.cond.labels, computed)
+
+
+def test_a_base_model_fills_the_mask_after_its_surroundings(chest_nodule_crop, tiny_base):
+    """Computed from the CT, the nodule's own tissue classes would bring the nodule back: a base model takes the
+    mask's anatomy from the nearest voxel outside it, in mm."""
+    from MedDiffFMLib.config import preset
+    from MedDiffFMLib.tasks.common import anatomy_for
+    from MedDiffFMLib.tasks.lesion import surrounding_anatomy
+
+    labels = np.full((3, 1, 5), 2)
+    labels[0] = 4  # bone one slice (5 mm) below
+    labels[1, 0, [0, 4]] = 1  # lung two voxels (1 mm) away in-plane
+    inside = np.zeros(labels.shape, bool)
+    inside[1, 0, 1:4] = True
+    assert surrounding_anatomy(labels, inside, (5.0, 0.5, 0.5))[1, 0, 2] == 1  # nearest in mm, not in voxels
+    assert surrounding_anatomy(labels, inside, (1.0, 1.0, 1.0))[1, 0, 2] != 1
+    assert np.array_equal(surrounding_anatomy(labels, np.ones_like(inside), (1.0, 1.0, 1.0)), labels)
+    image, nodule = chest_nodule_crop
+    job = prepare_box(image, nodule, tiny_base, "chest", 2.0, "cpu", 0.0, 8, "fp32")
+    computed = anatomy_for(image, preset("tiny"))[job.box]
+    filled = job.sampler.cond.labels
+    assert np.array_equal(filled[~job.inside], computed[~job.inside])
+    assert (computed[job.inside] == 1).mean() < 0.2 and (filled[job.inside] == 1).mean() > 0.5  # lung around it
 
 
 def test_a_larger_window_samples_a_larger_box_but_regenerates_the_same_one(chest_nodule_crop, lesion_model):

@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from ..anatomy import THRESHOLD_CLASSES
 from ..conditioning import VolumeCondition, anatomy_spec
@@ -79,13 +80,25 @@ def lesion_anatomy(labels: np.ndarray, inside: np.ndarray, cfg: ModelConfig) -> 
     return np.where(inside, np.asarray(soft_tissue, labels.dtype), labels)
 
 
+def surrounding_anatomy(labels: np.ndarray, inside: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
+    """The anatomy condition for a base model filling a mask: each masked voxel takes the label of the nearest voxel
+    outside the mask (in mm), so the mask is filled after its surroundings, not after what it held (computed from
+    the CT, a lesion's own tissue classes would bring the lesion back). A mask over the whole box is left as is."""
+    if inside.all() or not inside.any():
+        return labels
+    nearest = ndimage.distance_transform_edt(inside, sampling=spacing_zyx, return_distances=False,
+                                             return_indices=True)
+    return np.where(inside, labels[tuple(nearest)], labels)
+
+
 def prepare_box(volume: Volume, mask: Volume, model: torch.nn.Module, region: Optional[str], margin_mm: float,
                 device: Union[str, torch.device], overlap: float, window_batch: Optional[int], precision: str,
                 mask_name: str = "mask", window_size: Optional[int] = None) -> BoxJob:
     """Check the inputs and set up sampling of the box around `mask` in the frame of the whole volume.
 
     A `ControlledNet` gets the mask as its control volume and soft tissue in the mask's anatomy
-    (`lesion_anatomy`); a plain base model gets the usual condition. The box
+    (`lesion_anatomy`); a plain base model gets the usual condition, with the mask's anatomy taken from its
+    surroundings (`surrounding_anatomy`). The box
     is at least the training patch and one window (`window_size`, None: the training patch) along every axis
     the volume allows, and holds the `core` box, which does not depend on the window.
     """
@@ -106,6 +119,7 @@ def prepare_box(volume: Volume, mask: Volume, model: torch.nn.Module, region: Op
         anatomy = lesion_anatomy(anatomy, inside, cfg)
         cond = ControlledCondition(cfg, inside.astype(np.float32), volume.spacing_zyx, region, anatomy, **place)
     else:
+        anatomy = surrounding_anatomy(anatomy, inside, volume.spacing_zyx)
         cond = VolumeCondition(cfg, inside.shape, volume.spacing_zyx, region, anatomy, **place)
     device = task_device(model, device)
     sampler = make_sampler(model, inside.shape, volume.spacing_zyx, region, None, device, overlap, window_batch,
