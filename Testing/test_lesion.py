@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from MedDiffFMLib.config import preset
 from MedDiffFMLib.errors import InputError
 from MedDiffFMLib.finetune import ControlledCondition, ControlledNet
-from MedDiffFMLib.tasks.common import mask_box
-from MedDiffFMLib.tasks.lesion import generate_lesion, paste_weights, prepare_box
+from MedDiffFMLib.tasks.common import anatomy_for, mask_box
+from MedDiffFMLib.tasks.lesion import generate_lesion, paste_weights, prepare_box, surrounding_anatomy
 
 CHEST_WINDOW = (-1400.0, 400.0)
 FAST = dict(nfe=3, margin_mm=2.0, region="chest", overlap=0.0, window_batch=8)
@@ -67,9 +68,6 @@ def test_generated_box_is_pasted_into_a_copy(chest_nodule_crop, lesion_model):
 def test_a_lesion_controlnet_reads_soft_tissue_in_its_mask(chest_nodule_crop, lesion_model):
     """Its training lesions read as soft tissue in the anatomy condition (computed from CTs that held them), so the
     mask does too, whatever the CT shows there (a base model's mask: the next test)."""
-    from MedDiffFMLib.config import preset
-    from MedDiffFMLib.tasks.common import anatomy_for
-
     image, nodule = chest_nodule_crop
     job = prepare_box(image, nodule, lesion_model, "chest", 2.0, "cpu", 0.0, 8, "fp32")
     computed = anatomy_for(image, preset("tiny"))[job.box]
@@ -82,10 +80,6 @@ def test_a_lesion_controlnet_reads_soft_tissue_in_its_mask(chest_nodule_crop, le
 def test_a_base_model_fills_the_mask_after_its_surroundings(chest_nodule_crop, tiny_base):
     """Computed from the CT, the nodule's own tissue classes would bring the nodule back: a base model takes the
     mask's anatomy from the nearest voxel outside it, in mm."""
-    from MedDiffFMLib.config import preset
-    from MedDiffFMLib.tasks.common import anatomy_for
-    from MedDiffFMLib.tasks.lesion import surrounding_anatomy
-
     labels = np.full((3, 1, 5), 2)
     labels[0] = 4  # bone one slice (5 mm) below
     labels[1, 0, [0, 4]] = 1  # lung two voxels (1 mm) away in-plane

@@ -98,9 +98,9 @@ def prepare_box(volume: Volume, mask: Volume, model: torch.nn.Module, region: Op
 
     A `ControlledNet` gets the mask as its control volume and soft tissue in the mask's anatomy
     (`lesion_anatomy`); a plain base model gets the usual condition, with the mask's anatomy taken from its
-    surroundings (`surrounding_anatomy`). The box
-    is at least the training patch and one window (`window_size`, None: the training patch) along every axis
-    the volume allows, and holds the `core` box, which does not depend on the window.
+    surroundings (`surrounding_anatomy`). The box is at least the training patch and one window (`window_size`,
+    None: the training patch) along every axis the volume allows, and holds the `core` box, which does not depend
+    on the window.
     """
     check_ct(volume)
     check_mask(mask, volume, name=mask_name)
