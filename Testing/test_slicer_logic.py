@@ -10,6 +10,7 @@ import ast
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -530,7 +531,9 @@ def test_module_needs_at_most_python_3_9():  # Slicer 5.6 embeds Python 3.9
 
 def test_sampling_options_map_to_cli_flags():
     arguments = logic_module.MedDiffFMTasks.samplingArguments(model="tiny", nfe=8, seed=3, forceCpu=True)
-    assert [str(a) for a in arguments] == ["--seed", "3", "--device", "cpu", "--model", "tiny", "--nfe", "8"]
+    assert [str(a) for a in arguments] == ["--device", "cpu", "--seed", "3", "--model", "tiny", "--nfe", "8"]
+    # None means the command line's default, for the seed as for every option
+    assert "--seed" not in logic_module.MedDiffFMTasks.samplingArguments(seed=None)
     # no model named: each command uses its own default (fine-tuned tasks have their own model)
     assert "--model" not in logic_module.MedDiffFMTasks.samplingArguments()
     assert logic_module.MedDiffFMTasks.samplingArguments(compileNetwork=True)[-1] == "--compile"
@@ -710,6 +713,15 @@ def test_logic_denoise_makes_new_node_on_input_grid(ct_node, fake_cli):
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), before + 1)
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(ct_node), before)
     assert not os.path.exists(os.path.dirname(argv[1]))  # temporary folder removed
+
+
+def test_logic_denoise_window_reaches_the_cli_as_numbers(ct_node, fake_cli):
+    """Python prints -1e-05 in scientific notation, which argparse would take for an option."""
+    from MedDiffFMLib.cli import build_parser
+
+    MedDiffFM.MedDiffFMLogic().denoise(ct_node, window=(-1e-5, 2e2))
+    arguments = build_parser().parse_args(fake_cli())
+    assert arguments.window == [-1e-5, 200.0]
 
 
 def test_logic_inpaint_sends_the_segment_as_mask(ct_node, fake_cli):
@@ -1053,6 +1065,22 @@ def test_library_found_from_the_module_folder_alone(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(REPO)
+
+
+@pytest.mark.parametrize("layout", ["built extension", "source tree"])
+def test_library_beside_the_module_wins_over_another_importable_copy(tmp_path, layout):
+    """A module from one checkout or install must not run jobs with another copy's library and Models.json."""
+    modules = tmp_path / "modules"
+    shutil.copytree(REPO / "MedDiffFM" / "MedDiffFMUtils", modules / "MedDiffFMUtils")
+    root = modules if layout == "built extension" else tmp_path
+    (root / "MedDiffFMLib").mkdir()
+    (root / "MedDiffFMLib" / "__init__.py").write_text("")
+    # REPO's MedDiffFMLib is importable too, ahead of the module's folder
+    code = ("import sys; sys.path[:0] = [%r, %r]; from MedDiffFMUtils import library; print(library.libraryRoot())"
+            % (str(REPO), str(modules)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(root)
 
 
 def test_first_use_setup_asks_before_installing(monkeypatch):

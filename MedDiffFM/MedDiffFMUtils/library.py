@@ -13,17 +13,22 @@ MODEL_NOT_INSTALLED = "Resources/Models.json lists none"
 
 
 def libraryRoot():
-    """The folder containing the MedDiffFMLib package; makes it importable when run from the source tree."""
+    """The folder containing the MedDiffFMLib package that ships with this module, made importable.
+
+    The copy beside the module wins over any other importable one (a pip or editable install of another checkout):
+    jobs must run the library, and read the Models.json, that this module was built with."""
+    moduleRoot = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # Built extension: the package sits beside MedDiffFM.py; source tree: one folder up from the module's.
+    for root in (moduleRoot, os.path.dirname(moduleRoot)):
+        if os.path.isdir(os.path.join(root, "MedDiffFMLib")):
+            if root not in sys.path:
+                sys.path.insert(0, root)
+            return root
     try:
         import MedDiffFMLib
     except ImportError:
-        # Loaded from the source tree (Developer mode "additional module path" = .../MedDiffFM):
-        # the library sits next to the module folder.
-        repoRoot = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        if not os.path.isdir(os.path.join(repoRoot, "MedDiffFMLib")):
-            raise ImportError(f"MedDiffFMLib was not found (looked in {repoRoot}); reinstall the MedDiffFM extension.")
-        sys.path.insert(0, repoRoot)
-        import MedDiffFMLib
+        raise ImportError(f"MedDiffFMLib was not found next to {moduleRoot} nor installed; reinstall the MedDiffFM "
+                          "extension.") from None
     return os.path.dirname(os.path.dirname(os.path.abspath(MedDiffFMLib.__file__)))
 
 

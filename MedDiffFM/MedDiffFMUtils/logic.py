@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 
+import numpy as np
 import slicer
 
 from . import library, volumes
@@ -226,7 +227,8 @@ class MedDiffFMTasks:
                     or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
                                for v in window) or not window[0] < window[1]):
                 raise ValueError(f"window must be two numbers (low, high) in HU with low < high, got {window!r}")
-            arguments += ["--window", *window]
+            # Positional notation: argparse takes "-1e-05" for an option, not a number.
+            arguments += ["--window", *(np.format_float_positional(float(v), trim="-") for v in window)]
         mask = _optionalSegment(segmentationNode, segmentId)
         return self._runTask("denoise", volumeNode, arguments, wait, options, mask=mask)
 
@@ -332,7 +334,9 @@ class MedDiffFMTasks:
                                    ("windowSize", windowSize, 1), ("seed", seed, 0)):
             if value is not None:
                 _checkWholeNumber(name, value, least)
-        arguments = ["--seed", seed, "--device", "cpu" if forceCpu else "auto"]
+        arguments = ["--device", "cpu" if forceCpu else "auto"]
+        if seed is not None:
+            arguments += ["--seed", seed]
         if model:
             arguments += ["--model", model]
         if region is not None:

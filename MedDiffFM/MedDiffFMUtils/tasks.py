@@ -34,6 +34,7 @@ OPTIONS_IN_SLICER = OrderedDict((
     ("--factor", ("factor", "Factor")),
     ("--compile", ("compileNetwork=True", None)),
     ("--threads", ("threads", None)),
+    ("--seed", ("seed", "Random seed")),
 ))
 
 
