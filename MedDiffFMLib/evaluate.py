@@ -61,6 +61,13 @@ def collect_ct_paths(paths: Sequence[Path]) -> List[Path]:
     return found
 
 
+def axial_first(volume: Volume) -> Volume:
+    """`volume` with axial slices along its first array axis: one stored sagittal- or coronal-first is brought to
+    patient order. Reversed axes alone are kept, so the published tables' noise draws stay."""
+    order = AxisOrder.of(volume.direction)
+    return volume if order.source == (0, 1, 2) else order.volume(volume)
+
+
 def case_names(paths: Sequence[Path]) -> List[str]:
     """Short unique names: the file name without suffix, prefixed by its folder when that repeats."""
     def stem(p: Path) -> str:
@@ -71,7 +78,8 @@ def case_names(paths: Sequence[Path]) -> List[str]:
         return name
 
     stems = [stem(p) for p in paths]
-    names = [s if stems.count(s) == 1 else f"{p.parent.name}_{s}" for p, s in zip(paths, stems)]
+    # resolve(): a file in the working directory has a folder name too
+    names = [s if stems.count(s) == 1 else f"{p.resolve().parent.name}_{s}" for p, s in zip(paths, stems)]
     if len(set(names)) != len(names):
         raise InputError(f"two inputs would get the same case name ({names}); rename or move one.")
     return names
@@ -131,13 +139,8 @@ def load_cases(paths: Sequence[Path], n_slices: int, crop_yx: Optional[int] = No
         try:
             volume = read_volume(path)
             check_ct(volume)  # the reference must be a clean CT in HU: PSNR in an HU window means nothing otherwise
-            order = AxisOrder.of(volume.direction)
-            # Cases are axial slices and low dose is simulated per axial slice: a CT stored sagittal- or
-            # coronal-first is brought to patient order. Reversed axes alone are kept, so the published tables'
-            # noise draws stay.
-            if order.source != (0, 1, 2):
-                volume = order.volume(volume)
-            cases.append(central_case(name, volume, n_slices, crop_yx, context))
+            # Low dose is simulated per axial slice.
+            cases.append(central_case(name, axial_first(volume), n_slices, crop_yx, context))
         except InputError as exc:  # among many files, say which one (unless the message does)
             raise InputError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
     return cases

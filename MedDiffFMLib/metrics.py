@@ -21,6 +21,8 @@ DENOISING_WINDOW_HU = (-160.0, 240.0)
 
 _SSIM_SIGMA = 1.5
 _SSIM_TRUNCATE = 3.5  # 11-tap window for sigma 1.5, as Wang et al. 2004
+#: Smallest image edge SSIM filters: the Gaussian window's taps.
+SSIM_MIN_PIXELS = 2 * int(_SSIM_TRUNCATE * _SSIM_SIGMA + 0.5) + 1
 _SSIM_K1, _SSIM_K2 = 0.01, 0.03
 
 
@@ -54,10 +56,9 @@ def ssim(x: np.ndarray, ref: np.ndarray, data_range: float, mode: str = "2d") ->
     if x.ndim != 3:
         raise InputError(f"ssim: expected a 2D slice or a 3D volume, got {x.ndim} dimensions.")
     sigma = (0.0, _SSIM_SIGMA, _SSIM_SIGMA) if mode == "2d" else _SSIM_SIGMA
-    pad = int(_SSIM_TRUNCATE * _SSIM_SIGMA + 0.5)
     smallest = min(x.shape[1:]) if mode == "2d" else min(x.shape)
-    if smallest < 2 * pad + 1:
-        raise InputError(f"ssim: images must be at least {2 * pad + 1} pixels along each filtered axis "
+    if smallest < SSIM_MIN_PIXELS:
+        raise InputError(f"ssim: images must be at least {SSIM_MIN_PIXELS} pixels along each filtered axis "
                          f"(shape {x.shape}, mode {mode}).")
 
     def smooth(a):
@@ -70,6 +71,7 @@ def ssim(x: np.ndarray, ref: np.ndarray, data_range: float, mode: str = "2d") ->
     c1, c2 = (_SSIM_K1 * data_range) ** 2, (_SSIM_K2 * data_range) ** 2
     ssim_map = ((2 * mu_x * mu_r + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_r ** 2 + c1) * (var_x + var_r + c2))
     # Border pixels see a reflected window; leave them out, as scikit-image does.
+    pad = SSIM_MIN_PIXELS // 2
     inner = (slice(None),) if mode == "2d" else (slice(pad, -pad),)
     inner += (slice(pad, -pad), slice(pad, -pad))
     return float(ssim_map[inner].mean())

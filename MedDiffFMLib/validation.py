@@ -77,7 +77,7 @@ def check_ct(vol: "Volume", log_warnings: bool = True) -> List[str]:
         raise InputError(
             f"the image has {bad} NaN or infinite voxels; replace them (e.g. with -1000 HU for air) "
             "before running MedDiffFM")
-    _check_spacing(vol.spacing, warnings)
+    check_spacing(vol.spacing, warnings)
     lo, hi = float(array.min()), float(array.max())
     if hi - lo < 1.0:
         raise InputError(f"the image is uniform (every voxel is {lo:.4g}): it holds no anatomy to work on (e.g. a "
@@ -101,7 +101,8 @@ def check_ct(vol: "Volume", log_warnings: bool = True) -> List[str]:
     return warnings
 
 
-def _check_spacing(spacing: Sequence[float], warnings: List[str]) -> None:
+def check_spacing(spacing: Sequence[float], warnings: List[str]) -> None:
+    """Refuse spacings no CT has (not positive, or anisotropic past MAX_ANISOTROPY); append milder concerns."""
     spacing = np.asarray(spacing, dtype=float)
     if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
         raise InputError(f"voxel spacing {format_values(spacing)} mm is invalid; every spacing must be > 0")
@@ -109,8 +110,8 @@ def _check_spacing(spacing: Sequence[float], warnings: List[str]) -> None:
     if ratio > MAX_ANISOTROPY:
         raise InputError(
             f"voxel spacing {format_values(spacing)} mm (x,y,z) is extremely anisotropic (ratio "
-            f"{ratio:.0f} > {MAX_ANISOTROPY:.0f}); this is not a usable 3D CT. Check the slice spacing "
-            "in the file header.")
+            f"{ratio:.0f} > {MAX_ANISOTROPY:.0f}); this is not a usable 3D CT grid. For a CT file, check the "
+            "slice spacing in its header.")
     if ratio > WARN_ANISOTROPY:
         warnings.append(f"voxel spacing {format_values(spacing)} mm (x,y,z) is anisotropic (ratio {ratio:.1f}); "
                         "detail along the coarse axis is limited")

@@ -225,6 +225,33 @@ def test_an_unknown_option_is_refused_with_the_tasks_own_usage(capsys):
     assert capsys.readouterr().err.startswith("usage: python -m MedDiffFMLib evaluate denoise")
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["evaluate", "denoise", "--crop", "5"], "argument --crop: must be 0 (the whole slice) or at least 11 pixels"),
+    (["evaluate", "denoise", "--gaussian-sigma", "0"], "argument --gaussian-sigma: must be a number above 0"),
+    (["evaluate", "anomaly", "--scores", "s.nii.gz", "--masks", "m.nii.gz", "--max-fpr", "2"],
+     "argument --max-fpr: must be a false-positive rate in (0, 1]"),
+    (["preprocess", "-o", "x.nii.gz", "--spacing", "1", "-2", "1"], "argument --spacing: must be a number above 0"),
+], ids=["crop", "gaussian-sigma", "max-fpr", "spacing"])
+def test_impossible_sizes_are_refused_while_parsing(argv, message, tmp_path, capsys):
+    """Refused with the option's name before any file is read: the input here does not even exist."""
+    missing = str(tmp_path / "missing.nii.gz")
+    argv = argv[:2] + [missing] + argv[2:] if argv[0] == "evaluate" and argv[1] == "denoise" else (
+        argv + ["--out", str(tmp_path / "out")] if argv[0] == "evaluate" else [argv[0], missing] + argv[1:])
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_info_json_is_strict_json_for_a_volume_of_nan(tmp_path, capsys):
+    """JSON has no NaN: the report of a volume the checks refuse must still parse."""
+    import json
+
+    sitk.WriteImage(sitk.Image([12, 12, 12], sitk.sitkFloat32) * float("nan"), str(tmp_path / "nan.nii.gz"))
+    assert main(["info", str(tmp_path / "nan.nii.gz"), "--json"]) == 2
+    report = json.loads(capsys.readouterr().out, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert report["hu_range"] is None and report["non_finite_voxels"] == 12 ** 3
+
+
 def test_python_m_entry_point_reports_bad_input(limb, tmp_path):
     sitk.WriteImage(limb.to_sitk()[:, :, 30], str(tmp_path / "slice.nii.gz"))
     done = subprocess.run([sys.executable, "-m", "MedDiffFMLib", "info", str(tmp_path / "slice.nii.gz")],

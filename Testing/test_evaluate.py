@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -117,6 +118,8 @@ def test_inputs_and_case_names():
     assert harness.case_names(paths) == ["STS_001_CT_image", "STS_002_CT_image", "lung1"]
     with pytest.raises(InputError):
         harness.case_names([Path("a/x/CT.nii"), Path("b/x/CT.nii.gz")])
+    # a file in the working directory is named after that folder too, not "_CT"
+    assert harness.case_names([Path("CT.nii"), Path("b/CT.nii")]) == [f"{Path.cwd().name}_CT", "b_CT"]
 
 
 def test_baselines_keep_grid_and_input(cases):
@@ -177,6 +180,9 @@ def test_cli_denoise_and_errors(tmp_path, capsys):
     assert main(["evaluate", "anomaly", "--scores", str(LIMB_NII), str(LIMB_NII), "--masks", str(LIMB_NII),
                  "--out", str(out)]) == 2
     assert "one mask" in capsys.readouterr().err
+    # one row per case, dose and method: a dose given twice would be averaged as if it were two cases
+    assert main(["evaluate", "denoise", str(LIMB_NII), "--photons", "1e5", "100000", "--out", str(out)]) == 2
+    assert "--photons lists 100000 more than once" in capsys.readouterr().err
 
 
 def test_errors_name_the_case_they_come_from(tmp_path, capsys):
@@ -301,3 +307,8 @@ def test_cli_anomaly_on_files(tmp_path, capsys, caplog):
         assert main(["evaluate", "anomaly", "--scores", str(renamed), "--masks", str(paths[1]), "--out", str(out)]) == 0
     assert "figures that this run did not make" in caplog.text and "anomaly_s.png" in caplog.text
     assert "anomaly_t.png" not in caplog.text and (out / "anomaly_s.png").exists()
+    # the CT of the figure must lie on the scores' grid, not just have their shape
+    moved = write_volume(dataclasses.replace(ct, origin=tuple(o + 5 for o in ct.origin)), tmp_path / "moved.nii.gz")
+    assert main(["evaluate", "anomaly", "--scores", str(renamed), "--masks", str(paths[1]), "--images", str(moved),
+                 "--out", str(out)]) == 2
+    assert "is not on the score volume's grid: origin" in capsys.readouterr().err

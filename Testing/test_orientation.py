@@ -151,3 +151,22 @@ def test_evaluation_cuts_axial_cases_from_a_ct_stored_sagittal_first(tmp_path):
     (axial,), (sagittal,) = (load_cases([tmp_path / d / "ct.nii.gz"], 4, context=2) for d in "ab")
     np.testing.assert_array_equal(sagittal.volume.array, axial.volume.array)
     assert sagittal.volume.shape == (8, 80, 96)
+
+
+def test_anomaly_evaluation_scores_axial_slices_of_files_stored_coronal_first(tmp_path, chest_nodule_crop):
+    """The image-level AUROC and the slice counts are over axial slices, as the report says, whatever the storage."""
+    from MedDiffFMLib.cli import main
+    from MedDiffFMLib.io import write_volume
+
+    ct, nodule = chest_nodule_crop
+    scores = nodule.with_array((nodule.array > 0) + np.random.default_rng(0).normal(0, 0.6, nodule.shape))
+    tables = []
+    for folder, store in (("axial", lambda v: v), ("coronal", lambda v: stored_as(v, (0, 2, 1), (False,) * 3))):
+        paths = [write_volume(store(v), tmp_path / folder / f"{name}.nii.gz")
+                 for v, name in ((scores, "s"), (nodule, "m"), (ct, "ct"))]
+        assert main(["evaluate", "anomaly", "--scores", str(paths[0]), "--masks", str(paths[1]),
+                     "--images", str(paths[2]), "--out", str(tmp_path / folder / "out")]) == 0
+        tables.append((tmp_path / folder / "out" / "anomaly_results.csv").read_text())
+    assert read_volume(tmp_path / "coronal" / "s.nii.gz").shape != scores.shape  # really stored otherwise
+    assert tables[0] == tables[1]
+    assert f",{int(nodule.array.any(axis=(1, 2)).sum())}," in tables[0]  # the nodule's axial slices

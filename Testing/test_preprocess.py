@@ -174,5 +174,5 @@ def test_a_crop_without_body_warns_that_its_region_is_a_default(caplog):
     assert guess_region(volume) == ("other", REGION_UNKNOWN)
     with caplog.at_level(logging.INFO):
         assert resolve_region(volume, None, preset("tiny")) == "other"
-    assert [r.levelname for r in caplog.records if "body region guessed" in r.message] == ["WARNING"]
+    assert [r.levelname for r in caplog.records if "body region other guessed" in r.message] == ["WARNING"]
     assert "set it yourself (--region)" in caplog.text

@@ -546,6 +546,22 @@ def test_synthesize_cli_end_to_end(ct_crop, tiny_model, tmp_path):
     assert vol.shape == (9, 17, 20) and vol.spacing == pytest.approx((1.5, 1.5, 3.0))
     assert vol.array.min() >= -1024.0  # air as a scanner stores it, not the chest window's -1400 HU edge
     assert run_cli("synthesize", "-o", tmp_path / "x.nii.gz", "--model", tiny_model, "--size", 20, 20, 20) == 2
+    # a grid every input CT would be refused for (100 mm slices under 1 mm pixels) is refused as a request too
+    assert run_cli("synthesize", "--size", 20, 20, 20, "--spacing", 1, 1, 100, "-o", tmp_path / "flat.nii.gz",
+                   "--model", tiny_model, "--region", "chest") == 2
+    assert not (tmp_path / "flat.nii.gz").exists()
+
+
+def test_more_evaluations_than_timesteps_use_each_once_and_say_so(caplog):
+    from MedDiffFMLib.diffusion import Schedule
+
+    with caplog.at_level(logging.WARNING):
+        assert common.sampling_steps(15, Schedule.cosine(10)) == list(range(9, -1, -1))
+    assert "15 network evaluations asked for, but the model has 10 timesteps" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert len(common.sampling_steps(10, Schedule.cosine(10))) == 10
+    assert not caplog.records
 
 
 def test_synthesize_from_anatomy_map(ct_crop, tiny_model, tmp_path):

@@ -54,6 +54,17 @@ def overlap_fraction(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type of sizes that must be above 0 (mm, pixels of blur): refused while parsing, before any work."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     """argparse type of counts that may be 0 (e.g. data-loading workers)."""
     value = _whole_number(text)

@@ -10,13 +10,31 @@ from typing import List
 from .. import evaluate as harness
 from ..errors import InputError, ResourceError
 from ..validation import check_output_folder
-from ._common import HelpFormatter, overlap_fraction, positive_int, seed
+from ._common import HelpFormatter, non_negative_int, overlap_fraction, positive_float, positive_int, seed
 
 NAME = "evaluate"
 HELP = ("Benchmark denoising on simulated low-dose CT against Gaussian/NLM/BM3D, or score anomaly maps "
         "against lesion masks; writes a Markdown table, a CSV and PNG figures.")
 
 log = logging.getLogger(__name__)
+
+
+def _crop_size(text: str) -> int:
+    """--crop: 0 (the whole slice) or an edge SSIM can filter, refused before any CT is read or denoised."""
+    from ..metrics import SSIM_MIN_PIXELS
+
+    value = non_negative_int(text)
+    if 0 < value < SSIM_MIN_PIXELS:
+        raise argparse.ArgumentTypeError(f"must be 0 (the whole slice) or at least {SSIM_MIN_PIXELS} pixels "
+                                         f"(SSIM's window), got {value}")
+    return value
+
+
+def _pro_limit(text: str) -> float:
+    value = positive_float(text)
+    if value > 1.0:
+        raise argparse.ArgumentTypeError(f"must be a false-positive rate in (0, 1], got {text}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,12 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     den.add_argument("--context-slices", type=int, default=12,
                      help="more slices on each side (where the CT has them) that every method denoises but that "
                      "are not scored: a 3D denoiser then sees the neighbours it would see in a whole scan")
-    den.add_argument("--crop", type=int, default=0, help="centred in-plane crop size in pixels (0 = whole slice)")
+    den.add_argument("--crop", type=_crop_size, default=0,
+                     help="centred in-plane crop size in pixels (0 = whole slice)")
     den.add_argument("--methods", nargs="*", default=list(harness.CLASSICAL_METHODS),
                      choices=harness.CLASSICAL_METHODS,
                      help="classical methods to run; give the option with no method to run none (only the low-dose "
                      "input and the --model rows, e.g. to score a new model against an earlier table)")
-    den.add_argument("--gaussian-sigma", type=float, default=1.0, help="Gaussian smoothing sigma in pixels")
+    den.add_argument("--gaussian-sigma", type=positive_float, default=1.0, help="Gaussian smoothing sigma in pixels")
     den.add_argument("--sigma", choices=("oracle", "estimate"), default="oracle",
                      help="give NLM, BM3D and MedDiffFM the simulation's true noise std, or let them estimate it")
     den.add_argument("--model", action="append",
@@ -67,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="lesion masks, one per score volume, on the same grid")
     ano.add_argument("--images", type=Path, nargs="*", default=[], help="the CTs, for the figures (optional)")
     ano.add_argument("--out", type=Path, required=True, help="folder for the CSV, Markdown and PNG files")
-    ano.add_argument("--max-fpr", type=float, default=0.3, help="PRO integration limit")
+    ano.add_argument("--max-fpr", type=_pro_limit, default=0.3, help="PRO integration limit (a false-positive rate)")
     ano.set_defaults(_benchmark=_run_anomaly, _parser=ano)
 
 
@@ -76,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_denoise(args: argparse.Namespace) -> int:
+    repeated = sorted({dose for dose in args.photons if args.photons.count(dose) > 1})
+    if repeated:
+        raise InputError(f"--photons lists {', '.join(f'{dose:g}' for dose in repeated)} more than once; give each "
+                         "dose level once (the table has one row per case, dose and method)")
     check_output_folder(args.out)
     cases = harness.load_cases(args.inputs, args.slices, args.crop or None, args.context_slices)
     methods = harness.classical_methods(args.methods, args.gaussian_sigma)
@@ -144,10 +167,16 @@ def _run_anomaly(args: argparse.Namespace) -> int:
         try:
             scores = read_volume(score_path)
             mask = read_mask(mask_path, like=scores)
-            image = read_volume(args.images[index]).array if args.images else None
+            image = read_volume(args.images[index]) if args.images else None
+            differences = [] if image is None else image.grid_differences(scores, names=("image", "scores"))
+            if differences:
+                raise InputError(f"the image {args.images[index]} is not on the score volume's grid: "
+                                 + "; ".join(differences))
         except InputError as exc:  # among many files, say which case
             raise InputError(f"case {name} ({score_path}): {exc}") from None
-        cases.append(harness.AnomalyCase(name, scores.array, mask.array, image))
+        # Image-level AUROC and the figure go over axial slices, whatever axis the files store first.
+        scores, mask, image = (None if v is None else harness.axial_first(v) for v in (scores, mask, image))
+        cases.append(harness.AnomalyCase(name, scores.array, mask.array, None if image is None else image.array))
     rows = harness.evaluate_anomaly(cases, max_fpr=args.max_fpr)
     for path in harness.write_anomaly_report(rows, cases, args.out, max_fpr=args.max_fpr):
         log.info("wrote %s", path)

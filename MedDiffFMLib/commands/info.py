@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
 def geometry(vol, path: Path) -> Dict[str, Any]:
     """The grid and intensities of a volume as read, before any check."""
     size_xyz = list(reversed(vol.shape))
-    hu = vol.array
+    # Over finite voxels only: JSON has no NaN or infinity (a volume of them is refused, after this report).
+    finite = vol.array[np.isfinite(vol.array)]
     return {
         "input": str(path),
         "size_xyz": size_xyz,
@@ -51,8 +52,9 @@ def geometry(vol, path: Path) -> Dict[str, Any]:
         "origin_mm": list(vol.origin),
         "direction": list(vol.direction),
         "extent_mm": [round(n * s, 2) for n, s in zip(size_xyz, vol.spacing)],
-        "hu_range": [float(np.nanmin(hu)), float(np.nanmax(hu))],
-        "hu_percentiles_1_50_99": [float(v) for v in np.nanpercentile(hu, [1, 50, 99])],
+        "non_finite_voxels": int(vol.array.size - finite.size),
+        "hu_range": [float(finite.min()), float(finite.max())] if finite.size else None,
+        "hu_percentiles_1_50_99": [float(v) for v in np.percentile(finite, [1, 50, 99])] if finite.size else None,
     }
 
 
@@ -89,9 +91,14 @@ def format_report(report: Dict[str, Any]) -> str:
         f"extent:     {numbers(report['extent_mm'])} mm",
         f"origin:     ({', '.join(f'{v:.2f}' for v in report['origin_mm'])}) mm (LPS)",
         f"direction:  ({', '.join(f'{round(v, 3) + 0.0:.3f}' for v in report['direction'])})",  # no "-0.000"
-        f"HU range:   {report['hu_range'][0]:g} .. {report['hu_range'][1]:g} "
-        f"(1/50/99 %: {', '.join(f'{v:g}' for v in report['hu_percentiles_1_50_99'])})",
     ]
+    if report["hu_range"] is None:
+        lines.append("HU range:   none (no finite voxel)")
+    else:
+        lines.append(f"HU range:   {report['hu_range'][0]:g} .. {report['hu_range'][1]:g} "
+                     f"(1/50/99 %: {', '.join(f'{v:g}' for v in report['hu_percentiles_1_50_99'])})")
+    if report["non_finite_voxels"]:
+        lines.append(f"non-finite: {report['non_finite_voxels']} voxels (NaN or infinity)")
     if "region" in report:  # absent when the input checks refused the volume (the geometry alone is shown)
         lines += [f"region:     {report['region']} ({report['region_reason']})",
                   "anatomy:    " + ", ".join(f"{k} {v:g} ml" for k, v in report["anatomy_ml"].items())

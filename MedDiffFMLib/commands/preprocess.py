@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", type=Path, help="CT: NIfTI/NRRD/MHA file or DICOM series folder")
     parser.add_argument("-o", "--output", type=Path, required=True,
                         help="windowed image to write (.nii.gz, .nrrd or .mha); the other files go next to it")
-    parser.add_argument("--spacing", type=float, nargs="+", default=[1.0], metavar="MM",
+    parser.add_argument("--spacing", type=_common.positive_float, nargs="+", default=[1.0], metavar="MM",
                         help="target spacing in mm: one value (isotropic) or three (x y z)")
     parser.add_argument("--region", choices=("auto",) + tuple(REGIONS), default="auto",
                         help="body region (sets the HU window); auto guesses it from the image")

@@ -16,7 +16,7 @@ import torch
 
 from ..config import ModelConfig
 from ..conditioning import VolumeCondition, condition_channels
-from ..diffusion import Schedule
+from ..diffusion import Schedule, timesteps
 from ..errors import InputError, ResourceError
 from ..io import Volume
 from ..network import check_loaded, controlnet_task
@@ -157,6 +157,15 @@ def schedule_for(cfg: ModelConfig) -> Schedule:
     return Schedule.from_name(cfg.schedule, cfg.num_train_timesteps)
 
 
+def sampling_steps(nfe: int, schedule: Schedule) -> list:
+    """The timesteps of a sampling run from pure noise; an `nfe` above the model's timesteps uses each one once, and
+    says so."""
+    if nfe > schedule.T:
+        log.warning("%d network evaluations asked for, but the model has %d timesteps: each is used once (%d "
+                    "evaluations)", nfe, schedule.T, schedule.T)
+    return timesteps(nfe, schedule.T - 1)
+
+
 def resolve_region(vol: Optional[Volume], region: Optional[str], cfg: ModelConfig) -> str:
     """The body region to condition on: the user's choice, or guessed from `vol` (logged with its reason)."""
     if region in (None, "auto"):
@@ -166,7 +175,7 @@ def resolve_region(vol: Optional[Volume], region: Optional[str], cfg: ModelConfi
         from ..preprocess import REGION_UNKNOWN, guess_region
 
         region, reason = guess_region(vol)
-        (log.warning if reason == REGION_UNKNOWN else log.info)("body region guessed: %s", reason)
+        (log.warning if reason == REGION_UNKNOWN else log.info)("body region %s guessed: %s", region, reason)
     if region not in cfg.regions:
         raise InputError(f"unknown body region {region!r}; this model knows {', '.join(cfg.regions)}")
     return region

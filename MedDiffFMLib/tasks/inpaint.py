@@ -14,14 +14,14 @@ from typing import Callable, List, Optional, Union
 import numpy as np
 import torch
 
-from ..diffusion import Schedule, q_sample, reverse_step, timesteps
+from ..diffusion import Schedule, q_sample, reverse_step
 from ..errors import InputError
 from ..finetune import ControlledNet
 from ..io import Volume
 from ..network import check_loaded
 from ..orientation import in_patient_axes
 from ..preprocess import unit_to_hu
-from .common import check_seed, clip_to_input_range
+from .common import check_seed, clip_to_input_range, sampling_steps
 from .lesion import DEFAULT_MARGIN_MM, prepare_box
 
 Progress = Optional[Callable[[int, int], None]]
@@ -79,7 +79,7 @@ def inpaint(volume: Volume, mask: Volume, model: torch.nn.Module, nfe: int = 100
                       window_size=window_size)
     sampler, schedule = job.sampler, job.sampler.schedule
     unknown = torch.from_numpy(job.inside)[None, None].to(job.known.device)
-    steps = timesteps(nfe, schedule.T - 1)
+    steps = sampling_steps(nfe, schedule)
     levels = steps + [-1]
     path = repaint_path(len(steps), jump_length, resample)
     total = sum(1 for a, b in zip(path, path[1:]) if b > a)

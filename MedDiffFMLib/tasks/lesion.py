@@ -20,7 +20,6 @@ from scipy import ndimage
 from ..anatomy import THRESHOLD_CLASSES
 from ..conditioning import VolumeCondition, anatomy_spec
 from ..config import ModelConfig
-from ..diffusion import timesteps
 from ..finetune import ControlledCondition, ControlledNet, check_task
 from ..io import Volume
 from ..orientation import in_patient_axes
@@ -28,7 +27,7 @@ from ..preprocess import unit_to_hu, window_to_unit
 from ..sampling import SlidingWindowSampler
 from ..validation import check_ct, check_mask
 from .common import (anatomy_for, check_seed, check_window_size, clip_to_input_range, make_sampler, mask_box,
-                     model_config, model_window, resolve_region, task_device, window_weight)
+                     model_config, model_window, resolve_region, sampling_steps, task_device, window_weight)
 
 Progress = Optional[Callable[[int, int], None]]
 Box = Tuple[slice, slice, slice]
@@ -148,7 +147,7 @@ def generate_lesion(volume: Volume, lesion_mask: Volume, model: torch.nn.Module,
     extent = " x ".join(f"{(s.stop - s.start) * spacing:.0f}" for s, spacing in zip(job.core, volume.spacing_zyx))
     log.info("generating a box of %s mm (z, y, x) anew: the lesion mask's box plus %g mm, and at least the model's "
              "%d^3 training patch where the CT allows", extent, margin_mm, model_config(model).patch_size)
-    steps = timesteps(nfe, job.sampler.schedule.T - 1)
+    steps = sampling_steps(nfe, job.sampler.schedule)
     x = job.sampler.run(None, steps, seed, progress=progress)
     # Only the core box is pasted, so the region rewritten does not depend on the window (a larger sampled box
     # is generated too, then dropped); around the lesion, voxels outside the model's window (air, bone) keep

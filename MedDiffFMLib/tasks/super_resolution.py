@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..diffusion import timesteps
 from ..errors import InputError
 from ..finetune import ControlledCondition, check_task
 from ..io import Volume
@@ -38,7 +37,7 @@ from ..orientation import in_patient_axes
 from ..preprocess import unit_to_hu, window_to_unit
 from ..validation import check_ct
 from .common import (anatomy_for, check_seed, check_setup_memory, check_window_size, input_floor, make_sampler,
-                     model_config, model_window, resolve_region, task_device, window_weight)
+                     model_config, model_window, resolve_region, sampling_steps, task_device, window_weight)
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +172,7 @@ def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: 
         rho = lam * sigma_n ** 2 / float(schedule.sigma_bar(t)) ** 2
         return x0 + repeat_slices(y - average_slices(x0, factor), factor, n_thin) / (1.0 + rho)
 
-    steps = timesteps(nfe, schedule.T - 1)
+    steps = sampling_steps(nfe, schedule)
     weight = window_weight(volume.array, window)  # per thick voxel: how much of the model's result is kept
     windows = sampler.active_windows(repeat_slices(torch.from_numpy(weight > 0), factor, n_thin))
     log.info("%d of %d windows hold voxels of the [%g, %g] HU window", len(windows), sampler.num_windows, *window)

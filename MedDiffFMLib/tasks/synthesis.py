@@ -7,18 +7,20 @@ channels are zero, as in the training-time anatomy dropout.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from .. import diffusion
 from ..errors import InputError
 from ..io import Volume
 from ..orientation import in_patient_axes
 from ..preprocess import unit_to_hu
-from ..validation import check_ct, check_dimensions, MIN_AXIS_VOXELS
+from ..validation import check_ct, check_dimensions, check_spacing, MIN_AXIS_VOXELS
 from . import common
+
+log = logging.getLogger(__name__)
 
 #: Default network evaluations. Strided sampling with few steps is under-dispersed even with a perfect
 #: denoiser (Testing/test_sampling.py: 50 ancestral steps give ~12% too little spread, DDIM ~6%).
@@ -57,7 +59,7 @@ def synthesize(model: torch.nn.Module, region: Optional[str] = None,
     sampler = common.make_sampler(model, grid.shape, grid.spacing_zyx, region, labels, device,
                                   overlap=overlap, window_batch=window_batch, precision=precision,
                                   window_size=window_size)
-    steps = diffusion.timesteps(nfe, cfg.num_train_timesteps - 1)
+    steps = common.sampling_steps(nfe, sampler.schedule)
     x0 = sampler.run(None, steps, seed, eta=eta, progress=progress)
     window = common.model_window(cfg, region)
     hu = unit_to_hu(x0[0, 0].cpu().numpy(), window).astype(np.float32)
@@ -80,9 +82,12 @@ def _output_grid(size_xyz, spacing_xyz, reference: Optional[Volume], anatomy_lab
         spacing = tuple(float(s) for s in spacing_xyz)
         if len(size) != 3 or len(spacing) != 3:
             raise InputError(f"size and spacing need three values (x y z), got {size_xyz} and {spacing_xyz}")
-        if min(size) < MIN_AXIS_VOXELS or min(spacing) <= 0:
-            raise InputError(f"output size must be >= {MIN_AXIS_VOXELS} voxels and spacing > 0 mm per axis, "
-                             f"got size {size}, spacing {spacing}")
+        if min(size) < MIN_AXIS_VOXELS:
+            raise InputError(f"output size must be >= {MIN_AXIS_VOXELS} voxels per axis, got {size}")
+        concerns = []
+        check_spacing(spacing, concerns)  # the grids every input CT is held to
+        for concern in concerns:
+            log.warning("requested %s", concern)
         check_dimensions(tuple(reversed(size)))
         return Volume(_no_voxels(tuple(reversed(size))), spacing)
     return Volume(_no_voxels(like.shape), like.spacing, like.origin, like.direction)
