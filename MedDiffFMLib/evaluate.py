@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,10 +62,11 @@ def collect_ct_paths(paths: Sequence[Path]) -> List[Path]:
     return found
 
 
-def axial_first(volume: Volume) -> Volume:
+def axial_first(volume: Volume, like: Optional[Volume] = None) -> Volume:
     """`volume` with axial slices along its first array axis: one stored sagittal- or coronal-first is brought to
-    patient order. Reversed axes alone are kept, so the published tables' noise draws stay."""
-    order = AxisOrder.of(volume.direction)
+    patient order. Reversed axes alone are kept, so the published tables' noise draws stay. `like`: take the order
+    from this volume instead, so that volumes on one grid (within its tolerance) are all turned alike."""
+    order = AxisOrder.of((volume if like is None else like).direction)
     return volume if order.source == (0, 1, 2) else order.volume(volume)
 
 
@@ -78,8 +80,9 @@ def case_names(paths: Sequence[Path]) -> List[str]:
         return name
 
     stems = [stem(p) for p in paths]
-    # resolve(): a file in the working directory has a folder name too
-    names = [s if stems.count(s) == 1 else f"{p.resolve().parent.name}_{s}" for p, s in zip(paths, stems)]
+    # abspath: a file in the working directory has a folder name too (the folder given, not a link's target)
+    names = [s if stems.count(s) == 1 else f"{Path(os.path.abspath(p)).parent.name}_{s}"
+             for p, s in zip(paths, stems)]
     if len(set(names)) != len(names):
         raise InputError(f"two inputs would get the same case name ({names}); rename or move one.")
     return names

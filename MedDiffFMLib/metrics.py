@@ -168,6 +168,13 @@ def best_dice(scores: np.ndarray, labels: np.ndarray) -> Tuple[float, float]:
     return float(dices[best]), float(thresholds[best])
 
 
+def check_max_fpr(max_fpr: float) -> float:
+    """PRO's integration limit: a false-positive rate in (0, 1]."""
+    if not 0.0 < max_fpr <= 1.0:
+        raise InputError(f"max_fpr must be a false-positive rate in (0, 1], got {max_fpr}")
+    return max_fpr
+
+
 def pro_score(scores: np.ndarray, labels: np.ndarray, max_fpr: float = 0.3) -> float:
     """Normalised area under the per-region-overlap curve up to `max_fpr` (MVTec AD's AUPRO).
 
@@ -176,8 +183,7 @@ def pro_score(scores: np.ndarray, labels: np.ndarray, max_fpr: float = 0.3) -> f
     curve PRO(FPR) is integrated from FPR 0 to `max_fpr` and divided by `max_fpr` (1 = perfect).
     """
     scores, labels = _scores_and_labels(scores, labels, "pro_score")
-    if not 0.0 < max_fpr <= 1.0:
-        raise InputError(f"pro_score: max_fpr must be in (0, 1], got {max_fpr}.")
+    check_max_fpr(max_fpr)
     regions, n_regions = ndimage.label(labels)
     n_neg = labels.size - int(labels.sum())
     if n_regions == 0 or n_neg == 0:

@@ -122,6 +122,15 @@ def test_inputs_and_case_names():
     assert harness.case_names([Path("CT.nii"), Path("b/CT.nii")]) == [f"{Path.cwd().name}_CT", "b_CT"]
 
 
+def test_case_names_come_from_the_folders_given_not_from_link_targets(tmp_path):
+    for folder, store in (("a", "store1"), ("b", "store2")):
+        (tmp_path / store).mkdir()
+        (tmp_path / store / "CT.nii").touch()
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "CT.nii").symlink_to(tmp_path / store / "CT.nii")
+    assert harness.case_names([tmp_path / "a" / "CT.nii", tmp_path / "b" / "CT.nii"]) == ["a_CT", "b_CT"]
+
+
 def test_baselines_keep_grid_and_input(cases):
     clean = cases[0][1]
     noisy = simulate_low_dose(clean, photons=2.5e4, seed=1)

@@ -170,3 +170,22 @@ def test_anomaly_evaluation_scores_axial_slices_of_files_stored_coronal_first(tm
     assert read_volume(tmp_path / "coronal" / "s.nii.gz").shape != scores.shape  # really stored otherwise
     assert tables[0] == tables[1]
     assert f",{int(nodule.array.any(axis=(1, 2)).sum())}," in tables[0]  # the nodule's axial slices
+
+
+def test_anomaly_evaluation_turns_the_mask_as_the_scores_on_a_grid_near_a_tie(tmp_path, chest_nodule_crop):
+    """At 45 degrees in-plane the patient axis order is a tie: a mask whose direction differs within the grid
+    tolerance must still be turned as the scores are, or the two no longer overlap."""
+    from MedDiffFMLib.cli import main
+    from MedDiffFMLib.io import write_volume
+
+    ct, nodule = chest_nodule_crop
+    scores = (nodule.array > 0) + np.random.default_rng(0).normal(0, 0.6, nodule.shape)
+    paths = {}
+    for name, array, angle in (("s", scores, math.pi / 4), ("m", nodule.array, math.pi / 4 + 3e-4)):
+        turn = (math.cos(angle), -math.sin(angle), 0, math.sin(angle), math.cos(angle), 0, 0, 0, 1)
+        paths[name] = write_volume(Volume(array, nodule.spacing, nodule.origin, turn), tmp_path / f"{name}.nii.gz")
+    assert AxisOrder.of(read_volume(paths["s"]).direction) != AxisOrder.of(read_volume(paths["m"]).direction)
+    assert main(["evaluate", "anomaly", "--scores", str(paths["s"]), "--masks", str(paths["m"]),
+                 "--out", str(tmp_path / "out")]) == 0
+    row = (tmp_path / "out" / "anomaly_results.csv").read_text().splitlines()[1].split(",")
+    assert float(row[1]) > 0.8  # pixel AUROC of these scores on their own mask (0.5 with the mask turned)

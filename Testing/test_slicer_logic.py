@@ -1076,11 +1076,11 @@ def test_library_beside_the_module_wins_over_another_importable_copy(tmp_path, l
     (root / "MedDiffFMLib").mkdir()
     (root / "MedDiffFMLib" / "__init__.py").write_text("")
     # REPO's MedDiffFMLib is importable too, ahead of the module's folder
-    code = ("import sys; sys.path[:0] = [%r, %r]; from MedDiffFMUtils import library; print(library.libraryRoot())"
-            % (str(REPO), str(modules)))
+    code = ("import sys; sys.path[:0] = [%r, %r, %r]; from MedDiffFMUtils import library; print(library.libraryRoot()); "
+            "import MedDiffFMLib; print(MedDiffFMLib.__file__)" % (str(REPO), str(modules), str(root)))
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == str(root)
+    assert done.stdout.split() == [str(root), str(root / "MedDiffFMLib" / "__init__.py")]
 
 
 def test_first_use_setup_asks_before_installing(monkeypatch):

@@ -549,6 +549,10 @@ def test_synthesize_cli_end_to_end(ct_crop, tiny_model, tmp_path):
     # a grid every input CT would be refused for (100 mm slices under 1 mm pixels) is refused as a request too
     assert run_cli("synthesize", "--size", 20, 20, 20, "--spacing", 1, 1, 100, "-o", tmp_path / "flat.nii.gz",
                    "--model", tiny_model, "--region", "chest") == 2
+    labels = Volume(np.ones((20, 20, 20), np.uint8), (1.0, 1.0, 100.0))  # the same grid from a label map
+    write_volume(labels, tmp_path / "flat_labels.nii.gz")
+    assert run_cli("synthesize", "--anatomy", tmp_path / "flat_labels.nii.gz", "-o", tmp_path / "flat.nii.gz",
+                   "--model", tiny_model, "--region", "chest") == 2
     assert not (tmp_path / "flat.nii.gz").exists()
 
 

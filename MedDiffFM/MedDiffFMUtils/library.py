@@ -21,8 +21,8 @@ def libraryRoot():
     # Built extension: the package sits beside MedDiffFM.py; source tree: one folder up from the module's.
     for root in (moduleRoot, os.path.dirname(moduleRoot)):
         if os.path.isdir(os.path.join(root, "MedDiffFMLib")):
-            if root not in sys.path:
-                sys.path.insert(0, root)
+            # First on the path even where it already is, further down (Slicer lists its module folders).
+            sys.path[:] = [root] + [entry for entry in sys.path if entry != root]
             return root
     try:
         import MedDiffFMLib

@@ -31,10 +31,12 @@ def _crop_size(text: str) -> int:
 
 
 def _pro_limit(text: str) -> float:
-    value = positive_float(text)
-    if value > 1.0:
-        raise argparse.ArgumentTypeError(f"must be a false-positive rate in (0, 1], got {text}")
-    return value
+    from ..metrics import check_max_fpr
+
+    try:
+        return check_max_fpr(positive_float(text))
+    except InputError:
+        raise argparse.ArgumentTypeError(f"must be a false-positive rate in (0, 1], got {text}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -175,7 +177,7 @@ def _run_anomaly(args: argparse.Namespace) -> int:
         except InputError as exc:  # among many files, say which case
             raise InputError(f"case {name} ({score_path}): {exc}") from None
         # Image-level AUROC and the figure go over axial slices, whatever axis the files store first.
-        scores, mask, image = (None if v is None else harness.axial_first(v) for v in (scores, mask, image))
+        scores, mask, image = (None if v is None else harness.axial_first(v, like=scores) for v in (scores, mask, image))
         cases.append(harness.AnomalyCase(name, scores.array, mask.array, None if image is None else image.array))
     rows = harness.evaluate_anomaly(cases, max_fpr=args.max_fpr)
     for path in harness.write_anomaly_report(rows, cases, args.out, max_fpr=args.max_fpr):

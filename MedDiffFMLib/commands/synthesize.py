@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", type=Path, help="CT whose grid and anatomy the synthetic CT takes")
     parser.add_argument("--anatomy", type=Path, help="anatomy label map: the output takes its grid and anatomy")
     parser.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"), help="output size in voxels")
-    parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
+    parser.add_argument("--spacing", type=_common.positive_float, nargs=3, metavar=("X", "Y", "Z"),
                         help="output voxel spacing in mm (with --size; default 1 1 1)")
     parser.add_argument("--eta", type=float, default=1.0, help="1 = ancestral (DDPM) steps, 0 = DDIM")
 

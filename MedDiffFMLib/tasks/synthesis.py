@@ -73,6 +73,7 @@ def _output_grid(size_xyz, spacing_xyz, reference: Optional[Volume], anatomy_lab
         check_ct(reference)
         like = reference
     elif anatomy_labels is not None:
+        _check_output_spacing(anatomy_labels.spacing)
         like = anatomy_labels
     else:
         if size_xyz is None or spacing_xyz is None:
@@ -84,13 +85,18 @@ def _output_grid(size_xyz, spacing_xyz, reference: Optional[Volume], anatomy_lab
             raise InputError(f"size and spacing need three values (x y z), got {size_xyz} and {spacing_xyz}")
         if min(size) < MIN_AXIS_VOXELS:
             raise InputError(f"output size must be >= {MIN_AXIS_VOXELS} voxels per axis, got {size}")
-        concerns = []
-        check_spacing(spacing, concerns)  # the grids every input CT is held to
-        for concern in concerns:
-            log.warning("requested %s", concern)
+        _check_output_spacing(spacing)
         check_dimensions(tuple(reversed(size)))
         return Volume(_no_voxels(tuple(reversed(size))), spacing)
     return Volume(_no_voxels(like.shape), like.spacing, like.origin, like.direction)
+
+
+def _check_output_spacing(spacing) -> None:
+    """The output grid is held to the spacing rules of every input CT."""
+    concerns = []
+    check_spacing(spacing, concerns)
+    for concern in concerns:
+        log.warning("output grid: %s", concern)
 
 
 def _no_voxels(shape_zyx) -> np.ndarray:
