@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import pkgutil
+import re
 import signal
 import sys
 import threading
@@ -26,8 +27,19 @@ def _command_modules():
             yield importlib.import_module(f"{commands.__name__}.{info.name}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse takes "-1e3" and "-inf" for options: its pattern of negative numbers has no exponent (before Python
+    3.13) and no infinity. Widened here, so that `--window -1e3 240` parses and `--window -inf 240` gets the message
+    about non-finite numbers; subcommands' parsers are of the same class."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-((\d+\.?\d*|\.\d+)(e[-+]?\d+)?|inf|infinity|nan)$",
+                                                   re.IGNORECASE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m MedDiffFMLib",
         description="MedDiffFM: 3D CT diffusion foundation model (synthesis, denoising, anomaly "
         "detection, super-resolution, lesion generation and inpainting).",

@@ -242,6 +242,21 @@ def test_impossible_sizes_are_refused_while_parsing(argv, message, tmp_path, cap
     assert refused.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_negative_numbers_in_scientific_notation_are_values_not_options():
+    from MedDiffFMLib.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["denoise", "ct.nii.gz", "-o", "out.nii.gz", "--window", "-1e3", "2.4e2"]).window == [
+        -1000.0, 240.0]
+    assert parser.parse_args(["evaluate", "denoise", "ct.nii.gz", "--out", "o", "--model-window", "-1E3", "-.5"]
+                             ).model_window == [[-1000.0, -0.5]]
+
+
+def test_a_negative_infinity_gets_the_message_about_non_finite_numbers(tmp_path, capsys):
+    assert main(["denoise", str(LIMB_NII), "-o", str(tmp_path / "out.nii.gz"), "--window", "-inf", "240"]) == 2
+    assert "--window must be a finite number" in capsys.readouterr().err
+
+
 def test_info_json_is_strict_json_for_a_volume_of_nan(tmp_path, capsys):
     """JSON has no NaN: the report of a volume the checks refuse must still parse."""
     import json

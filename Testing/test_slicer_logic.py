@@ -716,7 +716,7 @@ def test_logic_denoise_makes_new_node_on_input_grid(ct_node, fake_cli):
 
 
 def test_logic_denoise_window_reaches_the_cli_as_numbers(ct_node, fake_cli):
-    """Python prints -1e-05 in scientific notation, which argparse would take for an option."""
+    """Python prints -1e-05 in scientific notation, which argparse's own pattern takes for an option."""
     from MedDiffFMLib.cli import build_parser
 
     MedDiffFM.MedDiffFMLogic().denoise(ct_node, window=(-1e-5, 2e2))

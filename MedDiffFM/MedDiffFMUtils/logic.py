@@ -13,7 +13,6 @@ import os
 import shutil
 import tempfile
 
-import numpy as np
 import slicer
 
 from . import library, volumes
@@ -227,8 +226,7 @@ class MedDiffFMTasks:
                     or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
                                for v in window) or not window[0] < window[1]):
                 raise ValueError(f"window must be two numbers (low, high) in HU with low < high, got {window!r}")
-            # Positional notation: argparse takes "-1e-05" for an option, not a number.
-            arguments += ["--window", *(np.format_float_positional(float(v), trim="-") for v in window)]
+            arguments += ["--window", *window]
         mask = _optionalSegment(segmentationNode, segmentId)
         return self._runTask("denoise", volumeNode, arguments, wait, options, mask=mask)
 
