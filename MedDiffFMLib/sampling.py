@@ -75,9 +75,14 @@ def window_starts(size: int, window: int, overlap: float) -> List[int]:
         raise ValueError(f"window overlap must be in [0, 1), got {overlap}")
     if size <= window:
         return [0]
-    stride = max(1, int(round(window * (1.0 - overlap))))
+    stride = window_stride(window, overlap)
     starts = list(range(0, size - window, stride))
     return starts + [size - window]
+
+
+def window_stride(window: int, overlap: float) -> int:
+    """Voxels between neighbouring window starts: the overlap rounded to whole voxels, at least one."""
+    return max(1, int(round(window * (1.0 - overlap))))
 
 
 def window_grid(shape: Sequence[int], window: int, overlap: float) -> List[Tuple[int, int, int]]:

@@ -123,30 +123,29 @@ def test_denoise_skips_windows_outside_its_window_and_gives_the_same_result(monk
 
 def test_compiled_denoise_batches_are_balanced_over_its_larger_pass(monkeypatch):
     """A compiled network gets one batch shape. Denoising's two passes evaluate different sets of windows: the
-    shape is balanced over the larger set, here the second pass's (balanced over the first, smaller set, the second
-    pass took more, smaller calls). The result is that of the plain batches."""
+    shape is balanced over the larger set, the wide pass's (balanced over the narrow pass's, the wide pass would take
+    more, smaller calls). The result is that of the plain batches."""
     from MedDiffFMLib.tasks import common
 
     prior = AnalyticGaussian(std=0.2)
     shape = (16, 48, 40)
     hu = (40.0 + 30.0 * np.random.default_rng(2).standard_normal(shape)).astype(np.float32)
-    hu[:, 28:] = -1000.0  # air
-    hu[:, 36:, :8] = -700.0  # lung: the only voxels of the first pass's window, so it evaluates fewer windows
+    hu[:, 24:] = -700.0  # lung: only in the wide pass's window, so the soft-tissue pass evaluates fewer windows
     volume = Volume(hu, (0.8, 0.8, 2.0))
     calls = []
     exact = prior.forward
     prior.forward = lambda x, t, cond, region: (calls.append(len(x)), exact(x, t, cond, region))[1]
-    settings = dict(noise_level=30.0, window=(-1000.0, -600.0), soft_tissue_pass=True, region="chest", nfe=2,
+    settings = dict(noise_level=30.0, window=(-1000.0, 400.0), soft_tissue_pass=True, region="chest", nfe=2,
                     window_batch=16)
     plain = denoise(volume, prior, **settings)
     monkeypatch.setattr(common, "is_compiled", lambda model: True)
     calls.clear()
     fixed = denoise(volume, prior, **settings)
-    (lung, grid), (soft, _) = fixed.windows
-    assert lung < soft < grid
-    batch = math.ceil(soft / math.ceil(soft / 16))
+    (wide, grid), (soft, _) = fixed.windows
+    assert soft < wide == grid
+    batch = math.ceil(wide / math.ceil(wide / 16))
     assert set(calls) == {batch}  # one shape
-    per_step = [math.ceil(n / batch) * batch for n in (lung, soft)]
+    per_step = [math.ceil(n / batch) * batch for n in (wide, soft)]
     assert sum(calls) == 2 * sum(per_step)  # nfe 2 per pass
     np.testing.assert_allclose(fixed.denoised.array, plain.denoised.array, atol=1e-4)
 
@@ -263,7 +262,7 @@ def test_denoise_inside_a_mask_only(monkeypatch):
     assert denoise(louder, prior, mask=mask, **estimated).t_start == start
     assert start > denoise(volume, prior, **estimated).t_start  # the louder part does set it
     # Two passes and two seeds: both passes stay inside the mask, and so does the spread over the seeds.
-    two = denoise(volume, prior, mask=mask, soft_tissue_pass=True, seeds=2, **settings)
+    two = denoise(volume, prior, mask=mask, soft_tissue_pass=True, seeds=2, **dict(settings, window=(-1000.0, 400.0)))
     assert len(two.windows) == 2 and all(0 < n < total for n, total in two.windows)
     assert np.array_equal(two.denoised.array[~inside], hu[~inside])
     assert not two.uncertainty.array[~inside].any() and two.uncertainty.array[inside].mean() > 0
@@ -294,6 +293,48 @@ def test_automatic_window_makes_room_for_noisy_fat(gaussian_problem):
     explicit = denoise(volume, prior, noise_level=noise, window=WINDOW, region="abdomen", seed=0).denoised.array
     assert np.array_equal(explicit[fat], hu[fat])
     assert np.abs(automatic[fat] - hu[fat]).mean() > 1.0
+
+
+def test_denoise_keeps_structures_one_voxel_wide_outside_its_window(gaussian_problem, caplog):
+    """A calcification or gas bubble one voxel wide, smoothed, lies inside the window; the result never leaves the
+    window, so it must not replace them (a 600 HU voxel came out at 229 HU)."""
+    prior, x0, y, _ = gaussian_problem
+    noisy_hu = unit_to_hu(y[0, 0].numpy(), WINDOW).astype(np.float32)
+    clean_hu = unit_to_hu(x0[0, 0].numpy(), WINDOW)
+    planted = {(12, 10, 9): 1000.0, (8, 6, 12): 600.0, (15, 13, 5): -900.0}
+    for index, value in planted.items():
+        noisy_hu[index] = value
+    volume = Volume(noisy_hu)
+    with caplog.at_level(logging.INFO):
+        out = denoise(volume, prior, noise_level=27.0, window=WINDOW, region="abdomen", seed=3, overlap=0.99).denoised
+    assert all(out.array[index] == value for index, value in planted.items())
+    tissue = np.ones(SHAPE, bool)
+    tissue[tuple(np.transpose(list(planted)))] = False
+    assert mse(out.array[tissue], clean_hu[tissue]) < 0.8 * mse(noisy_hu[tissue], clean_hu[tissue])  # still denoised
+    # whole voxels between windows: the overlap used, and the one asked for
+    assert "(overlap 0.94, the nearest in whole voxels to 0.99)" in caplog.text
+
+
+def test_denoise_soft_tissue_pass_only_inside_a_wider_window(gaussian_problem, caplog):
+    prior, _, y, _ = gaussian_problem
+    volume = Volume(unit_to_hu(y[0, 0].numpy(), WINDOW).astype(np.float32))
+    settings = dict(noise_level=27.0, region="abdomen", seed=3, nfe=1, soft_tissue_pass=True)
+    # a narrower window would be replaced wherever the soft-tissue pass applies: refused, not silently dropped
+    with pytest.raises(InputError, match="the soft-tissue pass .* is not inside the first pass's window"):
+        denoise(volume, prior, window=(-100.0, 100.0), **settings)
+    with pytest.raises(InputError, match="not inside"):  # the abdomen's own window is narrower too
+        denoise(volume, prior, **settings)
+    with caplog.at_level(logging.INFO):  # a given window is used as given; the soft-tissue pass makes room for fat
+        denoise(volume, prior, window=(-1000.0, 400.0), **settings)
+    assert "DiffPIR in [-1000, 400] HU" in caplog.text and "DiffPIR in [-187, 240] HU" in caplog.text
+
+
+def test_denoise_with_a_huge_lambda_keeps_the_prior_estimate(gaussian_problem):
+    """rho overflows float32 at lambda 1e39: the data step must still give x0, not inf / inf."""
+    prior, _, y, _ = gaussian_problem
+    volume = Volume(unit_to_hu(y[0, 0].numpy(), WINDOW).astype(np.float32))
+    out = denoise(volume, prior, noise_level=27.0, window=WINDOW, region="abdomen", seed=3, lam=1e39).denoised
+    assert np.isfinite(out.array).all()
 
 
 def test_denoise_refuses_bad_settings(gaussian_problem):
@@ -523,7 +564,7 @@ def test_detect_anomalies_cli_end_to_end(ct_crop, tiny_model, tmp_path, capsys, 
                    "--device", "cpu", "--progress", "none", "--region", "abdomen", "--overlap", 0.4)
     assert code == 0
     captured = capsys.readouterr()
-    assert "(overlap 0.40)" in caplog.text
+    assert "(overlap 0.38, the nearest in whole voxels to 0.4)" in caplog.text  # 16^3 windows, 10 voxels apart
     summary = json.loads(captured.out.strip().splitlines()[-1])
     amap, _ = assert_same_geometry(out, ct_crop)
     labels, _ = assert_same_geometry(mask, ct_crop)
@@ -659,7 +700,7 @@ def test_chest_soft_tissue_pass_overrides_the_wide_pass_inside_its_window(tiny_m
     (with the edge blend); lungs keep the wide pass. Checked against the two single passes run separately."""
     from MedDiffFMLib.checkpoints import load_model
     from MedDiffFMLib.tasks.common import window_weight
-    from MedDiffFMLib.tasks.denoise import SOFT_TISSUE_WINDOW_HU
+    from MedDiffFMLib.tasks.denoise import KEEP_BEYOND_NOISE_STDS, SOFT_TISSUE_WINDOW_HU
 
     model, _, _ = load_model(tiny_model)
     clean = Volume.from_sitk(read_volume(CHEST_NRRD).to_sitk()[188:220, 232:264, 20:30], dtype=np.float32)
@@ -678,7 +719,7 @@ def test_chest_soft_tissue_pass_overrides_the_wide_pass_inside_its_window(tiny_m
     soft_window = (SOFT_TISSUE_WINDOW_HU[0] - 40.0, SOFT_TISSUE_WINDOW_HU[1])
     soft = denoise(crop, model, window=soft_window, **settings).denoised.array
     assert both.soft_tissue_window == SOFT_TISSUE_WINDOW_HU and both.window == (-1400, 400)
-    w = window_weight(crop.array, soft_window)
+    w = window_weight(crop.array, soft_window, KEEP_BEYOND_NOISE_STDS * 40.0)
     assert 0.05 < (w == 1).mean() < 0.95  # the crop really has both lung and soft tissue
     # Single passes: wide = x + w_wide (m_wide - x), soft = x + w (m_soft - x); combined = wide + w (m_soft - wide).
     expected = wide + (soft - crop.array) - w * (wide - crop.array)

@@ -20,7 +20,7 @@ from ..diffusion import Schedule, timesteps
 from ..errors import InputError, ResourceError
 from ..io import Volume
 from ..network import check_loaded, controlnet_task
-from ..sampling import SlidingWindowSampler
+from ..sampling import SlidingWindowSampler, window_stride
 from ..smoothing import gaussian_filter
 from ..validation import MAX_SEED
 
@@ -214,18 +214,30 @@ def model_window(cfg: ModelConfig, region: str) -> Tuple[float, float]:
 #: Width of the blend from a result made in a window back to the input, as a fraction of the window width.
 EDGE_BLEND_FRACTION = 0.05
 
+#: Normal-dose CT noise is about 10-40 HU: a voxel this far outside a window holds structure (bone, contrast, gas).
+STRUCTURE_BEYOND_WINDOW_HU = 100.0
 
-def window_weight(original: np.ndarray, window: Sequence[float]) -> np.ndarray:
+
+def window_weight(original: np.ndarray, window: Sequence[float],
+                  keep_beyond_hu: Union[float, np.ndarray] = STRUCTURE_BEYOND_WINDOW_HU) -> np.ndarray:
     """Weight of a result made in `window` (denoised, super-resolved): 1 inside, 0 outside, linear over
     a margin inside the window edges. Decided on a lightly smoothed original, so noise does not make it
-    flicker."""
+    flicker; but a voxel whose own value lies more than `keep_beyond_hu` (a number or a per-voxel map) outside
+    the window keeps its input, whatever its neighbours: smoothing puts a calcification or a gas bubble one voxel
+    wide inside the window, and the result, which never leaves the window, would replace it (600 HU -> 229)."""
     lo, hi = window
-    margin = EDGE_BLEND_FRACTION * (hi - lo)
+    margin = np.float32(EDGE_BLEND_FRACTION * (hi - lo))
     smoothed = gaussian_filter(original, sigma=(0.0, 1.0, 1.0), output=np.float32)
     # In place from here: a whole CT is 300 MB per float32 copy.
     above_lo = smoothed - np.float32(lo)
     inside = np.minimum(above_lo, np.subtract(np.float32(hi), smoothed, out=smoothed), out=above_lo)
-    inside /= np.float32(margin)
+    # The voxel's own distance inside the widened window: half its width plus the allowance, less the distance
+    # from its centre (negative beyond the allowance).
+    own = np.subtract(original, np.float32((lo + hi) / 2), dtype=np.float32)
+    np.abs(own, out=own)
+    np.subtract(np.asarray((hi - lo) / 2 + keep_beyond_hu, np.float32), own, out=own)
+    np.minimum(inside, own, out=inside)
+    inside /= margin
     return np.clip(inside, 0.0, 1.0, out=inside)
 
 
@@ -309,7 +321,9 @@ def make_sampler(model: torch.nn.Module, shape_zyx: Sequence[int], spacing_zyx: 
                                    autocast_dtype=autocast_dtype(device, precision),
                                    volume_condition_bytes=volume_condition_budget(device),
                                    fixed_batch=is_compiled(model))
-    log.info("%d windows of %d^3 voxels per step (overlap %.2f)", sampler.num_windows, window_size, overlap)
+    used = 1.0 - window_stride(window_size, overlap) / window_size  # whole voxels between window starts
+    log.info("%d windows of %d^3 voxels per step (overlap %.2f%s)", sampler.num_windows, window_size, used,
+             "" if abs(used - overlap) < 0.005 else f", the nearest in whole voxels to {overlap:g}")
     return sampler
 
 

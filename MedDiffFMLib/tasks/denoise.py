@@ -83,6 +83,9 @@ SOFT_TISSUE_PASS_RATIO = 2.0
 #: 26.94, [-200, 240] 26.96 at I0 = 1e5 (noise 41 HU); 22.95 / 23.70 / 23.69 at 2.5e4 (82 HU). Moving the edge
 #: from -160 to -200 HU changed chest soft tissue and limb by +0.04 / +0.07 dB. An explicit window is used as given.
 FAT_MARGIN_NOISE_STDS = 1.0
+#: A voxel more than this many noise stds outside a pass's window is structure, not noise: it keeps its input
+#: value (`common.window_weight`).
+KEEP_BEYOND_NOISE_STDS = 3.0
 
 
 @dataclass
@@ -128,7 +131,7 @@ def diffpir(sampler: SlidingWindowSampler, y: torch.Tensor, sigma: Union[float, 
         if t_prev < 0:  # no data step at the last iteration
             return x0
         rho = lam * sigma_map ** 2 / float(schedule.sigma_bar(t)) ** 2
-        return (y + rho * x0) / (1 + rho)
+        return x0 + (y - x0) / (1 + rho)  # = (y + rho x0) / (1 + rho), without inf / inf for a huge rho
 
     x_start = float(schedule.abar(t_start).sqrt()) * y
     x0 = sampler.run(x_start, steps, seed, x0_transform=data_step, zeta=zeta, progress=progress, windows=windows,
@@ -211,8 +214,13 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
             raise InputError(f"the noise level must be > 0 HU, got {noise_level}")
         noise_hu = float(noise_level)
         sigma_hu_map = np.float32(noise_hu)
-    if window is None:  # automatic windows make room below for noisy fat (see FAT_MARGIN_NOISE_STDS)
-        windows = [(lo - FAT_MARGIN_NOISE_STDS * noise_hu, hi) for lo, hi in windows]
+    # Automatic windows, and the soft-tissue pass, make room below for noisy fat (see FAT_MARGIN_NOISE_STDS).
+    windows = [(lo - FAT_MARGIN_NOISE_STDS * noise_hu, hi) if window is None or index > 0 else (lo, hi)
+               for index, (lo, hi) in enumerate(windows)]
+    if len(windows) > 1 and not (windows[0][0] < windows[1][0] and windows[1][1] <= windows[0][1]):
+        raise InputError(f"the soft-tissue pass [{windows[1][0]:g}, {windows[1][1]:g}] HU is not inside the first "
+                         f"pass's window [{windows[0][0]:g}, {windows[0][1]:g}] HU, so it would replace that pass "
+                         "wherever it applies; use it only with a wider window (e.g. the chest's), or turn it off")
 
     labels = common.anatomy_for(volume, cfg, anatomy_labels)[box]  # the whole CT's: the body decides the classes
     cond = VolumeCondition(cfg, work.shape, work.spacing_zyx, region, labels, offset_zyx=[s.start for s in box],
@@ -237,7 +245,7 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
         inside = inside[box]
 
     def pass_weight(pass_window: Tuple[float, float]) -> np.ndarray:
-        weight = common.window_weight(work.array, pass_window)
+        weight = common.window_weight(work.array, pass_window, KEEP_BEYOND_NOISE_STDS * sigma_hu_map)
         return weight if inside is None else weight * inside
 
     # Every pass's windows before the first: a compiled network's one batch shape is balanced over the larger set.
@@ -247,8 +255,8 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
     evaluated_sets += [sampler.active_windows(pass_weight(w) > 0) for w in windows[1:]]
     if inside is not None and not evaluated_sets[0]:  # the first pass has the widest window
         raise InputError(f"the mask holds no voxel inside the denoising window [{windows[0][0]:g}, "
-                         f"{windows[0][1]:g}] HU: only air or bone, which keep their values anyway; "
-                         "draw it over soft tissue")
+                         f"{windows[0][1]:g}] HU: only voxels outside it (such as air or bone), which keep their "
+                         "values anyway; draw it over the tissue to denoise, or widen the window")
     sampler.balance_batch(max(map(len, evaluated_sets)))
     for pass_window, plan, evaluated in zip(windows, plans, evaluated_sets):
         def pass_progress(step: int, n: int, done: int = done) -> None:
@@ -264,7 +272,7 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
                                                       zeta, len(plan), seed, seeds, pass_progress, evaluated)
         done += seeds * len(plan)
         output = output + weight * (mean_hu - output)
-        if std_hu is not None:
+        if std_hu is not None:  # in the blend band between passes an upper bound: std(sum) <= sum of stds
             std_hu = std_hu + weight * (pass_std - std_hu)
         steps = steps or pass_steps
         log.info("DiffPIR in [%g, %g] HU: noise %.1f HU = %.4f in [-1, 1], t_start %d, %d steps, lambda %g, "
