@@ -2,6 +2,7 @@
 with the tiny network on a real CT crop through the command line."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -301,7 +302,8 @@ def test_denoise_keeps_structures_one_voxel_wide_outside_its_window(gaussian_pro
     prior, x0, y, _ = gaussian_problem
     noisy_hu = unit_to_hu(y[0, 0].numpy(), WINDOW).astype(np.float32)
     clean_hu = unit_to_hu(x0[0, 0].numpy(), WINDOW)
-    planted = {(12, 10, 9): 1000.0, (8, 6, 12): 600.0, (15, 13, 5): -900.0}
+    # 330 HU: more than 3 noise stds above the window's 240 HU, though less than the other tasks' 100 HU
+    planted = {(12, 10, 9): 1000.0, (8, 6, 12): 600.0, (15, 13, 5): -900.0, (5, 4, 4): 330.0}
     for index, value in planted.items():
         noisy_hu[index] = value
     volume = Volume(noisy_hu)
@@ -326,7 +328,13 @@ def test_denoise_soft_tissue_pass_only_inside_a_wider_window(gaussian_problem, c
         denoise(volume, prior, **settings)
     with caplog.at_level(logging.INFO):  # a given window is used as given; the soft-tissue pass makes room for fat
         denoise(volume, prior, window=(-1000.0, 400.0), **settings)
+        denoise(volume, prior, window=(-187.0, 400.0), **settings)  # the same lower edge is inside too
     assert "DiffPIR in [-1000, 400] HU" in caplog.text and "DiffPIR in [-187, 240] HU" in caplog.text
+    # Automatic: a wide model window that does not hold the soft-tissue one gets no second pass, and no error.
+    narrow_top = AnalyticGaussian(std=0.2, cfg=dataclasses.replace(prior.cfg, windows={**prior.cfg.windows,
+                                                                                        "chest": (-1350.0, 150.0)}))
+    alone = denoise(volume, narrow_top, noise_level=27.0, region="chest", seed=3, nfe=1)
+    assert alone.soft_tissue_window is None and len(alone.windows) == 1
 
 
 def test_denoise_with_a_huge_lambda_keeps_the_prior_estimate(gaussian_problem):

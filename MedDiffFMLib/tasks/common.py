@@ -231,11 +231,12 @@ def window_weight(original: np.ndarray, window: Sequence[float],
     # In place from here: a whole CT is 300 MB per float32 copy.
     above_lo = smoothed - np.float32(lo)
     inside = np.minimum(above_lo, np.subtract(np.float32(hi), smoothed, out=smoothed), out=above_lo)
-    # The voxel's own distance inside the widened window: half its width plus the allowance, less the distance
-    # from its centre (negative beyond the allowance).
-    own = np.subtract(original, np.float32((lo + hi) / 2), dtype=np.float32)
+    # The voxel's own distance inside the widened window: the allowance, plus half the window's width less the
+    # distance from its centre (negative beyond the allowance). Into the smoothed copy's memory, no longer needed.
+    own = np.subtract(original, np.float32((lo + hi) / 2), out=smoothed, dtype=np.float32)
     np.abs(own, out=own)
-    np.subtract(np.asarray((hi - lo) / 2 + keep_beyond_hu, np.float32), own, out=own)
+    np.subtract(np.float32((hi - lo) / 2), own, out=own)
+    own += np.asarray(keep_beyond_hu, np.float32)
     np.minimum(inside, own, out=inside)
     inside /= margin
     return np.clip(inside, 0.0, 1.0, out=inside)

@@ -185,10 +185,6 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
     if tuple(chosen) != model_window:
         log.warning("denoising window %s HU differs from the window the model was trained with for %s "
                     "(%s HU); the prior may fit worse", chosen, region, model_window)
-    if soft_tissue_pass is None:
-        wide = _width(chosen) > SOFT_TISSUE_PASS_RATIO * _width(SOFT_TISSUE_WINDOW_HU)
-        soft_tissue_pass = window is None and wide
-    windows = [tuple(chosen)] + ([SOFT_TISSUE_WINDOW_HU] if soft_tissue_pass else [])
     inside = None if mask is None else np.asarray(mask.array) != 0
     # With a mask only a box around it is sampled, with a window of context on every side (unit spacing: the
     # margin is in voxels), so the per-step work follows the region, not the whole CT.
@@ -215,12 +211,20 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
         noise_hu = float(noise_level)
         sigma_hu_map = np.float32(noise_hu)
     # Automatic windows, and the soft-tissue pass, make room below for noisy fat (see FAT_MARGIN_NOISE_STDS).
-    windows = [(lo - FAT_MARGIN_NOISE_STDS * noise_hu, hi) if window is None or index > 0 else (lo, hi)
-               for index, (lo, hi) in enumerate(windows)]
-    if len(windows) > 1 and not (windows[0][0] < windows[1][0] and windows[1][1] <= windows[0][1]):
-        raise InputError(f"the soft-tissue pass [{windows[1][0]:g}, {windows[1][1]:g}] HU is not inside the first "
-                         f"pass's window [{windows[0][0]:g}, {windows[0][1]:g}] HU, so it would replace that pass "
-                         "wherever it applies; use it only with a wider window (e.g. the chest's), or turn it off")
+    fat_margin = FAT_MARGIN_NOISE_STDS * noise_hu
+    first = (chosen[0] - fat_margin, chosen[1]) if window is None else tuple(chosen)
+    soft = (SOFT_TISSUE_WINDOW_HU[0] - fat_margin, SOFT_TISSUE_WINDOW_HU[1])
+    # The second pass replaces the first wherever it applies: it must add a narrower window, not swap the first's.
+    nested = first[0] <= soft[0] and soft[1] <= first[1] and soft != first
+    if soft_tissue_pass is None:  # automatic: a chest-wide model window that holds the soft-tissue one
+        soft_tissue_pass = (window is None and nested
+                            and _width(chosen) > SOFT_TISSUE_PASS_RATIO * _width(SOFT_TISSUE_WINDOW_HU))
+    elif soft_tissue_pass and not nested:
+        raise InputError(f"the soft-tissue pass [{soft[0]:g}, {soft[1]:g}] HU is not inside the first pass's window "
+                         f"[{first[0]:g}, {first[1]:g}] HU, so it would replace that pass wherever it applies; use it "
+                         f"only with a window from at most {soft[0]:g} (-160 HU less one noise std) up to at least "
+                         f"{soft[1]:g} HU, or turn it off")
+    windows = [first] + ([soft] if soft_tissue_pass else [])
 
     labels = common.anatomy_for(volume, cfg, anatomy_labels)[box]  # the whole CT's: the body decides the classes
     cond = VolumeCondition(cfg, work.shape, work.spacing_zyx, region, labels, offset_zyx=[s.start for s in box],
@@ -244,27 +248,29 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
                  int(inside.sum()), 100.0 * inside.mean())
         inside = inside[box]
 
+    keep_beyond_hu = KEEP_BEYOND_NOISE_STDS * sigma_hu_map
+
     def pass_weight(pass_window: Tuple[float, float]) -> np.ndarray:
-        weight = common.window_weight(work.array, pass_window, KEEP_BEYOND_NOISE_STDS * sigma_hu_map)
+        weight = common.window_weight(work.array, pass_window, keep_beyond_hu)
         return weight if inside is None else weight * inside
 
-    # Every pass's windows before the first: a compiled network's one batch shape is balanced over the larger set.
-    # The first pass's weight is kept, as that pass comes next; a later pass's is made again when it runs.
+    # A later pass's window lies inside the first's, so the first evaluates the most windows: a compiled network's
+    # one batch shape is balanced over them.
     first_weight = pass_weight(windows[0])
-    evaluated_sets = [sampler.active_windows(first_weight > 0)]
-    evaluated_sets += [sampler.active_windows(pass_weight(w) > 0) for w in windows[1:]]
-    if inside is not None and not evaluated_sets[0]:  # the first pass has the widest window
+    first_set = sampler.active_windows(first_weight > 0)
+    if inside is not None and not first_set:
         raise InputError(f"the mask holds no voxel inside the denoising window [{windows[0][0]:g}, "
                          f"{windows[0][1]:g}] HU: only voxels outside it (such as air or bone), which keep their "
                          "values anyway; draw it over the tissue to denoise, or widen the window")
-    sampler.balance_batch(max(map(len, evaluated_sets)))
-    for pass_window, plan, evaluated in zip(windows, plans, evaluated_sets):
+    sampler.balance_batch(len(first_set))
+    for pass_window, plan in zip(windows, plans):
         def pass_progress(step: int, n: int, done: int = done) -> None:
             if progress is not None:
                 progress(done + step, total)
 
-        weight = first_weight if first_weight is not None else pass_weight(pass_window)
-        first_weight = None  # not held through the later passes
+        # The first pass's weight was made above; it is not held through the later passes.
+        weight, first_weight = (pass_weight(pass_window) if first_weight is None else first_weight), None
+        evaluated = first_set if not pass_windows else sampler.active_windows(weight > 0)
         pass_windows.append((len(evaluated), sampler.num_windows))
         log.info("[%g, %g] HU pass: %d of %d windows hold voxels to denoise", *pass_window, len(evaluated),
                  sampler.num_windows)
