@@ -263,14 +263,17 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
                          f"{windows[0][1]:g}] HU: only voxels outside it (such as air or bone), which keep their "
                          "values anyway; draw it over the tissue to denoise, or widen the window")
     sampler.balance_batch(len(first_set))
-    for pass_window, plan in zip(windows, plans):
+    for index, (pass_window, plan) in enumerate(zip(windows, plans)):
         def pass_progress(step: int, n: int, done: int = done) -> None:
             if progress is not None:
                 progress(done + step, total)
 
-        # The first pass's weight was made above; it is not held through the later passes.
-        weight, first_weight = (pass_weight(pass_window) if first_weight is None else first_weight), None
-        evaluated = first_set if not pass_windows else sampler.active_windows(weight > 0)
+        if index == 0:  # made above; not held through the later passes
+            weight, evaluated = first_weight, first_set
+            del first_weight
+        else:
+            weight = pass_weight(pass_window)
+            evaluated = sampler.active_windows(weight > 0)
         pass_windows.append((len(evaluated), sampler.num_windows))
         log.info("[%g, %g] HU pass: %d of %d windows hold voxels to denoise", *pass_window, len(evaluated),
                  sampler.num_windows)
