@@ -31,6 +31,7 @@ from .checkpoints import (check_architecture, load_model, load_training_state, m
                           save_training_state)
 from .config import ModelConfig
 from .diffusion import Schedule, q_sample, training_timesteps
+from .noise_texture import training_noise
 from .errors import CheckpointError, InputError, TrainingDiverged
 from .network import MedDiffNet, controlnet_task, parameter_count
 from .torchrun_env import torchrun_place
@@ -59,6 +60,8 @@ class TrainSettings:
     # Extra weight on the low-noise range the restoration tasks start from (synthesis still sees all t).
     low_noise_fraction: float = 0.5
     low_noise_max_t: int = 250
+    # Share of the noise below noise_texture.MAX_T with the in-plane texture of CT noise instead of white.
+    correlated_noise_fraction: float = 0.0
     seed: int = 0
     validate_every: int = 200
     validation_patches: int = 8
@@ -86,6 +89,8 @@ class TrainSettings:
         if not 0.0 <= self.low_noise_fraction <= 1.0 or not 1 <= self.low_noise_max_t <= top_t:
             problems.append(f"the low-noise fraction must be in [0, 1] and its max t in [1, {top_t}], got "
                             f"{self.low_noise_fraction} and {self.low_noise_max_t}")
+        if not 0.0 <= self.correlated_noise_fraction <= 1.0:
+            problems.append(f"the correlated-noise fraction must be in [0, 1], got {self.correlated_noise_fraction}")
         if problems:
             raise InputError("bad training settings: " + "; ".join(problems))
 
@@ -328,7 +333,7 @@ def _optimizer_step(net, forward, model, optimizer, batches, schedule: Schedule,
         x0 = batch["image"].to(device)
         cond, region = batch["cond"].to(device), batch["region"].to(device)
         t = training_timesteps(x0.shape[0], schedule.T, gen, settings.low_noise_fraction, settings.low_noise_max_t)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
+        noise = training_noise(x0.shape, t, gen, settings.correlated_noise_fraction).to(device)
         x_t = q_sample(schedule, x0, t, noise)
         if settings.channels_last:
             x_t = x_t.to(memory_format=torch.channels_last_3d)

@@ -28,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--low-noise-fraction", type=float, default=0.5,
                         help="share of timesteps drawn from t < --low-noise-max-t")
     parser.add_argument("--low-noise-max-t", type=int, default=250, help="upper end of the low-noise timesteps")
+    parser.add_argument("--correlated-noise", type=float, default=0.0, metavar="FRACTION",
+                        help="share of the noise below t = 300 given the in-plane texture of CT noise (ramp-filtered, "
+                             "like filtered back-projection) instead of white: teaches the prior the noise that "
+                             "denoising meets")
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0, help="also checkpoint after this long")
     parser.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
@@ -54,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     settings = TrainSettings(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, seed=args.seed,
         low_noise_fraction=args.low_noise_fraction, low_noise_max_t=args.low_noise_max_t,
+        correlated_noise_fraction=args.correlated_noise,
         validate_every=args.validate_every, checkpoint_every=args.checkpoint_every,
         checkpoint_minutes=args.checkpoint_minutes, num_workers=args.num_workers,
         channels_last=args.channels_last, compile=args.compile, half_export=not args.fp32_export)
