@@ -21,7 +21,7 @@ from typing import Dict, Optional, Tuple, Union
 import numpy as np
 
 from .errors import InputError, ResourceError
-from .io import Volume, as_label_array, has_perpendicular_axes, read_mask, read_volume, write_volume
+from .io import Volume, as_label_array, has_perpendicular_axes, read_volume, write_volume
 from .orientation import AxisOrder
 from .smoothing import gaussian_filter
 from .validation import check_mask
@@ -204,15 +204,29 @@ def class_volumes_ml(labels: np.ndarray, spacing: Tuple[float, float, float],
             for k in range(1, counts.size) if counts[k]}
 
 
+def _totalsegmentator_command() -> Optional[str]:
+    """The TotalSegmentator command: on PATH, or among this Python's scripts (a virtual environment not activated)."""
+    import sysconfig
+
+    return shutil.which("TotalSegmentator") or shutil.which("TotalSegmentator", path=sysconfig.get_path("scripts"))
+
+
+def _totalsegmentator_weights() -> Path:
+    """Where TotalSegmentator looks for its weights: TOTALSEG_WEIGHTS_PATH if set, else its home's nnunet/results."""
+    if os.environ.get("TOTALSEG_WEIGHTS_PATH"):
+        return Path(os.environ["TOTALSEG_WEIGHTS_PATH"])
+    return Path(os.environ.get("TOTALSEG_HOME_DIR", Path.home() / ".totalsegmentator")) / "nnunet" / "results"
+
+
 def totalsegmentator_problem(fast: bool = False) -> Optional[str]:
     """None if TotalSegmentator and its `total` weights are installed, else what is missing and how to fix it."""
-    home = Path(os.environ.get("TOTALSEG_HOME_DIR", Path.home() / ".totalsegmentator"))
-    results = home / "nnunet" / "results"
+    results = _totalsegmentator_weights()
     # Weight folders of the `total` task: one 3 mm model for --fast, five 1.5 mm part models otherwise.
     patterns = ["Dataset297_*"] if fast else [f"Dataset{n}_*" for n in range(291, 296)]
     missing = []
-    if shutil.which("TotalSegmentator") is None:
-        missing.append("the TotalSegmentator package (command 'TotalSegmentator' not on PATH)")
+    if _totalsegmentator_command() is None:
+        missing.append("the TotalSegmentator package (command 'TotalSegmentator' neither on PATH nor among this "
+                       "Python's scripts)")
     absent = [p for p in patterns if not any(results.glob(p))]
     if absent:
         missing.append(f"its weights for the 'total' task ({', '.join(absent)} in {results})")
@@ -228,14 +242,17 @@ def totalsegmentator_problem(fast: bool = False) -> Optional[str]:
 SHEARED_FOR_TOTALSEGMENTATOR = ("TotalSegmentator cannot run on this CT: its axes are not perpendicular (a sheared "
                                 "grid, e.g. from a gantry tilt), which its NIfTI input cannot store; resample the CT "
                                 "onto an orthogonal grid first, or use the threshold anatomy.")
+#: Seconds a cancelled TotalSegmentator gets to exit before it is killed.
+STOP_GRACE_S = 10.0
 
 
 def totalsegmentator_anatomy(vol: Union[Volume, str, "os.PathLike[str]"], fast: bool = False,
                              timeout_s: Optional[float] = None) -> np.ndarray:
     """TotalSegmentator `total` labels 1..117 plus body (118) on the grid of `vol`, as uint8 (z, y, x).
 
-    Runs the TotalSegmentator command in a subprocess; raises ResourceError (with install instructions)
-    when the package or its weights are missing.
+    Runs the TotalSegmentator command in a subprocess, whose temporary files go into this call's temporary folder;
+    raises ResourceError when the package or its weights are missing, when it fails or runs past `timeout_s`, and
+    when its segmentation is not a `total` label map on the CT's grid. No organ found is a valid result (body only).
     """
     problem = totalsegmentator_problem(fast)
     if problem:
@@ -246,18 +263,62 @@ def totalsegmentator_anatomy(vol: Union[Volume, str, "os.PathLike[str]"], fast: 
     with tempfile.TemporaryDirectory(prefix="meddifffm-totalseg-") as tmp:
         image_path, seg_path = Path(tmp) / "ct.nii.gz", Path(tmp) / "seg.nii.gz"
         write_volume(vol, image_path)
-        command = ["TotalSegmentator", "-i", str(image_path), "-o", str(seg_path), "--ml"]
+        command = [_totalsegmentator_command(), "-i", str(image_path), "-o", str(seg_path), "--ml"]
         if fast:
             command.append("--fast")
         log.info("running %s", " ".join(command))
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
-        if done.returncode != 0 or not seg_path.exists():
-            tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-            raise ResourceError("TotalSegmentator failed (exit %d): %s" % (done.returncode, " | ".join(tail)))
-        organs = read_mask(seg_path, like=vol).array
+        returncode, output = _run_to_end(command, tmp, timeout_s)
+        if returncode != 0 or not seg_path.exists():
+            what = f"exit {returncode}" if returncode != 0 else "it exited without writing a segmentation"
+            raise ResourceError(f"TotalSegmentator failed ({what}): " + " | ".join(output.strip().splitlines()[-8:]))
+        organs = _read_totalsegmentator_output(seg_path, vol)
     labels = organs.astype(np.uint8)
     labels[(labels == 0) & body_mask(vol)] = TOTALSEG_BODY_LABEL
     return labels
+
+
+def _run_to_end(command, tmp: str, timeout_s: Optional[float]) -> Tuple[int, str]:
+    """(exit code, stdout + stderr) of `command`, its temporary files under `tmp`. A cancel (Ctrl-C, `kill`) or the
+    timeout stops it before returning or raising. It stays in this process's group, so a job killed as a group
+    takes it along."""
+    env = dict(os.environ, TMPDIR=tmp, TEMP=tmp, TMP=tmp)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        output, _ = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _stop(process)
+        raise ResourceError(f"TotalSegmentator did not finish within {timeout_s:g} s; it was stopped") from None
+    except BaseException:
+        _stop(process)
+        raise
+    # Its logs may hold bytes of another encoding (progress bars): never fail on them.
+    return process.returncode, output.decode("utf-8", errors="replace")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _read_totalsegmentator_output(path: Path, vol: Volume) -> np.ndarray:
+    """TotalSegmentator's labels, refused (as its fault, not the user's) unless on the CT's grid with labels 0..117."""
+    seg = read_volume(path)
+    problems = vol.grid_differences(seg, names=("CT", "segmentation"))
+    if not problems:
+        values = seg.array
+        if not np.all(np.isfinite(values)) or not np.array_equal(values, np.round(values)):
+            problems = ["it holds non-integer values"]
+        elif values.size and (values.min() < 0 or values.max() > TOTALSEG_CLASSES):
+            problems = [f"its labels span {values.min():g}..{values.max():g}, not 0..{TOTALSEG_CLASSES} of the "
+                        "'total' task"]
+    if problems:
+        raise ResourceError("TotalSegmentator returned an unexpected segmentation (" + "; ".join(problems) + "); "
+                            "check its version (v2, task 'total') or use the threshold anatomy")
+    return seg.array.astype(np.uint8)
 
 
 def get_anatomy(vol: Volume, source: str = "auto",

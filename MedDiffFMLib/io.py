@@ -181,7 +181,10 @@ def read_mask(path: PathLike, like: Volume, what: str = "mask") -> Volume:
     if path.is_dir() or is_dicom_file(path):
         raise InputError(f"{what} {path.name}: give a label-map file (.nii.gz, .nrrd, .seg.nrrd, .mha); DICOM "
                          "masks (DICOM SEG) are not read, export them as a label map first")
-    image, _ = _read_file(path)
+    image, float_voxels = _read_file(path)
+    if float_voxels is not None and not np.all(np.isfinite(float_voxels)):  # ITK would have read them as 0
+        raise InputError(f"{what} {path.name} holds NaN or infinite values; a label map holds whole numbers "
+                         "(0 = background, 1, 2, ... = labels)")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
             f"{what} {path.name} has {image.GetNumberOfComponentsPerPixel()} layers (overlapping segments); "
@@ -192,8 +195,10 @@ def read_mask(path: PathLike, like: Volume, what: str = "mask") -> Volume:
     mask = Volume.from_sitk(image)
     placed = _place_on_grid(mask, like)
     if placed is not None:
-        log.info("%s %s covers a %s block of the image grid; placed on the full grid (zeros around)", what,
-                 path.name, "x".join(str(n) for n in reversed(mask.shape)))
+        # A drawn mask is often saved cropped; an anatomy map that stops short tells the model "no body" beyond.
+        (log.info if what == "mask" else log.warning)(
+            "%s %s covers a %s block of the image grid; placed on the full grid (zeros around)", what, path.name,
+            "x".join(str(n) for n in reversed(mask.shape)))
         mask = placed
     check_mask(mask, like, name=f"{what} {path.name}")
     return mask.with_array(as_label_array(mask.array, name=path.name))
@@ -231,6 +236,8 @@ def as_label_array(array: np.ndarray, name: str = "mask") -> np.ndarray:
     if array.size and array.min() < 0:
         raise InputError(f"{name} holds negative labels (min {array.min()}); labels must be >= 0")
     top = int(array.max()) if array.size else 0
+    if top > np.iinfo(np.int32).max:
+        raise InputError(f"{name} holds labels up to {top}; labels must be at most {np.iinfo(np.int32).max}")
     dtype = np.uint8 if top <= np.iinfo(np.uint8).max else np.uint16 if top <= np.iinfo(np.uint16).max else np.int32
     return array.astype(dtype)
 

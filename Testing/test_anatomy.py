@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -138,6 +141,99 @@ def test_totalsegmentator_subprocess_and_body_class(tmp_path, monkeypatch):
     assert source == "threshold"
     with pytest.raises(InputError, match="TotalSegmentator cannot run on this CT: its axes are not perpendicular"):
         totalsegmentator_anatomy(sheared)
+
+
+#: A stand-in TotalSegmentator whose behaviour STUB_MODE picks; it leaves a file in its temporary folder.
+_STUB = """#!{python}
+import os, signal, sys, tempfile, time
+import numpy as np
+import SimpleITK as sitk
+mode = os.environ["STUB_MODE"]
+args = sys.argv[1:]
+source, target = args[args.index("-i") + 1], args[args.index("-o") + 1]
+open(os.path.join(tempfile.gettempdir(), "nnunet_tmp_copy"), "w").write("a copy of the CT")
+log = open(os.environ["STUB_LOG"], "a")
+log.write("temporary folder " + tempfile.gettempdir() + "\\n"); log.flush()
+signal.signal(signal.SIGTERM, lambda *a: (log.write("asked to stop\\n"), sys.exit(1)))
+sys.stdout.buffer.write(b"progress \\xe2\\x96\\x8f \\x9d\\n")  # a tqdm bar, then a byte that is not UTF-8
+sys.stdout.flush()
+if mode == "hang":
+    time.sleep(600)
+if mode == "error":
+    print("ERROR: the licence of this task is missing")
+    sys.exit(1)
+if mode == "nothing":
+    sys.exit(0)
+image = sitk.ReadImage(source)
+labels = np.zeros(sitk.GetArrayFromImage(image).shape, np.int16)
+if mode == "organ":
+    labels[:, 40:60, 40:60] = 5
+if mode == "high":
+    labels[:, 40:60, 40:60] = 200
+if mode == "short":
+    labels = labels[:, 1:]
+seg = sitk.GetImageFromArray(labels)
+seg.SetSpacing(image.GetSpacing()); seg.SetDirection(image.GetDirection())
+seg.SetOrigin(image.GetOrigin() if mode != "shifted" else tuple(o + 2.0 for o in image.GetOrigin()))
+sitk.WriteImage(seg, target)
+"""
+
+
+@pytest.fixture
+def stub_totalsegmentator(tmp_path, monkeypatch):
+    """The stub as the TotalSegmentator command, with weight folders; returns the temporary root the call sees."""
+    fake = tmp_path / "bin" / "TotalSegmentator"
+    fake.parent.mkdir()
+    fake.write_text(_STUB.format(python=sys.executable))
+    fake.chmod(0o755)
+    for n in range(291, 296):
+        (tmp_path / "weights" / f"Dataset{n}_total").mkdir(parents=True)
+    monkeypatch.setenv("PATH", str(fake.parent))
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("TOTALSEG_WEIGHTS_PATH", str(tmp_path / "weights"))  # TotalSegmentator's own override
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    monkeypatch.setenv("STUB_LOG", str(tmp_path / "stub.log"))
+    return temporary
+
+
+def test_totalsegmentator_results_are_checked_as_its_own(stub_totalsegmentator, monkeypatch):
+    """No organ is a valid result (body only); a result off the grid or outside the task's labels is
+    TotalSegmentator's fault, said so; logs in any encoding are read; its temporary files go with ours."""
+    vol = read_volume(ABDOMEN_SMALL_NII)
+    body = threshold_anatomy(vol) > 0
+    monkeypatch.setenv("STUB_MODE", "organ")
+    labels = totalsegmentator_anatomy(vol)
+    assert np.all(labels[:, 40:60, 40:60] == 5)
+    monkeypatch.setenv("STUB_MODE", "empty")
+    labels = totalsegmentator_anatomy(vol)
+    assert np.array_equal(labels == TOTALSEG_BODY_LABEL, body) and set(np.unique(labels)) == {0, TOTALSEG_BODY_LABEL}
+    for mode, message in (("high", "labels span 0..200, not 0..117"), ("short", "size"), ("shifted", "origin"),
+                          ("error", "exit 1.*ERROR: the licence of this task is missing"),
+                          ("nothing", "exited without writing a segmentation")):
+        monkeypatch.setenv("STUB_MODE", mode)
+        with pytest.raises(ResourceError, match=message):
+            totalsegmentator_anatomy(vol)
+    assert list(stub_totalsegmentator.iterdir()) == []
+    used = {line.split(" ", 2)[2] for line in (stub_totalsegmentator.parent / "stub.log").read_text().splitlines()}
+    assert len(used) == 7 and all(os.path.dirname(folder) == str(stub_totalsegmentator) for folder in used), used
+
+
+def test_totalsegmentator_found_in_this_pythons_scripts_and_stopped_on_timeout(stub_totalsegmentator, monkeypatch):
+    import sysconfig
+
+    scripts = os.environ["PATH"]
+    monkeypatch.setenv("PATH", str(stub_totalsegmentator))  # not on PATH: a virtual environment not activated
+    monkeypatch.setattr(sysconfig, "get_path", lambda name, *a, **k: scripts if name == "scripts" else None)
+    assert totalsegmentator_problem() is None
+    monkeypatch.setenv("STUB_MODE", "hang")
+    start = time.monotonic()
+    with pytest.raises(ResourceError, match="did not finish within 3 s; it was stopped"):
+        totalsegmentator_anatomy(read_volume(ABDOMEN_SMALL_NII), timeout_s=3)
+    assert time.monotonic() - start < 30
+    assert list(stub_totalsegmentator.iterdir()) == []
+    assert (stub_totalsegmentator.parent / "stub.log").read_text().endswith("asked to stop\n")  # a chance to clean up
 
 
 def test_user_labels_must_match_the_image():

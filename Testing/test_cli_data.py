@@ -320,3 +320,61 @@ def test_a_label_map_on_another_grid_is_named_and_each_value_labelled(tmp_path, 
     assert ("anatomy label map lung1_label.nrrd is not on the grid of the image: size (z,y,x): image (59, 202, 198), "
             "label map (48, 512, 512)") in err
     assert not out.exists()
+
+
+def test_preprocess_takes_one_anatomy_source(tmp_path, capsys):
+    out = tmp_path / "limb.nii.gz"
+    base = ["preprocess", str(LIMB_NII), "-o", str(out), "--spacing", "4"]
+    for extra, message in ((["--anatomy", "totalsegmentator", "--anatomy-labels", str(LIMB_MASK_NII)],
+                            "--anatomy totalsegmentator and --anatomy-labels are two anatomy sources; give one"),
+                           (["--anatomy", "user"], "--anatomy user needs --anatomy-labels")):
+        assert main(base + extra) == 2
+        assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert main(base + ["--anatomy-labels", str(LIMB_MASK_NII)]) == 0  # the labels alone mean --anatomy user
+    assert json.loads((tmp_path / "limb.json").read_text())["anatomy_source"] == "user"
+
+
+def test_label_maps_with_nan_or_huge_labels_are_refused_not_altered(limb, tmp_path, capsys, caplog):
+    """ITK reads a float NIfTI's NaN as 0, and an int32 cast wraps 2^32 + 3 to 3: both used to pass silently."""
+    labels = read_volume(LIMB_MASK_NII)
+    nan = labels.array.astype(np.float32)
+    nan[:, :, :50] = np.nan
+    huge = labels.array.astype(np.int64) * (2 ** 32 + 3)
+    for name, array, message in (("nan.nii.gz", nan, "holds NaN or infinite values"),
+                                 ("huge.nii.gz", huge, "holds labels up to 4294967299; labels must be at most")):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(labels.spacing), image.SetOrigin(labels.origin), image.SetDirection(labels.direction)
+        sitk.WriteImage(image, str(tmp_path / name))
+        assert main(["preprocess", str(LIMB_NII), "-o", str(tmp_path / "out.nii.gz"), "--spacing", "4",
+                     "--anatomy-labels", str(tmp_path / name)]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out.nii.gz").exists()
+    # An anatomy map that covers only a block of the CT tells the model "no body" around it: a warning, not a note.
+    block = labels.crop((slice(0, labels.shape[0]), slice(10, 150), slice(10, 150)))
+    write_volume(block.with_array((block.array > 0).astype(np.uint8) + 1), tmp_path / "block.nii.gz")
+    caplog.clear()
+    assert main(["preprocess", str(LIMB_NII), "-o", str(tmp_path / "out.nii.gz"), "--spacing", "4",
+                 "--anatomy-labels", str(tmp_path / "block.nii.gz")]) == 0
+    assert any(r.levelname == "WARNING" and "covers a 140x140x59 block" in r.getMessage() for r in caplog.records)
+
+
+def test_synthesize_reads_anatomy_on_its_reference_as_every_task_does(tmp_path, capsys, monkeypatch):
+    """Named by its file and refused before the model loads; a block of the reference grid is placed on it."""
+    from MedDiffFMLib.commands import _common
+
+    labels = read_volume(LIMB_MASK_NII)
+    shifted = Volume(labels.array, labels.spacing, tuple(o + 2.0 for o in labels.origin), labels.direction)
+    write_volume(shifted, tmp_path / "shifted.nii.gz")
+    calls = []
+    monkeypatch.setattr(_common, "load_model", lambda *a, **k: calls.append(1))
+    assert main(["synthesize", "--reference", str(LIMB_NII), "--anatomy", str(tmp_path / "shifted.nii.gz"),
+                 "--model", "tiny", "-o", str(tmp_path / "out.nii.gz")]) == 2
+    assert "anatomy label map shifted.nii.gz is not on the grid of the image" in capsys.readouterr().err
+    assert calls == []
+    block = labels.crop((slice(0, labels.shape[0]), slice(10, 150), slice(10, 150)))
+    write_volume(block, tmp_path / "block.nii.gz")
+    monkeypatch.setattr(_common, "load_model", lambda *a, **k: (_ for _ in ()).throw(SystemExit(7)))
+    with pytest.raises(SystemExit, match="7"):  # got as far as loading the model: the block was accepted
+        main(["synthesize", "--reference", str(LIMB_NII), "--anatomy", str(tmp_path / "block.nii.gz"),
+              "--model", "tiny", "-o", str(tmp_path / "out.nii.gz")])

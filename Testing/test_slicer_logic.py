@@ -564,6 +564,8 @@ parser.add_argument("--size", type=int, nargs=3)
 parser.add_argument("--spacing", type=float, nargs=3)
 args, _ = parser.parse_known_args()
 json.dump(sys.argv[1:], open(os.path.join(os.path.dirname(__file__), "..", "argv.json"), "w"))
+import tempfile
+open(os.path.join(os.path.dirname(__file__), "..", "tmpdir.txt"), "w").write(tempfile.gettempdir())
 print("MEDDIFFFM_PROGRESS 1 1")
 if args.size:
     image = sitk.Image(args.size, sitk.sitkFloat32)
@@ -695,7 +697,7 @@ def test_closing_the_scene_drops_a_finished_job_not_yet_imported(ct_node, fake_c
     assert slicer.mrmlScene.GetFirstNodeByName("CT denoised") is None and not any((tmp_path / "tmp").iterdir())
 
 
-def test_logic_denoise_makes_new_node_on_input_grid(ct_node, fake_cli):
+def test_logic_denoise_makes_new_node_on_input_grid(ct_node, fake_cli, tmp_path):
     before = slicer.util.arrayFromVolume(ct_node).copy()
     logic = MedDiffFM.MedDiffFMLogic()
     progress = []
@@ -713,6 +715,8 @@ def test_logic_denoise_makes_new_node_on_input_grid(ct_node, fake_cli):
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), before + 1)
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(ct_node), before)
     assert not os.path.exists(os.path.dirname(argv[1]))  # temporary folder removed
+    # The job's temporary files, and those of what it starts (TotalSegmentator's copies of the CT), went into it.
+    assert (tmp_path / "lib" / "tmpdir.txt").read_text() == os.path.dirname(argv[1])
 
 
 def test_logic_denoise_window_reaches_the_cli_as_numbers(ct_node, fake_cli):

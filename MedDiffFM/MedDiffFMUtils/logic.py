@@ -390,7 +390,7 @@ class MedDiffFMTasks:
             command += taskArguments + samplingArguments + ["--progress", "machine"]
             # cwd = library root: `python -m` puts the working directory first on sys.path, so the
             # job imports this very copy of MedDiffFMLib whatever else is installed.
-            run = TaskRun(command, workDir, lambda: importResults(workDir), env=self._environment(),
+            run = TaskRun(command, workDir, lambda: importResults(workDir), env=self._environment(workDir),
                           cwd=library.libraryRoot(), logCallback=self.logCallback,
                           progressCallback=self.progressCallback)
             self.logCallback(f"Running MedDiffFM {task}...")
@@ -432,10 +432,14 @@ class MedDiffFMTasks:
         return app.temporaryPath if app is not None else None
 
     @staticmethod
-    def _environment():
+    def _environment(workDir):
         # Inside Slicer, start from the environment Slicer itself was started with: the app's own
         # (Qt plugin and library paths) can break the PythonSlicer child.
-        return slicer.util.startupEnvironment() if _slicerApp() is not None else None
+        env = dict(slicer.util.startupEnvironment() if _slicerApp() is not None else os.environ)
+        # Temporary files of the job and of what it starts (TotalSegmentator's copies of the CT) go into the job's
+        # folder, which is removed after the job, also after a cancel or a crash of Slicer.
+        env.update(TMPDIR=workDir, TEMP=workDir, TMP=workDir)
+        return env
 
     @staticmethod
     def _show(background, foreground=None):

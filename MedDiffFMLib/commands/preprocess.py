@@ -31,8 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--region", choices=("auto",) + tuple(REGIONS), default="auto",
                         help="body region (sets the HU window); auto guesses it from the image")
     parser.add_argument("--mask", type=Path, help="label map on the input grid, resampled alongside (nearest)")
-    parser.add_argument("--anatomy", choices=("auto",) + tuple(SOURCES), default="threshold",
-                        help="anatomy source; auto uses TotalSegmentator when installed, else threshold")
+    parser.add_argument("--anatomy", choices=("auto",) + tuple(SOURCES),
+                        help="anatomy source; auto uses TotalSegmentator when installed, else threshold "
+                             "(default: user with --anatomy-labels, else threshold)")
     parser.add_argument("--anatomy-labels", type=Path,
                         help="your own anatomy label map on the input grid (implies --anatomy user)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -48,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
 
     if len(args.spacing) not in (1, 3):
         raise InputError(f"--spacing takes one value or three (x y z), got {len(args.spacing)}")
+    anatomy = args.anatomy or ("user" if args.anatomy_labels is not None else "threshold")
+    if (anatomy == "user") != (args.anatomy_labels is not None) and anatomy != "auto":
+        raise InputError("--anatomy user needs --anatomy-labels" if anatomy == "user" else
+                         f"--anatomy {anatomy} and --anatomy-labels are two anatomy sources; give one")
     spacing = tuple(args.spacing) * 3 if len(args.spacing) == 1 else tuple(args.spacing)
     inputs = [p for p in (args.input, args.mask, args.anatomy_labels) if p is not None]
     _common.check_outputs(args, inputs, volumes=[args.output])  # first: the names below derive from a file name
@@ -87,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     if user_labels is not None:
         labels, source = get_anatomy(resampled, "user", resample(user_labels, spacing, is_mask=True))
     else:
-        labels, source = get_anatomy(resampled, args.anatomy)
+        labels, source = get_anatomy(resampled, anatomy)
     window = as_window(region)
     unit = resampled.with_array(window_to_unit(resampled.array, window).astype("float32"))
 

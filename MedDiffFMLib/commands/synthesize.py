@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
-    from ..io import as_label_array, read_volume, write_volume
+    from ..io import as_label_array, read_mask, read_volume, write_volume
     from ..tasks.synthesis import synthesize
 
     if args.reference is None and args.region == "auto":
@@ -41,8 +41,9 @@ def run(args: argparse.Namespace) -> int:
     _common.check_outputs(args, [args.reference, args.anatomy], volumes=[args.output])
     reference = read_volume(args.reference) if args.reference else None
     anatomy = None
-    if args.anatomy:
-        # Read as an image (it may define the grid); the task checks it against the reference grid.
+    if args.anatomy and reference is not None:  # on the reference's grid, as every task reads a label map
+        anatomy = read_mask(args.anatomy, like=reference, what="anatomy label map")
+    elif args.anatomy:  # it defines the grid
         labels = read_volume(args.anatomy)
         anatomy = labels.with_array(as_label_array(labels.array, name=args.anatomy.name))
     grid = reference if reference is not None else anatomy  # the output's grid, when one is given
