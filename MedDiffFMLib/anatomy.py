@@ -242,6 +242,9 @@ def totalsegmentator_problem(fast: bool = False) -> Optional[str]:
 SHEARED_FOR_TOTALSEGMENTATOR = ("TotalSegmentator cannot run on this CT: its axes are not perpendicular (a sheared "
                                 "grid, e.g. from a gantry tilt), which its NIfTI input cannot store; resample the CT "
                                 "onto an orthogonal grid first, or use the threshold anatomy.")
+#: Environment variable naming the folder for TotalSegmentator's temporary files (copies of the CT); unset: the
+#: system's temporary folder.
+TEMPORARY_ROOT_ENV = "MEDDIFFFM_TEMPORARY_ROOT"
 #: Seconds a cancelled TotalSegmentator gets to exit before it is killed.
 STOP_GRACE_S = 10.0
 
@@ -260,7 +263,8 @@ def totalsegmentator_anatomy(vol: Union[Volume, str, "os.PathLike[str]"], fast: 
     vol = vol if isinstance(vol, Volume) else read_volume(vol)
     if not has_perpendicular_axes(vol):
         raise InputError(SHEARED_FOR_TOTALSEGMENTATOR)
-    with tempfile.TemporaryDirectory(prefix="meddifffm-totalseg-") as tmp:
+    # A job may name where its temporary files go (the Slicer module: its job folder, removed even after a crash).
+    with tempfile.TemporaryDirectory(prefix="meddifffm-totalseg-", dir=os.environ.get(TEMPORARY_ROOT_ENV)) as tmp:
         image_path, seg_path = Path(tmp) / "ct.nii.gz", Path(tmp) / "seg.nii.gz"
         write_volume(vol, image_path)
         command = [_totalsegmentator_command(), "-i", str(image_path), "-o", str(seg_path), "--ml"]
@@ -296,12 +300,16 @@ def _run_to_end(command, tmp: str, timeout_s: Optional[float]) -> Tuple[int, str
 
 
 def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after STOP_GRACE_S, also when a second cancel interrupts the wait."""
     process.terminate()
     try:
         process.wait(timeout=STOP_GRACE_S)
     except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        pass
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def _read_totalsegmentator_output(path: Path, vol: Volume) -> np.ndarray:

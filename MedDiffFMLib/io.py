@@ -195,10 +195,15 @@ def read_mask(path: PathLike, like: Volume, what: str = "mask") -> Volume:
     mask = Volume.from_sitk(image)
     placed = _place_on_grid(mask, like)
     if placed is not None:
-        # A drawn mask is often saved cropped; an anatomy map that stops short tells the model "no body" beyond.
-        (log.info if what == "mask" else log.warning)(
-            "%s %s covers a %s block of the image grid; placed on the full grid (zeros around)", what, path.name,
-            "x".join(str(n) for n in reversed(mask.shape)))
+        block = "x".join(str(n) for n in reversed(mask.shape))
+        # Masks are often saved cropped to their extent. Beyond an anatomy map's block the model is told that there
+        # is no body, which the map cannot tell apart from a cut: say so.
+        if what != "mask":
+            log.warning("%s %s covers a %s block of the image grid: beyond it the model is told that there is no "
+                        "body; if the CT holds body there, give a map of the whole CT", what, path.name, block)
+        else:
+            log.info("%s %s covers a %s block of the image grid; placed on the full grid (zeros around)", what,
+                     path.name, block)
         mask = placed
     check_mask(mask, like, name=f"{what} {path.name}")
     return mask.with_array(as_label_array(mask.array, name=path.name))

@@ -18,9 +18,9 @@ import torch
 
 #: Hann cutoffs (cycles per voxel) of the apodised ramp, drawn uniformly; the radial frequency reaches 0.71.
 CUTOFF_RANGE = (0.4, 1.2)
-#: Above this timestep the training noise stays white: the restoration tasks start below it, and sampling from
-#: pure noise (synthesis) must keep seeing the white noise it starts from.
-MAX_T = 300
+#: Above this share of the timesteps (t = 300 of 1000) the training noise stays white: the restoration tasks start
+#: below it, and sampling from pure noise (synthesis) must keep seeing the white noise it starts from.
+MAX_T_FRACTION = 0.3
 
 
 def fbp_like_noise(shape, generator: torch.Generator) -> torch.Tensor:
@@ -39,12 +39,15 @@ def fbp_like_noise(shape, generator: torch.Generator) -> torch.Tensor:
     return torch.fft.ifft2(torch.fft.fft2(white) * amplitude).real.contiguous()
 
 
-def training_noise(shape, t: torch.Tensor, generator: torch.Generator, fraction: float) -> torch.Tensor:
-    """The forward-process noise of a training batch: white, except that each item with t < MAX_T has CT texture
-    (`fbp_like_noise`) with probability `fraction`. With fraction 0 it draws exactly what white noise alone does."""
-    white = torch.randn(shape, generator=generator)
+def training_noise(shape, t: torch.Tensor, num_timesteps: int, generator: torch.Generator,
+                   fraction: float) -> torch.Tensor:
+    """The forward-process noise of a training batch: white, except that each item with t below MAX_T_FRACTION of
+    the `num_timesteps` has CT texture (`fbp_like_noise`) with probability `fraction`. With fraction 0 it draws
+    exactly what white noise alone does."""
+    noise = torch.randn(shape, generator=generator)
     if fraction <= 0:
-        return white
-    textured = fbp_like_noise(shape, generator)
-    pick = (torch.rand(shape[0], generator=generator) < fraction) & (t < MAX_T)
-    return torch.where(pick.reshape(-1, *([1] * (len(shape) - 1))), textured, white)
+        return noise
+    pick = (torch.rand(shape[0], generator=generator) < fraction) & (t < MAX_T_FRACTION * num_timesteps)
+    if pick.any():  # the filtering costs several times the white draw: only for the items that use it
+        noise[pick] = fbp_like_noise((int(pick.sum()),) + tuple(shape[1:]), generator)
+    return noise

@@ -60,8 +60,9 @@ class TrainSettings:
     # Extra weight on the low-noise range the restoration tasks start from (synthesis still sees all t).
     low_noise_fraction: float = 0.5
     low_noise_max_t: int = 250
-    # Share of the noise below noise_texture.MAX_T with the in-plane texture of CT noise instead of white.
-    correlated_noise_fraction: float = 0.0
+    # Share of the low-t noise (noise_texture) with the in-plane texture of CT noise instead of white; None: the
+    # resumed run's own share (a new run: 0).
+    correlated_noise_fraction: Optional[float] = None
     seed: int = 0
     validate_every: int = 200
     validation_patches: int = 8
@@ -89,7 +90,7 @@ class TrainSettings:
         if not 0.0 <= self.low_noise_fraction <= 1.0 or not 1 <= self.low_noise_max_t <= top_t:
             problems.append(f"the low-noise fraction must be in [0, 1] and its max t in [1, {top_t}], got "
                             f"{self.low_noise_fraction} and {self.low_noise_max_t}")
-        if not 0.0 <= self.correlated_noise_fraction <= 1.0:
+        if self.correlated_noise_fraction is not None and not 0.0 <= self.correlated_noise_fraction <= 1.0:
             problems.append(f"the correlated-noise fraction must be in [0, 1], got {self.correlated_noise_fraction}")
         if problems:
             raise InputError("bad training settings: " + "; ".join(problems))
@@ -230,12 +231,16 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=settings.lr or DEFAULT_LR)
     ema = EMA(model, settings.ema_decay)
     gen = torch.Generator()  # reseeded at every step (_step_seed)
-    start, wall_before, best, val = 0, 0.0, float("inf"), {}
+    start, wall_before, best, val, saved = 0, 0.0, float("inf"), {}, {}
     if resume:
         restored = _restore(out_dir, cfg, model, ema, optimizer, rank, settings)
         if restored is not None:
-            start, wall_before, best, val = restored
-    settings = replace(settings, lr=optimizer.param_groups[0]["lr"])  # recorded as trained
+            start, wall_before, best, val, saved = restored
+    # Recorded as trained: the optimizer's rate, and the run's own noise texture share unless another is given.
+    correlated = settings.correlated_noise_fraction
+    settings = replace(settings, lr=optimizer.param_groups[0]["lr"],
+                       correlated_noise_fraction=saved.get("correlated_noise_fraction", 0.0) if correlated is None
+                       else correlated)
     if start and rank.main:
         # A kill between replacing an exported model's two files leaves them disagreeing. Both were written from
         # the state restored here (`ema-best` too: it is written only with the state whose EMA is the best).
@@ -333,7 +338,7 @@ def _optimizer_step(net, forward, model, optimizer, batches, schedule: Schedule,
         x0 = batch["image"].to(device)
         cond, region = batch["cond"].to(device), batch["region"].to(device)
         t = training_timesteps(x0.shape[0], schedule.T, gen, settings.low_noise_fraction, settings.low_noise_max_t)
-        noise = training_noise(x0.shape, t, gen, settings.correlated_noise_fraction).to(device)
+        noise = training_noise(x0.shape, t, schedule.T, gen, settings.correlated_noise_fraction).to(device)
         x_t = q_sample(schedule, x0, t, noise)
         if settings.channels_last:
             x_t = x_t.to(memory_format=torch.channels_last_3d)
@@ -520,7 +525,8 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: 
             log.info("learning rate %g (the checkpoint trained at %g)", settings.lr, saved_lr)
     if rank.main:
         log.info("resumed %s at step %d", out_dir, record["step"])
-    return record["step"], record["wall_seconds"], record["best_validation"], record.get("validation", {})
+    return (record["step"], record["wall_seconds"], record["best_validation"], record.get("validation", {}),
+            record.get("settings", {}))
 
 
 def _check_state_tensors(out_dir: Path, step: int, tensors: Dict[str, torch.Tensor], model, ema: EMA,

@@ -12,8 +12,8 @@ import pytest
 
 from conftest import (ABDOMEN_NII, ABDOMEN_SMALL_NII, ABDOMEN_TOTALSEG_NII, CHEST_NRRD, LIMB_MASK_NII,
                       LIMB_NII)
-from MedDiffFMLib.anatomy import (TOTALSEG_BODY_LABEL, AnatomySpec, decode_anatomy, encode_anatomy,
-                                  get_anatomy, threshold_anatomy, totalsegmentator_anatomy,
+from MedDiffFMLib.anatomy import (TEMPORARY_ROOT_ENV, TOTALSEG_BODY_LABEL, AnatomySpec, decode_anatomy,
+                                  encode_anatomy, get_anatomy, threshold_anatomy, totalsegmentator_anatomy,
                                   totalsegmentator_problem)
 from MedDiffFMLib.errors import InputError, ResourceError
 from MedDiffFMLib.io import Volume, read_mask, read_volume
@@ -198,6 +198,10 @@ def stub_totalsegmentator(tmp_path, monkeypatch):
     return temporary
 
 
+def log_lines(temporary):
+    return (temporary.parent / "stub.log").read_text().splitlines()
+
+
 def test_totalsegmentator_results_are_checked_as_its_own(stub_totalsegmentator, monkeypatch):
     """No organ is a valid result (body only); a result off the grid or outside the task's labels is
     TotalSegmentator's fault, said so; logs in any encoding are read; its temporary files go with ours."""
@@ -216,7 +220,7 @@ def test_totalsegmentator_results_are_checked_as_its_own(stub_totalsegmentator, 
         with pytest.raises(ResourceError, match=message):
             totalsegmentator_anatomy(vol)
     assert list(stub_totalsegmentator.iterdir()) == []
-    used = {line.split(" ", 2)[2] for line in (stub_totalsegmentator.parent / "stub.log").read_text().splitlines()}
+    used = {line.split(" ", 2)[2] for line in log_lines(stub_totalsegmentator)}
     assert len(used) == 7 and all(os.path.dirname(folder) == str(stub_totalsegmentator) for folder in used), used
 
 
@@ -228,12 +232,41 @@ def test_totalsegmentator_found_in_this_pythons_scripts_and_stopped_on_timeout(s
     monkeypatch.setattr(sysconfig, "get_path", lambda name, *a, **k: scripts if name == "scripts" else None)
     assert totalsegmentator_problem() is None
     monkeypatch.setenv("STUB_MODE", "hang")
+    job = stub_totalsegmentator.parent / "job"  # a job may name the folder for the copies of the CT
+    job.mkdir()
+    monkeypatch.setenv(TEMPORARY_ROOT_ENV, str(job))
     start = time.monotonic()
     with pytest.raises(ResourceError, match="did not finish within 3 s; it was stopped"):
         totalsegmentator_anatomy(read_volume(ABDOMEN_SMALL_NII), timeout_s=3)
     assert time.monotonic() - start < 30
-    assert list(stub_totalsegmentator.iterdir()) == []
+    assert list(stub_totalsegmentator.iterdir()) == [] and list(job.iterdir()) == []
+    assert os.path.dirname(log_lines(stub_totalsegmentator)[0].split(" ", 2)[2]) == str(job)
     assert (stub_totalsegmentator.parent / "stub.log").read_text().endswith("asked to stop\n")  # a chance to clean up
+
+
+def test_a_second_cancel_while_totalsegmentator_stops_still_kills_it():
+    from MedDiffFMLib import anatomy
+
+    class Process:
+        calls = []
+
+        def terminate(self):
+            self.calls.append("terminate")
+
+        def wait(self, timeout=None):
+            if timeout is not None:  # the grace period, cut short by a second Ctrl-C
+                raise KeyboardInterrupt
+            self.calls.append("reaped")
+
+        def poll(self):
+            return None if "kill" not in self.calls else -9
+
+        def kill(self):
+            self.calls.append("kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        anatomy._stop(Process())
+    assert Process.calls == ["terminate", "kill", "reaped"]
 
 
 def test_user_labels_must_match_the_image():

@@ -350,13 +350,16 @@ def test_label_maps_with_nan_or_huge_labels_are_refused_not_altered(limb, tmp_pa
                      "--anatomy-labels", str(tmp_path / name)]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "out.nii.gz").exists()
-    # An anatomy map that covers only a block of the CT tells the model "no body" around it: a warning, not a note.
-    block = labels.crop((slice(0, labels.shape[0]), slice(10, 150), slice(10, 150)))
-    write_volume(block.with_array((block.array > 0).astype(np.uint8) + 1), tmp_path / "block.nii.gz")
-    caplog.clear()
-    assert main(["preprocess", str(LIMB_NII), "-o", str(tmp_path / "out.nii.gz"), "--spacing", "4",
-                 "--anatomy-labels", str(tmp_path / "block.nii.gz")]) == 0
-    assert any(r.levelname == "WARNING" and "covers a 140x140x59 block" in r.getMessage() for r in caplog.records)
+    # Beyond an anatomy map's block the model is told "no body": a warning. A drawn mask's block is only noted.
+    anatomy = np.zeros(limb.shape, np.uint8)
+    anatomy[:, 60:100] = 2
+    write_volume(limb.with_array(anatomy).crop((slice(None), slice(60, 100), slice(None))), tmp_path / "cut.nii.gz")
+    for option, warned in (("--anatomy-labels", True), ("--mask", False)):
+        caplog.clear()
+        assert main(["preprocess", str(LIMB_NII), "-o", str(tmp_path / "out.nii.gz"), "--spacing", "4", "--overwrite",
+                     option, str(tmp_path / "cut.nii.gz")]) == 0
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "block" in r.getMessage()]
+        assert bool(warnings) == warned and all("the model is told that there is no body" in w for w in warnings)
 
 
 def test_synthesize_reads_anatomy_on_its_reference_as_every_task_does(tmp_path, capsys, monkeypatch):

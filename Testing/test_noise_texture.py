@@ -9,7 +9,7 @@ import torch
 
 from MedDiffFMLib.lowdose import simulate_low_dose
 from MedDiffFMLib import noise_texture as texture
-from MedDiffFMLib.noise_texture import MAX_T, fbp_like_noise, training_noise
+from MedDiffFMLib.noise_texture import MAX_T_FRACTION, fbp_like_noise, training_noise
 
 
 #: Radial frequency bands (cycles per voxel) of the spectrum checks.
@@ -60,15 +60,18 @@ def test_the_texture_family_holds_simulated_low_dose_ct_noise():
 
 def test_training_noise_is_white_without_a_fraction_and_above_max_t():
     shape = (6, 1, 4, 64, 64)
-    t = torch.tensor([0, 50, MAX_T - 1, MAX_T, 700, 999])
+    max_t = round(MAX_T_FRACTION * 1000)
+    t = torch.tensor([0, 50, max_t - 1, max_t, 700, 999])
     reference = torch.Generator().manual_seed(3)
     white = torch.randn(shape, generator=reference)
     # Fraction 0 draws exactly what white noise alone draws, so runs without the option are unchanged, later draws too.
     generator = torch.Generator().manual_seed(3)
-    assert torch.equal(training_noise(shape, t, generator, 0.0), white)
+    assert torch.equal(training_noise(shape, t, 1000, generator, 0.0), white)
     assert torch.equal(torch.rand(4, generator=generator), torch.rand(4, generator=reference))
-    mixed = training_noise(shape, t, torch.Generator().manual_seed(3), 1.0)
-    assert torch.equal(mixed[3:], white[3:])  # t >= MAX_T stays white
-    for noise, flat in ((mixed[:3], False), (white[:3], True)):  # below MAX_T: the texture, without low frequencies
+    mixed = training_noise(shape, t, 1000, torch.Generator().manual_seed(3), 1.0)
+    assert torch.equal(mixed[3:], white[3:])  # the higher timesteps stay white
+    # ... also in a shorter schedule: the limit is a share of its timesteps
+    assert torch.equal(training_noise(shape, t // 4, 250, torch.Generator().manual_seed(3), 1.0)[3:], white[3:])
+    for noise, flat in ((mixed[:3], False), (white[:3], True)):  # below the limit: the texture, without low frequencies
         bands = _radial_power(noise.numpy(), BANDS)
         assert (bands[0] > 0.8 * bands.max()) == flat, bands

@@ -564,8 +564,7 @@ parser.add_argument("--size", type=int, nargs=3)
 parser.add_argument("--spacing", type=float, nargs=3)
 args, _ = parser.parse_known_args()
 json.dump(sys.argv[1:], open(os.path.join(os.path.dirname(__file__), "..", "argv.json"), "w"))
-import tempfile
-open(os.path.join(os.path.dirname(__file__), "..", "tmpdir.txt"), "w").write(tempfile.gettempdir())
+open(os.path.join(os.path.dirname(__file__), "..", "tmpdir.txt"), "w").write(os.environ["MEDDIFFFM_TEMPORARY_ROOT"])
 print("MEDDIFFFM_PROGRESS 1 1")
 if args.size:
     image = sitk.Image(args.size, sitk.sitkFloat32)
@@ -715,8 +714,10 @@ def test_logic_denoise_makes_new_node_on_input_grid(ct_node, fake_cli, tmp_path)
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), before + 1)
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(ct_node), before)
     assert not os.path.exists(os.path.dirname(argv[1]))  # temporary folder removed
-    # The job's temporary files, and those of what it starts (TotalSegmentator's copies of the CT), went into it.
+    # TotalSegmentator's copies of the CT go into the job's folder (anatomy.TEMPORARY_ROOT_ENV).
     assert (tmp_path / "lib" / "tmpdir.txt").read_text() == os.path.dirname(argv[1])
+    from MedDiffFMLib.anatomy import TEMPORARY_ROOT_ENV
+    assert logic_module.MedDiffFMTasks._environment("job")[TEMPORARY_ROOT_ENV] == "job"  # the name the library reads
 
 
 def test_logic_denoise_window_reaches_the_cli_as_numbers(ct_node, fake_cli):

@@ -256,6 +256,8 @@ def test_cli_trains_and_resumes(cfg, cache, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "MEDDIFFFM_PROGRESS" not in out and "step/s" not in err and "s/step" not in err
     assert json.loads((tmp_path / "run" / "last.json").read_text())["step"] == 3
+    # Resumed without --correlated-noise, the run kept its own share of textured noise.
+    assert load_model(tmp_path / "run" / "ema")[2]["settings"]["correlated_noise_fraction"] == 0.5
 
 
 def test_a_hard_cancel_of_training_says_which_checkpoint_stays(cfg, cache, tmp_path, capsys, monkeypatch):

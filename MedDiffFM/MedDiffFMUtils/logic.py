@@ -436,9 +436,10 @@ class MedDiffFMTasks:
         # Inside Slicer, start from the environment Slicer itself was started with: the app's own
         # (Qt plugin and library paths) can break the PythonSlicer child.
         env = dict(slicer.util.startupEnvironment() if _slicerApp() is not None else os.environ)
-        # Temporary files of the job and of what it starts (TotalSegmentator's copies of the CT) go into the job's
-        # folder, which is removed after the job, also after a cancel or a crash of Slicer.
-        env.update(TMPDIR=workDir, TEMP=workDir, TMP=workDir)
+        # TotalSegmentator's copies of the CT go into the job's folder, which is removed after the job, also after a
+        # cancel or a crash of Slicer. (Only those: the system temporary folder keeps caches that outlive a job,
+        # such as torch.compile's.)
+        env["MEDDIFFFM_TEMPORARY_ROOT"] = workDir
         return env
 
     @staticmethod

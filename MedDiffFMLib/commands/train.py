@@ -28,10 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--low-noise-fraction", type=float, default=0.5,
                         help="share of timesteps drawn from t < --low-noise-max-t")
     parser.add_argument("--low-noise-max-t", type=int, default=250, help="upper end of the low-noise timesteps")
-    parser.add_argument("--correlated-noise", type=float, default=0.0, metavar="FRACTION",
-                        help="share of the noise below t = 300 given the in-plane texture of CT noise (ramp-filtered, "
-                             "like filtered back-projection) instead of white: teaches the prior the noise that "
-                             "denoising meets")
+    parser.add_argument("--correlated-noise", type=float, metavar="FRACTION",
+                        help="share of the noise in the lowest 30 %% of the timesteps given the in-plane texture of "
+                             "CT noise (ramp-filtered, like filtered back-projection) instead of white: teaches the "
+                             "prior the noise that denoising meets (default: a resumed run's own share, else 0)")
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0, help="also checkpoint after this long")
     parser.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
