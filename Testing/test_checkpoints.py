@@ -211,6 +211,23 @@ def test_fine_tuned_tasks_default_to_controlnets_on_the_bundled_base():
         assert info["base_model"]["sha256"] == entries["default"]["sha256"], command.NAME
 
 
+def test_denoise_defaults_to_the_base_model_trained_on_ct_textured_noise():
+    """`denoise` runs, by default, a registered base model (no test model, no ControlNet) of the `default` preset
+    whose training gave part of its noise the texture of CT noise; the other zero-shot tasks keep `default`."""
+    from MedDiffFMLib.cli import build_parser
+    from MedDiffFMLib.commands import denoise
+
+    entries = {m["name"]: m for m in checkpoints.registry()}
+    assert not entries[denoise.DEFAULT_MODEL].get("test_only")
+    model, cfg, info = load_model(denoise.DEFAULT_MODEL)
+    assert "task" not in info and cfg.name == "default"
+    assert info["settings"]["correlated_noise_fraction"] > 0
+    parser = build_parser()
+    assert parser.parse_args(["denoise", "ct.nii.gz", "-o", "out.nii.gz"]).model == denoise.DEFAULT_MODEL
+    for task in (["detect-anomalies", "ct.nii.gz", "-o", "out.nii.gz"], ["synthesize", "-o", "out.nii.gz"]):
+        assert parser.parse_args(task).model == "default"
+
+
 def test_training_state_survives_a_kill_mid_write(tmp_path):
     tensors = {"model.w": torch.arange(6.0), "rng.train": torch.zeros(4, dtype=torch.uint8)}
     save_training_state(tmp_path, 3, tensors, {"wall_seconds": 1.5})

@@ -10,7 +10,7 @@ and 2.5e4 photons, PSNR/SSIM in [-160, 240] HU, oracle noise std for every metho
 would give a 3D denoiser; `--context-slices 0` gives the thin blocks of the earlier tables.
 
     python benchmarks/denoise_quality.py                   # classical baselines only
-    python benchmarks/denoise_quality.py --model default   # + MedDiffFM
+    python benchmarks/denoise_quality.py --model denoise   # + MedDiffFM (the task's default model)
 Extra arguments pass through to `evaluate denoise` (e.g. --nfe 10, --photons 1e5, --device cuda).
 """
 from __future__ import annotations

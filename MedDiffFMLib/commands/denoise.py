@@ -8,6 +8,9 @@ from pathlib import Path
 from . import _common
 
 NAME = "denoise"
+#: The base model fine-tuned on CT-textured noise (`train --correlated-noise`): it denoises simulated low-dose CT
+#: better than `default` (benchmarks/README.md, session 17).
+DEFAULT_MODEL = "denoise"
 HELP = ("Denoise a (low-dose) CT with the diffusion prior (DiffPIR, zero-shot) on the input's own grid. "
         "The noise level is estimated locally from the image unless --noise-level is given; bone and air "
         "outside the window keep their input values.")
@@ -21,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", type=Path, help="CT: NIfTI/NRRD/MHA file or DICOM series folder")
     parser.add_argument("-o", "--output", type=Path, required=True, help="denoised CT (.nii.gz, .nrrd, ...)")
     _common.add_model_arguments(parser)
+    parser.set_defaults(model=DEFAULT_MODEL)
     parser.add_argument("--nfe", type=_common.positive_int,
                         help=f"number of network evaluations (steps) per pass (default: one per {STEP_SPACING} "
                         f"timesteps of the start, at least {MIN_NFE}: more for noisier images)")
