@@ -638,6 +638,14 @@ def test_numbers_that_are_not_finite_are_refused(files, tmp_path, capsys, option
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("value", ["0", "-5", "1e6"])
+def test_a_noise_level_that_no_ct_has_is_refused(files, tmp_path, capsys, value):
+    code, err = run_cli(task_arguments("denoise", files[0], None, tmp_path / "out.nii.gz") + ["--noise-level", value],
+                        capsys)
+    assert code == 2 and "the noise level must be > 0 and at most 1000 HU (a noise std in HU)" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_preview_must_be_a_png(files, tmp_path, capsys):
     args = task_arguments("denoise", files[0], None, tmp_path / "out.nii.gz")
     code, err = run_cli(args + ["--preview", str(tmp_path / "preview.nii")], capsys)

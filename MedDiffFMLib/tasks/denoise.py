@@ -73,6 +73,8 @@ MIN_NFE = 3
 DEFAULT_OVERLAP = 0.25
 #: Below this estimated noise std (HU) an image is treated as noise-free.
 MIN_NOISE_HU = 0.5
+#: Above this given noise std (HU: the step from air to water) no CT detail survives: a wrong unit, not a CT.
+MAX_NOISE_HU = 1000.0
 #: Second pass for soft tissue (the paper's denoising window) when the region window is much wider.
 SOFT_TISSUE_WINDOW_HU = (-160.0, 240.0)
 SOFT_TISSUE_PASS_RATIO = 2.0
@@ -206,8 +208,9 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
                  "steps use voxel by voxel)", noise_hu)
         sigma_hu_map = estimate.sigma_map_hu[box]
     else:
-        if noise_level <= 0:
-            raise InputError(f"the noise level must be > 0 HU, got {noise_level}")
+        if not 0 < noise_level <= MAX_NOISE_HU:
+            raise InputError(f"the noise level must be > 0 and at most {MAX_NOISE_HU:g} HU (a noise std in HU), got "
+                             f"{noise_level:g}")
         noise_hu = float(noise_level)
         sigma_hu_map = np.float32(noise_hu)
     # Automatic windows, and the soft-tissue pass, make room below for noisy fat (see FAT_MARGIN_NOISE_STDS).
