@@ -31,9 +31,9 @@ from .checkpoints import (check_architecture, load_model, load_training_state, m
                           save_training_state)
 from .config import ModelConfig
 from .diffusion import Schedule, q_sample, training_timesteps
-from .noise_texture import training_noise
 from .errors import CheckpointError, InputError, TrainingDiverged
 from .network import MedDiffNet, controlnet_task, parameter_count
+from .noise_texture import training_noise
 from .torchrun_env import torchrun_place
 
 log = logging.getLogger(__name__)
