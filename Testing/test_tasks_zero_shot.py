@@ -23,7 +23,7 @@ from MedDiffFMLib.preprocess import unit_to_hu
 from MedDiffFMLib.sampling import SlidingWindowSampler, window_grid
 from MedDiffFMLib.tasks import common
 from MedDiffFMLib.tasks.anomaly import detect_anomalies
-from MedDiffFMLib.tasks.denoise import denoise, diffpir
+from MedDiffFMLib.tasks.denoise import MAX_NOISE_HU, denoise, diffpir
 from MedDiffFMLib.tasks.synthesis import synthesize
 
 SHAPE = (24, 20, 18)
@@ -736,13 +736,13 @@ def test_chest_soft_tissue_pass_overrides_the_wide_pass_inside_its_window(tiny_m
 
 
 def test_denoising_never_leaves_the_inputs_range_of_values(gaussian_problem):
-    """A high noise level moves the automatic window's lower edge far below air; the result must still not hold
-    values below the input's air (or above its brightest voxel)."""
+    """The highest noise level moves the automatic window's lower edge far below the input's darkest voxels (here
+    -500 HU); the result must still not hold values below them (or above its brightest voxel)."""
     prior = gaussian_problem[0]
     rng = np.random.default_rng(1)
     hu = (40.0 + 30.0 * rng.standard_normal(SHAPE)).astype(np.float32)
-    hu[:, :, -2:] = -1000.0
-    result = denoise(Volume(hu), prior, noise_level=3000.0, region="abdomen", seed=0)
+    hu[:, :, -2:] = -500.0
+    result = denoise(Volume(hu), prior, noise_level=MAX_NOISE_HU, region="abdomen", seed=0)
     assert hu.min() <= result.denoised.array.min() and result.denoised.array.max() <= hu.max()
 
 
