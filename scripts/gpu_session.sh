@@ -29,7 +29,8 @@ NET_SETS=${NET_SETS-"--channels 32,32,64 --options compile --batch 512 --iters 1
 M="--model .gpu/model/ema.safetensors --device cuda --size 512 512 300 --precision bf16 --input .gpu/crlm.npz --threads 16"
 R="$M --noise-level 80 --compile --window-batch 512 --overlap 0.125"
 BENCH_SETS=${BENCH_SETS-"$R --nfe 2;$R --nfe 100;$R --nfe 3 --profile 45;$M --nfe 3 --estimate-noise --overlap 0.25 --window-batch 256"}
-TRAIN_ARGS=${TRAIN_ARGS:---batch-size 32 --num-workers 14 --channels-last --low-noise-fraction 0.7 --low-noise-max-t 60}
+# Half of the low-t noise CT-textured: what made `denoise` better than `default` (benchmarks/README.md, session 17).
+TRAIN_ARGS=${TRAIN_ARGS:---batch-size 32 --num-workers 14 --channels-last --low-noise-fraction 0.7 --low-noise-max-t 60 --correlated-noise 0.5}
 # What to train: `default` from the carried weights, or e.g. "--config .gpu/wide.json" for a new network from scratch.
 TRAIN_MODEL=${TRAIN_MODEL:---preset default --init-from .gpu/model/ema.safetensors}
 # PACK_STATE=0 brings back only the EMA weights and the loss log (a larger network's optimizer state would pass the
