@@ -177,7 +177,8 @@ def _run_anomaly(args: argparse.Namespace) -> int:
         except InputError as exc:  # among many files, say which case
             raise InputError(f"case {name} ({score_path}): {exc}") from None
         # Image-level AUROC and the figure go over axial slices, whatever axis the files store first.
-        scores, mask, image = (None if v is None else harness.axial_first(v, like=scores) for v in (scores, mask, image))
+        scores, mask, image = (None if v is None else harness.axial_first(v, like=scores)
+                               for v in (scores, mask, image))
         cases.append(harness.AnomalyCase(name, scores.array, mask.array, None if image is None else image.array))
     rows = harness.evaluate_anomaly(cases, max_fpr=args.max_fpr)
     for path in harness.write_anomaly_report(rows, cases, args.out, max_fpr=args.max_fpr):
