@@ -78,7 +78,20 @@ python3 -m MedDiffFMLib train $TRAIN_MODEL --data "$TRAIN_DATA" --out .gpu/run -
   --progress none \
   $TRAIN_ARGS >> "$OUT/train.log" 2>&1 &
 PID=$!
-while kill -0 $PID 2>/dev/null && [ $(elapsed) -lt $TRAIN_UNTIL ]; do sleep 2; done
+# SNAPSHOTS > 0 keeps that many of the EMA weights the run writes at its checkpoints (one at most every
+# SNAPSHOT_S seconds) as $OUT/ema-<step>.safetensors: checkpoints are chosen on the denoising table, not the loss,
+# and the last one is not always the best. Their configuration is the final ema.json's.
+SNAPSHOTS=${SNAPSHOTS:-0}; SNAPSHOT_S=${SNAPSHOT_S:-120}; taken=0; last_snap=$(elapsed)
+while kill -0 $PID 2>/dev/null && [ $(elapsed) -lt $TRAIN_UNTIL ]; do
+  sleep 2
+  if [ $taken -lt $SNAPSHOTS ] && [ $(( $(elapsed) - last_snap )) -ge $SNAPSHOT_S ] && [ -f .gpu/run/ema.json ]; then
+    step=$(python3 -c "import json; print(json.load(open('.gpu/run/ema.json'))['steps'])" 2>/dev/null)
+    if [ -n "$step" ] && [ ! -f "$OUT/ema-$step.safetensors" ]; then
+      cp .gpu/run/ema.safetensors "$OUT/ema-$step.safetensors" && taken=$(( taken + 1 )) && last_snap=$(elapsed)
+      echo "snapshot of step $step at $(elapsed) s" >> "$LOG"
+    fi
+  fi
+done
 kill -TERM $PID 2>/dev/null
 for i in $(seq 30); do kill -0 $PID 2>/dev/null || break; sleep 1; done
 pkill -9 -P $PID 2>/dev/null; kill -9 $PID 2>/dev/null  # its loader workers, then itself

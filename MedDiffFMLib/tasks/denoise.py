@@ -55,7 +55,9 @@ DEFAULT_LAMBDA = 10.0
 #: DiffPIR noise mixing zeta of the re-noising step (the paper does not state it). Measured with the
 #: closed-form Gaussian prior (Testing/test_tasks_zero_shot.py): zeta > 0 makes each run a posterior
 #: *sample*, whose error approaches twice that of the posterior mean, so one run is deterministic (0);
-#: several seeds need fresh noise to spread, and their mean approaches the posterior mean again.
+#: several seeds need fresh noise to spread, and their mean approaches the posterior mean again. Their spread is
+#: no calibrated posterior std: with that prior it was 2-3x smaller than the posterior's at the automatic step
+#: count (0.027 against 0.089 at sigma_n 0.1, 3 steps), nearer it with more steps (0.076 at 10).
 DEFAULT_ZETA = 0.0
 DEFAULT_SEEDS_ZETA = 0.3
 #: Network evaluations when none are given: one per STEP_SPACING timesteps of t_start, at least MIN_NFE, so a

@@ -4,7 +4,10 @@ Degradation model: each thick slice is the mean of `factor` consecutive thin sli
 inverse H^T repeats each thick slice `factor` times, so H(H^T y) = y. Sampling is DiffPIR from pure noise:
 after every network evaluation the clean-image estimate x0 gets the closed-form data step
     x0_hat = x0 + H^T(y - H x0) / (1 + rho_t),  rho_t = lambda sigma_n^2 / sigma_bar_t^2,
-and the ControlNet sees the thick input linearly interpolated onto the thin grid.
+and the ControlNet sees the thick input linearly interpolated onto the thin grid. This is the paper's step as
+written. The exact minimiser of |y - Hx|^2 + rho_t |x - x0|^2 for slice averaging is x0 + R(y - H x0) / (1 +
+factor rho_t) with R the repetition (R = factor H^*), so here the data weigh `factor` times more than in that
+exact step at the same lambda: lambda here is the exact step's lambda times `factor`.
 
 With the paper's sigma_n = 1.0 the data step fades out as sigma_bar_t -> 0, so the last steps follow the
 prior alone and the slice averages drift from the measured thick slices. By default the result is
