@@ -78,7 +78,8 @@ if parameterNodeWrapper is not None:
         synthesizeSpacingXY: Annotated[float, WithinRange(0.1, 20.0)] = 1.0
         synthesizeSpacingZ: Annotated[float, WithinRange(0.1, 20.0)] = 1.0
         noiseLevel: Annotated[float, WithinRange(-1.0, 1000.0)] = 0.0
-        anomalyThreshold: Annotated[float, WithinRange(-1.0, 1000.0)] = 0.0
+        # The anomaly map reaches the width of the model's window: 1800 HU for the chest.
+        anomalyThreshold: Annotated[float, WithinRange(-1.0, 2000.0)] = 0.0
         superResolveFactor: Annotated[int, WithinRange(2, 10)] = 5
         nfe: Annotated[int, WithinRange(0, 1000)] = 0
         seed: Annotated[int, WithinRange(0, 2 ** 31 - 1)] = 0

@@ -34,6 +34,8 @@ FORMAT = "meddifffm-model-1"
 STATE_FORMAT = "meddifffm-train-state-1"
 
 PathLike = Union[str, "os.PathLike[str]"]
+#: The keys `save_model` writes into a model description; a training record cannot replace them.
+RECORD_KEYS = ("format", "config", "patch_size", "anatomy", "windows", "dtype", "weights", "sha256", "size")
 
 
 def cache_dir() -> Path:
@@ -67,9 +69,19 @@ def save_model(state_dict: Dict[str, torch.Tensor], cfg: ModelConfig, path: Path
     from safetensors.torch import save
 
     weights, sidecar = _weights_and_sidecar(path)
+    reserved = sorted(set(info or {}) & set(RECORD_KEYS))
+    if reserved:
+        raise ValueError(f"the training record may not set {', '.join(reserved)}: save_model writes them")
     dtype = torch.float16 if half else torch.float32
     tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
                for k, v in state_dict.items()}
+    overflow = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
+                and bool(torch.isfinite(state_dict[k]).all())]
+    if overflow:  # fp16 ends at 65504: such weights would load as inf
+        log.warning("weights beyond the fp16 range (e.g. %s): %s is saved in fp32", overflow[0], weights.name)
+        dtype = torch.float32
+        tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+                   for k, v in state_dict.items()}
     config = cfg.to_dict()
     # Both files are complete before either replaces its predecessor, and the two replaces follow each other at
     # once (the description first): a kill can hardly leave a new description beside the old weights, and
@@ -133,12 +145,13 @@ def load_model(name_or_path: PathLike, device: Union[str, torch.device] = "cpu")
         from .finetune import load_controlled
 
         return load_controlled(weights, info, device)
-    tensors = _load_verified(weights, info["sha256"])
+    tensors = load_model_tensors(weights, info)
     try:
         cfg = ModelConfig.from_dict(info["config"])
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{weights.name}: the model config is unusable ({exc})") from None
-    model = MedDiffNet(cfg)
+        model = MedDiffNet(cfg)
+    except (TypeError, ValueError) as exc:  # InputError too (an unknown anatomy source)
+        raise CheckpointError(f"{weights.name}: the model config is unusable ({exc}); re-download or re-export "
+                              "the model") from None
     check_architecture(model.state_dict(), tensors, weights.name)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
     return model.to(device).eval(), cfg, info
@@ -147,6 +160,35 @@ def load_model(name_or_path: PathLike, device: Union[str, torch.device] = "cpu")
 def controlnet_task_in(info: dict) -> Optional[str]:
     """The task a model description's ControlNet was fine-tuned for, or None for a base model."""
     return info.get("task") if info.get("kind") == "controlnet" else None
+
+
+def load_model_tensors(weights: Path, info: dict) -> Dict[str, torch.Tensor]:
+    """The tensors of a model file, once they are the ones its description records (size, SHA-256), its
+    description's config is the one the weights file carries, and every weight is finite."""
+    from safetensors import safe_open
+
+    size = info.get("size")
+    if isinstance(size, int) and weights.exists() and weights.stat().st_size != size:
+        raise CheckpointError(f"{weights.name} holds {weights.stat().st_size} bytes where its description records "
+                              f"{size}: the file is truncated or was replaced; re-download or re-export the model")
+    tensors = _load_verified(weights, info["sha256"])
+    # The hash covers the weights file, which carries its own copy of the config; the description's copy is what
+    # loading uses, so the two must agree.
+    with safe_open(str(weights), "pt") as handle:
+        stored = (handle.metadata() or {}).get("config")
+    try:
+        differs = stored is not None and json.loads(stored) != info["config"]
+    except ValueError:
+        differs = True
+    if differs:
+        raise CheckpointError(f"the description of {weights.name} gives a config that differs from the one stored "
+                              "in the weights file (edited by hand?); re-download or re-export the model")
+    broken = next((k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())),
+                  None)
+    if broken is not None:
+        raise CheckpointError(f"{weights.name} holds NaN or infinite weights (e.g. {broken}): training diverged "
+                              "before it was saved; use an earlier checkpoint or retrain")
+    return tensors
 
 
 def _load_verified(weights: Path, expected_sha: str) -> Dict[str, torch.Tensor]:
@@ -211,6 +253,9 @@ def resolve_model(name_or_path: PathLike) -> Path:
     name of a model in the user cache. A registered name wins over a file of that name in the working folder
     (e.g. a `default.json` preset config); a name, registered or in the cache, wins over a folder of that name."""
     text = str(name_or_path)
+    if not text.strip():
+        raise CheckpointError(f"no model named; available: {', '.join(available_models()) or 'none'} "
+                              "(or give the path of a .safetensors file)")
     path = Path(text)
     if path.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin", ".pkl"):
         raise CheckpointError(f"{text}: MedDiffFM loads only .safetensors models with their .json description; "
@@ -261,13 +306,13 @@ def register_model(source: PathLike, name: str, description: str, licence: str =
     import shutil
 
     src_weights, src_sidecar = _weights_and_sidecar(source)
-    info = read_model_info(src_weights)
+    _, _, info = load_model(src_weights)  # the whole check, before anything installed is replaced
     folder = registry_path.parent / "Models"
     weights, sidecar = _weights_and_sidecar(folder / f"meddifffm-{name}")
     for src, dst in ((src_weights, weights), (src_sidecar, sidecar)):
         with atomic_path(dst) as tmp:
             shutil.copyfile(src, tmp)
-    _load_verified(weights, info["sha256"])
+    load_model_tensors(weights, info)
     entry = {"name": name, "file": str(weights.relative_to(registry_path.parent)), "url": None,
              "sha256": info["sha256"], "size": weights.stat().st_size, "description": description,
              "preset": info["config"]["name"], "licence": licence,

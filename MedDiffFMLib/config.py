@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Dict, Tuple
 
 REGIONS = ("head_neck", "chest", "abdomen", "other")
+#: Noise schedules `diffusion.Schedule.from_name` builds.
+SCHEDULES = ("cosine",)
+#: Upper bounds of a usable configuration (`ModelConfig._check_values`): far above any preset, far below what
+#: would make building the model or its schedule exhaust memory.
+MAX_PATCH_SIZE = 512
+MAX_CHANNELS = 2048
+MAX_ANATOMY_CLASSES = 1024
+MAX_TIMESTEPS = 100_000
 
 # Paper windows (level, width) -> [lo, hi] HU; "other" (extremities) uses the head-and-neck soft-tissue window.
 PAPER_WINDOWS: Dict[str, Tuple[float, float]] = {
@@ -44,9 +53,16 @@ class ModelConfig:
     train_spacings: Tuple[Tuple[float, float, float], ...] = ((1.0, 1.0, 1.0),)
 
     def __post_init__(self):
+        self._check_values()
         n = len(self.channels)
         if not (len(self.attention_levels) == len(self.num_head_channels) == n):
             raise ValueError("channels, attention_levels and num_head_channels need one entry per level")
+        if any(heads and (not attend or c % heads) for c, attend, heads in
+               zip(self.channels, self.attention_levels, self.num_head_channels)):
+            raise ValueError("num_head_channels must divide the channels of each attention level (0 elsewhere), got "
+                             f"{self.num_head_channels} for channels {self.channels}")
+        if any(attend and not heads for attend, heads in zip(self.attention_levels, self.num_head_channels)):
+            raise ValueError(f"every attention level needs num_head_channels > 0, got {self.num_head_channels}")
         if any(c % self.norm_num_groups for c in self.channels):
             raise ValueError(f"every channel count must be divisible by norm_num_groups={self.norm_num_groups}")
         if self.patch_size % 2 ** (n - 1):
@@ -54,6 +70,58 @@ class ModelConfig:
         missing = set(self.regions) - set(self.windows)
         if missing:
             raise ValueError(f"no intensity window for regions {sorted(missing)}")
+
+    def _check_values(self) -> None:
+        """Types and ranges, so that a hand-edited or damaged description fails here with its field named instead of
+        deep inside the network, and never asks for an absurd allocation. The bounds are far above any model the
+        presets describe."""
+        def whole(value, low, high):
+            return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+        def number(value):
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        problems = []
+        if not isinstance(self.name, str):
+            problems.append(f"name {self.name!r} is not text")
+        if not whole(self.patch_size, 4, MAX_PATCH_SIZE):
+            problems.append(f"patch_size {self.patch_size!r} is not a whole number in 4..{MAX_PATCH_SIZE}")
+        if not (self.channels and all(whole(c, 1, MAX_CHANNELS) for c in self.channels)):
+            problems.append(f"channels {self.channels!r} are not whole numbers in 1..{MAX_CHANNELS}")
+        if not all(isinstance(a, bool) for a in self.attention_levels):
+            problems.append(f"attention_levels {self.attention_levels!r} are not true/false")
+        if not all(whole(h, 0, MAX_CHANNELS) for h in self.num_head_channels):
+            problems.append(f"num_head_channels {self.num_head_channels!r} are not whole numbers >= 0")
+        if not whole(self.norm_num_groups, 1, MAX_CHANNELS):
+            problems.append(f"norm_num_groups {self.norm_num_groups!r} is not a whole number >= 1")
+        if not whole(self.num_res_blocks, 1, 8):
+            problems.append(f"num_res_blocks {self.num_res_blocks!r} is not a whole number in 1..8")
+        if not whole(self.pe_frequencies, 0, 32):
+            problems.append(f"pe_frequencies {self.pe_frequencies!r} is not a whole number in 0..32")
+        anatomy = self.anatomy if isinstance(self.anatomy, dict) else {}
+        if set(anatomy) != {"source", "encoding", "num_classes"} or not all(
+                isinstance(anatomy[k], str) for k in ("source", "encoding")) \
+                or not whole(anatomy["num_classes"], 1, MAX_ANATOMY_CLASSES):
+            problems.append(f"anatomy {self.anatomy!r} is not {{source, encoding, num_classes in "
+                            f"1..{MAX_ANATOMY_CLASSES}}}")
+        if not (self.regions and all(isinstance(r, str) for r in self.regions)):
+            problems.append(f"regions {self.regions!r} are not names")
+        windows = self.windows if isinstance(self.windows, dict) else {}
+        if not windows or not all(isinstance(w, tuple) and len(w) == 2 and all(map(number, w)) and w[0] < w[1]
+                                  for w in windows.values()):
+            problems.append(f"windows {self.windows!r} are not HU ranges (low, high) per region")
+        if not whole(self.num_train_timesteps, 2, MAX_TIMESTEPS):
+            problems.append(f"num_train_timesteps {self.num_train_timesteps!r} is not a whole number in "
+                            f"2..{MAX_TIMESTEPS}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if not (number(self.anatomy_dropout) and 0 <= self.anatomy_dropout <= 1):
+            problems.append(f"anatomy_dropout {self.anatomy_dropout!r} is not in 0..1")
+        if not all(isinstance(s, tuple) and len(s) == 3 and all(number(v) and v > 0 for v in s)
+                   for s in self.train_spacings):
+            problems.append(f"train_spacings {self.train_spacings!r} are not (z, y, x) spacings in mm")
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def region_index(self, region: str) -> int:
         if region not in self.regions:
@@ -70,13 +138,14 @@ class ModelConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown model config keys {sorted(unknown)} (model made by a newer MedDiffFM?)")
+        # JSON lists back to tuples; a value of the wrong kind is left for __post_init__ to name.
         for key in ("channels", "attention_levels", "num_head_channels", "regions"):
-            if key in data:
+            if isinstance(data.get(key), list):
                 data[key] = tuple(data[key])
-        if "windows" in data:
-            data["windows"] = {k: tuple(v) for k, v in data["windows"].items()}
-        if "train_spacings" in data:
-            data["train_spacings"] = tuple(tuple(s) for s in data["train_spacings"])
+        if isinstance(data.get("windows"), dict):
+            data["windows"] = {k: tuple(v) if isinstance(v, list) else v for k, v in data["windows"].items()}
+        if isinstance(data.get("train_spacings"), list):
+            data["train_spacings"] = tuple(tuple(s) if isinstance(s, list) else s for s in data["train_spacings"])
         return cls(**data)
 
 

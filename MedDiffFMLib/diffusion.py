@@ -13,6 +13,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from .config import SCHEDULES
+
 TimeLike = Union[int, torch.Tensor]
 
 
@@ -37,8 +39,8 @@ class Schedule:
 
     @classmethod
     def from_name(cls, name: str, T: int) -> "Schedule":
-        if name != "cosine":
-            raise ValueError(f"unknown noise schedule {name!r}; only 'cosine' is implemented")
+        if name not in SCHEDULES:
+            raise ValueError(f"unknown noise schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
         return cls.cosine(T)
 
     def abar(self, t: TimeLike) -> torch.Tensor:

@@ -27,8 +27,8 @@ from torch import nn
 
 from . import checkpoints
 from .anatomy import encode_anatomy, threshold_anatomy
-from .checkpoints import (available_models, check_architecture, load_model, load_training_state, read_model_info,
-                          resolve_model, save_model)
+from .checkpoints import (available_models, check_architecture, controlnet_task_in, load_model, load_training_state,
+                          read_model_info, resolve_model, save_model)
 from .conditioning import VolumeCondition, anatomy_spec, assemble, condition_channels
 from .config import ModelConfig
 from .dataset import case_spacings, split_cases
@@ -159,13 +159,15 @@ def load_controlled(weights: Path, info: dict, device="cpu") -> Tuple[Controlled
     weights have the recorded SHA-256 is used instead.
     """
     base_model = info.get("base_model")
-    if not (isinstance(base_model, dict) and {"name", "sha256"} <= set(base_model)) or info.get("task") not in TASKS:
+    if not (isinstance(base_model, dict) and isinstance(base_model.get("name"), str)
+            and isinstance(base_model.get("sha256"), str)) or info.get("task") not in TASKS \
+            or not isinstance(info.get("training_data") or {}, dict):
         raise CheckpointError(f"{weights.name} is a ControlNet whose description lacks its base model (name and "
                               f"SHA-256) or names an unknown task ({info.get('task')!r}; known: {', '.join(TASKS)}); "
                               "re-download or re-export the model")
     base, cfg, _ = load_model(find_base(base_model, weights.name))
     model = ControlledNet(base, info["task"], (info.get("training_data") or {}).get("slice_factor"))
-    tensors = checkpoints._load_verified(weights, info["sha256"])
+    tensors = checkpoints.load_model_tensors(weights, info)
     check_architecture(model.controlnet.state_dict(), tensors, weights.name)
     model.controlnet.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
     return model.to(device).eval(), cfg, info
@@ -177,7 +179,9 @@ def find_base(base: dict, name: str) -> Path:
     for candidate in candidates:
         try:
             weights = resolve_model(candidate)
-            if read_model_info(weights)["sha256"] == base["sha256"]:
+            found = read_model_info(weights)
+            # A ControlNet is never a base, also when its description names one as such (or itself).
+            if found["sha256"] == base["sha256"] and controlnet_task_in(found) is None:
                 return weights
         except CheckpointError:
             continue

@@ -31,8 +31,16 @@ def _rewrite_weights(base, data: bytes):
     sidecar = base.with_name(base.name + ".json")
     info = json.loads(sidecar.read_text())
     info["sha256"] = sha256_file(weights)
+    info["size"] = len(data)
     sidecar.write_text(json.dumps(info))
     return weights
+
+
+def _edit_description(base, **changes):
+    sidecar = base.with_name(base.name + ".json")
+    info = json.loads(sidecar.read_text())
+    info.update(changes)
+    sidecar.write_text(json.dumps(info))
 
 
 def test_round_trip_fp32_and_fp16(tiny, tmp_path):
@@ -287,3 +295,104 @@ def test_training_state_and_registry_that_are_not_json_objects(tmp_path, content
     registry_file.write_text(content)
     with pytest.raises(CheckpointError, match="the model registry .* is damaged"):
         checkpoints.registry(registry_file)
+
+
+def test_a_truncated_file_is_named_as_such_before_hashing(tiny, tmp_path):
+    cfg, state = tiny
+    base = tmp_path / "m"
+    weights = save_model(state, cfg, base, {}, half=False)
+    full = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[:1000])  # an interrupted download: the description is the old one
+    with pytest.raises(CheckpointError, match=f"holds 1000 bytes where its description records {full}.*truncated"):
+        load_model(base)
+
+
+def test_a_description_whose_config_differs_from_the_weights_file_is_refused(tiny, tmp_path):
+    """The hash covers only the weights file: a hand-edited config beside it would change every result silently."""
+    cfg, state = tiny
+    base = tmp_path / "m"
+    save_model(state, cfg, base, {}, half=False)
+    config = read_model_info(base)["config"]
+    _edit_description(base, config=dict(config, windows=dict(config["windows"], chest=[-1000, 1000])))
+    with pytest.raises(CheckpointError, match="config that differs from the one stored in the weights file"):
+        load_model(base)
+
+
+def test_non_finite_weights_are_refused_at_loading(tiny, tmp_path):
+    cfg, state = tiny
+    broken = {k: v.clone() for k, v in state.items()}
+    key = next(k for k, v in broken.items() if v.is_floating_point() and v.numel() > 1)
+    broken[key].view(-1)[0] = float("inf")
+    save_model(broken, cfg, tmp_path / "m", {}, half=False)
+    with pytest.raises(CheckpointError, match=f"NaN or infinite weights \\(e.g. {key}\\)"):
+        load_model(tmp_path / "m")
+
+
+def test_weights_beyond_fp16_are_saved_in_fp32(tiny, tmp_path, caplog):
+    cfg, state = tiny
+    big = {k: v.clone() for k, v in state.items()}
+    key = next(k for k, v in big.items() if v.is_floating_point() and v.numel() > 1)
+    big[key].view(-1)[0] = 1e6  # fp16 ends at 65504
+    with caplog.at_level(logging.WARNING):
+        save_model(big, cfg, tmp_path / "m", {}, half=True)
+    assert "beyond the fp16 range" in caplog.text
+    model, _, info = load_model(tmp_path / "m")
+    assert info["dtype"] == "float32" and model.state_dict()[key].view(-1)[0] == 1e6
+
+
+def test_a_training_record_cannot_replace_what_save_model_writes(tiny, tmp_path):
+    cfg, state = tiny
+    with pytest.raises(ValueError, match="may not set format, sha256"):
+        save_model(state, cfg, tmp_path / "m", {"sha256": "0" * 64, "format": "x"})
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("norm_num_groups", 0, "norm_num_groups 0"),
+    ("attention_levels", [True, True, True], "every attention level needs num_head_channels"),
+    ("num_head_channels", [0, 0, 12], "num_head_channels must divide"),
+    ("anatomy", {}, "anatomy {}"),
+    ("windows", [[-150, 250]], "windows"),
+    ("channels", [8.0, 16, 16], "channels"),
+    ("channels", [8, 16, 2 ** 20], "channels"),  # would allocate terabytes while building the network
+    ("pe_frequencies", 10 ** 6, "pe_frequencies"),
+    ("schedule", "bogus", "schedule 'bogus'"),
+    ("num_train_timesteps", "1000", "num_train_timesteps '1000'"),
+    ("num_train_timesteps", 10 ** 12, "num_train_timesteps"),
+    ("num_train_timesteps", 0, "num_train_timesteps 0"),
+    ("num_head_channels", [0, 0, -16], "num_head_channels"),
+])
+def test_an_unusable_config_is_named_before_the_network_is_built(tiny, tmp_path, field, value, named):
+    """A description edited by hand (its config only, as the hash does not cover it) fails with the field named."""
+    cfg, state = tiny
+    base = tmp_path / "m"
+    weights = save_model(state, cfg, base, {}, half=False)
+    config = dict(read_model_info(base)["config"], **{field: value})
+    from safetensors.torch import load_file, save_file
+    save_file(load_file(str(weights)), str(weights), metadata={"format": checkpoints.FORMAT,
+                                                             "config": json.dumps(config)})
+    _edit_description(base, config=config, sha256=sha256_file(weights), size=weights.stat().st_size)
+    with pytest.raises(CheckpointError, match="the model config is unusable.*" + named.replace("[", "\\[")):
+        load_model(base)
+
+
+def test_registering_a_damaged_model_changes_nothing(tiny, tmp_path):
+    cfg, state = tiny
+    registry_path = tmp_path / "reg" / "Models.json"
+    save_model(state, cfg, tmp_path / "good", {}, half=False)
+    checkpoints.register_model(tmp_path / "good", "mine", "a test model", registry_path=registry_path)
+    installed = registry_path.parent / "Models" / "meddifffm-mine.safetensors"
+    before = (installed.read_bytes(), registry_path.read_text())
+    bad = save_model(state, cfg, tmp_path / "bad", {}, half=False)
+    data = bytearray(bad.read_bytes())
+    data[-1] ^= 1  # one flipped bit, the recorded hash left as it was
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        checkpoints.register_model(bad, "mine", "replaced", registry_path=registry_path)
+    assert (installed.read_bytes(), registry_path.read_text()) == before
+    assert checkpoints.model_intact(installed)
+
+
+def test_an_empty_model_name_is_refused_with_the_choices():
+    with pytest.raises(CheckpointError, match="no model named; available: .*default"):
+        resolve_model("")

@@ -238,3 +238,23 @@ def test_registered_controlnets_load_with_their_registered_base(name, task):
         assert torch.equal(model.base.state_dict()[key], value), key
     # Trained: the zero convolutions have left zero.
     assert any(v.any() for k, v in model.controlnet.state_dict().items() if k.startswith(OWN_PARTS[1:]))
+
+
+def test_a_controlnet_whose_recorded_base_is_a_controlnet_is_refused_clearly(tmp_path):
+    """A description naming a ControlNet as the base (itself, or another task's) used to recurse without end or
+    fail deep inside the network; no ControlNet is ever taken as a base."""
+    from MedDiffFMLib.checkpoints import read_model_info, resolve_model
+
+    for suffix in (".safetensors", ".json"):
+        shutil.copyfile(resolve_model("tiny-lesion").with_suffix(suffix), tmp_path / f"cn{suffix}")
+    sidecar = tmp_path / "cn.json"
+    info = json.loads(sidecar.read_text())
+    for base in ({"name": str(tmp_path / "cn.safetensors"), "sha256": info["sha256"]},
+                 {"name": "tiny-super-resolution",
+                  "sha256": read_model_info(resolve_model("tiny-super-resolution"))["sha256"]}):
+        sidecar.write_text(json.dumps(dict(info, base_model=base)))
+        with pytest.raises(CheckpointError, match="is a ControlNet for the base model .* which is not installed"):
+            load_model(tmp_path / "cn.safetensors")
+    sidecar.write_text(json.dumps(dict(info, base_model={"name": "tiny", "sha256": 5})))
+    with pytest.raises(CheckpointError, match="lacks its base model"):
+        load_model(tmp_path / "cn.safetensors")

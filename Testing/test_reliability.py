@@ -340,19 +340,26 @@ def test_damaged_model_files_through_the_cli(files, tmp_path, capsys):
 
     model.write_bytes(b"")
     code, err = run_with_model()
+    assert code == 2 and "holds 0 bytes where its description records" in err and "truncated" in err
+    model.write_bytes(good[: len(good) // 3])
+    code, err = run_with_model()
+    assert code == 2 and f"holds {len(good) // 3} bytes" in err and "truncated or was replaced" in err
+    model.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # the same size, one bit flipped
+    code, err = run_with_model()
     assert code == 2 and "is damaged or was replaced" in err
     model.write_bytes(good[: len(good) // 3])
-    info["sha256"] = hashlib.sha256(model.read_bytes()).hexdigest()  # past the checksum: the reader meets the cut
+    # Past the size and checksum: the reader meets the cut.
+    info["sha256"], info["size"] = hashlib.sha256(model.read_bytes()).hexdigest(), len(good) // 3
     (tmp_path / "m.json").write_text(json.dumps(info))
     code, err = run_with_model()
     assert code == 2 and "truncated or corrupt" in err
-    # A config whose anatomy encoding differs from the weights' (binary: 3 channels, onehot: 4).
+    # A description whose config was edited (anatomy encoding binary: 3 channels; the weights' is onehot: 4).
     model.write_bytes(good)
-    info["sha256"] = hashlib.sha256(good).hexdigest()
+    info["sha256"], info["size"] = hashlib.sha256(good).hexdigest(), len(good)
     info["config"]["anatomy"]["encoding"] = "binary"
     (tmp_path / "m.json").write_text(json.dumps(info))
     code, err = run_with_model()
-    assert code == 2 and "do not fit the architecture" in err
+    assert code == 2 and "config that differs from the one stored in the weights file" in err
     (tmp_path / "m.json").unlink()
     code, err = run_with_model()
     assert code == 2 and "model description" in err and "not found" in err
@@ -711,3 +718,11 @@ def test_out_of_memory_from_the_operating_system_gets_the_hint(monkeypatch, caps
     monkeypatch.setattr(info, "run", no_memory)  # the parser takes each command's run when it is built
     assert main(["info", "x.nii.gz"]) == 2
     assert "error: out of memory (" in capsys.readouterr().err
+
+
+def test_the_anomaly_summary_prints_a_small_threshold_as_given(files, tmp_path, capsys):
+    """A threshold of 1e-4 HU printed as 0 would be a value the command itself refuses."""
+    args = task_arguments("detect-anomalies", files[0], files[1], tmp_path / "map.nii.gz") + ["--threshold", "1e-4"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["threshold_hu"] == 1e-4 and summary["score_hu"] > 0

@@ -1107,3 +1107,24 @@ def test_first_use_setup_asks_before_installing(monkeypatch):
     requirements = str(REPO / "Resources" / "requirements.txt")
     assert installed == ["torch", ["-r", requirements]]  # no PyTorch Utils here: torch from pip, then the rest
     assert "monai>=1.5" in open(requirements).read().split()
+
+
+def test_panel_limits_are_the_parameters_and_reach_the_top_of_an_anomaly_map():
+    """Each spin box ends where its parameter's range ends; the anomaly threshold reaches the widest model window
+    (the map is an absolute difference within it: up to 1800 HU for the chest)."""
+    import xml.etree.ElementTree as ET
+
+    from MedDiffFMLib.config import preset
+
+    source = (REPO / "MedDiffFM" / "MedDiffFM.py").read_text()
+    ranges = {name: (float(low), float(high)) for name, low, high in
+              re.findall(r"(\w+): Annotated\[\w+, WithinRange\(([^,]+), ([^)]+)\)\]", source.replace("2 ** 31 - 1",
+                                                                                                   str(2 ** 31 - 1)))}
+    tops = {}
+    for widget in ET.parse(REPO / "MedDiffFM" / "Resources" / "UI" / "MedDiffFM.ui").getroot().iter("widget"):
+        props = {p.get("name"): p[0].text for p in widget.findall("property")}
+        if "SlicerParameterName" in props and "maximum" in props:
+            tops[props["SlicerParameterName"]] = float(props["maximum"])
+    assert len(tops) >= 10 and all(tops[name] == ranges[name][1] for name in tops), (tops, ranges)
+    widest = max(high - low for low, high in preset("default").windows.values())
+    assert tops["anomalyThreshold"] >= widest

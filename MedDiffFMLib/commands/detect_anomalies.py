@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     outputs = [(result.anomaly_map, args.output), (result.anomaly_mask, args.mask_output),
                (result.reconstruction, args.reconstruction)]
     write_volumes([(vol, path) for vol, path in outputs if path], overwrite=args.overwrite, inputs=inputs)
-    summary = {"score_hu": round(result.score, 3), "threshold_hu": round(result.threshold, 3),
+    # Six significant digits: a threshold given as 1e-4 must not print as 0, which the command refuses.
+    summary = {"score_hu": float(f"{result.score:.6g}"), "threshold_hu": float(f"{result.threshold:.6g}"),
                "anomalous_voxels": int(result.anomaly_mask.array.sum())}
     log.info("anomaly map written to %s", args.output)
     print(json.dumps(summary), flush=True)
