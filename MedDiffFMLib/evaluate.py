@@ -339,20 +339,27 @@ def _denoise_figure(case: str, by_dose: Dict[float, Dict[str, np.ndarray]], psnr
 
 @dataclass
 class AnomalyCase:
-    """An anomaly score map (higher = more abnormal), its lesion mask (same zyx shape), and
-    optionally the CT in HU for the figure."""
+    """An anomaly score map (higher = more abnormal), its lesion mask (same zyx shape), optionally the CT in HU
+    for the figure, and optionally the region that was searched (only its voxels are scored)."""
 
     name: str
     scores: np.ndarray
     mask: np.ndarray
     image: Optional[np.ndarray] = None
+    searched: Optional[np.ndarray] = None
+
+
+#: A score map with more than this share of voxels at exactly 0 looks like a map with a search region
+#: (`detect-anomalies --mask`): unless that region is given, those voxels are scored as easy negatives.
+ZERO_SHARE_WARNING = 0.2
 
 
 def evaluate_anomaly(cases: Sequence[AnomalyCase], max_fpr: float = 0.3) -> List[Dict[str, object]]:
     """Pixel AUROC, best Dice (and its threshold), PRO up to `max_fpr` per case, and image-level AUROC
     over axial slices (slice score = its highest voxel score; a slice is a lesion slice when the mask
     touches it; NaN unless a case has both kinds). A last row pools all slices of all cases for the
-    image AUROC and averages the other metrics."""
+    image AUROC and averages the other metrics. A case's `searched` region limits every metric to its voxels
+    (slices without any are left out)."""
     rows, slice_scores, slice_labels = [], [], []
     for case in cases:
         scores, mask = np.asarray(case.scores, dtype=np.float64), np.asarray(case.mask) > 0
@@ -364,16 +371,21 @@ def evaluate_anomaly(cases: Sequence[AnomalyCase], max_fpr: float = 0.3) -> List
                              f"{scores.shape}.")
         if not mask.any():
             raise InputError(f"case {case.name}: the lesion mask is empty; anomaly metrics need a lesion.")
-        per_slice = scores.reshape(len(scores), -1).max(axis=1)
-        has_lesion = mask.reshape(len(mask), -1).any(axis=1)
+        searched = _searched_voxels(case, scores, mask)
+        mask = mask & searched
+        slices = len(scores)
+        per_slice = np.where(searched, scores, -np.inf).reshape(slices, -1).max(axis=1)
+        has_lesion = mask.reshape(slices, -1).any(axis=1)
+        kept = searched.reshape(slices, -1).any(axis=1)
+        per_slice, has_lesion = per_slice[kept], has_lesion[kept]
         slice_scores.append(per_slice)
         slice_labels.append(has_lesion)
         try:
-            dice_value, threshold = metrics.best_dice(scores, mask)
-            rows.append({"case": case.name, "pixel_auroc": metrics.pixel_auroc(scores, mask),
+            dice_value, threshold = metrics.best_dice(scores[searched], mask[searched])
+            rows.append({"case": case.name, "pixel_auroc": metrics.pixel_auroc(scores[searched], mask[searched]),
                          "image_auroc": _auroc_if_defined(per_slice, has_lesion),
                          "best_dice": dice_value, "best_dice_threshold": threshold,
-                         "pro": metrics.pro_score(scores, mask, max_fpr),
+                         "pro": metrics.pro_score(scores, mask, max_fpr, searched=searched),
                          "lesion_slices": int(has_lesion.sum()), "healthy_slices": int((~has_lesion).sum())})
         except (InputError, ValueError) as exc:  # e.g. NaN scores, or a mask covering every voxel
             raise InputError(f"case {case.name}: {exc}") from None
@@ -384,6 +396,28 @@ def evaluate_anomaly(cases: Sequence[AnomalyCase], max_fpr: float = 0.3) -> List
         pooled[key] = sum(values) if key.endswith("slices") else float(np.mean(values))
     pooled["best_dice_threshold"] = float("nan")
     return rows + [pooled]
+
+
+def _searched_voxels(case: AnomalyCase, scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The voxels to score: the case's search region, checked against its mask, or all of them."""
+    if case.searched is None:
+        zero_share = float(np.mean(scores == 0))
+        if zero_share > ZERO_SHARE_WARNING:
+            log.warning("case %s: %.0f%% of the score map is exactly 0, as outside the search region of "
+                        "detect-anomalies --mask; those voxels are scored as easy negatives, which raises AUROC "
+                        "and PRO: give the region searched (--regions)", case.name, 100 * zero_share)
+        return np.ones(scores.shape, bool)
+    searched = np.asarray(case.searched) > 0
+    if searched.shape != scores.shape:
+        raise InputError(f"case {case.name}: the search region {searched.shape} is not on the score grid "
+                         f"{scores.shape}.")
+    outside = int((mask & ~searched).sum())
+    if outside == int(mask.sum()):
+        raise InputError(f"case {case.name}: no lesion voxel lies inside the search region; nothing to detect.")
+    if outside:
+        log.warning("case %s: %d of the %d lesion voxels lie outside the search region and are not scored",
+                    case.name, outside, int(mask.sum()))
+    return searched
 
 
 def _auroc_if_defined(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -10,7 +10,7 @@ same shape. Threshold sweeps are exact: every distinct score is a threshold.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -175,16 +175,24 @@ def check_max_fpr(max_fpr: float) -> float:
     return max_fpr
 
 
-def pro_score(scores: np.ndarray, labels: np.ndarray, max_fpr: float = 0.3) -> float:
+def pro_score(scores: np.ndarray, labels: np.ndarray, max_fpr: float = 0.3,
+              searched: Optional[np.ndarray] = None) -> float:
     """Normalised area under the per-region-overlap curve up to `max_fpr` (MVTec AD's AUPRO).
 
     Regions are the connected components of the mask (face connectivity over all axes). At each
     threshold, PRO is the mean over regions of the fraction of the region above threshold; the
     curve PRO(FPR) is integrated from FPR 0 to `max_fpr` and divided by `max_fpr` (1 = perfect).
+    `searched` (same shape): only these voxels are scored, lesion and healthy alike (None: all).
     """
     scores, labels = _scores_and_labels(scores, labels, "pro_score")
     check_max_fpr(max_fpr)
+    if searched is not None:
+        _same_shape(scores, searched, "pro_score")
+        searched = np.asarray(searched, dtype=bool)
+        labels = labels & searched
     regions, n_regions = ndimage.label(labels)
+    if searched is not None:  # components are found in 3D first, then the voxels outside are dropped
+        scores, labels, regions = scores[searched], labels[searched], regions[searched]
     n_neg = labels.size - int(labels.sum())
     if n_regions == 0 or n_neg == 0:
         raise InputError("pro_score: needs at least one lesion voxel and one healthy voxel.")

@@ -321,3 +321,62 @@ def test_cli_anomaly_on_files(tmp_path, capsys, caplog):
     assert main(["evaluate", "anomaly", "--scores", str(renamed), "--masks", str(paths[1]), "--images", str(moved),
                  "--out", str(out)]) == 2
     assert "is not on the score volume's grid: origin" in capsys.readouterr().err
+
+
+def _nodule_crop():
+    image = read_volume(CHEST_NRRD)
+    mask = read_mask(CHEST_NODULE_NRRD, like=image).array > 0
+    z = np.flatnonzero(mask.any(axis=(1, 2)))
+    box = (slice(z[0] - 3, z[-1] + 4), slice(300, 420), slice(160, 280))
+    return mask[box]
+
+
+def test_anomaly_scores_only_the_searched_region(caplog):
+    """A detect-anomalies map is 0 outside its search region; scored there, those voxels are easy negatives that
+    raise AUROC and PRO. With the region given, every metric equals the one computed on its voxels alone."""
+    from MedDiffFMLib import metrics
+
+    mask = _nodule_crop()
+    zs, ys, xs = np.nonzero(mask)
+    searched = np.zeros(mask.shape, bool)  # a box around the nodule, half the crop's width
+    searched[:, max(ys.min() - 12, 0):ys.max() + 13, max(xs.min() - 12, 0):xs.max() + 13] = True
+    rng = np.random.default_rng(1)
+    scores = np.where(searched, mask + rng.normal(0, 0.8, mask.shape), 0.0)
+    with caplog.at_level(logging.WARNING):
+        plain = harness.evaluate_anomaly([harness.AnomalyCase("plain", scores, mask)])[0]
+    assert "exactly 0, as outside the search region" in caplog.text
+    limited = harness.evaluate_anomaly([harness.AnomalyCase("limited", scores, mask, searched=searched)])[0]
+    box = tuple(slice(a.min(), a.max() + 1) for a in np.nonzero(searched))
+    assert limited["pixel_auroc"] == pytest.approx(metrics.pixel_auroc(scores[box], mask[box]))
+    assert limited["pro"] == pytest.approx(metrics.pro_score(scores[box], mask[box]))
+    assert limited["best_dice"] == pytest.approx(metrics.best_dice(scores[box], mask[box])[0])
+    assert plain["pixel_auroc"] > limited["pixel_auroc"] + 0.005 and plain["pro"] > limited["pro"] + 0.01
+    with pytest.raises(InputError, match="no lesion voxel lies inside the search region"):
+        harness.evaluate_anomaly([harness.AnomalyCase("apart", scores, mask, searched=~searched)])
+    # Slices the region does not reach are left out of the slice-level AUROC.
+    thin = searched.copy()
+    thin[: zs.min() - 1] = thin[zs.max() + 2:] = False
+    row = harness.evaluate_anomaly([harness.AnomalyCase("thin", scores, mask, searched=thin)])[0]
+    assert (row["lesion_slices"], row["healthy_slices"]) == (len(set(zs)), 2)
+
+
+def test_cli_anomaly_takes_the_search_regions(tmp_path, capsys):
+    from MedDiffFMLib.io import Volume, write_volume
+
+    mask = _nodule_crop()
+    searched = np.zeros(mask.shape, np.uint8)
+    searched[:, 10:110, 10:110] = 1
+    scores = np.where(searched > 0, mask + np.random.default_rng(2).normal(0, 0.8, mask.shape), 0.0)
+    grid = dict(spacing=(0.7, 0.7, 5.0), origin=(0.0, 0.0, 0.0), direction=tuple(np.eye(3).ravel()))
+    paths = [write_volume(Volume(array, **grid), tmp_path / f"{name}.nii.gz")
+             for array, name in ((scores.astype(np.float32), "s"), (mask.astype(np.uint8), "m"), (searched, "r"))]
+    out = tmp_path / "out"
+    assert main(["evaluate", "anomaly", "--scores", str(paths[0]), "--masks", str(paths[1]), "--regions",
+                 str(paths[2]), "--out", str(out)]) == 0
+    with open(out / "anomaly_results.csv") as handle:
+        row = next(csv.DictReader(handle))
+    expected = harness.evaluate_anomaly([harness.AnomalyCase("s", scores, mask, searched=searched)])[0]
+    assert float(row["pixel_auroc"]) == pytest.approx(expected["pixel_auroc"], abs=1e-4)
+    assert main(["evaluate", "anomaly", "--scores", str(paths[0]), "--masks", str(paths[1]), "--regions",
+                 str(paths[2]), str(paths[2]), "--out", str(out)]) == 2
+    assert "one region) per score volume" in capsys.readouterr().err

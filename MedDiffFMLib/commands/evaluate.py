@@ -87,6 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ano.add_argument("--masks", type=Path, nargs="+", required=True,
                      help="lesion masks, one per score volume, on the same grid")
     ano.add_argument("--images", type=Path, nargs="*", default=[], help="the CTs, for the figures (optional)")
+    ano.add_argument("--regions", type=Path, nargs="*", default=[],
+                     help="the regions searched (the --mask given to detect-anomalies), one per score volume: "
+                     "only their voxels are scored (default: every voxel)")
     ano.add_argument("--out", type=Path, required=True, help="folder for the CSV, Markdown and PNG files")
     ano.add_argument("--max-fpr", type=_pro_limit, default=0.3, help="PRO integration limit (a false-positive rate)")
     ano.set_defaults(_benchmark=_run_anomaly, _parser=ano)
@@ -160,9 +163,11 @@ def _run_anomaly(args: argparse.Namespace) -> int:
     from ..io import read_mask, read_volume
 
     check_output_folder(args.out)
-    if len(args.masks) != len(args.scores) or (args.images and len(args.images) != len(args.scores)):
-        raise InputError(f"give one mask (and, if any, one image) per score volume: {len(args.scores)} "
-                         f"scores, {len(args.masks)} masks, {len(args.images)} images.")
+    if len(args.masks) != len(args.scores) or any(extra and len(extra) != len(args.scores)
+                                                  for extra in (args.images, args.regions)):
+        raise InputError(f"give one mask (and, if any, one image and one region) per score volume: "
+                         f"{len(args.scores)} scores, {len(args.masks)} masks, {len(args.images)} images, "
+                         f"{len(args.regions)} regions.")
     names = harness.case_names(args.scores)
     cases = []
     for index, (name, score_path, mask_path) in enumerate(zip(names, args.scores, args.masks)):
@@ -170,6 +175,7 @@ def _run_anomaly(args: argparse.Namespace) -> int:
             scores = read_volume(score_path)
             mask = read_mask(mask_path, like=scores)
             image = read_volume(args.images[index]) if args.images else None
+            searched = read_mask(args.regions[index], like=scores) if args.regions else None
             differences = [] if image is None else image.grid_differences(scores, names=("image", "scores"))
             if differences:
                 raise InputError(f"the image {args.images[index]} is not on the score volume's grid: "
@@ -177,9 +183,10 @@ def _run_anomaly(args: argparse.Namespace) -> int:
         except InputError as exc:  # among many files, say which case
             raise InputError(f"case {name} ({score_path}): {exc}") from None
         # Image-level AUROC and the figure go over axial slices, whatever axis the files store first.
-        scores, mask, image = (None if v is None else harness.axial_first(v, like=scores)
-                               for v in (scores, mask, image))
-        cases.append(harness.AnomalyCase(name, scores.array, mask.array, None if image is None else image.array))
+        scores, mask, image, searched = (None if v is None else harness.axial_first(v, like=scores)
+                                         for v in (scores, mask, image, searched))
+        cases.append(harness.AnomalyCase(name, scores.array, mask.array, None if image is None else image.array,
+                                         None if searched is None else searched.array))
     rows = harness.evaluate_anomaly(cases, max_fpr=args.max_fpr)
     for path in harness.write_anomaly_report(rows, cases, args.out, max_fpr=args.max_fpr):
         log.info("wrote %s", path)
