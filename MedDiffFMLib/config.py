@@ -16,6 +16,8 @@ from typing import Dict, Tuple
 REGIONS = ("head_neck", "chest", "abdomen", "other")
 #: Noise schedules `diffusion.Schedule.from_name` builds.
 SCHEDULES = ("cosine",)
+#: Network arithmetic, for sampling and training: auto (bf16 autocast on a GPU that has it, else fp32), fp32, bf16.
+PRECISIONS = ("auto", "fp32", "bf16")
 #: Upper bounds of a usable configuration (`ModelConfig._check_values`): far above any preset, far below what
 #: would make building the model or its schedule exhaust memory.
 MAX_PATCH_SIZE = 512

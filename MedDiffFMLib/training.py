@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from .checkpoints import (check_architecture, load_model, load_training_state, model_intact, save_model,
                           save_training_state)
-from .config import ModelConfig
+from .config import PRECISIONS, ModelConfig
 from .diffusion import Schedule, q_sample, training_timesteps
 from .errors import CheckpointError, InputError, TrainingDiverged
 from .network import MedDiffNet, controlnet_task, parameter_count
@@ -71,6 +71,9 @@ class TrainSettings:
     num_workers: int = 0
     channels_last: bool = False
     compile: bool = False
+    # Network arithmetic: "auto" is bf16 autocast on a GPU and fp32 on the CPU (CPUs without bf16 units run it
+    # slower than fp32); "fp32" or "bf16" forces it, e.g. to compare the two on the denoising table.
+    precision: str = "auto"
     half_export: bool = True  # fp16 weights in the exported EMA model files
     # Free-form facts stored with the run (e.g. the fine-tuning task), not used by the loop itself.
     extra: Dict[str, object] = field(default_factory=dict)
@@ -92,6 +95,8 @@ class TrainSettings:
                             f"{self.low_noise_fraction} and {self.low_noise_max_t}")
         if self.correlated_noise_fraction is not None and not 0.0 <= self.correlated_noise_fraction <= 1.0:
             problems.append(f"the correlated-noise fraction must be in [0, 1], got {self.correlated_noise_fraction}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"the precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if problems:
             raise InputError("bad training settings: " + "; ".join(problems))
 
@@ -260,9 +265,9 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
     # Patches have one fixed shape: static compilation (dynamic shapes failed to lower for the 3D UNet).
     forward = torch.compile(net, dynamic=False) if settings.compile else net
     schedule = Schedule.from_name(cfg.schedule, cfg.num_train_timesteps)
-    # bf16 autocast on CUDA only (CPUs without bf16 units run it slower than fp32); the schedule maths stays fp32.
-    autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16) if device.type == "cuda" \
-        else contextlib.nullcontext
+    # The network under bf16 autocast where chosen (see TrainSettings.precision); the schedule maths stays fp32.
+    bf16 = settings.precision == "bf16" or (settings.precision == "auto" and device.type == "cuda")
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext
     val_batch = None
     if val_data is not None and rank.main:
         val_batch = validation_batch(val_data, settings.validation_patches)

@@ -153,7 +153,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(cfg, data, tmp_path):
 
 def test_bad_settings_and_an_existing_run_are_refused_before_training(cfg, data, tmp_path):
     for bad in (dict(batch_size=0), dict(grad_accum=0), dict(lr=0.0), dict(checkpoint_every=0),
-                dict(low_noise_fraction=2.0), dict(correlated_noise_fraction=-0.5)):
+                dict(low_noise_fraction=2.0), dict(correlated_noise_fraction=-0.5), dict(precision="fp16")):
         with pytest.raises(InputError, match="bad training settings"):
             train(cfg, data, tmp_path / "bad", dataclasses.replace(_quiet(steps=2), **bad))
     assert not (tmp_path / "bad").exists()
@@ -245,10 +245,11 @@ def test_cli_trains_and_resumes(cfg, cache, tmp_path, capsys):
     config.write_text(json.dumps(cfg.to_dict()))
     args = ["train", "--config", str(config), "--data", str(ABDOMEN_SMALL_NII), "--cache-dir", str(cache),
             "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "1"]
-    assert cli_main(args + ["--progress", "machine", "--correlated-noise", "0.5"]) == 0
+    assert cli_main(args + ["--progress", "machine", "--correlated-noise", "0.5", "--precision", "fp32"]) == 0
     out, err = capsys.readouterr()
     _, _, info = load_model(tmp_path / "run" / "ema")
     assert info["settings"]["correlated_noise_fraction"] == 0.5  # the model records its training noise
+    assert info["settings"]["precision"] == "fp32"  # and its arithmetic
     assert re.findall(r"MEDDIFFFM_PROGRESS (\d+) (\d+)", out) == [("1", "2"), ("2", "2")]
     assert "step/s" not in err and "s/step" not in err  # and no bar beside the lines
     # A background run's log keeps its messages only: --progress none draws no bar.
@@ -321,3 +322,14 @@ def test_cli_refuses_conflicting_or_unusable_settings_before_preparing_data(cfg,
     assert cli_main(train_args + ["--preset", "default", "--resume"]) == 2
     assert "holds a run of another model configuration ('tiny', not 'default')" in capsys.readouterr().err
     assert sorted(cache.iterdir()) == entries  # no `default` entries were made
+
+
+def test_precision_auto_is_fp32_on_the_cpu_and_bf16_is_autocast(cfg, data, tmp_path):
+    """The GPU runs train under bf16 autocast by default; `precision` lets one compare it with fp32 anywhere."""
+    runs = {p: train(cfg, data, tmp_path / p, _quiet(steps=2, batch_size=1, seed=3, precision=p))
+            for p in ("auto", "fp32", "bf16")}
+    weights = {p: torch.cat([v.flatten() for v in r["model"].state_dict().values() if v.is_floating_point()])
+               for p, r in runs.items()}
+    assert torch.equal(weights["auto"], weights["fp32"])
+    assert not torch.equal(weights["bf16"], weights["fp32"])
+    assert torch.allclose(weights["bf16"], weights["fp32"], atol=0.05)  # the same step, rounded otherwise

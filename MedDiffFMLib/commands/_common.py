@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional
 
+from ..config import PRECISIONS
+
 log = logging.getLogger(__name__)
 
 PROGRESS_MODES = ("tqdm", "machine", "none")
@@ -95,7 +97,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, nfe: Optional[int] = No
         parser.add_argument("--nfe", type=positive_int, default=nfe, help="number of network evaluations (steps)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where the network runs (auto: a CUDA GPU when present, else the CPU)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="network precision on GPU (auto: bf16 where supported)")
     parser.add_argument("--progress", choices=PROGRESS_MODES, default="tqdm",
                         help=f"progress display; 'machine' prints '{PROGRESS_PREFIX} <step> <total>' lines")
@@ -283,6 +285,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--num-workers", type=non_negative_int, default=0, help="data-loading worker processes")
     parser.add_argument("--fp32-export", action="store_true", help="store exported EMA weights as fp32")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="network arithmetic while training (auto: bf16 autocast on a GPU, fp32 on the CPU; bf16 forces "
+                        "it, on the CPU too)")
     parser.add_argument("--progress", choices=PROGRESS_MODES, default="tqdm",
                         help=f"progress display; 'machine' prints '{PROGRESS_PREFIX} <step> <total>' lines, 'none' "
                         "keeps a background run's log to its messages")

@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         correlated_noise_fraction=args.correlated_noise,
         validate_every=args.validate_every, checkpoint_every=args.checkpoint_every,
         checkpoint_minutes=args.checkpoint_minutes, num_workers=args.num_workers,
-        channels_last=args.channels_last, compile=args.compile, half_export=not args.fp32_export)
+        channels_last=args.channels_last, compile=args.compile, half_export=not args.fp32_export,
+        precision=args.precision)
     # Everything that can be refused is refused before the (slow) data preparation.
     settings.check(cfg)
     if args.resume:

@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..config import ModelConfig
+from ..config import PRECISIONS, ModelConfig
 from ..conditioning import VolumeCondition, condition_channels
 from ..diffusion import Schedule, timesteps
 from ..errors import InputError, ResourceError
@@ -65,7 +65,7 @@ def task_device(model: torch.nn.Module, name: Union[str, torch.device] = "auto")
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[torch.dtype]:
     """Network precision: bf16 autocast on GPUs that support it (`auto`/`bf16`), else float32 (None)."""
-    if precision not in ("auto", "fp32", "bf16"):
+    if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; choose auto, fp32 or bf16")
     if precision == "fp32" or device.type != "cuda":
         return None
