@@ -59,12 +59,13 @@ class ModelConfig:
         n = len(self.channels)
         if not (len(self.attention_levels) == len(self.num_head_channels) == n):
             raise ValueError("channels, attention_levels and num_head_channels need one entry per level")
-        if any(heads and (not attend or c % heads) for c, attend, heads in
-               zip(self.channels, self.attention_levels, self.num_head_channels)):
-            raise ValueError("num_head_channels must divide the channels of each attention level (0 elsewhere), got "
-                             f"{self.num_head_channels} for channels {self.channels}")
-        if any(attend and not heads for attend, heads in zip(self.attention_levels, self.num_head_channels)):
+        attention = [(c, heads) for c, attend, heads in
+                     zip(self.channels, self.attention_levels, self.num_head_channels) if attend]
+        if any(not heads for _, heads in attention):
             raise ValueError(f"every attention level needs num_head_channels > 0, got {self.num_head_channels}")
+        if any(c % heads for c, heads in attention):
+            raise ValueError("num_head_channels must divide the channels of each attention level, got "
+                             f"{self.num_head_channels} for channels {self.channels}")
         if any(c % self.norm_num_groups for c in self.channels):
             raise ValueError(f"every channel count must be divisible by norm_num_groups={self.norm_num_groups}")
         if self.patch_size % 2 ** (n - 1):
