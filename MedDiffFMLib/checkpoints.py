@@ -72,16 +72,18 @@ def save_model(state_dict: Dict[str, torch.Tensor], cfg: ModelConfig, path: Path
     reserved = sorted(set(info or {}) & set(RECORD_KEYS))
     if reserved:
         raise ValueError(f"the training record may not set {', '.join(reserved)}: save_model writes them")
+    def stored_as(dtype):
+        return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+                for k, v in state_dict.items()}
+
     dtype = torch.float16 if half else torch.float32
-    tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
-               for k, v in state_dict.items()}
+    tensors = stored_as(dtype)
     overflow = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
                 and bool(torch.isfinite(state_dict[k]).all())]
     if overflow:  # fp16 ends at 65504: such weights would load as inf
         log.warning("weights beyond the fp16 range (e.g. %s): %s is saved in fp32", overflow[0], weights.name)
         dtype = torch.float32
-        tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
-                   for k, v in state_dict.items()}
+        tensors = stored_as(dtype)
     config = cfg.to_dict()
     # Both files are complete before either replaces its predecessor, and the two replaces follow each other at
     # once (the description first): a kill can hardly leave a new description beside the old weights, and

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Dict, Tuple
 
@@ -55,6 +56,7 @@ class ModelConfig:
     train_spacings: Tuple[Tuple[float, float, float], ...] = ((1.0, 1.0, 1.0),)
 
     def __post_init__(self):
+        self._as_tuples()
         self._check_values()
         n = len(self.channels)
         if not (len(self.attention_levels) == len(self.num_head_channels) == n):
@@ -74,15 +76,26 @@ class ModelConfig:
         if missing:
             raise ValueError(f"no intensity window for regions {sorted(missing)}")
 
+    def _as_tuples(self) -> None:
+        """Lists (JSON's, or a caller's) become the tuples the fields declare; a value of the wrong kind is left
+        for `_check_values` to name."""
+        for key in ("channels", "attention_levels", "num_head_channels", "regions"):
+            if isinstance(getattr(self, key), list):
+                setattr(self, key, tuple(getattr(self, key)))
+        if isinstance(self.windows, dict):
+            self.windows = {k: tuple(v) if isinstance(v, list) else v for k, v in self.windows.items()}
+        if isinstance(self.train_spacings, (list, tuple)):
+            self.train_spacings = tuple(tuple(s) if isinstance(s, list) else s for s in self.train_spacings)
+
     def _check_values(self) -> None:
         """Types and ranges, so that a hand-edited or damaged description fails here with its field named instead of
         deep inside the network, and never asks for an absurd allocation. The bounds are far above any model the
         presets describe."""
         def whole(value, low, high):
-            return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool) and low <= value <= high
 
         def number(value):
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
         problems = []
         if not isinstance(self.name, str):
@@ -97,12 +110,12 @@ class ModelConfig:
             problems.append(f"num_head_channels {self.num_head_channels!r} are not whole numbers >= 0")
         if not whole(self.norm_num_groups, 1, MAX_CHANNELS):
             problems.append(f"norm_num_groups {self.norm_num_groups!r} is not a whole number >= 1")
-        if not whole(self.num_res_blocks, 1, 8):
-            problems.append(f"num_res_blocks {self.num_res_blocks!r} is not a whole number in 1..8")
+        if not whole(self.num_res_blocks, 1, 32):
+            problems.append(f"num_res_blocks {self.num_res_blocks!r} is not a whole number in 1..32")
         if not whole(self.pe_frequencies, 0, 32):
             problems.append(f"pe_frequencies {self.pe_frequencies!r} is not a whole number in 0..32")
         anatomy = self.anatomy if isinstance(self.anatomy, dict) else {}
-        if set(anatomy) != {"source", "encoding", "num_classes"} or not all(
+        if not {"source", "encoding", "num_classes"} <= set(anatomy) or not all(
                 isinstance(anatomy[k], str) for k in ("source", "encoding")) \
                 or not whole(anatomy["num_classes"], 1, MAX_ANATOMY_CLASSES):
             problems.append(f"anatomy {self.anatomy!r} is not {{source, encoding, num_classes in "
@@ -141,14 +154,6 @@ class ModelConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown model config keys {sorted(unknown)} (model made by a newer MedDiffFM?)")
-        # JSON lists back to tuples; a value of the wrong kind is left for __post_init__ to name.
-        for key in ("channels", "attention_levels", "num_head_channels", "regions"):
-            if isinstance(data.get(key), list):
-                data[key] = tuple(data[key])
-        if isinstance(data.get("windows"), dict):
-            data["windows"] = {k: tuple(v) if isinstance(v, list) else v for k, v in data["windows"].items()}
-        if isinstance(data.get("train_spacings"), list):
-            data["train_spacings"] = tuple(tuple(s) if isinstance(s, list) else s for s in data["train_spacings"])
         return cls(**data)
 
 

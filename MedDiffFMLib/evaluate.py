@@ -358,8 +358,9 @@ def evaluate_anomaly(cases: Sequence[AnomalyCase], max_fpr: float = 0.3) -> List
     """Pixel AUROC, best Dice (and its threshold), PRO up to `max_fpr` per case, and image-level AUROC
     over axial slices (slice score = its highest voxel score; a slice is a lesion slice when the mask
     touches it; NaN unless a case has both kinds). A last row pools all slices of all cases for the
-    image AUROC and averages the other metrics. A case's `searched` region limits every metric to its voxels
-    (slices without any are left out)."""
+    image AUROC and averages the other metrics. A case's `searched` region limits every metric to its voxels:
+    slices without any are left out, and a slice whose lesion lies wholly outside it counts as healthy (the
+    lesion voxels left out are logged). PRO's regions are whole lesions, clipped to the searched voxels."""
     rows, slice_scores, slice_labels = [], [], []
     for case in cases:
         scores, mask = np.asarray(case.scores, dtype=np.float64), np.asarray(case.mask) > 0
@@ -372,7 +373,7 @@ def evaluate_anomaly(cases: Sequence[AnomalyCase], max_fpr: float = 0.3) -> List
         if not mask.any():
             raise InputError(f"case {case.name}: the lesion mask is empty; anomaly metrics need a lesion.")
         searched = _searched_voxels(case, scores, mask)
-        mask = mask & searched
+        whole_lesions, mask = mask, mask & searched
         slices = len(scores)
         per_slice = np.where(searched, scores, -np.inf).reshape(slices, -1).max(axis=1)
         has_lesion = mask.reshape(slices, -1).any(axis=1)
@@ -385,7 +386,8 @@ def evaluate_anomaly(cases: Sequence[AnomalyCase], max_fpr: float = 0.3) -> List
             rows.append({"case": case.name, "pixel_auroc": metrics.pixel_auroc(scores[searched], mask[searched]),
                          "image_auroc": _auroc_if_defined(per_slice, has_lesion),
                          "best_dice": dice_value, "best_dice_threshold": threshold,
-                         "pro": metrics.pro_score(scores, mask, max_fpr, searched=searched),
+                         "pro": metrics.pro_score(np.where(searched, scores, 0.0), whole_lesions, max_fpr,
+                                                  searched=searched),
                          "lesion_slices": int(has_lesion.sum()), "healthy_slices": int((~has_lesion).sum())})
         except (InputError, ValueError) as exc:  # e.g. NaN scores, or a mask covering every voxel
             raise InputError(f"case {case.name}: {exc}") from None

@@ -180,11 +180,13 @@ def find_base(base: dict, name: str) -> Path:
         try:
             weights = resolve_model(candidate)
             found = read_model_info(weights)
-            # A ControlNet is never a base, also when its description names one as such (or itself).
-            if found["sha256"] == base["sha256"] and controlnet_task_in(found) is None:
-                return weights
         except CheckpointError:
             continue
+        if found["sha256"] == base["sha256"]:
+            if controlnet_task_in(found) is not None:  # never a base, also when a description names it (or itself)
+                raise CheckpointError(f"{name} names {weights.name} as its base model, but that is a ControlNet "
+                                      f"({controlnet_task_in(found)}); re-download or re-export the ControlNet")
+            return weights
     raise CheckpointError(
         f"{name} is a ControlNet for the base model {base['name']!r} (weights SHA-256 {base['sha256'][:12]}...), "
         "which is not installed (or was retrained since): install that base model, or fine-tune a new "

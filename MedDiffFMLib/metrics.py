@@ -186,13 +186,16 @@ def pro_score(scores: np.ndarray, labels: np.ndarray, max_fpr: float = 0.3,
     """
     scores, labels = _scores_and_labels(scores, labels, "pro_score")
     check_max_fpr(max_fpr)
+    regions, n_regions = ndimage.label(labels)
     if searched is not None:
+        # A region is a whole lesion (as in MVTec AUPRO), clipped to the searched voxels: a lesion the search
+        # region cuts in two stays one region, and one wholly outside it is not scored.
         _same_shape(scores, searched, "pro_score")
         searched = np.asarray(searched, dtype=bool)
-        labels = labels & searched
-    regions, n_regions = ndimage.label(labels)
-    if searched is not None:  # components are found in 3D first, then the voxels outside are dropped
-        scores, labels, regions = scores[searched], labels[searched], regions[searched]
+        scores, labels = scores[searched], labels[searched]
+        kept, regions = np.unique(regions[searched], return_inverse=True)
+        regions = regions.reshape(-1) + int(kept[0] != 0)  # renumbered 1.. with 0 for background
+        n_regions = int(np.count_nonzero(kept))
     n_neg = labels.size - int(labels.sum())
     if n_regions == 0 or n_neg == 0:
         raise InputError("pro_score: needs at least one lesion voxel and one healthy voxel.")

@@ -72,8 +72,9 @@ class TrainSettings:
     channels_last: bool = False
     compile: bool = False
     # Network arithmetic: "auto" is bf16 autocast on a GPU and fp32 on the CPU (CPUs without bf16 units run it
-    # slower than fp32); "fp32" or "bf16" forces it, e.g. to compare the two on the denoising table.
-    precision: str = "auto"
+    # slower than fp32); "fp32" or "bf16" forces it, e.g. to compare the two on the denoising table. None: the
+    # resumed run's own (a new run: auto).
+    precision: Optional[str] = None
     half_export: bool = True  # fp16 weights in the exported EMA model files
     # Free-form facts stored with the run (e.g. the fine-tuning task), not used by the loop itself.
     extra: Dict[str, object] = field(default_factory=dict)
@@ -95,7 +96,7 @@ class TrainSettings:
                             f"{self.low_noise_fraction} and {self.low_noise_max_t}")
         if self.correlated_noise_fraction is not None and not 0.0 <= self.correlated_noise_fraction <= 1.0:
             problems.append(f"the correlated-noise fraction must be in [0, 1], got {self.correlated_noise_fraction}")
-        if self.precision not in PRECISIONS:
+        if self.precision is not None and self.precision not in PRECISIONS:
             problems.append(f"the precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if problems:
             raise InputError("bad training settings: " + "; ".join(problems))
@@ -241,11 +242,13 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
         restored = _restore(out_dir, cfg, model, ema, optimizer, rank, settings)
         if restored is not None:
             start, wall_before, best, val, saved = restored
-    # Recorded as trained: the optimizer's rate, and the run's own noise texture share unless another is given.
-    correlated = settings.correlated_noise_fraction
+    # Recorded as trained: the optimizer's rate, and the run's own noise texture share and arithmetic unless others
+    # are given.
+    correlated, precision = settings.correlated_noise_fraction, settings.precision
     settings = replace(settings, lr=optimizer.param_groups[0]["lr"],
                        correlated_noise_fraction=saved.get("correlated_noise_fraction", 0.0) if correlated is None
-                       else correlated)
+                       else correlated,
+                       precision=saved.get("precision") or "auto" if precision is None else precision)
     if start and rank.main:
         # A kill between replacing an exported model's two files leaves them disagreeing. Both were written from
         # the state restored here (`ema-best` too: it is written only with the state whose EMA is the best).

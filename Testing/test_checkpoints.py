@@ -396,3 +396,10 @@ def test_registering_a_damaged_model_changes_nothing(tiny, tmp_path):
 def test_an_empty_model_name_is_refused_with_the_choices():
     with pytest.raises(CheckpointError, match="no model named; available: .*default"):
         resolve_model("")
+
+
+def test_head_counts_at_levels_without_attention_are_ignored_as_monai_does(tmp_path):
+    """Such configs (MONAI-style, one head count per level) loaded before the config checks: they still do."""
+    cfg = dataclasses.replace(preset("tiny"), num_head_channels=(8, 16, 16))
+    save_model(MedDiffNet(cfg).state_dict(), cfg, tmp_path / "m", {}, half=False)
+    assert load_model(tmp_path / "m")[1].num_head_channels == (8, 16, 16)

@@ -351,6 +351,9 @@ def test_anomaly_scores_only_the_searched_region(caplog):
     assert limited["pro"] == pytest.approx(metrics.pro_score(scores[box], mask[box]))
     assert limited["best_dice"] == pytest.approx(metrics.best_dice(scores[box], mask[box])[0])
     assert plain["pixel_auroc"] > limited["pixel_auroc"] + 0.005 and plain["pro"] > limited["pro"] + 0.01
+    unread = np.where(searched, scores, np.nan)  # what lies outside the region is never read
+    assert harness.evaluate_anomaly([harness.AnomalyCase("nan", unread, mask, searched=searched)])[0] == \
+        dict(limited, case="nan")
     with pytest.raises(InputError, match="no lesion voxel lies inside the search region"):
         harness.evaluate_anomaly([harness.AnomalyCase("apart", scores, mask, searched=~searched)])
     # Slices the region does not reach are left out of the slice-level AUROC.

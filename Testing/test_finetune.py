@@ -253,7 +253,7 @@ def test_a_controlnet_whose_recorded_base_is_a_controlnet_is_refused_clearly(tmp
                  {"name": "tiny-super-resolution",
                   "sha256": read_model_info(resolve_model("tiny-super-resolution"))["sha256"]}):
         sidecar.write_text(json.dumps(dict(info, base_model=base)))
-        with pytest.raises(CheckpointError, match="is a ControlNet for the base model .* which is not installed"):
+        with pytest.raises(CheckpointError, match="cn.safetensors names .* as its base model, but that is a ControlNet"):
             load_model(tmp_path / "cn.safetensors")
     sidecar.write_text(json.dumps(dict(info, base_model={"name": "tiny", "sha256": 5})))
     with pytest.raises(CheckpointError, match="lacks its base model"):

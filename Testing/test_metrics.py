@@ -94,3 +94,18 @@ def test_pro_hand_value():
     blobs = np.zeros((60, 60), bool)
     blobs[5:15, 5:15] = blobs[30:33, 40:50] = True
     assert metrics.pro_score(rng.random(blobs.shape), blobs, max_fpr=1.0) == pytest.approx(0.5, abs=0.05)
+
+
+def test_pro_counts_a_lesion_cut_by_the_search_region_as_one_region():
+    """A 10-voxel lesion whose 9th voxel lies outside the searched voxels stays one region of 9: with 8 of them
+    detected at no false positive, PRO(FPR) runs from 8/9 at 0 to 1 at 1 (as two regions it would start at 1/2)."""
+    labels = np.zeros((1, 1, 12), bool)
+    labels[0, 0, 1:11] = True
+    searched = np.ones_like(labels)
+    searched[0, 0, 9] = False
+    scores = np.zeros(labels.shape)
+    scores[0, 0, 1:9] = 1.0
+    at_limit = 8 / 9 + 0.3 * (1 / 9)
+    assert metrics.pro_score(scores, labels, 0.3, searched=searched) == pytest.approx((8 / 9 + at_limit) / 2)
+    with pytest.raises(InputError):  # the region must lie on the scores' grid
+        metrics.pro_score(scores, labels, 0.3, searched=searched[..., :6])

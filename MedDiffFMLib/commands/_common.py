@@ -285,9 +285,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--num-workers", type=non_negative_int, default=0, help="data-loading worker processes")
     parser.add_argument("--fp32-export", action="store_true", help="store exported EMA weights as fp32")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="network arithmetic while training (auto: bf16 autocast on a GPU, fp32 on the CPU; bf16 forces "
-                        "it, on the CPU too)")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="network arithmetic while training (auto: bf16 autocast on a GPU, fp32 on the CPU; bf16 "
+                        "forces it, on the CPU too; default: auto, or on --resume the run's own)")
     parser.add_argument("--progress", choices=PROGRESS_MODES, default="tqdm",
                         help=f"progress display; 'machine' prints '{PROGRESS_PREFIX} <step> <total>' lines, 'none' "
                         "keeps a background run's log to its messages")

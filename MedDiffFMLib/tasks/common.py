@@ -66,7 +66,7 @@ def task_device(model: torch.nn.Module, name: Union[str, torch.device] = "auto")
 def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[torch.dtype]:
     """Network precision: bf16 autocast on GPUs that support it (`auto`/`bf16`), else float32 (None)."""
     if precision not in PRECISIONS:
-        raise InputError(f"unknown precision {precision!r}; choose auto, fp32 or bf16")
+        raise InputError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
     if precision == "fp32" or device.type != "cuda":
         return None
     if not torch.cuda.is_bf16_supported():
