@@ -40,7 +40,9 @@ def validation_paths(data_root: Path):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="Any other option (--model, --methods, --nfe, --device, --crop, ...) "
+                                     "passes through to `python -m MedDiffFMLib evaluate denoise`; see its --help.")
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data" / "ct",
                         help="the shared CT data folder (holds MANIFEST.md)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "denoise_quality",
