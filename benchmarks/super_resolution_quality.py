@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", action="append", default=[], help="super-resolution model (repeat to compare)")
     parser.add_argument("--factor", type=int, default=5)
     parser.add_argument("--nfe", type=int, help="network evaluations (unset: the task's default)")
+    parser.add_argument("--lambda", dest="lam", type=float, help="DiffPIR prior weight (unset: the task's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cases", nargs="*", help="case names (default: all)")
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
         linear = interpolate_slices(torch.from_numpy(thick.array), args.factor, n_thin).numpy()
         rows = [("linear interpolation", scores(linear, thin.array), time.time() - started)]
         for name, model in models.items():
-            options = {} if args.nfe is None else {"nfe": args.nfe}
+            options = {key: value for key, value in (("nfe", args.nfe), ("lam", args.lam)) if value is not None}
             started = time.time()
             result = super_resolve(thick, model, factor=args.factor, region=region, seed=args.seed, **options)
             assert result.shape == thin.shape and np.allclose(result.origin, thin.origin, atol=1e-3)
