@@ -30,7 +30,10 @@ M="--model .gpu/model/ema.safetensors --device cuda --size 512 512 300 --precisi
 R="$M --noise-level 80 --compile --window-batch 512 --overlap 0.125"
 BENCH_SETS=${BENCH_SETS-"$R --nfe 2;$R --nfe 100;$R --nfe 3 --profile 45;$M --nfe 3 --estimate-noise --overlap 0.25 --window-batch 256"}
 # Half of the low-t noise CT-textured: what made `denoise` better than `default` (benchmarks/README.md, session 17).
-# Session 18's GPU fine-tunes lost on the chest; add --precision fp32 to one of two runs to test whether bf16 is why.
+# Session 18's GPU fine-tunes lost on the chest (benchmarks/README.md). To test whether bf16 is why: on one warm
+# machine, after the data uploads, two calls of about 4 minutes each with the same TRAIN_MODEL and SNAPSHOTS=1,
+# TRAIN_ARGS set to the default below plus "--precision fp32" in the first and "--precision bf16" in the second;
+# then score both EMAs and their snapshots with benchmarks/denoise_quality.py (lung1 is the case that fell).
 TRAIN_ARGS=${TRAIN_ARGS:---batch-size 32 --num-workers 14 --channels-last --low-noise-fraction 0.7 --low-noise-max-t 60 --correlated-noise 0.5}
 # What to train: `default` from the carried weights, or e.g. "--config .gpu/wide.json" for a new network from scratch.
 TRAIN_MODEL=${TRAIN_MODEL:---preset default --init-from .gpu/model/ema.safetensors}
