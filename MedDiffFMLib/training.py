@@ -45,6 +45,8 @@ VALIDATION_SEED = 1234
 
 #: Adam's learning rate of a new run (a resumed run keeps its checkpoint's unless another is given).
 DEFAULT_LR = 1e-4
+#: Settings that a resumed run keeps from its checkpoint unless given (None there), with a new run's value.
+RUN_OWN_SETTINGS = {"correlated_noise_fraction": 0.0, "precision": "auto"}
 
 
 @dataclass
@@ -242,13 +244,10 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
         restored = _restore(out_dir, cfg, model, ema, optimizer, rank, settings)
         if restored is not None:
             start, wall_before, best, val, saved = restored
-    # Recorded as trained: the optimizer's rate, and the run's own noise texture share and arithmetic unless others
-    # are given.
-    correlated, precision = settings.correlated_noise_fraction, settings.precision
-    settings = replace(settings, lr=optimizer.param_groups[0]["lr"],
-                       correlated_noise_fraction=saved.get("correlated_noise_fraction", 0.0) if correlated is None
-                       else correlated,
-                       precision=saved.get("precision") or "auto" if precision is None else precision)
+    # Recorded as trained: the optimizer's rate, and the run's own value of each setting not given.
+    own = {name: saved.get(name, new_run) if getattr(settings, name) is None else getattr(settings, name)
+           for name, new_run in RUN_OWN_SETTINGS.items()}
+    settings = replace(settings, lr=optimizer.param_groups[0]["lr"], **own)
     if start and rank.main:
         # A kill between replacing an exported model's two files leaves them disagreeing. Both were written from
         # the state restored here (`ema-best` too: it is written only with the state whose EMA is the best).
