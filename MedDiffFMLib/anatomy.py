@@ -218,11 +218,12 @@ def _totalsegmentator_weights() -> Path:
     return Path(os.environ.get("TOTALSEG_HOME_DIR", Path.home() / ".totalsegmentator")) / "nnunet" / "results"
 
 
-def totalsegmentator_problem(fast: bool = False) -> Optional[str]:
+def totalsegmentator_problem() -> Optional[str]:
     """None if TotalSegmentator and its `total` weights are installed, else what is missing and how to fix it."""
     results = _totalsegmentator_weights()
-    # Weight folders of the `total` task: one 3 mm model for --fast, five 1.5 mm part models otherwise.
-    patterns = ["Dataset297_*"] if fast else [f"Dataset{n}_*" for n in range(291, 296)]
+    # Weight folders of the `total` task: its five 1.5 mm part models (not the 3 mm --fast one, which the paper's
+    # anatomy is not).
+    patterns = [f"Dataset{n}_*" for n in range(291, 296)]
     missing = []
     if _totalsegmentator_command() is None:
         missing.append("the TotalSegmentator package (command 'TotalSegmentator' neither on PATH nor among this "
@@ -232,9 +233,8 @@ def totalsegmentator_problem(fast: bool = False) -> Optional[str]:
         missing.append(f"its weights for the 'total' task ({', '.join(absent)} in {results})")
     if not missing:
         return None
-    task = "total_fast" if fast else "total"
     return ("TotalSegmentator anatomy is unavailable: missing " + " and ".join(missing) + ". To install: "
-            f"pip install TotalSegmentator; on a machine with internet run 'totalseg_download_weights -t {task}', "
+            "pip install TotalSegmentator; on a machine with internet run 'totalseg_download_weights -t total', "
             "copy its ~/.totalsegmentator folder to this machine and set TOTALSEG_HOME_DIR to that folder.")
 
 
@@ -249,18 +249,16 @@ TEMPORARY_ROOT_ENV = "MEDDIFFFM_TEMPORARY_ROOT"
 STOP_GRACE_S = 10.0
 
 
-def totalsegmentator_anatomy(vol: Union[Volume, str, "os.PathLike[str]"], fast: bool = False,
-                             timeout_s: Optional[float] = None) -> np.ndarray:
+def totalsegmentator_anatomy(vol: Volume, timeout_s: Optional[float] = None) -> np.ndarray:
     """TotalSegmentator `total` labels 1..117 plus body (118) on the grid of `vol`, as uint8 (z, y, x).
 
     Runs the TotalSegmentator command in a subprocess, whose temporary files go into this call's temporary folder;
     raises ResourceError when the package or its weights are missing, when it fails or runs past `timeout_s`, and
     when its segmentation is not a `total` label map on the CT's grid. No organ found is a valid result (body only).
     """
-    problem = totalsegmentator_problem(fast)
+    problem = totalsegmentator_problem()
     if problem:
         raise ResourceError(problem)
-    vol = vol if isinstance(vol, Volume) else read_volume(vol)
     if not has_perpendicular_axes(vol):
         raise InputError(SHEARED_FOR_TOTALSEGMENTATOR)
     # A job may name where its temporary files go (the Slicer module: its job folder, removed even after a crash).
@@ -268,8 +266,6 @@ def totalsegmentator_anatomy(vol: Union[Volume, str, "os.PathLike[str]"], fast: 
         image_path, seg_path = Path(tmp) / "ct.nii.gz", Path(tmp) / "seg.nii.gz"
         write_volume(vol, image_path)
         command = [_totalsegmentator_command(), "-i", str(image_path), "-o", str(seg_path), "--ml"]
-        if fast:
-            command.append("--fast")
         log.info("running %s", " ".join(command))
         returncode, output = _run_to_end(command, tmp, timeout_s)
         if returncode != 0 or not seg_path.exists():

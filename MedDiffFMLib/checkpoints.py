@@ -13,7 +13,6 @@ cache folder ($MEDDIFFFM_HOME or ~/.cache/meddifffm).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .io import atomic_path
+from .io import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +40,6 @@ RECORD_KEYS = ("format", "config", "patch_size", "anatomy", "windows", "dtype", 
 def cache_dir() -> Path:
     """User folder for downloaded or user-trained models."""
     return Path(os.environ.get("MEDDIFFFM_HOME") or Path.home() / ".cache" / "meddifffm")
-
-
-def sha256_file(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _weights_and_sidecar(path: PathLike) -> Tuple[Path, Path]:

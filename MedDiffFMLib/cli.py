@@ -52,8 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP,
                            formatter_class=HelpFormatter)
         module.add_arguments(p)
+        _add_verbose(p)
         p.set_defaults(_run=module.run, _parser=p)
     return parser
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    """-v after the task name too (and after a benchmark's), where users put it. SUPPRESS keeps one given before
+    the task: a subcommand's own default would reset it."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action.choices.values():
+                _add_verbose(choice)
 
 
 def _option_names(parser: argparse.ArgumentParser) -> dict:
@@ -141,7 +152,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         log.debug("out of memory", exc_info=True)
         detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        hint = OUT_OF_MEMORY_HINTS.get(args.command, OUT_OF_MEMORY_HINTS["sampling"])
+        command = " ".join(filter(None, (args.command, getattr(args, "benchmark", None))))
+        hint = OUT_OF_MEMORY_HINTS.get(command, OUT_OF_MEMORY_HINTS["sampling"])
         print(f"error: out of memory ({detail}). Try {hint}, or close other programs", file=sys.stderr)
         return 2
     finally:
@@ -155,6 +167,8 @@ OUT_OF_MEMORY_HINTS = {
     "sampling": "a smaller window batch (--window-batch 1) or a CT cropped to the region of interest",
     "train": _TRAINING_HINT,
     "finetune": _TRAINING_HINT,
-    "evaluate": "fewer or smaller CTs (--crop, --slices)",
+    "evaluate denoise": "fewer or smaller CTs (--crop, --slices)",
+    "evaluate anomaly": "fewer or smaller score volumes (crops around the lesions)",
     "preprocess": "a CT cropped to the region of interest",
+    "info": "a CT cropped to the region of interest",
 }

@@ -34,7 +34,8 @@ def assemble(cfg: ModelConfig, anatomy: torch.Tensor, coords: torch.Tensor,
 
 
 class VolumeCondition:
-    """Condition channels for any window of a volume, built on demand (a full-volume stack would not fit).
+    """Condition channels for any window of a volume, built on demand: for a whole CT, a stack of every channel is
+    many times the CT's memory (the sampler keeps one only where it fits, e.g. on a large GPU).
 
     `shape_zyx` is the grid being sampled; it may be a sub-box (at `offset_zyx`) of a larger volume of
     `full_shape_zyx`, whose frame then defines the global coordinates (e.g. inpainting a bounding box).

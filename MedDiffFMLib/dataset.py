@@ -25,11 +25,11 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .anatomy import encode_anatomy, threshold_anatomy
+from .anatomy import AnatomySpec, encode_anatomy, get_anatomy
 from .conditioning import anatomy_spec, assemble
 from .config import ModelConfig
-from .errors import InputError
-from .io import VOLUME_SUFFIXES, Volume, atomic_path, is_dicom_file, read_mask, read_volume
+from .errors import InputError, ResourceError
+from .io import VOLUME_SUFFIXES, Volume, atomic_path, is_dicom_file, read_mask, read_volume, sha256_file
 from .orientation import AxisOrder
 from .patches import MODES, sample_patch
 from .preprocess import guess_region, resample, window_to_unit
@@ -38,8 +38,9 @@ from .validation import check_ct
 log = logging.getLogger(__name__)
 
 #: Bump when the preprocessing code changes in a way that makes old cache entries wrong.
-CACHE_VERSION = 4  # 2: resampling keeps the field of view; entries in patient axis order. 3, 4: DICOM series with
-# uneven slices or gantry tilt are read onto an orthogonal grid of even slices (io._even_slices)
+CACHE_VERSION = 5  # 2: resampling keeps the field of view; entries in patient axis order. 3, 4: DICOM series with
+# uneven slices or gantry tilt are read onto an orthogonal grid of even slices (io._even_slices). 5: anatomy from the
+# model's own source (`training_anatomy`; before, threshold labels for every model)
 #: Patch modes mixed at random (paper: image level, 2x region level, patch level).
 DEFAULT_MODE_WEIGHTS = {"whole": 0.2, "crop2x": 0.3, "crop": 0.5}
 #: A training grid may be at most this much finer than the native slice spacing (no invented slices).
@@ -133,6 +134,18 @@ def as_cases(files: Union[str, Path, Sequence[Union[str, Path, CTCase]]],
                 raise InputError(f"training input not found: {path}")
         cases.append(case)
     return cases
+
+
+def training_anatomy(vol: Volume, spec: AnatomySpec, name: str) -> np.ndarray:
+    """Anatomy labels of training CT `name` (`vol`: on its training grid) from the source the model is conditioned on,
+    which the tasks compute again at inference; never another source in its place."""
+    if spec.source == "user":
+        raise InputError(f"{name}: the model is conditioned on anatomy label maps from the user, and this CT has none; "
+                         "give every training CT its label map")
+    try:
+        return get_anatomy(vol, source=spec.source)[0]
+    except ResourceError as exc:
+        raise ResourceError(f"{name}: the model is conditioned on {spec.source} anatomy. {exc}") from None
 
 
 def case_spacings(native_zyx: Sequence[float], train_spacings: Sequence[Sequence[float]]) -> List[Tuple[float, ...]]:
@@ -284,7 +297,7 @@ class CTPatchDataset(torch.utils.data.Dataset):
             labels = resample(mask, tuple(reversed(grid_zyx)), is_mask=True).array
             encode_anatomy(labels, self.spec)  # refuses labels outside the model's classes
         else:
-            labels = threshold_anatomy(resampled)
+            labels = training_anatomy(resampled, self.spec, case.path)
         # float16 keeps [-1, 1] to ~5e-4 (under 1 HU for every window) at half the disk and memory.
         image = window_to_unit(resampled.array, self.cfg.windows[region]).astype(np.float16)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -330,13 +343,11 @@ ENTRY_ARRAYS = {"image.npy", "labels.npy", "spacing_zyx.npy", "params.npy"}
 
 def _content_hash(path: Path) -> str:
     """sha256 of a file, or of a DICOM folder's files (names and contents, sorted)."""
+    if not path.is_dir():
+        return sha256_file(path)
     h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        h.update(f.name.encode())
-        with open(f, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                h.update(block)
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.name}:{sha256_file(f)}\n".encode())
     return h.hexdigest()
 
 

@@ -184,7 +184,7 @@ def meddifffm_method(model: str, nfe: Optional[int] = None, seed: int = 0, devic
     except ImportError as exc:
         raise ResourceError(f"MedDiffFM denoising is not available ({exc}).") from None
     torch_device = common.choose_device(device)
-    network = common.load_model(model, torch_device)
+    network = common.load_task_model(model, torch_device)
 
     def run(vol: Volume, sigma_hu: Optional[float]) -> Volume:
         return denoise(vol, network, nfe=nfe, noise_level=sigma_hu, seed=seed,

@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from . import checkpoints
-from .anatomy import encode_anatomy, threshold_anatomy
+from .anatomy import encode_anatomy
 from .checkpoints import (available_models, check_architecture, controlnet_task_in, load_model, load_training_state,
                           read_model_info, resolve_model, save_model)
 from .conditioning import VolumeCondition, anatomy_spec, assemble, condition_channels
 from .config import ModelConfig
-from .dataset import case_spacings, split_cases
+from .dataset import case_spacings, split_cases, training_anatomy
 from .errors import CheckpointError, InputError
 from .io import read_mask, read_volume
 from .network import MedDiffNet, check_loaded, unet_kwargs
@@ -288,7 +288,7 @@ class LesionPatches(torch.utils.data.Dataset):
         centres = np.argwhere(lesion)
         centres = centres[::max(1, len(centres) // MAX_LESION_CENTRES)]  # an even subset bounds the memory
         return {"image": window_to_unit(image.array, self.cfg.windows[region]).astype(np.float16),
-                "labels": threshold_anatomy(image), "lesion": lesion, "centres": centres,
+                "labels": training_anatomy(image, anatomy_spec(self.cfg), ct_path), "lesion": lesion, "centres": centres,
                 "spacing_zyx": grid_zyx, "region": self.cfg.region_index(region)}
 
     def __getitem__(self, index: int) -> dict:

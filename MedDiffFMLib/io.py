@@ -6,9 +6,12 @@ in mm (LPS) and `direction` is the row-major 3x3 matrix as 9 floats, exactly as 
 from __future__ import annotations
 
 import contextlib
+import glob
 import gzip
+import hashlib
 import logging
 import os
+import time
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -31,6 +34,10 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: Endings `write_volume` writes: single files only. A .nhdr/.mhd header names a separate data file, which
 #: the write-to-a-temporary-name-then-rename of `atomic_path` cannot move along with it.
 OUTPUT_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
+
+#: A temporary file of `atomic_path` untouched for this long was left by a writer that was killed (SIGKILL, a power
+#: cut), which no clean-up code outlives; the next write of the same file removes it. Writes take seconds to minutes.
+STALE_TEMPORARY_S = 3600.0
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -339,6 +346,7 @@ def atomic_path(final: PathLike) -> Iterator[Path]:
     suffix = name[-7:] if name.lower().endswith(".nii.gz") else final.suffix
     # At most 64 bytes of the name: the name itself may use all 255 bytes a file system allows.
     stem = name[:len(name) - len(suffix)].replace(".", "_").encode()[:64].decode("utf-8", "ignore")
+    _remove_stale_temporaries(final.parent, f"-{stem}{suffix.lower()}")
     tmp = final.parent / f".tmp-{uuid.uuid4().hex[:8]}-{stem}{suffix.lower()}"
     try:
         yield tmp
@@ -346,6 +354,27 @@ def atomic_path(final: PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def sha256_file(path: PathLike) -> str:
+    """SHA-256 (hex) of a file's contents, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _remove_stale_temporaries(folder: Path, ending: str) -> None:
+    """Remove `atomic_path`'s temporary files for the same file name (`ending`) untouched for STALE_TEMPORARY_S."""
+    cutoff = time.time() - STALE_TEMPORARY_S
+    for path in folder.glob(".tmp-" + "[0-9a-f]" * 8 + glob.escape(ending)):
+        try:
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                log.info("removed %s, left by an earlier write that was killed", path)
+        except OSError:  # removed meanwhile by another writer, or not ours to remove: leave it
+            pass
 
 
 def _read_file(path: Path) -> Tuple[sitk.Image, Optional[np.ndarray]]:
@@ -579,8 +608,8 @@ def _read_dicom_folder(folder: Path, series_id: Optional[str]) -> sitk.Image:
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         image = reader.Execute()
-    except RuntimeError as exc:
-        image = _read_dicom_with_pydicom(files, exc)
+    except RuntimeError:
+        image = _read_dicom_with_pydicom(files)
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(show_itk_warnings)
     return _even_slices(folder, files, image)
@@ -774,17 +803,13 @@ def _finest_repeated_gap(gaps: np.ndarray) -> float:
     return float(np.median(gaps))
 
 
-def _read_dicom_with_pydicom(files: Sequence[str], sitk_error: Exception) -> sitk.Image:
+def _read_dicom_with_pydicom(files: Sequence[str]) -> sitk.Image:
     """Fallback decoder for compressed transfer syntaxes (e.g. JPEG 2000) SimpleITK's GDCM cannot decode.
 
     Geometry comes from SimpleITK's header reading; pixels from pydicom with pylibjpeg plugins.
     """
-    try:
-        import pydicom
-    except ImportError:
-        pydicom = None
-    if pydicom is None:
-        raise InputError(_decoder_message(files[0], sitk_error)) from None
+    import pydicom
+
     slices = []
     for name in files:
         ds = pydicom.dcmread(name)

@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from .errors import InputError
 
+#: The paper's denoising window: its PSNR/SSIM are computed in it, and it is the window of soft tissue.
 DENOISING_WINDOW_HU = (-160.0, 240.0)
 
 _SSIM_SIGMA = 1.5

@@ -102,9 +102,9 @@ def _resample_onto(vol: Volume, reference: sitk.Image, is_mask: bool) -> Volume:
 
 #: guess_region works on this isotropic spacing (mm): fast, and fine enough for whole-body features.
 REGION_GUESS_SPACING = 3.0
-#: Fraction of the body that is air/lung (threshold anatomy) above which a scan is called chest.
 #: Lung parenchyma (smoothed at 3 mm): above the air outside the body (~-1000 HU), below fat.
 LUNG_PARENCHYMA_HU = (-950.0, -600.0)
+#: Fraction of the body that is air/lung (threshold anatomy) above which a scan is called chest.
 CHEST_LUNG_FRACTION = 0.2
 #: Fraction of axial slices whose bone encloses most of the body (a skull) for head_neck.
 HEAD_SKULL_SLICE_FRACTION = 0.3

@@ -16,10 +16,9 @@ Borders: along each axis the last window is placed flush with the end, so every 
 shorter than the window is extended on both sides by mirror tiling, so the real voxels sit in the middle of
 the window (the reliable part), and cropped back afterwards; the condition channels are extended the same way.
 
-Hooks for tasks built on top (DiffPIR denoising, RePaint inpainting, ...):
-- `x0_transform(x0, t, t_prev) -> x0`: applied to the clamped x0 estimate before the update (data step);
-- `after_step(x_prev, t_prev, generator) -> x_prev`: applied after the update (e.g. paste the known
-  region noised to level t_prev), with the sampler's own seeded generator.
+Tasks built on top: DiffPIR denoising and super-resolution pass `x0_transform(x0, t, t_prev) -> x0` to `run`,
+applied to the clamped x0 estimate before the update (their data step). RePaint inpainting, whose path goes back
+to noisier steps, runs its own loop over `predict_x0`.
 
 Skipping windows: a task that will use the result only on some voxels (denoising keeps the input outside
 its HU window: air, lungs, bone) can evaluate `active_windows(needed)` alone. On a real 512 x 512 CT, a quarter
@@ -306,16 +305,14 @@ class SlidingWindowSampler:
 
     def run(self, x_init: Optional[torch.Tensor], steps: Sequence[int], seed: int,
             x0_transform: Optional[Callable[[torch.Tensor, int, int], torch.Tensor]] = None,
-            after_step: Optional[Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]] = None,
             eta: float = 1.0, zeta: Optional[float] = None, progress: Progress = None,
             windows: Optional[Sequence[int]] = None, fallback: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Reverse diffusion from `x_init` (1, 1, *shape) at steps[0] down through `steps` to a clean image.
 
         `x_init` None: pure noise, for sampling from the last timestep. Each step: eps (window-averaged) -> x0
         (clamped) -> `x0_transform` -> update to the next step (`diffusion.reverse_step` with `eta`, or
-        `diffusion.diffpir_step` when `zeta` is given) -> `after_step`. All noise (the start, each step's fresh
-        noise where eta or zeta > 0, and what `after_step` draws) comes from one CPU torch.Generator seeded with
-        `seed`, so results do not depend on the device's random number generator. `windows`, `fallback`: evaluate
+        `diffusion.diffpir_step` when `zeta` is given). All noise (the start, and each step's fresh noise where eta
+        or zeta > 0) comes from one CPU torch.Generator seeded with `seed`, so results do not depend on the device's random number generator. `windows`, `fallback`: evaluate
         only these windows (see `predict_x0`). Returns x0 as float32 on the sampler's device.
         """
         steps = [int(s) for s in steps]
@@ -341,8 +338,6 @@ class SlidingWindowSampler:
                 x = diffusion.reverse_step(self.schedule, x, t, t_prev, x0, eta=eta, noise=noise)
             else:
                 x = diffusion.diffpir_step(self.schedule, x, t, t_prev, x0, zeta, noise)
-            if after_step is not None:
-                x = after_step(x, t_prev, generator)
             if progress is not None:
                 progress(i + 1, total)
         return x

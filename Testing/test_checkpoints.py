@@ -193,7 +193,7 @@ def test_registry_resolves_the_shipped_tiny_model(monkeypatch, tmp_path):
 
 
 def test_tasks_warn_when_they_run_a_test_model(caplog):
-    from MedDiffFMLib.tasks.common import load_model as load_for_task
+    from MedDiffFMLib.tasks.common import load_task_model as load_for_task
 
     assert {m["name"] for m in checkpoints.registry() if m.get("test_only")} == {
         "tiny", "tiny-lesion", "tiny-super-resolution"}

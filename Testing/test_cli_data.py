@@ -370,14 +370,48 @@ def test_synthesize_reads_anatomy_on_its_reference_as_every_task_does(tmp_path, 
     shifted = Volume(labels.array, labels.spacing, tuple(o + 2.0 for o in labels.origin), labels.direction)
     write_volume(shifted, tmp_path / "shifted.nii.gz")
     calls = []
-    monkeypatch.setattr(_common, "load_model", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(_common, "model_from_args", lambda *a, **k: calls.append(1))
     assert main(["synthesize", "--reference", str(LIMB_NII), "--anatomy", str(tmp_path / "shifted.nii.gz"),
                  "--model", "tiny", "-o", str(tmp_path / "out.nii.gz")]) == 2
     assert "anatomy label map shifted.nii.gz is not on the grid of the image" in capsys.readouterr().err
     assert calls == []
     block = labels.crop((slice(0, labels.shape[0]), slice(10, 150), slice(10, 150)))
     write_volume(block, tmp_path / "block.nii.gz")
-    monkeypatch.setattr(_common, "load_model", lambda *a, **k: (_ for _ in ()).throw(SystemExit(7)))
+    monkeypatch.setattr(_common, "model_from_args", lambda *a, **k: (_ for _ in ()).throw(SystemExit(7)))
     with pytest.raises(SystemExit, match="7"):  # got as far as loading the model: the block was accepted
         main(["synthesize", "--reference", str(LIMB_NII), "--anatomy", str(tmp_path / "block.nii.gz"),
               "--model", "tiny", "-o", str(tmp_path / "out.nii.gz")])
+
+
+def test_verbose_is_taken_before_or_after_the_task_name():
+    from MedDiffFMLib.cli import build_parser
+
+    parser = build_parser()
+    for argv, verbose in ((["-v", "info", "ct.nii.gz"], True), (["info", "ct.nii.gz", "-v"], True),
+                          (["denoise", "ct.nii.gz", "-o", "x.nii.gz", "--verbose"], True),
+                          (["info", "ct.nii.gz"], False)):
+        assert parser.parse_args(argv).verbose is verbose, argv
+
+
+def test_every_out_of_memory_hint_names_options_of_its_own_command():
+    """The hint after 'out of memory' must be something the user can type into that very command."""
+    import argparse
+
+    from MedDiffFMLib.cli import OUT_OF_MEMORY_HINTS, build_parser
+
+    def commands(parser, prefix=()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, choice in action.choices.items():
+                    yield from commands(choice, prefix + (name,))
+                return
+        yield " ".join(prefix), parser
+
+    checked = set()
+    for command, parser in commands(build_parser()):
+        key = command if command in OUT_OF_MEMORY_HINTS else "sampling"
+        checked.add(key)
+        options = {option for action in parser._actions for option in action.option_strings}
+        for option in re.findall(r"--[a-z][a-z-]*", OUT_OF_MEMORY_HINTS[key]):
+            assert option in options, f"{command}: its out-of-memory hint names {option}, which it does not have"
+    assert checked == set(OUT_OF_MEMORY_HINTS)  # no hint for a command that does not exist

@@ -142,6 +142,39 @@ def test_user_masks_replace_threshold_anatomy(cfg, tmp_path):
     assert data[0]["cond"].shape[0] == condition_channels(user)
 
 
+def test_training_anatomy_comes_from_the_models_own_source(cfg, tmp_path, monkeypatch):
+    """A model conditioned on TotalSegmentator or user anatomy must not be trained on threshold classes: inference
+    computes its own source again, and the two conditions would differ."""
+    import MedDiffFMLib.anatomy as anatomy
+    from MedDiffFMLib.errors import ResourceError
+    from MedDiffFMLib.finetune import LesionPatches
+
+    one_grid = dict(train_spacings=((3.0, 3.0, 3.0),))
+    totalseg = dataclasses.replace(cfg, anatomy={"source": "totalsegmentator", "encoding": "binary",
+                                                 "num_classes": 118}, **one_grid)
+    case = CTCase(str(LIMB_NII), region="other")
+    monkeypatch.setattr(anatomy, "totalsegmentator_problem", lambda: "TotalSegmentator is not installed.")
+    with pytest.raises(ResourceError, match=r"CT_image.nii.gz: the model is conditioned on totalsegmentator anatomy\. "
+                                            "TotalSegmentator is not installed"):
+        CTPatchDataset([case], totalseg, tmp_path / "a")
+    with pytest.raises(ResourceError, match="conditioned on totalsegmentator anatomy"):
+        LesionPatches([(str(LIMB_NII), str(LIMB_MASK_NII), "other")], totalseg)
+
+    def fake_totalsegmentator(vol):  # a known answer: labels 1..3 from the HU, 0 outside
+        return np.digitize(vol.array, [-500, 0, 100]).astype(np.uint8)
+
+    monkeypatch.setattr(anatomy, "totalsegmentator_anatomy", fake_totalsegmentator)
+    data = CTPatchDataset([case], totalseg, tmp_path / "b")
+    order = AxisOrder.of(read_volume(LIMB_NII).direction)
+    expected = fake_totalsegmentator(resample(order.volume(read_volume(LIMB_NII)), (3.0, 3.0, 3.0)))
+    np.testing.assert_array_equal(data._load(data.entries[0][0])["labels"], expected)
+
+    user = dataclasses.replace(cfg, anatomy={"source": "user", "encoding": "onehot", "num_classes": 1}, **one_grid)
+    with pytest.raises(InputError, match="CT_image.nii.gz: the model is conditioned on anatomy label maps from the "
+                                         "user, and this CT has none"):
+        CTPatchDataset([case], user, tmp_path / "c")
+
+
 def test_distributed_sampler_ranks_draw_different_patches(data):
     """Items are a function of the index alone, so disjoint sampler indices are all a rank needs."""
     from torch.utils.data import DistributedSampler

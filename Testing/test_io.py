@@ -1,8 +1,10 @@
 """CT and mask I/O on the real cases: geometry round trips, DICOM series choice, atomic safe writing."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -425,6 +427,23 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
             tmp.write_bytes(b"partial")
             raise RuntimeError("simulated crash")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
+    """SIGKILL skips every clean-up: the next write of the same file removes what such a writer left, and only that."""
+    vol = read_volume(ABDOMEN_SMALL_NII)
+    stale, running = tmp_path / ".tmp-0123abcd-result.nii.gz", tmp_path / ".tmp-4567ef01-result.nii.gz"
+    others = [tmp_path / ".tmp-89abcdef-other.nii.gz", tmp_path / ".tmp-0123abcd-ab-result.nii.gz",
+              tmp_path / ".tmp-0123abcd-result.nrrd"]
+    for path in [stale, running] + others:
+        path.write_bytes(b"partial")
+    hours_ago = time.time() - 2 * 3600
+    for path in [stale] + others:
+        os.utime(path, (hours_ago, hours_ago))
+    write_volume(vol, tmp_path / "result.nii.gz")
+    assert not stale.exists()
+    assert running.exists() and all(path.exists() for path in others)  # another file's, or a write in progress
+    assert_same_volume(read_volume(tmp_path / "result.nii.gz"), vol)
 
 
 def test_volume_helpers_keep_geometry():

@@ -71,7 +71,7 @@ def test_threshold_anatomy_does_not_depend_on_storage_order():
 def test_denoise_runs_in_patient_axes_and_returns_the_callers_grid():
     """The bundled abdomen example is stored with x and y reversed (as NIfTI from RAS tools often is). Denoising
     it, its LPS copy or a sagittal-first copy gives one result, each on its input's own grid."""
-    model = common.load_model("tiny", "cpu")
+    model = common.load_task_model("tiny", "cpu")
     ct = Volume.from_sitk(sitk.RegionOfInterest(read_volume(ABDOMEN_SMALL_NII).to_sitk(), (32, 32, 20), (45, 0, 5)))
     assert not AxisOrder.of(ct.direction).identity
     lps = Volume.from_sitk(sitk.DICOMOrient(ct.to_sitk(), "LPS"))
@@ -113,7 +113,7 @@ def test_preview_shows_patient_views_however_the_ct_is_stored(tmp_path):
 def test_masks_and_label_arrays_follow_the_ct_and_bad_grids_are_described_in_the_callers_frame():
     """Keyword arguments, a mask on the CT's grid, anatomy labels as a plain array: all reordered with the CT. A mask
     whose only fault is its origin is refused as such, not with the sizes of the reordered CT."""
-    model = common.load_model("tiny", "cpu")
+    model = common.load_task_model("tiny", "cpu")
     lps = Volume.from_sitk(sitk.RegionOfInterest(read_volume(ABDOMEN_SMALL_NII).to_sitk(), (32, 32, 20), (45, 0, 5)))
     lps = Volume.from_sitk(sitk.DICOMOrient(lps.to_sitk(), "LPS"))
     sagittal = stored_as(lps, (2, 0, 1), (False, True, False))

@@ -285,11 +285,21 @@ def test_training_out_of_memory_gets_a_training_hint(files, tmp_path, monkeypatc
     assert "--window-batch" not in err
 
 
+def test_a_benchmark_out_of_memory_gets_its_own_hint(chest_nodule_crop, tmp_path, monkeypatch, capsys):
+    image, nodule = chest_nodule_crop
+    write_volume(image, tmp_path / "scores.nii.gz")
+    write_volume(nodule, tmp_path / "lesion.nii.gz")
+    monkeypatch.setattr("MedDiffFMLib.evaluate.evaluate_anomaly", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
+    code, err = run_cli(["evaluate", "anomaly", "--scores", str(tmp_path / "scores.nii.gz"), "--masks",
+                         str(tmp_path / "lesion.nii.gz"), "--out", str(tmp_path / "report")], capsys)
+    assert code == 2 and "out of memory (MemoryError). Try fewer or smaller score volumes" in err, err
+
+
 def test_python_callers_get_clear_errors_for_arrays_and_devices(chest_nodule_crop):
     import torch
 
     image, nodule = chest_nodule_crop
-    model = common.load_model("tiny", torch.device("cpu"))
+    model = common.load_task_model("tiny", torch.device("cpu"))
     with pytest.raises(InputError, match="the image must be a MedDiffFMLib.io.Volume, got ndarray"):
         denoise(image.array, model)
     with pytest.raises(InputError, match="the image must be a MedDiffFMLib.io.Volume, got Image"):
@@ -306,16 +316,25 @@ def test_python_callers_get_clear_errors_for_arrays_and_devices(chest_nodule_cro
         with pytest.raises(InputError, match="seed must be a whole number"):
             detect_anomalies(image, model, seed=seed)
         with pytest.raises(InputError, match="seed must be a whole number"):
-            generate_lesion(image, nodule, common.load_model("tiny-lesion", torch.device("cpu")), seed=seed)
+            generate_lesion(image, nodule, common.load_task_model("tiny-lesion", torch.device("cpu")), seed=seed)
     for seed in (-1, 2 ** 64 - 1):  # torch would take both, as the same seed
         with pytest.raises(InputError, match=r"seed must be in 0\.\.9223372036854775807"):
             denoise(image, model, seed=seed)
     assert common.choose_device(torch.device("cpu")) == torch.device("cpu")
     auto = denoise(image, model, device="auto", nfe=1, noise_level=20.0)  # "auto": where the model is
     assert auto.denoised.same_grid(image)
-    elsewhere = common.load_model("tiny", torch.device("cpu")).to("meta")  # a model on another device
+    elsewhere = common.load_task_model("tiny", torch.device("cpu")).to("meta")  # a model on another device
     with pytest.raises(InputError, match="the model is on meta but the task was asked to run on cpu"):
         denoise(image, elsewhere, device="cpu")
+    import inspect
+
+    from MedDiffFMLib.tasks.inpaint import inpaint
+    from MedDiffFMLib.tasks.super_resolution import super_resolve
+    from MedDiffFMLib.tasks.synthesis import synthesize
+
+    for task in (denoise, detect_anomalies, generate_lesion, inpaint, super_resolve, synthesize):
+        # Unless told otherwise a task runs where its model is: a model loaded on a GPU must not be refused.
+        assert inspect.signature(task).parameters["device"].default == "auto", task.__name__
 
 
 # --- models ----------------------------------------------------------------------------------------------
@@ -408,7 +427,7 @@ def no_model_loading(monkeypatch):
     """Output checks must come before the (slow) model load: loading fails the test."""
     def refuse(args):
         raise AssertionError("the model was loaded before the output path was checked")
-    monkeypatch.setattr(_common, "load_model", refuse)
+    monkeypatch.setattr(_common, "model_from_args", refuse)
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -611,7 +630,7 @@ def test_a_sheared_grid_is_not_written_as_nifti(files, tmp_path, monkeypatch, ca
     # Through the CLI it is refused before the job, not after it.
     args = task_arguments("denoise", tmp_path / "out.nrrd", None, tmp_path / "denoised.nii.gz")
     calls = []
-    monkeypatch.setattr(_common, "load_model", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(_common, "model_from_args", lambda *a, **k: calls.append(1))
     code, err = run_cli(args, capsys)
     assert code == 2 and "axes are not perpendicular" in err and calls == []
     # ... also where an anatomy label map alone gives synthesis its grid.

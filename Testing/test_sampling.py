@@ -205,21 +205,15 @@ def test_progress_and_cancel(prior):
         sampler.run(torch.zeros((1, 1) + SHAPE), sample_steps, seed=0, progress=cancel)
 
 
-def test_hooks_are_called_with_steps_and_generator(prior):
+def test_the_data_step_hook_is_called_with_each_step(prior):
     sampler = make_sampler(prior, 16)
     calls = []
 
     def x0_transform(x0, t, t_prev):
-        calls.append(("x0", t, t_prev))
+        calls.append((t, t_prev))
         return torch.zeros_like(x0)
-
-    def after_step(x, t_prev, generator):
-        calls.append(("after", t_prev, isinstance(generator, torch.Generator)))
-        return x
-    out = sampler.run(torch.randn((1, 1) + SHAPE), [20, 10, 0], seed=0, x0_transform=x0_transform,
-                      after_step=after_step)
-    assert calls == [("x0", 20, 10), ("after", 10, True), ("x0", 10, 0), ("after", 0, True),
-                     ("x0", 0, -1), ("after", -1, True)]
+    out = sampler.run(torch.randn((1, 1) + SHAPE), [20, 10, 0], seed=0, x0_transform=x0_transform)
+    assert calls == [(20, 10), (10, 0), (0, -1)]
     assert torch.equal(out, torch.zeros_like(out))  # the last update returns the transformed x0
 
 

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(1)
         device = common.choose_device(args.device)
-        network = common.load_model(args.model, device)
+        network = common.load_task_model(args.model, device)
         # The crop is the region searched (a body mask is ill-defined in a crop through the lung), and the
         # body region is known for these cases (crops are too small to guess it from).
         detectors["MedDiffFM"] = lambda image, case_id: detect_anomalies(

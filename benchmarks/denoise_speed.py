@@ -125,7 +125,7 @@ def run_one(args, nfe: int, window_batch: int, precision: str, memory_format: st
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = common.choose_device(args.device)
     if args.model:
-        model = common.load_model(args.model, device)
+        model = common.load_task_model(args.model, device)
     else:
         from MedDiffFMLib.config import preset
         from MedDiffFMLib.network import MedDiffNet

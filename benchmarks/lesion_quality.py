@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from MedDiffFMLib.errors import InputError  # noqa: E402
 from MedDiffFMLib.finetune import check_task  # noqa: E402
 from MedDiffFMLib.io import read_mask, read_volume  # noqa: E402
-from MedDiffFMLib.tasks.common import load_model  # noqa: E402
+from MedDiffFMLib.tasks.common import load_task_model  # noqa: E402
 from MedDiffFMLib.tasks.inpaint import inpaint  # noqa: E402
 from MedDiffFMLib.tasks.lesion import generate_lesion  # noqa: E402
 
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(message)s")  # test-model warnings are known
     torch.set_num_threads(args.threads)
-    models = {name: load_model(name, torch.device("cpu")) for name in args.model}
+    models = {name: load_task_model(name, torch.device("cpu")) for name in args.model}
     if args.task == "generate-lesion":
         for name, model in models.items():
             try:

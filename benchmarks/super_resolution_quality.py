@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from MedDiffFMLib.io import Volume, read_volume  # noqa: E402
 from MedDiffFMLib.metrics import hu_window_metrics  # noqa: E402
-from MedDiffFMLib.tasks.common import load_model  # noqa: E402
+from MedDiffFMLib.tasks.common import load_task_model  # noqa: E402
 from MedDiffFMLib.tasks.super_resolution import (average_slices, interpolate_slices, super_resolve,  # noqa: E402
                                                  thin_geometry)
 
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
-    models = {name: load_model(name, torch.device("cpu")) for name in args.model}
+    models = {name: load_task_model(name, torch.device("cpu")) for name in args.model}
 
     header = " | ".join(f"PSNR / SSIM {w}" for w in WINDOWS)
     print(f"| case | method | {header} | time (s) |\n|---|---|" + "---|" * (len(WINDOWS) + 1))

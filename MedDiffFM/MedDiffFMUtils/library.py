@@ -45,9 +45,8 @@ def availableModels():
         return []
     with open(path, encoding="utf-8") as file:
         data = json.load(file)
-    entries = data.get("models", data) if isinstance(data, dict) else data
-    if isinstance(entries, dict):  # {"name": {...}} form
-        entries = [dict(entry, name=name) for name, entry in entries.items()]
+    # The layout MedDiffFMLib.checkpoints.registry reads (Resources/Models.schema.json): {"models": [{...}, ...]}.
+    entries = data.get("models", []) if isinstance(data, dict) else []
     resources = os.path.dirname(path)
     return [(entry["name"], entry.get("description", ""), _modelKind(resources, entry.get("file")))
             for entry in entries if "name" in entry]

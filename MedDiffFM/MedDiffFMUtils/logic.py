@@ -439,7 +439,7 @@ class MedDiffFMTasks:
         # TotalSegmentator's copies of the CT go into the job's folder, which is removed after the job, also after a
         # cancel or a crash of Slicer. (Only those: the system temporary folder keeps caches that outlive a job,
         # such as torch.compile's.)
-        env["MEDDIFFFM_TEMPORARY_ROOT"] = workDir
+        env["MEDDIFFFM_TEMPORARY_ROOT"] = workDir  # MedDiffFMLib.anatomy.TEMPORARY_ROOT_ENV (importing it loads torch)
         return env
 
     @staticmethod

@@ -137,11 +137,11 @@ def region_option(args: argparse.Namespace) -> Optional[str]:
     return None if args.region == "auto" else args.region
 
 
-def load_model(args: argparse.Namespace):
+def model_from_args(args: argparse.Namespace):
     """The model of --model on the device of --device (after applying --threads)."""
     import torch
 
-    from ..tasks.common import choose_device, load_model as load
+    from ..tasks.common import choose_device, load_task_model as load
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -270,7 +270,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         default=Path(os.environ.get("MEDDIFFFM_CT_DATA", DEFAULT_DATA_ROOT)),
                         help="folder of the shared CT data (for the split names)")
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, EMA model)")
-    parser.add_argument("--cache-dir", type=Path, help="preprocessed-volume cache (default: <out>/../cache)")
+    parser.add_argument("--cache-dir", type=Path, help="preprocessed-volume cache (default: <out>/../cache); finetune --task lesion keeps its "
+                        "few cases in memory and uses none")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last.json if present")
     parser.add_argument("--steps", type=positive_int, default=1000,
                         help="total optimizer steps (including resumed ones)")

@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..tasks.denoise import DEFAULT_LAMBDA, DEFAULT_SEEDS_ZETA, DEFAULT_ZETA, MIN_NFE, STEP_SPACING
+    from ..tasks.denoise import (DEFAULT_LAMBDA, DEFAULT_SEEDS_ZETA, DEFAULT_ZETA, MIN_NFE, SOFT_TISSUE_WINDOW_HU,
+                                 STEP_SPACING)
 
     parser.add_argument("input", type=Path, help="CT: NIfTI/NRRD/MHA file or DICOM series folder")
     parser.add_argument("-o", "--output", type=Path, required=True, help="denoised CT (.nii.gz, .nrrd, ...)")
@@ -31,9 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise-level", type=float, help="noise std in HU (default: estimated from the image)")
     parser.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"),
                         help="HU window mapped to [-1, 1] (default: the model's window for the region, its lower "
-                        "edge moved down by one noise std to make room for noisy fat; the paper used -160 240)")
+                        "edge moved down by one noise std to make room for noisy fat; the paper used "
+                        f"{SOFT_TISSUE_WINDOW_HU[0]:g} {SOFT_TISSUE_WINDOW_HU[1]:g})")
     parser.add_argument("--soft-tissue-pass", choices=("auto", "on", "off"), default="auto",
-                        help="second pass in [-160, 240] HU for soft tissue (its lower edge moved down by one "
+                        help=f"second pass in [{SOFT_TISSUE_WINDOW_HU[0]:g}, {SOFT_TISSUE_WINDOW_HU[1]:g}] HU for "
+                        "soft tissue (its lower edge moved down by one "
                         "noise std, as the automatic window); auto: when the model's window is much wider "
                         "(chest) and --window is not given")
     parser.add_argument("--lambda", dest="lam", type=float, default=DEFAULT_LAMBDA, help="DiffPIR lambda")
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     _common.check_output_grids(volume, args.output, uncertainty_path)
     mask = read_mask(args.mask, like=volume) if args.mask else None
     labels = read_mask(args.anatomy_labels, like=volume, what="anatomy label map") if args.anatomy_labels else None
-    model = _common.load_model(args)
+    model = _common.model_from_args(args)
     result = denoise(volume, model, nfe=args.nfe, noise_level=args.noise_level, window=args.window,
                      soft_tissue_pass={"auto": None, "on": True, "off": False}[args.soft_tissue_pass],
                      lam=args.lam, zeta=args.zeta, seed=args.seed, seeds=args.seeds,

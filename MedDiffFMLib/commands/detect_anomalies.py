@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     _common.check_output_grids(volume, args.output, args.mask_output, args.reconstruction)
     mask = read_mask(args.mask, like=volume) if args.mask else None
     labels = read_mask(args.anatomy_labels, like=volume, what="anatomy label map") if args.anatomy_labels else None
-    model = _common.load_model(args)
+    model = _common.model_from_args(args)
     progress = _common.progress_reporter(args.progress)
     progress(0, 1)
     result = detect_anomalies(volume, model, mask=mask, t=args.t, seed=args.seed,

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     volume = read_volume(args.input)
     _common.check_output_grids(volume, args.output)
     mask = read_mask(args.mask, like=volume)
-    model = _common.load_model(args)
+    model = _common.model_from_args(args)
     result = generate_lesion(volume, mask, model, nfe=args.nfe, margin_mm=args.margin_mm,
                              region=_common.region_option(args), seed=args.seed,
                              progress=_common.progress_reporter(args.progress), **_common.sampler_options(args))

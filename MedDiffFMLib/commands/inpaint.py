@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     volume = read_volume(args.input)
     _common.check_output_grids(volume, args.output)
     mask = read_mask(args.mask, like=volume)
-    model = _common.load_model(args)
+    model = _common.model_from_args(args)
     result = inpaint(volume, mask, model, nfe=args.nfe, jump_length=args.jump_length, resample=args.resample,
                      margin_mm=args.margin_mm, region=_common.region_option(args), seed=args.seed,
                      progress=_common.progress_reporter(args.progress), **_common.sampler_options(args))

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     _common.check_outputs(args, [args.input], volumes=[args.output])
     volume = read_volume(args.input)
     _common.check_output_grids(volume, args.output)
-    model = _common.load_model(args)
+    model = _common.model_from_args(args)
     result = super_resolve(volume, model, factor=args.factor, nfe=args.nfe, lam=args.lam, sigma_n=args.sigma_n,
                            zeta=args.zeta, region=_common.region_option(args), seed=args.seed,
                            project=not args.no_projection, progress=_common.progress_reporter(args.progress),

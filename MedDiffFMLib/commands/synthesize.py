@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     grid = reference if reference is not None else anatomy  # the output's grid, when one is given
     if grid is not None:
         _common.check_output_grids(grid, args.output)
-    model = _common.load_model(args)
+    model = _common.model_from_args(args)
     volume = synthesize(model, region=_common.region_option(args), size_xyz=args.size,
                         spacing_xyz=args.spacing or (1.0, 1.0, 1.0), reference=reference, anatomy_labels=anatomy,
                         nfe=args.nfe, eta=args.eta, seed=args.seed,

@@ -77,7 +77,7 @@ def _warn_if_tissue_left_out(volume: Volume, inside: np.ndarray) -> None:
 def detect_anomalies(volume: Volume, model: torch.nn.Module, mask: Optional[Volume] = None, t: int = DEFAULT_T,
                      seed: int = 0, smoothing_sigma_mm: float = DEFAULT_SMOOTHING_MM,
                      threshold: Optional[float] = None, region: Optional[str] = None,
-                     anatomy_labels: Optional[Volume] = None, device: Union[str, torch.device] = "cpu",
+                     anatomy_labels: Optional[Volume] = None, device: Union[str, torch.device] = "auto",
                      overlap: float = 0.5, window_batch: Optional[int] = None,
                      precision: str = "auto", window_size: Optional[int] = None) -> AnomalyResult:
     """Anomaly map, thresholded mask and image score for a CT (HU); see the module docstring.

@@ -76,7 +76,7 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[to
     return torch.bfloat16
 
 
-def load_model(name_or_path: str, device: torch.device, compile: bool = False) -> torch.nn.Module:
+def load_task_model(name_or_path: str, device: torch.device, compile: bool = False) -> torch.nn.Module:
     """Load a registered model name or a model file, in eval mode on `device`.
 
     `compile`: wrap the network in torch.compile. On an H100 the first network call then compiles for about

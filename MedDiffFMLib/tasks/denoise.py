@@ -41,6 +41,7 @@ from .. import diffusion
 from ..conditioning import VolumeCondition
 from ..errors import InputError
 from ..io import Volume
+from ..metrics import DENOISING_WINDOW_HU
 from ..noise import NoiseEstimate, estimate_noise
 from ..orientation import in_patient_axes
 from ..preprocess import as_window, unit_to_hu, window_to_unit
@@ -78,7 +79,7 @@ MIN_NOISE_HU = 0.5
 #: Above this given noise std (HU: the step from air to water) no CT detail survives: a wrong unit, not a CT.
 MAX_NOISE_HU = 1000.0
 #: Second pass for soft tissue (the paper's denoising window) when the region window is much wider.
-SOFT_TISSUE_WINDOW_HU = (-160.0, 240.0)
+SOFT_TISSUE_WINDOW_HU = DENOISING_WINDOW_HU
 SOFT_TISSUE_PASS_RATIO = 2.0
 #: The lower edge of an automatic window (the model's, the soft-tissue pass's) moves down by this many noise stds.
 #: Why: fat (about -100 HU) lies just above the lower edge of the soft-tissue windows (-120 HU for the abdomen);
@@ -149,7 +150,7 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
             lam: float = DEFAULT_LAMBDA, zeta: Optional[float] = None, seed: int = 0, seeds: int = 1,
             region: Optional[str] = None, anatomy_labels: Optional[Volume] = None,
             soft_tissue_pass: Optional[bool] = None, mask: Optional[Volume] = None,
-            device: Union[str, torch.device] = "cpu", overlap: float = DEFAULT_OVERLAP,
+            device: Union[str, torch.device] = "auto", overlap: float = DEFAULT_OVERLAP,
             window_batch: Optional[int] = None, precision: str = "auto",
             progress: Optional[Callable[[int, int], None]] = None, window_size: Optional[int] = None) -> DenoiseResult:
     """Denoise a CT (HU) with the diffusion prior; see the module docstring for the method and choices.

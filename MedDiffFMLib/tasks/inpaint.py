@@ -62,7 +62,7 @@ def renoise(schedule: Schedule, x_s: torch.Tensor, s: int, t: int, noise: torch.
 def inpaint(volume: Volume, mask: Volume, model: torch.nn.Module, nfe: int = 100,
             jump_length: int = DEFAULT_JUMP_LENGTH, resample: int = DEFAULT_RESAMPLE,
             margin_mm: float = DEFAULT_MARGIN_MM, region: Optional[str] = None, seed: int = 0,
-            device: Union[str, torch.device] = "cpu", overlap: float = 0.5, window_batch: Optional[int] = None,
+            device: Union[str, torch.device] = "auto", overlap: float = 0.5, window_batch: Optional[int] = None,
             precision: str = "auto", progress: Progress = None, window_size: Optional[int] = None) -> Volume:
     """A copy of `volume` with the voxels inside `mask` (> 0) synthesised to fit their surroundings.
 

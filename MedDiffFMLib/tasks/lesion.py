@@ -130,7 +130,7 @@ def prepare_box(volume: Volume, mask: Volume, model: torch.nn.Module, region: Op
 @in_patient_axes
 def generate_lesion(volume: Volume, lesion_mask: Volume, model: torch.nn.Module, nfe: int = 100,
                     margin_mm: float = DEFAULT_MARGIN_MM, region: Optional[str] = None, seed: int = 0,
-                    device: Union[str, torch.device] = "cpu", overlap: float = 0.5, window_batch: Optional[int] = None,
+                    device: Union[str, torch.device] = "auto", overlap: float = 0.5, window_batch: Optional[int] = None,
                     precision: str = "auto", progress: Progress = None, window_size: Optional[int] = None) -> Volume:
     """A copy of `volume` whose box around `lesion_mask` is synthesised anew, with a lesion where the mask is.
 

@@ -115,7 +115,7 @@ def check_factor(factor: int) -> None:
 @in_patient_axes
 def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: int = 100, lam: float = 1.0,
                   sigma_n: float = 1.0, zeta: float = DEFAULT_ZETA, region: Optional[str] = None, seed: int = 0,
-                  device: Union[str, torch.device] = "cpu", overlap: float = 0.5, window_batch: Optional[int] = None,
+                  device: Union[str, torch.device] = "auto", overlap: float = 0.5, window_batch: Optional[int] = None,
                   precision: str = "auto", project: bool = True, progress: Progress = None,
                   window_size: Optional[int] = None) -> Volume:
     """Thin-slice CT (HU) on the grid `factor` times finer along z than the thick input `volume`.

@@ -32,7 +32,7 @@ def synthesize(model: torch.nn.Module, region: Optional[str] = None,
                size_xyz: Optional[Sequence[int]] = None, spacing_xyz: Optional[Sequence[float]] = None,
                reference: Optional[Volume] = None, anatomy_labels: Optional[Volume] = None,
                nfe: int = DEFAULT_NFE, eta: float = 1.0, seed: int = 0,
-               device: Union[str, torch.device] = "cpu", overlap: float = 0.5, window_batch: Optional[int] = None,
+               device: Union[str, torch.device] = "auto", overlap: float = 0.5, window_batch: Optional[int] = None,
                precision: str = "auto", progress: Optional[Callable[[int, int], None]] = None,
                window_size: Optional[int] = None) -> Volume:
     """Synthesise a CT (HU) with the model's window for `region`.
