@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,15 @@ class CTCase:
     region: Optional[str] = None
     mask: Optional[str] = None
     subject: str = ""
+
+
+#: Names the shared CT data folder (default: ../shared/data/ct beside the repository).
+DATA_ROOT_ENV = "MEDDIFFFM_CT_DATA"
+
+
+def shared_data_root() -> Path:
+    """The shared CT data folder, which the split names 'train' and 'validation' and the benchmarks refer to."""
+    return Path(os.environ.get(DATA_ROOT_ENV, Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct"))
 
 
 # ---------------------------------------------------------------------------------------------------

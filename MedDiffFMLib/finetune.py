@@ -201,7 +201,7 @@ class SuperResolutionPairs(torch.utils.data.Dataset):
     def __init__(self, patches, factor: int = 5):
         from .tasks.super_resolution import check_factor  # the tasks package imports this module
 
-        check_factor(factor)
+        factor = check_factor(factor)
         size = patches.cfg.patch_size
         if factor > size // 2:  # the control would hold one averaged slice, a condition sampling never meets
             raise InputError(f"a slice factor of {factor} leaves the {size}^3 training patch fewer than 2 thick "

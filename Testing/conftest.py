@@ -1,13 +1,14 @@
 """Shared test fixtures: where the real CT data lives, and torch kept to one thread per worker."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
+from MedDiffFMLib.dataset import shared_data_root
+
 REPO = Path(__file__).resolve().parents[1]
-CT_DATA = Path(os.environ.get("MEDDIFFFM_CT_DATA", REPO.parent / "shared" / "data" / "ct"))
+CT_DATA = shared_data_root()
 
 if not (CT_DATA / "MANIFEST.md").exists():
     raise RuntimeError(

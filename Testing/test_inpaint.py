@@ -12,6 +12,8 @@ from MedDiffFMLib.tasks.inpaint import inpaint, repaint_path
 from MedDiffFMLib.tasks.lesion import generate_lesion
 
 FAST = dict(nfe=4, jump_length=2, resample=2, margin_mm=2.0, region="chest", overlap=0.0, window_batch=8)
+#: The settings of FAST that generate_lesion takes too.
+LESION = ("nfe", "margin_mm", "region", "overlap", "window_batch")
 #: A small blob inside the lung crop: its box is one network window.
 BLOB = (slice(5, 8), slice(20, 26), slice(20, 26))
 
@@ -116,6 +118,46 @@ def test_empty_mask_wrong_grid_and_wrong_model_are_refused(chest_nodule_crop, le
         inpaint(image, nodule, ControlledNet(tiny_base, "super-resolution"), **FAST)
 
 
+def test_a_mask_with_no_tissue_around_it_and_bad_settings_are_refused_before_any_work(chest_nodule_crop,
+                                                                                       lesion_model, monkeypatch):
+    image, nodule = chest_nodule_crop
+    whole = image.with_array(np.ones(image.shape, np.uint8))
+    for task in (inpaint, generate_lesion):
+        with pytest.raises(InputError, match="mask covers every voxel of the box .* no tissue around it"):
+            task(image, whole, lesion_model, **{k: v for k, v in FAST.items() if task is inpaint or k in LESION})
+    # The box around the mask holds tissue to fit: a mask leaving one voxel outside it is no longer refused for that.
+    nearly = np.ones(image.shape, np.uint8)
+    nearly[0, 0, 0] = 0
+    assert inpaint(image, image.with_array(nearly), lesion_model, **FAST).shape == image.shape
+
+    def no_set_up(*args, **kwargs):
+        raise AssertionError("the settings should have been refused first")
+
+    monkeypatch.setattr("MedDiffFMLib.tasks.inpaint.prepare_box", no_set_up)
+    for bad, message in ((dict(nfe=2.5), r"nfe\) must be a whole number >= 1, got 2.5"),
+                         (dict(nfe=0), r"nfe\) must be a whole number >= 1, got 0"),
+                         (dict(resample=0), "resample must be a whole number >= 1, got 0"),
+                         (dict(jump_length=True), "jump_length must be a whole number >= 1, got True")):
+        with pytest.raises(InputError, match=message):
+            inpaint(image, nodule, lesion_model, **dict(FAST, **bad))
+
+
+def test_margin_must_be_a_finite_number_of_mm(chest_nodule_crop, lesion_model):
+    image, nodule = chest_nodule_crop
+    for margin in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(InputError, match="the margin around the mask must be a number of mm >= 0"):
+            inpaint(image, nodule, lesion_model, **dict(FAST, margin_mm=margin))
+
+
+def test_settings_that_never_resample_are_warned_about(chest_nodule_crop, lesion_model, caplog):
+    image, nodule = chest_nodule_crop
+    inpaint(image, with_mask(image, [BLOB]), lesion_model, **dict(FAST, nfe=2, jump_length=2, resample=3))
+    assert "with these settings it never resamples, so resample 3 changes nothing" in caplog.text
+    caplog.clear()
+    inpaint(image, with_mask(image, [BLOB]), lesion_model, **FAST)  # nfe 4 > jump 2: it resamples
+    assert "never resamples" not in caplog.text
+
+
 def test_cli_inpaint_with_an_empty_mask_fails_cleanly(chest_nodule_crop, tmp_path, capsys):
     image, _ = chest_nodule_crop
     write_volume(image, tmp_path / "ct.nii.gz")
@@ -143,3 +185,10 @@ def test_cli_inpaint_round_trip_keeps_known_voxels(chest_nodule_crop, tiny_base,
     inside = nodule.array > 0
     assert out.same_grid(original)
     assert np.array_equal(out.array[~inside], original.array[~inside])
+
+
+@pytest.mark.parametrize("option", ["--resample", "--jump-length"])
+def test_cli_refuses_repaint_counts_below_one_while_parsing(option, capsys):
+    with pytest.raises(SystemExit):
+        main(["inpaint", "ct.nii.gz", "--mask", "m.nii.gz", "-o", "out.nii.gz", option, "0"])
+    assert f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err

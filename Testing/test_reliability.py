@@ -116,7 +116,7 @@ def bad_images(image: Volume, folder):
     save("normalised.nii.gz", image.with_array(normalised.astype(np.float32)).to_sitk(), "do not look like CT")
     save("mr_like.nii.gz", image.with_array((normalised * 3000).astype(np.float32)).to_sitk(), "do not look like CT")
     flat = image.to_sitk()
-    flat.SetSpacing((0.2, 0.2, 5.0))
+    flat.SetSpacing((0.1, 0.1, 5.0))
     save("anisotropic.nii.gz", flat, "extremely anisotropic")
     return cases
 
@@ -138,6 +138,8 @@ def test_every_model_task_refuses_bad_images(task, files, chest_nodule_crop, tmp
     for path, phrase in cases.items():
         mask = mask_on_grid_of(path, chest_nodule_crop[1], tmp_path) or files[1]
         code, err = run_cli(task_arguments(task, path, mask, out), capsys)
+        if task == "super-resolve" and path.name == "anisotropic.nii.gz":  # judged on its thin grid (factor 2)
+            phrase = "a grid 25 times finer along one axis than another"
         assert code == 2 and err.startswith("error: ") and phrase in err, (path.name, err)
         assert not out.parent.exists() or not any(out.parent.iterdir())
     assert {p: p.read_bytes() for p in cases} == before
@@ -335,6 +337,13 @@ def test_python_callers_get_clear_errors_for_arrays_and_devices(chest_nodule_cro
     for task in (denoise, detect_anomalies, generate_lesion, inpaint, super_resolve, synthesize):
         # Unless told otherwise a task runs where its model is: a model loaded on a GPU must not be refused.
         assert inspect.signature(task).parameters["device"].default == "auto", task.__name__
+    for counts in (dict(nfe=2.5), dict(nfe=0), dict(seeds=0), dict(seeds=1.0)):  # refused as settings, first
+        with pytest.raises(InputError, match=r"must be a whole number >= 1, got"):
+            denoise(image, model, **counts)
+    with pytest.raises(InputError, match=r"the number of network evaluations \(nfe\) must be a whole number"):
+        synthesize(model, region="chest", size_xyz=(16, 16, 16), nfe=0)
+    with pytest.raises(InputError, match=r"the number of network evaluations \(nfe\) must be a whole number"):
+        generate_lesion(image, nodule, common.load_task_model("tiny-lesion", torch.device("cpu")), nfe=-1)
 
 
 # --- models ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from MedDiffFMLib.errors import InputError
 from MedDiffFMLib.finetune import ControlledNet
 from MedDiffFMLib.io import Volume, read_volume, write_volume
 from MedDiffFMLib.sampling import SlidingWindowSampler
+from MedDiffFMLib.validation import check_ct
 from MedDiffFMLib.tasks.super_resolution import (average_slices, interpolate_slices, project_in_range, repeat_slices,
                                                  super_resolve, thin_geometry)
 
@@ -174,18 +175,42 @@ def test_deterministic_by_seed_and_input_untouched(thick, sr_model):
     assert np.array_equal(thick.array, before)
 
 
-@pytest.mark.parametrize("factor", [1, 0, 2.5])
+@pytest.mark.parametrize("factor", [1, 0, 2.5, "3", True, float("nan")])
 def test_bad_factor_is_refused(thick, sr_model, factor):
-    with pytest.raises(InputError, match="factor"):
+    with pytest.raises(InputError, match="factor must be a whole number >= 2"):
         super_resolve(thick, sr_model, factor=factor, nfe=1, region="chest")
 
 
-def test_a_factor_too_large_for_memory_is_refused_before_any_work(thick, sr_model):
+def test_a_step_count_that_is_no_count_is_refused(thick, sr_model):
+    with pytest.raises(InputError, match=r"nfe\) must be a whole number >= 1, got 2.5"):
+        super_resolve(thick, sr_model, nfe=2.5, region="chest")
+
+
+def test_thick_slices_far_coarser_than_the_pixels_are_what_it_is_for(thick, sr_model):
+    """0.45 mm pixels and 10 mm slices (ratio 22) is beyond what a CT grid may be, but not the thin grid it makes."""
+    thick10 = Volume(thick.array, (0.45, 0.45, 10.0), thick.origin, thick.direction)
+    with pytest.raises(InputError, match="extremely anisotropic"):  # other tasks refuse it
+        check_ct(thick10)
+    out = super_resolve(thick10, sr_model, factor=10.0, nfe=1, region="chest")  # 10.0: a whole number
+    assert out.shape == (80, 16, 16) and out.spacing == pytest.approx((0.45, 0.45, 1.0))
+    with pytest.raises(InputError, match=r"factor 2 makes slices 20 mm apart, on pixels of 0.45 x 0.45 mm: a grid 44 "
+                                         r"times finer .* choose a factor nearer 89"):  # the thin grid is judged
+        super_resolve(Volume(thick.array, (0.45, 0.45, 40.0), thick.origin, thick.direction), sr_model, factor=2,
+                      nfe=1, region="chest")
+    with pytest.raises(InputError, match=r"factor 1000 makes slices 0.01 mm apart, .* nearer 22"):  # and both ways
+        super_resolve(thick10, sr_model, factor=1000, nfe=1, region="chest")
+    with pytest.raises(InputError, match="thick sagittal or coronal slices"):  # said first, not its anisotropy
+        super_resolve(Volume(thick.array, (5.0, 0.5, 0.5), thick.origin, thick.direction), sr_model, factor=5,
+                      nfe=1, region="chest")
+
+
+def test_a_factor_too_large_for_memory_is_refused_before_any_work(thick, sr_model, monkeypatch):
     from MedDiffFMLib.errors import ResourceError
 
-    with pytest.raises(ResourceError, match=r"super-resolution by 10000000 \(80000000 thin slices of .* needs about "
+    monkeypatch.setattr("MedDiffFMLib.tasks.common.available_memory", lambda device: 2 ** 20)  # 1 MiB free
+    with pytest.raises(ResourceError, match=r"super-resolution by 50 \(400 thin slices of 0.1 mm\) needs about "
                                             r".* GiB .*give a smaller factor \(--factor\)"):
-        super_resolve(thick, sr_model, factor=10 ** 7, nfe=1, region="chest")
+        super_resolve(thick, sr_model, factor=50, nfe=1, region="chest")
 
 
 def test_volume_too_thin_and_wrong_model_are_refused(thick, sr_model):

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from MedDiffFMLib import evaluate as harness  # noqa: E402
-from MedDiffFMLib.dataset import SHARED_CASES, VALIDATION_SUBJECTS  # noqa: E402
+from MedDiffFMLib.dataset import SHARED_CASES, VALIDATION_SUBJECTS, shared_data_root  # noqa: E402
 from MedDiffFMLib.io import Volume, read_mask, read_volume  # noqa: E402
 
 #: case id -> lesion mask path relative to the data folder.
@@ -56,7 +56,7 @@ def local_contrast(image: Volume, size_mm: float = 15.0, smoothing_mm: float = 1
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data" / "ct")
+    parser.add_argument("--data-root", type=Path, default=shared_data_root())
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "anomaly_quality")
     parser.add_argument("--margin-mm", type=float, default=30.0)
     parser.add_argument("--model", help="also score MedDiffFM (a model name or file)")

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from MedDiffFMLib.cli import main  # noqa: E402
-from MedDiffFMLib.dataset import SHARED_CASES, VALIDATION_SUBJECTS  # noqa: E402
+from MedDiffFMLib.dataset import SHARED_CASES, VALIDATION_SUBJECTS, shared_data_root  # noqa: E402
 
 #: One case per region from the validation subjects (example_ct_sm rather than its parent example_ct:
 #: the same subject, and 8 middle slices of the crop are upper abdomen with liver).
@@ -43,7 +43,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      epilog="Any other option (--model, --methods, --nfe, --device, --crop, ...) "
                                      "passes through to `python -m MedDiffFMLib evaluate denoise`; see its --help.")
-    parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data" / "ct",
+    parser.add_argument("--data-root", type=Path, default=shared_data_root(),
                         help="the shared CT data folder (holds MANIFEST.md)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "denoise_quality",
                         help="folder for denoise_results.{csv,md} and the per-case figures")

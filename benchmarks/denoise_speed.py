@@ -38,7 +38,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-DEFAULT_CT = REPO.parent / "shared" / "data" / "ct" / "totalsegmentator" / "example_ct" / "example_ct.nii.gz"
+from MedDiffFMLib.dataset import shared_data_root  # noqa: E402
+
+DEFAULT_CT = shared_data_root() / "totalsegmentator" / "example_ct" / "example_ct.nii.gz"
 
 
 def parse_args(argv=None):

@@ -30,6 +30,7 @@ from scipy.stats import wasserstein_distance
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from MedDiffFMLib.dataset import shared_data_root  # noqa: E402
 from MedDiffFMLib.errors import InputError  # noqa: E402
 from MedDiffFMLib.finetune import check_task  # noqa: E402
 from MedDiffFMLib.io import read_mask, read_volume  # noqa: E402
@@ -61,7 +62,7 @@ def lesion_scores(filled: np.ndarray, real: np.ndarray, inside: np.ndarray) -> d
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data" / "ct")
+    parser.add_argument("--data-root", type=Path, default=shared_data_root())
     parser.add_argument("--model", action="append", default=[], help="model to fill the mask (repeat to compare)")
     parser.add_argument("--nfe", type=int, default=25)
     parser.add_argument("--resample", type=int, default=5, help="RePaint resampling (the task's default is 10)")

@@ -23,6 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from MedDiffFMLib.dataset import shared_data_root  # noqa: E402
 from MedDiffFMLib.io import Volume, read_volume  # noqa: E402
 from MedDiffFMLib.metrics import hu_window_metrics  # noqa: E402
 from MedDiffFMLib.tasks.common import load_task_model  # noqa: E402
@@ -56,7 +57,7 @@ def scores(result: np.ndarray, truth: np.ndarray) -> list:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data" / "ct")
+    parser.add_argument("--data-root", type=Path, default=shared_data_root())
     parser.add_argument("--model", action="append", default=[], help="super-resolution model (repeat to compare)")
     parser.add_argument("--factor", type=int, default=5)
     parser.add_argument("--nfe", type=int, help="network evaluations (unset: the task's default)")

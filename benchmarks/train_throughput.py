@@ -64,10 +64,9 @@ def time_steps(name: str, device: torch.device, option: str, batch: int, steps: 
 
 def data_throughput(name: str, cache_dir: str, n: int) -> float:
     """Patches/s of CTPatchDataset on the train split (preprocesses into cache_dir first if needed)."""
-    from MedDiffFMLib.commands._common import DEFAULT_DATA_ROOT
-    from MedDiffFMLib.dataset import CTPatchDataset, split_cases
+    from MedDiffFMLib.dataset import CTPatchDataset, shared_data_root, split_cases
 
-    data = CTPatchDataset(split_cases(DEFAULT_DATA_ROOT, "train"), preset(name), cache_dir)
+    data = CTPatchDataset(split_cases(shared_data_root(), "train"), preset(name), cache_dir)
     data[0]
     start = time.perf_counter()
     for i in range(1, n + 1):

@@ -236,10 +236,6 @@ def check_output_grids(volume, *paths) -> None:
             check_output_grid(volume, path)
 
 
-#: The shared CT data next to the repository (the split names 'train'/'validation' refer to it).
-DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ct"
-
-
 def check_run_folder(args: argparse.Namespace) -> None:
     """Refuse a bad run folder before the (slow) data preparation: a file, an unwritable place, or a folder
     that holds a run while --resume was not given (the new run would overwrite it)."""
@@ -264,11 +260,14 @@ def training_result(record: dict, model_file: Path, kind: str) -> int:
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the training commands: validation data, data root, run folder, cache, resume, and the
     optimisation loop (steps, batch, learning rate, seed, validation and checkpoint intervals, threads)."""
+    from ..dataset import shared_data_root
+
     parser.add_argument("--val-data", nargs="*",
                         help="validation CTs (default: the 'validation' split when --data is 'train')")
     parser.add_argument("--data-root", type=Path,
-                        default=Path(os.environ.get("MEDDIFFFM_CT_DATA", DEFAULT_DATA_ROOT)),
-                        help="folder of the shared CT data (for the split names)")
+                        default=shared_data_root(),
+                        help="folder of the shared CT data (for the split names; default: $MEDDIFFFM_CT_DATA, "
+                        "else ../shared/data/ct beside the repository)")
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, EMA model)")
     parser.add_argument("--cache-dir", type=Path, help="preprocessed-volume cache (default: <out>/../cache); finetune --task lesion keeps its "
                         "few cases in memory and uses none")

@@ -27,9 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", type=Path, required=True, help="inpainted CT (.nii.gz, .nrrd, ...)")
     _common.add_model_arguments(parser, nfe=100)
     parser.set_defaults(model=DEFAULT_MODEL)
-    parser.add_argument("--jump-length", type=int, default=DEFAULT_JUMP_LENGTH,
+    parser.add_argument("--jump-length", type=_common.positive_int, default=DEFAULT_JUMP_LENGTH,
                         help="RePaint: steps jumped back when resampling")
-    parser.add_argument("--resample", type=int, default=DEFAULT_RESAMPLE,
+    parser.add_argument("--resample", type=_common.positive_int, default=DEFAULT_RESAMPLE,
                         help="RePaint: passes over each jumped segment (1 = no resampling, fastest)")
     parser.add_argument("--margin-mm", type=float, default=DEFAULT_MARGIN_MM,
                         help="known context sampled around the mask's bounding box (mm)")

@@ -136,6 +136,13 @@ def check_seed(seed) -> int:
     return int(seed)
 
 
+def check_count(value, name: str, least: int = 1) -> int:
+    """A whole-number setting (steps, repetitions) as an int; refused unless >= `least`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        raise InputError(f"{name} must be a whole number >= {least}, got {value!r}")
+    return int(value)
+
+
 def check_base(model: torch.nn.Module, task: str) -> None:
     """Refuse a ControlNet where `task` runs the base model (it would fail mid-run on its extra channels)."""
     check_loaded(model)
@@ -268,8 +275,8 @@ def mask_box(mask: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float,
              min_size: int) -> Tuple[slice, slice, slice]:
     """Bounding box of `mask` > 0 grown by `margin_mm` on every side, then (centred) to at least
     `min_size` voxels per axis, clamped to the volume."""
-    if margin_mm < 0:
-        raise InputError(f"the margin around the mask must be >= 0 mm, got {margin_mm}")
+    if not (isinstance(margin_mm, (int, float, np.number)) and math.isfinite(margin_mm) and margin_mm >= 0):
+        raise InputError(f"the margin around the mask must be a number of mm >= 0, got {margin_mm!r}")
     box = []
     for axis, (n, spacing) in enumerate(zip(mask.shape, spacing_zyx)):
         other = tuple(a for a in range(mask.ndim) if a != axis)

@@ -172,8 +172,9 @@ def denoise(volume: Volume, model: torch.nn.Module, nfe: Optional[int] = None,
     check_ct(volume)
     if mask is not None:
         check_mask(mask, volume)
-    if seeds < 1:
-        raise InputError(f"the number of seeds must be >= 1, got {seeds}")
+    seeds = common.check_count(seeds, "the number of seeds")
+    if nfe is not None:
+        nfe = common.check_count(nfe, "the number of network evaluations (nfe)")
     if zeta is None:
         zeta = DEFAULT_ZETA if seeds == 1 else DEFAULT_SEEDS_ZETA
     elif seeds > 1 and zeta == 0:

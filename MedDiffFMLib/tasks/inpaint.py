@@ -9,6 +9,7 @@ so every voxel outside the mask is returned exactly as given.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, List, Optional, Union
 
 import numpy as np
@@ -21,8 +22,10 @@ from ..io import Volume
 from ..network import check_loaded
 from ..orientation import in_patient_axes
 from ..preprocess import unit_to_hu
-from .common import check_seed, clip_to_input_range, sampling_steps
+from .common import check_count, check_seed, clip_to_input_range, sampling_steps
 from .lesion import DEFAULT_MARGIN_MM, prepare_box
+
+log = logging.getLogger(__name__)
 
 Progress = Optional[Callable[[int, int], None]]
 
@@ -71,6 +74,8 @@ def inpaint(volume: Volume, mask: Volume, model: torch.nn.Module, nfe: int = 100
     runs about resample * nfe times per window (`repaint_path` gives the exact sequence).
     """
     seed = check_seed(seed)
+    nfe = check_count(nfe, "the number of network evaluations (nfe)")
+    jump_length, resample = check_count(jump_length, "jump_length"), check_count(resample, "resample")
     check_loaded(model)
     if isinstance(model, ControlledNet) and model.task != "lesion":
         raise InputError(f"inpainting runs a base model (normal tissue fills the mask, e.g. `default`) or a lesion "
@@ -82,6 +87,10 @@ def inpaint(volume: Volume, mask: Volume, model: torch.nn.Module, nfe: int = 100
     steps = sampling_steps(nfe, schedule)
     levels = steps + [-1]
     path = repaint_path(len(steps), jump_length, resample)
+    if resample > 1 and len(steps) <= jump_length:
+        log.warning("RePaint jumps back %d steps, more than the %d steps taken allow: with these settings it never "
+                    "resamples, so resample %d changes nothing; use more steps (nfe) than jump_length, or a smaller "
+                    "jump_length", jump_length, len(steps), resample)
     total = sum(1 for a, b in zip(path, path[1:]) if b > a)
     generator = torch.Generator().manual_seed(int(seed))
 

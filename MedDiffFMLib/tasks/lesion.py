@@ -21,13 +21,14 @@ from ..anatomy import THRESHOLD_CLASSES
 from ..conditioning import VolumeCondition, anatomy_spec
 from ..config import ModelConfig
 from ..finetune import ControlledCondition, ControlledNet, check_task
+from ..errors import InputError
 from ..io import Volume
 from ..orientation import in_patient_axes
 from ..preprocess import unit_to_hu, window_to_unit
 from ..sampling import SlidingWindowSampler
 from ..validation import check_ct, check_mask
-from .common import (anatomy_for, check_seed, check_window_size, clip_to_input_range, make_sampler, mask_box,
-                     model_config, model_window, resolve_region, sampling_steps, task_device, window_weight)
+from .common import (anatomy_for, check_count, check_seed, check_window_size, clip_to_input_range, make_sampler,
+                     mask_box, model_config, model_window, resolve_region, sampling_steps, task_device, window_weight)
 
 Progress = Optional[Callable[[int, int], None]]
 Box = Tuple[slice, slice, slice]
@@ -112,6 +113,11 @@ def prepare_box(volume: Volume, mask: Volume, model: torch.nn.Module, region: Op
     # Growing the minimum size moves a box's start down and its end up only, so the box holds the core.
     box = core if window_size <= cfg.patch_size else mask_box(inside_all, volume.spacing_zyx, margin_mm, window_size)
     inside = inside_all[box]
+    if inside.all():
+        size = " x ".join(map(str, inside.shape))
+        raise InputError(f"the {mask_name} covers every voxel of the box it is worked in ({size} voxels, z y x): "
+                         "no tissue around it is left for the result to fit; draw it over the part to replace only, "
+                         "or use synthesize for a wholly new image")
     anatomy = anatomy_for(volume, cfg)[box]
     place = dict(offset_zyx=[s.start for s in box], full_shape_zyx=volume.shape)
     if isinstance(model, ControlledNet):
@@ -140,6 +146,7 @@ def generate_lesion(volume: Volume, lesion_mask: Volume, model: torch.nn.Module,
     window (air, bone) keep their input values.
     """
     seed = check_seed(seed)
+    nfe = check_count(nfe, "the number of network evaluations (nfe)")
     check_task(model, "lesion")
     job = prepare_box(volume, lesion_mask, model, region, margin_mm, device, overlap, window_batch, precision,
                       mask_name="lesion mask", window_size=window_size)

@@ -26,7 +26,9 @@ take the interpolated input as their x0 during sampling.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import numbers
 from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
@@ -38,9 +40,10 @@ from ..finetune import ControlledCondition, check_task
 from ..io import Volume
 from ..orientation import in_patient_axes
 from ..preprocess import unit_to_hu, window_to_unit
-from ..validation import check_ct
-from .common import (anatomy_for, check_seed, check_setup_memory, check_window_size, input_floor, make_sampler,
-                     model_config, model_window, resolve_region, sampling_steps, task_device, window_weight)
+from ..validation import MAX_ANISOTROPY, check_ct, check_volume_type
+from .common import (anatomy_for, check_count, check_seed, check_setup_memory, check_window_size, input_floor,
+                     make_sampler, model_config, model_window, resolve_region, sampling_steps, task_device,
+                     window_weight)
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +110,11 @@ def thin_geometry(volume: Volume, factor: int) -> Tuple[Tuple[float, ...], Tuple
 THIN_GRID_COPIES = 10
 
 
-def check_factor(factor: int) -> None:
-    if int(factor) != factor or factor < 2:
-        raise InputError(f"the slice factor must be an integer >= 2 (thin slices per thick slice), got {factor}")
+def check_factor(factor) -> int:
+    """The slice factor (thin slices per thick slice) as an int."""
+    if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not float(factor).is_integer() or factor < 2:
+        raise InputError(f"the slice factor must be a whole number >= 2 (thin slices per thick slice), got {factor!r}")
+    return int(factor)
 
 
 @in_patient_axes
@@ -129,15 +134,25 @@ def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: 
     over a margin at the window edges.
     """
     seed = check_seed(seed)
-    check_ct(volume)  # also refuses volumes too thin to work on
-    check_factor(factor)
+    nfe = check_count(nfe, "the number of network evaluations (nfe)")
+    factor = check_factor(factor)
+    check_volume_type(volume)
     sx, sy, sz = volume.spacing
-    if max(sx, sy) > THICK_AXIS_MARGIN * max(min(sx, sy), sz):
+    if min(volume.spacing) > 0 and max(sx, sy) > THICK_AXIS_MARGIN * max(min(sx, sy), sz):
         raise InputError(
             "super-resolution makes the axial slices thinner, but this CT's voxels are largest in-plane (spacing "
             f"x, y, z = {', '.join(f'{s:g}' for s in volume.spacing)} mm in patient order): it holds thick sagittal "
             "or coronal slices. Resample it to axial slices first (e.g. the preprocess command or Slicer's Resample "
             "Scalar Volume)")
+    # Anisotropy is judged on the grid made: thick slices far coarser than the pixels are what this task is for.
+    thin = (sx, sy, sz / factor)
+    ratio = max(thin) / min(thin) if min(volume.spacing) > 0 else 0.0
+    if ratio > MAX_ANISOTROPY:
+        raise InputError(f"factor {factor} makes slices {sz / factor:.4g} mm apart, on pixels of {sx:.4g} x {sy:.4g} "
+                         f"mm: a grid {ratio:.0f} times finer along one axis than another (at most {MAX_ANISOTROPY:.0f}); "
+                         f"choose a factor nearer {max(2, round(sz / min(sx, sy)))}, which makes the slices about as "
+                         "far apart as the pixels")
+    check_ct(dataclasses.replace(volume, spacing=thin))  # also refuses volumes too thin to work on
     if sigma_n < 0 or lam <= 0:
         raise InputError(f"need sigma_n >= 0 and lambda > 0, got sigma_n={sigma_n}, lambda={lam}")
     if not 0.0 <= zeta <= 1.0:

@@ -42,6 +42,7 @@ def synthesize(model: torch.nn.Module, region: Optional[str] = None,
     `region` None is guessed from the reference. `eta` 1 = ancestral (DDPM) steps, 0 = DDIM.
     """
     seed = common.check_seed(seed)
+    nfe = common.check_count(nfe, "the number of network evaluations (nfe)")
     device = common.task_device(model, device)
     common.check_base(model, "synthesis")
     cfg = common.model_config(model)
