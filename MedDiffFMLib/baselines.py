@@ -17,6 +17,7 @@ from .errors import InputError, ResourceError
 from .io import Volume
 from .metrics import DENOISING_WINDOW_HU
 from .noise import estimate_noise
+from .preprocess import as_window
 
 Window = Tuple[float, float]
 
@@ -54,16 +55,9 @@ def bm3d_denoise(vol: Volume, sigma_hu: Optional[float] = None, window: Window =
     return _denoise_in_window(vol, sigma_hu, window, denoise)
 
 
-def _check_window(window: Window) -> Window:
-    low, high = float(window[0]), float(window[1])
-    if not high > low:
-        raise InputError(f"working window must be (low, high) HU with high > low, got {window}.")
-    return low, high
-
-
 def _denoise_in_window(vol: Volume, sigma_hu: Optional[float], window: Window,
                        denoise_slice: Callable[[np.ndarray, float], np.ndarray]) -> Volume:
-    low, high = _check_window(window)
+    low, high = as_window(window)
     if sigma_hu is None:
         sigma_hu = estimate_noise(vol).sigma_hu
     if not sigma_hu > 0:

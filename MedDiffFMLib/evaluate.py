@@ -17,7 +17,6 @@ None when methods must estimate it themselves.
 """
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -30,7 +29,7 @@ import numpy as np
 
 from . import baselines, metrics
 from .errors import InputError, ResourceError
-from .io import VOLUME_SUFFIXES, Volume, atomic_path, read_volume
+from .io import VOLUME_SUFFIXES, Volume, atomic_path, png_figure, read_volume, write_csv
 from .lowdose import simulate_low_dose
 from .orientation import AxisOrder
 from .validation import check_ct
@@ -302,36 +301,29 @@ def denoise_summary_markdown(summary_rows: Sequence[Dict[str, object]]) -> str:
 def _denoise_figure(case: str, by_dose: Dict[float, Dict[str, np.ndarray]], psnr: Dict[Tuple[float, str], float],
                     window: Tuple[float, float], path: Path) -> Path:
     """Rows = doses; columns = input, each method, clean, |error| of the method with the best PSNR."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     doses = list(by_dose)
     columns = [m for m in by_dose[doses[0]] if m != "clean"] + ["clean", "error"]
-    fig, axes = plt.subplots(len(doses), len(columns), squeeze=False,
-                             figsize=(2.2 * len(columns), 2.8 * len(doses)))
-    for row, dose in enumerate(doses):
-        images = by_dose[dose]
-        best = max((m for m in images if m not in ("clean", INPUT_METHOD)),
-                   key=lambda m: psnr[(dose, m)], default=INPUT_METHOD)
-        for col, name in enumerate(columns):
-            ax = axes[row, col]
-            ax.set_axis_off()
-            if name == "error":
-                error = np.abs(np.clip(images[best], *window) - np.clip(images["clean"], *window))
-                ax.imshow(error, cmap="magma", vmin=0, vmax=(window[1] - window[0]) / 4)
-                ax.set_title(f"|error| {best}", fontsize=7)
-                continue
-            ax.imshow(images[name], cmap="gray", vmin=window[0], vmax=window[1])
-            title = name if name == "clean" else f"{name}\n{psnr[(dose, name)]:.2f} dB"
-            ax.set_title(title, fontsize=7)
-        axes[row, 0].text(-0.08, 0.5, f"I0 = {dose:g}", rotation=90, va="center", ha="right",
-                          transform=axes[row, 0].transAxes, fontsize=8)
-    fig.suptitle(f"{case}: middle scored slice, window [{window[0]:g}, {window[1]:g}] HU", fontsize=9)
-    fig.tight_layout(h_pad=1.5)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    with png_figure(path, 110, nrows=len(doses), ncols=len(columns), squeeze=False,
+                    figsize=(2.2 * len(columns), 2.8 * len(doses))) as (fig, axes):
+        for row, dose in enumerate(doses):
+            images = by_dose[dose]
+            best = max((m for m in images if m not in ("clean", INPUT_METHOD)),
+                       key=lambda m: psnr[(dose, m)], default=INPUT_METHOD)
+            for col, name in enumerate(columns):
+                ax = axes[row, col]
+                ax.set_axis_off()
+                if name == "error":
+                    error = np.abs(np.clip(images[best], *window) - np.clip(images["clean"], *window))
+                    ax.imshow(error, cmap="magma", vmin=0, vmax=(window[1] - window[0]) / 4)
+                    ax.set_title(f"|error| {best}", fontsize=7)
+                    continue
+                ax.imshow(images[name], cmap="gray", vmin=window[0], vmax=window[1])
+                title = name if name == "clean" else f"{name}\n{psnr[(dose, name)]:.2f} dB"
+                ax.set_title(title, fontsize=7)
+            axes[row, 0].text(-0.08, 0.5, f"I0 = {dose:g}", rotation=90, va="center", ha="right",
+                              transform=axes[row, 0].transAxes, fontsize=8)
+        fig.suptitle(f"{case}: middle scored slice, window [{window[0]:g}, {window[1]:g}] HU", fontsize=9)
+        fig.tight_layout(h_pad=1.5)
     return path
 
 
@@ -452,25 +444,19 @@ def _warn_stale_figures(out_dir: Path, prefix: str, written: Sequence[Path]) -> 
 
 def _anomaly_figure(case: AnomalyCase, path: Path) -> Path:
     """The axial slice with the most lesion: CT (if given), score map, both with the mask outline."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     mask = np.asarray(case.mask) > 0
     z = int(np.argmax(mask.reshape(len(mask), -1).sum(axis=1)))
     panels = ([("CT", case.image[z], "gray", metrics.DENOISING_WINDOW_HU)] if case.image is not None else [])
     panels.append(("anomaly score", case.scores[z], "inferno", (None, None)))
-    fig, axes = plt.subplots(1, len(panels), squeeze=False, figsize=(3.2 * len(panels), 3.4))
-    for ax, (title, image, cmap, (low, high)) in zip(axes[0], panels):
-        ax.imshow(image, cmap=cmap, vmin=low, vmax=high)
-        ax.contour(mask[z], levels=[0.5], colors="cyan", linewidths=0.8)
-        ax.set_title(title, fontsize=8)
-        ax.set_axis_off()
-    fig.suptitle(f"{case.name}: slice {z} (lesion outlined)", fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    with png_figure(path, 110, nrows=1, ncols=len(panels), squeeze=False,
+                    figsize=(3.2 * len(panels), 3.4)) as (fig, axes):
+        for ax, (title, image, cmap, (low, high)) in zip(axes[0], panels):
+            ax.imshow(image, cmap=cmap, vmin=low, vmax=high)
+            ax.contour(mask[z], levels=[0.5], colors="cyan", linewidths=0.8)
+            ax.set_title(title, fontsize=8)
+            ax.set_axis_off()
+        fig.suptitle(f"{case.name}: slice {z} (lesion outlined)", fontsize=9)
+        fig.tight_layout()
     return path
 
 
@@ -488,15 +474,6 @@ def markdown_table(rows: Sequence[Dict[str, object]], columns: Sequence[str]) ->
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_format(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def write_csv(rows: Sequence[Dict[str, object]], columns: Sequence[str], path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-    return Path(path)
 
 
 def write_text(text: str, path: Path) -> Path:

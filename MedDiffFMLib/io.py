@@ -6,6 +6,7 @@ in mm (LPS) and `direction` is the row-major 3x3 matrix as 9 floats, exactly as 
 from __future__ import annotations
 
 import contextlib
+import csv
 import glob
 import gzip
 import hashlib
@@ -856,6 +857,34 @@ def _first_line(exc: Exception) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+def write_csv(rows: Sequence[Dict[str, object]], columns: Sequence[str], path: PathLike) -> Path:
+    """`rows` as a CSV table of `columns` (keys of a row outside them are left out), written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def png_figure(path: PathLike, dpi: int, **subplots) -> Iterator[tuple]:
+    """(figure, axes) of `matplotlib.pyplot.subplots(**subplots)` to draw on, drawn off-screen (no display is needed,
+    in a job process either); written to `path` as a PNG, atomically, when the block ends without an error, and
+    closed either way."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(**subplots)
+    try:
+        yield fig, axes
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+
+
 def write_preview(vol: Volume, path: PathLike, window: Tuple[float, float], labels: Optional[np.ndarray] = None,
                   title: str = "", overwrite: bool = False, inputs: Iterable[PathLike] = ()) -> Path:
     """PNG of the three orthogonal mid slices (axial, coronal, sagittal) at true aspect ratio, in patient axis
@@ -863,11 +892,6 @@ def write_preview(vol: Volume, path: PathLike, window: Tuple[float, float], labe
 
     `window` (lo, hi) sets the grey range; `labels` (z, y, x), if given, adds a row with them overlaid.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from .orientation import AxisOrder  # it builds on Volume
 
     path = Path(path)
@@ -881,23 +905,18 @@ def write_preview(vol: Volume, path: PathLike, window: Tuple[float, float], labe
     views = [(lambda a: a[mid[0]], sy / sx, "upper"), (lambda a: a[:, mid[1]], sz / sx, "lower"),
              (lambda a: a[:, :, mid[2]], sz / sy, "lower")]
     rows = 1 if labels is None else 2
-    fig, axes = plt.subplots(rows, 3, figsize=(12, 4 * rows), squeeze=False)
-    for col, (cut, aspect, origin) in enumerate(views):
-        for row in range(rows):
-            ax = axes[row][col]
-            ax.imshow(cut(vol.array), cmap="gray", vmin=window[0], vmax=window[1], aspect=aspect, origin=origin)
-            if row == 1:
-                shown = np.ma.masked_equal(cut(labels), 0)
-                ax.imshow(shown, cmap="tab10", vmin=0, vmax=10, alpha=0.45, aspect=aspect, origin=origin,
-                          interpolation="nearest")
-            ax.set_axis_off()
-        axes[0][col].set_title(("axial", "coronal", "sagittal")[col])
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=80)
-    finally:
-        plt.close(fig)
+    with png_figure(path, 80, nrows=rows, ncols=3, figsize=(12, 4 * rows), squeeze=False) as (fig, axes):
+        for col, (cut, aspect, origin) in enumerate(views):
+            for row in range(rows):
+                ax = axes[row][col]
+                ax.imshow(cut(vol.array), cmap="gray", vmin=window[0], vmax=window[1], aspect=aspect, origin=origin)
+                if row == 1:
+                    shown = np.ma.masked_equal(cut(labels), 0)
+                    ax.imshow(shown, cmap="tab10", vmin=0, vmax=10, alpha=0.45, aspect=aspect, origin=origin,
+                              interpolation="nearest")
+                ax.set_axis_off()
+            axes[0][col].set_title(("axial", "coronal", "sagittal")[col])
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
     return path

@@ -16,6 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import InputError
+from .preprocess import as_window
 
 #: The paper's denoising window: its PSNR/SSIM are computed in it, and it is the window of soft tissue.
 DENOISING_WINDOW_HU = (-160.0, 240.0)
@@ -81,9 +82,7 @@ def ssim(x: np.ndarray, ref: np.ndarray, data_range: float, mode: str = "2d") ->
 def hu_window_metrics(pred_hu: np.ndarray, clean_hu: np.ndarray,
                       window: Tuple[float, float] = DENOISING_WINDOW_HU) -> Dict[str, float]:
     """PSNR and (per-slice 2D) SSIM after clipping both images to the HU `window`."""
-    lo, hi = float(window[0]), float(window[1])
-    if not hi > lo:
-        raise InputError(f"window must be (low, high) with high > low, got {window}.")
+    lo, hi = as_window(window)
     pred = np.clip(np.asarray(pred_hu, dtype=np.float64), lo, hi)
     clean = np.clip(np.asarray(clean_hu, dtype=np.float64), lo, hi)
     return {"psnr": psnr(pred, clean, hi - lo), "ssim": ssim(pred, clean, hi - lo)}

@@ -597,8 +597,11 @@ class _LossLog:
         return float(np.mean([float(r["loss"]) for r in self.rows[-n:]])) if self.rows else float("nan")
 
     def flush(self, plot: bool) -> None:
-        _write_csv(self.loss_path, self.rows)
-        _write_csv(self.val_path, self.val_rows)
+        from .io import write_csv
+
+        for rows, path in ((self.rows, self.loss_path), (self.val_rows, self.val_path)):
+            if rows:
+                write_csv(rows, list(rows[-1]), path)
         if plot and self.rows:
             _plot(self.loss_path.parent / "loss_curve.png", self.rows, self.val_rows)
 
@@ -610,40 +613,21 @@ def _read_csv(path: Path) -> List[dict]:
         return list(csv.DictReader(handle))
 
 
-def _write_csv(path: Path, rows: List[dict]) -> None:
-    from .io import atomic_path
-
-    if not rows:
-        return
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[-1].keys()))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def _plot(path: Path, rows: List[dict], val_rows: List[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .io import atomic_path
+    from .io import png_figure
 
     steps = np.array([int(r["step"]) for r in rows])
     loss = np.array([float(r["loss"]) for r in rows])
     window = max(1, min(100, len(loss) // 10))
     smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, loss, color="0.8", lw=0.5, label="training loss")
-    ax.plot(steps[window - 1:], smooth, color="C0", label=f"mean of {window} steps")
-    for i, key in enumerate(k for k in (val_rows[0] if val_rows else {}) if k.startswith("t")):
-        ax.plot([int(r["step"]) for r in val_rows], [float(r[key]) for r in val_rows], "o-", ms=3,
-                color=f"C{i + 1}", label=f"validation {key} (EMA)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("L1 loss on epsilon")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    with png_figure(path, 100, figsize=(7, 4)) as (fig, ax):
+        ax.plot(steps, loss, color="0.8", lw=0.5, label="training loss")
+        ax.plot(steps[window - 1:], smooth, color="C0", label=f"mean of {window} steps")
+        for i, key in enumerate(k for k in (val_rows[0] if val_rows else {}) if k.startswith("t")):
+            ax.plot([int(r["step"]) for r in val_rows], [float(r[key]) for r in val_rows], "o-", ms=3,
+                    color=f"C{i + 1}", label=f"validation {key} (EMA)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("L1 loss on epsilon")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        fig.tight_layout()

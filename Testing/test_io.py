@@ -446,6 +446,21 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
     assert_same_volume(read_volume(tmp_path / "result.nii.gz"), vol)
 
 
+def test_a_figure_is_written_whole_or_not_at_all_and_always_closed(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from MedDiffFMLib.io import png_figure
+
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        with png_figure(tmp_path / "broken.png", 50, figsize=(2, 2)) as (fig, ax):
+            ax.plot([0, 1], [0, 1])
+            raise RuntimeError("drawing failed")
+    assert list(tmp_path.iterdir()) == [] and plt.get_fignums() == []
+    with png_figure(tmp_path / "ok.png", 50, nrows=1, ncols=2, figsize=(2, 1)) as (fig, axes):
+        assert len(axes) == 2
+    assert (tmp_path / "ok.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plt.get_fignums() == []
+
+
 def test_volume_helpers_keep_geometry():
     vol = read_volume(LIMB_NII)
     other = vol.with_array(np.zeros(vol.shape, np.uint8))

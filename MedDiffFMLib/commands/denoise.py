@@ -102,27 +102,17 @@ def write_preview(noisy, denoised, window, noise_hu: float, path: Path) -> None:
 
     The difference is scaled to +-3 noise standard deviations, so removed noise and any removed structure
     are both visible."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..io import atomic_path
+    from ..io import png_figure
 
     z = noisy.shape[0] // 2
     lo, hi = window
     half = 3.0 * noise_hu
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
     panels = [(noisy[z], "input", "gray", lo, hi), (denoised[z], "denoised", "gray", lo, hi),
               (noisy[z] - denoised[z], "input - denoised (HU)", "coolwarm", -half, half)]
-    for ax, (image, title, cmap, vmin, vmax) in zip(axes, panels):
-        shown = ax.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax)
-        ax.set_title(title)
-        ax.axis("off")
-        fig.colorbar(shown, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
+    with png_figure(path, 100, nrows=1, ncols=3, figsize=(12, 4.4)) as (fig, axes):
+        for ax, (image, title, cmap, vmin, vmax) in zip(axes, panels):
+            shown = ax.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax)
+            ax.set_title(title)
+            ax.axis("off")
+            fig.colorbar(shown, ax=ax, fraction=0.046)
+        fig.tight_layout()
