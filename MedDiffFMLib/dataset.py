@@ -151,7 +151,8 @@ def training_anatomy(vol: Volume, spec: AnatomySpec, name: str) -> np.ndarray:
     which the tasks compute again at inference; never another source in its place."""
     if spec.source == "user":
         raise InputError(f"{name}: the model is conditioned on anatomy label maps from the user, and this CT has none; "
-                         "give every training CT its label map")
+                         "give every training CT its label map (from Python: CTPatchDataset(..., masks=[...]); the train command "
+                         "takes none)")
     try:
         return get_anatomy(vol, source=spec.source)[0]
     except ResourceError as exc:
@@ -289,6 +290,13 @@ class CTPatchDataset(torch.utils.data.Dataset):
         if params.get("window") != list(self.cfg.windows[region]) or params.get("anatomy") != anatomy:
             raise InputError(f"{path}: cache entry made for another model configuration (HU window or anatomy "
                              "classes differ); preprocess the CT again for this model")
+        # One of this model's grids, its slice spacing perhaps raised for thick slices (`case_spacings`).
+        grid = params.get("spacing_zyx")
+        if not any(isinstance(grid, list) and len(grid) == 3 and grid[1:] == list(s[1:]) and grid[0] >= s[0]
+                   for s in self.cfg.train_spacings):
+            raise InputError(f"{path}: cache entry on a grid of {grid} mm (z, y, x), none of this model's training "
+                             f"grids {[list(s) for s in self.cfg.train_spacings]}; preprocess the CT again for this "
+                             "model")
         return region
 
     def _read(self, case: CTCase) -> Volume:

@@ -342,7 +342,12 @@ def finetune(base: str, task: str, data, out_dir, settings, val_data=None, resum
     settings = dataclasses.replace(settings, extra={**settings.extra, "finetune": run})
     if resume:
         state = load_training_state(out_dir)
-        earlier = state[1]["settings"]["extra"].get("finetune") if state is not None else run
+        recorded = state[1].get("settings") if state is not None else {"extra": {"finetune": run}}
+        extra = recorded.get("extra") if isinstance(recorded, dict) else None
+        if not isinstance(extra, dict):
+            raise CheckpointError(f"the training state in {out_dir} lacks its settings; it was not written by this "
+                                  "version of MedDiffFM's finetune; start a new run in another folder")
+        earlier = extra.get("finetune")
         if earlier is None:  # recorded before runs named their task: tell the kind of run by its tensors
             if not any(key.startswith("model.controlnet.") for key in state[0]):
                 raise InputError(f"{out_dir} holds a pre-training run, not a fine-tuning run; fine-tune into a "

@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -38,7 +38,8 @@ from .torchrun_env import torchrun_place
 
 log = logging.getLogger(__name__)
 
-#: Validation loss is reported per noise range: [0, 100), [100, 250), [250, 500), [500, 1000).
+#: Validation loss is reported per noise range: [0, 100), [100, 250), [250, 500), [500, 1000) for the usual 1000
+#: timesteps, in proportion for a schedule of another length (`validation_buckets`).
 VALIDATION_BUCKETS = ((0, 100), (100, 250), (250, 500), (500, 1000))
 VALIDATION_SEED = 1234
 
@@ -46,7 +47,8 @@ VALIDATION_SEED = 1234
 #: Adam's learning rate of a new run (a resumed run keeps its checkpoint's unless another is given).
 DEFAULT_LR = 1e-4
 #: Settings that a resumed run keeps from its checkpoint unless given (None there), with a new run's value.
-RUN_OWN_SETTINGS = {"correlated_noise_fraction": 0.0, "precision": "auto"}
+RUN_OWN_SETTINGS = {"correlated_noise_fraction": 0.0, "precision": "auto", "low_noise_fraction": 0.5,
+                    "low_noise_max_t": 250, "half_export": True}
 
 
 @dataclass
@@ -59,9 +61,10 @@ class TrainSettings:
     lr: Optional[float] = None  # None: DEFAULT_LR for a new run, the checkpoint's rate on resume
     ema_decay: float = 0.999
     grad_clip: float = 1.0
-    # Extra weight on the low-noise range the restoration tasks start from (synthesis still sees all t).
-    low_noise_fraction: float = 0.5
-    low_noise_max_t: int = 250
+    # Extra weight on the low-noise range the restoration tasks start from (synthesis still sees all t); None: the
+    # resumed run's own (a new run: RUN_OWN_SETTINGS).
+    low_noise_fraction: Optional[float] = None
+    low_noise_max_t: Optional[int] = None
     # Share of the low-t noise (noise_texture) with the in-plane texture of CT noise instead of white; None: the
     # resumed run's own share (a new run: 0).
     correlated_noise_fraction: Optional[float] = None
@@ -77,7 +80,7 @@ class TrainSettings:
     # slower than fp32); "fp32" or "bf16" forces it, e.g. to compare the two on the denoising table. None: the
     # resumed run's own (a new run: auto).
     precision: Optional[str] = None
-    half_export: bool = True  # fp16 weights in the exported EMA model files
+    half_export: Optional[bool] = None  # fp16 weights in the exported EMA model files (None: the run's own; new: yes)
     # Free-form facts stored with the run (e.g. the fine-tuning task), not used by the loop itself.
     extra: Dict[str, object] = field(default_factory=dict)
 
@@ -93,9 +96,12 @@ class TrainSettings:
             problems.append(f"the learning rate and checkpoint minutes must be finite and > 0, got {self.lr} and "
                             f"{self.checkpoint_minutes}")
         top_t = cfg.num_train_timesteps if cfg is not None else float("inf")
-        if not 0.0 <= self.low_noise_fraction <= 1.0 or not 1 <= self.low_noise_max_t <= top_t:
-            problems.append(f"the low-noise fraction must be in [0, 1] and its max t in [1, {top_t}], got "
-                            f"{self.low_noise_fraction} and {self.low_noise_max_t}")
+        if self.low_noise_fraction is not None and not 0.0 <= self.low_noise_fraction <= 1.0:
+            problems.append(f"the low-noise fraction must be in [0, 1], got {self.low_noise_fraction}")
+        # Its top timestep matters only where some timesteps are drawn below it (fine-tuning draws none).
+        if self.low_noise_fraction != 0 and self.low_noise_max_t is not None and not 1 <= self.low_noise_max_t <= top_t:
+            problems.append(f"the low-noise max t must be in [1, {top_t}] (the model's timesteps), got "
+                            f"{self.low_noise_max_t}")
         if self.correlated_noise_fraction is not None and not 0.0 <= self.correlated_noise_fraction <= 1.0:
             problems.append(f"the correlated-noise fraction must be in [0, 1], got {self.correlated_noise_fraction}")
         if self.precision is not None and self.precision not in PRECISIONS:
@@ -178,6 +184,11 @@ def validation_batch(val_data, n: int) -> dict:
 
 
 @torch.no_grad()
+def validation_buckets(num_timesteps: int) -> List[Tuple[int, int]]:
+    """VALIDATION_BUCKETS scaled to a schedule of `num_timesteps` steps."""
+    return [(lo * num_timesteps // 1000, hi * num_timesteps // 1000) for lo, hi in VALIDATION_BUCKETS]
+
+
 def validation_losses(model: torch.nn.Module, schedule: Schedule, batch: dict,
                       device: torch.device) -> Dict[str, float]:
     """L1 epsilon loss per noise range, at fixed timesteps and noise (comparable across runs and steps)."""
@@ -185,7 +196,7 @@ def validation_losses(model: torch.nn.Module, schedule: Schedule, batch: dict,
     x0 = batch["image"].to(device)
     n = x0.shape[0]
     losses = {}
-    for lo, hi in VALIDATION_BUCKETS:
+    for lo, hi in validation_buckets(schedule.T):
         t = torch.from_numpy(np.linspace(lo, hi - 1, n).round().astype(np.int64))
         noise = torch.randn(x0.shape, generator=gen).to(device)
         x_t = q_sample(schedule, x0, t, noise)
@@ -248,6 +259,7 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
     own = {name: saved.get(name, new_run) if getattr(settings, name) is None else getattr(settings, name)
            for name, new_run in RUN_OWN_SETTINGS.items()}
     settings = replace(settings, lr=optimizer.param_groups[0]["lr"], **own)
+    settings.check(cfg)  # the run's own values too: a new run's low-noise range may not fit a short schedule
     if start and rank.main:
         # A kill between replacing an exported model's two files leaves them disagreeing. Both were written from
         # the state restored here (`ema-best` too: it is written only with the state whose EMA is the best).
@@ -305,15 +317,17 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}")
             wall = wall_before + time.monotonic() - started
+            improved = False
             if val_batch is not None and (step % settings.validate_every == 0 or step == settings.steps):
                 val = validation_losses(_ema_model(cfg, ema, device, build_model), schedule, val_batch, device)
                 logger.add_validation(step, val)
                 log.info("step %d validation (EMA) %s", step, " ".join(f"{k}={v:.4f}" for k, v in val.items()))
-            due = (step % settings.checkpoint_every == 0 or step == settings.steps or stopping
+                improved = val["mean"] < best
+                best = val["mean"] if improved else best
+            # A better validation is saved at once: `ema-best` must be the very EMA that was validated.
+            due = (improved or step % settings.checkpoint_every == 0 or step == settings.steps or stopping
                    or time.monotonic() - last_save > 60 * settings.checkpoint_minutes)
             if rank.main and due:
-                improved = bool(val) and val["mean"] < best
-                best = val["mean"] if improved else best
                 _save(out_dir, cfg, settings, model, ema, optimizer, step, wall, best, data, val, device, improved,
                       export_model)
                 logger.flush(plot=True)
@@ -434,7 +448,7 @@ def _save(out_dir: Path, cfg: ModelConfig, settings: TrainSettings, model, ema: 
             else:
                 optimizer_scalars.setdefault(str(index), {})[key] = value
     scalars = {"config": cfg.to_dict(), "settings": asdict(settings), "wall_seconds": wall, "best_validation": best,
-               "validation": val,
+               "validation": val, "training_data": getattr(data, "summary", lambda: {})(),
                "optimizer": {"param_groups": opt["param_groups"], "scalars": optimizer_scalars}}
     save_training_state(out_dir, step, tensors, scalars)
     _export(out_dir, cfg, settings, ema, step, wall, data, val, device, ("ema", "ema-best") if improved else ("ema",),
@@ -475,15 +489,18 @@ def _config_difference(saved: dict, cfg: ModelConfig) -> str:
     return f"its {', '.join(fields)} {'differs' if len(fields) == 1 else 'differ'}"
 
 
-def check_resume_config(out_dir, cfg: ModelConfig) -> None:
-    """Refuse, before any data is prepared, to resume a run of another model configuration (reads JSON only)."""
+def check_resume_config(out_dir, cfg: ModelConfig) -> dict:
+    """Refuse, before any data is prepared, to resume a run of another model configuration (reads JSON only).
+    Returns the newest state's record ({} when there is none to read), e.g. its `training_data`."""
     out_dir = Path(out_dir)
     try:
         stem = json.loads((out_dir / "last.json").read_text())["state"]
-        saved = json.loads((out_dir / f"{stem}.json").read_text())["config"]
+        record = json.loads((out_dir / f"{stem}.json").read_text())
+        saved = record["config"]
     except (OSError, ValueError, KeyError, TypeError):
-        return  # no run yet, or a damaged pointer: train() falls back to an older state or says what is wrong
+        return {}  # no run yet, or a damaged pointer: train() falls back to an older state or says what is wrong
     _refuse_other_config(out_dir, saved, cfg)
+    return record if isinstance(record, dict) else {}
 
 
 def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: Rank,

@@ -175,6 +175,16 @@ def test_training_anatomy_comes_from_the_models_own_source(cfg, tmp_path, monkey
         CTPatchDataset([case], user, tmp_path / "c")
 
 
+def test_a_cache_entry_of_another_training_grid_is_refused(data, cfg):
+    entry = data.entries[1][0]  # the limb at 3 mm
+    elsewhere = dataclasses.replace(cfg, train_spacings=((2.0, 2.0, 2.0),))
+    with pytest.raises(InputError, match=r"cache entry on a grid of \[3.0, 3.0, 3.0\] mm \(z, y, x\), none of this "
+                                         r"model's training grids \[\[2.0, 2.0, 2.0\]\]"):
+        CTPatchDataset([str(entry)], elsewhere, entry.parent)
+    thicker = dataclasses.replace(cfg, train_spacings=((1.0, 3.0, 3.0),))  # slices raised for a thick CT: accepted
+    assert CTPatchDataset([str(entry)], thicker, entry.parent).regions == ["other"]
+
+
 def test_distributed_sampler_ranks_draw_different_patches(data):
     """Items are a function of the index alone, so disjoint sampler indices are all a rank needs."""
     from torch.utils.data import DistributedSampler

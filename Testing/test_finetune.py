@@ -197,12 +197,22 @@ def test_resumed_finetuning_equals_an_uninterrupted_run(base, chest_nodule_crop,
         finetune(weights, "super-resolution", data, tmp_path / "resumed", TrainSettings(steps=6), resume=True)
     with pytest.raises(CheckpointError, match="a pre-training run and a ControlNet fine-tuning run cannot"):
         train(base.cfg, data, tmp_path / "resumed", TrainSettings(steps=6), resume=True)
+    for suffix in (".safetensors", ".json"):  # the base as the run began on it
+        shutil.copy(tmp_path / f"base{suffix}", tmp_path / f"original{suffix}")
     # The base file retrained in place (e.g. a training run's ema.safetensors): the message says so.
     changed = {k: v + 0.01 if v.is_floating_point() else v for k, v in base.state_dict().items()}
     save_model(changed, base.cfg, tmp_path / "base", half=False)
     with pytest.raises(InputError, match="fine-tunes a base whose weights have changed since: .* A ControlNet fits "
                                          "only the exact base it was trained on"):
         finetune(weights, "lesion", data, tmp_path / "resumed", TrainSettings(steps=6), resume=True)
+    # A state without its settings (hand-edited, or of another program) is named, as `train` names it.
+    state_record = folder / (json.loads((folder / "last.json").read_text())["state"] + ".json")
+    record = json.loads(state_record.read_text())
+    del record["settings"]
+    state_record.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="lacks its settings"):
+        finetune(str(tmp_path / "original.safetensors"), "lesion", data, tmp_path / "resumed", TrainSettings(steps=6),
+                 resume=True)
 
 
 def test_finetuning_on_a_training_runs_ema_model_is_warned_about(base, chest_nodule_crop, tmp_path, caplog):

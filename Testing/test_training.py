@@ -62,10 +62,12 @@ def test_loss_falls_on_real_ct(cfg, data, cache, tmp_path):
 
 
 def test_resume_gives_the_uninterrupted_result(cfg, data, tmp_path):
-    settings = _quiet(steps=6, batch_size=2, grad_accum=2, seed=5)
+    settings = _quiet(steps=6, batch_size=2, grad_accum=2, seed=5, low_noise_fraction=0.9, low_noise_max_t=30)
     straight = train(cfg, data, tmp_path / "straight", settings)
     train(cfg, data, tmp_path / "split", dataclasses.replace(settings, steps=3))
-    resumed = train(cfg, data, tmp_path / "split", settings, resume=True)
+    # Not given again, the timestep mix is the run's own (RUN_OWN_SETTINGS), not the new-run default.
+    resumed = train(cfg, data, tmp_path / "split", dataclasses.replace(settings, low_noise_fraction=None,
+                                                                       low_noise_max_t=None), resume=True)
     assert resumed["step"] == 6
     for key, value in straight["model"].state_dict().items():
         assert torch.equal(value, resumed["model"].state_dict()[key]), key
@@ -245,7 +247,9 @@ def test_cli_trains_and_resumes(cfg, cache, tmp_path, capsys):
     config.write_text(json.dumps(cfg.to_dict()))
     args = ["train", "--config", str(config), "--data", str(ABDOMEN_SMALL_NII), "--cache-dir", str(cache),
             "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "1"]
-    assert cli_main(args + ["--progress", "machine", "--correlated-noise", "0.5", "--precision", "fp32"]) == 0
+    assert cli_main(args + ["--progress", "machine", "--correlated-noise", "0.5", "--precision", "fp32",
+                            "--low-noise-fraction", "0.1", "--low-noise-max-t", "40", "--mode-weights", "crop=1",
+                            "--fp32-export"]) == 0
     out, err = capsys.readouterr()
     _, _, info = load_model(tmp_path / "run" / "ema")
     assert info["settings"]["correlated_noise_fraction"] == 0.5  # the model records its training noise
@@ -257,9 +261,14 @@ def test_cli_trains_and_resumes(cfg, cache, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "MEDDIFFFM_PROGRESS" not in out and "step/s" not in err and "s/step" not in err
     assert json.loads((tmp_path / "run" / "last.json").read_text())["step"] == 3
-    # Resumed without --correlated-noise or --precision, the run kept its own share of textured noise and arithmetic.
-    resumed = load_model(tmp_path / "run" / "ema")[2]["settings"]
-    assert resumed["correlated_noise_fraction"] == 0.5 and resumed["precision"] == "fp32"
+    # Resumed without --correlated-noise, --precision, the low-noise options, --mode-weights or --fp32-export, the run
+    # kept its own share of textured noise, arithmetic, timestep mix, patch mix and export precision.
+    resumed = load_model(tmp_path / "run" / "ema")[2]
+    assert resumed["settings"]["correlated_noise_fraction"] == 0.5 and resumed["settings"]["precision"] == "fp32"
+    assert (resumed["settings"]["low_noise_fraction"], resumed["settings"]["low_noise_max_t"]) == (0.1, 40)
+    assert resumed["settings"]["half_export"] is False
+    assert resumed["training_data"]["mode_weights"] == info["training_data"]["mode_weights"]
+    assert info["training_data"]["mode_weights"]["crop"] == 1.0
 
 
 def test_a_hard_cancel_of_training_says_which_checkpoint_stays(cfg, cache, tmp_path, capsys, monkeypatch):
@@ -307,7 +316,7 @@ def test_cli_refuses_conflicting_or_unusable_settings_before_preparing_data(cfg,
                                                              "tiny asks for another"),
             (["--config", str(tmp_path / "absent.json")], "cannot read --config"),
             (["--config", str(bad_config)], "is not a usable model configuration"),
-            (["--preset", "tiny", "--low-noise-max-t", "5000"], "its max t in \\[1, 1000\\]"),
+            (["--preset", "tiny", "--low-noise-max-t", "5000"], "low-noise max t must be in \\[1, 1000\\]"),
             (["--preset", "tiny", "--mode-weights", "whole=nan"], "patch mode weights must be finite"),
             (["--preset", "tiny", "--mode-weights", "foo=1"], "unknown patch mode\\(s\\) foo; the modes are whole"),
             (["--init-from", "tiny-lesion"], "--init-from tiny-lesion is a ControlNet fine-tuned for lesion"),
@@ -335,3 +344,34 @@ def test_precision_auto_is_fp32_on_the_cpu_and_bf16_is_autocast(cfg, data, tmp_p
     assert torch.equal(weights["auto"], weights["fp32"])
     assert not torch.equal(weights["bf16"], weights["fp32"])
     assert torch.allclose(weights["bf16"], weights["fp32"], atol=0.05)  # the same step, rounded otherwise
+
+
+def test_the_best_model_is_the_validated_ema_with_its_own_validation(cfg, data, cache, tmp_path, monkeypatch):
+    """Validations (every 2 steps) and checkpoints (every 3) rarely meet: a better validation is saved at once, so
+    `ema-best` holds the very weights it was scored on, recorded with that score, even when later ones score worse."""
+    scores = iter([0.5, 0.9])  # step 2 is the best, step 4 worse
+    monkeypatch.setattr("MedDiffFMLib.training.validation_losses", lambda *a, **k: {"mean": next(scores)})
+    val = CTPatchDataset(CASES, cfg, cache, seed=99, anatomy_dropout=0.0)
+    settings = TrainSettings(steps=4, batch_size=1, seed=2, validate_every=2, checkpoint_every=3,
+                             checkpoint_minutes=10 ** 6, validation_patches=2, half_export=False)
+    train(cfg, data, tmp_path, settings, val_data=val)
+    model, _, info = load_model(tmp_path / "ema-best")
+    assert info["steps"] == 2 and info["validation_loss"] == {"mean": 0.5}
+    two_steps = train(cfg, data, tmp_path / "two", dataclasses.replace(settings, steps=2))  # the EMA of step 2
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, two_steps["ema"][key]), key
+    assert load_model(tmp_path / "ema")[2]["steps"] == 4
+
+
+def test_a_schedule_of_another_length_is_validated_in_proportion(cfg, data, cache, tmp_path):
+    from MedDiffFMLib.errors import InputError
+    from MedDiffFMLib.training import validation_buckets
+
+    assert validation_buckets(1000) == [(0, 100), (100, 250), (250, 500), (500, 1000)]
+    short = dataclasses.replace(cfg, num_train_timesteps=100)
+    val = CTPatchDataset(CASES, short, cache, seed=99, anatomy_dropout=0.0)
+    with pytest.raises(InputError, match=r"low-noise max t must be in \[1, 100\] \(the model's timesteps\), got 250"):
+        train(short, data, tmp_path / "a", _quiet(steps=1, batch_size=1))  # a new run's 250 does not fit
+    record = train(short, data, tmp_path / "b", _quiet(steps=2, batch_size=1, low_noise_max_t=50, validate_every=1,
+                                                       validation_patches=2), val_data=val)
+    assert set(record["validation"]) == {"t0-10", "t10-25", "t25-50", "t50-100", "mean"}

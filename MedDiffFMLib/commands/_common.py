@@ -257,6 +257,11 @@ def training_result(record: dict, model_file: Path, kind: str) -> int:
     return 0
 
 
+def half_export(args: argparse.Namespace) -> Optional[bool]:
+    """TrainSettings.half_export of --fp32-export: False when given, else None (a resumed run's own; new: fp16)."""
+    return False if args.fp32_export else None
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the training commands: validation data, data root, run folder, cache, resume, and the
     optimisation loop (steps, batch, learning rate, seed, validation and checkpoint intervals, threads)."""
@@ -284,7 +289,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=positive_int, default=500, help="steps between checkpoints")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--num-workers", type=non_negative_int, default=0, help="data-loading worker processes")
-    parser.add_argument("--fp32-export", action="store_true", help="store exported EMA weights as fp32")
+    parser.add_argument("--fp32-export", action="store_true",
+                        help="store exported EMA weights as fp32 (a resumed run keeps its own choice otherwise)")
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="network arithmetic while training (auto: bf16 autocast on a GPU, fp32 on the CPU; bf16 "
                         "forces it, on the CPU too; default: auto, or on --resume the run's own)")

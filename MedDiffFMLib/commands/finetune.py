@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                              seed=args.seed, validate_every=args.validate_every,
                              checkpoint_every=args.checkpoint_every, num_workers=args.num_workers,
-                             half_export=not args.fp32_export, low_noise_fraction=0.0, precision=args.precision)
+                             half_export=_common.half_export(args), low_noise_fraction=0.0, precision=args.precision)
     settings.check(cfg)  # before the (slow) data preparation
     val_spec = args.val_data if args.val_data is not None else (["validation"] if args.data == ["train"] else [])
     if args.task == "super-resolution":

@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..training import RUN_OWN_SETTINGS
+
     parser.add_argument("--preset", help="model preset: tiny, default or paper (default: default, or the "
                         "configuration of the --init-from model)")
     parser.add_argument("--config", type=Path, help="JSON ModelConfig (overrides --preset)")
@@ -23,11 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'train' or 'validation' (split of the shared CT data), a folder, or CT files")
     _common.add_run_arguments(parser)
     parser.add_argument("--init-from", help="start from the weights of this model (name or .safetensors path)")
-    parser.add_argument("--mode-weights", default="whole=0.2,crop2x=0.3,crop=0.5",
-                        help="mix of patch modes, e.g. whole=0.2,crop2x=0.3,crop=0.5")
-    parser.add_argument("--low-noise-fraction", type=float, default=0.5,
-                        help="share of timesteps drawn from t < --low-noise-max-t")
-    parser.add_argument("--low-noise-max-t", type=int, default=250, help="upper end of the low-noise timesteps")
+    parser.add_argument("--mode-weights",
+                        help="mix of patch modes, e.g. whole=0.2,crop2x=0.3,crop=0.5 (default: a resumed run's own, "
+                        "else that one)")
+    parser.add_argument("--low-noise-fraction", type=float,
+                        help="share of timesteps drawn from t < --low-noise-max-t (default: a resumed run's own, "
+                        f"else {RUN_OWN_SETTINGS['low_noise_fraction']:g})")
+    parser.add_argument("--low-noise-max-t", type=int,
+                        help="upper end of the low-noise timesteps (default: a resumed run's own, else "
+                        f"{RUN_OWN_SETTINGS['low_noise_max_t']})")
     parser.add_argument("--correlated-noise", type=float, metavar="FRACTION",
                         help="share of the noise in the lowest 30 %% of the timesteps given the in-plane texture of "
                              "CT noise (ramp-filtered, like filtered back-projection) instead of white: teaches the "
@@ -61,13 +67,14 @@ def run(args: argparse.Namespace) -> int:
         correlated_noise_fraction=args.correlated_noise,
         validate_every=args.validate_every, checkpoint_every=args.checkpoint_every,
         checkpoint_minutes=args.checkpoint_minutes, num_workers=args.num_workers,
-        channels_last=args.channels_last, compile=args.compile, half_export=not args.fp32_export,
+        channels_last=args.channels_last, compile=args.compile, half_export=_common.half_export(args),
         precision=args.precision)
     # Everything that can be refused is refused before the (slow) data preparation.
     settings.check(cfg)
-    if args.resume:
-        check_resume_config(args.out, cfg)
-    mode_weights = _mode_weights(args.mode_weights)
+    saved = check_resume_config(args.out, cfg) if args.resume else {}
+    # Like the settings above, a resumed run keeps its own patch mix unless another is given.
+    mode_weights = (_mode_weights(args.mode_weights) if args.mode_weights is not None
+                    else saved.get("training_data", {}).get("mode_weights"))  # None: the dataset's default
     data = CTPatchDataset(cases(args.data), cfg, cache, seed=args.seed, mode_weights=mode_weights)
     val = CTPatchDataset(cases(val_spec), cfg, cache, seed=args.seed + 1, anatomy_dropout=0.0) if val_spec else None
     record = train(cfg, data, args.out, settings, val_data=val, resume=args.resume, init_from=args.init_from,
