@@ -171,4 +171,5 @@ OUT_OF_MEMORY_HINTS = {
     "evaluate anomaly": "fewer or smaller score volumes (crops around the lesions)",
     "preprocess": "a CT cropped to the region of interest",
     "info": "a CT cropped to the region of interest",
+    "models": "a machine with more free memory",
 }

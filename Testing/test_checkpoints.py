@@ -5,6 +5,7 @@ import dataclasses
 import json
 import logging
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -403,3 +404,38 @@ def test_head_counts_at_levels_without_attention_are_ignored_as_monai_does(tmp_p
     cfg = dataclasses.replace(preset("tiny"), num_head_channels=(8, 16, 16))
     save_model(MedDiffNet(cfg).state_dict(), cfg, tmp_path / "m", {}, half=False)
     assert load_model(tmp_path / "m")[1].num_head_channels == (8, 16, 16)
+
+
+def test_the_models_command_lists_describes_verifies_and_registers(tmp_path, monkeypatch, capsys):
+    from MedDiffFMLib.cli import main
+
+    assert main(["models", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert list(rows) == [entry["name"] for entry in checkpoints.registry()]
+    assert rows["default"]["kind"] == "base" and rows["lesion"]["kind"] == "lesion ControlNet"
+    assert all(row["installed"] for row in rows.values())
+    assert main(["models", "tiny", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    model, _, info = load_model("tiny")
+    assert report["verified"] and report["sha256"] == info["sha256"]
+    assert report["parameters"] == sum(p.numel() for p in model.parameters())
+    # A damaged copy is refused, whatever its description says.
+    weights = checkpoints.resolve_model("tiny")
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(weights.with_suffix(suffix), tmp_path / f"copy{suffix}")
+    damaged = bytearray((tmp_path / "copy.safetensors").read_bytes())
+    damaged[-100] ^= 0xFF
+    (tmp_path / "copy.safetensors").write_bytes(bytes(damaged))
+    assert main(["models", str(tmp_path / "copy.safetensors")]) == 2
+    assert "SHA-256" in capsys.readouterr().err
+    # Registering installs a verified copy under the name, in the registry the tasks read.
+    registry = tmp_path / "Resources" / "Models.json"
+    registry.parent.mkdir()
+    registry.write_text(json.dumps({"models": []}))
+    monkeypatch.setattr(checkpoints, "REGISTRY", registry)
+    assert main(["models", str(weights), "--register", "mine", "--description", "a test model"]) == 0
+    assert [entry["name"] for entry in checkpoints.registry(registry)] == ["mine"]
+    assert checkpoints.sha256_file(tmp_path / "Resources" / "Models" / "meddifffm-mine.safetensors") == info["sha256"]
+    capsys.readouterr()
+    assert main(["models", str(weights), "--register", "other"]) == 2
+    assert "--register NAME needs the model file to install (MODEL) and --description TEXT" in capsys.readouterr().err

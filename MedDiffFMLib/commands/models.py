@@ -1,0 +1,125 @@
+"""CLI `models`: the registered models, one model described and verified, or a trained model registered."""
+from __future__ import annotations
+
+import argparse
+import json
+import textwrap
+from typing import Any, Dict, List
+
+NAME = "models"
+HELP = ("List the registered models (name, kind, preset, training steps, installed or not); with a name or "
+        ".safetensors file, describe that model and verify its weights against their SHA-256; with --register, "
+        "install a trained model under a name the tasks' --model takes.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", help="a registered name or a .safetensors model file to describe")
+    parser.add_argument("--register", metavar="NAME",
+                        help="copy MODEL into Resources/Models as meddifffm-NAME and list it in Resources/Models.json "
+                        "(replacing a model of that name); the copy is verified first")
+    parser.add_argument("--description", help="one line for the registry, with --register")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import InputError
+
+    if args.register is not None:
+        if not args.model or not args.description:
+            raise InputError("--register NAME needs the model file to install (MODEL) and --description TEXT")
+        return _register(args)
+    if args.description:
+        raise InputError("--description goes with --register NAME")
+    report: Any = describe(args.model) if args.model else listing()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(_format_description(report) if args.model else _format_listing(report))
+    return 0
+
+
+def listing() -> List[Dict[str, Any]]:
+    """One row per registered model: its registry entry, its kind (from its own description when installed)."""
+    from ..checkpoints import RESOURCES, controlnet_task_in, read_model_info, registry
+
+    rows = []
+    for entry in registry():
+        weights = RESOURCES / entry["file"]
+        installed = weights.exists() and weights.stat().st_size == entry.get("size", weights.stat().st_size)
+        kind = None
+        if installed:
+            task = controlnet_task_in(read_model_info(weights))
+            kind = "base" if task is None else f"{task} ControlNet"
+        rows.append({"name": entry["name"], "kind": kind, "preset": entry.get("preset"),
+                     "steps": (entry.get("training") or {}).get("steps"), "installed": installed,
+                     "file": str(weights), "description": entry.get("description", "")})
+    return rows
+
+
+def describe(name_or_path: str) -> Dict[str, Any]:
+    """A model's description, after loading it whole: SHA-256, size, config and weights are checked."""
+    from ..checkpoints import controlnet_task_in, load_model, resolve_model
+    from ..network import parameter_count
+
+    weights = resolve_model(name_or_path)
+    model, cfg, info = load_model(weights)
+    task = controlnet_task_in(info)
+    training = {key: info.get(key) for key in ("steps", "wall_hours", "device", "validation_loss")}
+    settings = info.get("settings") or {}
+    return {
+        "model": str(name_or_path), "file": str(weights), "verified": True, "sha256": info.get("sha256"),
+        "size_bytes": info.get("size"), "kind": "base" if task is None else f"{task} ControlNet",
+        "base": info.get("base_model"), "parameters": parameter_count(model),
+        "config": {key: getattr(cfg, key) for key in ("name", "patch_size", "channels", "attention_levels",
+                                                       "num_train_timesteps", "schedule", "anatomy", "regions",
+                                                       "windows", "train_spacings")},
+        "training": training,
+        "settings": {key: settings.get(key) for key in ("batch_size", "lr", "low_noise_fraction", "low_noise_max_t",
+                                                         "correlated_noise_fraction", "precision") if key in settings},
+        "training_data": info.get("training_data"),
+    }
+
+
+def _register(args: argparse.Namespace) -> int:
+    from .. import checkpoints
+
+    entry = checkpoints.register_model(args.model, args.register, args.description, registry_path=checkpoints.REGISTRY)
+    if args.json:
+        print(json.dumps(entry, indent=2))
+    else:
+        print(f"registered {entry['name']}: {entry['file']} (SHA-256 {entry['sha256'][:12]}..., "
+              f"{entry['size'] / 2 ** 20:.1f} MiB); the tasks take it as --model {entry['name']}")
+    return 0
+
+
+def _format_listing(rows: List[Dict[str, Any]]) -> str:
+    if not rows:
+        return "no model is registered (Resources/Models.json lists none)"
+    lines = [f"{'name':<24} {'kind':<28} {'preset':<8} {'steps':>7}  description"]
+    for row in rows:
+        kind = row["kind"] if row["installed"] else "(not installed)"
+        steps = "" if row["steps"] is None else str(row["steps"])
+        description = textwrap.shorten(row["description"], 60, placeholder=" ...")
+        lines.append(f"{row['name']:<24} {kind:<28} {str(row['preset']):<8} {steps:>7}  {description}")
+    return "\n".join(lines)
+
+
+def _format_description(report: Dict[str, Any]) -> str:
+    cfg, training = report["config"], report["training"]
+    validation = (training.get("validation_loss") or {}).get("mean")
+    lines = [
+        f"model      {report['model']}: {report['kind']}, {report['parameters'] / 1e6:.2f}M parameters",
+        f"file       {report['file']} ({report['size_bytes']} bytes, SHA-256 {report['sha256']}: verified)",
+        f"network    preset {cfg['name']}, {cfg['patch_size']}^3 patches, channels {list(cfg['channels'])}, "
+        f"{cfg['num_train_timesteps']} {cfg['schedule']} timesteps, {cfg['anatomy'].get('source')} anatomy",
+        "windows    " + ", ".join(f"{region} [{lo:g}, {hi:g}] HU" for region, (lo, hi) in cfg["windows"].items()),
+        f"trained    {training.get('steps')} steps, {training.get('wall_hours')} h on {training.get('device')}"
+        + ("" if validation is None else f", validation L1 {validation:.4f}"),
+    ]
+    if report["base"]:
+        base = report["base"]
+        lines.append(f"base       {base.get('name')} (SHA-256 {str(base.get('sha256'))[:12]}...)")
+    if report["settings"]:
+        lines.append("settings   " + ", ".join(f"{key} {value}" for key, value in report["settings"].items()))
+    return "\n".join(lines)
+
