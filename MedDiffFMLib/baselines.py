@@ -3,8 +3,9 @@
 All take and return HU `Volume`s and work slice by slice (axial), matching the per-slice low-dose
 simulation. NLM and BM3D denoise the image clipped to a working HU window and scaled to [0, 1]
 (by default the window the metrics score, the paper's [-160, 240] HU, where MedDiffFM's soft-tissue
-denoising also works); HU outside the window comes back clipped, which the window metrics ignore. `sigma_hu` is the noise standard deviation in HU: pass the true one
-("oracle", known in a simulation) or None to estimate it from the image (`noise.estimate_noise`).
+denoising also works); HU outside the window comes back clipped, which the window metrics ignore.
+`sigma_hu` is the noise standard deviation in HU: pass the true one ("oracle", known in a simulation) or None
+to estimate it from the image (`noise.estimate_noise`).
 """
 from __future__ import annotations
 

@@ -288,8 +288,8 @@ class LesionPatches(torch.utils.data.Dataset):
         centres = np.argwhere(lesion)
         centres = centres[::max(1, len(centres) // MAX_LESION_CENTRES)]  # an even subset bounds the memory
         return {"image": window_to_unit(image.array, self.cfg.windows[region]).astype(np.float16),
-                "labels": training_anatomy(image, anatomy_spec(self.cfg), ct_path), "lesion": lesion, "centres": centres,
-                "spacing_zyx": grid_zyx, "region": self.cfg.region_index(region)}
+                "labels": training_anatomy(image, anatomy_spec(self.cfg), ct_path), "lesion": lesion,
+                "centres": centres, "spacing_zyx": grid_zyx, "region": self.cfg.region_index(region)}
 
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, int(index)])

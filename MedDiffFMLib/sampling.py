@@ -312,8 +312,9 @@ class SlidingWindowSampler:
         `x_init` None: pure noise, for sampling from the last timestep. Each step: eps (window-averaged) -> x0
         (clamped) -> `x0_transform` -> update to the next step (`diffusion.reverse_step` with `eta`, or
         `diffusion.diffpir_step` when `zeta` is given). All noise (the start, and each step's fresh noise where eta
-        or zeta > 0) comes from one CPU torch.Generator seeded with `seed`, so results do not depend on the device's random number generator. `windows`, `fallback`: evaluate
-        only these windows (see `predict_x0`). Returns x0 as float32 on the sampler's device.
+        or zeta > 0) comes from one CPU torch.Generator seeded with `seed`, so results do not depend on the device's
+        random number generator. `windows`, `fallback`: evaluate only these windows (see `predict_x0`). Returns x0
+        as float32 on the sampler's device.
         """
         steps = [int(s) for s in steps]
         if list(steps) != sorted(set(steps), reverse=True):

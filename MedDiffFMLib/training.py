@@ -99,7 +99,8 @@ class TrainSettings:
         if self.low_noise_fraction is not None and not 0.0 <= self.low_noise_fraction <= 1.0:
             problems.append(f"the low-noise fraction must be in [0, 1], got {self.low_noise_fraction}")
         # Its top timestep matters only where some timesteps are drawn below it (fine-tuning draws none).
-        if self.low_noise_fraction != 0 and self.low_noise_max_t is not None and not 1 <= self.low_noise_max_t <= top_t:
+        max_t = self.low_noise_max_t
+        if self.low_noise_fraction != 0 and max_t is not None and not 1 <= max_t <= top_t:
             problems.append(f"the low-noise max t must be in [1, {top_t}] (the model's timesteps), got "
                             f"{self.low_noise_max_t}")
         if self.correlated_noise_fraction is not None and not 0.0 <= self.correlated_noise_fraction <= 1.0:
@@ -183,12 +184,12 @@ def validation_batch(val_data, n: int) -> dict:
     return torch.utils.data.default_collate([val_data[i] for i in range(n)])
 
 
-@torch.no_grad()
 def validation_buckets(num_timesteps: int) -> List[Tuple[int, int]]:
     """VALIDATION_BUCKETS scaled to a schedule of `num_timesteps` steps."""
     return [(lo * num_timesteps // 1000, hi * num_timesteps // 1000) for lo, hi in VALIDATION_BUCKETS]
 
 
+@torch.no_grad()
 def validation_losses(model: torch.nn.Module, schedule: Schedule, batch: dict,
                       device: torch.device) -> Dict[str, float]:
     """L1 epsilon loss per noise range, at fixed timesteps and noise (comparable across runs and steps)."""

@@ -375,3 +375,16 @@ def test_a_schedule_of_another_length_is_validated_in_proportion(cfg, data, cach
     record = train(short, data, tmp_path / "b", _quiet(steps=2, batch_size=1, low_noise_max_t=50, validate_every=1,
                                                        validation_patches=2), val_data=val)
     assert set(record["validation"]) == {"t0-10", "t10-25", "t25-50", "t50-100", "mean"}
+
+
+def test_validation_builds_no_autograd_graph(data):
+    """Scored under no_grad: a graph per validation batch would hold the activations of every bucket."""
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x_t, t, cond, region):
+            seen.append(torch.is_grad_enabled())
+            return torch.zeros_like(x_t)
+
+    validation_losses(Probe(), Schedule.cosine(1000), validation_batch(data, 2), torch.device("cpu"))
+    assert len(seen) == 4 and not any(seen)

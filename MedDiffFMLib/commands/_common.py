@@ -274,7 +274,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder of the shared CT data (for the split names; default: $MEDDIFFFM_CT_DATA, "
                         "else ../shared/data/ct beside the repository)")
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, EMA model)")
-    parser.add_argument("--cache-dir", type=Path, help="preprocessed-volume cache (default: <out>/../cache); finetune --task lesion keeps its "
+    parser.add_argument("--cache-dir", type=Path,
+                        help="preprocessed-volume cache (default: <out>/../cache); finetune --task lesion keeps its "
                         "few cases in memory and uses none")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last.json if present")
     parser.add_argument("--steps", type=positive_int, default=1000,

@@ -148,10 +148,10 @@ def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: 
     thin = (sx, sy, sz / factor)
     ratio = max(thin) / min(thin) if min(volume.spacing) > 0 else 0.0
     if ratio > MAX_ANISOTROPY:
-        raise InputError(f"factor {factor} makes slices {sz / factor:.4g} mm apart, on pixels of {sx:.4g} x {sy:.4g} "
-                         f"mm: a grid {ratio:.0f} times finer along one axis than another (at most {MAX_ANISOTROPY:.0f}); "
-                         f"choose a factor nearer {max(2, round(sz / min(sx, sy)))}, which makes the slices about as "
-                         "far apart as the pixels")
+        raise InputError(f"factor {factor} makes slices {sz / factor:.4g} mm apart, on pixels of {sx:.4g} x "
+                         f"{sy:.4g} mm: a grid {ratio:.0f} times finer along one axis than another (at most "
+                         f"{MAX_ANISOTROPY:.0f}); choose a factor nearer {max(2, round(sz / min(sx, sy)))}, which "
+                         "makes the slices about as far apart as the pixels")
     check_ct(dataclasses.replace(volume, spacing=thin))  # also refuses volumes too thin to work on
     if sigma_n < 0 or lam <= 0:
         raise InputError(f"need sigma_n >= 0 and lambda > 0, got sigma_n={sigma_n}, lambda={lam}")
