@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
 from .config import ModelConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .io import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
@@ -297,6 +298,10 @@ def register_model(source: PathLike, name: str, description: str, licence: str =
     """Copy a model (weights + JSON) to Resources/Models/meddifffm-<name>.* and add/replace its entry
     in the registry; returns the entry. The copy is verified (SHA-256) before the registry changes."""
     import shutil
+
+    # Resources/Models.schema.json's names: a file name of its own, which --model takes as a name, not a path.
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name.startswith("."):
+        raise InputError(f"a model name is letters, digits, '.', '_' and '-' (not first a '.'), got {name!r}")
 
     src_weights, src_sidecar = _weights_and_sidecar(source)
     _, _, info = load_model(src_weights)  # the whole check, before anything installed is replaced

@@ -283,7 +283,10 @@ class CTPatchDataset(torch.utils.data.Dataset):
         if not _entry_intact(path):
             raise InputError(f"{path}: the cache entry is damaged (truncated or corrupt); preprocess its CT again")
         region = params.get("region")
-        if params.get("version") != CACHE_VERSION or region not in self.cfg.regions:
+        # Version 5 changed only the labels of models not conditioned on threshold anatomy (`training_anatomy`).
+        current = params.get("version") == CACHE_VERSION or (params.get("version") == 4
+                                                             and self.spec.source == "threshold")
+        if not current or region not in self.cfg.regions:
             raise InputError(f"{path}: cache entry of another preprocessing version or region "
                              f"({params.get('version')}, {region!r}); preprocess the CT again")
         anatomy = json.loads(json.dumps(self.spec.to_dict()))  # as it reads back from the entry's JSON

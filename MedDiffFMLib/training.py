@@ -184,9 +184,22 @@ def validation_batch(val_data, n: int) -> dict:
     return torch.utils.data.default_collate([val_data[i] for i in range(n)])
 
 
+def with_run_own(settings: TrainSettings, saved: dict) -> TrainSettings:
+    """`settings` with each RUN_OWN_SETTINGS field not given (None) taken from a resumed run's `saved` settings, or
+    its new-run value."""
+    return replace(settings, **{name: saved.get(name, new_run) for name, new_run in RUN_OWN_SETTINGS.items()
+                                if getattr(settings, name) is None})
+
+
 def validation_buckets(num_timesteps: int) -> List[Tuple[int, int]]:
-    """VALIDATION_BUCKETS scaled to a schedule of `num_timesteps` steps."""
-    return [(lo * num_timesteps // 1000, hi * num_timesteps // 1000) for lo, hi in VALIDATION_BUCKETS]
+    """VALIDATION_BUCKETS scaled to a schedule of `num_timesteps` steps; on a very short schedule, buckets that
+    would be empty or repeat the one before are left out."""
+    buckets: List[Tuple[int, int]] = []
+    for lo, hi in VALIDATION_BUCKETS:
+        lo, hi = lo * num_timesteps // 1000, hi * num_timesteps // 1000
+        if hi > lo and (not buckets or lo >= buckets[-1][1]):
+            buckets.append((lo, hi))
+    return buckets
 
 
 @torch.no_grad()
@@ -257,9 +270,7 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
         if restored is not None:
             start, wall_before, best, val, saved = restored
     # Recorded as trained: the optimizer's rate, and the run's own value of each setting not given.
-    own = {name: saved.get(name, new_run) if getattr(settings, name) is None else getattr(settings, name)
-           for name, new_run in RUN_OWN_SETTINGS.items()}
-    settings = replace(settings, lr=optimizer.param_groups[0]["lr"], **own)
+    settings = replace(with_run_own(settings, saved), lr=optimizer.param_groups[0]["lr"])
     settings.check(cfg)  # the run's own values too: a new run's low-noise range may not fit a short schedule
     if start and rank.main:
         # A kill between replacing an exported model's two files leaves them disagreeing. Both were written from
@@ -501,7 +512,7 @@ def check_resume_config(out_dir, cfg: ModelConfig) -> dict:
     except (OSError, ValueError, KeyError, TypeError):
         return {}  # no run yet, or a damaged pointer: train() falls back to an older state or says what is wrong
     _refuse_other_config(out_dir, saved, cfg)
-    return record if isinstance(record, dict) else {}
+    return record
 
 
 def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: Rank,

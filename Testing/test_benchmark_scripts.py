@@ -125,3 +125,45 @@ def test_lesion_quality_scores_the_real_lesion_and_each_model(monkeypatch, capsy
     rows = [line.split("|")[2:6] for line in capsys.readouterr().out.splitlines() if line.startswith("| STS_002")]
     assert [row[0].strip() for row in rows] == ["the real lesion", "`tiny-lesion`"]
     assert rows[0][2].strip() == "0" and float(rows[1][2]) > 0  # W1: the real lesion against itself is 0
+
+
+def test_epsilon_probe_gives_one_error_per_case_range_noise_and_model(monkeypatch, capsys, tmp_path):
+    from conftest import ABDOMEN_SMALL_NII
+    from MedDiffFMLib.dataset import CTCase
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import epsilon_probe as benchmark
+
+    try:
+        monkeypatch.setattr(benchmark, "split_cases", lambda root, split: [CTCase(str(ABDOMEN_SMALL_NII), "abdomen")])
+        from MedDiffFMLib.checkpoints import resolve_model
+
+        argv = ["--model", "tiny", "--model", str(resolve_model("tiny")), "--t-range", "5", "20", "--patches", "2", "--bf16",
+                "--cache-dir", str(tmp_path)]
+        assert benchmark.main(argv) == 0
+    finally:
+        sys.modules.pop("epsilon_probe", None)
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(row[1].strip(), row[2].strip()) for row in rows] == [("5-20", "white"), ("5-20", "CT-textured")]
+    for row in rows:
+        fp32, bf16, again_fp32, again_bf16 = (float(cell) for cell in row[3:])
+        assert fp32 == again_fp32 and bf16 == again_bf16 and 0 < fp32 < 2  # the same noise for every model
+        assert abs(bf16 - fp32) < 0.05 * fp32  # bf16 rounds, it does not change the prediction
+
+
+def test_denoise_probe_splits_the_error_into_bias_and_the_rest(monkeypatch, capsys):
+    from conftest import ABDOMEN_SMALL_NII
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import denoise_probe as benchmark
+
+    try:
+        monkeypatch.setattr(benchmark, "validation_paths", lambda root: [str(ABDOMEN_SMALL_NII)])
+        assert benchmark.main(["--model", "tiny", "--white", "--mirror"]) == 0
+    finally:
+        sys.modules.pop("denoise_probe", None)
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("example_ct_sm")]
+    values = dict(part.rsplit(" ", 1) for part in line.split(": ", 1)[1].split("; "))
+    assert set(values) == {"PSNR", "bias HU", "rms HU", "PSNR without bias", "PSNR with white noise",
+                           "PSNR of the mirror ensemble"}
+    assert float(values["PSNR without bias"]) >= float(values["PSNR"]) - 0.01  # removing the mean error helps

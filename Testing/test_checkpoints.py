@@ -439,3 +439,27 @@ def test_the_models_command_lists_describes_verifies_and_registers(tmp_path, mon
     capsys.readouterr()
     assert main(["models", str(weights), "--register", "other"]) == 2
     assert "--register NAME needs the model file to install (MODEL) and --description TEXT" in capsys.readouterr().err
+    for name in ("a/b", "../outside", "", "my model", ".hidden"):  # --model would take it for a path, or not at all
+        assert main(["models", str(weights), "--register", name, "--description", "x"]) == 2, name
+        assert "a model name is letters, digits" in capsys.readouterr().err
+    assert main(["models", str(weights), "--register", "mine", "--description", "again"]) == 2
+    assert "a model named mine is registered already; give another name, or --overwrite" in capsys.readouterr().err
+    assert main(["models", str(weights), "--register", "mine", "--description", "again", "--overwrite"]) == 0
+    assert [entry["description"] for entry in checkpoints.registry(registry)] == ["again"]
+    assert sorted(p.name for p in (tmp_path / "Resources" / "Models").iterdir()) == ["meddifffm-mine.json",
+                                                                                     "meddifffm-mine.safetensors"]
+
+
+def test_the_model_listing_marks_a_damaged_description_and_lists_the_rest(monkeypatch):
+    from MedDiffFMLib.commands.models import listing
+
+    real = checkpoints.read_model_info
+
+    def damaged_lesion(path):
+        if "meddifffm-lesion" in str(path):
+            raise CheckpointError("its description is unreadable")
+        return real(path)
+
+    monkeypatch.setattr(checkpoints, "read_model_info", damaged_lesion)
+    kinds = {row["name"]: row["kind"] for row in listing()}
+    assert kinds["lesion"] == "damaged" and kinds["default"] == "base" and len(kinds) == len(checkpoints.registry())

@@ -185,6 +185,26 @@ def test_a_cache_entry_of_another_training_grid_is_refused(data, cfg):
     assert CTPatchDataset([str(entry)], thicker, entry.parent).regions == ["other"]
 
 
+def test_cache_entries_of_version_4_serve_threshold_models_only(data, cfg, tmp_path):
+    """Version 5 changed only the anatomy of models conditioned on another source: a threshold model's older entries
+    (e.g. a GPU bundle) stay usable; a TotalSegmentator model's would hold threshold labels, and are refused."""
+    import json
+
+    with np.load(data.entries[1][0]) as entry:
+        arrays = {key: entry[key] for key in entry.files}
+    params = json.loads(str(arrays["params"]))
+    arrays["params"] = np.asarray(json.dumps(dict(params, version=4)))
+    old = tmp_path / "old-entry.npz"
+    np.savez_compressed(old, **arrays)
+    assert CTPatchDataset([str(old)], cfg, tmp_path).regions == ["other"]
+    totalseg = dataclasses.replace(cfg, anatomy={"source": "totalsegmentator", "encoding": "binary",
+                                                 "num_classes": 118})
+    arrays["params"] = np.asarray(json.dumps(dict(params, version=4, anatomy=anatomy_spec(totalseg).to_dict())))
+    np.savez_compressed(old, **arrays)
+    with pytest.raises(InputError, match=r"cache entry of another preprocessing version or region \(4, 'other'\)"):
+        CTPatchDataset([str(old)], totalseg, tmp_path)
+
+
 def test_distributed_sampler_ranks_draw_different_patches(data):
     """Items are a function of the index alone, so disjoint sampler indices are all a rank needs."""
     from torch.utils.data import DistributedSampler

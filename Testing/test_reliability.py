@@ -337,6 +337,12 @@ def test_python_callers_get_clear_errors_for_arrays_and_devices(chest_nodule_cro
     for task in (denoise, detect_anomalies, generate_lesion, inpaint, super_resolve, synthesize):
         # Unless told otherwise a task runs where its model is: a model loaded on a GPU must not be refused.
         assert inspect.signature(task).parameters["device"].default == "auto", task.__name__
+    # A network without weights (an analytic prior) is nowhere: `auto` runs it on the CPU, also beside a GPU.
+    from analytic_prior import AnalyticGaussian
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: True)
+        assert common.task_device(AnalyticGaussian(std=0.2), "auto") == torch.device("cpu")
     for counts in (dict(nfe=2.5), dict(nfe=0), dict(seeds=0), dict(seeds=1.0)):  # refused as settings, first
         with pytest.raises(InputError, match=r"must be a whole number >= 1, got"):
             denoise(image, model, **counts)

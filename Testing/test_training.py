@@ -256,6 +256,9 @@ def test_cli_trains_and_resumes(cfg, cache, tmp_path, capsys):
     assert info["settings"]["precision"] == "fp32"  # and its arithmetic
     assert re.findall(r"MEDDIFFFM_PROGRESS (\d+) (\d+)", out) == [("1", "2"), ("2", "2")]
     assert "step/s" not in err and "s/step" not in err  # and no bar beside the lines
+    # A state of an older version records no training data: the patch mix comes from the exported model.
+    state = tmp_path / "run" / (json.loads((tmp_path / "run" / "last.json").read_text())["state"] + ".json")
+    state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "training_data"}))
     # A background run's log keeps its messages only: --progress none draws no bar.
     assert cli_main(args[:-4] + ["--steps", "3", "--batch-size", "1", "--resume", "--progress", "none"]) == 0
     out, err = capsys.readouterr()
@@ -311,12 +314,15 @@ def test_cli_refuses_conflicting_or_unusable_settings_before_preparing_data(cfg,
                   "--steps", "1", "--batch-size", "1"]
     bad_config = tmp_path / "list.json"
     bad_config.write_text("[1, 2]")
+    short_config = tmp_path / "short.json"  # 100 timesteps: a new run's low-noise max t of 250 does not fit
+    short_config.write_text(json.dumps(dataclasses.replace(cfg, num_train_timesteps=100).to_dict()))
     for extra, message in (
             (["--preset", "tiny", "--init-from", "default"], "--init-from default is a 'default' model, but --preset "
                                                              "tiny asks for another"),
             (["--config", str(tmp_path / "absent.json")], "cannot read --config"),
             (["--config", str(bad_config)], "is not a usable model configuration"),
             (["--preset", "tiny", "--low-noise-max-t", "5000"], "low-noise max t must be in \\[1, 1000\\]"),
+            (["--config", str(short_config)], "low-noise max t must be in \\[1, 100\\] .*got 250"),
             (["--preset", "tiny", "--mode-weights", "whole=nan"], "patch mode weights must be finite"),
             (["--preset", "tiny", "--mode-weights", "foo=1"], "unknown patch mode\\(s\\) foo; the modes are whole"),
             (["--init-from", "tiny-lesion"], "--init-from tiny-lesion is a ControlNet fine-tuned for lesion"),
@@ -368,6 +374,7 @@ def test_a_schedule_of_another_length_is_validated_in_proportion(cfg, data, cach
     from MedDiffFMLib.training import validation_buckets
 
     assert validation_buckets(1000) == [(0, 100), (100, 250), (250, 500), (500, 1000)]
+    assert validation_buckets(5) == [(0, 1), (1, 2), (2, 5)]  # none empty, none repeated
     short = dataclasses.replace(cfg, num_train_timesteps=100)
     val = CTPatchDataset(CASES, short, cache, seed=99, anatomy_dropout=0.0)
     with pytest.raises(InputError, match=r"low-noise max t must be in \[1, 100\] \(the model's timesteps\), got 250"):

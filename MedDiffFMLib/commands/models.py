@@ -15,9 +15,10 @@ HELP = ("List the registered models (name, kind, preset, training steps, install
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", help="a registered name or a .safetensors model file to describe")
     parser.add_argument("--register", metavar="NAME",
-                        help="copy MODEL into Resources/Models as meddifffm-NAME and list it in Resources/Models.json "
-                        "(replacing a model of that name); the copy is verified first")
+                        help="copy MODEL into Resources/Models as meddifffm-NAME and list it in Resources/Models.json; "
+                        "the copy is verified first")
     parser.add_argument("--description", help="one line for the registry, with --register")
+    parser.add_argument("--overwrite", action="store_true", help="with --register: replace a model of that name")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
@@ -40,19 +41,22 @@ def run(args: argparse.Namespace) -> int:
 
 def listing() -> List[Dict[str, Any]]:
     """One row per registered model: its registry entry, its kind (from its own description when installed)."""
-    from ..checkpoints import RESOURCES, controlnet_task_in, read_model_info, registry
+    from ..checkpoints import RESOURCES, cache_dir, controlnet_task_in, read_model_info, registry, resolve_model
+    from ..errors import CheckpointError
 
     rows = []
     for entry in registry():
-        weights = RESOURCES / entry["file"]
-        installed = weights.exists() and weights.stat().st_size == entry.get("size", weights.stat().st_size)
-        kind = None
-        if installed:
+        kind, weights = None, None
+        try:  # found and read where the tasks find it (Resources, then the user cache)
+            weights = resolve_model(entry["name"])
             task = controlnet_task_in(read_model_info(weights))
             kind = "base" if task is None else f"{task} ControlNet"
+        except CheckpointError:  # not installed; or its file is there but unreadable: this row says so
+            if any((folder / entry["file"]).exists() for folder in (RESOURCES, cache_dir())):
+                kind = "damaged"
         rows.append({"name": entry["name"], "kind": kind, "preset": entry.get("preset"),
-                     "steps": (entry.get("training") or {}).get("steps"), "installed": installed,
-                     "file": str(weights), "description": entry.get("description", "")})
+                     "steps": (entry.get("training") or {}).get("steps"), "installed": kind is not None,
+                     "file": None if weights is None else str(weights), "description": entry.get("description", "")})
     return rows
 
 
@@ -82,7 +86,11 @@ def describe(name_or_path: str) -> Dict[str, Any]:
 
 def _register(args: argparse.Namespace) -> int:
     from .. import checkpoints
+    from ..errors import InputError
 
+    if not args.overwrite and args.register in [entry["name"] for entry in checkpoints.registry(checkpoints.REGISTRY)]:
+        raise InputError(f"a model named {args.register} is registered already; give another name, or --overwrite to "
+                         "replace it (the tasks that default to it would then run the new one)")
     entry = checkpoints.register_model(args.model, args.register, args.description, registry_path=checkpoints.REGISTRY)
     if args.json:
         print(json.dumps(entry, indent=2))
@@ -122,4 +130,3 @@ def _format_description(report: Dict[str, Any]) -> str:
     if report["settings"]:
         lines.append("settings   " + ", ".join(f"{key} {value}" for key, value in report["settings"].items()))
     return "\n".join(lines)
-

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..dataset import CTPatchDataset, split_cases
-    from ..training import TrainSettings, check_resume_config, train
+    from ..training import TrainSettings, check_resume_config, train, with_run_own
 
     _common.check_run_folder(args)
     if args.threads:
@@ -69,17 +69,32 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_minutes=args.checkpoint_minutes, num_workers=args.num_workers,
         channels_last=args.channels_last, compile=args.compile, half_export=_common.half_export(args),
         precision=args.precision)
-    # Everything that can be refused is refused before the (slow) data preparation.
+    # Everything that can be refused is refused before the (slow) data preparation, with the values train() will
+    # use: a resumed run's own, else a new run's.
     settings.check(cfg)
     saved = check_resume_config(args.out, cfg) if args.resume else {}
-    # Like the settings above, a resumed run keeps its own patch mix unless another is given.
+    with_run_own(settings, saved.get("settings") or {}).check(cfg)
+    # Like those settings, a resumed run keeps its own patch mix unless another is given (a state of an older
+    # version records it only in the exported model's description).
+    trained_on = saved.get("training_data") or (_exported_training_data(args.out) if saved else {})
     mode_weights = (_mode_weights(args.mode_weights) if args.mode_weights is not None
-                    else saved.get("training_data", {}).get("mode_weights"))  # None: the dataset's default
+                    else trained_on.get("mode_weights"))  # None: the dataset's default
     data = CTPatchDataset(cases(args.data), cfg, cache, seed=args.seed, mode_weights=mode_weights)
     val = CTPatchDataset(cases(val_spec), cfg, cache, seed=args.seed + 1, anatomy_dropout=0.0) if val_spec else None
     record = train(cfg, data, args.out, settings, val_data=val, resume=args.resume, init_from=args.init_from,
                    progress=_common.training_progress(args.progress))
     return _common.training_result(record, args.out / "ema.safetensors", "EMA model")
+
+
+def _exported_training_data(out: Path) -> dict:
+    """The training data recorded in a run's exported EMA model ({} when it cannot be read)."""
+    from ..checkpoints import read_model_info
+    from ..errors import CheckpointError
+
+    try:
+        return read_model_info(out / "ema.json").get("training_data") or {}
+    except CheckpointError:
+        return {}
 
 
 def _model_config(args: argparse.Namespace):

@@ -51,8 +51,8 @@ def task_device(model: torch.nn.Module, name: Union[str, torch.device] = "auto")
     never moves the caller's model (load it with `checkpoints.load_model(name, device)`)."""
     check_loaded(model)
     weight = next(itertools.chain(model.parameters(), model.buffers()), None)
-    if weight is None:  # a network without weights (e.g. an analytic prior) runs anywhere
-        return choose_device(name)
+    if weight is None:  # a network without weights (e.g. an analytic prior) runs anywhere: `auto` on the CPU
+        return choose_device("cpu" if name == "auto" else name)
     here = weight.device
     if name == "auto":
         return here

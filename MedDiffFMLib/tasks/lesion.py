@@ -20,8 +20,8 @@ from scipy import ndimage
 from ..anatomy import THRESHOLD_CLASSES
 from ..conditioning import VolumeCondition, anatomy_spec
 from ..config import ModelConfig
-from ..finetune import ControlledCondition, ControlledNet, check_task
 from ..errors import InputError
+from ..finetune import ControlledCondition, ControlledNet, check_task
 from ..io import Volume
 from ..orientation import in_patient_axes
 from ..preprocess import unit_to_hu, window_to_unit

@@ -152,7 +152,7 @@ def super_resolve(volume: Volume, model: torch.nn.Module, factor: int = 5, nfe: 
                          f"{sy:.4g} mm: a grid {ratio:.0f} times finer along one axis than another (at most "
                          f"{MAX_ANISOTROPY:.0f}); choose a factor nearer {max(2, round(sz / min(sx, sy)))}, which "
                          "makes the slices about as far apart as the pixels")
-    check_ct(dataclasses.replace(volume, spacing=thin))  # also refuses volumes too thin to work on
+    check_ct(dataclasses.replace(volume, spacing=thin))  # the other checks of a CT (shape, NaN, HU), as before
     if sigma_n < 0 or lam <= 0:
         raise InputError(f"need sigma_n >= 0 and lambda > 0, got sigma_n={sigma_n}, lambda={lam}")
     if not 0.0 <= zeta <= 1.0:
