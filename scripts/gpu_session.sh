@@ -30,10 +30,10 @@ M="--model .gpu/model/ema.safetensors --device cuda --size 512 512 300 --precisi
 R="$M --noise-level 80 --compile --window-batch 512 --overlap 0.125"
 BENCH_SETS=${BENCH_SETS-"$R --nfe 2;$R --nfe 100;$R --nfe 3 --profile 45;$M --nfe 3 --estimate-noise --overlap 0.25 --window-batch 256"}
 # Half of the low-t noise CT-textured: what made `denoise` better than `default` (benchmarks/README.md, session 17).
-# Session 18's GPU fine-tunes lost on the chest (benchmarks/README.md). To test whether bf16 is why: on one warm
-# machine, after the data uploads, two calls of about 4 minutes each with the same TRAIN_MODEL and SNAPSHOTS=1,
-# TRAIN_ARGS set to the default below plus "--precision fp32" in the first and "--precision bf16" in the second;
-# then score both EMAs and their snapshots with benchmarks/denoise_quality.py (lung1 is the case that fell).
+# Sessions 15, 18 and 19's GPU fine-tunes lost on the chest; session 19 ran the same fine-tune in fp32 and bf16 and
+# both lost alike, so bf16 is not why (benchmarks/README.md). Next to vary: the learning rate at batches of 32 (e.g.
+# "--lr 2e-5" added to TRAIN_ARGS), or the whole train split uploaded in more parts; score the EMAs with
+# benchmarks/denoise_quality.py (lung1 is the case that falls).
 TRAIN_ARGS=${TRAIN_ARGS:---batch-size 32 --num-workers 14 --channels-last --low-noise-fraction 0.7 --low-noise-max-t 60 --correlated-noise 0.5}
 # What to train: `default` from the carried weights, or e.g. "--config .gpu/wide.json" for a new network from scratch.
 TRAIN_MODEL=${TRAIN_MODEL:---preset default --init-from .gpu/model/ema.safetensors}
