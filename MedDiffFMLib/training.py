@@ -341,7 +341,7 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
                    or time.monotonic() - last_save > 60 * settings.checkpoint_minutes)
             if rank.main and due:
                 _save(out_dir, cfg, settings, model, ema, optimizer, step, wall, best, data, val, device, improved,
-                      export_model)
+                      export_model, processes=rank.world)
                 logger.flush(plot=True)
                 last_save = time.monotonic()
             if stopping:
@@ -448,7 +448,7 @@ def _progress_bar(start: int, total: int, enabled: bool):
 # -- checkpoint state ----------------------------------------------------------------------------------
 def _save(out_dir: Path, cfg: ModelConfig, settings: TrainSettings, model, ema: EMA, optimizer,
           step: int, wall: float, best: float, data, val: dict, device: torch.device, improved: bool,
-          export_model=save_model) -> None:
+          export_model=save_model, processes: int = 1) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.shadow.items()})
     opt = optimizer.state_dict()
@@ -460,7 +460,7 @@ def _save(out_dir: Path, cfg: ModelConfig, settings: TrainSettings, model, ema: 
             else:
                 optimizer_scalars.setdefault(str(index), {})[key] = value
     scalars = {"config": cfg.to_dict(), "settings": asdict(settings), "wall_seconds": wall, "best_validation": best,
-               "validation": val, "training_data": getattr(data, "summary", lambda: {})(),
+               "validation": val, "training_data": getattr(data, "summary", lambda: {})(), "processes": processes,
                "optimizer": {"param_groups": opt["param_groups"], "scalars": optimizer_scalars}}
     save_training_state(out_dir, step, tensors, scalars)
     _export(out_dir, cfg, settings, ema, step, wall, data, val, device, ("ema", "ema-best") if improved else ("ema",),
@@ -535,6 +535,8 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: 
         changed = [f"--{name.replace('_', '-')} {record['settings'][name]} -> {getattr(settings, name)}"
                    for name in ("seed", "batch_size", "grad_accum")
                    if name in record.get("settings", {}) and record["settings"][name] != getattr(settings, name)]
+        if record.get("processes", rank.world) != rank.world:  # each process draws its own patches (torchrun)
+            changed.append(f"processes {record['processes']} -> {rank.world}")
         if changed:
             log.warning("resuming with other settings than the run was trained with (%s): the patches from here on "
                         "differ from a run that kept them; pass the old values to continue the same stream",

@@ -88,6 +88,13 @@ def test_resume_under_another_seed_warns(cfg, data, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         train(cfg, data, tmp_path, dataclasses.replace(settings, steps=4, seed=0), resume=True)
     assert "other settings" not in caplog.text  # the run now records seed 0
+    # A run of 2 torchrun processes resumed in 1 (or the reverse) draws other patches too.
+    state = tmp_path / (json.loads((tmp_path / "last.json").read_text())["state"] + ".json")
+    assert json.loads(state.read_text())["processes"] == 1
+    state.write_text(json.dumps(dict(json.loads(state.read_text()), processes=2)))
+    with caplog.at_level(logging.WARNING):
+        train(cfg, data, tmp_path, dataclasses.replace(settings, steps=5, seed=0), resume=True)
+    assert "other settings than the run was trained with (processes 2 -> 1)" in caplog.text
 
 
 def test_resume_applies_a_new_learning_rate(cfg, data, tmp_path):
