@@ -444,6 +444,8 @@ def test_the_models_command_lists_describes_verifies_and_registers(tmp_path, mon
         assert "a model name is letters, digits" in capsys.readouterr().err
     assert main(["models", str(weights), "--register", "mine", "--description", "again"]) == 2
     assert "a model named mine is registered already; give another name, or --overwrite" in capsys.readouterr().err
+    assert main(["models", str(weights), "--overwrite"]) == 2  # nothing to overwrite without --register
+    assert "--description and --overwrite go with --register NAME" in capsys.readouterr().err
     assert main(["models", str(weights), "--register", "mine", "--description", "again", "--overwrite"]) == 0
     assert [entry["description"] for entry in checkpoints.registry(registry)] == ["again"]
     assert sorted(p.name for p in (tmp_path / "Resources" / "Models").iterdir()) == ["meddifffm-mine.json",

@@ -29,8 +29,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.model or not args.description:
             raise InputError("--register NAME needs the model file to install (MODEL) and --description TEXT")
         return _register(args)
-    if args.description:
-        raise InputError("--description goes with --register NAME")
+    if args.description or args.overwrite:
+        raise InputError("--description and --overwrite go with --register NAME")
     report: Any = describe(args.model) if args.model else listing()
     if args.json:
         print(json.dumps(report, indent=2))
