@@ -71,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision)
     # Everything that can be refused is refused before the (slow) data preparation, with the values train() will
     # use: a resumed run's own, else a new run's.
-    settings.check(cfg)
     saved = check_resume_config(args.out, cfg) if args.resume else {}
     with_run_own(settings, saved.get("settings") or {}).check(cfg)
     # Like those settings, a resumed run keeps its own patch mix unless another is given (a state of an older
