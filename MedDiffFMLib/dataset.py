@@ -151,8 +151,8 @@ def training_anatomy(vol: Volume, spec: AnatomySpec, name: str) -> np.ndarray:
     which the tasks compute again at inference; never another source in its place."""
     if spec.source == "user":
         raise InputError(f"{name}: the model is conditioned on anatomy label maps from the user, and this CT has none; "
-                         "give every training CT its label map (from Python: CTPatchDataset(..., masks=[...]); the "
-                         "train command takes none)")
+                         "give every training CT its label map (train --anatomy-labels and --val-anatomy-labels; from "
+                         "Python: CTPatchDataset(..., masks=[...]))")
     try:
         return get_anatomy(vol, source=spec.source)[0]
     except ResourceError as exc:
@@ -193,6 +193,11 @@ class CTPatchDataset(torch.utils.data.Dataset):
         weights = check_mode_weights(DEFAULT_MODE_WEIGHTS if mode_weights is None else mode_weights)
         self.mode_weights = np.array([weights.get(m, 0.0) for m in MODES]) / sum(weights.values())
         self.spec = anatomy_spec(cfg)
+        labelled = [c.path for c in self.cases if c.mask]
+        if labelled and self.spec.source != "user":  # inference would compute other labels than these
+            raise InputError(f"{labelled[0]}: an anatomy label map was given, but the model is conditioned on "
+                             f"{self.spec.source} anatomy, which training computes from each CT as the tasks do; "
+                             "label maps are for a model whose anatomy source is 'user'")
         self.cache_dir = Path(cache_dir)
         self.entries: List[List[Path]] = []  # per case: one cache file per training spacing
         self.regions: List[str] = []

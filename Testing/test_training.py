@@ -10,18 +10,22 @@ import shutil
 import signal
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors import safe_open
 
-from conftest import ABDOMEN_SMALL_NII, LIMB_NII
+from conftest import ABDOMEN_SMALL_NII, LIMB_MASK_NII, LIMB_NII
 from MedDiffFMLib.checkpoints import load_model, load_training_state
 from MedDiffFMLib.cli import main as cli_main
 from MedDiffFMLib.config import preset
 from MedDiffFMLib.dataset import CTCase, CTPatchDataset
 from MedDiffFMLib.diffusion import Schedule
 from MedDiffFMLib.errors import CheckpointError, InputError, TrainingDiverged
+from MedDiffFMLib.io import read_mask, read_volume
 from MedDiffFMLib.network import MedDiffNet
+from MedDiffFMLib.preprocess import resample
 from MedDiffFMLib.training import TrainSettings, train, validation_batch, validation_losses
 
 CASES = [CTCase(str(ABDOMEN_SMALL_NII), region="abdomen"), CTCase(str(LIMB_NII), region="other")]
@@ -279,6 +283,51 @@ def test_cli_trains_and_resumes(cfg, cache, tmp_path, capsys):
     assert resumed["settings"]["half_export"] is False
     assert resumed["training_data"]["mode_weights"] == info["training_data"]["mode_weights"]
     assert info["training_data"]["mode_weights"]["crop"] == 1.0
+    # --no-fp32-export takes a run back to fp16 model files.
+    assert cli_main(args[:-4] + ["--steps", "4", "--resume", "--progress", "none", "--no-fp32-export"]) == 0
+    assert load_model(tmp_path / "run" / "ema")[2]["settings"]["half_export"] is True
+    with safe_open(str(tmp_path / "run" / "ema.safetensors"), "pt") as stored:
+        assert {stored.get_slice(k).get_dtype() for k in stored.keys()} == {"F16"}
+
+
+def test_cli_trains_a_user_anatomy_model_on_the_label_maps_given(cfg, tmp_path, capsys):
+    """A model conditioned on the user's anatomy is trained on label maps paired with the CTs; another model, whose
+    anatomy the tasks compute from the CT, refuses them."""
+    user = dataclasses.replace(cfg, anatomy={"source": "user", "encoding": "onehot", "num_classes": 1})
+    configs = {}
+    for name, model_cfg in (("user", user), ("threshold", cfg)):
+        configs[name] = tmp_path / f"{name}.json"
+        configs[name].write_text(json.dumps(model_cfg.to_dict()))
+    cache = tmp_path / "cache"
+    args = ["--data", str(LIMB_NII), "--cache-dir", str(cache), "--out", str(tmp_path / "run"), "--steps", "1",
+            "--batch-size", "1", "--progress", "none"]
+    refused = {
+        (): "give every training CT its label map (train --anatomy-labels and --val-anatomy-labels",
+        ("--anatomy-labels", str(LIMB_MASK_NII), str(LIMB_MASK_NII)):
+            "--anatomy-labels gives one label map per CT file of --data, in the same order: got 2 label maps for",
+        ("--anatomy-labels", str(LIMB_MASK_NII), "--val-anatomy-labels", str(LIMB_MASK_NII)):
+            "--val-anatomy-labels needs --val-data",
+        ("--anatomy-labels", str(LIMB_MASK_NII), "--val-data", str(LIMB_NII)):
+            "the model is conditioned on anatomy label maps from the user, and this CT has none",
+    }
+    for extra, message in refused.items():
+        assert cli_main(["train", "--config", str(configs["user"])] + args + list(extra)) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not list(cache.glob("*.npz"))  # refused before any preparation
+    assert cli_main(["train", "--config", str(configs["threshold"])] + args
+                    + ["--anatomy-labels", str(LIMB_MASK_NII)]) == 2
+    assert "an anatomy label map was given, but the model is conditioned on threshold anatomy" in capsys.readouterr().err
+
+    labels = ["--anatomy-labels", str(LIMB_MASK_NII), "--val-data", str(LIMB_NII),
+              "--val-anatomy-labels", str(LIMB_MASK_NII)]
+    assert cli_main(["train", "--config", str(configs["user"])] + args + labels) == 0
+    # The cached labels are the label map on the training grid, not threshold classes.
+    mask = read_mask(LIMB_MASK_NII, like=read_volume(LIMB_NII))
+    expected = resample(mask, (3.0, 3.0, 3.0), is_mask=True).array
+    [entry] = cache.glob("*.npz")
+    with np.load(entry) as stored:
+        np.testing.assert_array_equal(stored["labels"], expected)
+    assert load_model(tmp_path / "run" / "ema")[1].anatomy["source"] == "user"
 
 
 def test_a_hard_cancel_of_training_says_which_checkpoint_stays(cfg, cache, tmp_path, capsys, monkeypatch):

@@ -258,8 +258,8 @@ def training_result(record: dict, model_file: Path, kind: str) -> int:
 
 
 def half_export(args: argparse.Namespace) -> Optional[bool]:
-    """TrainSettings.half_export of --fp32-export: False when given, else None (a resumed run's own; new: fp16)."""
-    return False if args.fp32_export else None
+    """TrainSettings.half_export of --[no-]fp32-export: None when neither is given (a resumed run's own; new: fp16)."""
+    return None if args.fp32_export is None else not args.fp32_export
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -290,8 +290,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=positive_int, default=500, help="steps between checkpoints")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--num-workers", type=non_negative_int, default=0, help="data-loading worker processes")
-    parser.add_argument("--fp32-export", action="store_true",
-                        help="store exported EMA weights as fp32 (a resumed run keeps its own choice otherwise)")
+    parser.add_argument("--fp32-export", action=argparse.BooleanOptionalAction, default=None,
+                        help="store exported EMA weights as fp32, or with --no-fp32-export as fp16 (default: fp16 for "
+                        "a new run, on --resume the run's own choice)")
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="network arithmetic while training (auto: bf16 autocast on a GPU, fp32 on the CPU; bf16 "
                         "forces it, on the CPU too; default: auto, or on --resume the run's own)")

@@ -23,6 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="JSON ModelConfig (overrides --preset)")
     parser.add_argument("--data", nargs="+", default=["train"],
                         help="'train' or 'validation' (split of the shared CT data), a folder, or CT files")
+    parser.add_argument("--anatomy-labels", nargs="+", metavar="LABELS",
+                        help="for a model whose anatomy source is 'user': your own anatomy label map for each --data "
+                        "CT (file or DICOM folder), in the same order and on its grid")
+    parser.add_argument("--val-anatomy-labels", nargs="+", metavar="LABELS",
+                        help="the same for each --val-data CT file")
     _common.add_run_arguments(parser)
     parser.add_argument("--init-from", help="start from the weights of this model (name or .safetensors path)")
     parser.add_argument("--mode-weights",
@@ -46,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..dataset import CTPatchDataset, split_cases
+    from ..dataset import CTCase, CTPatchDataset, split_cases
+    from ..errors import InputError
     from ..training import TrainSettings, check_resume_config, train, with_run_own
 
     _common.check_run_folder(args)
@@ -54,12 +60,19 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = _model_config(args)
 
-    def cases(spec):
+    def cases(spec, labels, option: str, data_option: str):
+        if labels is not None:  # paired one to one, so only with CTs listed one by one
+            if len(labels) != len(spec) or any(item in ("train", "validation") for item in spec):
+                raise InputError(f"{option} gives one label map per CT file of {data_option}, in the same order: "
+                                 f"got {len(labels)} label maps for {' '.join(spec)}")
+            return [CTCase(str(item), mask=str(label)) for item, label in zip(spec, labels)]
         if len(spec) == 1 and spec[0] in ("train", "validation"):
             return split_cases(args.data_root, spec[0])
         return spec[0] if len(spec) == 1 and Path(spec[0]).is_dir() else list(spec)
 
     val_spec = args.val_data if args.val_data is not None else (["validation"] if args.data == ["train"] else [])
+    if args.val_anatomy_labels is not None and not val_spec:
+        raise InputError("--val-anatomy-labels needs --val-data: the CT files they belong to")
     cache = args.cache_dir or args.out.parent / "cache"
     settings = TrainSettings(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, seed=args.seed,
@@ -78,8 +91,11 @@ def run(args: argparse.Namespace) -> int:
     trained_on = saved.get("training_data") or (_exported_training_data(args.out) if saved else {})
     mode_weights = (_mode_weights(args.mode_weights) if args.mode_weights is not None
                     else trained_on.get("mode_weights"))  # None: the dataset's default
-    data = CTPatchDataset(cases(args.data), cfg, cache, seed=args.seed, mode_weights=mode_weights)
-    val = CTPatchDataset(cases(val_spec), cfg, cache, seed=args.seed + 1, anatomy_dropout=0.0) if val_spec else None
+    train_cases = cases(args.data, args.anatomy_labels, "--anatomy-labels", "--data")
+    val_cases = cases(val_spec, args.val_anatomy_labels, "--val-anatomy-labels", "--val-data") if val_spec else None
+    # Validation first: its few CTs fail faster (e.g. one without its label map) than the training set is prepared.
+    val = CTPatchDataset(val_cases, cfg, cache, seed=args.seed + 1, anatomy_dropout=0.0) if val_spec else None
+    data = CTPatchDataset(train_cases, cfg, cache, seed=args.seed, mode_weights=mode_weights)
     record = train(cfg, data, args.out, settings, val_data=val, resume=args.resume, init_from=args.init_from,
                    progress=_common.training_progress(args.progress))
     return _common.training_result(record, args.out / "ema.safetensors", "EMA model")
