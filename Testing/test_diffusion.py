@@ -38,6 +38,24 @@ def test_sigma_bar_landmarks(sched):
     assert float(sched.abar(-1)) == 1.0
 
 
+def test_t_for_sigma_inverts_sigma_bar(sched):
+    """Exact, not within one step: DiffPIR starts at the level of the noise, so a step too high or low shows."""
+    for t in (5, 87, 300, 495, 800):
+        assert sched.t_for_sigma(float(sched.sigma_bar(t))) == t
+
+
+def test_diffpir_step_mixes_old_and_fresh_noise_preserving_the_variance(sched):
+    g = torch.Generator().manual_seed(0)
+    x0, eps, fresh = (torch.randn(1, 1, 4, 4, 4, generator=g) for _ in range(3))
+    xt = D.q_sample(sched, x0, 200, eps)
+    a = float(sched.abar(100))
+    for zeta in (0.0, 0.3, 1.0):
+        expected = math.sqrt(a) * x0 + math.sqrt(1 - a) * (math.sqrt(1 - zeta) * eps + math.sqrt(zeta) * fresh)
+        got = D.diffpir_step(sched, xt, 200, 100, x0, zeta, fresh if zeta else None)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(D.diffpir_step(sched, xt, 200, -1, x0, 0.3, fresh), x0)  # the last step: x0 itself
+
+
 def test_q_sample_and_predict_x0_are_inverse(sched):
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(2, 1, 4, 4, 4, generator=g), torch.randn(2, 1, 4, 4, 4, generator=g)

@@ -1,14 +1,19 @@
 """Lesion inpainting (RePaint on the sliding-window sampler) on a real chest CT crop with its nodule mask."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
+import torch
 
 from MedDiffFMLib.cli import main
+from MedDiffFMLib.diffusion import Schedule
 from MedDiffFMLib.errors import InputError
 from MedDiffFMLib.finetune import ControlledNet
 from MedDiffFMLib.io import Volume, read_volume, write_volume
-from MedDiffFMLib.tasks.inpaint import inpaint, repaint_path
+from MedDiffFMLib.sampling import SlidingWindowSampler
+from MedDiffFMLib.tasks.inpaint import inpaint, renoise, repaint_path
 from MedDiffFMLib.tasks.lesion import generate_lesion
 
 FAST = dict(nfe=4, jump_length=2, resample=2, margin_mm=2.0, region="chest", overlap=0.0, window_batch=8)
@@ -41,6 +46,47 @@ def test_repaint_path_moves_one_level_at_a_time_with_the_right_number_of_jumps()
     assert repaint_path(n, jump, 1) == list(range(n + 1))  # resample 1: plain reverse diffusion
     with pytest.raises(InputError):
         repaint_path(n, 0, 2)
+    # Worked by hand from RePaint's schedule (jumps at t = 0, 2 of 6 steps counted from the clean end, i.e. after
+    # the 3rd and 5th reverse steps here; each jumped segment is passed twice).
+    assert repaint_path(6, 2, 2) == [0, 1, 2, 3, 2, 1, 2, 3, 4, 5, 4, 3, 4, 5, 6]
+
+
+def test_a_jump_back_gives_the_forward_marginal_of_the_noisier_level():
+    schedule = Schedule.cosine(1000)
+    x = torch.ones(200_000)
+    jumped = renoise(schedule, x, 100, 400, torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))
+    ratio = float(schedule.abar(400) / schedule.abar(100))
+    assert float(jumped.mean()) == pytest.approx(math.sqrt(ratio), abs=5e-3)
+    assert float(jumped.std()) == pytest.approx(math.sqrt(1 - ratio), rel=1e-2)
+
+
+def test_the_network_sees_the_known_image_noised_to_the_level_it_is_asked_at(chest_nodule_crop, lesion_model,
+                                                                            monkeypatch):
+    """Outside the mask every network input is q_sample(known, t) at the t of that call, after reverse steps and
+    after jumps alike: (x - sqrt(abar) known) / sqrt(1 - abar) is standard normal there."""
+    import MedDiffFMLib.tasks.inpaint as inpainting
+
+    image, nodule = chest_nodule_crop
+    jobs, levels = [], []
+    prepare, predict = inpainting.prepare_box, SlidingWindowSampler.predict_x0
+
+    def keep_job(*args, **kwargs):
+        jobs.append(prepare(*args, **kwargs))
+        return jobs[-1]
+
+    def check_input(sampler, x, t, *args, **kwargs):
+        abar = float(sampler.schedule.abar(t))
+        z = (x - math.sqrt(abar) * jobs[0].known) / math.sqrt(1 - abar)
+        outside = ~torch.from_numpy(jobs[0].inside)[None, None]
+        levels.append((t, float(z[outside].mean()), float(z[outside].std())))
+        return predict(sampler, x, t, *args, **kwargs)
+
+    monkeypatch.setattr(inpainting, "prepare_box", keep_job)
+    monkeypatch.setattr(SlidingWindowSampler, "predict_x0", check_input)
+    inpaint(image, nodule, lesion_model, seed=2, **dict(FAST, nfe=6))
+    assert len(levels) == 10  # the reverse steps of repaint_path(6, 2, 2): 6, and 2 jumps of 2 passed again
+    for t, mean, std in levels:
+        assert abs(mean) < 0.1 and std == pytest.approx(1.0, abs=0.1), (t, mean, std)
 
 
 def test_outside_the_mask_is_unchanged_exactly_and_inside_differs(chest_nodule_crop, lesion_model):

@@ -75,3 +75,23 @@ def test_noise_sits_where_the_dense_object_is_in_non_square_slices(transpose):
         on_block, far = (on_block[0], on_block[2], on_block[1]), (far[0], far[2], far[1])
     noise = simulate_low_dose(slab, photons=1e4, seed=0, pixel_size_mm=1.0) - slab
     assert noise[on_block].std() > 1.5 * noise[far].std()
+
+
+def test_finer_pixels_are_noisier_at_the_same_photons_per_ray():
+    """The same water slab sampled with 0.5 mm pixels: each pixel holds less matter, so its attenuation estimate,
+    and the HU converted from it, are noisier (without the pixel size the ratio falls below 1)."""
+    water = np.zeros((1, 64, 64), dtype=np.float32)
+    fine = simulate_low_dose(water, photons=1e5, seed=1, pixel_size_mm=0.5).std()
+    coarse = simulate_low_dose(water, photons=1e5, seed=1, pixel_size_mm=1.0).std()
+    assert 1.2 < fine / coarse < 2.0
+
+
+def test_scanner_padding_below_air_attenuates_nothing():
+    """-3024 HU outside the scan field is no negative matter: the noise is the same as with air there."""
+    body = np.full((1, 64, 64), -1000.0, dtype=np.float32)
+    body[:, 16:48, 16:48] = 0.0
+    padded = body.copy()
+    padded[:, :6, :6] = -3024.0
+    noise_air = simulate_low_dose(body, photons=1e5, seed=1, pixel_size_mm=1.0) - body
+    noise_padded = simulate_low_dose(padded, photons=1e5, seed=1, pixel_size_mm=1.0) - padded
+    np.testing.assert_allclose(noise_padded, noise_air, atol=1e-2)

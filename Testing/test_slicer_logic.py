@@ -539,6 +539,8 @@ def test_sampling_options_map_to_cli_flags():
     assert logic_module.MedDiffFMTasks.samplingArguments(compileNetwork=True)[-1] == "--compile"
     assert logic_module.MedDiffFMTasks.samplingArguments(threads=3)[-2:] == ["--threads", 3]
     assert logic_module.MedDiffFMTasks.samplingArguments(windowSize=48)[-2:] == ["--window-size", 48]
+    assert logic_module.MedDiffFMTasks.samplingArguments(region="chest", overlap=0.25, windowBatch=8)[-6:] == [
+        "--region", "chest", "--overlap", 0.25, "--window-batch", 8]
     with pytest.raises(ValueError, match="windowSize must be a whole number"):
         logic_module.MedDiffFMTasks.samplingArguments(windowSize=0)
     assert logic_module.MedDiffFMTasks.samplingArguments(nfe=np.int64(4))[-2:] == ["--nfe", 4]

@@ -49,11 +49,15 @@ def mse(a, b):
 
 def test_diffpir_one_step_is_the_posterior_mean(gaussian_problem):
     """Starting at sigma_bar = sigma_n from sqrt(abar) y, one optimal x0 prediction is E[x0 | y]."""
-    _, x0, y, sampler = gaussian_problem
+    prior, x0, y, sampler = gaussian_problem
     out, steps = diffpir(sampler, y, 0.15, nfe=1, seed=99)
     assert abs(steps[0] - 87) <= 1  # sigma_bar(87) ~ 0.15
     posterior_mse = 0.2 ** 2 * 0.15 ** 2 / (0.2 ** 2 + 0.15 ** 2)
     assert mse(out, x0) == pytest.approx(posterior_mse, rel=0.05)
+    # Voxel by voxel: the start sqrt(abar) y holds y at the level sigma_bar(t_start), and the prior's x0 of it is
+    # the posterior mean for that level, with no data step after it.
+    mu, level = prior.mean_volume(SHAPE), float(prior.schedule.sigma_bar(steps[0])) ** 2
+    torch.testing.assert_close(out, (mu + 0.2 ** 2 / (0.2 ** 2 + level) * (y - mu)).clamp(-1, 1), atol=1e-4, rtol=0)
 
 
 def test_diffpir_reduces_error(gaussian_problem):
@@ -277,6 +281,18 @@ def test_denoise_inside_a_mask_only(monkeypatch):
         denoise(volume, prior, mask=Volume(inside.astype(np.uint8), (1.0, 0.8, 2.0)), **settings)
 
 
+def test_several_seeds_give_their_mean_and_sample_std(gaussian_problem):
+    """seeds=3 is the mean of the three single-seed runs, and its uncertainty their sample std (n - 1), in HU."""
+    prior, _, y, _ = gaussian_problem
+    volume = Volume(unit_to_hu(y[0, 0].numpy(), WINDOW).astype(np.float32))
+    settings = dict(noise_level=27.0, window=WINDOW, region="abdomen", nfe=3, zeta=0.3)
+    three = denoise(volume, prior, seeds=3, seed=4, **settings)
+    runs = np.stack([denoise(volume, prior, seed=4 + k, **settings).denoised.array for k in range(3)])
+    np.testing.assert_allclose(three.denoised.array, runs.mean(0), atol=1e-3)
+    np.testing.assert_allclose(three.uncertainty.array, runs.std(0, ddof=1), atol=1e-3)
+    assert three.uncertainty.array.mean() > 1.0  # zeta 0.3 spreads them by HU, not by rounding
+
+
 def test_automatic_window_makes_room_for_noisy_fat(gaussian_problem):
     """Voxels a little below the model's window (noisy fat) are denoised with the automatic window, which
     reaches one noise std lower, and left as they are with the same window given explicitly."""
@@ -343,6 +359,29 @@ def test_denoise_with_a_huge_lambda_keeps_the_prior_estimate(gaussian_problem):
     volume = Volume(unit_to_hu(y[0, 0].numpy(), WINDOW).astype(np.float32))
     out = denoise(volume, prior, noise_level=27.0, window=WINDOW, region="abdomen", seed=3, lam=1e39).denoised
     assert np.isfinite(out.array).all()
+    # The limit of ever larger lambdas: the prior's estimate (rho = 1e28 still fits float32).
+    limit = denoise(volume, prior, noise_level=27.0, window=WINDOW, region="abdomen", seed=3, lam=1e30).denoised
+    np.testing.assert_allclose(out.array, limit.array, atol=1e-3)
+    assert not np.allclose(out.array, volume.array, atol=1.0)
+
+
+def test_the_data_step_weighs_the_prior_estimate_by_rho_at_the_current_level(gaussian_problem, monkeypatch):
+    """DiffPIR's proximal step (y + rho x0) / (1 + rho), rho = lambda sigma^2 / sigma_bar(t)^2 at the step's own t,
+    and none at the last step."""
+    prior, _, _, sampler = gaussian_problem
+    given = {}
+
+    def run(x_init, steps, seed, x0_transform, **kwargs):
+        given["data_step"] = x0_transform
+        return x_init
+
+    monkeypatch.setattr(sampler, "run", run)
+    y = torch.full((1, 1) + SHAPE, 0.5)
+    diffpir(sampler, y, 0.1, lam=10.0, nfe=3, seed=0)
+    x0 = torch.zeros_like(y)
+    rho = 10.0 * 0.1 ** 2 / float(prior.schedule.sigma_bar(60)) ** 2
+    torch.testing.assert_close(given["data_step"](x0, 60, 30), torch.full_like(y, 0.5 / (1 + rho)))
+    assert given["data_step"](x0, 60, -1) is x0
 
 
 def test_denoise_refuses_bad_settings(gaussian_problem):
@@ -389,6 +428,40 @@ def test_anomaly_map_highlights_inserted_lesion():
     assert result.score > 2 * healthy_score
     inside = body.array > 0
     assert np.abs(result.reconstruction.array[inside & ~lesion] - healthy.array[inside & ~lesion]).mean() < 5.0
+
+
+def test_anomaly_map_threshold_and_score_follow_their_rules():
+    """With a prior so narrow that its reconstruction is its mean, and no smoothing, the map is |CT - mean| in HU
+    in the region (0 outside), the automatic threshold mean + 3 std of the map there, the score its 99th percentile
+    there."""
+    prior, _, sick, _, body = smooth_phantom()
+    prior.std = 1e-4
+    noisy = sick.array + np.random.default_rng(0).normal(0.0, 10.0, SHAPE).astype(np.float32)
+    noisy[body.array == 0] = -1000.0
+    result = detect_anomalies(sick.with_array(noisy), prior, mask=body, region="abdomen", seed=1,
+                              smoothing_sigma_mm=0.0)
+    inside = body.array > 0
+    mean_hu = unit_to_hu(prior.mean_volume(SHAPE)[0, 0].numpy(), WINDOW)
+    expected = np.where(inside, np.abs(np.clip(noisy, *WINDOW) - mean_hu), 0.0)
+    np.testing.assert_allclose(result.anomaly_map.array, expected, atol=0.05)
+    values = result.anomaly_map.array[inside]
+    assert result.threshold == pytest.approx(float(values.mean() + 3 * values.std()), rel=1e-5)
+    assert result.score == pytest.approx(float(np.percentile(values, 99)), rel=1e-5)
+    np.testing.assert_array_equal(result.anomaly_mask.array, (expected > result.threshold) & inside)
+
+
+def test_smoothing_inside_the_region_keeps_a_constant_and_follows_the_spacing():
+    from MedDiffFMLib.tasks.anomaly import smooth_inside
+
+    inside = np.zeros((20, 20, 20), bool)
+    inside[2:18, 2:18, 2:18] = True
+    constant = smooth_inside(np.full(inside.shape, 7.0), inside, (1.0, 1.0, 1.0), 2.0)
+    np.testing.assert_allclose(constant[inside], 7.0, rtol=1e-4)  # the border is not diluted by the outside
+    assert not constant[~inside].any()
+    spike = np.zeros(inside.shape)
+    spike[10, 10, 10] = 1.0
+    smoothed = smooth_inside(spike, np.ones_like(inside), (4.0, 1.0, 1.0), 2.0)  # 4 mm slices, 1 mm pixels
+    assert smoothed[11, 10, 10] < 0.5 * smoothed[10, 10, 11]  # one slice is 4 mm away, one pixel 1 mm
 
 
 def test_anomaly_detection_evaluates_only_the_windows_in_its_region(monkeypatch):
@@ -759,3 +832,30 @@ def test_anomaly_search_warns_when_the_body_mask_leaves_out_tissue(chest_nodule_
         result = detect_anomalies(chest_nodule_crop[0], model, region="chest", window_batch=8)
     assert "the search region (the body: the voxels the anatomy map labels) leaves out" in caplog.text
     assert result.region_mask.array.mean() < 0.85  # what the warning is about
+
+
+@pytest.mark.parametrize("task", ["denoise", "detect-anomalies", "inpaint", "super-resolve"])
+def test_every_task_tells_the_network_the_voxel_spacing_in_z_y_x(task, chest_nodule_crop, tiny_base, monkeypatch):
+    """On the 5 x 0.57 x 0.57 mm chest crop, the spacing channels hold log2 of (z, y, x) spacing: the CT's, or for
+    super-resolution the thin grid's."""
+    from MedDiffFMLib.finetune import ControlledNet
+    from MedDiffFMLib.tasks.inpaint import inpaint
+    from MedDiffFMLib.tasks.super_resolution import super_resolve
+
+    image, nodule = chest_nodule_crop
+    seen = []
+    forward = tiny_base.forward
+    monkeypatch.setattr(tiny_base, "forward", lambda x, t, cond, region, **kwargs: (
+        seen.append(cond[:, -3:].amin(dim=(0, 2, 3, 4))), forward(x, t, cond, region, **kwargs))[1])
+    spacing = image.spacing_zyx
+    if task == "denoise":
+        denoise(image, tiny_base, noise_level=20.0, nfe=1, region="chest")
+    elif task == "detect-anomalies":
+        detect_anomalies(image, tiny_base, region="chest", mask=image.with_array(np.ones(image.shape, np.uint8)))
+    elif task == "inpaint":
+        inpaint(image, nodule, tiny_base, nfe=1, resample=1, region="chest")
+    else:
+        super_resolve(image, ControlledNet(tiny_base, "super-resolution").eval(), factor=5, nfe=1, region="chest")
+        spacing = (spacing[0] / 5,) + tuple(spacing[1:])
+    assert seen and all(torch.equal(s, seen[0]) for s in seen)
+    torch.testing.assert_close(seen[0], torch.log2(torch.tensor(spacing, dtype=torch.float32)))

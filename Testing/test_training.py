@@ -26,7 +26,8 @@ from MedDiffFMLib.errors import CheckpointError, InputError, TrainingDiverged
 from MedDiffFMLib.io import read_mask, read_volume
 from MedDiffFMLib.network import MedDiffNet
 from MedDiffFMLib.preprocess import resample
-from MedDiffFMLib.training import TrainSettings, train, validation_batch, validation_losses
+from MedDiffFMLib.training import (EMA, Rank, TrainSettings, _batches, train, validation_batch,
+                                   validation_losses)
 
 CASES = [CTCase(str(ABDOMEN_SMALL_NII), region="abdomen"), CTCase(str(LIMB_NII), region="other")]
 
@@ -251,6 +252,41 @@ def test_ddp_two_cpu_processes_end_with_identical_weights_and_resume_exactly(cfg
     _ddp_run(cfg, cache, tmp_path / "split", steps=2)
     resumed, _ = _ddp_run(cfg, cache, tmp_path / "split", steps=4, resume=True)
     assert all(torch.equal(rank0[k], resumed[k]) for k in rank0)
+
+
+def test_ema_follows_its_closed_form_with_warm_up():
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema, expected = EMA(model, decay=0.5), 0.0
+    for updates, weight in enumerate([1.0, 2.0, 3.0, 4.0]):
+        with torch.no_grad():
+            model.weight.fill_(weight)
+        ema.update(model, updates)
+        decay = min(0.5, (1 + updates) / (10 + updates))  # warm-up: the first updates move it most
+        expected = decay * expected + (1 - decay) * weight
+        assert float(ema.shadow["weight"]) == pytest.approx(expected)
+
+
+def test_each_ddp_rank_and_micro_batch_draws_its_own_items():
+    """Ranks of one step and steps of one rank never draw the same patch index; a resumed run continues the
+    sequence (the DDP test above checks only that ranks end with identical weights, whatever data they saw)."""
+    class Indices(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10 ** 6
+
+        def __getitem__(self, index):
+            return index
+
+    def micro_batches(rank: int, start_step: int, count: int):
+        batches = _batches(Indices(), start_step, TrainSettings(batch_size=2, grad_accum=2), Rank(rank, world=2))
+        return [next(batches).tolist() for _ in range(count)]
+
+    drawn = {rank: micro_batches(rank, 0, 6) for rank in (0, 1)}  # 3 steps of 2 micro-batches of 2
+    flat = [i for batches in drawn.values() for batch in batches for i in batch]
+    assert len(flat) == len(set(flat)) == 24
+    assert drawn[0][:2] == [[0, 1], [4, 5]] and drawn[1][:2] == [[2, 3], [6, 7]]  # step 0
+    assert micro_batches(1, 1, 2) == drawn[1][2:4]  # resumed at step 1
 
 
 def test_cli_trains_and_resumes(cfg, cache, tmp_path, capsys):
