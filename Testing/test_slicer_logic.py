@@ -123,6 +123,20 @@ def test_geometry_known_answer():
     np.testing.assert_allclose(geometry.ijkToRASFromSitkGeometry(spacing, origin, direction), ijk_to_ras)
 
 
+def test_a_volume_with_a_broken_geometry_is_refused_before_any_work(ct_node, fake_cli):
+    """A matrix with a zero column becomes NaN directions in Slicer: the job used to run, and its result landed on
+    another grid."""
+    matrix = volumes.ijkToRASArray(ct_node)
+    matrix[:3, 2] = 0.0
+    broken = slicer.util.addVolumeFromArray(slicer.util.arrayFromVolume(ct_node).copy(), ijkToRAS=matrix,
+                                            name="broken")
+    assert not np.isfinite(volumes.ijkToRASArray(broken)).all()
+    nodes_before = scene_nodes()
+    with pytest.raises(ValueError, match="IJK-to-RAS matrix holds NaN or infinite values"):
+        MedDiffFM.MedDiffFMLogic().denoise(broken)
+    assert scene_nodes() == nodes_before
+
+
 # --- node <-> file ------------------------------------------------------------------------------------
 
 
@@ -279,6 +293,22 @@ def test_empty_or_unknown_segment_is_refused(ct_node, tmp_path):
     empty_id = segmentation.GetSegmentation().AddEmptySegment("lesion")
     with pytest.raises(ValueError, match="has no voxels inside"):
         volumes.writeSegmentMask(segmentation, empty_id, ct_node, tmp_path / "m.nrrd")
+    # An empty segment beside a painted one on a finer grid than the CT's: the same message, not a failed export.
+    finer = volumes.ijkToRASArray(ct_node)
+    finer[:3, :3] /= 2
+    painted = np.zeros((8, 16, 16), np.uint8)
+    painted[2:5, 4:10, 4:10] = 1
+    labelmap = slicer.util.addVolumeFromArray(painted, ijkToRAS=finer, nodeClassName="vtkMRMLLabelMapVolumeNode")
+    drawn = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, drawn)
+    empty_beside = drawn.GetSegmentation().AddEmptySegment("empty", "empty")
+    with pytest.raises(ValueError, match="Segment 'empty' has no voxels inside 'CT'"):
+        volumes.writeSegmentMask(drawn, empty_beside, ct_node, tmp_path / "m.nrrd")
+    # Two segments of one name: which one was meant cannot be guessed.
+    drawn.GetSegmentation().GetSegment(empty_beside).SetName("lesion")
+    drawn.GetSegmentation().GetNthSegment(0).SetName("lesion")
+    with pytest.raises(ValueError, match="2 segments of 'drawn' are named 'lesion': give the ID"):
+        volumes.writeSegmentMask(drawn, "lesion", ct_node, tmp_path / "m.nrrd")
     with pytest.raises(ValueError, match="not found"):
         volumes.writeSegmentMask(segmentation, "nonexistent", ct_node, tmp_path / "m.nrrd")
     assert not (tmp_path / "m.nrrd").exists()
@@ -787,6 +817,36 @@ def test_logic_detect_anomalies_gives_colour_map_and_segmentation(ct_node, fake_
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(labelmap) > 0, expected)
 
 
+@pytest.mark.parametrize("failing", ["addSegmentationNodeFromMaskFile", "copyWindowLevel"])
+def test_a_result_that_fails_to_import_leaves_none_of_its_nodes(ct_node, fake_cli, monkeypatch, failing):
+    """The anomaly map without its segmentation, or a denoised CT whose display failed, is no result: the scene is
+    left as it was, display nodes included."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("import failed")
+
+    monkeypatch.setattr(volumes, failing, broken)
+    nodes_before = scene_nodes()
+    logic = MedDiffFM.MedDiffFMLogic()
+    with pytest.raises(RuntimeError, match="import failed"):
+        logic.detectAnomalies(ct_node) if failing == "addSegmentationNodeFromMaskFile" else logic.denoise(ct_node)
+    assert scene_nodes() == nodes_before
+
+
+def test_a_model_file_given_from_the_console_is_found_where_the_user_is(tmp_path, monkeypatch):
+    """Jobs run in the library's folder, without a shell: a relative path or ~ is resolved before it is passed on,
+    and a registered name is passed as it is."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    sampling = logic_module.MedDiffFMTasks.samplingArguments
+    for given, passed in (("models/mine.safetensors", tmp_path / "models" / "mine.safetensors"),
+                          ("mine.json", tmp_path / "mine.json"),
+                          ("~/mine.safetensors", tmp_path / "home" / "mine.safetensors"),
+                          (tmp_path / "abs.safetensors", tmp_path / "abs.safetensors"),
+                          ("tiny", "tiny")):
+        arguments = sampling(model=given)
+        assert arguments[arguments.index("--model") + 1] == str(passed)
+
+
 def test_logic_super_resolve_takes_the_new_grid_from_the_result(ct_node, fake_cli):
     node = MedDiffFM.MedDiffFMLogic().superResolve(ct_node, factor=2)
     argv = fake_cli()
@@ -852,10 +912,15 @@ def test_console_calls_without_proper_nodes_get_clear_messages(ct_node, fake_cli
             call()
     with pytest.raises(ValueError, match="not a CT volume node"):
         logic.denoise(slicer.mrmlScene.AddNewNodeByClass("vtkMRMLModelNode", "surface"))
-    with pytest.raises(ValueError, match="'lesion labels' is a vtkMRMLLabelMapVolumeNode, not a CT volume node"):
+    with pytest.raises(ValueError, match=r"'lesion labels' \(vtkMRMLLabelMapVolumeNode\) is not a CT volume node"):
         logic.synthesize(labelmap)
-    with pytest.raises(ValueError, match="'lesions' is a vtkMRMLSegmentationNode, not a CT volume node"):
+    with pytest.raises(ValueError, match=r"'lesions' \(vtkMRMLSegmentationNode\) is not a CT volume node"):
         logic.synthesize(segmentation)
+    # Names typed in place of nodes: every task says so before reading anything from them.
+    with pytest.raises(ValueError, match=r"'CT' \(a str; pass the node, e.g. slicer.util.getNode\(name\)\) is not a CT"):
+        logic.detectAnomalies("CT")
+    with pytest.raises(ValueError, match=r"Inpaint needs a segmentation node and a segment ID, got 'lesions' \(a str;"):
+        logic.inpaint(ct_node, "lesions", "1")
     assert scene_nodes() - nodes_before == {segmentation.GetID(), slicer.mrmlScene.GetFirstNodeByName("surface").GetID()}
 
 

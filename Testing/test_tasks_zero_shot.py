@@ -740,6 +740,11 @@ def test_memory_check_refuses_what_cannot_fit(monkeypatch):
     with pytest.raises(ResourceError, match="window batch"):
         common.check_memory(preset("paper"), (200, 512, 512), 8, torch.device("cpu"))
     common.check_memory(preset("tiny"), (20, 32, 32), 4, torch.device("cpu"))
+    # A window batch beyond the grid's windows is never filled, so it is not budgeted: a small crop still runs.
+    prior = AnalyticGaussian()
+    sampler = common.make_sampler(prior, (16, 32, 32), (1.0, 1.0, 1.0), "abdomen", None, torch.device("cpu"),
+                                  overlap=0.5, window_batch=10 ** 7)
+    assert sampler.batch_size == sampler.num_windows == 9
 
 
 def test_default_window_batch_is_small_on_cpu_and_fits_the_gpu(monkeypatch):

@@ -19,6 +19,9 @@ def sitkGeometryFromIJKToRAS(ijkToRAS):
     ijkToLPS = _RAS_LPS_FLIP @ np.asarray(ijkToRAS, dtype=float)
     axes = ijkToLPS[:3, :3]
     spacing = np.linalg.norm(axes, axis=0)
+    if not np.isfinite(ijkToLPS).all():  # e.g. Slicer's NaN directions for a matrix with a zero column
+        raise ValueError(f"IJK-to-RAS matrix holds NaN or infinite values: {np.asarray(ijkToRAS).tolist()}; set the "
+                         "volume's spacing, origin and directions (Volumes module, Volume Information)")
     if np.any(spacing <= 0):
         raise ValueError(f"IJK-to-RAS matrix has a zero-length axis (spacing {spacing.tolist()})")
     direction = axes / spacing

@@ -58,6 +58,16 @@ def _checkTriple(name, values, check):
     return [check(f"each {name} value", value) for value in values]
 
 
+def _modelArgument(model):
+    """A model file as an absolute path, a registered name as given: jobs run in the library's folder, and no shell
+    expands `~`. A path is what the library reads as one: with a folder separator or a model file's suffix."""
+    text = str(model)
+    if text.startswith("~") or any(sep in text for sep in (os.sep, os.altsep) if sep) \
+            or text.endswith((".safetensors", ".json")):
+        return os.path.abspath(os.path.expanduser(text))
+    return text
+
+
 def _resultName(inputNode, task):
     return f"{inputNode.GetName()} {TASKS[task].resultSuffix}"
 
@@ -70,9 +80,8 @@ def _checkInputs(task, volumeNode, mask):
     if mask is None:
         return
     segmentationNode, segmentId = mask
-    if segmentationNode is None or not segmentationNode.IsA("vtkMRMLSegmentationNode"):
-        what = ("nothing" if segmentationNode is None
-                else f"'{segmentationNode.GetName()}' ({segmentationNode.GetClassName()})")
+    if not (hasattr(segmentationNode, "IsA") and segmentationNode.IsA("vtkMRMLSegmentationNode")):
+        what = ("nothing" if segmentationNode is None else _describe(segmentationNode))
         raise ValueError(f"{TASKS[task].title} needs a segmentation node and a segment ID, got {what}. "
                          "Draw the region in the Segment Editor (a labelmap can be converted to a "
                          "segmentation in the Data module).")
@@ -85,9 +94,14 @@ def _checkVolume(volumeNode):
     """A CT is a scalar volume node; a label map is one too, but never a CT (the panel's selector hides them)."""
     if volumeNode is not None and not (hasattr(volumeNode, "IsA") and volumeNode.IsA("vtkMRMLScalarVolumeNode")
                                        and not volumeNode.IsA("vtkMRMLLabelMapVolumeNode")):
-        what = volumeNode.GetClassName() if hasattr(volumeNode, "GetClassName") else type(volumeNode).__name__
-        name = volumeNode.GetName() if hasattr(volumeNode, "GetName") else repr(volumeNode)
-        raise ValueError(f"'{name}' is a {what}, not a CT volume node.")
+        raise ValueError(f"{_describe(volumeNode)} is not a CT volume node.")
+
+
+def _describe(node):
+    """'name' (class) of a node, or the repr and type of anything else given in its place (e.g. a node's name)."""
+    if hasattr(node, "GetName") and hasattr(node, "GetClassName"):
+        return f"'{node.GetName()}' ({node.GetClassName()})"
+    return f"{node!r} (a {type(node).__name__}; pass the node, e.g. slicer.util.getNode(name))"
 
 
 #: In each job's folder: the process id of the Slicer (or Python) that started it.
@@ -164,19 +178,6 @@ def _windowsProcessIsGone(pid, processes):
         processes.close(handle)
 
 
-def _addAllOrNothing(*loaders):
-    """Run node-creating callables; if one fails, remove the nodes already made (no half results)."""
-    nodes = []
-    try:
-        for load in loaders:
-            nodes.append(load())
-    except Exception:
-        for node in nodes:
-            slicer.mrmlScene.RemoveNode(node)
-        raise
-    return nodes
-
-
 class MedDiffFMTasks:
     """Console-scriptable MedDiffFM tasks on MRML nodes (mixed into MedDiffFMLogic).
 
@@ -237,15 +238,15 @@ class MedDiffFMTasks:
         of the voxels above the threshold)."""
         arguments = [] if threshold is None else ["--threshold", _checkPositiveNumber("threshold", threshold)]
         mask = _optionalSegment(segmentationNode, segmentId)
+        _checkVolume(volumeNode)  # before its name is read below
         # Named as the input is named now, as every other task's result (a wait=False job imports them later).
         mapName = _resultName(volumeNode, "detect-anomalies") if volumeNode is not None else None
         segmentationName = f"{volumeNode.GetName()} {ANOMALY_SEGMENTATION_SUFFIX}" if volumeNode is not None else None
 
         def importResults(workDir):
-            mapNode, anomalySegmentation = _addAllOrNothing(
-                lambda: volumes.addVolumeNodeFromFile(self._outputPath(workDir), mapName, volumeNode),
-                lambda: volumes.addSegmentationNodeFromMaskFile(
-                    self._anomalyMaskPath(workDir), segmentationName, ANOMALY_SEGMENTATION_SUFFIX, volumeNode))
+            mapNode = volumes.addVolumeNodeFromFile(self._outputPath(workDir), mapName, volumeNode)
+            anomalySegmentation = volumes.addSegmentationNodeFromMaskFile(
+                self._anomalyMaskPath(workDir), segmentationName, ANOMALY_SEGMENTATION_SUFFIX, volumeNode)
             mapNode.GetDisplayNode().SetAndObserveColorNodeID(ANOMALY_COLOR_NODE_ID)
             self._show(volumeNode, foreground=mapNode)
             return mapNode, anomalySegmentation
@@ -336,7 +337,7 @@ class MedDiffFMTasks:
         if seed is not None:
             arguments += ["--seed", seed]
         if model:
-            arguments += ["--model", model]
+            arguments += ["--model", _modelArgument(model)]
         if region is not None:
             arguments += ["--region", region]
         if nfe is not None:
@@ -390,7 +391,11 @@ class MedDiffFMTasks:
             command += taskArguments + samplingArguments + ["--progress", "machine"]
             # cwd = library root: `python -m` puts the working directory first on sys.path, so the
             # job imports this very copy of MedDiffFMLib whatever else is installed.
-            run = TaskRun(command, workDir, lambda: importResults(workDir), env=self._environment(workDir),
+            def importAllOrNothing():  # no half results: a failed import leaves none of its nodes
+                with volumes.allOrNothing():
+                    return importResults(workDir)
+
+            run = TaskRun(command, workDir, importAllOrNothing, env=self._environment(workDir),
                           cwd=library.libraryRoot(), logCallback=self.logCallback,
                           progressCallback=self.progressCallback)
             self.logCallback(f"Running MedDiffFM {task}...")

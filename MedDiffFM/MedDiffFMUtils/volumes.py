@@ -10,6 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 import slicer
 import vtk
+from vtk.util.numpy_support import vtk_to_numpy
 
 from .geometry import ijkToRASFromSitkGeometry, sitkGeometryFromIJKToRAS
 
@@ -55,28 +56,74 @@ def _sceneNodes():
     return [scene.GetNthNode(index) for index in range(scene.GetNumberOfNodes())]
 
 
+def _removeNodesAddedSince(before):
+    """Remove the nodes whose IDs are not in `before`; singletons (subject hierarchy) are shared and stay."""
+    for node in _sceneNodes():
+        if node.GetID() not in before and not node.GetSingletonTag():
+            slicer.mrmlScene.RemoveNode(node)
+
+
 @contextlib.contextmanager
 def _scratchNodes():
     """Remove every node added to the scene inside the block: labelmap conversions add a labelmap,
-    its display node and a colour table each time. Singletons (subject hierarchy) are shared and stay."""
+    its display node and a colour table each time."""
     before = {node.GetID() for node in _sceneNodes()}
     try:
         yield
     finally:
-        for node in _sceneNodes():
-            if node.GetID() not in before and not node.GetSingletonTag():
-                slicer.mrmlScene.RemoveNode(node)
+        _removeNodesAddedSince(before)
+
+
+@contextlib.contextmanager
+def allOrNothing():
+    """Keep the nodes added inside the block only if it completes: a result imported in part (one of its two nodes,
+    or a node whose display could not be set up) is removed with its display and storage nodes."""
+    before = {node.GetID() for node in _sceneNodes()}
+    try:
+        yield
+    except BaseException:
+        _removeNodesAddedSince(before)
+        raise
+
+
+def _segmentIsEmpty(segmentationNode, segmentId):
+    """Whether a segment painted as a labelmap holds no voxel. Checked on its own grid: an empty segment may share
+    its layer with painted ones, and on another grid than the CT's its export fails without saying why."""
+    segmentation = segmentationNode.GetSegmentation()
+    labelmap = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    if segmentation.GetSourceRepresentationName() != labelmap:
+        return False  # a surface is judged after its conversion to the CT's grid
+    own = slicer.vtkOrientedImageData()
+    if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+            segmentationNode, segmentId, own):
+        return False
+    scalars = own.GetPointData().GetScalars()
+    if own.IsEmpty() or scalars is None:
+        return True
+    return not (vtk_to_numpy(scalars) == segmentation.GetSegment(segmentId).GetLabelValue()).any()
+
+
+_NO_VOXELS = ("Segment '{segment}' has no voxels inside '{volume}': paint the region in the Segment Editor first or, "
+              "if it is painted, check that it lies over this volume (drawn on another volume, or under another "
+              "transform).")
 
 
 def writeSegmentMask(segmentationNode, segmentId, referenceVolumeNode, path):
     """Write one segment as a 0/1 uint8 mask on the grid of `referenceVolumeNode`."""
     segmentation = segmentationNode.GetSegmentation()
     if segmentId and segmentation.GetSegment(segmentId) is None:  # a console user may give the name shown in Slicer
-        segmentId = segmentation.GetSegmentIdBySegmentName(segmentId) or segmentId
+        named = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())
+                 if segmentation.GetNthSegment(i).GetName() == segmentId]
+        if len(named) > 1:
+            raise ValueError(f"{len(named)} segments of '{segmentationNode.GetName()}' are named '{segmentId}': give "
+                             f"the ID of the one that marks the region ({', '.join(named)}), or rename the others.")
+        segmentId = named[0] if named else segmentId
     segment = segmentation.GetSegment(segmentId) if segmentId else None
     if segment is None:
         raise ValueError(f"Segment '{segmentId}' not found in '{segmentationNode.GetName()}' (by ID or by name): "
                          "select the segment that marks the region.")
+    if _segmentIsEmpty(segmentationNode, segmentId):
+        raise ValueError(_NO_VOXELS.format(segment=segment.GetName(), volume=referenceVolumeNode.GetName()))
     with _scratchNodes():
         # Export from a copy of the one segment: converting a closed-surface segment to a labelmap would
         # otherwise add that representation to the user's segmentation.
@@ -100,9 +147,7 @@ def writeSegmentMask(segmentationNode, segmentId, referenceVolumeNode, path):
         mask = (slicer.util.arrayFromVolume(labelmapNode) > 0).astype(np.uint8)
         maskToRAS = ijkToRASArray(labelmapNode)
     if not mask.any():
-        raise ValueError(f"Segment '{segment.GetName()}' has no voxels inside '{referenceVolumeNode.GetName()}': "
-                         "paint the region in the Segment Editor first or, if it is painted, check that it lies "
-                         "over this volume (drawn on another volume, or under another transform).")
+        raise ValueError(_NO_VOXELS.format(segment=segment.GetName(), volume=referenceVolumeNode.GetName()))
     _writeArray(mask, maskToRAS, path)
 
 
@@ -146,23 +191,20 @@ def copyWindowLevel(fromNode, toNode):
 def addSegmentationNodeFromMaskFile(path, name, segmentName, likeNode=None):
     """Load a 0/1 mask file into a new segmentation node holding one segment named `segmentName`."""
     array, ijkToRAS = readImage(path)
-    segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode",
-                                                          slicer.mrmlScene.GenerateUniqueName(name))
-    segmentationNode.CreateDefaultDisplayNodes()
-    try:
+    with allOrNothing():
+        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                              slicer.mrmlScene.GenerateUniqueName(name))
+        segmentationNode.CreateDefaultDisplayNodes()
         with _scratchNodes():
             labelmapNode = slicer.util.addVolumeFromArray((array > 0).astype(np.uint8), ijkToRAS=ijkToRAS,
                                                           nodeClassName="vtkMRMLLabelMapVolumeNode")
             if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmapNode,
                                                                                            segmentationNode):
                 raise RuntimeError(f"Could not import the mask {path} as a segmentation.")
-    except Exception:
-        slicer.mrmlScene.RemoveNode(segmentationNode)
-        raise
-    segmentation = segmentationNode.GetSegmentation()
-    if segmentation.GetNumberOfSegments() == 0:  # nothing found: say so with an empty segment
-        segmentation.AddEmptySegment(segmentName, segmentName)
-    else:  # the import names it after a colour table entry
-        segmentation.GetNthSegment(0).SetName(segmentName)
-    _placeLike(segmentationNode, likeNode)
+        segmentation = segmentationNode.GetSegmentation()
+        if segmentation.GetNumberOfSegments() == 0:  # nothing found: say so with an empty segment
+            segmentation.AddEmptySegment(segmentName, segmentName)
+        else:  # the import names it after a colour table entry
+            segmentation.GetNthSegment(0).SetName(segmentName)
+        _placeLike(segmentationNode, likeNode)
     return segmentationNode
