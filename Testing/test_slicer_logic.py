@@ -933,6 +933,17 @@ def test_repeated_runs_get_distinct_names(ct_node, fake_cli):
         "CT anomaly map", "CT anomalies", "CT anomaly map_1", "CT anomalies_1"]
 
 
+def test_results_join_their_input_in_the_subject_hierarchy(ct_node, fake_cli):
+    """A CT loaded from DICOM sits in its patient's study: its results belong there too, not at the scene's top."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "Patient")
+    study = hierarchy.CreateStudyItem(patient, "Study")
+    hierarchy.CreateItem(study, ct_node)
+    logic = MedDiffFM.MedDiffFMLogic()
+    results = [logic.denoise(ct_node), *logic.detectAnomalies(ct_node)]
+    assert [hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) for node in results] == [study] * 3
+
+
 def test_a_ct_result_is_shown_like_its_input(ct_node, fake_cli):
     ct_node.CreateDefaultDisplayNodes()
     display = ct_node.GetDisplayNode()

@@ -159,9 +159,21 @@ def readImage(path):
 
 
 def _placeLike(node, likeNode):
-    """Put a new node under the same parent transform as the node it was made from."""
-    if likeNode is not None and likeNode.GetParentTransformNode() is not None:
+    """Put a new node beside the node it was made from: under the same parent transform and, in the subject
+    hierarchy, in the same folder (a CT loaded from DICOM keeps its results in its patient's study)."""
+    if likeNode is None:
+        return
+    if likeNode.GetParentTransformNode() is not None:
         node.SetAndObserveTransformNodeID(likeNode.GetParentTransformNode().GetID())
+    hierarchy = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSubjectHierarchyNode")  # never made here
+    likeItem = hierarchy.GetItemByDataNode(likeNode) if hierarchy is not None else 0
+    if likeItem:
+        parent = hierarchy.GetItemParent(likeItem)
+        item = hierarchy.GetItemByDataNode(node)
+        if item:
+            hierarchy.SetItemParent(item, parent)
+        else:  # the Slicer application makes every node's item; a bare scene (slicer-core) makes none
+            hierarchy.CreateItem(parent, node)
 
 
 def addVolumeNodeFromFile(path, name, likeNode=None):
