@@ -151,8 +151,8 @@ def training_anatomy(vol: Volume, spec: AnatomySpec, name: str) -> np.ndarray:
     which the tasks compute again at inference; never another source in its place."""
     if spec.source == "user":
         raise InputError(f"{name}: the model is conditioned on anatomy label maps from the user, and this CT has none; "
-                         "give every training CT its label map (train --anatomy-labels and --val-anatomy-labels; from "
-                         "Python: CTPatchDataset(..., masks=[...]))")
+                         "give every training CT its label map (the train command's --anatomy-labels and "
+                         "--val-anatomy-labels; from Python: CTPatchDataset(..., masks=[...]))")
     try:
         return get_anatomy(vol, source=spec.source)[0]
     except ResourceError as exc:

@@ -309,6 +309,13 @@ def test_empty_or_unknown_segment_is_refused(ct_node, tmp_path):
     drawn.GetSegmentation().GetNthSegment(0).SetName("lesion")
     with pytest.raises(ValueError, match="2 segments of 'drawn' are named 'lesion': give the ID"):
         volumes.writeSegmentMask(drawn, "lesion", ct_node, tmp_path / "m.nrrd")
+    # Names are looked up as Slicer does, regardless of case, an exact match first.
+    drawn.GetSegmentation().GetSegment(empty_beside).SetName("Lesion")
+    with pytest.raises(ValueError, match="Segment 'Lesion' has no voxels"):
+        volumes.writeSegmentMask(drawn, "Lesion", ct_node, tmp_path / "m.nrrd")
+    drawn.GetSegmentation().GetSegment(empty_beside).SetName("other")
+    volumes.writeSegmentMask(drawn, "LESION", ct_node, tmp_path / "painted.nrrd")  # the painted one
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "painted.nrrd"))).any()
     with pytest.raises(ValueError, match="not found"):
         volumes.writeSegmentMask(segmentation, "nonexistent", ct_node, tmp_path / "m.nrrd")
     assert not (tmp_path / "m.nrrd").exists()
@@ -884,7 +891,7 @@ def test_console_calls_without_proper_nodes_get_clear_messages(ct_node, fake_cli
     # ... and a segmentation without its segment too.
     segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lesions")
     for task in (logic.denoise, logic.detectAnomalies):
-        with pytest.raises(ValueError, match=r"'lesions'\) was given without segmentId"):
+        with pytest.raises(ValueError, match=r"A segmentation, 'lesions' \(vtkMRMLSegmentationNode\), was given without segmentId"):
             task(ct_node, segmentationNode=segmentation)
     # Sampling options are checked under their own names, before anything starts.
     for option, value in (("nfe", 0), ("windowBatch", 0), ("threads", 0), ("seed", -1), ("nfe", 2.5)):
@@ -921,6 +928,8 @@ def test_console_calls_without_proper_nodes_get_clear_messages(ct_node, fake_cli
         logic.detectAnomalies("CT")
     with pytest.raises(ValueError, match=r"Inpaint needs a segmentation node and a segment ID, got 'lesions' \(a str;"):
         logic.inpaint(ct_node, "lesions", "1")
+    with pytest.raises(ValueError, match=r"A segmentation, 'lesions' \(a str; .*\), was given without segmentId"):
+        logic.denoise(ct_node, segmentationNode="lesions")
     assert scene_nodes() - nodes_before == {segmentation.GetID(), slicer.mrmlScene.GetFirstNodeByName("surface").GetID()}
 
 
@@ -933,7 +942,7 @@ def test_repeated_runs_get_distinct_names(ct_node, fake_cli):
         "CT anomaly map", "CT anomalies", "CT anomaly map_1", "CT anomalies_1"]
 
 
-def test_results_join_their_input_in_the_subject_hierarchy(ct_node, fake_cli):
+def test_results_join_their_input_in_the_subject_hierarchy(ct_node, fake_cli, tmp_path):
     """A CT loaded from DICOM sits in its patient's study: its results belong there too, not at the scene's top."""
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
     patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "Patient")
@@ -942,6 +951,15 @@ def test_results_join_their_input_in_the_subject_hierarchy(ct_node, fake_cli):
     logic = MedDiffFM.MedDiffFMLogic()
     results = [logic.denoise(ct_node), *logic.detectAnomalies(ct_node)]
     assert [hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) for node in results] == [study] * 3
+    # A synthetic CT is no scan of the reference's patient: it stays out of the study.
+    synthetic = logic.synthesize(ct_node)
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(synthetic)) != study
+    # The copy a segment is exported from leaves no item behind.
+    items = hierarchy.GetNumberOfItems()
+    segmentation, segment_id, _ = sphere_segmentation(ct_node, center_ijk=(8, 20, 26), radius_vox=6)
+    hierarchy.CreateItem(study, segmentation)
+    volumes.writeSegmentMask(segmentation, segment_id, ct_node, tmp_path / "m.nrrd")
+    assert hierarchy.GetNumberOfItems() == items + 1
 
 
 def test_a_ct_result_is_shown_like_its_input(ct_node, fake_cli):

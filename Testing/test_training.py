@@ -258,12 +258,12 @@ def test_ema_follows_its_closed_form_with_warm_up():
     model = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(0.0)
-    ema, expected = EMA(model, decay=0.5), 0.0
-    for updates, weight in enumerate([1.0, 2.0, 3.0, 4.0]):
+    ema, expected = EMA(model, decay=0.2), 0.0
+    for updates, weight in enumerate([1.0, 2.0, 3.0, 4.0]):  # the warm-up ends at the third
         with torch.no_grad():
             model.weight.fill_(weight)
         ema.update(model, updates)
-        decay = min(0.5, (1 + updates) / (10 + updates))  # warm-up: the first updates move it most
+        decay = min(0.2, (1 + updates) / (10 + updates))  # warm-up: the first updates move it most
         expected = decay * expected + (1 - decay) * weight
         assert float(ema.shadow["weight"]) == pytest.approx(expected)
 
@@ -338,7 +338,7 @@ def test_cli_trains_a_user_anatomy_model_on_the_label_maps_given(cfg, tmp_path, 
     args = ["--data", str(LIMB_NII), "--cache-dir", str(cache), "--out", str(tmp_path / "run"), "--steps", "1",
             "--batch-size", "1", "--progress", "none"]
     refused = {
-        (): "give every training CT its label map (train --anatomy-labels and --val-anatomy-labels",
+        (): "give every training CT its label map (the train command's --anatomy-labels and --val-anatomy-labels",
         ("--anatomy-labels", str(LIMB_MASK_NII), str(LIMB_MASK_NII)):
             "--anatomy-labels gives one label map per CT file of --data, in the same order: got 2 label maps for",
         ("--anatomy-labels", str(LIMB_MASK_NII), "--val-anatomy-labels", str(LIMB_MASK_NII)):
@@ -346,6 +346,14 @@ def test_cli_trains_a_user_anatomy_model_on_the_label_maps_given(cfg, tmp_path, 
         ("--anatomy-labels", str(LIMB_MASK_NII), "--val-data", str(LIMB_NII)):
             "the model is conditioned on anatomy label maps from the user, and this CT has none",
     }
+    folder = tmp_path / "cts"
+    folder.mkdir()
+    shutil.copy(LIMB_NII, folder)
+    for data, message in ((folder, "is a folder without a DICOM series: with --anatomy-labels, list the CT files"),
+                          (tmp_path / "entry.npz", "is a cache entry, which holds its anatomy labels already")):
+        args_here = ["--data", str(data)] + args[2:] + ["--anatomy-labels", str(LIMB_MASK_NII)]
+        assert cli_main(["train", "--config", str(configs["user"])] + args_here) == 2
+        assert message in capsys.readouterr().err
     for extra, message in refused.items():
         assert cli_main(["train", "--config", str(configs["user"])] + args + list(extra)) == 2
         assert message in capsys.readouterr().err

@@ -31,7 +31,7 @@ def _optionalSegment(segmentationNode, segmentId):
     """(node, segment) of an optional segment, or None; a node without its segment, or a segment without its node,
     is a mistake, not 'everywhere'."""
     if segmentationNode is not None and not segmentId:
-        raise ValueError(f"A segmentation ('{segmentationNode.GetName()}') was given without segmentId: name the "
+        raise ValueError(f"A segmentation, {_describe(segmentationNode)}, was given without segmentId: name the "
                          "segment to limit the task to, or leave both out to use the whole image.")
     if segmentId and segmentationNode is None:
         raise ValueError(f"segmentId '{segmentId}' was given without its segmentationNode: pass both to limit the "
@@ -59,8 +59,9 @@ def _checkTriple(name, values, check):
 
 
 def _modelArgument(model):
-    """A model file as an absolute path, a registered name as given: jobs run in the library's folder, and no shell
-    expands `~`. A path is what the library reads as one: with a folder separator or a model file's suffix."""
+    """A model file as an absolute path, a name as given (a registered model, or one in the user cache): jobs run
+    in the library's folder, and no shell expands `~`. A path is what the library reads as one: with a folder
+    separator or a model file's suffix."""
     text = str(model)
     if text.startswith("~") or any(sep in text for sep in (os.sep, os.altsep) if sep) \
             or text.endswith((".safetensors", ".json")):
@@ -212,7 +213,7 @@ class MedDiffFMTasks:
                           "--spacing", *_checkTriple("spacing", spacing, _checkPositiveNumber)]
             name = f"MedDiffFM {TASKS['synthesize'].resultSuffix}"
         return self._runTask("synthesize", None, arguments, wait, options, namedInputs=inputs,
-                             importResults=self._importVolume(name, referenceVolumeNode))
+                             importResults=self._importVolume(name, referenceVolumeNode, sameFolder=False))
 
     def denoise(self, volumeNode, noiseLevel=None, window=None, segmentationNode=None, segmentId=None, wait=True,
                 **options):
@@ -422,10 +423,11 @@ class MedDiffFMTasks:
     def _anomalyMaskPath(workDir):
         return os.path.join(workDir, "anomaly-mask.nrrd")
 
-    def _importVolume(self, name, inputNode):
-        """The importResults of a task whose result is one volume: a new node named `name`."""
+    def _importVolume(self, name, inputNode, sameFolder=True):
+        """The importResults of a task whose result is one volume: a new node named `name`, in the input's
+        subject-hierarchy folder unless not `sameFolder` (a synthetic CT is no scan of the reference's patient)."""
         def importResults(workDir):
-            node = volumes.addVolumeNodeFromFile(self._outputPath(workDir), name, inputNode)
+            node = volumes.addVolumeNodeFromFile(self._outputPath(workDir), name, inputNode, sameFolder)
             volumes.copyWindowLevel(inputNode, node)
             self._show(node)
             return node

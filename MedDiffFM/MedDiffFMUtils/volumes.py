@@ -112,8 +112,11 @@ def writeSegmentMask(segmentationNode, segmentId, referenceVolumeNode, path):
     """Write one segment as a 0/1 uint8 mask on the grid of `referenceVolumeNode`."""
     segmentation = segmentationNode.GetSegmentation()
     if segmentId and segmentation.GetSegment(segmentId) is None:  # a console user may give the name shown in Slicer
-        named = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())
-                 if segmentation.GetNthSegment(i).GetName() == segmentId]
+        names = {segmentation.GetNthSegmentID(i): segmentation.GetNthSegment(i).GetName()
+                 for i in range(segmentation.GetNumberOfSegments())}
+        # As Slicer looks names up: regardless of case, an exact match first.
+        named = ([i for i, n in names.items() if n == segmentId]
+                 or [i for i, n in names.items() if n.lower() == segmentId.lower()])
         if len(named) > 1:
             raise ValueError(f"{len(named)} segments of '{segmentationNode.GetName()}' are named '{segmentId}': give "
                              f"the ID of the one that marks the region ({', '.join(named)}), or rename the others.")
@@ -133,7 +136,7 @@ def writeSegmentMask(segmentationNode, segmentId, referenceVolumeNode, path):
         copy.CopyConversionParameters(segmentation)
         if not copy.CopySegmentFromSegmentation(segmentation, segmentId):
             raise ValueError(f"Segment '{segment.GetName()}' could not be copied for export.")
-        _placeLike(copyNode, segmentationNode)
+        _underSameTransform(copyNode, segmentationNode)
         copyNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)  # convert at CT resolution
         labelmapNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
         segmentIds = vtk.vtkStringArray()
@@ -158,13 +161,18 @@ def readImage(path):
     return sitk.GetArrayFromImage(image), ijkToRAS
 
 
-def _placeLike(node, likeNode):
-    """Put a new node beside the node it was made from: under the same parent transform and, in the subject
-    hierarchy, in the same folder (a CT loaded from DICOM keeps its results in its patient's study)."""
-    if likeNode is None:
-        return
-    if likeNode.GetParentTransformNode() is not None:
+def _underSameTransform(node, likeNode):
+    """Put a new node under the same parent transform as the node it was made from."""
+    if likeNode is not None and likeNode.GetParentTransformNode() is not None:
         node.SetAndObserveTransformNodeID(likeNode.GetParentTransformNode().GetID())
+
+
+def _placeLike(node, likeNode, sameFolder=True):
+    """Put a result beside the node it was made from: under the same parent transform and (`sameFolder`), in the
+    subject hierarchy, in the same folder (a CT loaded from DICOM keeps its results in its patient's study)."""
+    _underSameTransform(node, likeNode)
+    if likeNode is None or not sameFolder:
+        return
     hierarchy = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSubjectHierarchyNode")  # never made here
     likeItem = hierarchy.GetItemByDataNode(likeNode) if hierarchy is not None else 0
     if likeItem:
@@ -176,12 +184,13 @@ def _placeLike(node, likeNode):
             hierarchy.CreateItem(parent, node)
 
 
-def addVolumeNodeFromFile(path, name, likeNode=None):
+def addVolumeNodeFromFile(path, name, likeNode=None, sameFolder=True):
     """Load an image file into a new scalar volume node (geometry from the file), named `name`, or
-    `name_1`, `name_2`, ... when that name is taken, so repeated runs can be told apart."""
+    `name_1`, `name_2`, ... when that name is taken, so repeated runs can be told apart; placed like `likeNode`
+    (`_placeLike`)."""
     array, ijkToRAS = readImage(path)
     node = slicer.util.addVolumeFromArray(array, ijkToRAS=ijkToRAS, name=slicer.mrmlScene.GenerateUniqueName(name))
-    _placeLike(node, likeNode)
+    _placeLike(node, likeNode, sameFolder)
     return node
 
 

@@ -24,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="+", default=["train"],
                         help="'train' or 'validation' (split of the shared CT data), a folder, or CT files")
     parser.add_argument("--anatomy-labels", nargs="+", metavar="LABELS",
-                        help="for a model whose anatomy source is 'user': your own anatomy label map for each --data "
-                        "CT (file or DICOM folder), in the same order and on its grid")
+                        help="for a model whose anatomy source is 'user': your own anatomy label map (a file) for "
+                        "each --data CT file or DICOM series folder, in the same order and on its grid")
     parser.add_argument("--val-anatomy-labels", nargs="+", metavar="LABELS",
                         help="the same for each --val-data CT file")
     _common.add_run_arguments(parser)
@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..dataset import CTCase, CTPatchDataset, split_cases
+    from ..dataset import CACHE_SUFFIX, CTCase, CTPatchDataset, split_cases
+    from ..io import is_dicom_file
     from ..errors import InputError
     from ..training import TrainSettings, check_resume_config, train, with_run_own
 
@@ -65,6 +66,13 @@ def run(args: argparse.Namespace) -> int:
             if len(labels) != len(spec) or any(item in ("train", "validation") for item in spec):
                 raise InputError(f"{option} gives one label map per CT file of {data_option}, in the same order: "
                                  f"got {len(labels)} label maps for {' '.join(spec)}")
+            for item in map(Path, spec):
+                if item.name.lower().endswith(CACHE_SUFFIX):
+                    raise InputError(f"{item} is a cache entry, which holds its anatomy labels already: give its CT "
+                                     f"file to pair with a label map, or train on cache entries without {option}")
+                if item.is_dir() and not any(is_dicom_file(p) for p in item.iterdir() if p.is_file()):
+                    raise InputError(f"{item} is a folder without a DICOM series: with {option}, list the CT files "
+                                     "one by one, each beside its label map")
             return [CTCase(str(item), mask=str(label)) for item, label in zip(spec, labels)]
         if len(spec) == 1 and spec[0] in ("train", "validation"):
             return split_cases(args.data_root, spec[0])
