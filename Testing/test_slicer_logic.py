@@ -951,6 +951,18 @@ def test_results_join_their_input_in_the_subject_hierarchy(ct_node, fake_cli, tm
     logic = MedDiffFM.MedDiffFMLogic()
     results = [logic.denoise(ct_node), *logic.detectAnomalies(ct_node)]
     assert [hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) for node in results] == [study] * 3
+    # In the application every new node gets an item at the scene's top at once: a result's item is moved.
+    def item_at_the_top(scene, event, node):
+        if node.IsA("vtkMRMLVolumeNode") and not hierarchy.GetItemByDataNode(node):
+            hierarchy.CreateItem(hierarchy.GetSceneItemID(), node)
+
+    item_at_the_top = vtk.calldata_type(vtk.VTK_OBJECT)(item_at_the_top)
+    observer = slicer.mrmlScene.AddObserver(slicer.vtkMRMLScene.NodeAddedEvent, item_at_the_top)
+    try:
+        moved = logic.denoise(ct_node)
+    finally:
+        slicer.mrmlScene.RemoveObserver(observer)
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(moved)) == study
     # A synthetic CT is no scan of the reference's patient: it stays out of the study.
     synthetic = logic.synthesize(ct_node)
     assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(synthetic)) != study
