@@ -357,10 +357,10 @@ def finetune(base: str, task: str, data, out_dir, settings, val_data=None, resum
         same_otherwise = all(earlier[key] == value for key, value in run.items()
                              if key != "base_sha256" and key in earlier)
         if earlier.get("base_sha256") != run["base_sha256"] and same_otherwise:
-            raise InputError(f"{out_dir} fine-tunes a base whose weights have changed since: {base} now has SHA-256 "
-                             f"{run['base_sha256'][:12]}..., the run began on {str(earlier.get('base_sha256'))[:12]}"
-                             "... A ControlNet fits only the exact base it was trained on: resume on that base, or "
-                             "fine-tune into a new folder")
+            raise InputError(f"{out_dir} fine-tunes another base than {base}: the run began on weights with SHA-256 "
+                             f"{str(earlier.get('base_sha256'))[:12]}..., {base} has {run['base_sha256'][:12]}... "
+                             "(another model, or this one retrained since). A ControlNet fits only the exact base it "
+                             "was trained on: resume with --base set to that model, or fine-tune into a new folder")
         if earlier != {key: value for key, value in run.items() if key in earlier}:
             raise InputError(f"{out_dir} holds a fine-tuning run of another task, base model or slice factor "
                              f"({earlier}); resume it with the same --task, --base and --factor, or train into a "

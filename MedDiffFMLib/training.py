@@ -266,7 +266,7 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
     gen = torch.Generator()  # reseeded at every step (_step_seed)
     start, wall_before, best, val, saved = 0, 0.0, float("inf"), {}, {}
     if resume:
-        restored = _restore(out_dir, cfg, model, ema, optimizer, rank, settings)
+        restored = _restore(out_dir, cfg, model, ema, optimizer, rank, settings, data)
         if restored is not None:
             start, wall_before, best, val, saved = restored
     # Recorded as trained: the optimizer's rate, and the run's own value of each setting not given.
@@ -516,7 +516,7 @@ def check_resume_config(out_dir, cfg: ModelConfig) -> dict:
 
 
 def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: Rank,
-             settings: TrainSettings):
+             settings: TrainSettings, data):
     loaded = load_training_state(out_dir)
     if loaded is None:
         if rank.main:
@@ -537,6 +537,10 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: 
                    if name in record.get("settings", {}) and record["settings"][name] != getattr(settings, name)]
         if record.get("processes", rank.world) != rank.world:  # each process draws its own patches (torchrun)
             changed.append(f"processes {record['processes']} -> {rank.world}")
+        before = (record.get("training_data") or {}).get("cases")
+        now = getattr(data, "summary", lambda: {})().get("cases")
+        if before is not None and now is not None and sorted(before) != sorted(now):
+            changed.append(f"training CTs {', '.join(before)} -> {', '.join(now)}")
         if changed:
             log.warning("resuming with other settings than the run was trained with (%s): the patches from here on "
                         "differ from a run that kept them; pass the old values to continue the same stream",

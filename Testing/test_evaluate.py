@@ -192,6 +192,11 @@ def test_cli_denoise_and_errors(tmp_path, capsys):
     # one row per case, dose and method: a dose given twice would be averaged as if it were two cases
     assert main(["evaluate", "denoise", str(LIMB_NII), "--photons", "1e5", "100000", "--out", str(out)]) == 2
     assert "--photons lists 100000 more than once" in capsys.readouterr().err
+    # A model denoises whole blocks: one thinner than its minimum is refused by what sets it, before any work.
+    assert main(["evaluate", "denoise", str(LIMB_NII), "--slices", "2", "--context-slices", "2", "--model", "tiny",
+                 "--out", str(tmp_path / "thin")]) == 2
+    assert ("case CT_image: its block is 6 slices thick (--slices 2 scored, up to --context-slices 2 on each side), "
+            "and MedDiffFM needs at least 8: raise --slices or --context-slices") in capsys.readouterr().err
 
 
 def test_errors_name_the_case_they_come_from(tmp_path, capsys):
@@ -268,7 +273,7 @@ def test_cli_passes_the_window_options_to_meddifffm(tmp_path, monkeypatch):
         return lambda vol, sigma: vol
 
     monkeypatch.setattr(harness, "meddifffm_method", recording)
-    common = ["evaluate", "denoise", str(CHEST_NRRD), "--slices", "2", "--context-slices", "0", "--crop", "32",
+    common = ["evaluate", "denoise", str(CHEST_NRRD), "--slices", "2", "--context-slices", "3", "--crop", "32",
               "--photons", "5e4", "--methods", "--model", "tiny", "--device", "cpu"]
     assert main(common + ["--overlap", "0.125", "--window-size", "24", "--out", str(tmp_path / "a")]) == 0
     assert main(common + ["--out", str(tmp_path / "b")]) == 0

@@ -100,6 +100,13 @@ def test_resume_under_another_seed_warns(cfg, data, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         train(cfg, data, tmp_path, dataclasses.replace(settings, steps=5, seed=0), resume=True)
     assert "other settings than the run was trained with (processes 2 -> 1)" in caplog.text
+    caplog.clear()
+    # So does other training data (--data), e.g. one of the two CTs.
+    with caplog.at_level(logging.WARNING):
+        train(cfg, CTPatchDataset(CASES[:1], cfg, data.cache_dir), tmp_path, dataclasses.replace(settings, steps=6,
+                                                                                              seed=0), resume=True)
+    assert ("training CTs example_ct_sm.nii.gz, CT_image.nii.gz -> example_ct_sm.nii.gz" in caplog.text
+            and "processes" not in caplog.text)
 
 
 def test_resume_applies_a_new_learning_rate(cfg, data, tmp_path):

@@ -9,7 +9,7 @@ from typing import List
 
 from .. import evaluate as harness
 from ..errors import InputError, ResourceError
-from ..validation import check_output_folder
+from ..validation import MIN_AXIS_VOXELS, check_output_folder
 from ._common import HelpFormatter, non_negative_int, overlap_fraction, positive_float, positive_int, seed
 
 NAME = "evaluate"
@@ -109,6 +109,11 @@ def _run_denoise(args: argparse.Namespace) -> int:
     methods = harness.classical_methods(args.methods, args.gaussian_sigma)
     windows = [tuple(w) for w in args.model_window] if args.model_window else [None]
     models = args.model or []
+    thin = [case for case in cases if case.volume.shape[0] < MIN_AXIS_VOXELS]
+    if models and thin:  # a model denoises whole blocks, which must hold one of its windows' minimum
+        raise InputError(f"case {thin[0].name}: its block is {thin[0].volume.shape[0]} slices thick (--slices "
+                         f"{args.slices} scored, up to --context-slices {args.context_slices} on each side), and "
+                         f"MedDiffFM needs at least {MIN_AXIS_VOXELS}: raise --slices or --context-slices")
     try:
         for model, label in zip(models, _model_labels(models)):
             for window in windows:
