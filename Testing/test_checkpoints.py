@@ -452,6 +452,26 @@ def test_the_models_command_lists_describes_verifies_and_registers(tmp_path, mon
                                                                                      "meddifffm-mine.safetensors"]
 
 
+def test_replacing_a_registered_base_names_the_controlnets_it_orphans(tmp_path, monkeypatch, caplog):
+    """A ControlNet loads only on the exact base it was fine-tuned on: replacing that base under its name (here
+    the copy of `tiny` that the copy of `tiny-lesion` was fine-tuned on) leaves it without one, and says so."""
+    from MedDiffFMLib.cli import main
+
+    registry = tmp_path / "Resources" / "Models.json"
+    registry.parent.mkdir()
+    registry.write_text(json.dumps({"models": []}))
+    monkeypatch.setattr(checkpoints, "REGISTRY", registry)
+    for name, source in (("mine", "tiny"), ("mine-lesion", "tiny-lesion")):
+        assert main(["models", str(checkpoints.resolve_model(source)), "--register", name, "--description", "x"]) == 0
+    again = ["--register", "mine", "--description", "y", "--overwrite"]
+    with caplog.at_level(logging.WARNING):
+        assert main(["models", str(checkpoints.resolve_model("tiny"))] + again) == 0  # the same weights: no harm
+        assert "ControlNet" not in caplog.text
+        assert main(["models", str(checkpoints.resolve_model("default"))] + again) == 0
+    assert ("the ControlNet(s) mine-lesion were fine-tuned on the mine just replaced and load only on it"
+            in caplog.text)
+
+
 def test_the_model_listing_marks_a_damaged_description_and_lists_the_rest(monkeypatch):
     from MedDiffFMLib.commands.models import listing
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import textwrap
 from typing import Any, Dict, List
 
@@ -10,6 +11,8 @@ NAME = "models"
 HELP = ("List the registered models (name, kind, preset, training steps, installed or not); with a name or "
         ".safetensors file, describe that model and verify its weights against their SHA-256; with --register, "
         "install a trained model under a name the tasks' --model takes.")
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,13 +94,39 @@ def _register(args: argparse.Namespace) -> int:
     if not args.overwrite and args.register in [entry["name"] for entry in checkpoints.registry(checkpoints.REGISTRY)]:
         raise InputError(f"a model named {args.register} is registered already; give another name, or --overwrite to "
                          "replace it (the tasks that default to it would then run the new one)")
+    replaced = next((entry["sha256"] for entry in checkpoints.registry(checkpoints.REGISTRY)
+                     if entry["name"] == args.register), None)
+    dependents = _controlnets_on(replaced) if replaced else []
     entry = checkpoints.register_model(args.model, args.register, args.description, registry_path=checkpoints.REGISTRY)
+    if dependents and entry["sha256"] != replaced:
+        log.warning("the ControlNet(s) %s were fine-tuned on the %s just replaced and load only on it: fine-tune them "
+                    "again on the new one (finetune --base %s), or keep the old base registered under another name",
+                    ", ".join(dependents), args.register, args.register)
     if args.json:
         print(json.dumps(entry, indent=2))
     else:
         print(f"registered {entry['name']}: {entry['file']} (SHA-256 {entry['sha256'][:12]}..., "
               f"{entry['size'] / 2 ** 20:.1f} MiB); the tasks take it as --model {entry['name']}")
     return 0
+
+
+def _controlnets_on(base_sha256: str) -> List[str]:
+    """Names of the registered ControlNets fine-tuned on the base with these weights: a ControlNet loads only on the
+    exact base it was trained on (`finetune.find_base`)."""
+    from .. import checkpoints
+    from ..errors import CheckpointError
+
+    found = []
+    for entry in checkpoints.registry(checkpoints.REGISTRY):
+        for folder in (checkpoints.REGISTRY.parent, checkpoints.cache_dir()):  # where the tasks find it
+            try:
+                recorded = checkpoints.read_model_info(folder / entry["file"]).get("base_model")
+            except CheckpointError:
+                continue
+            if isinstance(recorded, dict) and recorded.get("sha256") == base_sha256:
+                found.append(entry["name"])
+            break
+    return found
 
 
 def _format_listing(rows: List[Dict[str, Any]]) -> str:
