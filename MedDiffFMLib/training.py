@@ -540,7 +540,8 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: 
         before = (record.get("training_data") or {}).get("cases")
         now = getattr(data, "summary", lambda: {})().get("cases")
         if before is not None and now is not None and sorted(before) != sorted(now):
-            changed.append(f"training CTs {', '.join(before)} -> {', '.join(now)}")
+            left_out, added = sorted(set(before) - set(now)), sorted(set(now) - set(before))
+            changed.append(f"training CTs: {len(left_out)} left out{_some(left_out)}, {len(added)} added{_some(added)}")
         if changed:
             log.warning("resuming with other settings than the run was trained with (%s): the patches from here on "
                         "differ from a run that kept them; pass the old values to continue the same stream",
@@ -569,6 +570,14 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: 
         log.info("resumed %s at step %d", out_dir, record["step"])
     return (record["step"], record["wall_seconds"], record["best_validation"], record.get("validation", {}),
             record.get("settings", {}))
+
+
+def _some(names: List[str], shown: int = 3) -> str:
+    """' (a, b, c and 4 more)' for a log line; '' for none."""
+    if not names:
+        return ""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f" ({', '.join(names[:shown])}{more})"
 
 
 def _check_state_tensors(out_dir: Path, step: int, tensors: Dict[str, torch.Tensor], model, ema: EMA,

@@ -105,7 +105,7 @@ def test_resume_under_another_seed_warns(cfg, data, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         train(cfg, CTPatchDataset(CASES[:1], cfg, data.cache_dir), tmp_path, dataclasses.replace(settings, steps=6,
                                                                                               seed=0), resume=True)
-    assert ("training CTs example_ct_sm.nii.gz, CT_image.nii.gz -> example_ct_sm.nii.gz" in caplog.text
+    assert ("training CTs: 1 left out (CT_image.nii.gz), 0 added" in caplog.text
             and "processes" not in caplog.text)
 
 
