@@ -242,6 +242,12 @@ def available_models() -> List[str]:
     return names
 
 
+def installed_files(entry: dict, resources: Path = RESOURCES) -> List[Path]:
+    """The files of a registry entry that exist, in the order the tasks look for them: under `resources` (the
+    registry's folder), then in the user cache."""
+    return [folder / entry["file"] for folder in (resources, cache_dir()) if (folder / entry["file"]).exists()]
+
+
 def resolve_model(name_or_path: PathLike) -> Path:
     """Weights path for a registered model name (repo Resources first, then the user cache), a file path, or the
     name of a model in the user cache. A registered name wins over a file of that name in the working folder
@@ -258,11 +264,10 @@ def resolve_model(name_or_path: PathLike) -> Path:
     is_path = any(sep in text for sep in (os.sep, os.altsep) if sep) or text.endswith((".safetensors", ".json"))
     entry = None if is_path else next((m for m in registry() if m["name"] == text), None)
     if entry is not None:
-        for folder in (RESOURCES, cache_dir()):
-            candidate = folder / entry["file"]
-            if candidate.exists():
-                _check_registered(text, entry, candidate)
-                return candidate
+        installed = installed_files(entry)
+        if installed:
+            _check_registered(text, entry, installed[0])
+            return installed[0]
         where = f"download it from {entry['url']} to {cache_dir() / entry['file']}" if entry.get("url") else \
             f"its file {entry['file']} is missing from {RESOURCES} and {cache_dir()}"
         raise CheckpointError(f"model {text!r} is registered but not installed: {where}")

@@ -30,7 +30,7 @@ from .anatomy import AnatomySpec, encode_anatomy, get_anatomy
 from .conditioning import anatomy_spec, assemble
 from .config import ModelConfig
 from .errors import InputError, ResourceError
-from .io import VOLUME_SUFFIXES, Volume, atomic_path, is_dicom_file, read_mask, read_volume, sha256_file
+from .io import VOLUME_SUFFIXES, Volume, atomic_path, holds_dicom_files, read_mask, read_volume, sha256_file
 from .orientation import AxisOrder
 from .patches import MODES, sample_patch
 from .preprocess import guess_region, resample, window_to_unit
@@ -127,7 +127,7 @@ def as_cases(files: Union[str, Path, Sequence[Union[str, Path, CTCase]]],
             raise InputError(f"training data {folder} is not a folder; give a folder or a list of CT files")
         suffixes = VOLUME_SUFFIXES + (CACHE_SUFFIX,)
         files = sorted(p for p in folder.iterdir() if p.name.lower().endswith(suffixes))
-        if not files and any(p.is_file() and is_dicom_file(p) for p in folder.iterdir()):
+        if not files and holds_dicom_files(folder):
             files = [folder]  # the folder of one DICOM series: one case, as every task reads it
         if not files:
             raise InputError(f"no CT volumes, cache entries ({', '.join(suffixes)}) or DICOM series found in "

@@ -586,6 +586,11 @@ def is_dicom_file(path: Path) -> bool:
         return handle.read(132)[128:132] == b"DICM"
 
 
+def holds_dicom_files(folder: Path) -> bool:
+    """Whether a folder directly holds DICOM files (as a series folder the readers take; sub-folders not searched)."""
+    return any(p.is_file() and is_dicom_file(p) for p in folder.iterdir())
+
+
 def _read_dicom_folder(folder: Path, series_id: Optional[str]) -> sitk.Image:
     series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series_ids:

@@ -460,7 +460,7 @@ def _save(out_dir: Path, cfg: ModelConfig, settings: TrainSettings, model, ema: 
             else:
                 optimizer_scalars.setdefault(str(index), {})[key] = value
     scalars = {"config": cfg.to_dict(), "settings": asdict(settings), "wall_seconds": wall, "best_validation": best,
-               "validation": val, "training_data": getattr(data, "summary", lambda: {})(), "processes": processes,
+               "validation": val, "training_data": _training_data(data), "processes": processes,
                "optimizer": {"param_groups": opt["param_groups"], "scalars": optimizer_scalars}}
     save_training_state(out_dir, step, tensors, scalars)
     _export(out_dir, cfg, settings, ema, step, wall, data, val, device, ("ema", "ema-best") if improved else ("ema",),
@@ -471,7 +471,7 @@ def _export(out_dir: Path, cfg: ModelConfig, settings: TrainSettings, ema: EMA, 
             val: dict, device: torch.device, names, export_model=save_model) -> None:
     """Write the EMA weights as the model files `names` (`ema`, and `ema-best` when validation improved)."""
     info = {"steps": step, "wall_hours": round(wall / 3600, 4), "device": _device_name(device),
-            "validation_loss": val, "training_data": getattr(data, "summary", lambda: {})(),
+            "validation_loss": val, "training_data": _training_data(data),
             "settings": asdict(settings), "weights_kind": "ema"}
     for name in names:
         export_model(ema.shadow, cfg, out_dir / name, info, half=settings.half_export)
@@ -538,7 +538,7 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: 
         if record.get("processes", rank.world) != rank.world:  # each process draws its own patches (torchrun)
             changed.append(f"processes {record['processes']} -> {rank.world}")
         before = (record.get("training_data") or {}).get("cases")
-        now = getattr(data, "summary", lambda: {})().get("cases")
+        now = _training_data(data).get("cases")
         if before is not None and now is not None and sorted(before) != sorted(now):
             left_out, added = sorted(set(before) - set(now)), sorted(set(now) - set(before))
             changed.append(f"training CTs: {len(left_out)} left out{_some(left_out)}, {len(added)} added{_some(added)}")
@@ -570,6 +570,11 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: 
         log.info("resumed %s at step %d", out_dir, record["step"])
     return (record["step"], record["wall_seconds"], record["best_validation"], record.get("validation", {}),
             record.get("settings", {}))
+
+
+def _training_data(data) -> dict:
+    """What a run records of its data: the dataset's summary ({} for a dataset without one)."""
+    return getattr(data, "summary", lambda: {})()
 
 
 def _some(names: List[str], shown: int = 3) -> str:

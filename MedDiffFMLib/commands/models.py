@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
 def listing() -> List[Dict[str, Any]]:
     """One row per registered model: its registry entry, its kind (from its own description when installed)."""
-    from ..checkpoints import RESOURCES, cache_dir, controlnet_task_in, read_model_info, registry, resolve_model
+    from ..checkpoints import controlnet_task_in, installed_files, read_model_info, registry, resolve_model
     from ..errors import CheckpointError
 
     rows = []
@@ -55,7 +55,7 @@ def listing() -> List[Dict[str, Any]]:
             task = controlnet_task_in(read_model_info(weights))
             kind = "base" if task is None else f"{task} ControlNet"
         except CheckpointError:  # not installed; or its file is there but unreadable: this row says so
-            if any((folder / entry["file"]).exists() for folder in (RESOURCES, cache_dir())):
+            if installed_files(entry):
                 kind = "damaged"
         rows.append({"name": entry["name"], "kind": kind, "preset": entry.get("preset"),
                      "steps": (entry.get("training") or {}).get("steps"), "installed": kind is not None,
@@ -91,11 +91,12 @@ def _register(args: argparse.Namespace) -> int:
     from .. import checkpoints
     from ..errors import InputError
 
-    if not args.overwrite and args.register in [entry["name"] for entry in checkpoints.registry(checkpoints.REGISTRY)]:
+    existing = next((entry for entry in checkpoints.registry(checkpoints.REGISTRY) if entry["name"] == args.register),
+                    None)
+    if existing is not None and not args.overwrite:
         raise InputError(f"a model named {args.register} is registered already; give another name, or --overwrite to "
                          "replace it (the tasks that default to it would then run the new one)")
-    replaced = next((entry["sha256"] for entry in checkpoints.registry(checkpoints.REGISTRY)
-                     if entry["name"] == args.register), None)
+    replaced = existing.get("sha256") if existing is not None else None
     dependents = _controlnets_on(replaced) if replaced else []
     entry = checkpoints.register_model(args.model, args.register, args.description, registry_path=checkpoints.REGISTRY)
     if dependents and entry["sha256"] != replaced:
@@ -118,9 +119,9 @@ def _controlnets_on(base_sha256: str) -> List[str]:
 
     found = []
     for entry in checkpoints.registry(checkpoints.REGISTRY):
-        for folder in (checkpoints.REGISTRY.parent, checkpoints.cache_dir()):  # where the tasks find it
+        for weights in checkpoints.installed_files(entry, checkpoints.REGISTRY.parent):
             try:
-                recorded = checkpoints.read_model_info(folder / entry["file"]).get("base_model")
+                recorded = checkpoints.read_model_info(weights).get("base_model")
             except CheckpointError:
                 continue
             if isinstance(recorded, dict) and recorded.get("sha256") == base_sha256:

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..dataset import CACHE_SUFFIX, CTCase, CTPatchDataset, split_cases
-    from ..io import is_dicom_file
+    from ..io import holds_dicom_files
     from ..errors import InputError
     from ..training import TrainSettings, check_resume_config, train, with_run_own
 
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                 if item.name.lower().endswith(CACHE_SUFFIX):
                     raise InputError(f"{item} is a cache entry, which holds its anatomy labels already: give its CT "
                                      f"file to pair with a label map, or train on cache entries without {option}")
-                if item.is_dir() and not any(is_dicom_file(p) for p in item.iterdir() if p.is_file()):
+                if item.is_dir() and not holds_dicom_files(item):
                     raise InputError(f"{item} is a folder without a DICOM series: with {option}, list the CT files "
                                      "one by one, each beside its label map")
             return [CTCase(str(item), mask=str(label)) for item, label in zip(spec, labels)]
