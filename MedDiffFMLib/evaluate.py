@@ -267,21 +267,28 @@ def mean_over_cases(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]
             for (dose, method), group in groups.items()]
 
 
+def report_files(kind: str, case_names: Sequence[str]) -> List[str]:
+    """The files a `kind` ("denoise" or "anomaly") report writes: <kind>_results.csv, <kind>_results.md, then one
+    <kind>_<case>.png per case."""
+    return [f"{kind}_results.csv", f"{kind}_results.md", *(f"{kind}_{name}.png" for name in case_names)]
+
+
 def write_denoise_report(report: DenoiseReport, out_dir: Path,
                          window: Tuple[float, float] = metrics.DENOISING_WINDOW_HU) -> List[Path]:
-    """denoise_results.csv, denoise_results.md and one denoise_<case>.png per case; returns the paths."""
+    """The `report_files` of a denoising report; returns their paths."""
     out_dir = Path(out_dir)
+    csv_name, md_name, *figures = report_files("denoise", list(report.examples))
     summary = mean_over_cases(report.rows)
-    written = [write_csv(report.rows + summary, DENOISE_COLUMNS, out_dir / "denoise_results.csv")]
+    written = [write_csv(report.rows + summary, DENOISE_COLUMNS, out_dir / csv_name)]
     text = (f"# Low-dose CT denoising\n\nPSNR (dB) / SSIM in the [{window[0]:g}, {window[1]:g}] HU window, "
             "on the scored slices; seconds = wall time per volume, context slices included.\n\n"
             "## Mean over cases\n\n"
             + denoise_summary_markdown(summary) + "\n## Per case\n\n"
             + markdown_table(report.rows, DENOISE_COLUMNS))
-    written.append(write_text(text, out_dir / "denoise_results.md"))
-    for case, by_dose in report.examples.items():
+    written.append(write_text(text, out_dir / md_name))
+    for (case, by_dose), figure in zip(report.examples.items(), figures):
         scores = {(r["photons"], r["method"]): r["psnr"] for r in report.rows if r["case"] == case}
-        written.append(_denoise_figure(case, by_dose, scores, window, out_dir / f"denoise_{case}.png"))
+        written.append(_denoise_figure(case, by_dose, scores, window, out_dir / figure))
     _warn_stale_figures(out_dir, "denoise_", written)
     return written
 
@@ -422,13 +429,14 @@ def _auroc_if_defined(scores: np.ndarray, labels: np.ndarray) -> float:
 
 def write_anomaly_report(rows: Sequence[Dict[str, object]], cases: Sequence[AnomalyCase],
                          out_dir: Path, max_fpr: float = 0.3) -> List[Path]:
-    """anomaly_results.csv, anomaly_results.md and one anomaly_<case>.png per case."""
+    """The `report_files` of an anomaly report; returns their paths."""
     out_dir = Path(out_dir)
-    written = [write_csv(rows, ANOMALY_COLUMNS, out_dir / "anomaly_results.csv")]
+    csv_name, md_name, *figures = report_files("anomaly", [case.name for case in cases])
+    written = [write_csv(rows, ANOMALY_COLUMNS, out_dir / csv_name)]
     text = (f"# Anomaly detection\n\nPixel AUROC, image-level AUROC over axial slices, best Dice over "
             f"thresholds, PRO integrated to FPR {max_fpr:g} (normalised).\n\n" + markdown_table(rows, ANOMALY_COLUMNS))
-    written.append(write_text(text, out_dir / "anomaly_results.md"))
-    written += [_anomaly_figure(case, out_dir / f"anomaly_{case.name}.png") for case in cases]
+    written.append(write_text(text, out_dir / md_name))
+    written += [_anomaly_figure(case, out_dir / figure) for case, figure in zip(cases, figures)]
     _warn_stale_figures(out_dir, "anomaly_", written)
     return written
 

@@ -6,7 +6,8 @@ zero-initialised convolutions, so before any training the controlled model predi
 base model predicts. Only the ControlNet trains; the base stays frozen.
 
 Fine-tuning reuses `training.train` (a ControlledNet builder and a ControlNet-only export); a ControlNet
-model file holds only the ControlNet weights and names its base model by the SHA-256 of its weights.
+model file holds only the ControlNet weights and names its base model by name (or absolute path) and by the
+SHA-256 of its weights; `find_base` tries the name first, then any installed model with that SHA-256.
 
 The control signal is one extra volume at full patch resolution (the upsampled thick-slice CT for
 super-resolution, the lesion mask for lesion generation). It travels as the last channel of the condition

@@ -185,6 +185,13 @@ def test_cli_denoise_and_errors(tmp_path, capsys):
     assert code == 0
     assert "| NLM |" in capsys.readouterr().out
     assert {p.name for p in out.iterdir()} == {"denoise_results.csv", "denoise_results.md", "denoise_CT_image.png"}
+    # The same report again is refused before any denoising: it would replace all three files.
+    figure = (out / "denoise_CT_image.png").read_bytes()
+    assert main(["evaluate", "denoise", str(LIMB_NII), "--slices", "2", "--crop", "64", "--methods", "gaussian",
+                 "--out", str(out)]) == 2
+    assert ("already holds denoise_results.csv, denoise_results.md, denoise_CT_image.png (an earlier report); give "
+            "--overwrite to replace them, or another --out") in capsys.readouterr().err
+    assert (out / "denoise_CT_image.png").read_bytes() == figure
     assert main(["evaluate", "denoise", str(tmp_path / "missing.nii.gz"), "--out", str(out)]) == 2
     assert main(["evaluate", "anomaly", "--scores", str(LIMB_NII), str(LIMB_NII), "--masks", str(LIMB_NII),
                  "--out", str(out)]) == 2
@@ -314,17 +321,24 @@ def test_cli_anomaly_on_files(tmp_path, capsys, caplog):
         row = next(csv.DictReader(handle))
     assert float(row["pixel_auroc"]) > 0.95 and float(row["image_auroc"]) == 1.0
     assert (out / "anomaly_s.png").exists()
-    # A rerun with another case into the same folder names the first run's figure, which its table no longer lists.
+    # An earlier report is replaced only on --overwrite, refused before any file is read.
+    table = (out / "anomaly_results.csv").read_bytes()
     renamed = paths[2].with_name("t.nii.gz")
     paths[2].rename(renamed)
+    assert main(["evaluate", "anomaly", "--scores", str(renamed), "--masks", str(paths[1]), "--out", str(out)]) == 2
+    assert (f"{out} already holds anomaly_results.csv, anomaly_results.md (an earlier report); give --overwrite"
+            in capsys.readouterr().err)
+    assert (out / "anomaly_results.csv").read_bytes() == table
+    # A rerun with another case into the same folder names the first run's figure, which its table no longer lists.
     with caplog.at_level(logging.WARNING):
-        assert main(["evaluate", "anomaly", "--scores", str(renamed), "--masks", str(paths[1]), "--out", str(out)]) == 0
+        assert main(["evaluate", "anomaly", "--scores", str(renamed), "--masks", str(paths[1]), "--out", str(out),
+                     "--overwrite"]) == 0
     assert "figures that this run did not make" in caplog.text and "anomaly_s.png" in caplog.text
     assert "anomaly_t.png" not in caplog.text and (out / "anomaly_s.png").exists()
     # the CT of the figure must lie on the scores' grid, not just have their shape
     moved = write_volume(dataclasses.replace(ct, origin=tuple(o + 5 for o in ct.origin)), tmp_path / "moved.nii.gz")
     assert main(["evaluate", "anomaly", "--scores", str(renamed), "--masks", str(paths[1]), "--images", str(moved),
-                 "--out", str(out)]) == 2
+                 "--out", str(out), "--overwrite"]) == 2
     assert "is not on the score volume's grid: origin" in capsys.readouterr().err
 
 

@@ -9,7 +9,9 @@ import torch
 from conftest import (ABDOMEN_NII, ABDOMEN_SMALL_NII, CHEST_NODULE_NRRD, CHEST_NRRD, CT_DATA, HEAD_TILTED_DICOM,
                       LIMB_NII, REPO, grid_centre)
 from MedDiffFMLib.errors import InputError
+from MedDiffFMLib.evaluate import axial_first, central_block
 from MedDiffFMLib.io import Volume, read_mask, read_volume
+from MedDiffFMLib.lowdose import simulate_low_dose
 from MedDiffFMLib.preprocess import (REGION_WINDOWS, REGIONS, guess_region, resample, resample_like,
                                      unit_to_hu, window_to_unit)
 
@@ -145,6 +147,42 @@ def test_guess_region_recognises_chest_crops_through_the_lung():
     assert guess_region(read_volume(REPO / "Resources" / "SampleData" / "chest_ct_crop.nii.gz"))[0] == "chest"
     # A limb crop in air (air at -1000 HU, below the parenchyma range) stays "other".
     assert guess_region(read_volume(LIMB_NII))[0] == "other"
+    # So does the denoising benchmark's chest block under simulated low dose: noise does not hide the lung.
+    lung = central_block(axial_first(read_volume(CHEST_NRRD)), 8, 256)
+    region, reason = guess_region(simulate_low_dose(lung, 2.5e4, seed=0))
+    assert region == "chest" and "lung texture" in reason
+
+
+@pytest.mark.parametrize("case", ["STS_002", "STS_008", "STS_010", "STS_025", "STS_028"])
+def test_guess_region_calls_limbs_on_lung_dense_padding_limbs(case):
+    """These limb crops are 18-31% voxels of lung density (padding, a cushion, the rims of air around the table)
+    and the rim at the skin is air-like: that read as a chest crop (002, 008, 010, 025) or as a neck's airway (028).
+    Smooth padding has no lung texture, and a rim is no airway; nor does low-dose noise give them either."""
+    limb = read_volume(CT_DATA / "ibsi_sts" / case / "CT_image.nii.gz")
+    region, reason = guess_region(limb)
+    assert region == "other" and "no airway" in reason, reason
+    assert guess_region(simulate_low_dose(central_block(axial_first(limb), 8), 2.5e4, seed=0))[0] == "other"
+
+
+def _cylinder_phantom(lumen_hu=None, rim_hu=None):
+    """A 12 cm wide soft-tissue cylinder in air on a 3 mm grid (a neck-sized cross-section, 113 cm^2), with an
+    optional 18 mm central lumen and an optional one-voxel rim under the skin."""
+    z, y, x = np.mgrid[:40, :60, :60]
+    radius = np.hypot(y - 29.5, x - 29.5)
+    hu = np.where(radius < 20, 40.0, -1000.0).astype(np.float32)
+    if rim_hu is not None:
+        hu[(radius >= 19) & (radius < 20)] = rim_hu
+    if lumen_hu is not None:
+        hu[radius < 3] = lumen_hu
+    return Volume(hu, (3.0, 3.0, 3.0))
+
+
+def test_guess_region_needs_air_in_a_small_cross_section_for_a_neck():
+    region, reason = guess_region(_cylinder_phantom(lumen_hu=-1000.0))
+    assert region == "head_neck" and "airway" in reason
+    # A partial-volume rim at the skin (-400 HU: fat-air, inside the body mask) is no airway; neither is fat.
+    assert guess_region(_cylinder_phantom(rim_hu=-400.0))[0] == "other"
+    assert guess_region(_cylinder_phantom(lumen_hu=-100.0))[0] == "other"
 
 
 def test_guess_region_is_independent_of_array_orientation_and_sees_whole_body():

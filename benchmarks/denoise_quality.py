@@ -11,7 +11,8 @@ would give a 3D denoiser; `--context-slices 0` gives the thin blocks of the earl
 
     python benchmarks/denoise_quality.py                   # classical baselines only
     python benchmarks/denoise_quality.py --model denoise   # + MedDiffFM (the task's default model)
-Extra arguments pass through to `evaluate denoise` (e.g. --nfe 10, --photons 1e5, --device cuda).
+Extra arguments pass through to `evaluate denoise` (e.g. --nfe 10, --photons 1e5, --device cuda; --overwrite to
+replace an earlier table in --out).
 """
 from __future__ import annotations
 

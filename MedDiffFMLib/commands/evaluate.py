@@ -79,6 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="MedDiffFM's sliding window edge in voxels (unset: the model's training patch)")
     den.add_argument("--device", default="auto", help="MedDiffFM device: auto, cpu or cuda")
     den.add_argument("--seed", type=seed, default=0, help="seed of the noise simulation and of MedDiffFM")
+    den.add_argument("--overwrite", action="store_true", help="replace an earlier report's files in --out")
     den.set_defaults(_benchmark=_run_denoise, _parser=den)  # cli.main: an unknown option shows this usage
 
     ano = sub.add_parser("anomaly", formatter_class=formatter,
@@ -92,6 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "only their voxels are scored (default: every voxel)")
     ano.add_argument("--out", type=Path, required=True, help="folder for the CSV, Markdown and PNG files")
     ano.add_argument("--max-fpr", type=_pro_limit, default=0.3, help="PRO integration limit (a false-positive rate)")
+    ano.add_argument("--overwrite", action="store_true", help="replace an earlier report's files in --out")
     ano.set_defaults(_benchmark=_run_anomaly, _parser=ano)
 
 
@@ -106,6 +108,7 @@ def _run_denoise(args: argparse.Namespace) -> int:
                          "dose level once (the table has one row per case, dose and method)")
     check_output_folder(args.out)
     cases = harness.load_cases(args.inputs, args.slices, args.crop or None, args.context_slices)
+    _refuse_earlier_report(args.out, harness.report_files("denoise", [case.name for case in cases]), args.overwrite)
     methods = harness.classical_methods(args.methods, args.gaussian_sigma)
     windows = [tuple(w) for w in args.model_window] if args.model_window else [None]
     models = args.model or []
@@ -131,6 +134,14 @@ def _run_denoise(args: argparse.Namespace) -> int:
         log.info("wrote %s", path)
     print(harness.denoise_summary_markdown(harness.mean_over_cases(report.rows)))
     return 0
+
+
+def _refuse_earlier_report(out: Path, files: List[str], overwrite: bool) -> None:
+    """Refuse, before any work, to replace files of an earlier report in `out` unless --overwrite."""
+    earlier = [name for name in files if (out / name).exists()]
+    if earlier and not overwrite:
+        raise InputError(f"{out} already holds {', '.join(earlier)} (an earlier report); give --overwrite to replace "
+                         "them, or another --out")
 
 
 def _model_labels(models: List[str]) -> List[str]:
@@ -174,6 +185,7 @@ def _run_anomaly(args: argparse.Namespace) -> int:
                          f"{len(args.scores)} scores, {len(args.masks)} masks, {len(args.images)} images, "
                          f"{len(args.regions)} regions.")
     names = harness.case_names(args.scores)
+    _refuse_earlier_report(args.out, harness.report_files("anomaly", names), args.overwrite)
     cases = []
     for index, (name, score_path, mask_path) in enumerate(zip(names, args.scores, args.masks)):
         try:
