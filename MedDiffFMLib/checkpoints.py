@@ -257,9 +257,7 @@ def resolve_model(name_or_path: PathLike) -> Path:
         raise CheckpointError(f"no model named; available: {', '.join(available_models()) or 'none'} "
                               "(or give the path of a .safetensors file)")
     path = Path(text)
-    if path.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin", ".pkl"):
-        raise CheckpointError(f"{text}: MedDiffFM loads only .safetensors models with their .json description; "
-                              f"{path.suffix} files can hold pickled code and are never loaded")
+    _refuse_pickle(path)
     weights, sidecar = _weights_and_sidecar(text)
     is_path = any(sep in text for sep in (os.sep, os.altsep) if sep) or text.endswith((".safetensors", ".json"))
     entry = None if is_path else next((m for m in registry() if m["name"] == text), None)
@@ -288,6 +286,12 @@ def resolve_model(name_or_path: PathLike) -> Path:
                           f"(or give the path of a .safetensors file)")
 
 
+def _refuse_pickle(path: Path) -> None:
+    if path.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin", ".pkl"):
+        raise CheckpointError(f"{path}: MedDiffFM loads only .safetensors models with their .json description; "
+                              f"{path.suffix} files can hold pickled code and are never loaded")
+
+
 def _check_registered(name: str, entry: dict, weights: Path) -> None:
     """Refuse an installed file of a registered model that is not the one registered (its description records the
     weights' SHA-256, which loading verifies against the weights)."""
@@ -308,6 +312,7 @@ def register_model(source: PathLike, name: str, description: str, licence: str =
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name.startswith("."):
         raise InputError(f"a model name is letters, digits, '.', '_' and '-' (not first a '.'), got {name!r}")
 
+    _refuse_pickle(Path(source))
     src_weights, src_sidecar = _weights_and_sidecar(source)
     _, _, info = load_model(src_weights)  # the whole check, before anything installed is replaced
     folder = registry_path.parent / "Models"

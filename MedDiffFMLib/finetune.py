@@ -195,20 +195,25 @@ def find_base(base: dict, name: str) -> Path:
 
 
 # -- training pairs ----------------------------------------------------------------------------------
+def check_training_factor(factor: int, cfg: ModelConfig) -> int:
+    """The slice factor a super-resolution ControlNet of `cfg` can be fine-tuned for, or an InputError."""
+    from .tasks.super_resolution import check_factor  # the tasks package imports this module
+
+    factor = check_factor(factor)
+    size = cfg.patch_size
+    if factor > size // 2:  # the control would hold one averaged slice, a condition sampling never meets
+        raise InputError(f"a slice factor of {factor} leaves the {size}^3 training patch fewer than 2 thick "
+                         f"slices; fine-tune this model for factors up to {size // 2}")
+    return int(factor)
+
+
 class SuperResolutionPairs(torch.utils.data.Dataset):
     """Thin-slice patches of a `dataset.CTPatchDataset` with their control channel: the same patch averaged
     over groups of `factor` slices and interpolated back onto its grid (the degradation super-resolution undoes)."""
 
     def __init__(self, patches, factor: int = 5):
-        from .tasks.super_resolution import check_factor  # the tasks package imports this module
-
-        factor = check_factor(factor)
-        size = patches.cfg.patch_size
-        if factor > size // 2:  # the control would hold one averaged slice, a condition sampling never meets
-            raise InputError(f"a slice factor of {factor} leaves the {size}^3 training patch fewer than 2 thick "
-                             f"slices; fine-tune this model for factors up to {size // 2}")
         self.patches = patches
-        self.factor = int(factor)
+        self.factor = check_training_factor(factor, patches.cfg)
 
     def __len__(self) -> int:
         return len(self.patches)
@@ -286,6 +291,8 @@ class LesionPatches(torch.utils.data.Dataset):
                              f"{self.cfg.patch_size}^3 patch; use larger lesion cases")
         if not lesion.any():
             raise InputError(f"lesion mask {mask_path} is empty after resampling to {grid_zyx} mm")
+        if lesion.all():  # the tasks refuse such a mask too: nothing around the lesion to learn it against
+            raise InputError(f"lesion mask {mask_path} covers the whole CT; give masks of the lesions only")
         centres = np.argwhere(lesion)
         centres = centres[::max(1, len(centres) // MAX_LESION_CENTRES)]  # an even subset bounds the memory
         return {"image": window_to_unit(image.array, self.cfg.windows[region]).astype(np.float16),

@@ -90,6 +90,11 @@ def window_grid(shape: Sequence[int], window: int, overlap: float) -> List[Tuple
     return list(itertools.product(*per_axis))
 
 
+def window_count(shape: Sequence[int], window: int, overlap: float) -> int:
+    """len(window_grid(...)) without listing the corners, which a grid too large for memory cannot."""
+    return math.prod(len(window_starts(int(n), window, overlap)) for n in shape)
+
+
 def pad_before(n: int, target: int) -> int:
     """Voxels `mirror_pad` adds before an axis of length n to reach `target` (half, rounded down)."""
     return max(int(target) - n, 0) // 2

@@ -39,7 +39,7 @@ def check_dimensions(shape_zyx: Sequence[int]) -> None:
     shape = tuple(int(s) for s in shape_zyx)
     if len(shape) == 2 or (len(shape) == 3 and min(shape) == 1):
         raise InputError(
-            f"the image is 2D (size z,y,x = {shape}); MedDiffFM works on 3D CT volumes. Give the whole "
+            f"the image is 2D ({' x '.join(map(str, shape))} voxels); MedDiffFM works on 3D CT volumes. Give the whole "
             "series (DICOM folder) or a 3D NIfTI/NRRD file, not a single slice.")
     if len(shape) == 4:
         raise InputError(
@@ -163,9 +163,12 @@ NAME_MAX_BYTES = 255
 
 
 def check_output_path(out: "os.PathLike[str] | str", inputs: Iterable["os.PathLike[str] | str"] = (),
-                      overwrite: bool = False) -> None:
-    """Refuse writing onto an input, onto a folder, or onto an existing file unless `overwrite`."""
+                      overwrite: bool = False, named_after: "os.PathLike[str] | str | None" = None) -> None:
+    """Refuse writing onto an input, onto a folder, or onto an existing file unless `overwrite`. `named_after`: the
+    output (-o) whose name `out` is derived from, which the messages then name, as the user never typed `out`."""
     out = Path(out)
+    what, rename = ((f"output {out}", "choose another output path") if named_after is None else
+                    (f"{out} (written beside -o {named_after}, named after it)", "choose another -o"))
     too_long = [part for part in out.parts if len(part.encode()) > NAME_MAX_BYTES]
     if too_long:  # caught here even in a folder still to be made, not when the result is written
         raise InputError(f"output {out}: the name {too_long[0][:40]}... is longer than the {NAME_MAX_BYTES} bytes a "
@@ -173,14 +176,15 @@ def check_output_path(out: "os.PathLike[str] | str", inputs: Iterable["os.PathLi
     for source in inputs:
         source = Path(source)
         if out.resolve() == source.resolve() or (out.exists() and source.exists() and out.samefile(source)):
-            raise InputError(f"output {out} is an input file; choose another output path")
+            raise InputError(f"{what} is an input file; {rename}")
         if source.is_dir() and source.resolve() in out.resolve().parents:
             raise InputError(f"output {out} is inside the input folder {source}; choose another folder")
     if out.is_dir():
-        raise InputError(f"output {out} is a folder; give a file name such as {out / 'result.nii.gz'}")
+        raise InputError(f"{what} is a folder; " + (f"give a file name such as {out / 'result.nii.gz'}"
+                                                      if named_after is None else rename))
     if out.exists() and not overwrite:
-        raise InputError(f"output {out} already exists; choose another name or allow overwriting "
-                         "(--overwrite)")
+        raise InputError(f"{what} already exists; " + ("choose another name" if named_after is None else rename)
+                         + " or allow overwriting (--overwrite)")
     _check_writable_folder(out.parent, name=out)
 
 

@@ -392,6 +392,11 @@ def test_registering_a_damaged_model_changes_nothing(tiny, tmp_path):
         checkpoints.register_model(bad, "mine", "replaced", registry_path=registry_path)
     assert (installed.read_bytes(), registry_path.read_text()) == before
     assert checkpoints.model_intact(installed)
+    # A pickle file is refused as such (before: "model file model.pt.safetensors not found").
+    (tmp_path / "model.pt").write_bytes(b"pickle")
+    with pytest.raises(CheckpointError, match="only .safetensors models .* .pt files can hold pickled code"):
+        checkpoints.register_model(tmp_path / "model.pt", "mine", "a pickle", registry_path=registry_path)
+    assert (installed.read_bytes(), registry_path.read_text()) == before
 
 
 def test_an_empty_model_name_is_refused_with_the_choices():

@@ -272,7 +272,15 @@ def test_python_m_entry_point_reports_bad_input(limb, tmp_path):
     done = subprocess.run([sys.executable, "-m", "MedDiffFMLib", "info", str(tmp_path / "slice.nii.gz")],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert "error: the image is 2D" in done.stderr
+    assert f"error: the image is 2D ({limb.shape[1]} x {limb.shape[2]} voxels)" in done.stderr
+
+
+def test_a_2d_anatomy_map_given_alone_to_synthesize_is_named_as_the_anatomy(limb, tmp_path, capsys):
+    sitk.WriteImage(sitk.Cast(limb.to_sitk()[:, :, 30] > 0, sitk.sitkUInt8), str(tmp_path / "labels2d.nii.gz"))
+    assert main(["synthesize", "--anatomy", str(tmp_path / "labels2d.nii.gz"), "--region", "other", "--model", "tiny",
+                 "-o", str(tmp_path / "out.nii.gz")]) == 2
+    assert f"--anatomy {tmp_path / 'labels2d.nii.gz'}: the image is 2D" in capsys.readouterr().err
+    assert not (tmp_path / "out.nii.gz").exists()
 
 
 def test_under_torchrun_only_the_first_process_logs(tmp_path):

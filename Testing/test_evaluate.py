@@ -335,6 +335,14 @@ def test_cli_anomaly_on_files(tmp_path, capsys, caplog):
                      "--overwrite"]) == 0
     assert "figures that this run did not make" in caplog.text and "anomaly_s.png" in caplog.text
     assert "anomaly_t.png" not in caplog.text and (out / "anomaly_s.png").exists()
+    # Scores that hold NaN are refused as such, by case and file (before: "best_dice: scores contain NaN").
+    nan_scores = scores.with_array(np.where(lesion.array > 0, np.nan, scores.array))
+    nan_path = tmp_path / "nan.nii.gz"
+    sitk.WriteImage(nan_scores.to_sitk(), str(nan_path))  # write_volume refuses NaN, as results must not hold it
+    assert main(["evaluate", "anomaly", "--scores", str(nan_path), "--masks", str(paths[1]),
+                 "--out", str(tmp_path / "nan_out")]) == 2
+    assert (f"case nan ({nan_path}): the score volume holds NaN or infinite values; fix the score map first"
+            in capsys.readouterr().err)
     # the CT of the figure must lie on the scores' grid, not just have their shape
     moved = write_volume(dataclasses.replace(ct, origin=tuple(o + 5 for o in ct.origin)), tmp_path / "moved.nii.gz")
     assert main(["evaluate", "anomaly", "--scores", str(renamed), "--masks", str(paths[1]), "--images", str(moved),

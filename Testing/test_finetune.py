@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 
 import numpy as np
@@ -127,6 +128,15 @@ def lesion_training_files(base, chest_nodule_crop, tmp_path):
     save_model(base.state_dict(), base.cfg, tmp_path / "base", half=False)
     data = LesionPatches([(tmp_path / "ct.nii.gz", tmp_path / "lesion.nii.gz", "chest")], base.cfg, seed=0)
     return data, str(tmp_path / "base.safetensors")
+
+
+def test_lesion_masks_over_the_whole_ct_are_refused(base, chest_nodule_crop, tmp_path):
+    """As inpaint and generate-lesion refuse them: nothing is left around the lesion to learn it against."""
+    image, mask = chest_nodule_crop
+    write_volume(image, tmp_path / "ct.nii.gz")
+    write_volume(mask.with_array(np.ones_like(mask.array)), tmp_path / "all.nii.gz")
+    with pytest.raises(InputError, match="all.nii.gz covers the whole CT; give masks of the lesions only"):
+        LesionPatches([(tmp_path / "ct.nii.gz", tmp_path / "all.nii.gz", "chest")], base.cfg, seed=0)
 
 
 def test_finetune_trains_only_the_controlnet_and_saves_a_small_file(base, chest_nodule_crop, tmp_path):
@@ -268,3 +278,31 @@ def test_a_controlnet_whose_recorded_base_is_a_controlnet_is_refused_clearly(tmp
     sidecar.write_text(json.dumps(dict(info, base_model={"name": "tiny", "sha256": 5})))
     with pytest.raises(CheckpointError, match="lacks its base model"):
         load_model(tmp_path / "cn.safetensors")
+
+
+def test_the_finetune_command_trains_a_controlnet_and_refuses_bad_settings_before_preparing_data(
+        chest_nodule_crop, tmp_path, capsys):
+    """`finetune` end to end from the command line on the real nodule crop (lesion task, the registered tiny base),
+    and the settings it refuses before any CT is read or cached."""
+    from MedDiffFMLib.cli import main
+
+    image, mask = chest_nodule_crop
+    ct, lesion = write_volume(image, tmp_path / "ct.nii.gz"), write_volume(mask, tmp_path / "lesion.nii.gz")
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    common = ["finetune", "--base", "tiny", "--out", str(run), "--cache-dir", str(cache), "--steps", "2",
+              "--batch-size", "1", "--validate-every", "1000", "--progress", "none"]
+    for extra, message in (
+            (["--task", "lesion", "--data", str(ct)], "needs one mask per CT file: 1 CT files, 0 masks"),
+            (["--task", "lesion", "--data", "train", "--masks", str(lesion)], "the 'train' split brings its own"),
+            (["--task", "lesion", "--data", str(ct), "--masks", str(lesion), "--lesion-probability", "1.5"],
+             "lesion-centred patch probability must be in \\[0, 1\\], got 1.5"),
+            (["--task", "super-resolution", "--data", str(ct), "--factor", "100000"],
+             "a slice factor of 100000 leaves the 16\\^3 training patch fewer than 2 thick slices")):
+        assert main(common + extra) == 2, extra
+        assert re.search(message, capsys.readouterr().err), extra
+        assert not run.exists() and not cache.exists()
+    assert main(common + ["--task", "lesion", "--data", str(ct), "--masks", str(lesion)]) == 0
+    info = json.loads((run / "ema.json").read_text())
+    assert (info["kind"], info["task"], info["steps"]) == ("controlnet", "lesion", 2)
+    model, cfg, _ = load_model(run / "ema.safetensors")
+    assert isinstance(model, ControlledNet) and cfg.name == "tiny"

@@ -233,6 +233,13 @@ def test_absurd_synthesis_size_gets_the_memory_message_not_an_allocation_failure
     code, err = run_cli(args + SHARED, capsys)  # 500 GB for one float32 copy: numpy could not even allocate it
     assert code == 2 and "this job needs about" in err and "64.0 GiB is free on cpu" in err, err
     assert list(tmp_path.iterdir()) == []
+    # Nor may the check list the windows first: 1e5^3 voxels has 2e12 of them, which took every byte of memory.
+    import MedDiffFMLib.sampling as sampling
+
+    monkeypatch.setattr(sampling, "window_grid", lambda *a: pytest.fail("the windows were listed before the check"))
+    args[args.index("--size") + 1:args.index("--size") + 4] = ["100000"] * 3
+    code, err = run_cli(args + SHARED, capsys)
+    assert code == 2 and "this job needs about" in err, err
 
 
 @pytest.mark.parametrize("failure, is_memory", [
@@ -482,6 +489,28 @@ def test_one_file_named_for_two_outputs_is_refused_before_the_model_loads(files,
 def test_output_that_is_a_folder_is_named_as_such(files, tmp_path, capsys, no_model_loading):
     code, err = run_cli(task_arguments("denoise", files[0], files[1], tmp_path), capsys)
     assert code == 2 and f"output {tmp_path} is a folder; give a file name such as" in err, err
+
+
+def test_an_output_named_after_o_is_named_as_such(files, tmp_path, capsys, no_model_loading):
+    """The files a command names from -o (preprocess's sidecar and mask, denoise's spread over seeds) were refused
+    as if the user had typed their names ("give a file name such as p.json/result.nii.gz")."""
+    out = tmp_path / "p.nii.gz"
+    (tmp_path / "p.json").mkdir()
+    code, err = run_cli(["preprocess", str(files[0]), "-o", str(out)], capsys)
+    assert code == 2 and f"{tmp_path / 'p.json'} (written beside -o {out}, named after it) is a folder; choose " \
+        "another -o" in err, err
+    mask = tmp_path / "q_mask.nii.gz"  # preprocess -o q.nii.gz writes the mask it resamples to q_mask.nii.gz
+    mask.write_bytes(files[1].read_bytes())
+    code, err = run_cli(["preprocess", str(files[0]), "--mask", str(mask), "-o", str(tmp_path / "q.nii.gz"),
+                         "--overwrite"], capsys)
+    assert code == 2 and f"{mask} (written beside -o {tmp_path / 'q.nii.gz'}, named after it) is an input file; " \
+        "choose another -o" in err, err
+    assert mask.read_bytes() == files[1].read_bytes()
+    (tmp_path / "d_std.nii.gz").write_bytes(b"an earlier result")
+    code, err = run_cli(task_arguments("denoise", files[0], files[1], tmp_path / "d.nii.gz") + ["--seeds", "2"], capsys)
+    assert code == 2 and f"{tmp_path / 'd_std.nii.gz'} (written beside -o {tmp_path / 'd.nii.gz'}, named after it) " \
+        "already exists; choose another -o or allow overwriting (--overwrite)" in err, err
+    assert_inputs_unchanged(files)
 
 
 def test_options_that_would_be_ignored_or_cannot_work_are_refused(files, tmp_path, capsys, no_model_loading):

@@ -11,8 +11,8 @@ from analytic_prior import AnalyticGaussian
 from MedDiffFMLib import diffusion
 from MedDiffFMLib.conditioning import VolumeCondition
 from MedDiffFMLib.errors import Cancelled, ResourceError
-from MedDiffFMLib.sampling import (WINDOW_WEIGHT_FLOOR, SlidingWindowSampler, window_grid, window_starts,
-                                   window_weights)
+from MedDiffFMLib.sampling import (WINDOW_WEIGHT_FLOOR, SlidingWindowSampler, window_count, window_grid,
+                                   window_starts, window_weights)
 
 SHAPE = (24, 20, 18)
 STD = 0.2
@@ -68,6 +68,7 @@ def test_windows_cover_every_voxel(size, overlap):
         assert starts[-1] == size - window  # flush with the end
         assert np.diff(starts).max() <= round(window * (1 - overlap))
     assert len(window_grid((size, 17, 9), window, overlap)) == len(starts) * len(window_starts(17, 16, overlap))
+    assert window_count((size, 17, 9), window, overlap) == len(window_grid((size, 17, 9), window, overlap))
 
 
 def test_noise_estimates_are_averaged_over_windows():

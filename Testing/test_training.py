@@ -423,7 +423,15 @@ def test_cli_refuses_conflicting_or_unusable_settings_before_preparing_data(cfg,
     bad_config.write_text("[1, 2]")
     short_config = tmp_path / "short.json"  # 100 timesteps: a new run's low-noise max t of 250 does not fit
     short_config.write_text(json.dumps(dataclasses.replace(cfg, num_train_timesteps=100).to_dict()))
+    from MedDiffFMLib.checkpoints import resolve_model
+
+    damaged = tmp_path / "damaged.safetensors"  # a flipped bit in the weights; its description intact
+    weights = bytearray(resolve_model("tiny").read_bytes())
+    weights[-1] ^= 1
+    damaged.write_bytes(bytes(weights))
+    damaged.with_suffix(".json").write_bytes(resolve_model("tiny").with_suffix(".json").read_bytes())
     for extra, message in (
+            (["--init-from", str(damaged)], "SHA-256"),
             (["--preset", "tiny", "--init-from", "default"], "--init-from default is a 'default' model, but --preset "
                                                              "tiny asks for another"),
             (["--config", str(tmp_path / "absent.json")], "cannot read --config"),

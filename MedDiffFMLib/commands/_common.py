@@ -202,8 +202,9 @@ def reader_warnings(log_them: bool) -> Iterator[List[str]]:
                 reader_log.warning(message)
 
 
-def check_outputs(args: argparse.Namespace, inputs, volumes=(), others=()) -> None:
-    """Refuse bad output paths before any computation (not after minutes of sampling)."""
+def check_outputs(args: argparse.Namespace, inputs, volumes=(), others=(), derived=()) -> None:
+    """Refuse bad output paths before any computation (not after minutes of sampling). `derived`: those of the
+    outputs whose names this command made from -o (their messages say so)."""
     from ..errors import InputError
     from ..io import check_output_suffix, is_dicom_file
     from ..validation import check_output_path
@@ -221,7 +222,8 @@ def check_outputs(args: argparse.Namespace, inputs, volumes=(), others=()) -> No
         if Path(key).parent in series_folders:
             raise InputError(f"output {out} is inside the folder of the input DICOM series {Path(key).parent}; "
                              "choose another folder")
-        check_output_path(out, inputs=inputs, overwrite=args.overwrite)  # says too when -o is a folder
+        check_output_path(out, inputs=inputs, overwrite=args.overwrite,  # says too when -o is a folder
+                          named_after=args.output if out in derived else None)
     for out in volumes:
         if out is not None:
             check_output_suffix(out)

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds > 1 and uncertainty_path is None:
         uncertainty_path = sibling_path(args.output, "_std")
     _common.check_outputs(args, [args.input, args.mask, args.anatomy_labels], volumes=[args.output, uncertainty_path],
-                          others=[args.preview])
+                          others=[args.preview], derived=[] if args.uncertainty else [uncertainty_path])
     if args.preview and args.preview.suffix.lower() != ".png":
         raise InputError(f"--preview {args.preview}: the preview is a PNG figure; give a name ending in .png")
     volume = read_volume(args.input)

@@ -176,6 +176,8 @@ def _short_label(model: str) -> str:
 
 
 def _run_anomaly(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from ..io import read_mask, read_volume
 
     check_output_folder(args.out)
@@ -190,6 +192,8 @@ def _run_anomaly(args: argparse.Namespace) -> int:
     for index, (name, score_path, mask_path) in enumerate(zip(names, args.scores, args.masks)):
         try:
             scores = read_volume(score_path)
+            if not np.isfinite(scores.array).all():
+                raise InputError("the score volume holds NaN or infinite values; fix the score map first")
             mask = read_mask(mask_path, like=scores)
             image = read_volume(args.images[index]) if args.images else None
             searched = read_mask(args.regions[index], like=scores) if args.regions else None

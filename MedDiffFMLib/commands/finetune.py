@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..checkpoints import read_model_info, resolve_model
     from ..config import ModelConfig
-    from ..finetune import finetune
+    from ..finetune import check_training_factor, finetune
     from ..training import TrainSettings
 
     _common.check_run_folder(args)
@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
                              checkpoint_every=args.checkpoint_every, num_workers=args.num_workers,
                              half_export=_common.half_export(args), low_noise_fraction=0.0, precision=args.precision)
     settings.check(cfg)  # before the (slow) data preparation
+    if args.task == "super-resolution":
+        check_training_factor(args.factor, cfg)
     val_spec = args.val_data if args.val_data is not None else (["validation"] if args.data == ["train"] else [])
     if args.task == "super-resolution":
         data = _super_resolution_data(args, args.data, cfg, args.seed, None)
@@ -80,6 +82,8 @@ def _lesion_data(args, spec, masks, cfg, seed: int, anatomy_dropout):
     from ..finetune import LesionPatches, lesion_cases
 
     if len(spec) == 1 and spec[0] in ("train", "validation"):
+        if masks:
+            raise InputError(f"--masks / --val-masks go with CT files; the {spec[0]!r} split brings its own masks")
         cases = lesion_cases(args.data_root, spec[0])
     else:
         if not masks or len(masks) != len(spec):

@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         outputs["mask"] = sibling_path(args.output, "_mask")
     # Refuse every unsafe output before writing any, so a failed run leaves nothing half-done.
     _common.check_outputs(args, inputs, volumes=[outputs["image"], outputs["anatomy"], outputs.get("mask")],
-                          others=[outputs["sidecar"], outputs["preview"]])
+                          others=[outputs["sidecar"], outputs["preview"]],
+                          derived=[path for name, path in outputs.items() if name != "image"])
 
     with _common.reader_warnings(log_them=True) as warnings:  # the sidecar records them too
         vol = read_volume(args.input)

@@ -44,7 +44,10 @@ def run(args: argparse.Namespace) -> int:
     if args.anatomy and reference is not None:  # on the reference's grid, as every task reads a label map
         anatomy = read_mask(args.anatomy, like=reference, what="anatomy label map")
     elif args.anatomy:  # it defines the grid
-        labels = read_volume(args.anatomy)
+        try:
+            labels = read_volume(args.anatomy)
+        except InputError as exc:  # its messages speak of a CT
+            raise InputError(f"--anatomy {args.anatomy}: {exc}") from None
         anatomy = labels.with_array(as_label_array(labels.array, name=args.anatomy.name))
     grid = reference if reference is not None else anatomy  # the output's grid, when one is given
     if grid is not None:

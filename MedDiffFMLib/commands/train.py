@@ -133,11 +133,12 @@ def _model_config(args: argparse.Namespace):
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise InputError(f"--config {args.config} is not a usable model configuration ({exc})") from None
     if args.init_from:
-        from ..checkpoints import controlnet_task_in, read_model_info, resolve_model
+        from ..checkpoints import controlnet_task_in, load_model, read_model_info, resolve_model
         from ..training import refuse_controlnet_start
 
         info = read_model_info(resolve_model(args.init_from))
         refuse_controlnet_start(args.init_from, controlnet_task_in(info))
+        load_model(args.init_from)  # its weights checked too, before the data are prepared (minutes)
         cfg = ModelConfig.from_dict(info["config"])
         if args.preset and args.preset != cfg.name:
             raise InputError(f"--init-from {args.init_from} is a {cfg.name!r} model, but --preset {args.preset} asks "

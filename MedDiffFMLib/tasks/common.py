@@ -20,7 +20,7 @@ from ..diffusion import Schedule, timesteps
 from ..errors import InputError, ResourceError
 from ..io import Volume
 from ..network import check_loaded, controlnet_task
-from ..sampling import SlidingWindowSampler, window_grid, window_stride
+from ..sampling import SlidingWindowSampler, window_count, window_stride
 from ..smoothing import gaussian_filter
 from ..validation import MAX_SEED
 
@@ -311,7 +311,7 @@ def make_sampler(model: torch.nn.Module, shape_zyx: Sequence[int], spacing_zyx: 
     if window_batch < 1:
         raise InputError(f"window batch size must be >= 1, got {window_batch}")
     # No network call holds more windows than the grid has (padded batches included), so none is budgeted.
-    window_batch = min(window_batch, len(window_grid(shape_zyx, window_size, overlap)))
+    window_batch = min(window_batch, window_count(shape_zyx, window_size, overlap))
     check_memory(cfg, shape_zyx, window_batch, device, window_size)
     if any(cfg.patch_size <= int(n) < window_size for n in shape_zyx):
         log.warning("the %d^3 window is larger than the grid %s along an axis the model's %d^3 window fits: it is "
