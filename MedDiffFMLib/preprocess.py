@@ -107,12 +107,14 @@ LUNG_PARENCHYMA_HU = (-950.0, -600.0)
 #: Fraction of the body that is air/lung (threshold anatomy) above which a scan is called chest.
 CHEST_LUNG_FRACTION = 0.2
 #: A cropped field of view is a chest when this fraction of it is parenchyma core (parenchyma one voxel in from its
-#: edges: the partial-volume rims of the air around a body, a table or a limb do not count)...
+#: edges: the partial-volume rims of the air around a body, a table or a limb do not count), or when
+#: CHEST_LUNG_FRACTION of it is parenchyma and a smaller core remains (heavy noise or a small crop erodes the core)...
 CROPPED_CHEST_CORE_FRACTION = 0.12
+CROPPED_CHEST_MIN_CORE_FRACTION = 0.09
 #: ... and that core has lung texture: median in-plane std (3 x 3 voxels) of at least this many HU. Vessels and
-#: septa give lung 38-48 HU, low-dose noise included; the smooth padding, foam or blankets around a limb, whose
-#: density can be the lung's, give 5-27 HU (shared IBSI limb CTs, clean and at 2.5e4 photons).
-LUNG_TEXTURE_MIN_STD_HU = 33.0
+#: septa give lung 32-49 HU (smooth kernels the least), low-dose noise more; the smooth padding, foam or blankets
+#: around a limb, whose density can be the lung's, give 5-27 HU (shared IBSI limb CTs, clean and at 2.5e4 photons).
+LUNG_TEXTURE_MIN_STD_HU = 30.0
 #: Air inside the body (HU) that counts as an airway: below the partial-volume rim (-500..-300 HU) at the skin.
 AIRWAY_MAX_HU = -600.0
 #: Fraction of a small cross-section's body that is airway for head_neck (a neck's trachea: a few percent).
@@ -138,7 +140,8 @@ def guess_region(vol: Volume) -> Tuple[str, str]:
     most of the body cross-section (a skull) in >= 30% of slices -> head_neck; a small cross-section
     (< 350 cm^2) -> head_neck if it holds an airway, else other (limb); otherwise abdomen.
     A cropped field of view (body open to the image border) -> chest if >= 12% of it is the core of lung
-    parenchyma (LUNG_PARENCHYMA_HU, above the air outside the body) with lung texture: a crop through the lung
+    parenchyma (LUNG_PARENCHYMA_HU, above the air outside the body; or >= 20% parenchyma with a core >= 9%) with
+    lung texture: a crop through the lung
     leaves the lung outside the body mask, and smooth padding around a limb can have the lung's density.
     An airway is air below AIRWAY_MAX_HU inside the body, not the partial-volume rim at the skin.
     """
@@ -162,11 +165,13 @@ def guess_region(vol: Volume) -> Tuple[str, str]:
         return "chest", (f"{lung_fraction:.0%} of the body is air/lung "
                          f"(>= {CHEST_LUNG_FRACTION:.0%})")
     if _touches_border(body):
-        core, texture = _parenchyma_core(coarse.array)
-        if core >= CROPPED_CHEST_CORE_FRACTION and texture >= LUNG_TEXTURE_MIN_STD_HU:
+        parenchyma, core, texture = _parenchyma_core(coarse.array)
+        enough = core >= CROPPED_CHEST_CORE_FRACTION or (parenchyma >= CHEST_LUNG_FRACTION
+                                                         and core >= CROPPED_CHEST_MIN_CORE_FRACTION)
+        if enough and texture >= LUNG_TEXTURE_MIN_STD_HU:
             lo, hi = LUNG_PARENCHYMA_HU
-            return "chest", (f"cropped field of view, {core:.0%} of it lung parenchyma ({lo:g}..{hi:g} HU, "
-                             f">= {CROPPED_CHEST_CORE_FRACTION:.0%}) with lung texture (std {texture:.0f} HU "
+            return "chest", (f"cropped field of view, {parenchyma:.0%} of it lung parenchyma ({lo:g}..{hi:g} HU), "
+                             f"{core:.0%} away from its edges, with lung texture (std {texture:.0f} HU "
                              f">= {LUNG_TEXTURE_MIN_STD_HU:g})")
     slice_areas = body.sum(axis=(1, 2))
     occupied = slice_areas > 0
@@ -191,21 +196,22 @@ def guess_region(vol: Volume) -> Tuple[str, str]:
     return "abdomen", f"trunk-sized cross-section without much lung or a skull ({facts})"
 
 
-def _parenchyma_core(hu: np.ndarray) -> Tuple[float, float]:
-    """Fraction of the image that is lung parenchyma one voxel in from its in-plane edges, and the median
-    in-plane std (3 x 3 voxels) of HU there."""
+def _parenchyma_core(hu: np.ndarray) -> Tuple[float, float, float]:
+    """Fractions of the image that are lung parenchyma, and parenchyma one voxel in from its in-plane edges (the
+    core), and the median in-plane std (3 x 3 voxels) of HU in the core."""
     from scipy import ndimage
 
     hu = hu.astype(np.float64)  # squares of HU: float32 would lose the std in the mean of squares
     lo, hi = LUNG_PARENCHYMA_HU
     cross = np.zeros((1, 3, 3), bool)
     cross[0, 1, :] = cross[0, :, 1] = True
-    core = ndimage.binary_erosion((hu > lo) & (hu < hi), cross)
+    parenchyma = (hu > lo) & (hu < hi)
+    core = ndimage.binary_erosion(parenchyma, cross)
     if not core.any():
-        return 0.0, 0.0
+        return float(np.mean(parenchyma)), 0.0, 0.0
     mean = ndimage.uniform_filter(hu, (1, 3, 3))
     std = np.sqrt(np.maximum(ndimage.uniform_filter(hu * hu, (1, 3, 3)) - mean * mean, 0.0))
-    return float(np.mean(core)), float(np.median(std[core]))
+    return float(np.mean(parenchyma)), float(np.mean(core)), float(np.median(std[core]))
 
 
 def _touches_border(body: np.ndarray) -> bool:

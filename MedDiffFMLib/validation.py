@@ -171,8 +171,8 @@ def check_output_path(out: "os.PathLike[str] | str", inputs: Iterable["os.PathLi
                     (f"{out} (written beside -o {named_after}, named after it)", "choose another -o"))
     too_long = [part for part in out.parts if len(part.encode()) > NAME_MAX_BYTES]
     if too_long:  # caught here even in a folder still to be made, not when the result is written
-        raise InputError(f"output {out}: the name {too_long[0][:40]}... is longer than the {NAME_MAX_BYTES} bytes a "
-                         "file system allows; choose a shorter name")
+        raise InputError(f"{what}: the name {too_long[0][:40]}... is longer than the {NAME_MAX_BYTES} bytes a "
+                         "file system allows; choose a shorter " + ("name" if named_after is None else "-o"))
     for source in inputs:
         source = Path(source)
         if out.resolve() == source.resolve() or (out.exists() and source.exists() and out.samefile(source)):

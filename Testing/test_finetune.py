@@ -294,6 +294,12 @@ def test_the_finetune_command_trains_a_controlnet_and_refuses_bad_settings_befor
     for extra, message in (
             (["--task", "lesion", "--data", str(ct)], "needs one mask per CT file: 1 CT files, 0 masks"),
             (["--task", "lesion", "--data", "train", "--masks", str(lesion)], "the 'train' split brings its own"),
+            (["--task", "lesion", "--data", str(ct), "--masks", str(lesion), "--val-data", str(ct)],
+             "1 CT files, 0 masks \\(--val-data / --val-masks\\)"),
+            (["--task", "lesion", "--data", str(ct), "--masks", str(lesion), "--val-masks", str(lesion)],
+             "masks go with CT files; there is no --val-data"),
+            (["--task", "super-resolution", "--data", str(ct), "--masks", str(lesion)],
+             "the super-resolution task takes none"),
             (["--task", "lesion", "--data", str(ct), "--masks", str(lesion), "--lesion-probability", "1.5"],
              "lesion-centred patch probability must be in \\[0, 1\\], got 1.5"),
             (["--task", "super-resolution", "--data", str(ct), "--factor", "100000"],

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
 
 from conftest import (ABDOMEN_NII, ABDOMEN_SMALL_NII, CHEST_NODULE_NRRD, CHEST_NRRD, CT_DATA, HEAD_TILTED_DICOM,
                       LIMB_NII, REPO, grid_centre)
@@ -148,9 +149,15 @@ def test_guess_region_recognises_chest_crops_through_the_lung():
     # A limb crop in air (air at -1000 HU, below the parenchyma range) stays "other".
     assert guess_region(read_volume(LIMB_NII))[0] == "other"
     # So does the denoising benchmark's chest block under simulated low dose: noise does not hide the lung.
-    lung = central_block(axial_first(read_volume(CHEST_NRRD)), 8, 256)
+    chest = axial_first(read_volume(CHEST_NRRD))
+    lung = central_block(chest, 8, 256)
     region, reason = guess_region(simulate_low_dose(lung, 2.5e4, seed=0))
     assert region == "chest" and "lung texture" in reason
+    # Nor do heavy noise (its core erodes), a smooth reconstruction kernel (less texture) or a smaller crop.
+    assert guess_region(simulate_low_dose(lung, 1e4, seed=0))[0] == "chest"
+    smooth = lung.with_array(ndimage.gaussian_filter(lung.array, (0, 2, 2)).astype(np.float32))
+    assert guess_region(smooth)[0] == "chest"
+    assert guess_region(central_block(chest, 8, 192))[0] == "chest"
 
 
 @pytest.mark.parametrize("case", ["STS_002", "STS_008", "STS_010", "STS_025", "STS_028"])

@@ -236,7 +236,9 @@ def test_absurd_synthesis_size_gets_the_memory_message_not_an_allocation_failure
     # Nor may the check list the windows first: 1e5^3 voxels has 2e12 of them, which took every byte of memory.
     import MedDiffFMLib.sampling as sampling
 
-    monkeypatch.setattr(sampling, "window_grid", lambda *a: pytest.fail("the windows were listed before the check"))
+    for module in (sampling, common):  # where it lives, and the name common imported before
+        monkeypatch.setattr(module, "window_grid", lambda *a: pytest.fail("the windows were listed before the check"),
+                            raising=False)
     args[args.index("--size") + 1:args.index("--size") + 4] = ["100000"] * 3
     code, err = run_cli(args + SHARED, capsys)
     assert code == 2 and "this job needs about" in err, err

@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "super-resolution":
         check_training_factor(args.factor, cfg)
     val_spec = args.val_data if args.val_data is not None else (["validation"] if args.data == ["train"] else [])
+    _check_masks(args, val_spec)  # before the (slow) data preparation
     if args.task == "super-resolution":
         data = _super_resolution_data(args, args.data, cfg, args.seed, None)
         val = _super_resolution_data(args, val_spec, cfg, args.seed + 1, 0.0) if val_spec else None
@@ -67,7 +68,7 @@ def _super_resolution_data(args, spec, cfg, seed: int, anatomy_dropout):
     from ..dataset import CTPatchDataset, split_cases
     from ..finetune import SuperResolutionPairs
 
-    if len(spec) == 1 and spec[0] in ("train", "validation"):
+    if _is_split(spec):
         files = split_cases(args.data_root, spec[0])
     else:
         files = spec[0] if len(spec) == 1 and Path(spec[0]).is_dir() else list(spec)
@@ -77,18 +78,35 @@ def _super_resolution_data(args, spec, cfg, seed: int, anatomy_dropout):
     return SuperResolutionPairs(patches, args.factor)
 
 
-def _lesion_data(args, spec, masks, cfg, seed: int, anatomy_dropout):
+def _is_split(spec) -> bool:
+    return len(spec) == 1 and spec[0] in ("train", "validation")
+
+
+def _check_masks(args, val_spec) -> None:
+    """Refuse lesion masks that do not pair up with their CT files, or that would be ignored."""
     from ..errors import InputError
+
+    if args.task != "lesion":
+        if args.masks or args.val_masks:
+            raise InputError(f"--masks / --val-masks are lesion masks; the {args.task} task takes none")
+        return
+    for spec, masks, flags in ((args.data, args.masks, "--data / --masks"),
+                               (val_spec, args.val_masks, "--val-data / --val-masks")):
+        if _is_split(spec) or not spec:
+            if masks:
+                what = f"the {spec[0]!r} split brings its own masks" if spec else "there is no --val-data"
+                raise InputError(f"{flags}: masks go with CT files; {what}")
+        elif not masks or len(masks) != len(spec):
+            raise InputError(f"the lesion task needs one mask per CT file: {len(spec)} CT files, "
+                             f"{len(masks or [])} masks ({flags})")
+
+
+def _lesion_data(args, spec, masks, cfg, seed: int, anatomy_dropout):
     from ..finetune import LesionPatches, lesion_cases
 
-    if len(spec) == 1 and spec[0] in ("train", "validation"):
-        if masks:
-            raise InputError(f"--masks / --val-masks go with CT files; the {spec[0]!r} split brings its own masks")
+    if _is_split(spec):
         cases = lesion_cases(args.data_root, spec[0])
     else:
-        if not masks or len(masks) != len(spec):
-            raise InputError(f"the lesion task needs one mask per CT file: {len(spec)} CT files, "
-                             f"{len(masks or [])} masks (--masks / --val-masks)")
         cases = [(ct, mask, None) for ct, mask in zip(spec, masks)]
     return LesionPatches(cases, cfg, seed=seed, lesion_probability=args.lesion_probability,
                          anatomy_dropout=anatomy_dropout)

@@ -138,11 +138,11 @@ def _model_config(args: argparse.Namespace):
 
         info = read_model_info(resolve_model(args.init_from))
         refuse_controlnet_start(args.init_from, controlnet_task_in(info))
-        load_model(args.init_from)  # its weights checked too, before the data are prepared (minutes)
         cfg = ModelConfig.from_dict(info["config"])
         if args.preset and args.preset != cfg.name:
             raise InputError(f"--init-from {args.init_from} is a {cfg.name!r} model, but --preset {args.preset} asks "
                              "for another: leave --preset out to train the model's own configuration")
+        load_model(args.init_from)  # its weights checked too, before the data are prepared (minutes)
         log.info("--init-from: using the configuration of %s (%s)", args.init_from, cfg.name)
         return cfg
     try:
