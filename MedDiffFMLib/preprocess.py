@@ -164,7 +164,8 @@ def guess_region(vol: Volume) -> Tuple[str, str]:
     if lung_fraction >= CHEST_LUNG_FRACTION:
         return "chest", (f"{lung_fraction:.0%} of the body is air/lung "
                          f"(>= {CHEST_LUNG_FRACTION:.0%})")
-    if _touches_border(body):
+    cropped = _touches_border(body)
+    if cropped:
         parenchyma, core, texture = _parenchyma_core(coarse.array)
         enough = core >= CROPPED_CHEST_CORE_FRACTION or (parenchyma >= CHEST_LUNG_FRACTION
                                                          and core >= CROPPED_CHEST_MIN_CORE_FRACTION)
@@ -190,7 +191,7 @@ def guess_region(vol: Volume) -> Tuple[str, str]:
     if median_area < TRUNK_MIN_AREA_CM2:
         airway = float(np.count_nonzero(body & (coarse.array < AIRWAY_MAX_HU))) / np.count_nonzero(body)
         facts += f", {airway:.1%} of the body below {AIRWAY_MAX_HU:g} HU"
-        if airway >= AIRWAY_MIN_FRACTION and not _touches_border(body):
+        if airway >= AIRWAY_MIN_FRACTION and not cropped:
             return "head_neck", f"small cross-section with an airway ({facts})"
         return "other", f"extremity or crop: small cross-section, no airway, no skull ({facts})"
     return "abdomen", f"trunk-sized cross-section without much lung or a skull ({facts})"
