@@ -160,6 +160,11 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def enter(self):
+        # Models registered since the panel was last shown (models FILE --register NAME, in a terminal or the console)
+        # are listed; the choice in the parameter node is kept (_updateGUI selects it again).
+        self.ui.modelComboBox.blockSignals(True)
+        self._populateModels()
+        self.ui.modelComboBox.blockSignals(False)
         self.initializeParameterNode()
 
     def exit(self):
@@ -194,10 +199,17 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- widgets bound by hand ---------------------------------------------------------------------
 
     def _populateModels(self):
-        """'Task default' (each task's own model) first, then every model of Resources/Models.json."""
+        """'Task default' (each task's own model) first, then every registered model, bundled or the user's."""
+        library.libraryRoot()
+        from MedDiffFMLib.errors import CheckpointError
+
         combo = self.ui.modelComboBox
         combo.clear()
-        models = library.availableModels()
+        try:
+            models = library.availableModels()
+        except CheckpointError as error:  # a damaged Models.json: the panel still opens, and says which and what to do
+            models = []
+            self.addLog(str(error))
         self._modelsInstalled = bool(models)
         self._modelKinds = {name: kind for name, _description, kind in models}
         combo.addItem("Task default" if models else f"Task default ({library.MODEL_NOT_INSTALLED})", "")

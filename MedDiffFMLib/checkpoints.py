@@ -8,8 +8,8 @@ Training state (model, EMA, optimizer moments) is saved the same way: tensors in
 safetensors file, scalars in JSON, then a tiny `last.json` pointer is replaced atomically, so a run killed
 mid-write still resumes from the previous complete state.
 
-Models are found by name in `Resources/Models.json` (files under `Resources/Models/`), then in the user
-cache folder ($MEDDIFFFM_HOME or ~/.cache/meddifffm).
+Models are found by name in the registries (`registry`: the bundled Resources/Models.json, then the user's), then
+as `<name>.safetensors` in the user cache folder ($MEDDIFFFM_HOME or ~/.cache/meddifffm).
 """
 from __future__ import annotations
 
@@ -25,22 +25,16 @@ import torch
 from .config import ModelConfig
 from .errors import CheckpointError, InputError
 from .io import atomic_path, sha256_file
+from .registry import BUNDLED_REGISTRY, RESOURCES, cache_dir, installed_files, read_registry, registry, user_registry
 
 log = logging.getLogger(__name__)
 
-RESOURCES = Path(__file__).resolve().parents[1] / "Resources"
-REGISTRY = RESOURCES / "Models.json"
 FORMAT = "meddifffm-model-1"
 STATE_FORMAT = "meddifffm-train-state-1"
 
 PathLike = Union[str, "os.PathLike[str]"]
 #: The keys `save_model` writes into a model description; a training record cannot replace them.
 RECORD_KEYS = ("format", "config", "patch_size", "anatomy", "windows", "dtype", "weights", "sha256", "size")
-
-
-def cache_dir() -> Path:
-    """User folder for downloaded or user-trained models."""
-    return Path(os.environ.get("MEDDIFFFM_HOME") or Path.home() / ".cache" / "meddifffm")
 
 
 def _weights_and_sidecar(path: PathLike) -> Tuple[Path, Path]:
@@ -221,31 +215,11 @@ def check_architecture(expected: Dict[str, torch.Tensor], found: Dict[str, torch
 
 
 # -- registry ----------------------------------------------------------------------------------------
-def registry(path: Path = REGISTRY) -> List[dict]:
-    """Entries of Resources/Models.json (see Resources/Models.schema.json)."""
-    if not path.exists():
-        return []
-    try:
-        models = json.loads(path.read_text())["models"]
-        for entry in models:
-            if not (isinstance(entry.get("name"), str) and isinstance(entry.get("file"), str)):
-                raise ValueError(f"an entry without a name or file: {json.dumps(entry)[:80]}")
-        return models
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # Type/AttributeError: not objects
-        raise CheckpointError(f"the model registry {path} is damaged ({exc}); restore it from the repository") from None
-
-
 def available_models() -> List[str]:
     names = [m["name"] for m in registry()]
     if cache_dir().is_dir():
         names += sorted(p.stem for p in cache_dir().glob("*.safetensors") if p.stem not in names)
     return names
-
-
-def installed_files(entry: dict, resources: Path = RESOURCES) -> List[Path]:
-    """The files of a registry entry that exist, in the order the tasks look for them: under `resources` (the
-    registry's folder), then in the user cache."""
-    return [folder / entry["file"] for folder in (resources, cache_dir()) if (folder / entry["file"]).exists()]
 
 
 def resolve_model(name_or_path: PathLike) -> Path:
@@ -303,31 +277,37 @@ def _check_registered(name: str, entry: dict, weights: Path) -> None:
 
 
 def register_model(source: PathLike, name: str, description: str, licence: str = "Apache-2.0",
-                   measured_times: Optional[dict] = None, registry_path: Path = REGISTRY) -> dict:
-    """Copy a model (weights + JSON) to Resources/Models/meddifffm-<name>.* and add/replace its entry
-    in the registry; returns the entry. The copy is verified (SHA-256) before the registry changes."""
+                   measured_times: Optional[dict] = None, registry_path: Optional[Path] = None) -> dict:
+    """Copy a model (weights + JSON) to `Models/meddifffm-<name>.*` beside a registry (by default the user's,
+    `registry.user_registry()`; the bundled one is `registry.BUNDLED_REGISTRY`) and add/replace its entry there;
+    returns the entry. The copy is verified (SHA-256) before the registry changes."""
     import shutil
 
+    registry_path = user_registry() if registry_path is None else Path(registry_path)
     # Resources/Models.schema.json's names: a file name of its own, which --model takes as a name, not a path.
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name.startswith("."):
         raise InputError(f"a model name is letters, digits, '.', '_' and '-' (not first a '.'), got {name!r}")
+    if registry_path != BUNDLED_REGISTRY and any(m["name"] == name for m in read_registry(BUNDLED_REGISTRY)):
+        raise InputError(f"{name} is the name of a model shipped with MedDiffFM (Resources/Models.json); give "
+                         "yours another name")
 
     _refuse_pickle(Path(source))
     src_weights, src_sidecar = _weights_and_sidecar(source)
     _, _, info = load_model(src_weights)  # the whole check, before anything installed is replaced
+    models = [m for m in read_registry(registry_path) if m["name"] != name]  # a damaged registry: before any copy
     folder = registry_path.parent / "Models"
     weights, sidecar = _weights_and_sidecar(folder / f"meddifffm-{name}")
     for src, dst in ((src_weights, weights), (src_sidecar, sidecar)):
         with atomic_path(dst) as tmp:
             shutil.copyfile(src, tmp)
     load_model_tensors(weights, info)
-    entry = {"name": name, "file": str(weights.relative_to(registry_path.parent)), "url": None,
+    entry = {"name": name, "file": weights.relative_to(registry_path.parent).as_posix(), "url": None,
              "sha256": info["sha256"], "size": weights.stat().st_size, "description": description,
              "preset": info["config"]["name"], "licence": licence,
              "training": {k: info.get(k) for k in ("steps", "wall_hours", "device", "validation_loss")}}
     if measured_times:
         entry["measured_times"] = measured_times
-    models = [m for m in registry(registry_path) if m["name"] != name] + [entry]
+    models.append(entry)
     with atomic_path(registry_path) as tmp:
         tmp.write_text(json.dumps({"models": models}, indent=1) + "\n")
     return entry
@@ -357,6 +337,33 @@ def save_training_state(out_dir: PathLike, step: int, tensors: Dict[str, torch.T
     return out_dir / f"{stem}.safetensors"
 
 
+def _saved_states(out_dir: Path) -> Tuple[List[str], List[str]]:
+    """The states a resume tries, newest first: the one `last.json` points at and the older ones kept beside it (every
+    one kept, when the pointer is damaged); and what was wrong with the pointer."""
+    kept = sorted((path.stem for path in out_dir.glob("state-*.json")), reverse=True)
+    try:
+        newest = json.loads((out_dir / "last.json").read_text())["state"]
+        return [newest] + [stem for stem in kept if stem < newest], []  # never one written after the pointer
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # TypeError: JSON that is not an object
+        return kept, [f"last.json: {exc}"]
+
+
+def training_state_record(out_dir: PathLike) -> dict:
+    """The scalars (JSON) of the state a resume would start from, read without its tensors; {} when there is none
+    to read. What a run needs to know before it prepares its data, e.g. the patch mix it trained on."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "last.json").exists():
+        return {}
+    for stem in _saved_states(out_dir)[0]:
+        try:
+            record = json.loads((out_dir / f"{stem}.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict):
+            return record
+    return {}
+
+
 def load_training_state(out_dir: PathLike) -> Optional[Tuple[Dict[str, torch.Tensor], dict]]:
     """(tensors, scalars) of the newest readable state, or None when there is no saved state.
 
@@ -364,16 +371,9 @@ def load_training_state(out_dir: PathLike) -> Optional[Tuple[Dict[str, torch.Ten
     keeps next to it: a damaged file then costs one checkpoint interval, not the run.
     """
     out_dir = Path(out_dir)
-    pointer = out_dir / "last.json"
-    if not pointer.exists():
+    if not (out_dir / "last.json").exists():
         return None
-    kept = sorted((path.stem for path in out_dir.glob("state-*.json")), reverse=True)
-    problems = []
-    try:
-        newest = json.loads(pointer.read_text())["state"]
-        kept = [newest] + [stem for stem in kept if stem < newest]  # never one written after the pointer
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # TypeError: JSON that is not an object
-        problems.append(f"last.json: {exc}")
+    kept, problems = _saved_states(out_dir)
     unreadable = []
     for stem in kept:
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import dataclasses
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -146,6 +147,18 @@ def as_cases(files: Union[str, Path, Sequence[Union[str, Path, CTCase]]],
     return cases
 
 
+def with_region(cases: List[CTCase], region: Optional[str]) -> List[CTCase]:
+    """`cases` with the body region `region` (None: each keeps its own, or has it guessed from its image). A cache
+    entry holds the region it was prepared with, so it cannot take another."""
+    if region is None:
+        return cases
+    entries = [case.path for case in cases if case.path.lower().endswith(CACHE_SUFFIX)]
+    if entries:
+        raise InputError(f"{entries[0]} is a cache entry, which holds its body region already: give its CT file to "
+                         "set the region, or train on cache entries without --region")
+    return [dataclasses.replace(case, region=region) for case in cases]
+
+
 def training_anatomy(vol: Volume, spec: AnatomySpec, name: str) -> np.ndarray:
     """Anatomy labels of training CT `name` (`vol`: on its training grid) from the source the model is conditioned on,
     which the tasks compute again at inference; never another source in its place."""
@@ -218,7 +231,8 @@ class CTPatchDataset(torch.utils.data.Dataset):
         return {"cases": [Path(c.path).name if not c.subject else f"{c.subject}:{Path(c.path).name}"
                           for c in self.cases],
                 "regions": {r: len(ix) for r, ix in self._by_region.items()},
-                "mode_weights": dict(zip(MODES, self.mode_weights.round(4).tolist())),
+                # Exact: a resumed run draws its patches with these (a rounded mix would draw other ones).
+                "mode_weights": dict(zip(MODES, self.mode_weights.tolist())),
                 "anatomy_dropout": self.anatomy_dropout,
                 "train_spacings": [list(s) for s in self.cfg.train_spacings]}
 

@@ -273,7 +273,9 @@ class LesionPatches(torch.utils.data.Dataset):
         return self.length
 
     def summary(self) -> dict:
+        regions = [self.cfg.regions[entry["region"]] for entry in self.entries]
         return {"task": "lesion", "cases": [Path(c).parent.name + "/" + Path(c).name for c, _, _ in self.cases],
+                "regions": {region: regions.count(region) for region in sorted(set(regions))},
                 "lesion_probability": self.lesion_probability, "anatomy_dropout": self.anatomy_dropout}
 
     def _prepare(self, ct_path: str, mask_path: str, region: Optional[str]) -> dict:

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoints import (check_architecture, load_model, load_training_state, model_intact, save_model,
-                          save_training_state)
+                          save_training_state, training_state_record)
 from .config import PRECISIONS, ModelConfig
 from .diffusion import Schedule, q_sample, training_timesteps
 from .errors import CheckpointError, InputError, TrainingDiverged
@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 #: Validation loss is reported per noise range: [0, 100), [100, 250), [250, 500), [500, 1000) for the usual 1000
 #: timesteps, in proportion for a schedule of another length (`validation_buckets`).
+#: Two patch mixes differ beyond this per mode (states before 2026-11-28 recorded them to 4 decimals).
+MIX_TOLERANCE = 5e-5
 VALIDATION_BUCKETS = ((0, 100), (100, 250), (250, 500), (500, 1000))
 VALIDATION_SEED = 1234
 
@@ -504,14 +506,10 @@ def _config_difference(saved: dict, cfg: ModelConfig) -> str:
 def check_resume_config(out_dir, cfg: ModelConfig) -> dict:
     """Refuse, before any data is prepared, to resume a run of another model configuration (reads JSON only).
     Returns the newest state's record ({} when there is none to read), e.g. its `training_data`."""
-    out_dir = Path(out_dir)
-    try:
-        stem = json.loads((out_dir / "last.json").read_text())["state"]
-        record = json.loads((out_dir / f"{stem}.json").read_text())
-        saved = record["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}  # no run yet, or a damaged pointer: train() falls back to an older state or says what is wrong
-    _refuse_other_config(out_dir, saved, cfg)
+    record = training_state_record(out_dir)  # the state train() resumes from, also when last.json is damaged
+    if "config" not in record:
+        return {}  # no run yet, or no readable state: train() says what is wrong
+    _refuse_other_config(Path(out_dir), record["config"], cfg)
     return record
 
 
@@ -542,6 +540,15 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: 
         if before is not None and now is not None and sorted(before) != sorted(now):
             left_out, added = sorted(set(before) - set(now)), sorted(set(now) - set(before))
             changed.append(f"training CTs: {len(left_out)} left out{_some(left_out)}, {len(added)} added{_some(added)}")
+        regions_before = (record.get("training_data") or {}).get("regions")
+        regions_now = _training_data(data).get("regions")
+        if regions_before is not None and regions_now is not None and regions_before != regions_now:
+            changed.append(f"CTs per body region {_counts(regions_before)} -> {_counts(regions_now)} (--region)")
+        mix_before = (record.get("training_data") or {}).get("mode_weights")
+        mix_now = _training_data(data).get("mode_weights")
+        if mix_before and mix_now and any(abs(mix_before.get(m, 0.0) - mix_now.get(m, 0.0)) > MIX_TOLERANCE
+                                          for m in set(mix_before) | set(mix_now)):
+            changed.append(f"patch mix {_mix(mix_before)} -> {_mix(mix_now)}")
         if changed:
             log.warning("resuming with other settings than the run was trained with (%s): the patches from here on "
                         "differ from a run that kept them; pass the old values to continue the same stream",
@@ -575,6 +582,16 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: 
 def _training_data(data) -> dict:
     """What a run records of its data: the dataset's summary ({} for a dataset without one)."""
     return getattr(data, "summary", lambda: {})()
+
+
+def _counts(counts: Dict[str, int]) -> str:
+    """'chest 2, other 1' for a log line."""
+    return ", ".join(f"{name} {count}" for name, count in sorted(counts.items()))
+
+
+def _mix(weights: Dict[str, float]) -> str:
+    """'whole 0.2, crop2x 0.3, crop 0.5' for a log line."""
+    return ", ".join(f"{mode} {weight:.3g}" for mode, weight in weights.items())
 
 
 def _some(names: List[str], shown: int = 3) -> str:

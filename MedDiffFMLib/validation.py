@@ -77,7 +77,9 @@ def check_ct(vol: "Volume", log_warnings: bool = True) -> List[str]:
         raise InputError(
             f"the image has {bad} NaN or infinite voxels; replace them (e.g. with -1000 HU for air) "
             "before running MedDiffFM")
-    check_spacing(vol.spacing, warnings)
+    from .orientation import AxisOrder  # which imports this module
+
+    check_spacing(AxisOrder.of(vol.direction).spacing(vol.spacing), warnings)  # (x, y, z) in patient axes
     lo, hi = float(array.min()), float(array.max())
     if hi - lo < 1.0:
         raise InputError(f"the image is uniform (every voxel is {lo:.4g}): it holds no anatomy to work on (e.g. a "

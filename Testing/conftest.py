@@ -38,6 +38,12 @@ def _single_thread_torch():
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _own_user_folder(tmp_path_factory, monkeypatch):
+    """The user's model folder and registry ($MEDDIFFFM_HOME) hold only what the test puts there."""
+    monkeypatch.setenv("MEDDIFFFM_HOME", str(tmp_path_factory.mktemp("home")))
+
+
 @pytest.fixture(scope="session")
 def chest_nodule_crop():
     """(CT, nodule mask) Volumes: a 12 x 48 x 48 (z, y, x) crop of the lung1 chest CT around its nodule,

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from MedDiffFMLib import checkpoints
+from MedDiffFMLib import registry as registry_module
 from MedDiffFMLib.checkpoints import (load_model, load_training_state, read_model_info, resolve_model, save_model,
                                       save_training_state, sha256_file)
 from MedDiffFMLib.config import preset
-from MedDiffFMLib.errors import CheckpointError
+from MedDiffFMLib.errors import CheckpointError, InputError
 from MedDiffFMLib.network import MedDiffNet
 
 
@@ -184,7 +185,7 @@ def test_registry_resolves_the_shipped_tiny_model(monkeypatch, tmp_path):
     assert cfg.name == "tiny" and sum(p.numel() for p in model.parameters()) > 0
     jsonschema = pytest.importorskip("jsonschema")
     schema = json.loads((checkpoints.RESOURCES / "Models.schema.json").read_text())
-    jsonschema.validate(json.loads(checkpoints.REGISTRY.read_text()), schema)
+    jsonschema.validate(json.loads(checkpoints.BUNDLED_REGISTRY.read_text()), schema)
     # Unknown names list what is available; the user cache folder is searched after Resources.
     monkeypatch.setenv("MEDDIFFFM_HOME", str(tmp_path))
     with pytest.raises(CheckpointError, match="unknown model 'nope'; available: tiny"):
@@ -284,7 +285,7 @@ def test_a_missing_model_file_and_a_replaced_registered_model_are_named(tiny, tm
     registry_file = tmp_path / "Models.json"
     registry_file.write_text(json.dumps({"models": [{"name": "x", "file": "x.safetensors"}, {"file": "y"}]}))
     with pytest.raises(CheckpointError, match="is damaged \\(an entry without a name or file"):
-        checkpoints.registry(registry_file)
+        checkpoints.read_registry(registry_file)
 
 
 @pytest.mark.parametrize("content", ["[1, 2]", '"text"', '{"state": 3}'])
@@ -295,7 +296,7 @@ def test_training_state_and_registry_that_are_not_json_objects(tmp_path, content
     registry_file = tmp_path / "Models.json"
     registry_file.write_text(content)
     with pytest.raises(CheckpointError, match="the model registry .* is damaged"):
-        checkpoints.registry(registry_file)
+        checkpoints.read_registry(registry_file)
 
 
 def test_a_truncated_file_is_named_as_such_before_hashing(tiny, tmp_path):
@@ -377,26 +378,49 @@ def test_an_unusable_config_is_named_before_the_network_is_built(tiny, tmp_path,
         load_model(base)
 
 
-def test_registering_a_damaged_model_changes_nothing(tiny, tmp_path):
+def test_registering_a_damaged_model_or_into_a_damaged_registry_changes_nothing(tiny, tmp_path):
     cfg, state = tiny
-    registry_path = tmp_path / "reg" / "Models.json"
+    registry_path = checkpoints.user_registry()  # the default: the user's registry
     save_model(state, cfg, tmp_path / "good", {}, half=False)
-    checkpoints.register_model(tmp_path / "good", "mine", "a test model", registry_path=registry_path)
+    checkpoints.register_model(tmp_path / "good", "mine", "a test model")
     installed = registry_path.parent / "Models" / "meddifffm-mine.safetensors"
+    assert resolve_model("mine") == installed
     before = (installed.read_bytes(), registry_path.read_text())
     bad = save_model(state, cfg, tmp_path / "bad", {}, half=False)
     data = bytearray(bad.read_bytes())
     data[-1] ^= 1  # one flipped bit, the recorded hash left as it was
     bad.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="SHA-256"):
-        checkpoints.register_model(bad, "mine", "replaced", registry_path=registry_path)
+        checkpoints.register_model(bad, "mine", "replaced")
     assert (installed.read_bytes(), registry_path.read_text()) == before
     assert checkpoints.model_intact(installed)
     # A pickle file is refused as such (before: "model file model.pt.safetensors not found").
     (tmp_path / "model.pt").write_bytes(b"pickle")
     with pytest.raises(CheckpointError, match="only .safetensors models .* .pt files can hold pickled code"):
-        checkpoints.register_model(tmp_path / "model.pt", "mine", "a pickle", registry_path=registry_path)
+        checkpoints.register_model(tmp_path / "model.pt", "mine", "a pickle")
     assert (installed.read_bytes(), registry_path.read_text()) == before
+    # A damaged registry is named, with what to do, before any file is copied.
+    registry_path.write_text('{"models": [{"name": "mine"}]}')
+    with pytest.raises(CheckpointError, match=f"the model registry {registry_path} is damaged .* repair it, or delete"):
+        checkpoints.register_model(tmp_path / "good", "other", "a second model")
+    assert not (registry_path.parent / "Models" / "meddifffm-other.safetensors").exists()
+
+
+def test_the_user_registry_cannot_take_a_shipped_name_and_never_hides_one(tmp_path, caplog):
+    tiny_file = resolve_model("tiny")
+    with pytest.raises(InputError, match="default is the name of a model shipped with MedDiffFM"):
+        checkpoints.register_model(tiny_file, "default", "mine")
+    assert not checkpoints.user_registry().exists()
+    # An update may ship a name the user registered before: the shipped model is used, and a warning says so.
+    checkpoints.register_model(tiny_file, "mine", "a copy of tiny")
+    registry_path = checkpoints.user_registry()
+    entries = json.loads(registry_path.read_text())["models"]
+    registry_path.write_text(json.dumps({"models": entries + [dict(entries[0], name="default")]}))
+    with caplog.at_level(logging.WARNING):
+        names = [entry["name"] for entry in checkpoints.registry()]
+    assert names.count("default") == 1 and names[-1] == "mine"
+    assert resolve_model("default") == checkpoints.RESOURCES / "Models" / "meddifffm-default.safetensors"
+    assert "the model default registered in" in caplog.text and "register yours again under another name" in caplog.text
 
 
 def test_an_empty_model_name_is_refused_with_the_choices():
@@ -433,46 +457,66 @@ def test_the_models_command_lists_describes_verifies_and_registers(tmp_path, mon
     (tmp_path / "copy.safetensors").write_bytes(bytes(damaged))
     assert main(["models", str(tmp_path / "copy.safetensors")]) == 2
     assert "SHA-256" in capsys.readouterr().err
-    # Registering installs a verified copy under the name, in the registry the tasks read.
-    registry = tmp_path / "Resources" / "Models.json"
-    registry.parent.mkdir()
-    registry.write_text(json.dumps({"models": []}))
-    monkeypatch.setattr(checkpoints, "REGISTRY", registry)
+    # Registering installs a verified copy under the name, in the user's registry, which the tasks read too.
+    home = checkpoints.cache_dir()
     assert main(["models", str(weights), "--register", "mine", "--description", "a test model"]) == 0
-    assert [entry["name"] for entry in checkpoints.registry(registry)] == ["mine"]
-    assert checkpoints.sha256_file(tmp_path / "Resources" / "Models" / "meddifffm-mine.safetensors") == info["sha256"]
-    capsys.readouterr()
+    assert f"registered mine: {home / 'Models' / 'meddifffm-mine.safetensors'}" in capsys.readouterr().out
+    assert [entry["name"] for entry in checkpoints.read_registry(home / "Models.json")] == ["mine"]
+    assert checkpoints.sha256_file(home / "Models" / "meddifffm-mine.safetensors") == info["sha256"]
+    assert resolve_model("mine") == home / "Models" / "meddifffm-mine.safetensors"
+    assert main(["models", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert (rows["mine"]["registry"], rows["mine"]["kind"], rows["tiny"]["registry"]) == ("user", "base", "bundled")
     assert main(["models", str(weights), "--register", "other"]) == 2
     assert "--register NAME needs the model file to install (MODEL) and --description TEXT" in capsys.readouterr().err
     for name in ("a/b", "../outside", "", "my model", ".hidden"):  # --model would take it for a path, or not at all
         assert main(["models", str(weights), "--register", name, "--description", "x"]) == 2, name
         assert "a model name is letters, digits" in capsys.readouterr().err
+    assert main(["models", str(weights), "--register", "default", "--description", "x"]) == 2
+    assert "default is the name of a model shipped with MedDiffFM" in capsys.readouterr().err
     assert main(["models", str(weights), "--register", "mine", "--description", "again"]) == 2
     assert "a model named mine is registered already; give another name, or --overwrite" in capsys.readouterr().err
-    assert main(["models", str(weights), "--overwrite"]) == 2  # nothing to overwrite without --register
-    assert "--description and --overwrite go with --register NAME" in capsys.readouterr().err
+    for extra in (["--overwrite"], ["--bundled"]):  # nothing to overwrite or bundle without --register
+        assert main(["models", str(weights)] + extra) == 2
+        assert "--description, --overwrite and --bundled go with --register NAME" in capsys.readouterr().err
     assert main(["models", str(weights), "--register", "mine", "--description", "again", "--overwrite"]) == 0
-    assert [entry["description"] for entry in checkpoints.registry(registry)] == ["again"]
-    assert sorted(p.name for p in (tmp_path / "Resources" / "Models").iterdir()) == ["meddifffm-mine.json",
-                                                                                     "meddifffm-mine.safetensors"]
+    assert [entry["description"] for entry in checkpoints.read_registry(home / "Models.json")] == ["again"]
+    assert sorted(p.name for p in (home / "Models").iterdir()) == ["meddifffm-mine.json", "meddifffm-mine.safetensors"]
+    # --bundled writes the extension's own registry (a copy here), for a release.
+    bundled = tmp_path / "Resources" / "Models.json"
+    bundled.parent.mkdir()
+    bundled.write_text(json.dumps({"models": []}))
+    monkeypatch.setattr(registry_module, "BUNDLED_REGISTRY", bundled)
+    monkeypatch.setattr(checkpoints, "BUNDLED_REGISTRY", bundled)
+    assert main(["models", str(weights), "--register", "shipped", "--description", "x", "--bundled"]) == 0
+    assert [entry["name"] for entry in checkpoints.read_registry(bundled)] == ["shipped"]
+    assert [entry["name"] for entry in checkpoints.read_registry(home / "Models.json")] == ["mine"]
+    assert checkpoints.sha256_file(tmp_path / "Resources" / "Models" / "meddifffm-shipped.safetensors") == info["sha256"]
 
 
-def test_replacing_a_registered_base_names_the_controlnets_it_orphans(tmp_path, monkeypatch, caplog):
-    """A ControlNet loads only on the exact base it was fine-tuned on: replacing that base under its name (here
-    the copy of `tiny` that the copy of `tiny-lesion` was fine-tuned on) leaves it without one, and says so."""
+def test_replacing_a_registered_base_names_the_controlnets_it_orphans(tiny, tmp_path, caplog):
+    """A ControlNet loads only on a base with the weights it was fine-tuned on (`finetune.find_base`): replacing the
+    only such base under its name leaves it without one, and says so; while another model has them, nothing is lost."""
     from MedDiffFMLib.cli import main
 
-    registry = tmp_path / "Resources" / "Models.json"
-    registry.parent.mkdir()
-    registry.write_text(json.dumps({"models": []}))
-    monkeypatch.setattr(checkpoints, "REGISTRY", registry)
-    for name, source in (("mine", "tiny"), ("mine-lesion", "tiny-lesion")):
-        assert main(["models", str(checkpoints.resolve_model(source)), "--register", name, "--description", "x"]) == 0
-    again = ["--register", "mine", "--description", "y", "--overwrite"]
+    cfg, state = tiny
+    base = save_model(state, cfg, tmp_path / "base", {}, half=False)  # weights no shipped model has
+    lesion = checkpoints.resolve_model("tiny-lesion")
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(lesion.with_suffix(suffix), tmp_path / f"lesion{suffix}")
+    recorded = read_model_info(lesion)["base_model"]
+    _edit_description(tmp_path / "lesion", base_model=dict(recorded, name="mine", sha256=sha256_file(base)))
+    for name, source in (("mine", base), ("mine-lesion", tmp_path / "lesion.safetensors"),
+                         ("tiny-copy", checkpoints.resolve_model("tiny"))):
+        assert main(["models", str(source), "--register", name, "--description", "x"]) == 0
     with caplog.at_level(logging.WARNING):
-        assert main(["models", str(checkpoints.resolve_model("tiny"))] + again) == 0  # the same weights: no harm
-        assert "ControlNet" not in caplog.text
-        assert main(["models", str(checkpoints.resolve_model("default"))] + again) == 0
+        assert main(["models", str(base), "--register", "mine", "--description", "y", "--overwrite"]) == 0
+        assert "ControlNet" not in caplog.text  # the same weights: no harm
+        assert main(["models", str(checkpoints.resolve_model("default")), "--register", "tiny-copy", "--description",
+                     "y", "--overwrite"]) == 0
+        assert "ControlNet" not in caplog.text  # tiny-lesion's base is still there: `tiny`
+        assert main(["models", str(checkpoints.resolve_model("default")), "--register", "mine", "--description", "y",
+                     "--overwrite"]) == 0
     assert ("the ControlNet(s) mine-lesion were fine-tuned on the mine just replaced and load only on it"
             in caplog.text)
 

@@ -303,12 +303,18 @@ def test_the_finetune_command_trains_a_controlnet_and_refuses_bad_settings_befor
             (["--task", "lesion", "--data", str(ct), "--masks", str(lesion), "--lesion-probability", "1.5"],
              "lesion-centred patch probability must be in \\[0, 1\\], got 1.5"),
             (["--task", "super-resolution", "--data", str(ct), "--factor", "100000"],
-             "a slice factor of 100000 leaves the 16\\^3 training patch fewer than 2 thick slices")):
+             "a slice factor of 100000 leaves the 16\\^3 training patch fewer than 2 thick slices"),
+            (["--task", "super-resolution", "--data", "train", "--region", "chest"],
+             "--region sets the body region of your own CT files; the 'train' split brings"),
+            (["--task", "lesion", "--data", str(ct), "--masks", str(lesion), "--region", "lung"],
+             "unknown body region 'lung'; this model knows head_neck, chest, abdomen, other")):
         assert main(common + extra) == 2, extra
         assert re.search(message, capsys.readouterr().err), extra
         assert not run.exists() and not cache.exists()
-    assert main(common + ["--task", "lesion", "--data", str(ct), "--masks", str(lesion)]) == 0
+    # The nodule crop is guessed `other` (too small to show a chest); --region says what it is.
+    assert main(common + ["--task", "lesion", "--data", str(ct), "--masks", str(lesion), "--region", "chest"]) == 0
     info = json.loads((run / "ema.json").read_text())
     assert (info["kind"], info["task"], info["steps"]) == ("controlnet", "lesion", 2)
+    assert info["training_data"]["regions"] == {"chest": 1}
     model, cfg, _ = load_model(run / "ema.safetensors")
     assert isinstance(model, ControlledNet) and cfg.name == "tiny"

@@ -189,3 +189,28 @@ def test_anomaly_evaluation_turns_the_mask_as_the_scores_on_a_grid_near_a_tie(tm
                  "--out", str(tmp_path / "out")]) == 0
     row = (tmp_path / "out" / "anomaly_results.csv").read_text().splitlines()[1].split(",")
     assert float(row[1]) > 0.8  # pixel AUROC of these scores on their own mask (0.5 with the mask turned)
+
+
+def test_preprocess_spacing_is_in_patient_axes_however_the_file_stores_them(tmp_path, capsys, caplog):
+    """Before, `--spacing 2 2 5` went to the file's own axes: a sagittal-first series got 5 mm right-left."""
+    from MedDiffFMLib.cli import main
+
+    crop = Volume.from_sitk(sitk.ReadImage(str(CHEST_NRRD))[200:264, 330:394, 24:40], dtype="float32")
+    sagittal = stored_as(crop, (2, 0, 1), (False, False, True))
+    spacings = {}
+    for name, vol in (("axial", crop), ("sagittal", sagittal)):
+        sitk.WriteImage(vol.to_sitk(), str(tmp_path / f"{name}.nrrd"))
+        out = tmp_path / f"{name}_2x2x5.nii.gz"
+        assert main(["preprocess", str(tmp_path / f"{name}.nrrd"), "-o", str(out), "--spacing", "2", "2", "5",
+                     "--region", "chest"]) == 0
+        written = read_volume(out)
+        spacings[name] = AxisOrder.of(written.direction).spacing(written.spacing)
+        assert AxisOrder.of(written.direction) == AxisOrder.of(vol.direction)  # stored as its input
+    assert spacings == {"axial": (2.0, 2.0, 5.0), "sagittal": (2.0, 2.0, 5.0)}
+    # The input's spacing is named in patient axes too, for both.
+    assert caplog.text.count("voxel spacing (0.5703, 0.5703, 5) mm (x,y,z) is anisotropic") == 2
+    assert read_volume(tmp_path / "sagittal_2x2x5.nii.gz").spacing == (5.0, 2.0, 2.0)  # the file's own axes
+    # The voxel counts a refusal names are in the same patient order.
+    assert main(["preprocess", str(tmp_path / "sagittal.nrrd"), "-o", str(tmp_path / "coarse.nii.gz"), "--spacing",
+                 "1", "1", "40", "--region", "chest"]) == 2
+    assert "--spacing 1 1 40 mm leaves a grid of 36 x 36 x 2 voxels (x y z)" in capsys.readouterr().err

@@ -1128,21 +1128,35 @@ def test_bad_mask_fails_before_running_and_leaves_nothing(ct_node, fake_cli, tmp
     assert scene_nodes() == nodes_before
 
 
-def test_models_listed_from_models_json(tmp_path, monkeypatch):
-    monkeypatch.setattr(library, "libraryRoot", lambda: str(tmp_path))
-    assert library.availableModels() == []  # no Resources/Models.json: the panel says "not installed"
-    (tmp_path / "Resources").mkdir()
-    (tmp_path / "Resources" / "Models.json").write_text(json.dumps({"models": [
+def test_models_listed_from_the_bundled_and_the_user_registry(tmp_path, monkeypatch):
+    from MedDiffFMLib import registry
+    from MedDiffFMLib.errors import CheckpointError
+
+    resources = tmp_path / "Resources"
+    monkeypatch.setattr(registry, "RESOURCES", resources)
+    monkeypatch.setattr(registry, "BUNDLED_REGISTRY", resources / "Models.json")
+    assert library.availableModels() == []  # no Models.json: the panel says "none is registered"
+    (resources / "Models").mkdir(parents=True)
+    (resources / "Models.json").write_text(json.dumps({"models": [
         {"name": "tiny", "file": "Models/tiny.safetensors", "description": "CPU-trained tiny model"},
         {"name": "tiny-lesion", "file": "Models/tiny-lesion.safetensors", "description": "lesion ControlNet"},
-        {"name": "lost", "file": "Models/lost.safetensors", "description": "its .json is missing"}]}))
-    (tmp_path / "Resources" / "Models").mkdir()
-    (tmp_path / "Resources" / "Models" / "tiny.json").write_text(json.dumps({"format": 1}))
-    (tmp_path / "Resources" / "Models" / "tiny-lesion.json").write_text(json.dumps({"kind": "controlnet",
-                                                                                     "task": "lesion"}))
+        {"name": "lost", "file": "Models/lost.safetensors", "description": "its files are missing"}]}))
+    for name, info in (("tiny", {"format": 1}), ("tiny-lesion", {"kind": "controlnet", "task": "lesion"})):
+        (resources / "Models" / f"{name}.json").write_text(json.dumps(info))
+        (resources / "Models" / f"{name}.safetensors").write_bytes(b"")
+    home = registry.cache_dir()  # the user's registry, which extension updates leave alone
+    (home / "Models").mkdir()
+    (home / "Models.json").write_text(json.dumps({"models": [
+        {"name": "mine-sr", "file": "Models/mine-sr.safetensors", "description": "my super-resolution"}]}))
+    (home / "Models" / "mine-sr.json").write_text(json.dumps({"kind": "controlnet", "task": "super-resolution"}))
+    (home / "Models" / "mine-sr.safetensors").write_bytes(b"")
     assert library.availableModels() == [("tiny", "CPU-trained tiny model", "base"),
                                          ("tiny-lesion", "lesion ControlNet", "lesion"),
-                                         ("lost", "its .json is missing", None)]
+                                         ("lost", "its files are missing", None),
+                                         ("mine-sr", "my super-resolution", "super-resolution")]
+    (home / "Models.json").write_text("{")
+    with pytest.raises(CheckpointError, match=f"the model registry {home / 'Models.json'} is damaged"):
+        library.availableModels()
 
 
 def test_registered_models_fit_the_tasks_the_panel_offers_them_for():
@@ -1155,6 +1169,50 @@ def test_registered_models_fit_the_tasks_the_panel_offers_them_for():
     assert MedDiffFM.modelMismatch("unknown", None, "denoise") == ""  # the job will say what is wrong
     assert MedDiffFM.modelMismatch("tiny-lesion", "lesion", "denoise") == (
         "Model 'tiny-lesion' is a lesion ControlNet; Denoise runs a base model: choose Task default.")
+
+
+def test_a_damaged_user_registry_leaves_the_panel_usable_and_says_why():
+    from MedDiffFMLib import registry
+
+    registry.user_registry().write_text('{"models": 1}')
+    items, logged = [], []
+    combo = types.SimpleNamespace(clear=items.clear, addItem=lambda text, data: items.append((text, data)))
+    panel = types.SimpleNamespace(ui=types.SimpleNamespace(modelComboBox=combo), addLog=logged.append)
+    MedDiffFM.MedDiffFMWidget._populateModels(panel)
+    assert items == [("Task default (none is registered)", "")] and not panel._modelsInstalled
+    assert len(logged) == 1 and f"the model registry {registry.user_registry()} is damaged" in logged[0]
+
+
+def test_a_model_registered_while_the_panel_is_open_is_listed_when_it_is_shown_again(monkeypatch):
+    from MedDiffFMLib import checkpoints
+
+    monkeypatch.setattr(MedDiffFM, "qt", types.SimpleNamespace(Qt=types.SimpleNamespace(ToolTipRole=3)))  # no Qt app
+    items, calls = [], []
+
+    class Combo:
+        count = property(lambda self: len(items))
+        clear = items.clear
+
+        def addItem(self, text, data):
+            items.append((text, data))
+
+        def setItemData(self, index, text, role):
+            assert index == len(items) - 1
+
+        def blockSignals(self, block):
+            calls.append(block)
+
+    combo = Combo()
+    panel = types.SimpleNamespace(ui=types.SimpleNamespace(modelComboBox=combo), addLog=None,
+                                  _populateModels=lambda: MedDiffFM.MedDiffFMWidget._populateModels(panel),
+                                  initializeParameterNode=lambda: calls.append("parameters"))
+    MedDiffFM.MedDiffFMWidget.enter(panel)
+    assert "mine" not in [data for _text, data in items]
+    checkpoints.register_model(checkpoints.resolve_model("tiny"), "mine", "registered from a terminal")
+    MedDiffFM.MedDiffFMWidget.enter(panel)
+    assert [data for _text, data in items][-1] == "mine" and panel._modelKinds["mine"] == "base"
+    # The list is rebuilt with the combo's signals blocked (the parameter node keeps its model), then the GUI updated.
+    assert calls == [True, False, "parameters"] * 2
 
 
 def test_switching_task_drops_a_model_that_cannot_run_the_new_one():

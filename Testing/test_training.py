@@ -296,13 +296,36 @@ def test_each_ddp_rank_and_micro_batch_draws_its_own_items():
     assert micro_batches(1, 1, 2) == drawn[1][2:4]  # resumed at step 1
 
 
-def test_cli_trains_and_resumes(cfg, cache, tmp_path, capsys):
+def test_cli_region_of_the_training_cts(cfg, cache, tmp_path, capsys, caplog):
+    """The abdomen crop is guessed `abdomen`; --region sets another, recorded with the run, and a resume without it
+    (back to the guess) says the stream changes."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(cfg.to_dict()))
+    args = ["train", "--config", str(config), "--data", str(ABDOMEN_SMALL_NII), "--cache-dir", str(cache),
+            "--out", str(tmp_path / "run"), "--batch-size", "1", "--progress", "none", "--mode-weights", "crop=1"]
+    assert cli_main(args + ["--steps", "1", "--region", "other"]) == 0
+    assert load_model(tmp_path / "run" / "ema")[2]["training_data"]["regions"] == {"other": 1}
+    with caplog.at_level(logging.WARNING):
+        assert cli_main(args + ["--steps", "2", "--resume"]) == 0
+    assert "CTs per body region other 1 -> abdomen 1 (--region)" in caplog.text
+    assert load_model(tmp_path / "run" / "ema")[2]["training_data"]["regions"] == {"abdomen": 1}
+    capsys.readouterr()
+    entry = next(cache.glob("*.npz"))
+    for data, message in ((["train"], "--region sets the body region of your own CT files; the 'train' split"),
+                          ([str(entry)], "is a cache entry, which holds its body region already")):
+        assert cli_main(args[:4] + data + args[5:] + ["--steps", "1", "--region", "chest", "--out",
+                                                      str(tmp_path / "other")]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "other").exists()
+
+
+def test_cli_trains_and_resumes(cfg, cache, tmp_path, capsys, caplog):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(cfg.to_dict()))
     args = ["train", "--config", str(config), "--data", str(ABDOMEN_SMALL_NII), "--cache-dir", str(cache),
             "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "1"]
     assert cli_main(args + ["--progress", "machine", "--correlated-noise", "0.5", "--precision", "fp32",
-                            "--low-noise-fraction", "0.1", "--low-noise-max-t", "40", "--mode-weights", "crop=1",
+                            "--low-noise-fraction", "0.1", "--low-noise-max-t", "40", "--mode-weights", "crop2x=1,crop=2",
                             "--fp32-export"]) == 0
     out, err = capsys.readouterr()
     _, _, info = load_model(tmp_path / "run" / "ema")
@@ -324,13 +347,27 @@ def test_cli_trains_and_resumes(cfg, cache, tmp_path, capsys):
     assert resumed["settings"]["correlated_noise_fraction"] == 0.5 and resumed["settings"]["precision"] == "fp32"
     assert (resumed["settings"]["low_noise_fraction"], resumed["settings"]["low_noise_max_t"]) == (0.1, 40)
     assert resumed["settings"]["half_export"] is False
+    # The mix is recorded exactly: a rounded one (0.3333 / 0.6667) would draw other patches from here on.
+    assert info["training_data"]["mode_weights"] == {"whole": 0.0, "crop2x": 1 / 3, "crop": 2 / 3}
     assert resumed["training_data"]["mode_weights"] == info["training_data"]["mode_weights"]
-    assert info["training_data"]["mode_weights"]["crop"] == 1.0
     # --no-fp32-export takes a run back to fp16 model files.
     assert cli_main(args[:-4] + ["--steps", "4", "--resume", "--progress", "none", "--no-fp32-export"]) == 0
     assert load_model(tmp_path / "run" / "ema")[2]["settings"]["half_export"] is True
     with safe_open(str(tmp_path / "run" / "ema.safetensors"), "pt") as stored:
         assert {stored.get_slice(k).get_dtype() for k in stored.keys()} == {"F16"}
+    # A damaged last.json: the run resumes from the newest state kept, and keeps that state's patch mix.
+    (tmp_path / "run" / "last.json").write_text("garbage")
+    resume = args[:-4] + ["--resume", "--progress", "none"]  # batch 2, as the run went on at step 4
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert cli_main(resume + ["--steps", "5"]) == 0
+    assert "newer training state unreadable (last.json" in caplog.text and "other settings" not in caplog.text
+    assert load_model(tmp_path / "run" / "ema")[2]["training_data"]["mode_weights"] == {
+        "whole": 0.0, "crop2x": 1 / 3, "crop": 2 / 3}
+    # Another mix given on resuming is taken, and the warning says the patches differ from here on.
+    with caplog.at_level(logging.WARNING):
+        assert cli_main(resume + ["--steps", "6", "--mode-weights", "crop=1"]) == 0
+    assert "(patch mix whole 0, crop2x 0.333, crop 0.667 -> whole 0, crop2x 0, crop 1)" in caplog.text
 
 
 def test_cli_trains_a_user_anatomy_model_on_the_label_maps_given(cfg, tmp_path, capsys):

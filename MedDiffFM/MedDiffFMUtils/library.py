@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-MODEL_NOT_INSTALLED = "Resources/Models.json lists none"
+MODEL_NOT_INSTALLED = "none is registered"
 
 
 def libraryRoot():
@@ -32,31 +32,23 @@ def libraryRoot():
     return os.path.dirname(os.path.dirname(os.path.abspath(MedDiffFMLib.__file__)))
 
 
-def modelsFile():
-    return os.path.join(libraryRoot(), "Resources", "Models.json")
-
-
 def availableModels():
-    """[(name, description, kind)] from Resources/Models.json; [] when the file is absent or lists nothing. kind is
-    "base", or the task a ControlNet was fine-tuned for ("lesion", "super-resolution"), as the model's own .json
-    says; None when that file cannot be read (the job then says what is wrong)."""
-    path = modelsFile()
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as file:
-        data = json.load(file)
-    # The layout MedDiffFMLib.checkpoints.registry reads (Resources/Models.schema.json): {"models": [{...}, ...]}.
-    entries = data.get("models", []) if isinstance(data, dict) else []
-    resources = os.path.dirname(path)
-    return [(entry["name"], entry.get("description", ""), _modelKind(resources, entry.get("file")))
-            for entry in entries if "name" in entry]
+    """[(name, description, kind)] of the registered models (MedDiffFMLib.registry: the bundled Resources/Models.json,
+    then the user's); [] when none is listed. kind is "base", or the task a ControlNet was fine-tuned for ("lesion",
+    "super-resolution"), as the model's own .json says; None when that file cannot be read (the job then says what is
+    wrong). A damaged registry raises MedDiffFMLib.errors.CheckpointError, which names the file and the remedy."""
+    libraryRoot()
+    from MedDiffFMLib import registry  # reads JSON only: no torch in Slicer's process
+
+    return [(entry["name"], entry.get("description", ""), _modelKind(registry.installed_files(entry)))
+            for entry in registry.registry()]
 
 
-def _modelKind(resources, weightsFile):
-    if not weightsFile:
+def _modelKind(installedFiles):
+    if not installedFiles:
         return None
     try:
-        with open(os.path.join(resources, os.path.splitext(weightsFile)[0] + ".json"), encoding="utf-8") as file:
+        with open(os.path.splitext(str(installedFiles[0]))[0] + ".json", encoding="utf-8") as file:
             info = json.load(file)
     except (OSError, ValueError):
         return None

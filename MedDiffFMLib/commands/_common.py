@@ -264,6 +264,25 @@ def half_export(args: argparse.Namespace) -> Optional[bool]:
     return None if args.fp32_export is None else not args.fp32_export
 
 
+def check_training_region(args: argparse.Namespace, regions, *specs) -> None:
+    """Refuse a training --region the model has no class for, or given with a split name (whose CTs have theirs)."""
+    from ..errors import InputError
+
+    if args.region is None:
+        return
+    if args.region not in regions:
+        raise InputError(f"unknown body region {args.region!r}; this model knows {', '.join(regions)}")
+    named = [spec[0] for spec in specs if is_split(spec)]
+    if named:
+        raise InputError(f"--region sets the body region of your own CT files; the {named[0]!r} split brings the "
+                         "regions of the shared data's manifest")
+
+
+def is_split(spec) -> bool:
+    """Whether a --data / --val-data value names a split of the shared CT data."""
+    return bool(spec) and len(spec) == 1 and spec[0] in ("train", "validation")
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the training commands: validation data, data root, run folder, cache, resume, and the
     optimisation loop (steps, batch, learning rate, seed, validation and checkpoint intervals, threads)."""
@@ -275,6 +294,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         default=shared_data_root(),
                         help="folder of the shared CT data (for the split names; default: $MEDDIFFFM_CT_DATA, "
                         "else ../shared/data/ct beside the repository)")
+    parser.add_argument("--region", help="body region of every CT file of --data and --val-data, e.g. chest (default: "
+                        "each one's guess from its image, logged; the 'train' and 'validation' splits bring their own)")
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, EMA model)")
     parser.add_argument("--cache-dir", type=Path,
                         help="preprocessed-volume cache (default: <out>/../cache); finetune --task lesion keeps its "

@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "super-resolution":
         check_training_factor(args.factor, cfg)
     val_spec = args.val_data if args.val_data is not None else (["validation"] if args.data == ["train"] else [])
+    _common.check_training_region(args, cfg.regions, args.data, val_spec)
     _check_masks(args, val_spec)  # before the (slow) data preparation
     if args.task == "super-resolution":
         data = _super_resolution_data(args, args.data, cfg, args.seed, None)
@@ -65,21 +66,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _super_resolution_data(args, spec, cfg, seed: int, anatomy_dropout):
-    from ..dataset import CTPatchDataset, split_cases
+    from ..dataset import CTPatchDataset, as_cases, split_cases, with_region
     from ..finetune import SuperResolutionPairs
 
-    if _is_split(spec):
+    if _common.is_split(spec):
         files = split_cases(args.data_root, spec[0])
     else:
-        files = spec[0] if len(spec) == 1 and Path(spec[0]).is_dir() else list(spec)
+        files = with_region(as_cases(spec[0] if len(spec) == 1 and Path(spec[0]).is_dir() else list(spec)),
+                            args.region)
     # Patch level only: super-resolution runs on the native thin grid, never on a resized whole volume.
     patches = CTPatchDataset(files, cfg, args.cache_dir or args.out.parent / "cache", seed=seed,
                              mode_weights={"crop": 1.0}, anatomy_dropout=anatomy_dropout)
     return SuperResolutionPairs(patches, args.factor)
-
-
-def _is_split(spec) -> bool:
-    return len(spec) == 1 and spec[0] in ("train", "validation")
 
 
 def _check_masks(args, val_spec) -> None:
@@ -92,7 +90,7 @@ def _check_masks(args, val_spec) -> None:
         return
     for spec, masks, flags in ((args.data, args.masks, "--data / --masks"),
                                (val_spec, args.val_masks, "--val-data / --val-masks")):
-        if _is_split(spec) or not spec:
+        if _common.is_split(spec) or not spec:
             if masks:
                 what = f"the {spec[0]!r} split brings its own masks" if spec else "there is no --val-data"
                 raise InputError(f"{flags}: masks go with CT files; {what}")
@@ -104,9 +102,9 @@ def _check_masks(args, val_spec) -> None:
 def _lesion_data(args, spec, masks, cfg, seed: int, anatomy_dropout):
     from ..finetune import LesionPatches, lesion_cases
 
-    if _is_split(spec):
+    if _common.is_split(spec):
         cases = lesion_cases(args.data_root, spec[0])
     else:
-        cases = [(ct, mask, None) for ct, mask in zip(spec, masks)]
+        cases = [(ct, mask, args.region) for ct, mask in zip(spec, masks)]
     return LesionPatches(cases, cfg, seed=seed, lesion_probability=args.lesion_probability,
                          anatomy_dropout=anatomy_dropout)

@@ -8,9 +8,9 @@ import textwrap
 from typing import Any, Dict, List
 
 NAME = "models"
-HELP = ("List the registered models (name, kind, preset, training steps, installed or not); with a name or "
-        ".safetensors file, describe that model and verify its weights against their SHA-256; with --register, "
-        "install a trained model under a name the tasks' --model takes.")
+HELP = ("List the registered models (name, kind, preset, training steps, installed or not, bundled or yours); with "
+        "a name or .safetensors file, describe that model and verify its weights against their SHA-256; with "
+        "--register, install a trained model under a name the tasks' --model takes.")
 
 log = logging.getLogger(__name__)
 
@@ -18,10 +18,14 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", help="a registered name or a .safetensors model file to describe")
     parser.add_argument("--register", metavar="NAME",
-                        help="copy MODEL into Resources/Models as meddifffm-NAME and list it in Resources/Models.json; "
-                        "the copy is verified first")
+                        help="copy MODEL into your model folder ($MEDDIFFFM_HOME, default ~/.cache/meddifffm) as "
+                        "Models/meddifffm-NAME and list it in the Models.json there, which extension updates leave "
+                        "alone; the copy is verified first")
     parser.add_argument("--description", help="one line for the registry, with --register")
     parser.add_argument("--overwrite", action="store_true", help="with --register: replace a model of that name")
+    parser.add_argument("--bundled", action="store_true",
+                        help="with --register, for developers: install into the extension's Resources/Models.json, "
+                        "the models shipped with it")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
@@ -32,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.model or not args.description:
             raise InputError("--register NAME needs the model file to install (MODEL) and --description TEXT")
         return _register(args)
-    if args.description or args.overwrite:
-        raise InputError("--description and --overwrite go with --register NAME")
+    if args.description or args.overwrite or args.bundled:
+        raise InputError("--description, --overwrite and --bundled go with --register NAME")
     report: Any = describe(args.model) if args.model else listing()
     if args.json:
         print(json.dumps(report, indent=2))
@@ -43,10 +47,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def listing() -> List[Dict[str, Any]]:
-    """One row per registered model: its registry entry, its kind (from its own description when installed)."""
-    from ..checkpoints import controlnet_task_in, installed_files, read_model_info, registry, resolve_model
+    """One row per registered model: its registry entry, its kind (from its own description when installed), and
+    whether it ships with MedDiffFM or the user registered it."""
+    from ..checkpoints import controlnet_task_in, read_model_info, resolve_model
     from ..errors import CheckpointError
+    from ..registry import BUNDLED_REGISTRY, installed_files, read_registry, registry
 
+    bundled = {entry["name"] for entry in read_registry(BUNDLED_REGISTRY)}
     rows = []
     for entry in registry():
         kind, weights = None, None
@@ -59,6 +66,7 @@ def listing() -> List[Dict[str, Any]]:
                 kind = "damaged"
         rows.append({"name": entry["name"], "kind": kind, "preset": entry.get("preset"),
                      "steps": (entry.get("training") or {}).get("steps"), "installed": kind is not None,
+                     "registry": "bundled" if entry["name"] in bundled else "user",
                      "file": None if weights is None else str(weights), "description": entry.get("description", "")})
     return rows
 
@@ -90,55 +98,58 @@ def describe(name_or_path: str) -> Dict[str, Any]:
 def _register(args: argparse.Namespace) -> int:
     from .. import checkpoints
     from ..errors import InputError
+    from ..registry import BUNDLED_REGISTRY, read_registry, user_registry
 
-    existing = next((entry for entry in checkpoints.registry(checkpoints.REGISTRY) if entry["name"] == args.register),
-                    None)
+    target = BUNDLED_REGISTRY if args.bundled else user_registry()
+    existing = next((entry for entry in read_registry(target) if entry["name"] == args.register), None)
     if existing is not None and not args.overwrite:
         raise InputError(f"a model named {args.register} is registered already; give another name, or --overwrite to "
                          "replace it (the tasks that default to it would then run the new one)")
     replaced = existing.get("sha256") if existing is not None else None
-    dependents = _controlnets_on(replaced) if replaced else []
-    entry = checkpoints.register_model(args.model, args.register, args.description, registry_path=checkpoints.REGISTRY)
-    if dependents and entry["sha256"] != replaced:
+    entry = checkpoints.register_model(args.model, args.register, args.description, registry_path=target)
+    dependents = _orphaned_controlnets(replaced) if replaced and entry["sha256"] != replaced else []
+    if dependents:
         log.warning("the ControlNet(s) %s were fine-tuned on the %s just replaced and load only on it: fine-tune them "
                     "again on the new one (finetune --base %s), or keep the old base registered under another name",
                     ", ".join(dependents), args.register, args.register)
     if args.json:
         print(json.dumps(entry, indent=2))
     else:
-        print(f"registered {entry['name']}: {entry['file']} (SHA-256 {entry['sha256'][:12]}..., "
+        print(f"registered {entry['name']}: {target.parent / entry['file']} (SHA-256 {entry['sha256'][:12]}..., "
               f"{entry['size'] / 2 ** 20:.1f} MiB); the tasks take it as --model {entry['name']}")
     return 0
 
 
-def _controlnets_on(base_sha256: str) -> List[str]:
-    """Names of the registered ControlNets fine-tuned on the base with these weights: a ControlNet loads only on the
-    exact base it was trained on (`finetune.find_base`)."""
+def _orphaned_controlnets(base_sha256: str) -> List[str]:
+    """Names of the models that are ControlNets fine-tuned on the base with these weights, when no model left has
+    them: a ControlNet loads only on the exact base it was trained on, wherever it is (`finetune.find_base`)."""
     from .. import checkpoints
     from ..errors import CheckpointError
 
     found = []
-    for entry in checkpoints.registry(checkpoints.REGISTRY):
-        for weights in checkpoints.installed_files(entry, checkpoints.REGISTRY.parent):
-            try:
-                recorded = checkpoints.read_model_info(weights).get("base_model")
-            except CheckpointError:
-                continue
-            if isinstance(recorded, dict) and recorded.get("sha256") == base_sha256:
-                found.append(entry["name"])
-            break
+    for name in checkpoints.available_models():
+        try:
+            info = checkpoints.read_model_info(checkpoints.resolve_model(name))
+        except CheckpointError:
+            continue
+        recorded = info.get("base_model")
+        if isinstance(recorded, dict) and recorded.get("sha256") == base_sha256:
+            found.append(name)
+        elif info.get("sha256") == base_sha256 and checkpoints.controlnet_task_in(info) is None:
+            return []  # another installed base has the weights, and the ControlNets find it
     return found
 
 
 def _format_listing(rows: List[Dict[str, Any]]) -> str:
     if not rows:
-        return "no model is registered (Resources/Models.json lists none)"
-    lines = [f"{'name':<24} {'kind':<28} {'preset':<8} {'steps':>7}  description"]
+        return "no model is registered (Resources/Models.json and your Models.json list none)"
+    lines = [f"{'name':<24} {'kind':<28} {'preset':<8} {'steps':>7}  {'registry':<8} description"]
     for row in rows:
         kind = row["kind"] if row["installed"] else "(not installed)"
         steps = "" if row["steps"] is None else str(row["steps"])
         description = textwrap.shorten(row["description"], 60, placeholder=" ...")
-        lines.append(f"{row['name']:<24} {kind:<28} {str(row['preset']):<8} {steps:>7}  {description}")
+        lines.append(f"{row['name']:<24} {kind:<28} {str(row['preset']):<8} {steps:>7}  {row['registry']:<8} "
+                     f"{description}")
     return "\n".join(lines)
 
 

@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", type=Path, required=True,
                         help="windowed image to write (.nii.gz, .nrrd or .mha); the other files go next to it")
     parser.add_argument("--spacing", type=_common.positive_float, nargs="+", default=[1.0], metavar="MM",
-                        help="target spacing in mm: one value (isotropic) or three (x y z)")
+                        help="target spacing in mm: one value (isotropic) or three (x y z: right-left, front-back, "
+                        "head-foot, whatever order the file stores its axes in)")
     parser.add_argument("--region", choices=("auto",) + tuple(REGIONS), default="auto",
                         help="body region (sets the HU window); auto guesses it from the image")
     parser.add_argument("--mask", type=Path, help="label map on the input grid, resampled alongside (nearest)")
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from ..anatomy import get_anatomy
     from ..errors import InputError
     from ..io import atomic_path, read_mask, read_volume, sibling_path, write_preview, write_volumes
+    from ..orientation import AxisOrder
     from ..preprocess import as_window, guess_region, resample, resampled_size, window_to_unit
     from ..tasks.common import check_setup_memory
     from ..validation import MIN_AXIS_VOXELS, check_ct
@@ -82,16 +84,19 @@ def run(args: argparse.Namespace) -> int:
     else:
         region, reason = args.region, "set by the user"
 
-    size = resampled_size(vol, spacing)
-    grid = f"{' x '.join(f'{v:g}' for v in spacing)} mm ({' x '.join(map(str, size))} voxels)"
-    check_setup_memory(tuple(reversed(size)), PREPROCESS_COPIES, f"resampling to {grid}")
-    resampled = resample(vol, spacing)
+    # --spacing is in patient axes, as everywhere; a sagittal or coronal series stores its axes in another order.
+    order = AxisOrder.of(vol.direction)
+    spacing_stored = order.inverse().spacing(spacing)
+    size = resampled_size(vol, spacing_stored)
+    size_text = " x ".join(str(int(n)) for n in order.spacing(size))
+    check_setup_memory(tuple(reversed(size)), PREPROCESS_COPIES,
+                       f"resampling to {' x '.join(f'{v:g}' for v in spacing)} mm ({size_text} voxels)")
+    resampled = resample(vol, spacing_stored)
     if min(resampled.shape) < MIN_AXIS_VOXELS:  # nothing could train on or be denoised on that grid
-        raise InputError(f"--spacing {' '.join(f'{v:g}' for v in spacing)} mm leaves a grid of "
-                         f"{' x '.join(str(n) for n in reversed(resampled.shape))} voxels (x y z); at least "
-                         f"{MIN_AXIS_VOXELS} are needed along every axis: choose a finer spacing")
+        raise InputError(f"--spacing {' '.join(f'{v:g}' for v in spacing)} mm leaves a grid of {size_text} voxels "
+                         f"(x y z); at least {MIN_AXIS_VOXELS} are needed along every axis: choose a finer spacing")
     if user_labels is not None:
-        labels, source = get_anatomy(resampled, "user", resample(user_labels, spacing, is_mask=True))
+        labels, source = get_anatomy(resampled, "user", resample(user_labels, spacing_stored, is_mask=True))
     else:
         labels, source = get_anatomy(resampled, anatomy)
     window = as_window(region)
@@ -99,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
     volumes = [(unit, outputs["image"]), (resampled.with_array(labels), outputs["anatomy"])]
     if mask is not None:
-        volumes.append((resample(mask, spacing, is_mask=True), outputs["mask"]))
+        volumes.append((resample(mask, spacing_stored, is_mask=True), outputs["mask"]))
     write_volumes(volumes, overwrite=args.overwrite, inputs=inputs)
     sidecar = {
         "input": str(args.input), "region": region, "region_reason": reason, "window_hu": list(window),

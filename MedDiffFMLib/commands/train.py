@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..dataset import CACHE_SUFFIX, CTCase, CTPatchDataset, split_cases
+    from ..dataset import CACHE_SUFFIX, CTCase, CTPatchDataset, as_cases, split_cases, with_region
     from ..io import holds_dicom_files
     from ..errors import InputError
     from ..training import TrainSettings, check_resume_config, train, with_run_own
@@ -73,12 +73,13 @@ def run(args: argparse.Namespace) -> int:
                 if item.is_dir() and not holds_dicom_files(item):
                     raise InputError(f"{item} is a folder without a DICOM series: with {option}, list the CT files "
                                      "one by one, each beside its label map")
-            return [CTCase(str(item), mask=str(label)) for item, label in zip(spec, labels)]
-        if len(spec) == 1 and spec[0] in ("train", "validation"):
+            return [CTCase(str(item), region=args.region, mask=str(label)) for item, label in zip(spec, labels)]
+        if _common.is_split(spec):
             return split_cases(args.data_root, spec[0])
-        return spec[0] if len(spec) == 1 and Path(spec[0]).is_dir() else list(spec)
+        return with_region(as_cases(spec[0] if len(spec) == 1 and Path(spec[0]).is_dir() else list(spec)), args.region)
 
     val_spec = args.val_data if args.val_data is not None else (["validation"] if args.data == ["train"] else [])
+    _common.check_training_region(args, cfg.regions, args.data, val_spec)
     if args.val_anatomy_labels is not None and not val_spec:
         raise InputError("--val-anatomy-labels needs --val-data: the CT files they belong to")
     cache = args.cache_dir or args.out.parent / "cache"

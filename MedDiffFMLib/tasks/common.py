@@ -86,9 +86,9 @@ def load_task_model(name_or_path: str, device: torch.device, compile: bool = Fal
     (benchmarks/README.md, sessions 9, 10 and 14). A window batch halved after running out of GPU
     memory is a new shape and compiles again.
     """
-    from ..checkpoints import RESOURCES, load_model as load_checkpoint, registry, resolve_model
-
+    from ..checkpoints import load_model as load_checkpoint, resolve_model
     from ..network import parameter_count
+    from ..registry import RESOURCES, registry
 
     weights = resolve_model(name_or_path).resolve()  # once: a registered name's files are checked on the way
     model, cfg, info = load_checkpoint(weights, device)
