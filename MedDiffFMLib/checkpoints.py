@@ -240,8 +240,13 @@ def resolve_model(name_or_path: PathLike) -> Path:
         if installed:
             _check_registered(text, entry, installed[0])
             return installed[0]
-        where = f"download it from {entry['url']} to {cache_dir() / entry['file']}" if entry.get("url") else \
-            f"its file {entry['file']} is missing from {RESOURCES} and {cache_dir()}"
+        if entry.get("registry") == "user":
+            where = (f"its file {entry['file']} is missing from {user_registry().parent}; register the model again "
+                     f"(models FILE --register {text} --overwrite)")
+        elif entry.get("url"):
+            where = f"download it from {entry['url']} to {cache_dir() / entry['file']}"
+        else:
+            where = f"its file {entry['file']} is missing from {RESOURCES} and {cache_dir()}"
         raise CheckpointError(f"model {text!r} is registered but not installed: {where}")
     cached = None if is_path else cache_dir() / f"{text}.safetensors"
     in_cache = cached is not None and cached.exists()
@@ -349,18 +354,19 @@ def _saved_states(out_dir: Path) -> Tuple[List[str], List[str]]:
 
 
 def training_state_record(out_dir: PathLike) -> dict:
-    """The scalars (JSON) of the state a resume would start from, read without its tensors; {} when there is none
-    to read. What a run needs to know before it prepares its data, e.g. the patch mix it trained on."""
+    """The scalars (JSON) of the state a resume would start from, its tensors checked against their SHA-256 but not
+    loaded; {} when there is none to read. What a run needs to know before it prepares its data, e.g. the patch mix
+    it trained on."""
     out_dir = Path(out_dir)
     if not (out_dir / "last.json").exists():
         return {}
     for stem in _saved_states(out_dir)[0]:
         try:
             record = json.loads((out_dir / f"{stem}.json").read_text())
-        except (OSError, ValueError):
+            if sha256_file(out_dir / f"{stem}.safetensors") == record["sha256"]:
+                return record
+        except (OSError, ValueError, KeyError, TypeError):  # as load_training_state: that state is skipped
             continue
-        if isinstance(record, dict):
-            return record
     return {}
 
 

@@ -284,7 +284,9 @@ class LesionPatches(torch.utils.data.Dataset):
         mask = read_mask(mask_path, like=vol)
         order = AxisOrder.of(vol.direction)  # patient axis order, as the tasks see a CT (see `orientation`)
         vol, mask = order.volume(vol), order.volume(mask)
-        region = region or guess_region(vol)[0]
+        if region is None:
+            region, reason = guess_region(vol)
+            log.info("%s: body region %s (%s)", ct_path, region, reason)
         grid_zyx = case_spacings(vol.spacing_zyx, self.cfg.train_spacings)[0]
         image = resample(vol, tuple(reversed(grid_zyx)))
         lesion = resample(mask, tuple(reversed(grid_zyx)), is_mask=True).array > 0

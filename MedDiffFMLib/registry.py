@@ -1,11 +1,14 @@
 """The model registries: models by name, readable without torch (the Slicer panel lists them with this module).
 
 Two registries, each a `Models.json` (Resources/Models.schema.json) beside the `Models/` folder its entries name:
-- the bundled one, `Resources/Models.json`, ships with the extension (`models FILE --register NAME --bundled`);
-- the user's, in the user cache folder ($MEDDIFFFM_HOME or ~/.cache/meddifffm), where `models FILE --register NAME`
-  installs a trained model. It lives outside the extension because an extension update replaces Resources.
+- the bundled one, `Resources/Models.json`, ships with the extension (`models FILE --register NAME --bundled`). A
+  bundled model that is not shipped is downloaded into the user cache folder ($MEDDIFFFM_HOME or ~/.cache/meddifffm);
+- the user's, `user/Models.json` in that folder, where `models FILE --register NAME` installs a trained model. It
+  lives outside the extension because an extension update replaces Resources, and apart from the downloads, so a
+  bundled model and the user's never share a file.
 A bundled name cannot be registered again by the user; should an update ship a name the user registered already,
-the bundled model wins and a warning says so.
+the bundled model wins and a warning says so. A damaged user registry is skipped with a warning: the bundled models
+stay usable.
 """
 from __future__ import annotations
 
@@ -13,11 +16,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import List
+from typing import List, Set
 
 from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
+_warned: Set[str] = set()  # warnings given once per process (registry() runs at every model lookup)
 
 RESOURCES = Path(__file__).resolve().parents[1] / "Resources"
 BUNDLED_REGISTRY = RESOURCES / "Models.json"
@@ -29,7 +33,7 @@ def cache_dir() -> Path:
 
 
 def user_registry() -> Path:
-    return cache_dir() / "Models.json"
+    return cache_dir() / "user" / "Models.json"
 
 
 def read_registry(path: Path) -> List[dict]:
@@ -50,19 +54,32 @@ def read_registry(path: Path) -> List[dict]:
 
 
 def registry() -> List[dict]:
-    """Every registered model: the bundled ones, then the user's whose names are not bundled."""
-    bundled = read_registry(BUNDLED_REGISTRY)
+    """Every registered model: the bundled ones, then the user's whose names are not bundled. Each entry is a copy
+    with "registry": "bundled" or "user" added (the files keep the schema's keys only)."""
+    bundled = [dict(entry, registry="bundled") for entry in read_registry(BUNDLED_REGISTRY)]
     names = {entry["name"] for entry in bundled}
-    user = read_registry(user_registry())
+    try:
+        user = read_registry(user_registry())
+    except CheckpointError as exc:
+        _warn_once(f"{exc}. Your models are left out until then; the shipped ones are listed")
+        user = []
     for entry in user:
         if entry["name"] in names:
-            log.warning("the model %s registered in %s has the name of a model shipped with MedDiffFM, which is used "
-                        "instead: register yours again under another name (models FILE --register NAME)",
-                        entry["name"], user_registry())
-    return bundled + [entry for entry in user if entry["name"] not in names]
+            _warn_once(f"the model {entry['name']} registered in {user_registry()} has the name of a model shipped "
+                       "with MedDiffFM, which is used instead: register yours again under another name "
+                       "(models FILE --register NAME)")
+    return bundled + [dict(entry, registry="user") for entry in user if entry["name"] not in names]
 
 
 def installed_files(entry: dict) -> List[Path]:
-    """The files of a registry entry that exist, in the order the tasks look for them: under Resources, then in the
-    user cache (where the user's registry keeps its models, and where a bundled model's download goes)."""
-    return [folder / entry["file"] for folder in (RESOURCES, cache_dir()) if (folder / entry["file"]).exists()]
+    """The files of a registry entry that exist, in the order the tasks look for them: a user entry's in the user
+    registry's folder; a bundled one's under Resources, then in the user cache (where its download goes)."""
+    relative = entry["file"].replace("\\", "/")  # written on Windows by an earlier version
+    folders = [user_registry().parent] if entry.get("registry") == "user" else [RESOURCES, cache_dir()]
+    return [folder / relative for folder in folders if (folder / relative).exists()]
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)

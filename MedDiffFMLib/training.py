@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 
 #: Validation loss is reported per noise range: [0, 100), [100, 250), [250, 500), [500, 1000) for the usual 1000
 #: timesteps, in proportion for a schedule of another length (`validation_buckets`).
-#: Two patch mixes differ beyond this per mode (states before 2026-11-28 recorded them to 4 decimals).
-MIX_TOLERANCE = 5e-5
 VALIDATION_BUCKETS = ((0, 100), (100, 250), (250, 500), (500, 1000))
 VALIDATION_SEED = 1234
 
@@ -542,12 +540,12 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: 
             changed.append(f"training CTs: {len(left_out)} left out{_some(left_out)}, {len(added)} added{_some(added)}")
         regions_before = (record.get("training_data") or {}).get("regions")
         regions_now = _training_data(data).get("regions")
-        if regions_before is not None and regions_now is not None and regions_before != regions_now:
+        same_cts = before is not None and now is not None and sorted(before) == sorted(now)
+        if same_cts and regions_before is not None and regions_now is not None and regions_before != regions_now:
             changed.append(f"CTs per body region {_counts(regions_before)} -> {_counts(regions_now)} (--region)")
         mix_before = (record.get("training_data") or {}).get("mode_weights")
         mix_now = _training_data(data).get("mode_weights")
-        if mix_before and mix_now and any(abs(mix_before.get(m, 0.0) - mix_now.get(m, 0.0)) > MIX_TOLERANCE
-                                          for m in set(mix_before) | set(mix_now)):
+        if mix_before and mix_now and _normalised(mix_before) != _normalised(mix_now):
             changed.append(f"patch mix {_mix(mix_before)} -> {_mix(mix_now)}")
         if changed:
             log.warning("resuming with other settings than the run was trained with (%s): the patches from here on "
@@ -587,6 +585,13 @@ def _training_data(data) -> dict:
 def _counts(counts: Dict[str, int]) -> str:
     """'chest 2, other 1' for a log line."""
     return ", ".join(f"{name} {count}" for name, count in sorted(counts.items()))
+
+
+def _normalised(weights: Dict[str, float]) -> Dict[str, float]:
+    """A patch mix as the dataset draws with it, to 12 digits: a state before 2026-11-28 recorded its mix rounded to
+    4 decimals, which the resumed dataset normalised again (0.7143 of 1.0001)."""
+    total = sum(weights.values())
+    return {mode: round(weight / total, 12) for mode, weight in weights.items() if weight}
 
 
 def _mix(weights: Dict[str, float]) -> str:

@@ -378,7 +378,7 @@ def test_an_unusable_config_is_named_before_the_network_is_built(tiny, tmp_path,
         load_model(base)
 
 
-def test_registering_a_damaged_model_or_into_a_damaged_registry_changes_nothing(tiny, tmp_path):
+def test_registering_a_damaged_model_or_into_a_damaged_registry_changes_nothing(tiny, tmp_path, caplog):
     cfg, state = tiny
     registry_path = checkpoints.user_registry()  # the default: the user's registry
     save_model(state, cfg, tmp_path / "good", {}, half=False)
@@ -404,9 +404,20 @@ def test_registering_a_damaged_model_or_into_a_damaged_registry_changes_nothing(
     with pytest.raises(CheckpointError, match=f"the model registry {registry_path} is damaged .* repair it, or delete"):
         checkpoints.register_model(tmp_path / "good", "other", "a second model")
     assert not (registry_path.parent / "Models" / "meddifffm-other.safetensors").exists()
+    # The shipped models stay usable meanwhile, and the damage is named once.
+    with caplog.at_level(logging.WARNING):
+        assert resolve_model("tiny") == checkpoints.RESOURCES / "Models" / "meddifffm-tiny.safetensors"
+        assert "mine" not in checkpoints.available_models() and "default" in checkpoints.available_models()
+    assert caplog.text.count(f"the model registry {registry_path} is damaged") == 1
+    assert "Your models are left out until then; the shipped ones are listed" in caplog.text
+    # Its files gone, a registered model says where they were and how to put them back.
+    registry_path.write_text(json.dumps({"models": [dict(name="gone", file="Models/meddifffm-gone.safetensors")]}))
+    with pytest.raises(CheckpointError, match="'gone' is registered but not installed: its file Models/meddifffm-gone"
+                       ".safetensors is missing from .*register the model again \\(models FILE --register gone"):
+        resolve_model("gone")
 
 
-def test_the_user_registry_cannot_take_a_shipped_name_and_never_hides_one(tmp_path, caplog):
+def test_the_user_registry_cannot_take_a_shipped_name_and_never_hides_one(tmp_path, caplog, monkeypatch):
     tiny_file = resolve_model("tiny")
     with pytest.raises(InputError, match="default is the name of a model shipped with MedDiffFM"):
         checkpoints.register_model(tiny_file, "default", "mine")
@@ -418,9 +429,25 @@ def test_the_user_registry_cannot_take_a_shipped_name_and_never_hides_one(tmp_pa
     registry_path.write_text(json.dumps({"models": entries + [dict(entries[0], name="default")]}))
     with caplog.at_level(logging.WARNING):
         names = [entry["name"] for entry in checkpoints.registry()]
+        checkpoints.registry()
     assert names.count("default") == 1 and names[-1] == "mine"
     assert resolve_model("default") == checkpoints.RESOURCES / "Models" / "meddifffm-default.safetensors"
-    assert "the model default registered in" in caplog.text and "register yours again under another name" in caplog.text
+    assert caplog.text.count("the model default registered in") == 1  # once, though every lookup reads the registry
+    assert "register yours again under another name" in caplog.text
+    # The user's files live apart from a bundled model's download, which the user cache holds too.
+    assert resolve_model("mine").parent == checkpoints.user_registry().parent / "Models"
+    assert not (checkpoints.cache_dir() / "Models").exists()
+    # A bundled model is never read from the user's folder, where a file of its name may lie.
+    shipped = json.loads(checkpoints.BUNDLED_REGISTRY.read_text())
+    shipped["models"].append(dict(entries[0], name="shipped-later"))  # file: Models/meddifffm-mine.safetensors
+    (tmp_path / "Models.json").write_text(json.dumps(shipped))
+    with monkeypatch.context() as patch:
+        patch.setattr(registry_module, "BUNDLED_REGISTRY", tmp_path / "Models.json")
+        with pytest.raises(CheckpointError, match="'shipped-later' is registered but not installed"):
+            resolve_model("shipped-later")
+    # An entry written on Windows (by an earlier version) resolves everywhere.
+    registry_path.write_text(json.dumps({"models": [dict(entries[0], file="Models\\meddifffm-mine.safetensors")]}))
+    assert resolve_model("mine") == checkpoints.user_registry().parent / "Models" / "meddifffm-mine.safetensors"
 
 
 def test_an_empty_model_name_is_refused_with_the_choices():
@@ -458,7 +485,8 @@ def test_the_models_command_lists_describes_verifies_and_registers(tmp_path, mon
     assert main(["models", str(tmp_path / "copy.safetensors")]) == 2
     assert "SHA-256" in capsys.readouterr().err
     # Registering installs a verified copy under the name, in the user's registry, which the tasks read too.
-    home = checkpoints.cache_dir()
+    home = checkpoints.user_registry().parent  # in the user cache folder, apart from downloaded bundled models
+    assert home.parent == checkpoints.cache_dir()
     assert main(["models", str(weights), "--register", "mine", "--description", "a test model"]) == 0
     assert f"registered mine: {home / 'Models' / 'meddifffm-mine.safetensors'}" in capsys.readouterr().out
     assert [entry["name"] for entry in checkpoints.read_registry(home / "Models.json")] == ["mine"]

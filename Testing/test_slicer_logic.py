@@ -1144,8 +1144,8 @@ def test_models_listed_from_the_bundled_and_the_user_registry(tmp_path, monkeypa
     for name, info in (("tiny", {"format": 1}), ("tiny-lesion", {"kind": "controlnet", "task": "lesion"})):
         (resources / "Models" / f"{name}.json").write_text(json.dumps(info))
         (resources / "Models" / f"{name}.safetensors").write_bytes(b"")
-    home = registry.cache_dir()  # the user's registry, which extension updates leave alone
-    (home / "Models").mkdir()
+    home = registry.user_registry().parent  # the user's registry, which extension updates leave alone
+    (home / "Models").mkdir(parents=True)
     (home / "Models.json").write_text(json.dumps({"models": [
         {"name": "mine-sr", "file": "Models/mine-sr.safetensors", "description": "my super-resolution"}]}))
     (home / "Models" / "mine-sr.json").write_text(json.dumps({"kind": "controlnet", "task": "super-resolution"}))
@@ -1154,8 +1154,10 @@ def test_models_listed_from_the_bundled_and_the_user_registry(tmp_path, monkeypa
                                          ("tiny-lesion", "lesion ControlNet", "lesion"),
                                          ("lost", "its files are missing", None),
                                          ("mine-sr", "my super-resolution", "super-resolution")]
-    (home / "Models.json").write_text("{")
-    with pytest.raises(CheckpointError, match=f"the model registry {home / 'Models.json'} is damaged"):
+    (home / "Models.json").write_text("{")  # damaged: the shipped models are still listed
+    assert [name for name, _description, _kind in library.availableModels()] == ["tiny", "tiny-lesion", "lost"]
+    (resources / "Models.json").write_text("{")
+    with pytest.raises(CheckpointError, match=f"the model registry {resources / 'Models.json'} is damaged"):
         library.availableModels()
 
 
@@ -1171,16 +1173,19 @@ def test_registered_models_fit_the_tasks_the_panel_offers_them_for():
         "Model 'tiny-lesion' is a lesion ControlNet; Denoise runs a base model: choose Task default.")
 
 
-def test_a_damaged_user_registry_leaves_the_panel_usable_and_says_why():
+def test_a_damaged_bundled_registry_leaves_the_panel_open_and_says_why(tmp_path, monkeypatch):
     from MedDiffFMLib import registry
 
-    registry.user_registry().write_text('{"models": 1}')
+    damaged = tmp_path / "Models.json"
+    damaged.write_text('{"models": 1}')
+    monkeypatch.setattr(registry, "BUNDLED_REGISTRY", damaged)
     items, logged = [], []
     combo = types.SimpleNamespace(clear=items.clear, addItem=lambda text, data: items.append((text, data)))
     panel = types.SimpleNamespace(ui=types.SimpleNamespace(modelComboBox=combo), addLog=logged.append)
     MedDiffFM.MedDiffFMWidget._populateModels(panel)
     assert items == [("Task default (none is registered)", "")] and not panel._modelsInstalled
-    assert len(logged) == 1 and f"the model registry {registry.user_registry()} is damaged" in logged[0]
+    assert len(logged) == 1 and f"the model registry {damaged} is damaged" in logged[0]
+    assert "reinstall the extension" in logged[0]
 
 
 def test_a_model_registered_while_the_panel_is_open_is_listed_when_it_is_shown_again(monkeypatch):

@@ -12,6 +12,7 @@ import socket
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 import torch.multiprocessing as mp
 from safetensors import safe_open
@@ -306,9 +307,28 @@ def test_cli_region_of_the_training_cts(cfg, cache, tmp_path, capsys, caplog):
     assert cli_main(args + ["--steps", "1", "--region", "other"]) == 0
     assert load_model(tmp_path / "run" / "ema")[2]["training_data"]["regions"] == {"other": 1}
     with caplog.at_level(logging.WARNING):
-        assert cli_main(args + ["--steps", "2", "--resume"]) == 0
+        assert cli_main(args + ["--steps", "2", "--resume", "--region", "auto"]) == 0  # auto: the guess
     assert "CTs per body region other 1 -> abdomen 1 (--region)" in caplog.text
     assert load_model(tmp_path / "run" / "ema")[2]["training_data"]["regions"] == {"abdomen": 1}
+    # A state of an older version recorded its mix rounded (1:1:5 as 0.1429, 0.1429, 0.7143, which sum to 1.0001);
+    # resumed on that mix, it is not a change.
+    state = tmp_path / "run" / (json.loads((tmp_path / "run" / "last.json").read_text())["state"] + ".json")
+    record = json.loads(state.read_text())
+    record["training_data"]["mode_weights"] = {"whole": 0.1429, "crop2x": 0.1429, "crop": 0.7143}
+    state.write_text(json.dumps(record))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert cli_main(args[:-2] + ["--steps", "3", "--resume"]) == 0
+    assert "other settings" not in caplog.text
+    assert load_model(tmp_path / "run" / "ema")[2]["training_data"]["mode_weights"] == {
+        "whole": 0.1429 / 1.0001, "crop2x": 0.1429 / 1.0001, "crop": 0.7143 / 1.0001}
+    # Another CT added: the counts per region change with it, and the warning names the CTs, not --region.
+    crop = tmp_path / "crop.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(ABDOMEN_SMALL_NII))[:40, :40, :20], str(crop))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert cli_main(args[:5] + [str(crop)] + args[5:-2] + ["--steps", "4", "--resume", "--region", "other"]) == 0
+    assert "training CTs: 0 left out, 1 added (crop.nii.gz)" in caplog.text and "(--region)" not in caplog.text
     capsys.readouterr()
     entry = next(cache.glob("*.npz"))
     for data, message in ((["train"], "--region sets the body region of your own CT files; the 'train' split"),
@@ -364,9 +384,23 @@ def test_cli_trains_and_resumes(cfg, cache, tmp_path, capsys, caplog):
     assert "newer training state unreadable (last.json" in caplog.text and "other settings" not in caplog.text
     assert load_model(tmp_path / "run" / "ema")[2]["training_data"]["mode_weights"] == {
         "whole": 0.0, "crop2x": 1 / 3, "crop": 2 / 3}
+    # A damaged newest state: the run resumes from the older one and takes that one's mix (before, the mix came from
+    # the newest state's readable JSON, here edited to another).
+    newest = tmp_path / "run" / json.loads((tmp_path / "run" / "last.json").read_text())["state"]
+    record = json.loads(newest.with_suffix(".json").read_text())
+    record["training_data"]["mode_weights"] = {"whole": 0.0, "crop2x": 0.0, "crop": 1.0}
+    newest.with_suffix(".json").write_text(json.dumps(record))
+    damaged = bytearray(newest.with_suffix(".safetensors").read_bytes())
+    damaged[-1] ^= 1
+    newest.with_suffix(".safetensors").write_bytes(bytes(damaged))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert cli_main(resume + ["--steps", "6"]) == 0
+    assert "resuming from state-00000004" in caplog.text and "other settings" not in caplog.text
+    assert load_model(tmp_path / "run" / "ema")[2]["training_data"]["mode_weights"]["crop"] == 2 / 3
     # Another mix given on resuming is taken, and the warning says the patches differ from here on.
     with caplog.at_level(logging.WARNING):
-        assert cli_main(resume + ["--steps", "6", "--mode-weights", "crop=1"]) == 0
+        assert cli_main(resume + ["--steps", "7", "--mode-weights", "crop=1"]) == 0
     assert "(patch mix whole 0, crop2x 0.333, crop 0.667 -> whole 0, crop2x 0, crop 1)" in caplog.text
 
 

@@ -319,7 +319,7 @@ class MedDiffFMTasks:
                           region=None, compileNetwork=False, threads=None, windowSize=None):
         """CLI options shared by all tasks (the `**options` of every task method).
 
-        model: name in Resources/Models.json or a model file (None = the task's own default: the base
+        model: a registered name (bundled, or registered by the user) or a model file (None = the task's own default: the base
         model, or the fine-tuned one for super-resolution, lesions, inpainting); nfe: network evaluations (None = the
         task's default); seed: random seed (same seed, same result on the
         same machine and window batch); forceCpu: never use a GPU;

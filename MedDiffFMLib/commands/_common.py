@@ -294,8 +294,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         default=shared_data_root(),
                         help="folder of the shared CT data (for the split names; default: $MEDDIFFFM_CT_DATA, "
                         "else ../shared/data/ct beside the repository)")
-    parser.add_argument("--region", help="body region of every CT file of --data and --val-data, e.g. chest (default: "
-                        "each one's guess from its image, logged; the 'train' and 'validation' splits bring their own)")
+    parser.add_argument("--region", type=lambda text: None if text == "auto" else text,
+                        help="body region of every CT file of --data and --val-data, e.g. chest (default: auto, each "
+                        "one's guess from its image, logged); not with the split names 'train' and 'validation', "
+                        "whose CTs have the regions of the shared data's manifest")
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, EMA model)")
     parser.add_argument("--cache-dir", type=Path,
                         help="preprocessed-volume cache (default: <out>/../cache); finetune --task lesion keeps its "

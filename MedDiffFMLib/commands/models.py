@@ -51,9 +51,8 @@ def listing() -> List[Dict[str, Any]]:
     whether it ships with MedDiffFM or the user registered it."""
     from ..checkpoints import controlnet_task_in, read_model_info, resolve_model
     from ..errors import CheckpointError
-    from ..registry import BUNDLED_REGISTRY, installed_files, read_registry, registry
+    from ..registry import installed_files, registry
 
-    bundled = {entry["name"] for entry in read_registry(BUNDLED_REGISTRY)}
     rows = []
     for entry in registry():
         kind, weights = None, None
@@ -66,7 +65,7 @@ def listing() -> List[Dict[str, Any]]:
                 kind = "damaged"
         rows.append({"name": entry["name"], "kind": kind, "preset": entry.get("preset"),
                      "steps": (entry.get("training") or {}).get("steps"), "installed": kind is not None,
-                     "registry": "bundled" if entry["name"] in bundled else "user",
+                     "registry": entry["registry"],
                      "file": None if weights is None else str(weights), "description": entry.get("description", "")})
     return rows
 
@@ -121,22 +120,23 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def _orphaned_controlnets(base_sha256: str) -> List[str]:
-    """Names of the models that are ControlNets fine-tuned on the base with these weights, when no model left has
-    them: a ControlNet loads only on the exact base it was trained on, wherever it is (`finetune.find_base`)."""
+    """Names of the models that are ControlNets fine-tuned on the base with these weights and that now find no base
+    (`finetune.find_base`: a ControlNet loads only on the exact weights it was trained on, under any name)."""
     from .. import checkpoints
     from ..errors import CheckpointError
+    from ..finetune import find_base
 
     found = []
     for name in checkpoints.available_models():
         try:
-            info = checkpoints.read_model_info(checkpoints.resolve_model(name))
+            recorded = checkpoints.read_model_info(checkpoints.resolve_model(name)).get("base_model")
         except CheckpointError:
             continue
-        recorded = info.get("base_model")
         if isinstance(recorded, dict) and recorded.get("sha256") == base_sha256:
-            found.append(name)
-        elif info.get("sha256") == base_sha256 and checkpoints.controlnet_task_in(info) is None:
-            return []  # another installed base has the weights, and the ControlNets find it
+            try:
+                find_base(recorded, name)
+            except CheckpointError:
+                found.append(name)
     return found
 
 
