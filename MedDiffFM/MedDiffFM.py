@@ -207,7 +207,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo.clear()
         try:
             models = library.availableModels()
-        except CheckpointError as error:  # a damaged Models.json: the panel still opens, and says which and what to do
+        except CheckpointError as error:  # a damaged Resources/Models.json: the panel opens, and says what to do
             models = []
             self.addLog(str(error))
         self._modelsInstalled = bool(models)

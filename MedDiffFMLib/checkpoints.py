@@ -223,7 +223,7 @@ def available_models() -> List[str]:
 
 
 def resolve_model(name_or_path: PathLike) -> Path:
-    """Weights path for a registered model name (repo Resources first, then the user cache), a file path, or the
+    """Weights path for a registered model name (`registry.installed_files`), a file path, or the
     name of a model in the user cache. A registered name wins over a file of that name in the working folder
     (e.g. a `default.json` preset config); a name, registered or in the cache, wins over a folder of that name."""
     text = str(name_or_path)

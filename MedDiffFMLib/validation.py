@@ -111,12 +111,12 @@ def check_spacing(spacing: Sequence[float], warnings: List[str]) -> None:
     ratio = float(spacing.max() / spacing.min())
     if ratio > MAX_ANISOTROPY:
         raise InputError(
-            f"voxel spacing {format_values(spacing)} mm (right-left, front-back, head-foot) is extremely anisotropic (ratio "
-            f"{ratio:.0f} > {MAX_ANISOTROPY:.0f}); this is not a usable 3D CT grid. For a CT file, check the "
+            f"voxel spacing {format_values(spacing)} mm (right-left, front-back, head-foot) is extremely anisotropic "
+            f"(ratio {ratio:.0f} > {MAX_ANISOTROPY:.0f}); this is not a usable 3D CT grid. For a CT file, check the "
             "slice spacing in its header.")
     if ratio > WARN_ANISOTROPY:
-        warnings.append(f"voxel spacing {format_values(spacing)} mm (right-left, front-back, head-foot) is anisotropic (ratio {ratio:.1f}); "
-                        "detail along the coarse axis is limited")
+        warnings.append(f"voxel spacing {format_values(spacing)} mm (right-left, front-back, head-foot) is anisotropic "
+                        f"(ratio {ratio:.1f}); detail along the coarse axis is limited")
 
 
 def format_values(values: Sequence[float], digits: int = 4) -> str:

@@ -519,7 +519,8 @@ def test_the_models_command_lists_describes_verifies_and_registers(tmp_path, mon
     assert main(["models", str(weights), "--register", "shipped", "--description", "x", "--bundled"]) == 0
     assert [entry["name"] for entry in checkpoints.read_registry(bundled)] == ["shipped"]
     assert [entry["name"] for entry in checkpoints.read_registry(home / "Models.json")] == ["mine"]
-    assert checkpoints.sha256_file(tmp_path / "Resources" / "Models" / "meddifffm-shipped.safetensors") == info["sha256"]
+    shipped = tmp_path / "Resources" / "Models" / "meddifffm-shipped.safetensors"
+    assert checkpoints.sha256_file(shipped) == info["sha256"]
 
 
 def test_replacing_a_registered_base_names_the_controlnets_it_orphans(tiny, tmp_path, caplog):

@@ -36,7 +36,8 @@ def availableModels():
     """[(name, description, kind)] of the registered models (MedDiffFMLib.registry: the bundled Resources/Models.json,
     then the user's); [] when none is listed. kind is "base", or the task a ControlNet was fine-tuned for ("lesion",
     "super-resolution"), as the model's own .json says; None when that file cannot be read (the job then says what is
-    wrong). A damaged registry raises MedDiffFMLib.errors.CheckpointError, which names the file and the remedy."""
+    wrong). A damaged Resources/Models.json raises MedDiffFMLib.errors.CheckpointError, which names the file and the
+    remedy; a damaged user registry is left out with a warning."""
     libraryRoot()
     from MedDiffFMLib import registry  # reads JSON only: no torch in Slicer's process
 

@@ -319,9 +319,10 @@ class MedDiffFMTasks:
                           region=None, compileNetwork=False, threads=None, windowSize=None):
         """CLI options shared by all tasks (the `**options` of every task method).
 
-        model: a registered name (bundled, or registered by the user) or a model file (None = the task's own default: the base
-        model, or the fine-tuned one for super-resolution, lesions, inpainting); nfe: network evaluations (None = the
-        task's default); seed: random seed (same seed, same result on the
+        model: a registered name (bundled, or registered by the user) or a model file (None = the task's own default:
+        `denoise`, the base model fine-tuned on CT noise, for denoising; the base model `default` for synthesis and
+        anomalies; the fine-tuned ControlNets for super-resolution, lesions, inpainting); nfe: network evaluations
+        (None = the task's default); seed: random seed (same seed, same result on the
         same machine and window batch); forceCpu: never use a GPU;
         overlap: sliding-window overlap fraction (0..<1); windowBatch: windows per network call (lower
         it when the GPU runs out of memory); region: head_neck, chest, abdomen or other (None = guess);
