@@ -533,18 +533,16 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: 
                    if name in record.get("settings", {}) and record["settings"][name] != getattr(settings, name)]
         if record.get("processes", rank.world) != rank.world:  # each process draws its own patches (torchrun)
             changed.append(f"processes {record['processes']} -> {rank.world}")
-        before = (record.get("training_data") or {}).get("cases")
-        now = _training_data(data).get("cases")
-        if before is not None and now is not None and sorted(before) != sorted(now):
+        trained_on, training_on = record.get("training_data") or {}, _training_data(data)
+        before, now = trained_on.get("cases"), training_on.get("cases")
+        same_cts = before is not None and now is not None and sorted(before) == sorted(now)
+        if before is not None and now is not None and not same_cts:
             left_out, added = sorted(set(before) - set(now)), sorted(set(now) - set(before))
             changed.append(f"training CTs: {len(left_out)} left out{_some(left_out)}, {len(added)} added{_some(added)}")
-        regions_before = (record.get("training_data") or {}).get("regions")
-        regions_now = _training_data(data).get("regions")
-        same_cts = before is not None and now is not None and sorted(before) == sorted(now)
+        regions_before, regions_now = trained_on.get("regions"), training_on.get("regions")
         if same_cts and regions_before is not None and regions_now is not None and regions_before != regions_now:
             changed.append(f"CTs per body region {_counts(regions_before)} -> {_counts(regions_now)} (--region)")
-        mix_before = (record.get("training_data") or {}).get("mode_weights")
-        mix_now = _training_data(data).get("mode_weights")
+        mix_before, mix_now = trained_on.get("mode_weights"), training_on.get("mode_weights")
         if mix_before and mix_now and _normalised(mix_before) != _normalised(mix_now):
             changed.append(f"patch mix {_mix(mix_before)} -> {_mix(mix_now)}")
         if changed:

@@ -278,6 +278,14 @@ def check_training_region(args: argparse.Namespace, regions, *specs) -> None:
                          "regions of the shared data's manifest")
 
 
+def user_cases(spec, region: Optional[str]) -> list:
+    """The CTCases of a --data / --val-data value that names no split: a folder, or CT files (a DICOM series folder
+    among them), each with the body region `region` (None: guessed)."""
+    from ..dataset import as_cases, with_region
+
+    return with_region(as_cases(spec[0] if len(spec) == 1 and Path(spec[0]).is_dir() else list(spec)), region)
+
+
 def is_split(spec) -> bool:
     """Whether a --data / --val-data value names a split of the shared CT data."""
     return bool(spec) and len(spec) == 1 and spec[0] in ("train", "validation")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from . import _common
 
@@ -66,14 +65,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _super_resolution_data(args, spec, cfg, seed: int, anatomy_dropout):
-    from ..dataset import CTPatchDataset, as_cases, split_cases, with_region
+    from ..dataset import CTPatchDataset, split_cases
     from ..finetune import SuperResolutionPairs
 
     if _common.is_split(spec):
         files = split_cases(args.data_root, spec[0])
     else:
-        files = with_region(as_cases(spec[0] if len(spec) == 1 and Path(spec[0]).is_dir() else list(spec)),
-                            args.region)
+        files = _common.user_cases(spec, args.region)
     # Patch level only: super-resolution runs on the native thin grid, never on a resized whole volume.
     patches = CTPatchDataset(files, cfg, args.cache_dir or args.out.parent / "cache", seed=seed,
                              mode_weights={"crop": 1.0}, anatomy_dropout=anatomy_dropout)

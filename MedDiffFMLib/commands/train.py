@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..dataset import CACHE_SUFFIX, CTCase, CTPatchDataset, as_cases, split_cases, with_region
+    from ..dataset import CACHE_SUFFIX, CTCase, CTPatchDataset, split_cases
     from ..io import holds_dicom_files
     from ..errors import InputError
     from ..training import TrainSettings, check_resume_config, train, with_run_own
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             return [CTCase(str(item), region=args.region, mask=str(label)) for item, label in zip(spec, labels)]
         if _common.is_split(spec):
             return split_cases(args.data_root, spec[0])
-        return with_region(as_cases(spec[0] if len(spec) == 1 and Path(spec[0]).is_dir() else list(spec)), args.region)
+        return _common.user_cases(spec, args.region)
 
     val_spec = args.val_data if args.val_data is not None else (["validation"] if args.data == ["train"] else [])
     _common.check_training_region(args, cfg.regions, args.data, val_spec)
