@@ -90,10 +90,11 @@ if parameterNodeWrapper is not None:
 
 
 def firstCTVolume(scene):
-    """The scene's first scalar volume that is not a label map (the input selector hides label maps), or None."""
-    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
-        node = scene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode")
-        if not node.IsA("vtkMRMLLabelMapVolumeNode"):
+    """The scene's first CT volume node (not a label map, vector or tensor volume, which the input selector hides), or
+    None."""
+    for index in range(scene.GetNumberOfNodesByClass(volumes.CT_VOLUME_CLASS)):
+        node = scene.GetNthNodeByClass(index, volumes.CT_VOLUME_CLASS)
+        if volumes.isCTVolumeNode(node):
             return node
     return None
 

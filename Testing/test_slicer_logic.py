@@ -236,6 +236,9 @@ def test_the_panel_starts_on_a_ct_not_a_label_map(ct_node):
     slicer.mrmlScene.RemoveNode(ct_node)
     slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
     assert MedDiffFM.firstCTVolume(slicer.mrmlScene) is None
+    for kind in ("vtkMRMLVectorVolumeNode", "vtkMRMLDiffusionWeightedVolumeNode", "vtkMRMLDiffusionTensorVolumeNode"):
+        slicer.mrmlScene.AddNewNodeByClass(kind, kind)
+    assert MedDiffFM.firstCTVolume(slicer.mrmlScene) is None
     ct = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
     assert MedDiffFM.firstCTVolume(slicer.mrmlScene) is ct
 
@@ -759,6 +762,62 @@ def test_logic_denoise_makes_new_node_on_input_grid(ct_node, fake_cli, tmp_path)
     assert logic_module.MedDiffFMTasks._environment("job")[TEMPORARY_ROOT_ENV] == "job"  # the name the library reads
 
 
+def _translation(name, shift_mm):
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    matrix = vtk.vtkMatrix4x4()
+    for axis, value in enumerate(shift_mm):
+        matrix.SetElement(axis, 3, value)
+    transform.SetMatrixTransformToParent(matrix)
+    return transform
+
+
+def _world_ijk_to_ras(node):
+    """The node's voxel-to-world matrix, its parent transforms applied."""
+    toWorld = np.eye(4)
+    if node.GetParentTransformNode() is not None:
+        matrix = vtk.vtkMatrix4x4()
+        node.GetParentTransformNode().GetMatrixTransformToWorld(matrix)
+        toWorld = slicer.util.arrayFromVTKMatrix(matrix)
+    return toWorld @ volumes.ijkToRASArray(node)
+
+
+@pytest.mark.parametrize("change", ["harden", "edit origin", "remove", "remove with its transform", "reparent"])
+def test_results_land_where_the_input_lay_when_its_input_changed_during_the_job(ct_node, fake_cli, change):
+    """A job works on the input's own grid, without its transform. Hardened, its origin edited or removed while the
+    job ran, the input no longer tells where that grid lay: the results go where it lay at the start (under the
+    transform it had, if that still exists), and the log says so. Moved under another transform, it keeps its grid,
+    and the results follow it."""
+    start = _translation("registration", (50.0, 0.0, 0.0))
+    ct_node.SetAndObserveTransformNodeID(start.GetID())
+    expected = _world_ijk_to_ras(ct_node)
+    logic = MedDiffFM.MedDiffFMLogic()
+    messages = []
+    logic.logCallback = messages.append
+    run = logic.detectAnomalies(ct_node, wait=False)
+    if change == "harden":
+        ct_node.HardenTransform()
+    elif change == "edit origin":
+        ct_node.SetOrigin(0.0, 0.0, 0.0)
+    elif change.startswith("remove"):
+        slicer.mrmlScene.RemoveNode(ct_node)
+        if change == "remove with its transform":
+            slicer.mrmlScene.RemoveNode(start)
+            expected = volumes.ijkToRASArray(ct_node)  # nothing can say where the transform put it
+    else:
+        ct_node.SetAndObserveTransformNodeID(_translation("moved", (0.0, -20.0, 0.0)).GetID())
+        expected = _world_ijk_to_ras(ct_node)
+    mapNode, segmentation = run.wait(handleEvents=False)
+    np.testing.assert_allclose(_world_ijk_to_ras(mapNode), expected, atol=1e-5)
+    assert segmentation.GetTransformNodeID() == mapNode.GetTransformNodeID()
+    notes = [m for m in messages if "while the job ran" in m]
+    if change == "reparent":
+        assert mapNode.GetTransformNodeID() == ct_node.GetTransformNodeID() and not notes
+    elif change == "remove with its transform":
+        assert mapNode.GetTransformNodeID() is None and "deleted since" in notes[0]
+    else:
+        assert mapNode.GetTransformNodeID() == start.GetID() and "under its transform 'registration'" in notes[0]
+
+
 def test_logic_denoise_window_reaches_the_cli_as_numbers(ct_node, fake_cli):
     """Python prints -1e-05 in scientific notation, which argparse's own pattern takes for an option."""
     from MedDiffFMLib.cli import build_parser
@@ -931,6 +990,19 @@ def test_console_calls_without_proper_nodes_get_clear_messages(ct_node, fake_cli
     with pytest.raises(ValueError, match=r"A segmentation, 'lesions' \(a str; .*\), was given without segmentId"):
         logic.denoise(ct_node, segmentationNode="lesions")
     assert scene_nodes() - nodes_before == {segmentation.GetID(), slicer.mrmlScene.GetFirstNodeByName("surface").GetID()}
+
+
+@pytest.mark.parametrize("kind", ["vtkMRMLVectorVolumeNode", "vtkMRMLDiffusionWeightedVolumeNode",
+                                  "vtkMRMLDiffusionTensorVolumeNode"])
+def test_volumes_of_the_scalar_class_that_are_never_a_ct_are_refused(scene, fake_cli, kind):
+    """They derive from the scalar volume class (a tensor volume's export was a traceback: it has no scalars)."""
+    node = slicer.mrmlScene.AddNewNodeByClass(kind, "RGB")
+    image = vtk.vtkImageData()
+    image.SetDimensions(8, 8, 8)
+    image.AllocateScalars(vtk.VTK_FLOAT, 3)
+    node.SetAndObserveImageData(image)
+    with pytest.raises(ValueError, match=rf"'RGB' \({kind}\) is not a CT volume node"):
+        MedDiffFM.MedDiffFMLogic().denoise(node)
 
 
 def test_repeated_runs_get_distinct_names(ct_node, fake_cli):

@@ -92,9 +92,9 @@ def _checkInputs(task, volumeNode, mask):
 
 
 def _checkVolume(volumeNode):
-    """A CT is a scalar volume node; a label map is one too, but never a CT (the panel's selector hides them)."""
-    if volumeNode is not None and not (hasattr(volumeNode, "IsA") and volumeNode.IsA("vtkMRMLScalarVolumeNode")
-                                       and not volumeNode.IsA("vtkMRMLLabelMapVolumeNode")):
+    """A CT is a scalar volume node; label maps, vector and tensor volumes derive from it, but are never a CT (the
+    panel's selector hides them)."""
+    if volumeNode is not None and not volumes.isCTVolumeNode(volumeNode):
         raise ValueError(f"{_describe(volumeNode)} is not a CT volume node.")
 
 
@@ -393,9 +393,17 @@ class MedDiffFMTasks:
             command += taskArguments + samplingArguments + ["--progress", "machine"]
             # cwd = library root: `python -m` puts the working directory first on sys.path, so the
             # job imports this very copy of MedDiffFMLib whatever else is installed.
+            # The results lie on the grid of the CT (or synthesis's reference) as exported now.
+            frame = volumes.ExportFrame(volumeNode if volumeNode is not None
+                                        else (namedInputs or {}).get("--reference"))
+
             def importAllOrNothing():  # no half results: a failed import leaves none of its nodes
                 with volumes.allOrNothing():
-                    return importResults(workDir)
+                    results = importResults(workDir)
+                    note = frame.place(results if isinstance(results, tuple) else (results,))
+                    if note:
+                        self.logCallback(note)
+                    return results
 
             run = TaskRun(command, workDir, importAllOrNothing, env=self._environment(workDir),
                           cwd=library.libraryRoot(), logCallback=self.logCallback,

@@ -15,6 +15,16 @@ from vtk.util.numpy_support import vtk_to_numpy
 from .geometry import ijkToRASFromSitkGeometry, sitkGeometryFromIJKToRAS
 
 
+#: The volume node class of a CT: the class the panel's input selector lists. Its subclasses are label maps, vector
+#: (RGB), diffusion-weighted and tensor volumes, never a grayscale CT.
+CT_VOLUME_CLASS = "vtkMRMLScalarVolumeNode"
+
+
+def isCTVolumeNode(node):
+    """Whether `node` is a grayscale volume node of the kind a CT is loaded into (not one of its subclasses)."""
+    return hasattr(node, "GetClassName") and node.GetClassName() == CT_VOLUME_CLASS
+
+
 def ijkToRASArray(volumeNode):
     """The 4x4 IJK-to-RAS matrix of the node's voxel array, whose first voxel is the image data's extent start
     (usually 0, 0, 0; not always for image data made by VTK filters)."""
@@ -165,6 +175,34 @@ def _underSameTransform(node, likeNode):
     """Put a new node under the same parent transform as the node it was made from."""
     if likeNode is not None and likeNode.GetParentTransformNode() is not None:
         node.SetAndObserveTransformNodeID(likeNode.GetParentTransformNode().GetID())
+
+
+class ExportFrame:
+    """Where an exported node lay when its job started: its parent transform and its own IJK-to-RAS. A job's results
+    are on that local grid. `_placeLike` puts them under the node's transform at import, which is right while the node
+    keeps its grid (moved under another transform since, the results follow it). `place` covers the rest: a node
+    hardened, moved by an edit of its origin, or removed during the job."""
+
+    def __init__(self, node):
+        self.node = node
+        self.transformID = node.GetTransformNodeID() if node is not None else None
+        self.ijkToRAS = ijkToRASArray(node) if node is not None else None
+
+    def place(self, nodes):
+        """Put the result `nodes` under the transform of the start when the exported node no longer stands on its
+        exported grid; returns a note for the log then, else None."""
+        node = self.node
+        if node is None or (slicer.mrmlScene.IsNodePresent(node) and node.GetImageData() is not None
+                            and np.allclose(ijkToRASArray(node), self.ijkToRAS, atol=1e-6)):
+            return None
+        transform = slicer.mrmlScene.GetNodeByID(self.transformID) if self.transformID else None
+        for result in nodes:
+            result.SetAndObserveTransformNodeID(transform.GetID() if transform is not None else None)
+        where = ("without a transform" if self.transformID is None else
+                 f"under its transform '{transform.GetName()}'" if transform is not None else
+                 "without its transform, which has been deleted since (they may lie off by that transform)")
+        return (f"'{node.GetName()}' was hardened, moved or removed while the job ran: the results are placed where it "
+                f"lay when the job started, {where}.")
 
 
 def _placeLike(node, likeNode, sameFolder=True):
