@@ -133,7 +133,9 @@ def _interpolation_matrix(cells: int, cell_size: int, size: int) -> np.ndarray:
 
 
 def _local_std(image: np.ndarray, box) -> np.ndarray:
-    """Sample standard deviation in a box around every voxel (unbiased for white noise).
+    """Standard deviation in a box around every voxel, scaled so that the **mode** of its distribution (what the
+    estimate takes) is the std of white noise. The sample std of n values follows a chi distribution with n - 1
+    degrees of freedom, whose mode lies at sigma sqrt((n - 2) / (n - 1)): 6.5 % low in a 3 x 3 box.
 
     float32, on the image shifted to the middle of the tissue range: where the estimate looks (soft tissue),
     the box mean is then small and E[x^2] - E[x]^2 keeps its precision; float64 took twice as long."""
@@ -142,7 +144,7 @@ def _local_std(image: np.ndarray, box) -> np.ndarray:
     mean = uniform_filter(centred, size=box)
     mean_sq = uniform_filter(np.square(centred, out=centred), size=box)
     variance = np.clip(mean_sq - np.square(mean, out=mean), 0.0, None, out=mean_sq)
-    return np.sqrt(variance * np.float32(n / (n - 1.0)), out=variance)
+    return np.sqrt(variance * np.float32(n / (n - 2.0)), out=variance)
 
 
 def _histogram_mode(values: np.ndarray) -> float:
