@@ -35,7 +35,7 @@ from .config import ModelConfig
 from .dataset import case_spacings, split_cases, training_anatomy
 from .errors import CheckpointError, InputError
 from .io import read_mask, read_volume
-from .network import MedDiffNet, check_loaded, unet_kwargs
+from .network import MedDiffNet, check_loaded, uncompiled, unet_kwargs, use_onednn_on_cpu
 from .orientation import AxisOrder
 from .position import global_coords
 from .preprocess import guess_region, resample, window_to_unit
@@ -67,9 +67,9 @@ class ControlledNet(nn.Module):
         self.base = base
         # A single embedding level keeps the control volume at the patch resolution (MONAI's default
         # embedding assumes a condition 8x larger than a latent image).
-        self.controlnet = ControlNet(conditioning_embedding_in_channels=1,
-                                     conditioning_embedding_num_channels=(self.cfg.channels[0],),
-                                     **unet_kwargs(self.cfg))
+        self.controlnet = use_onednn_on_cpu(ControlNet(conditioning_embedding_in_channels=1,
+                                                       conditioning_embedding_num_channels=(self.cfg.channels[0],),
+                                                       **unet_kwargs(self.cfg)))
         monai_log = logging.getLogger("monai.networks.utils")
         level = monai_log.level
         monai_log.setLevel(logging.WARNING)  # its "'dst' model updated: 85 of 103 variables" tells a user nothing
@@ -115,10 +115,15 @@ class ControlledCondition(VolumeCondition):
         return out
 
 
+def is_controlnet(model: nn.Module) -> bool:
+    """Whether `model` is a `ControlledNet`, compiled (torch.compile) or not."""
+    return isinstance(uncompiled(model), ControlledNet)
+
+
 def check_task(model: nn.Module, task: str) -> None:
     """Refuse a model that is not a ControlNet fine-tuned for `task`."""
     check_loaded(model)
-    found = getattr(model, "task", None) if isinstance(model, ControlledNet) else None
+    found = getattr(model, "task", None) if is_controlnet(model) else None
     if found != task:
         what = f"a {found} ControlNet" if found else "not a ControlNet fine-tuned model"
         raise InputError(f"this task needs a model fine-tuned for {task} (`finetune --task {task}`); the "
@@ -340,7 +345,7 @@ def finetune(base: str, task: str, data, out_dir, settings, val_data=None, resum
     if task not in TASKS:
         raise InputError(f"unknown fine-tuning task {task!r}; choose one of {', '.join(TASKS)}")
     base_model, cfg, _ = load_model(base)
-    if isinstance(base_model, ControlledNet):
+    if is_controlnet(base_model):
         raise InputError(f"{base} is already a ControlNet model; fine-tune on a base model")
     record = base_record(base)
     if Path(str(base)).name.startswith("ema") and (Path(str(base)).parent / "last.json").exists():

@@ -29,6 +29,43 @@ def unet_kwargs(cfg: ModelConfig) -> dict:
     )
 
 
+class OneDNNConv3d(nn.Conv3d):
+    """An nn.Conv3d (same weights) that takes oneDNN's kernel in CPU float32 inference whatever the input's size.
+
+    Why: PyTorch picks its plain im2col kernel for small inputs (batch x channels x depth x height <= 20480, e.g. one
+    32^3 window of 16 channels), 2-4x slower per window than oneDNN's. The sampler sends a lone window at every step
+    when the window count leaves one over a full batch (the lung nodule's 9 windows in batches of 4), and a box of
+    one window (a small lesion) is nothing else (benchmarks/README.md, session 23). Results agree to float rounding.
+    Training (gradients on), GPUs, other dtypes and torch.compile keep PyTorch's choice; the CPU never autocasts
+    here (`tasks.common.autocast_dtype`)."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if (input.device.type == "cpu" and input.dtype == torch.float32 and not torch.is_grad_enabled()
+                and not _compiling()):
+            return torch.mkldnn_convolution(input, weight, bias, self.padding, self.stride, self.dilation, self.groups)
+        return super()._conv_forward(input, weight, bias)
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling and is_compiling())
+
+
+def use_onednn_on_cpu(module: nn.Module) -> nn.Module:
+    """Turn every zero-padded nn.Conv3d of `module` into a `OneDNNConv3d` (in place; parameters untouched), where
+    this PyTorch has oneDNN."""
+    if torch.backends.mkldnn.is_available():
+        for layer in module.modules():
+            if type(layer) is nn.Conv3d and layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+                layer.__class__ = OneDNNConv3d
+    return module
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The network itself: torch.compile wraps it in a module of another class, which forwards its attributes."""
+    return getattr(model, "_orig_mod", model)
+
+
 class MedDiffNet(nn.Module):
     """eps = net(x_t, t, cond, region): input is [x_t, cond] concatenated on channels."""
 
@@ -37,7 +74,7 @@ class MedDiffNet(nn.Module):
         from monai.networks.nets import DiffusionModelUNet  # heavy import, only when a model is built
 
         self.cfg = cfg
-        self.unet = DiffusionModelUNet(out_channels=1, **unet_kwargs(cfg))
+        self.unet = use_onednn_on_cpu(DiffusionModelUNet(out_channels=1, **unet_kwargs(cfg)))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, region: torch.Tensor,
                 down_residuals: Optional[Sequence[torch.Tensor]] = None,

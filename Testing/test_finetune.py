@@ -16,10 +16,11 @@ from MedDiffFMLib.checkpoints import load_model, save_model
 from MedDiffFMLib.config import preset
 from MedDiffFMLib.errors import CheckpointError, InputError
 from MedDiffFMLib.finetune import (ControlledCondition, ControlledNet, LesionPatches, SuperResolutionPairs, base_record,
-                                   finetune)
+                                   check_task, finetune, is_controlnet)
 from MedDiffFMLib.io import write_volume
-from MedDiffFMLib.network import MedDiffNet
+from MedDiffFMLib.network import MedDiffNet, OneDNNConv3d
 from MedDiffFMLib.preprocess import window_to_unit
+from MedDiffFMLib.tasks.lesion import prepare_box
 from MedDiffFMLib.tasks.super_resolution import degrade
 from MedDiffFMLib.training import TrainSettings, train
 
@@ -94,6 +95,47 @@ def test_output_at_initialisation_equals_the_base_exactly(base, chest_nodule_cro
         got = net(x_t, t, cond, region)
     assert torch.equal(got, expected)
     assert expected.abs().mean() > 0
+
+
+def test_cpu_inference_takes_onednn_convolutions_with_the_same_results(base, chest_nodule_crop, monkeypatch):
+    """Every 3D convolution of the base and of the ControlNet runs oneDNN's kernel in CPU inference (PyTorch's own
+    choice for one small window is 2-4x slower), gives what nn.Conv3d gives, and leaves training as it was."""
+    net = ControlledNet(base, "lesion").eval()
+    convolutions = [layer for layer in net.modules() if isinstance(layer, torch.nn.Conv3d)]
+    assert convolutions and all(type(layer) is OneDNNConv3d for layer in convolutions)
+    calls = []
+    onednn = torch.mkldnn_convolution
+    monkeypatch.setattr(torch, "mkldnn_convolution", lambda *args: calls.append(1) or onednn(*args))
+    x_t, t, cond, region = (part[:1] for part in real_batch(base, chest_nodule_crop))  # one window
+    with torch.no_grad():
+        fast = net(x_t, t, cond, region)
+    assert len(calls) == len(convolutions)
+    for layer in convolutions:
+        layer.__class__ = torch.nn.Conv3d
+    try:
+        with torch.no_grad():
+            plain = net(x_t, t, cond, region)
+    finally:
+        for layer in convolutions:
+            layer.__class__ = OneDNNConv3d
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-4)
+    assert plain.abs().mean() > 1e-3
+    calls.clear()
+    net(x_t, t, cond, region).abs().mean().backward()  # training: PyTorch's own kernels, with gradients
+    assert not calls and any(p.grad is not None for p in net.controlnet.parameters())
+
+
+def test_a_compiled_controlnet_is_known_as_one(base, chest_nodule_crop):
+    """torch.compile wraps a network in a module of another class: `--compile` refused every ControlNet task, and
+    inpainting built the base model's condition (one channel short) for the lesion ControlNet."""
+    compiled = torch.compile(ControlledNet(base, "lesion").eval(), dynamic=False)  # compiles at its first call only
+    assert is_controlnet(compiled) and not is_controlnet(torch.compile(base))
+    check_task(compiled, "lesion")
+    with pytest.raises(InputError, match="the given model is a lesion ControlNet"):
+        check_task(compiled, "super-resolution")
+    image, mask = chest_nodule_crop
+    job = prepare_box(image, mask, compiled, "chest", 0.0, "cpu", 0.5, None, "fp32")
+    assert isinstance(job.sampler.cond, ControlledCondition)
 
 
 def test_condition_without_control_channel_is_refused(base, chest_nodule_crop):

@@ -11,7 +11,10 @@ training one. `--window-size W` times windows of W^3 voxels instead of the prese
 sampling option of that name); the Mvoxel/s column compares window sizes. `--windows N` prints the seconds
 a step of N windows would take at each measured rate (default 3170: CRLM-CT-1004 padded to 512 x 512 x 300,
 overlap 0.25, abdomen window, 32^3 windows; give the count for other windows, e.g. 872 for 48^3 at 0.1667). Options:
-  eager           the network as the product runs it (cuDNN picks its algorithms by heuristics)
+  eager           the network as the product runs it (cuDNN picks its algorithms by heuristics; on the CPU every
+                  3D convolution takes oneDNN's kernel, `network.OneDNNConv3d`)
+  torch-conv      the CPU's 3D convolutions on PyTorch's own choice of kernel (plain nn.Conv3d), which for a
+                  small batch (one window) is not oneDNN's: compare with eager at --batch 1
   cudnn           torch.backends.cudnn.benchmark: cuDNN times its algorithms on the first call
   channels_last   weights and inputs NDHWC
   compile         torch.compile(dynamic=False), default mode
@@ -35,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from MedDiffFMLib.conditioning import condition_channels  # noqa: E402
 from MedDiffFMLib.config import preset  # noqa: E402
-from MedDiffFMLib.network import MedDiffNet, parameter_count  # noqa: E402
+from MedDiffFMLib.network import MedDiffNet, OneDNNConv3d, parameter_count  # noqa: E402
 
-KNOWN = {"eager", "cudnn", "channels_last", "compile", "max-autotune", "cudagraphs"}
+KNOWN = {"eager", "torch-conv", "cudnn", "channels_last", "compile", "max-autotune", "cudagraphs"}
 
 
 def variant(name: str, channels: str, window: int = 0):
@@ -72,7 +75,8 @@ def flops_per_window(cfg) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     model = MedDiffNet(cfg).eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    # Gradients on: the counter does not know oneDNN's convolution, which CPU inference takes (OneDNNConv3d).
+    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
         model(*inputs(cfg, 1, torch.device("cpu"), False))
     return counter.get_total_flops()
 
@@ -83,6 +87,10 @@ def windows_per_second(cfg, option: str, device: torch.device, batch: int, iters
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = MedDiffNet(cfg).to(device).eval()
+    if "torch-conv" in parts:
+        for layer in model.modules():
+            if isinstance(layer, OneDNNConv3d):
+                layer.__class__ = torch.nn.Conv3d
     channels_last = "channels_last" in parts
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)

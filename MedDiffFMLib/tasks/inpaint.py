@@ -17,7 +17,7 @@ import torch
 
 from ..diffusion import Schedule, q_sample, reverse_step
 from ..errors import InputError
-from ..finetune import ControlledNet
+from ..finetune import is_controlnet
 from ..io import Volume
 from ..network import check_loaded
 from ..orientation import in_patient_axes
@@ -77,7 +77,7 @@ def inpaint(volume: Volume, mask: Volume, model: torch.nn.Module, nfe: int = 100
     nfe = check_count(nfe, "the number of network evaluations (nfe)")
     jump_length, resample = check_count(jump_length, "jump_length"), check_count(resample, "resample")
     check_loaded(model)
-    if isinstance(model, ControlledNet) and model.task != "lesion":
+    if is_controlnet(model) and model.task != "lesion":
         raise InputError(f"inpainting runs a base model (normal tissue fills the mask, e.g. `default`) or a lesion "
                          f"ControlNet (a lesion grows there); the given model is a {model.task} ControlNet")
     job = prepare_box(volume, mask, model, region, margin_mm, device, overlap, window_batch, precision,

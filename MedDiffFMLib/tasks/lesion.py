@@ -21,7 +21,7 @@ from ..anatomy import THRESHOLD_CLASSES
 from ..conditioning import VolumeCondition, anatomy_spec
 from ..config import ModelConfig
 from ..errors import InputError
-from ..finetune import ControlledCondition, ControlledNet, check_task
+from ..finetune import ControlledCondition, check_task, is_controlnet
 from ..io import Volume
 from ..orientation import in_patient_axes
 from ..preprocess import unit_to_hu, window_to_unit
@@ -120,7 +120,7 @@ def prepare_box(volume: Volume, mask: Volume, model: torch.nn.Module, region: Op
                          "or use synthesize for a wholly new image")
     anatomy = anatomy_for(volume, cfg)[box]
     place = dict(offset_zyx=[s.start for s in box], full_shape_zyx=volume.shape)
-    if isinstance(model, ControlledNet):
+    if is_controlnet(model):
         anatomy = lesion_anatomy(anatomy, inside, cfg)
         cond = ControlledCondition(cfg, inside.astype(np.float32), volume.spacing_zyx, region, anatomy, **place)
     else:
