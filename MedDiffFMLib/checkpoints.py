@@ -13,6 +13,7 @@ as `<name>.safetensors` in the user cache folder ($MEDDIFFFM_HOME or ~/.cache/me
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -180,17 +181,21 @@ def load_model_tensors(weights: Path, info: dict) -> Dict[str, torch.Tensor]:
 
 
 def _load_verified(weights: Path, expected_sha: str) -> Dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    """The tensors of `weights` once its SHA-256 is the recorded one. The file is read once, and the bytes hashed are
+    the bytes parsed: no mapping of the file stays open (Windows can neither delete nor replace a mapped file, e.g. the
+    training state a resumed run rotates out two checkpoints later), and it cannot change between check and load."""
+    from safetensors.torch import load
 
     if not weights.exists():
         raise CheckpointError(f"model weights {weights} not found")
-    actual = sha256_file(weights)
+    data = weights.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
     if actual != expected_sha:
         raise CheckpointError(
             f"{weights.name} is damaged or was replaced: its SHA-256 {actual[:12]}... does not match the "
             f"recorded {str(expected_sha)[:12]}...; re-download or re-export the model")
     try:
-        return load_file(str(weights))
+        return load(data)
     except Exception as exc:  # safetensors raises its own error types for truncated/garbage headers
         raise CheckpointError(f"{weights.name} is not a readable safetensors file ({exc}); the file is "
                               "truncated or corrupt (MedDiffFM never loads pickled .pt/.pth weights)") from None

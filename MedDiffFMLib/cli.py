@@ -126,6 +126,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if bad:
         print(f"error: {bad} must be a finite number (not NaN or infinite)", file=sys.stderr)
         return 2
+    # A path or name the console's code page cannot show (Windows: cp1252 when redirected) must not end a finished job.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     level = logging.DEBUG if args.verbose else logging.INFO
     if _process_rank() > 0:  # under torchrun every process runs the command: only the first one reports progress
         level = logging.ERROR

@@ -486,6 +486,6 @@ def markdown_table(rows: Sequence[Dict[str, object]], columns: Sequence[str]) ->
 
 def write_text(text: str, path: Path) -> Path:
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(text)
+        Path(tmp).write_text(text, encoding="utf-8")
     return Path(path)
 

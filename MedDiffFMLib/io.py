@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
+#: Seconds os.replace is retried on Windows, where a file another program holds open (a CSV in a spreadsheet, weights
+#: being hashed) cannot be replaced for a moment (PermissionError); elsewhere that error is final at once.
+REPLACE_RETRY_S = 2.0 if os.name == "nt" else 0.0
+
 #: File name endings SimpleITK reads as a single volume.
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -351,10 +355,22 @@ def atomic_path(final: PathLike) -> Iterator[Path]:
     tmp = final.parent / f".tmp-{uuid.uuid4().hex[:8]}-{stem}{suffix.lower()}"
     try:
         yield tmp
-        os.replace(tmp, final)
+        _replace(tmp, final)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _replace(source: Path, target: Path) -> None:
+    deadline = time.monotonic() + REPLACE_RETRY_S
+    while True:
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
 
 
 def sha256_file(path: PathLike) -> str:
@@ -864,7 +880,7 @@ def _first_line(exc: Exception) -> str:
 
 def write_csv(rows: Sequence[Dict[str, object]], columns: Sequence[str], path: PathLike) -> Path:
     """`rows` as a CSV table of `columns` (keys of a row outside them are left out), written atomically."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

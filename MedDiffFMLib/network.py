@@ -61,6 +61,21 @@ def use_onednn_on_cpu(module: nn.Module) -> nn.Module:
     return module
 
 
+def check_compiler(device: torch.device) -> None:
+    """Refuse torch.compile before any work when its code generator is missing: it would fail at the first
+    network call, after the set-up, with a compiler traceback."""
+    import importlib.util
+    import shutil
+
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            raise InputError("--compile on a GPU needs Triton (pip install triton; it comes with PyTorch's Linux "
+                             "CUDA wheels); run without --compile")
+    elif not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++", "c++", "cl") if c):
+        raise InputError("--compile on the CPU needs a C++ compiler (g++, clang++ or MSVC's cl), and gains "
+                         "nothing there (benchmarks/README.md); run without --compile")
+
+
 def uncompiled(model: nn.Module) -> nn.Module:
     """The network itself: torch.compile wraps it in a module of another class, which forwards its attributes."""
     return getattr(model, "_orig_mod", model)

@@ -32,7 +32,7 @@ from .checkpoints import (check_architecture, load_model, load_training_state, m
 from .config import PRECISIONS, ModelConfig
 from .diffusion import Schedule, q_sample, training_timesteps
 from .errors import CheckpointError, InputError, TrainingDiverged
-from .network import MedDiffNet, controlnet_task, parameter_count
+from .network import MedDiffNet, check_compiler, controlnet_task, parameter_count
 from .noise_texture import training_noise
 from .torchrun_env import torchrun_place
 
@@ -130,7 +130,8 @@ def setup_distributed() -> Rank:
         return Rank()
     owns = not dist.is_initialized()
     if owns:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # Windows builds of PyTorch have no NCCL: GPUs there share gradients through gloo.
+        backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
@@ -257,6 +258,8 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
     check_new_run(out_dir, resume)
     rank = setup_distributed()
     device = _device(rank)
+    if settings.compile:
+        check_compiler(device)
     torch.manual_seed(settings.seed)  # identical initial weights on every rank and every run
     model = build_model(cfg).to(device)
     if init_from:
@@ -668,17 +671,21 @@ class _LossLog:
     def flush(self, plot: bool) -> None:
         from .io import write_csv
 
-        for rows, path in ((self.rows, self.loss_path), (self.val_rows, self.val_path)):
-            if rows:
-                write_csv(rows, list(rows[-1]), path)
-        if plot and self.rows:
-            _plot(self.loss_path.parent / "loss_curve.png", self.rows, self.val_rows)
+        try:
+            for rows, path in ((self.rows, self.loss_path), (self.val_rows, self.val_path)):
+                if rows:
+                    write_csv(rows, list(rows[-1]), path)
+            if plot and self.rows:
+                _plot(self.loss_path.parent / "loss_curve.png", self.rows, self.val_rows)
+        except PermissionError as exc:  # Windows: the file is open in another program (a CSV in a spreadsheet)
+            log.warning("could not update %s (open in another program?); training goes on, and the next update "
+                        "writes it", exc.filename2 or exc.filename)
 
 
 def _read_csv(path: Path) -> List[dict]:
     if not path.exists():
         return []
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
 
 

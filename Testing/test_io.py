@@ -429,6 +429,53 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_file_held_open_elsewhere_is_replaced_once_released(tmp_path, monkeypatch, caplog):
+    """Windows refuses to replace a file another program holds open (a CSV in a spreadsheet) for as long as it does:
+    the rename is retried (there), and a training run's loss log that cannot be updated says so and goes on."""
+    from MedDiffFMLib import io as io_module
+    from MedDiffFMLib.training import _LossLog
+
+    refusals = []
+    replace = os.replace
+
+    def held_twice(source, target):
+        if len(refusals) < 2:
+            refusals.append(target)
+            raise PermissionError(13, "The process cannot access the file", str(source), None, str(target))
+        replace(source, target)
+
+    monkeypatch.setattr(io_module.os, "replace", held_twice)
+    monkeypatch.setattr(io_module, "REPLACE_RETRY_S", 5.0)
+    with atomic_path(tmp_path / "loss.csv") as tmp:
+        tmp.write_text("step\n")
+    assert len(refusals) == 2 and (tmp_path / "loss.csv").read_text() == "step\n"
+    monkeypatch.setattr(io_module, "REPLACE_RETRY_S", 0.0)  # held for longer than any retry
+    refusals[:] = [None]  # one refusal more
+    log = _LossLog(tmp_path, 0)
+    log.add(1, 0.5, 1.0)
+    log.flush(plot=False)
+    assert "could not update" in caplog.text and str(tmp_path / "loss.csv") in caplog.text
+    log.flush(plot=False)  # released: the next update writes it
+    assert (tmp_path / "loss.csv").read_text(encoding="utf-8").splitlines()[1].startswith("1,0.5")
+
+
+def test_text_files_are_written_and_read_as_utf8_whatever_the_locale(tmp_path):
+    """Windows' default text encoding is the ANSI code page (cp1252), which cannot hold every case name."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from MedDiffFMLib.io import write_csv; "
+            "from MedDiffFMLib.evaluate import write_text; from MedDiffFMLib.training import _read_csv; "
+            "out = Path(sys.argv[1]); write_csv([{'case': '\u0141\u00f3d\u017a_01'}], ['case'], out / 'r.csv'); "
+            "write_text('\u60a3\u8005', out / 'r.md'); print(_read_csv(out / 'r.csv')[0]['case'])")
+    done = subprocess.run([sys.executable, "-X", "warn_default_encoding", "-W", "error::EncodingWarning", "-c", code,
+                           str(tmp_path)], capture_output=True, text=True, encoding="utf-8",
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "\u0141\u00f3d\u017a_01"
+    assert (tmp_path / "r.md").read_text(encoding="utf-8") == "\u60a3\u8005"
+
+
 def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
     """SIGKILL skips every clean-up: the next write of the same file removes what such a writer left, and only that."""
     vol = read_volume(ABDOMEN_SMALL_NII)

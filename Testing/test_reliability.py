@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -128,6 +129,18 @@ def mask_on_grid_of(image_path, nodule: Volume, folder):
         return None
     mask = Volume(nodule.array, image.GetSpacing(), image.GetOrigin(), image.GetDirection())
     return write_volume(mask, folder / f"mask_for_{image_path.name}", overwrite=True)
+
+
+def test_a_path_the_console_cannot_show_does_not_end_the_command(tmp_path):
+    """Windows writes a redirected stdout in its ANSI code page: a file name outside it ended `info` (and `models`,
+    `preprocess`) with a UnicodeEncodeError after the work was done."""
+    folder = tmp_path / "\u0141\u00f3d\u017a"
+    folder.mkdir()
+    shutil.copy(REPO / "Resources" / "SampleData" / "chest_ct_crop_lowdose.nii.gz", folder / "ct.nii.gz")
+    done = subprocess.run([sys.executable, "-m", "MedDiffFMLib", "info", str(folder / "ct.nii.gz")], cwd=REPO,
+                          capture_output=True, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert b"\\u0141\\xf3d\\u017a" in done.stdout
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -27,7 +27,7 @@ from MedDiffFMLib.errors import CheckpointError, InputError, TrainingDiverged
 from MedDiffFMLib.io import read_mask, read_volume
 from MedDiffFMLib.network import MedDiffNet
 from MedDiffFMLib.preprocess import resample
-from MedDiffFMLib.training import (EMA, Rank, TrainSettings, _batches, train, validation_batch,
+from MedDiffFMLib.training import (EMA, Rank, TrainSettings, _batches, setup_distributed, train, validation_batch,
                                    validation_losses)
 
 CASES = [CTCase(str(ABDOMEN_SMALL_NII), region="abdomen"), CTCase(str(LIMB_NII), region="other")]
@@ -148,6 +148,30 @@ def test_resume_repairs_an_export_left_half_replaced(cfg, data, tmp_path):
     for name in ("ema", "ema-best"):
         _, _, info = load_model(tmp_path / name)
         assert info["steps"] == 2 and info["validation_loss"] == losses and info["settings"]["lr"] == 1e-4
+
+
+@pytest.mark.parametrize("nccl", [True, False])
+def test_gpus_share_gradients_through_gloo_where_pytorch_has_no_nccl(monkeypatch, nccl):
+    """Windows builds of PyTorch have no NCCL: asking for it there failed the run at its start."""
+    joined = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: nccl)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kwargs: joined.append(backend))
+    assert setup_distributed().world == 2 and joined == ["nccl" if nccl else "gloo"]
+
+
+def test_compiling_without_a_compiler_is_refused_before_training(cfg, data, tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil_module, "which", lambda name: None)
+    with pytest.raises(InputError, match="--compile on the CPU needs a C\\+\\+ compiler"):
+        train(cfg, data, tmp_path, TrainSettings(steps=2, batch_size=1, compile=True))
+    assert not (tmp_path / "loss.csv").exists()
 
 
 def test_a_diverging_run_stops_with_its_last_finite_checkpoint(cfg, data, tmp_path):

@@ -128,7 +128,7 @@ def _model_config(args: argparse.Namespace):
 
     if args.config:
         try:
-            return ModelConfig.from_dict(json.loads(args.config.read_text()))
+            return ModelConfig.from_dict(json.loads(args.config.read_text(encoding="utf-8-sig")))
         except OSError as exc:
             raise InputError(f"cannot read --config {args.config} ({exc.strerror or exc})") from None
         except (ValueError, TypeError, KeyError, AttributeError) as exc:

@@ -19,7 +19,7 @@ from ..conditioning import VolumeCondition, condition_channels
 from ..diffusion import Schedule, timesteps
 from ..errors import InputError, ResourceError
 from ..io import Volume
-from ..network import check_loaded, controlnet_task
+from ..network import check_compiler, check_loaded, controlnet_task
 from ..sampling import SlidingWindowSampler, window_count, window_stride
 from ..smoothing import gaussian_filter
 from ..validation import MAX_SEED
@@ -103,22 +103,6 @@ def load_task_model(name_or_path: str, device: torch.device, compile: bool = Fal
         log.info("the network is compiled at its first call (torch.compile)")
         model = torch.compile(model, dynamic=False)
     return model
-
-
-def check_compiler(device: torch.device) -> None:
-    """Refuse torch.compile before any work when its code generator is missing: it would fail at the first
-    network call, after the set-up, with a compiler traceback."""
-    import importlib.util
-    import os
-    import shutil
-
-    if device.type == "cuda":
-        if importlib.util.find_spec("triton") is None:
-            raise InputError("--compile on a GPU needs Triton (pip install triton; it comes with PyTorch's Linux "
-                             "CUDA wheels); run without --compile")
-    elif not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++", "c++", "cl") if c):
-        raise InputError("--compile on the CPU needs a C++ compiler (g++, clang++ or MSVC's cl), and gains "
-                         "nothing there (benchmarks/README.md); run without --compile")
 
 
 def is_compiled(model: torch.nn.Module) -> bool:
