@@ -154,17 +154,14 @@ def controlnet_task_in(info: dict) -> Optional[str]:
 def load_model_tensors(weights: Path, info: dict) -> Dict[str, torch.Tensor]:
     """The tensors of a model file, once they are the ones its description records (size, SHA-256), its
     description's config is the one the weights file carries, and every weight is finite."""
-    from safetensors import safe_open
-
     size = info.get("size")
     if isinstance(size, int) and weights.exists() and weights.stat().st_size != size:
         raise CheckpointError(f"{weights.name} holds {weights.stat().st_size} bytes where its description records "
                               f"{size}: the file is truncated or was replaced; re-download or re-export the model")
-    tensors = _load_verified(weights, info["sha256"])
+    tensors, metadata = _load_verified(weights, info["sha256"])
     # The hash covers the weights file, which carries its own copy of the config; the description's copy is what
     # loading uses, so the two must agree.
-    with safe_open(str(weights), "pt") as handle:
-        stored = (handle.metadata() or {}).get("config")
+    stored = metadata.get("config")
     try:
         differs = stored is not None and json.loads(stored) != info["config"]
     except ValueError:
@@ -180,10 +177,11 @@ def load_model_tensors(weights: Path, info: dict) -> Dict[str, torch.Tensor]:
     return tensors
 
 
-def _load_verified(weights: Path, expected_sha: str) -> Dict[str, torch.Tensor]:
-    """The tensors of `weights` once its SHA-256 is the recorded one. The file is read once, and the bytes hashed are
-    the bytes parsed: no mapping of the file stays open (Windows can neither delete nor replace a mapped file, e.g. the
-    training state a resumed run rotates out two checkpoints later), and it cannot change between check and load."""
+def _load_verified(weights: Path, expected_sha: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """The tensors and metadata of `weights` once its SHA-256 is the recorded one. The file is read once, and the bytes
+    hashed are the bytes parsed: no mapping of the file stays open (Windows can neither delete nor replace a mapped
+    file, e.g. the training state a resumed run rotates out two checkpoints later), and it cannot change between
+    check and load."""
     from safetensors.torch import load
 
     if not weights.exists():
@@ -195,7 +193,8 @@ def _load_verified(weights: Path, expected_sha: str) -> Dict[str, torch.Tensor]:
             f"{weights.name} is damaged or was replaced: its SHA-256 {actual[:12]}... does not match the "
             f"recorded {str(expected_sha)[:12]}...; re-download or re-export the model")
     try:
-        return load(data)
+        # The format: an 8-byte little-endian header length, then the JSON header, which holds the metadata.
+        return load(data), json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
     except Exception as exc:  # safetensors raises its own error types for truncated/garbage headers
         raise CheckpointError(f"{weights.name} is not a readable safetensors file ({exc}); the file is "
                               "truncated or corrupt (MedDiffFM never loads pickled .pt/.pth weights)") from None
@@ -389,7 +388,7 @@ def load_training_state(out_dir: PathLike) -> Optional[Tuple[Dict[str, torch.Ten
     for stem in kept:
         try:
             record = json.loads((out_dir / f"{stem}.json").read_text())
-            tensors = _load_verified(out_dir / f"{stem}.safetensors", record["sha256"])
+            tensors, _ = _load_verified(out_dir / f"{stem}.safetensors", record["sha256"])
         except (OSError, ValueError, KeyError, TypeError, CheckpointError) as exc:
             problems.append(f"{stem}: {exc}")
             unreadable.append(stem)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional, Sequence
 
 import torch
@@ -41,13 +42,15 @@ class OneDNNConv3d(nn.Conv3d):
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         if (input.device.type == "cpu" and input.dtype == torch.float32 and not torch.is_grad_enabled()
-                and not _compiling()):
+                and torch.backends.mkldnn.enabled and not _compiling()):
             return torch.mkldnn_convolution(input, weight, bias, self.padding, self.stride, self.dilation, self.groups)
         return super()._conv_forward(input, weight, bias)
 
 
 def _compiling() -> bool:
     is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # torch >= 2.3
+    if is_compiling is None:  # earlier: dynamo's own, loaded once anything was compiled
+        is_compiling = getattr(sys.modules.get("torch._dynamo"), "is_compiling", None)
     return bool(is_compiling and is_compiling())
 
 

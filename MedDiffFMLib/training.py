@@ -16,6 +16,7 @@ import csv
 import functools
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -109,6 +110,8 @@ class TrainSettings:
             problems.append(f"the precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if problems:
             raise InputError("bad training settings: " + "; ".join(problems))
+        if self.compile:  # on the device `train` will take (the process's GPU, else the CPU)
+            check_compiler(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 @dataclass
@@ -258,8 +261,6 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
     check_new_run(out_dir, resume)
     rank = setup_distributed()
     device = _device(rank)
-    if settings.compile:
-        check_compiler(device)
     torch.manual_seed(settings.seed)  # identical initial weights on every rank and every run
     model = build_model(cfg).to(device)
     if init_from:
@@ -643,11 +644,16 @@ def _device_name(device: torch.device) -> str:
 
 
 # -- loss log ----------------------------------------------------------------------------------------
+#: Windows refuses to replace a file another program holds open: the loss log then waits for a later update. Elsewhere
+#: a refusal is a real permission problem, and stops the run.
+FILES_HELD_BY_OTHER_PROGRAMS = os.name == "nt"
+
 class _LossLog:
     """loss.csv (every step), validation.csv and loss_curve.png in the run folder (rank 0 only)."""
 
     def __init__(self, out_dir: Path, start: int):
         self.loss_path, self.val_path = out_dir / "loss.csv", out_dir / "validation.csv"
+        self.held = set()  # files another program held open at the last update (warned about once)
         # On resume, drop rows past the restored step (written after the last checkpoint).
         self.rows = [r for r in _read_csv(self.loss_path) if int(r["step"]) <= start]
         self.val_rows = [r for r in _read_csv(self.val_path) if int(r["step"]) <= start]
@@ -671,15 +677,25 @@ class _LossLog:
     def flush(self, plot: bool) -> None:
         from .io import write_csv
 
+        for rows, path in ((self.rows, self.loss_path), (self.val_rows, self.val_path)):
+            if rows:
+                self._update(path, lambda rows=rows, path=path: write_csv(rows, list(rows[-1]), path))
+        if plot and self.rows:
+            path = self.loss_path.parent / "loss_curve.png"
+            self._update(path, lambda: _plot(path, self.rows, self.val_rows))
+
+    def _update(self, path: Path, write: Callable[[], object]) -> None:
         try:
-            for rows, path in ((self.rows, self.loss_path), (self.val_rows, self.val_path)):
-                if rows:
-                    write_csv(rows, list(rows[-1]), path)
-            if plot and self.rows:
-                _plot(self.loss_path.parent / "loss_curve.png", self.rows, self.val_rows)
-        except PermissionError as exc:  # Windows: the file is open in another program (a CSV in a spreadsheet)
-            log.warning("could not update %s (open in another program?); training goes on, and the next update "
-                        "writes it", exc.filename2 or exc.filename)
+            write()
+        except PermissionError:
+            if not FILES_HELD_BY_OTHER_PROGRAMS:
+                raise
+            if path not in self.held:  # e.g. a CSV open in a spreadsheet
+                log.warning("could not update %s: another program holds it open; training goes on, and a later "
+                            "update writes it", path)
+            self.held.add(path)
+        else:
+            self.held.discard(path)
 
 
 def _read_csv(path: Path) -> List[dict]:

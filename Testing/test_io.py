@@ -431,32 +431,47 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
 
 def test_a_file_held_open_elsewhere_is_replaced_once_released(tmp_path, monkeypatch, caplog):
     """Windows refuses to replace a file another program holds open (a CSV in a spreadsheet) for as long as it does:
-    the rename is retried (there), and a training run's loss log that cannot be updated says so and goes on."""
-    from MedDiffFMLib import io as io_module
+    the rename is retried (there), and a training run's loss log that cannot be updated says so once and goes on."""
+    from MedDiffFMLib import io as io_module, training
     from MedDiffFMLib.training import _LossLog
 
-    refusals = []
+    held = {}  # file name -> refusals left
     replace = os.replace
 
-    def held_twice(source, target):
-        if len(refusals) < 2:
-            refusals.append(target)
+    def refuse_while_held(source, target):
+        name = os.path.basename(target)
+        if held.get(name, 0) > 0:
+            held[name] -= 1
             raise PermissionError(13, "The process cannot access the file", str(source), None, str(target))
         replace(source, target)
 
-    monkeypatch.setattr(io_module.os, "replace", held_twice)
+    monkeypatch.setattr(io_module.os, "replace", refuse_while_held)
     monkeypatch.setattr(io_module, "REPLACE_RETRY_S", 5.0)
-    with atomic_path(tmp_path / "loss.csv") as tmp:
+    held["result.csv"] = 2
+    with atomic_path(tmp_path / "result.csv") as tmp:
         tmp.write_text("step\n")
-    assert len(refusals) == 2 and (tmp_path / "loss.csv").read_text() == "step\n"
+    assert held["result.csv"] == 0 and (tmp_path / "result.csv").read_text() == "step\n"
+
     monkeypatch.setattr(io_module, "REPLACE_RETRY_S", 0.0)  # held for longer than any retry
-    refusals[:] = [None]  # one refusal more
+    monkeypatch.setattr(training, "FILES_HELD_BY_OTHER_PROGRAMS", True)
     log = _LossLog(tmp_path, 0)
     log.add(1, 0.5, 1.0)
+    log.add_validation(1, {"t0-100": 0.25})
+    held["loss.csv"] = 2
     log.flush(plot=False)
-    assert "could not update" in caplog.text and str(tmp_path / "loss.csv") in caplog.text
+    log.flush(plot=False)
+    assert caplog.text.count("could not update") == 1 and str(tmp_path / "loss.csv") in caplog.text
+    assert (tmp_path / "validation.csv").exists()  # the other files are written all the same
     log.flush(plot=False)  # released: the next update writes it
     assert (tmp_path / "loss.csv").read_text(encoding="utf-8").splitlines()[1].startswith("1,0.5")
+    held["loss.csv"] = 1  # held again later: said again
+    log.flush(plot=False)
+    assert caplog.text.count("could not update") == 2
+    # Elsewhere the refusal is a real permission problem: it stops the run.
+    monkeypatch.setattr(training, "FILES_HELD_BY_OTHER_PROGRAMS", False)
+    held["loss.csv"] = 1
+    with pytest.raises(PermissionError):
+        log.flush(plot=False)
 
 
 def test_text_files_are_written_and_read_as_utf8_whatever_the_locale(tmp_path):

@@ -171,7 +171,12 @@ def test_compiling_without_a_compiler_is_refused_before_training(cfg, data, tmp_
     monkeypatch.setattr(shutil_module, "which", lambda name: None)
     with pytest.raises(InputError, match="--compile on the CPU needs a C\\+\\+ compiler"):
         train(cfg, data, tmp_path, TrainSettings(steps=2, batch_size=1, compile=True))
-    assert not (tmp_path / "loss.csv").exists()
+    # The command refuses it before preparing the data (its cache entries).
+    ct = tmp_path / "ct.nii.gz"
+    shutil.copy(ABDOMEN_SMALL_NII, ct)
+    assert cli_main(["train", "--preset", "tiny", "--data", str(ct), "--out", str(tmp_path / "run"), "--compile",
+                     "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
 def test_a_diverging_run_stops_with_its_last_finite_checkpoint(cfg, data, tmp_path):

@@ -401,9 +401,9 @@ class MedDiffFMTasks:
                 with volumes.allOrNothing():
                     results = importResults(workDir)
                     note = frame.place(results if isinstance(results, tuple) else (results,))
-                    if note:
-                        self.logCallback(note)
-                    return results
+                if note:  # once the results are in: a failing log callback must not take them away
+                    self.logCallback(note)
+                return results
 
             run = TaskRun(command, workDir, importAllOrNothing, env=self._environment(workDir),
                           cwd=library.libraryRoot(), logCallback=self.logCallback,

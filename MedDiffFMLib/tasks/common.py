@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import sys
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -19,7 +18,7 @@ from ..conditioning import VolumeCondition, condition_channels
 from ..diffusion import Schedule, timesteps
 from ..errors import InputError, ResourceError
 from ..io import Volume
-from ..network import check_compiler, check_loaded, controlnet_task
+from ..network import check_compiler, check_loaded, controlnet_task, uncompiled
 from ..sampling import SlidingWindowSampler, window_count, window_stride
 from ..smoothing import gaussian_filter
 from ..validation import MAX_SEED
@@ -106,8 +105,7 @@ def load_task_model(name_or_path: str, device: torch.device, compile: bool = Fal
 
 
 def is_compiled(model: torch.nn.Module) -> bool:
-    dynamo = sys.modules.get("torch._dynamo")  # imported by torch.compile; importing it here would cost seconds
-    return dynamo is not None and isinstance(model, dynamo.eval_frame.OptimizedModule)
+    return uncompiled(model) is not model
 
 
 def check_seed(seed) -> int:
