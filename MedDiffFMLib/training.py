@@ -648,6 +648,7 @@ def _device_name(device: torch.device) -> str:
 #: a refusal is a real permission problem, and stops the run.
 FILES_HELD_BY_OTHER_PROGRAMS = os.name == "nt"
 
+
 class _LossLog:
     """loss.csv (every step), validation.csv and loss_curve.png in the run folder (rank 0 only)."""
 

@@ -164,6 +164,24 @@ def check_mask(mask: "Volume", vol: "Volume", name: str = "mask") -> List[int]:
 NAME_MAX_BYTES = 255
 
 
+#: Windows refuses some characters in a file name, drops a trailing dot or space, and reads the reserved stems as
+#: devices (a ':' even writes into a hidden stream): such an output is refused before the work, not when it is written.
+WINDOWS_FILE_NAMES = os.name == "nt"
+_WINDOWS_RESERVED_CHARACTERS = frozenset('<>:"|?*')
+_WINDOWS_DEVICES = frozenset(["CON", "PRN", "AUX", "NUL"] + [f"{port}{n}" for port in ("COM", "LPT") for n in range(1, 10)])
+
+
+def _windows_name_problem(name: str) -> "str | None":
+    reserved = sorted({c for c in name if c in _WINDOWS_RESERVED_CHARACTERS or ord(c) < 32})
+    if reserved:
+        return f"holds {' '.join(repr(c) for c in reserved)}, which Windows does not allow in a file name"
+    if name != name.rstrip(". "):
+        return "ends in a dot or a space, which Windows drops"
+    if name.split(".")[0].upper() in _WINDOWS_DEVICES:
+        return f"starts with {name.split('.')[0]!r}, a device name on Windows"
+    return None
+
+
 def check_output_path(out: "os.PathLike[str] | str", inputs: Iterable["os.PathLike[str] | str"] = (),
                       overwrite: bool = False, named_after: "os.PathLike[str] | str | None" = None) -> None:
     """Refuse writing onto an input, onto a folder, or onto an existing file unless `overwrite`. `named_after`: the
@@ -175,6 +193,9 @@ def check_output_path(out: "os.PathLike[str] | str", inputs: Iterable["os.PathLi
     if too_long:  # caught here even in a folder still to be made, not when the result is written
         raise InputError(f"{what}: the name {too_long[0][:40]}... is longer than the {NAME_MAX_BYTES} bytes a "
                          "file system allows; choose a shorter " + ("name" if named_after is None else "-o"))
+    problem = _windows_name_problem(out.name) if WINDOWS_FILE_NAMES else None
+    if problem:
+        raise InputError(f"{what}: the name {problem}; {rename}")
     for source in inputs:
         source = Path(source)
         if out.resolve() == source.resolve() or (out.exists() and source.exists() and out.samefile(source)):

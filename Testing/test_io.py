@@ -419,6 +419,21 @@ def test_two_file_formats_are_read_but_not_written(name, tmp_path):
         check_output_suffix("out.png")
 
 
+@pytest.mark.parametrize("name, problem", [("ct:1.nii.gz", "holds ':'"), ("ct?.nii.gz", "holds '?'"),
+                                           ("result.nii.gz.", "ends in a dot"), ("NUL.nii.gz", "a device name"),
+                                           ("com1.nrrd", "a device name")])
+def test_output_names_windows_cannot_hold_are_refused_there_before_the_work(tmp_path, monkeypatch, name, problem):
+    """A ':' writes into a hidden stream of the file, a device name writes nowhere, a trailing dot is dropped."""
+    from MedDiffFMLib import validation
+
+    validation.check_output_path(tmp_path / name)  # elsewhere these are plain file names
+    monkeypatch.setattr(validation, "WINDOWS_FILE_NAMES", True)
+    with pytest.raises(InputError, match=f"output .*{re.escape(name)}: the name .*{problem}.*; choose another output path"):
+        validation.check_output_path(tmp_path / name)
+    validation.check_output_path(tmp_path / "ct_1.nii.gz")
+    validation.check_output_path(tmp_path / "console.nii.gz")  # only the device names themselves
+
+
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     final = tmp_path / "result.nii.gz"
     with pytest.raises(RuntimeError):
