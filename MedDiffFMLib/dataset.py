@@ -31,7 +31,7 @@ from .anatomy import AnatomySpec, encode_anatomy, get_anatomy
 from .conditioning import anatomy_spec, assemble
 from .config import ModelConfig
 from .errors import InputError, ResourceError
-from .io import VOLUME_SUFFIXES, Volume, atomic_path, holds_dicom_files, read_mask, read_volume, sha256_file
+from .io import VOLUME_SUFFIXES, Volume, atomic_path, holds_dicom_files, itk_path, read_mask, read_volume, sha256_file
 from .orientation import AxisOrder
 from .patches import MODES, sample_patch
 from .preprocess import guess_region, resample, window_to_unit
@@ -397,10 +397,10 @@ def _header_geometry(path: Path) -> Optional[Tuple[Tuple[float, ...], Tuple[floa
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
     try:
+        reader.SetFileName(itk_path(path))
         reader.ReadImageInformation()
-    except RuntimeError:
+    except (RuntimeError, InputError):
         return None
     if reader.GetDimension() != 3:
         return None

@@ -33,6 +33,23 @@ PathLike = Union[str, "os.PathLike[str]"]
 #: being hashed) cannot be replaced for a moment (PermissionError); elsewhere that error is final at once.
 REPLACE_RETRY_S = 2.0 if os.name == "nt" else 0.0
 
+
+
+def _ansi_code_page() -> Optional[int]:
+    """The Windows process's ANSI code page (65001 = UTF-8); None elsewhere."""
+    if os.name != "nt":
+        return None
+    import ctypes
+
+    return int(ctypes.windll.kernel32.GetACP())
+
+
+#: ITK opens files through the ANSI code page on Windows, so SimpleITK cannot find a path with a character outside
+#: ASCII there (SimpleITK issues 795 and 1255: "the file ... does not exist", or a DICOM folder without series),
+#: unless that code page is UTF-8: in 3D Slicer's processes, or with Windows' "Use Unicode UTF-8 for worldwide
+#: language support". `itk_path` then passes the file's short (8.3) name.
+ITK_NEEDS_ASCII_PATHS = os.name == "nt" and _ansi_code_page() != 65001
+
 #: File name endings SimpleITK reads as a single volume.
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -282,7 +299,7 @@ def write_volumes(items: Sequence[Tuple[Volume, PathLike]], overwrite: bool = Fa
         with contextlib.ExitStack() as stack:
             for (vol, _), path in zip(items, paths):
                 tmp = stack.enter_context(atomic_path(path))
-                sitk.WriteImage(vol.to_sitk(), str(tmp), useCompression=True)
+                sitk.WriteImage(vol.to_sitk(), itk_path(tmp), useCompression=True)
                 if path.name.lower().endswith(NIFTI_SUFFIXES):
                     try:  # ITK's NIfTI writer only prints a warning when the disk fills up
                         _check_nifti_complete(tmp, voxels=False)
@@ -349,8 +366,9 @@ def atomic_path(final: PathLike) -> Iterator[Path]:
     # image suffix (x.nii.nii.gz, ct.hdr.nii.gz), so the file written would not be the one renamed.
     name = final.name
     suffix = name[-7:] if name.lower().endswith(".nii.gz") else final.suffix
-    # At most 64 bytes of the name: the name itself may use all 255 bytes a file system allows.
-    stem = name[:len(name) - len(suffix)].replace(".", "_").encode()[:64].decode("utf-8", "ignore")
+    # At most 64 characters of the name, in ASCII: the name itself may use all 255 bytes a file system allows, and
+    # SimpleITK writes this file by a name that `itk_path` can pass on Windows.
+    stem = "".join(c if c.isascii() else "_" for c in name[:len(name) - len(suffix)].replace(".", "_"))[:64]
     _remove_stale_temporaries(final.parent, f"-{stem}{suffix.lower()}")
     tmp = final.parent / f".tmp-{uuid.uuid4().hex[:8]}-{stem}{suffix.lower()}"
     try:
@@ -371,6 +389,42 @@ def _replace(source: Path, target: Path) -> None:
             if time.monotonic() >= deadline:
                 raise
             time.sleep(0.1)
+
+
+def itk_path(path: PathLike) -> str:
+    """`path` as SimpleITK must be given it: unchanged, except where ITK_NEEDS_ASCII_PATHS and the path is not ASCII.
+    There the folders take the short (8.3) names Windows keeps: a DICOM folder all of its path, a file the path of its
+    folder (a file's own short name loses what tells ITK its format: WYNIK_~1.GZ, so its name must be ASCII; files
+    written go through ASCII temporary names). Refuses what cannot be passed, saying what to do instead."""
+    text = str(path)
+    if not ITK_NEEDS_ASCII_PATHS or text.isascii():
+        return text
+    target = Path(os.path.abspath(text))
+    folder, names = (target, []) if target.is_dir() else (target.parent, [target.name])
+    while not folder.exists() and folder.parent != folder:  # a file to be written in folders not made yet
+        names.insert(0, folder.name)
+        folder = folder.parent
+    short = _short_name(str(folder))
+    short = None if short is None else os.path.join(short, *names)
+    if short is None or not short.isascii():
+        in_name = bool(names) and not names[-1].isascii()
+        raise InputError(f"SimpleITK cannot open {text} on this Windows system: its "
+                         f"{'file name' if in_name else 'path'} holds characters outside ASCII, and ITK reads paths "
+                         "in the system's code page. "
+                         + ("Rename the file with ASCII letters only" if in_name else
+                            "Move or copy it to a folder whose path is plain ASCII (e.g. C:\\CT\\)")
+                         + ", or turn on 'Use Unicode UTF-8 for worldwide language support' in Windows' region "
+                         "settings")
+    return short
+
+
+def _short_name(path: str) -> Optional[str]:
+    """Windows' short (8.3) name of an existing file or folder; None where it cannot tell (names may be off)."""
+    import ctypes
+
+    buffer = ctypes.create_unicode_buffer(32768)
+    length = ctypes.windll.kernel32.GetShortPathNameW(path, buffer, len(buffer))
+    return buffer.value if 0 < length < len(buffer) else None
 
 
 def sha256_file(path: PathLike) -> str:
@@ -401,7 +455,7 @@ def _read_file(path: Path) -> Tuple[sitk.Image, Optional[np.ndarray]]:
         # ITK picks MetaImage and NRRD readers by a lower-case suffix only: name them for V.MHA, CT.NRRD.
         image_io = {".mha": "MetaImageIO", ".mhd": "MetaImageIO", ".nrrd": "NrrdImageIO",
                     ".nhdr": "NrrdImageIO"}.get(path.suffix.lower(), "")
-        image = sitk.ReadImage(str(path), imageIO=image_io)
+        image = sitk.ReadImage(itk_path(path), imageIO=image_io)
         if path.name.lower().endswith(NIFTI_SUFFIXES):
             _check_nifti_geometry(path, image)
         elif image_io == "NrrdImageIO" and not _nrrd_has_spacing(path):
@@ -608,7 +662,8 @@ def holds_dicom_files(folder: Path) -> bool:
 
 
 def _read_dicom_folder(folder: Path, series_id: Optional[str]) -> sitk.Image:
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    itk_folder = itk_path(folder)
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(itk_folder)
     if not series_ids:
         for name in sorted(folder.iterdir()):  # e.g. a folder of an RTSTRUCT only: say what it holds
             if name.is_file() and is_dicom_file(name):
@@ -616,7 +671,7 @@ def _read_dicom_folder(folder: Path, series_id: Optional[str]) -> sitk.Image:
         raise InputError(
             f"no DICOM series found in folder {folder} (sub-folders are not searched). Give the folder that "
             "directly holds the DICOM files of the CT series, or a NIfTI/NRRD/MHA file.")
-    files_by_series = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+    files_by_series = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(itk_folder, uid)
                        for uid in series_ids}
     if series_id is None or series_id not in files_by_series:
         series_id = _largest_series(folder, files_by_series)
@@ -670,7 +725,7 @@ def _dicom_tags(name: PathLike, keys: Sequence[str]) -> Dict[str, Optional[str]]
     """The values of DICOM tags ("gggg|eeee") in a file's header, stripped; None for a tag it lacks. The pixels are
     not read."""
     header = sitk.ImageFileReader()
-    header.SetFileName(str(name))
+    header.SetFileName(itk_path(name))
     header.ReadImageInformation()
     return {key: header.GetMetaData(key).strip() if header.HasMetaDataKey(key) else None for key in keys}
 

@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -432,6 +433,99 @@ def test_output_names_windows_cannot_hold_are_refused_there_before_the_work(tmp_
         validation.check_output_path(tmp_path / name)
     validation.check_output_path(tmp_path / "ct_1.nii.gz")
     validation.check_output_path(tmp_path / "console.nii.gz")  # only the device names themselves
+
+
+class _AsciiOnlyITK:
+    """SimpleITK as it behaves on Windows with a code page other than UTF-8: a path outside ASCII is not found."""
+
+    @staticmethod
+    def _check(path):
+        if not str(path).isascii():
+            raise RuntimeError(f'The file "{path}" does not exist.')
+
+    def __getattr__(self, name):
+        return getattr(sitk, name)
+
+    def ReadImage(self, path, *args, **kwargs):
+        self._check(path)
+        return sitk.ReadImage(path, *args, **kwargs)
+
+    def WriteImage(self, image, path, *args, **kwargs):
+        self._check(path)
+        return sitk.WriteImage(image, path, *args, **kwargs)
+
+    class ImageSeriesReader(sitk.ImageSeriesReader):
+        @staticmethod
+        def GetGDCMSeriesIDs(folder, *args):
+            return sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder, *args) if str(folder).isascii() else ()
+
+        @staticmethod
+        def GetGDCMSeriesFileNames(folder, *args, **kwargs):
+            _AsciiOnlyITK._check(folder)
+            return sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, *args, **kwargs)
+
+    class ImageFileReader(sitk.ImageFileReader):
+        def SetFileName(self, name):
+            _AsciiOnlyITK._check(name)
+            return super().SetFileName(name)
+
+
+def test_paths_outside_ascii_reach_simpleitk_by_their_short_names_on_windows(tmp_path, monkeypatch):
+    """On Windows ITK reads paths in the ANSI code page: "C:\\Users\\Łucja\\ct.nii.gz" is "not found". The short
+    (8.3) names Windows keeps are ASCII; a volume without them gets a clear refusal instead of ITK's message."""
+    from MedDiffFMLib import io as io_module
+
+    folder = tmp_path / "Łódź"
+    (folder / "dicom Sättiger").mkdir(parents=True)
+    shutil.copy(LIMB_NII, folder / "ct.nii.gz")
+    for name in sorted(THREE_SLICE_DICOM.iterdir()):
+        shutil.copy(name, folder / "dicom Sättiger" / name.name)
+    short_names = [True]
+
+    def short_name(path):
+        """Each name outside ASCII gets an ASCII alias beside it, as Windows' 8.3 names do (the extension cut to three
+        letters, in capitals)."""
+        if not short_names:
+            return None
+        real = short = Path(Path(path).anchor)
+        for part in Path(path).parts[1:]:
+            if part.isascii():
+                short = short / part
+            else:
+                extension = part.rsplit(".", 1)[1][:3].upper() if "." in part else ""
+                alias = real / f"SHORT~{abs(hash(part)) % 10 ** 6}{'.' * bool(extension)}{extension}"
+                if not alias.exists():
+                    alias.symlink_to(real / part)
+                short = short / alias.name
+            real = real / part
+        return str(short)
+
+    def listed():
+        return sorted(p.name for p in folder.iterdir() if not p.name.startswith("SHORT~"))
+
+    monkeypatch.setattr(io_module, "sitk", _AsciiOnlyITK())
+    monkeypatch.setattr(io_module, "ITK_NEEDS_ASCII_PATHS", True)
+    monkeypatch.setattr(io_module, "_short_name", short_name)
+
+    limb, dicom = read_volume(LIMB_NII), read_volume(THREE_SLICE_DICOM)
+    assert_same_volume(read_volume(folder / "ct.nii.gz"), limb)
+    assert_same_volume(read_volume(folder / "dicom Sättiger"), dicom)
+    assert_same_volume(read_volume(folder / "dicom Sättiger" / sorted(THREE_SLICE_DICOM.iterdir())[1].name), dicom)
+    written = write_volume(limb, folder / "wynik_żółw.nii.gz")  # results may take any name: written under an ASCII one
+    assert written == folder / "wynik_żółw.nii.gz" and listed() == ["ct.nii.gz", "dicom Sättiger", "wynik_żółw.nii.gz"]
+    with pytest.raises(InputError, match="cannot open .*wynik_żółw.nii.gz .*its file name holds characters outside "
+                                         "ASCII.*Rename the file"):  # its short name, WYNIK_~1.GZ, hides the format
+        read_volume(written)
+    assert_same_volume(read_volume(written.rename(folder / "wynik.nii.gz")), limb, atol=1e-4)
+
+    short_names.clear()  # a volume that keeps no short names
+    for source in (folder / "ct.nii.gz", folder / "dicom Sättiger"):
+        with pytest.raises(InputError, match="cannot open .*Łódź.* its path holds characters outside ASCII.*plain "
+                                             "ASCII"):
+            read_volume(source)
+    with pytest.raises(InputError, match="cannot open .*Łódź"):
+        write_volume(limb, folder / "again.nii.gz")
+    assert listed() == ["ct.nii.gz", "dicom Sättiger", "wynik.nii.gz"]
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
