@@ -429,6 +429,14 @@ def test_refused_command_line_options_show_argparse_message_not_usage():
     # A job killed by a signal prints nothing of its own; SIGKILL is most often the system out of memory.
     assert process.errorMessageFromOutput([], -9).startswith("MedDiffFMLib was killed by signal 9 (SIGKILL: often "
                                                              "the system running out of memory")
+    # A Windows process that crashes ends with a status code, which is known by its hexadecimal form.
+    assert process.errorMessageFromOutput([], 3221225477) == (
+        "MedDiffFMLib ended with status 0xC0000005 (an access violation: a crash inside a compiled library) and "
+        "printed nothing.")
+    assert process.errorMessageFromOutput(["INFO loading"], 0xC0000017).startswith(
+        "MedDiffFMLib ended with status 0xC0000017 (out of memory; try a smaller window batch")
+    unknown = process.errorMessageFromOutput([], 0xC0000142)
+    assert unknown == "MedDiffFMLib ended with status 0xC0000142 and printed nothing."
 
 
 def test_command_line_advice_gets_the_slicer_names_of_its_options():
@@ -1310,7 +1318,7 @@ def test_library_found_from_the_module_folder_alone(tmp_path):
 
     code = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', %r)]; sys.path.insert(0, %r); "
             "from MedDiffFMUtils import library; print(library.libraryRoot())") % (str(REPO), str(REPO / "MedDiffFM"))
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(REPO)
 
@@ -1326,7 +1334,7 @@ def test_library_beside_the_module_wins_over_another_importable_copy(tmp_path, l
     # REPO's MedDiffFMLib is importable too, ahead of the module's folder
     code = ("import sys; sys.path[:0] = [%r, %r, %r]; from MedDiffFMUtils import library; print(library.libraryRoot()); "
             "import MedDiffFMLib; print(MedDiffFMLib.__file__)" % (str(REPO), str(modules), str(root)))
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(root), str(root / "MedDiffFMLib" / "__init__.py")]
 

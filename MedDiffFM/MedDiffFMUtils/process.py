@@ -55,6 +55,19 @@ class TimeLeft:
         return f"about {seconds:.0f} s left" if seconds < 90 else f"about {seconds / 60:.0f} min left"
 
 
+_LESS_MEMORY = "try a smaller window batch or a crop of the CT"
+#: What the status codes a Windows process most often ends with, when no message of its own can say, mean.
+_WINDOWS_STATUS = {
+    0xC0000005: "an access violation: a crash inside a compiled library",
+    0xC000001D: "an illegal instruction: a compiled library needs an instruction this CPU lacks",
+    0xC0000017: f"out of memory; {_LESS_MEMORY}",
+    0xC00000FD: "a stack overflow",
+    0xC000013A: "interrupted: Ctrl+C, or its console was closed",
+    0xC0000135: "a DLL was not found: reinstall PyTorch, or the library the output names",
+    0xC0000409: "a fast fail: a compiled library stopped the process",
+}
+
+
 def errorMessageFromOutput(lines, returnCode):
     """The message to show for a failed run: the CLI's `error: ...` line (or argparse's `prog: error: ...`), with the
     Slicer names of the options it suggests, else the last output lines."""
@@ -67,8 +80,10 @@ def errorMessageFromOutput(lines, returnCode):
     if returnCode < 0:  # POSIX: ended by a signal, which no message of the job's own can say
         ended = f"MedDiffFMLib was killed by signal {-returnCode}"
         if -returnCode == 9:
-            ended += (" (SIGKILL: often the system running out of memory; try a smaller window batch or a crop of "
-                      "the CT)")
+            ended += f" (SIGKILL: often the system running out of memory; {_LESS_MEMORY})"
+    elif returnCode >= 0x80000000:  # Windows: a status code, such as 0xC0000005, which reads in hexadecimal
+        meaning = _WINDOWS_STATUS.get(returnCode)
+        ended = f"MedDiffFMLib ended with status 0x{returnCode:08X}" + (f" ({meaning})" if meaning else "")
     else:
         ended = f"MedDiffFMLib exited with code {returnCode}"
     return ended + (f":\n{tail}" if tail else " and printed nothing.")
