@@ -450,6 +450,18 @@ def test_anomaly_map_threshold_and_score_follow_their_rules():
     np.testing.assert_array_equal(result.anomaly_mask.array, (expected > result.threshold) & inside)
 
 
+def test_a_reconstruction_below_air_is_held_at_air_and_marks_no_lung():
+    """The chest window reaches 400 HU below air. A prior whose mean lies there (every voxel at -1400 HU) must give a
+    reconstruction no lower than the input's air, so lung (-850 HU) differs from it by 150 HU, not by 550."""
+    prior = AnalyticGaussian(std=1e-4, mean_fn=lambda coords: torch.full_like(coords[:, :1], -1.0))
+    lung = np.full(SHAPE, -850.0, np.float32)
+    lung[:, :, :3] = -1000.0  # air beside the body: the input's lowest value
+    result = detect_anomalies(Volume(lung), prior, mask=Volume(np.ones(SHAPE, np.uint8)), region="chest", seed=1,
+                              smoothing_sigma_mm=0.0)
+    np.testing.assert_allclose(result.reconstruction.array, -1000.0, atol=0.01)
+    np.testing.assert_allclose(result.anomaly_map.array, np.where(lung > -1000.0, 150.0, 0.0), atol=0.05)
+
+
 def test_smoothing_inside_the_region_keeps_a_constant_and_follows_the_spacing():
     from MedDiffFMLib.tasks.anomaly import smooth_inside
 

@@ -120,8 +120,11 @@ def detect_anomalies(volume: Volume, model: torch.nn.Module, mask: Optional[Volu
     x_t = diffusion.q_sample(sampler.schedule, x, t, noise)
     x0 = sampler.predict_x0(x_t, t, sampler.active_windows(inside), fallback=x).cpu()
 
-    half_width = (window[1] - window[0]) / 2.0
-    difference = (x - x0).abs()[0, 0].numpy() * half_width
+    # The healthy reconstruction holds no value its input could not: the chest window reaches 400 HU below air, and
+    # a model that undershoots there would mark every lung voxel by the gap.
+    reconstruction = common.clip_to_input_range(unit_to_hu(x0[0, 0].numpy(), window).astype(np.float32),
+                                                volume.array)
+    difference = np.abs(unit_to_hu(x[0, 0].numpy(), window) - reconstruction)
     anomaly = smooth_inside(difference, inside, volume.spacing_zyx, smoothing_sigma_mm)
     values = anomaly[inside]
     if threshold is None:
@@ -136,7 +139,7 @@ def detect_anomalies(volume: Volume, model: torch.nn.Module, mask: Optional[Volu
         anomaly_map=volume.with_array(anomaly.astype(np.float32)),
         anomaly_mask=volume.with_array(((anomaly > threshold) & inside).astype(np.uint8)),
         score=score, threshold=float(threshold),
-        reconstruction=volume.with_array(unit_to_hu(x0[0, 0].numpy(), window).astype(np.float32)),
+        reconstruction=volume.with_array(reconstruction),
         region_mask=region_mask)
 
 
