@@ -170,12 +170,20 @@ def resolve_region(vol: Optional[Volume], region: Optional[str], cfg: ModelConfi
     return region
 
 
-def anatomy_for(vol: Volume, cfg: ModelConfig, user_labels: Optional[Volume] = None) -> np.ndarray:
+#: Share of voxels where a label map given to a threshold-anatomy model must equal the CT's own thresholds.
+MIN_THRESHOLD_AGREEMENT = 0.99
+
+
+def anatomy_for(vol: Volume, cfg: ModelConfig, user_labels: Optional[Volume] = None,
+                from_image: bool = True) -> np.ndarray:
     """Anatomy label map on `vol`'s grid from the source the model was trained with (or the user's map).
 
-    A user's map is checked against the model's classes here, before any sampling, not window by window.
+    A user's map is checked against the model's classes here, before any sampling, not window by window. For a CT
+    (`from_image`) a model with threshold anatomy takes only a map of its own thresholds (MIN_THRESHOLD_AGREEMENT):
+    anything else could only differ from what it learned (a lesion mask given by mistake passed for lung). Synthesis
+    on an empty grid (`from_image` False) takes any map of its classes: there the map says what to draw.
     """
-    from ..anatomy import get_anatomy
+    from ..anatomy import get_anatomy, threshold_anatomy
     from ..conditioning import anatomy_spec
 
     spec = anatomy_spec(cfg)
@@ -191,6 +199,13 @@ def anatomy_for(vol: Volume, cfg: ModelConfig, user_labels: Optional[Volume] = N
             f"the anatomy label map has labels up to {labels.max()}, but this model was trained on "
             f"{spec.source} anatomy with labels 0..{spec.num_classes}; give a label map made the same way "
             f"(python -m MedDiffFMLib preprocess --anatomy {spec.source}) or leave it out to have it computed")
+    if used == "user" and from_image and spec.source == "threshold":
+        agreement = float(np.mean(labels == threshold_anatomy(vol)))
+        if agreement < MIN_THRESHOLD_AGREEMENT:
+            raise InputError(
+                f"this model's anatomy is HU thresholds of the CT itself (0 outside the body, 1 air/lung, 2 fat, "
+                f"3 soft tissue, 4 bone), and the label map given matches them in only {agreement:.0%} of the voxels: "
+                "it is another kind of map (a lesion or organ mask?). Leave it out; the model computes its anatomy")
     log.info("anatomy condition: %s labels", used)
     return labels
 

@@ -51,7 +51,7 @@ def synthesize(model: torch.nn.Module, region: Optional[str] = None,
     region = common.resolve_region(reference, region, cfg)
     labels = None
     if anatomy_labels is not None:
-        labels = common.anatomy_for(grid, cfg, user_labels=anatomy_labels)
+        labels = common.anatomy_for(grid, cfg, user_labels=anatomy_labels, from_image=False)
     elif reference is not None:
         labels = common.anatomy_for(reference, cfg)
     if not 0.0 <= eta <= 1.0:
