@@ -48,15 +48,17 @@ def test_denoise_speed_reads_a_saved_input_and_projects_more_steps(denoise_speed
     measured = {int(line.split("|")[2]): line for line in out.splitlines() if line.startswith(("| 1 |", "| 3 |"))}
     assert set(measured) == {1, 3}  # steps actually taken
     seconds, setup, per_step = (float(c) for c in measured[3].split("|")[8:11])
-    assert 0 <= setup < seconds and seconds / 3 / 2 < per_step < seconds / 3 * 2  # one stamp per step
+    # One stamp per step; a burst of load on the set-up alone may shift the split (a 2x margin was measured).
+    assert 0 <= setup < seconds and seconds / 3 / 4 < per_step < seconds / 3 * 2
     assert measured[3].split("|")[12].strip().endswith("estimated")  # a user's set-up, not --noise-level's
     projection = out.split("Projected")[1].splitlines()
     assert any("needs a run of >= 2 steps" in line for line in projection)  # the 1-step run has no step time
     (projected,) = [line for line in projection if line.startswith("| 8 |") and "needs" not in line]
     cells = [float(c) for c in projected.strip("|").split("|")[3:7]]
     assert cells[1] == pytest.approx(per_step, abs=1e-3)
+    # Printed to the unit, from a per-step time printed to 1e-3 s: 1000 of its roundings add 0.5 s.
     assert cells[2] == pytest.approx(setup + 100 * per_step, abs=1) and cells[3] == pytest.approx(
-        setup + 1000 * per_step, abs=1)
+        setup + 1000 * per_step, abs=1.01)
 
 
 def test_network_speed_prints_rates_and_flops_per_channel_variant(monkeypatch, capsys):

@@ -270,7 +270,7 @@ def test_info_json_is_strict_json_for_a_volume_of_nan(tmp_path, capsys):
 def test_python_m_entry_point_reports_bad_input(limb, tmp_path):
     sitk.WriteImage(limb.to_sitk()[:, :, 30], str(tmp_path / "slice.nii.gz"))
     done = subprocess.run([sys.executable, "-m", "MedDiffFMLib", "info", str(tmp_path / "slice.nii.gz")],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 2
     assert f"error: the image is 2D ({limb.shape[1]} x {limb.shape[2]} voxels)" in done.stderr
 
@@ -289,7 +289,7 @@ def test_under_torchrun_only_the_first_process_logs(tmp_path):
         env = dict(os.environ, RANK=rank, WORLD_SIZE=world)
         done = subprocess.run([sys.executable, "-m", "MedDiffFMLib", "preprocess", str(LIMB_NII), "-o",
                                str(tmp_path / f"{rank}-{world}.nii.gz")],
-                              cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+                              cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
         assert done.returncode == 0
         return done.stderr
     assert "INFO region other guessed" in stderr("0")

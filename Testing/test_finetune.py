@@ -118,7 +118,7 @@ def test_cpu_inference_takes_onednn_convolutions_with_the_same_results(base, che
     finally:
         for layer in convolutions:
             layer.__class__ = OneDNNConv3d
-    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fast, plain, atol=5e-5, rtol=1e-4)  # 1e-5 seen here: kernels differ by CPU
     assert plain.abs().mean() > 1e-3
     calls.clear()
     net(x_t, t, cond, region).abs().mean().backward()  # training: PyTorch's own kernels, with gradients
