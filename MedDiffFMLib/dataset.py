@@ -59,6 +59,13 @@ class CTCase:
     subject: str = ""
 
 
+def case_name(path: Union[str, Path]) -> str:
+    """'STS_002/CT_image.nii.gz': how a run records a training CT (file or DICOM folder), with its folder's name,
+    since data sets often name every case's file alike (CT_image.nii.gz, ct_cropped.nii.gz)."""
+    path = Path(os.path.abspath(path))  # a bare file name has a folder too: the current one
+    return f"{path.parent.name}/{path.name}"
+
+
 #: Names the shared CT data folder (default: ../shared/data/ct beside the repository).
 DATA_ROOT_ENV = "MEDDIFFFM_CT_DATA"
 
@@ -228,7 +235,7 @@ class CTPatchDataset(torch.utils.data.Dataset):
 
     def summary(self) -> dict:
         """What the model was trained on (recorded in the checkpoint)."""
-        return {"cases": [Path(c.path).name if not c.subject else f"{c.subject}:{Path(c.path).name}"
+        return {"cases": [case_name(c.path) if not c.subject else f"{c.subject}:{case_name(c.path)}"
                           for c in self.cases],
                 "regions": {r: len(ix) for r, ix in self._by_region.items()},
                 # Exact: a resumed run draws its patches with these (a rounded mix would draw other ones).

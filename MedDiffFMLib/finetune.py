@@ -32,7 +32,7 @@ from .checkpoints import (available_models, check_architecture, controlnet_task_
                           read_model_info, resolve_model, save_model)
 from .conditioning import VolumeCondition, anatomy_spec, assemble, condition_channels
 from .config import ModelConfig
-from .dataset import case_spacings, split_cases, training_anatomy
+from .dataset import case_name, case_spacings, split_cases, training_anatomy
 from .errors import CheckpointError, InputError
 from .io import read_mask, read_volume
 from .network import MedDiffNet, check_loaded, uncompiled, unet_kwargs, use_onednn_on_cpu
@@ -279,7 +279,7 @@ class LesionPatches(torch.utils.data.Dataset):
 
     def summary(self) -> dict:
         regions = [self.cfg.regions[entry["region"]] for entry in self.entries]
-        return {"task": "lesion", "cases": [Path(c).parent.name + "/" + Path(c).name for c, _, _ in self.cases],
+        return {"task": "lesion", "cases": [case_name(c) for c, _, _ in self.cases],
                 "regions": {region: regions.count(region) for region in sorted(set(regions))},
                 "lesion_probability": self.lesion_probability, "anatomy_dropout": self.anatomy_dropout}
 

@@ -20,6 +20,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -35,6 +36,7 @@ from .diffusion import Schedule, q_sample, training_timesteps
 from .errors import CheckpointError, InputError, TrainingDiverged
 from .network import MedDiffNet, check_compiler, controlnet_task, parameter_count
 from .noise_texture import training_noise
+from .runlock import run_lock
 from .torchrun_env import torchrun_place
 
 log = logging.getLogger(__name__)
@@ -258,8 +260,16 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
     """
     settings.check(cfg)
     out_dir = Path(out_dir)
-    check_new_run(out_dir, resume)
     rank = setup_distributed()
+    # One run at a time in a folder; under torchrun the first process holds the lock for all of the run's processes.
+    with run_lock(out_dir) if rank.main else contextlib.nullcontext():
+        check_new_run(out_dir, resume)  # under the lock: a run that ends meanwhile is resumed, not overwritten
+        return _train(cfg, data, out_dir, settings, rank, val_data, resume, init_from, progress, build_model,
+                      export_model)
+
+
+def _train(cfg: ModelConfig, data, out_dir: Path, settings: TrainSettings, rank: Rank, val_data, resume: bool,
+           init_from: Optional[str], progress, build_model, export_model) -> dict:
     device = _device(rank)
     torch.manual_seed(settings.seed)  # identical initial weights on every rank and every run
     model = build_model(cfg).to(device)
@@ -268,11 +278,11 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=settings.lr or DEFAULT_LR)
     ema = EMA(model, settings.ema_decay)
     gen = torch.Generator()  # reseeded at every step (_step_seed)
-    start, wall_before, best, val, saved = 0, 0.0, float("inf"), {}, {}
+    start, wall_before, best, val, saved, trained_on = 0, 0.0, float("inf"), {}, {}, _training_data(data)
     if resume:
         restored = _restore(out_dir, cfg, model, ema, optimizer, rank, settings, data)
         if restored is not None:
-            start, wall_before, best, val, saved = restored
+            start, wall_before, best, val, saved, trained_on = restored
     # Recorded as trained: the optimizer's rate, and the run's own value of each setting not given.
     settings = replace(with_run_own(settings, saved), lr=optimizer.param_groups[0]["lr"])
     settings.check(cfg)  # the run's own values too: a new run's low-noise range may not fit a short schedule
@@ -285,7 +295,7 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
         if damaged:
             log.warning("exported model(s) %s in %s damaged; exporting them again from step %d",
                         ", ".join(damaged), out_dir, start)
-            _export(out_dir, cfg, settings, ema, start, wall_before, data, val, device, damaged, export_model)
+            _export(out_dir, cfg, settings, ema, start, wall_before, trained_on, val, device, damaged, export_model)
     if settings.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     net = model
@@ -303,8 +313,9 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
         val_batch = validation_batch(val_data, settings.validation_patches)
     if rank.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        log.info("training %s (%.2fM parameters) on %s x%d from step %d to %d", cfg.name,
-                 parameter_count(model) / 1e6, device, rank.world, start, settings.steps)
+        if start < settings.steps:  # else _restore warned that there is nothing to train
+            log.info("training %s (%.2fM parameters) on %s x%d from step %d to %d", cfg.name,
+                     parameter_count(model) / 1e6, device, rank.world, start, settings.steps)
     logger = _LossLog(out_dir, start) if rank.main else None
     batches = _batches(data, start, settings, rank)
     bar = _progress_bar(start, settings.steps, rank.main and progress is None)
@@ -344,8 +355,8 @@ def train(cfg: ModelConfig, data, out_dir, settings: TrainSettings, val_data=Non
             due = (improved or step % settings.checkpoint_every == 0 or step == settings.steps or stopping
                    or time.monotonic() - last_save > 60 * settings.checkpoint_minutes)
             if rank.main and due:
-                _save(out_dir, cfg, settings, model, ema, optimizer, step, wall, best, data, val, device, improved,
-                      export_model, processes=rank.world)
+                _save(out_dir, cfg, settings, model, ema, optimizer, step, wall, best, trained_on, val, device,
+                      improved, export_model, processes=rank.world)
                 logger.flush(plot=True)
                 last_save = time.monotonic()
             if stopping:
@@ -451,7 +462,7 @@ def _progress_bar(start: int, total: int, enabled: bool):
 
 # -- checkpoint state ----------------------------------------------------------------------------------
 def _save(out_dir: Path, cfg: ModelConfig, settings: TrainSettings, model, ema: EMA, optimizer,
-          step: int, wall: float, best: float, data, val: dict, device: torch.device, improved: bool,
+          step: int, wall: float, best: float, trained_on: dict, val: dict, device: torch.device, improved: bool,
           export_model=save_model, processes: int = 1) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.shadow.items()})
@@ -464,18 +475,18 @@ def _save(out_dir: Path, cfg: ModelConfig, settings: TrainSettings, model, ema: 
             else:
                 optimizer_scalars.setdefault(str(index), {})[key] = value
     scalars = {"config": cfg.to_dict(), "settings": asdict(settings), "wall_seconds": wall, "best_validation": best,
-               "validation": val, "training_data": _training_data(data), "processes": processes,
+               "validation": val, "training_data": trained_on, "processes": processes,
                "optimizer": {"param_groups": opt["param_groups"], "scalars": optimizer_scalars}}
     save_training_state(out_dir, step, tensors, scalars)
-    _export(out_dir, cfg, settings, ema, step, wall, data, val, device, ("ema", "ema-best") if improved else ("ema",),
-            export_model)
+    _export(out_dir, cfg, settings, ema, step, wall, trained_on, val, device,
+            ("ema", "ema-best") if improved else ("ema",), export_model)
 
 
-def _export(out_dir: Path, cfg: ModelConfig, settings: TrainSettings, ema: EMA, step: int, wall: float, data,
-            val: dict, device: torch.device, names, export_model=save_model) -> None:
+def _export(out_dir: Path, cfg: ModelConfig, settings: TrainSettings, ema: EMA, step: int, wall: float,
+            trained_on: dict, val: dict, device: torch.device, names, export_model=save_model) -> None:
     """Write the EMA weights as the model files `names` (`ema`, and `ema-best` when validation improved)."""
     info = {"steps": step, "wall_hours": round(wall / 3600, 4), "device": _device_name(device),
-            "validation_loss": val, "training_data": _training_data(data),
+            "validation_loss": val, "training_data": trained_on,
             "settings": asdict(settings), "weights_kind": "ema"}
     for name in names:
         export_model(ema.shadow, cfg, out_dir / name, info, half=settings.half_export)
@@ -530,6 +541,10 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: 
     _refuse_other_config(out_dir, record["config"], cfg)
     _check_state_tensors(out_dir, record["step"], tensors, model, ema, optimizer)
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    trained_on, training_on = record.get("training_data") or {}, _training_data(data)
+    before, now = trained_on.get("cases"), training_on.get("cases")
+    left_out, added = _case_changes(before, now) if before is not None and now is not None else ([], [])
+    same_cts = before is not None and now is not None and not (left_out or added)
     if rank.main:
         # These fix which patches each step trains on: a resume under others continues on another stream.
         changed = [f"--{name.replace('_', '-')} {record['settings'][name]} -> {getattr(settings, name)}"
@@ -537,11 +552,7 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: 
                    if name in record.get("settings", {}) and record["settings"][name] != getattr(settings, name)]
         if record.get("processes", rank.world) != rank.world:  # each process draws its own patches (torchrun)
             changed.append(f"processes {record['processes']} -> {rank.world}")
-        trained_on, training_on = record.get("training_data") or {}, _training_data(data)
-        before, now = trained_on.get("cases"), training_on.get("cases")
-        same_cts = before is not None and now is not None and sorted(before) == sorted(now)
-        if before is not None and now is not None and not same_cts:
-            left_out, added = sorted(set(before) - set(now)), sorted(set(now) - set(before))
+        if left_out or added:
             changed.append(f"training CTs: {len(left_out)} left out{_some(left_out)}, {len(added)} added{_some(added)}")
         regions_before, regions_now = trained_on.get("regions"), training_on.get("regions")
         if same_cts and regions_before is not None and regions_now is not None and regions_before != regions_now:
@@ -576,12 +587,38 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: 
     if rank.main:
         log.info("resumed %s at step %d", out_dir, record["step"])
     return (record["step"], record["wall_seconds"], record["best_validation"], record.get("validation", {}),
-            record.get("settings", {}))
+            record.get("settings", {}), _run_data(trained_on, training_on, record["step"], bool(left_out or added)))
 
 
 def _training_data(data) -> dict:
     """What a run records of its data: the dataset's summary ({} for a dataset without one)."""
     return getattr(data, "summary", lambda: {})()
+
+
+def _case_changes(before: List[str], now: List[str]) -> Tuple[List[str], List[str]]:
+    """(left out, added): the training CTs a run recorded that are not given now, and those given now that it did not
+    record. A record of an older version names each CT by its file name only: it is compared on those."""
+    if all("/" not in case for case in before):
+        now = [_file_name_only(case) for case in now]
+    return sorted((Counter(before) - Counter(now)).elements()), sorted((Counter(now) - Counter(before)).elements())
+
+
+def _file_name_only(case: str) -> str:
+    """'STS_002:CT_image.nii.gz' of 'STS_002:STS_002/CT_image.nii.gz' (`dataset.case_name` after the subject)."""
+    head, _, name = case.rpartition("/")
+    subject, colon, _ = head.rpartition(":")
+    return f"{subject}{colon}{name}"
+
+
+def _run_data(trained_on: dict, training_on: dict, step: int, cts_changed: bool) -> dict:
+    """What a resumed run records of its data: the data given now (`training_on`) from step `since_step`, and the CTs
+    of each stretch of steps before that (`earlier_cases`) once they changed at a resume, so that the model's
+    description names all the CTs it learnt from, not only the last ones."""
+    history = {key: trained_on[key] for key in ("since_step", "earlier_cases") if key in trained_on}
+    if cts_changed:
+        stretch = {"steps": [trained_on.get("since_step", 1), step], "cases": trained_on["cases"]}
+        history = {"since_step": step + 1, "earlier_cases": trained_on.get("earlier_cases", []) + [stretch]}
+    return {**training_on, **history}
 
 
 def _counts(counts: Dict[str, int]) -> str:

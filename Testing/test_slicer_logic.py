@@ -706,30 +706,6 @@ def test_a_new_job_removes_the_folders_of_jobs_whose_slicer_was_killed(ct_node, 
     assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == ["MedDiffFM-live", "MedDiffFM-unowned"]
 
 
-class FakeWindowsProcesses:
-    """kernel32 as `_windowsProcessIsGone` sees it: process id -> OpenProcess error, or the exit code of a handle."""
-
-    def __init__(self, errors, codes):
-        self.errors, self.codes, self.closed = errors, codes, []
-
-    def open(self, pid):
-        return (None, self.errors[pid]) if pid in self.errors else (f"handle-{pid}", 0)
-
-    def exitCode(self, handle):
-        return self.codes[handle]
-
-    def close(self, handle):
-        self.closed.append(handle)
-
-
-def test_on_windows_only_a_process_that_cannot_exist_or_has_exited_counts_as_gone():
-    processes = FakeWindowsProcesses({11: 87, 12: 5}, {"handle-13": 259, "handle-14": 0, "handle-15": None})
-    gone = {pid: logic_module._windowsProcessIsGone(pid, processes) for pid in (11, 12, 13, 14, 15)}
-    # 11 names no process; 12 is another user's (access denied); 13 runs; 14 has exited; 15's code is unreadable.
-    assert gone == {11: True, 12: False, 13: False, 14: True, 15: False}
-    assert processes.closed == ["handle-13", "handle-14", "handle-15"]  # every opened handle is closed
-
-
 def test_closing_the_scene_drops_a_finished_job_not_yet_imported(ct_node, fake_cli, tmp_path, monkeypatch):
     """A console job whose process has ended but whose results wait for poll() must not land in the next scene."""
     monkeypatch.setattr(logic_module.MedDiffFMTasks, "_temporaryRoot", staticmethod(lambda: str(tmp_path / "tmp")))

@@ -9,6 +9,8 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors import safe_open
 
-from conftest import ABDOMEN_SMALL_NII, LIMB_MASK_NII, LIMB_NII
+from conftest import ABDOMEN_SMALL_NII, CT_DATA, LIMB_MASK_NII, LIMB_NII
 from MedDiffFMLib.checkpoints import load_model, load_training_state
 from MedDiffFMLib.cli import main as cli_main
 from MedDiffFMLib.config import preset
@@ -27,6 +29,7 @@ from MedDiffFMLib.errors import CheckpointError, InputError, TrainingDiverged
 from MedDiffFMLib.io import read_mask, read_volume
 from MedDiffFMLib.network import MedDiffNet
 from MedDiffFMLib.preprocess import resample
+from MedDiffFMLib.runlock import LOCK_FILE
 from MedDiffFMLib.training import (EMA, Rank, TrainSettings, _batches, setup_distributed, train, validation_batch,
                                    validation_losses)
 
@@ -106,7 +109,7 @@ def test_resume_under_another_seed_warns(cfg, data, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         train(cfg, CTPatchDataset(CASES[:1], cfg, data.cache_dir), tmp_path, dataclasses.replace(settings, steps=6,
                                                                                               seed=0), resume=True)
-    assert ("training CTs: 1 left out (CT_image.nii.gz), 0 added" in caplog.text
+    assert ("training CTs: 1 left out (STS_001/CT_image.nii.gz), 0 added" in caplog.text
             and "processes" not in caplog.text)
 
 
@@ -188,11 +191,13 @@ def test_a_diverging_run_stops_with_its_last_finite_checkpoint(cfg, data, tmp_pa
     assert 0 < record["step"] < 50 and all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())
     model, _, _ = load_model(tmp_path / "ema")
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert not (tmp_path / LOCK_FILE).exists()  # an error ends the run's hold on the folder too
 
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint(cfg, data, tmp_path):
     def kill_at_step_2(step, total):
         if step == 2:
+            assert (tmp_path / LOCK_FILE).exists()  # held until the run has stopped
             os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` of a background run
 
     previous = signal.getsignal(signal.SIGTERM)
@@ -200,6 +205,108 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(cfg, data, tmp_path):
     assert record["step"] == 2 and json.loads((tmp_path / "last.json").read_text())["step"] == 2
     assert record["stopped"]  # the CLI then exits non-zero, so `train ... && next` stops too
     assert signal.getsignal(signal.SIGTERM) is previous
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def _state_record(run) -> tuple:
+    """(path, record) of the newest training state's JSON in a run folder."""
+    path = run / (json.loads((run / "last.json").read_text())["state"] + ".json")
+    return path, json.loads(path.read_text())
+
+
+def test_a_resume_on_other_cts_of_the_same_file_name_names_them_and_the_model_records_all(cfg, cache, tmp_path,
+                                                                                         caplog):
+    """Every IBSI case is CT_image.nii.gz: a run on STS_002 and STS_008 resumed on STS_005 said nothing (a run record
+    named its CTs by file name only), and the exported model named STS_005 alone as what it was trained on."""
+    def sts(*numbers):
+        return CTPatchDataset([CTCase(str(CT_DATA / "ibsi_sts" / f"STS_{n:03d}" / "CT_image.nii.gz"), region="other")
+                               for n in numbers], cfg, cache)
+
+    first, other = sts(2, 8), sts(5)
+    run, old = tmp_path / "run", tmp_path / "old"
+    train(cfg, first, run, _quiet(steps=2, batch_size=1))
+    # A record of an older version: file names only. Resumed on the same CTs, that is no change.
+    path, record = _state_record(run)
+    record["training_data"]["cases"] = ["CT_image.nii.gz", "CT_image.nii.gz"]
+    path.write_text(json.dumps(record))
+    shutil.copytree(run, old)
+    with caplog.at_level(logging.WARNING):
+        train(cfg, first, run, _quiet(steps=3, batch_size=1), resume=True)
+    assert "other settings" not in caplog.text
+    caplog.clear()
+    # Resumed on one CT of that name instead of two, the count shows (it said "0 left out, 0 added").
+    with caplog.at_level(logging.WARNING):
+        train(cfg, other, old, _quiet(steps=3, batch_size=1), resume=True)
+    assert "training CTs: 1 left out (CT_image.nii.gz), 0 added" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train(cfg, other, run, _quiet(steps=4, batch_size=1), resume=True)
+    assert ("training CTs: 2 left out (STS_002/CT_image.nii.gz, STS_008/CT_image.nii.gz), 1 added "
+            "(STS_005/CT_image.nii.gz)") in caplog.text
+    trained_on = load_model(run / "ema")[2]["training_data"]
+    assert trained_on["cases"] == ["STS_005/CT_image.nii.gz"] and trained_on["since_step"] == 4
+    assert trained_on["earlier_cases"] == [{"steps": [1, 3], "cases": ["STS_002/CT_image.nii.gz",
+                                                                       "STS_008/CT_image.nii.gz"]}]
+    # Resumed on the same CTs again, the run keeps what it trained on before.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train(cfg, other, run, _quiet(steps=5, batch_size=1), resume=True)
+    assert "other settings" not in caplog.text
+    assert load_model(run / "ema")[2]["training_data"] == trained_on == _state_record(run)[1]["training_data"]
+
+
+def _live_process():
+    """A process that lives until killed (it could be another training)."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+
+
+def _gone_pid() -> int:
+    """The id of a process that has ended."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_run_folder_in_use_by_another_training_is_refused_before_anything_changes(cfg, data, cache, tmp_path,
+                                                                                      capsys):
+    """Two `train --out runs/x --resume` side by side both finished, and the folder kept the second's model only."""
+    run = tmp_path / "run"
+    train(cfg, data, run, _quiet(steps=1, batch_size=1))
+    other = _live_process()
+    try:
+        for host in (socket.gethostname(), "another-host"):  # on another host, a process cannot be looked up
+            pid = other.pid if host == socket.gethostname() else _gone_pid()
+            (run / LOCK_FILE).write_text(json.dumps({"pid": pid, "host": host}))
+            files = {path.name: path.read_bytes() for path in run.iterdir()}
+            with pytest.raises(InputError, match=rf"{re.escape(str(run))} is in use by another training \(process "
+                                                 rf"{pid} on {host}\).*\(kill {pid}:.* delete {re.escape(str(run))}"):
+                train(cfg, data, run, _quiet(steps=2, batch_size=1), resume=True)
+            assert {path.name: path.read_bytes() for path in run.iterdir()} == files
+        # The command refuses before it prepares any data.
+        config = tmp_path / "tiny.json"
+        config.write_text(json.dumps(cfg.to_dict()))
+        assert cli_main(["train", "--config", str(config), "--data", str(ABDOMEN_SMALL_NII), "--cache-dir",
+                         str(tmp_path / "new-cache"), "--out", str(run), "--steps", "2", "--resume",
+                         "--progress", "none"]) == 2
+        assert "is in use by another training (process" in capsys.readouterr().err
+        assert not (tmp_path / "new-cache").exists() and {p.name: p.read_bytes() for p in run.iterdir()} == files
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_the_run_lock_is_held_while_training_and_a_stale_one_is_taken_over(cfg, data, tmp_path, caplog):
+    run = tmp_path / "run"
+    run.mkdir()
+    gone = _gone_pid()
+    (run / LOCK_FILE).write_text(json.dumps({"pid": gone, "host": socket.gethostname()}))  # a run killed hard
+    held = []
+    with caplog.at_level(logging.WARNING):
+        train(cfg, data, run, _quiet(steps=2, batch_size=1),
+              progress=lambda step, total: held.append(json.loads((run / LOCK_FILE).read_text())))
+    assert f"taking over the lock {run / LOCK_FILE} of process {gone}, which is gone" in caplog.text
+    assert held == [{"pid": os.getpid(), "host": socket.gethostname()}] * 2
+    assert not (run / LOCK_FILE).exists()
 
 
 def test_bad_settings_and_an_existing_run_are_refused_before_training(cfg, data, tmp_path):
@@ -284,7 +391,7 @@ def test_ddp_two_cpu_processes_end_with_identical_weights_and_resume_exactly(cfg
     initial = MedDiffNet(cfg).state_dict()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert any(not torch.equal(rank0[k], initial[k]) for k in rank0)  # and they did train
-    assert (tmp_path / "run" / "last.json").exists()
+    assert (tmp_path / "run" / "last.json").exists() and not (tmp_path / "run" / LOCK_FILE).exists()
     # Stopped after 2 steps and resumed, both ranks continue their own streams: the same weights as straight on.
     _ddp_run(cfg, cache, tmp_path / "split", steps=2)
     resumed, _ = _ddp_run(cfg, cache, tmp_path / "split", steps=4, resume=True)
@@ -357,7 +464,8 @@ def test_cli_region_of_the_training_cts(cfg, cache, tmp_path, capsys, caplog):
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         assert cli_main(args[:5] + [str(crop)] + args[5:-2] + ["--steps", "4", "--resume", "--region", "other"]) == 0
-    assert "training CTs: 0 left out, 1 added (crop.nii.gz)" in caplog.text and "(--region)" not in caplog.text
+    assert (f"training CTs: 0 left out, 1 added ({tmp_path.name}/crop.nii.gz)" in caplog.text
+            and "(--region)" not in caplog.text)
     capsys.readouterr()
     entry = next(cache.glob("*.npz"))
     for data, message in ((["train"], "--region sets the body region of your own CT files; the 'train' split"),

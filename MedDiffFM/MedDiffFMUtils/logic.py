@@ -112,71 +112,17 @@ JOB_OWNER_FILE = "owner.pid"
 def _removeAbandonedJobFolders(root):
     """Remove the job folders (each holds an exported CT) whose starting process is gone: a Slicer that was killed
     could not clean up. Folders of live processes (another Slicer's running job) and without an owner file stay."""
+    library.libraryRoot()
+    from MedDiffFMLib.processes import process_is_gone  # reads no torch into Slicer's process
+
     for folder in glob.glob(os.path.join(root or tempfile.gettempdir(), "MedDiffFM-*")):
         try:
             with open(os.path.join(folder, JOB_OWNER_FILE)) as owner:
                 pid = int(owner.read())
         except (OSError, ValueError):  # no owner file: not ours to judge
             continue
-        if processIsGone(pid):
+        if process_is_gone(pid):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def processIsGone(pid):
-    """True only when no process `pid` exists; False when it lives or when that cannot be told."""
-    if os.name == "posix":
-        try:
-            os.kill(pid, 0)  # signal 0 only asks
-        except ProcessLookupError:
-            return True
-        except OSError:  # another user's live process
-            return False
-        return False
-    return _windowsProcessIsGone(pid, _WindowsProcesses())
-
-
-class _WindowsProcesses:
-    """The kernel32 calls that tell whether a process exists. Windows has no harmless signal: os.kill terminates."""
-
-    QUERY_LIMITED_INFORMATION = 0x1000
-    INVALID_PARAMETER = 87  # OpenProcess's error for a process id that names no process
-    STILL_ACTIVE = 259
-
-    def __init__(self):
-        import ctypes
-
-        self._ctypes = ctypes
-        self._kernel32 = kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
-        kernel32.OpenProcess.restype = ctypes.c_void_p  # a handle is pointer-sized; ctypes' default int truncates it
-        kernel32.OpenProcess.argtypes = (ctypes.c_ulong, ctypes.c_int, ctypes.c_ulong)
-        kernel32.GetExitCodeProcess.argtypes = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_ulong))
-        kernel32.CloseHandle.argtypes = (ctypes.c_void_p,)
-
-    def open(self, pid):
-        """(handle, 0), or (None, the Windows error code)."""
-        handle = self._kernel32.OpenProcess(self.QUERY_LIMITED_INFORMATION, False, pid)
-        return (handle, 0) if handle else (None, self._ctypes.get_last_error())
-
-    def exitCode(self, handle):
-        """The process's exit code (STILL_ACTIVE while it runs), or None when it cannot be read."""
-        code = self._ctypes.c_ulong()
-        return code.value if self._kernel32.GetExitCodeProcess(handle, self._ctypes.byref(code)) else None
-
-    def close(self, handle):
-        self._kernel32.CloseHandle(handle)
-
-
-def _windowsProcessIsGone(pid, processes):
-    """A process id that cannot be opened for an invalid parameter names no process; an opened one is gone once it
-    has an exit code. Anything else (access denied, an unreadable code) counts as alive."""
-    handle, error = processes.open(pid)
-    if handle is None:
-        return error == _WindowsProcesses.INVALID_PARAMETER
-    try:
-        code = processes.exitCode(handle)
-        return code is not None and code != _WindowsProcesses.STILL_ACTIVE
-    finally:
-        processes.close(handle)
 
 
 class MedDiffFMTasks:

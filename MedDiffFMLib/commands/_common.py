@@ -239,12 +239,16 @@ def check_output_grids(volume, *paths) -> None:
 
 
 def check_run_folder(args: argparse.Namespace) -> None:
-    """Refuse a bad run folder before the (slow) data preparation: a file, an unwritable place, or a folder
-    that holds a run while --resume was not given (the new run would overwrite it)."""
+    """Refuse a bad run folder before the (slow) data preparation: a file, an unwritable place, a folder another
+    training runs in, or one that holds a run while --resume was not given (the new run would overwrite it)."""
+    from ..runlock import check_run_lock
+    from ..torchrun_env import torchrun_place
     from ..training import check_new_run
     from ..validation import check_output_folder
 
     check_output_folder(args.out)
+    if torchrun_place().rank == 0:  # the first process of this very run may hold the lock already
+        check_run_lock(args.out)
     check_new_run(args.out, args.resume)
 
 

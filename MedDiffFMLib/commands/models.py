@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="copy MODEL into your model folder ($MEDDIFFFM_HOME, default ~/.cache/meddifffm) as "
                         "Models/meddifffm-NAME and list it in the Models.json there, which extension updates leave "
                         "alone; the copy is verified first")
-    parser.add_argument("--description", help="one line for the registry, with --register")
+    parser.add_argument("--description", help="one line for the registry; required with --register")
     parser.add_argument("--overwrite", action="store_true", help="with --register: replace a model of that name")
     parser.add_argument("--bundled", action="store_true",
                         help="with --register, for developers: install into the extension's Resources/Models.json, "
