@@ -97,7 +97,7 @@ def model_intact(path: PathLike) -> bool:
 
 def read_model_info(path: PathLike) -> dict:
     """The JSON record of a model file (no weights loaded)."""
-    _, sidecar = _weights_and_sidecar(path)
+    weights, sidecar = _weights_and_sidecar(path)
     if not sidecar.exists():
         raise CheckpointError(f"model description {sidecar} not found; a MedDiffFM model is a .safetensors file "
                               "with a .json of the same name next to it")
@@ -109,6 +109,9 @@ def read_model_info(path: PathLike) -> dict:
     if not isinstance(info, dict):
         raise CheckpointError(f"{sidecar} is not a MedDiffFM model description (its top level is not a "
                               "JSON object); re-download or re-export the model")
+    if info.get("format") == STATE_FORMAT:
+        raise CheckpointError(f"{weights} is a training run's state (weights, EMA and optimizer to resume from), not a "
+                              f"model; use the model the run exports, {sidecar.parent / 'ema.safetensors'}")
     if info.get("format") != FORMAT:
         raise CheckpointError(f"{sidecar} is not a MedDiffFM model description (format {info.get('format')!r}, "
                               f"expected {FORMAT!r})")
@@ -260,7 +263,8 @@ def resolve_model(name_or_path: PathLike) -> Path:
     if is_path and not weights.exists() and not sidecar.exists():
         registered = next((m["name"] for m in registry() if m["name"] == weights.stem and text == weights.name), None)
         hint = f"; registered models are named without a suffix: {registered}" if registered else ""
-        raise CheckpointError(f"model file {weights} not found{hint}")
+        given = "" if path in (weights, sidecar) else f"{path} (nor "
+        raise CheckpointError(f"model file {given}{weights}{')' if given else ''} not found{hint}")
     if is_path or weights.exists() or sidecar.exists():
         return weights
     if in_cache:

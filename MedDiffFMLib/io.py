@@ -146,17 +146,19 @@ class Volume:
     def grid_differences(self, other: "Volume", tol: float = GRID_TOLERANCE,
                          names: Sequence[str] = ("this", "other")) -> List[str]:
         """Human-readable list of how the grids of `self` and `other` differ (empty if they match); `names` label
-        the two values, e.g. ("image", "mask") gives "size (z,y,x): image (16, 80, 80), mask (48, 512, 512)"."""
+        the two values, e.g. ("image", "mask") gives "size (x,y,z): image (80, 80, 16), mask (512, 512, 48)". Every
+        tuple is in (x, y, z), as `info` and the file's header give them."""
         def differ(what: str, mine: str, theirs: str) -> str:
             return f"{what}: {names[0]} {mine}, {names[1]} {theirs}"
 
         diffs = []
         if self.shape[-3:] != other.shape[-3:]:
-            diffs.append(differ("size (z,y,x)", str(self.shape[-3:]), str(other.shape[-3:])))
-        for name in ("spacing", "origin", "direction"):
+            diffs.append(differ("size (x,y,z)", str(self.shape[-3:][::-1]), str(other.shape[-3:][::-1])))
+        for name, label in (("spacing", "spacing (x,y,z) mm"), ("origin", "origin (x,y,z) mm"),
+                            ("direction", "direction")):
             mine, theirs = np.asarray(getattr(self, name)), np.asarray(getattr(other, name))
             if not np.allclose(mine, theirs, rtol=0.0, atol=tol):
-                diffs.append(differ(name, *format_pair(mine, theirs)))
+                diffs.append(differ(label, *format_pair(mine, theirs)))
         return diffs
 
     def same_grid(self, other: "Volume", tol: float = GRID_TOLERANCE) -> bool:

@@ -119,6 +119,10 @@ def test_paths_that_are_not_model_files_get_their_own_message(tmp_path):
         resolve_model(tmp_path / "model.pt")
     with pytest.raises(CheckpointError, match="is a folder; give the model file in it .*ema.safetensors"):
         resolve_model(tmp_path)
+    state = checkpoints.save_training_state(tmp_path / "run", 410, {"model.w": torch.zeros(2)}, {})
+    with pytest.raises(CheckpointError, match=r"state-00000410.safetensors is a training run's state .*not a model; "
+                                              r"use the model the run exports, .*run/ema.safetensors"):
+        load_model(state.parent / "state-00000410.safetensors")
 
 
 def test_a_registered_name_wins_over_a_file_of_that_name_in_the_working_folder(tmp_path, monkeypatch):
@@ -285,6 +289,9 @@ def test_a_missing_model_file_and_a_replaced_registered_model_are_named(tiny, tm
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match=r"model file m/nothere.safetensors not found$"):
         resolve_model("m/nothere.safetensors")  # it was "model description m/nothere.json not found"
+    with pytest.raises(CheckpointError, match=r"model file m/ema.safetenosrs \(nor m/ema.safetenosrs.safetensors\) not "
+                                              r"found$"):
+        resolve_model("m/ema.safetenosrs")  # a typing slip is named as typed, not only with a suffix added
     with pytest.raises(CheckpointError, match="not found; registered models are named without a suffix: tiny"):
         resolve_model("tiny.safetensors")
     cfg, state = tiny

@@ -325,8 +325,8 @@ def test_a_label_map_on_another_grid_is_named_and_each_value_labelled(tmp_path, 
     out = tmp_path / "d.nii.gz"
     assert main(["denoise", str(LIMB_NII), "-o", str(out), "--anatomy-labels", str(CHEST_NODULE_NRRD)]) == 2
     err = capsys.readouterr().err
-    assert ("anatomy label map lung1_label.nrrd is not on the grid of the image: size (z,y,x): image (59, 202, 198), "
-            "label map (48, 512, 512)") in err
+    assert ("anatomy label map lung1_label.nrrd is not on the grid of the image: size (x,y,z): image (198, 202, 59), "
+            "label map (512, 512, 48)") in err
     assert not out.exists()
 
 

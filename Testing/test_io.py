@@ -808,7 +808,7 @@ def test_mask_messages_name_the_mask_and_show_the_digits_that_differ(tmp_path):
     write_volume(shifted, tmp_path / "off.nrrd")
     with pytest.raises(InputError) as refused:
         read_mask(tmp_path / "off.nrrd", like=ct)
-    image, mask = re.search(r"origin: image (\(.*?\)), label map (\(.*?\))", str(refused.value)).groups()
+    image, mask = re.search(r"origin \(x,y,z\) mm: image (\(.*?\)), label map (\(.*?\))", str(refused.value)).groups()
     assert image != mask  # at 4 significant digits both read the same
 
 

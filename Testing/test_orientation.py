@@ -130,7 +130,7 @@ def test_masks_and_label_arrays_follow_the_ct_and_bad_grids_are_described_in_the
                                atol=1e-3)
     shifted = Volume(stored_box.array, stored_box.spacing, tuple(o + 5.0 for o in stored_box.origin),
                      stored_box.direction)
-    with pytest.raises(InputError, match="mask is not on the grid of the image: origin") as refused:
+    with pytest.raises(InputError, match=r"mask is not on the grid of the image: origin \(x,y,z\) mm") as refused:
         denoise(sagittal, model, mask=shifted, **settings)
     assert "size" not in str(refused.value) and "spacing" not in str(refused.value)
 
