@@ -34,7 +34,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 REPLACE_RETRY_S = 2.0 if os.name == "nt" else 0.0
 
 
-
 def _ansi_code_page() -> Optional[int]:
     """The Windows process's ANSI code page (65001 = UTF-8); None elsewhere."""
     if os.name != "nt":
@@ -47,7 +46,7 @@ def _ansi_code_page() -> Optional[int]:
 #: ITK opens files through the ANSI code page on Windows, so SimpleITK cannot find a path with a character outside
 #: ASCII there (SimpleITK issues 795 and 1255: "the file ... does not exist", or a DICOM folder without series),
 #: unless that code page is UTF-8: in 3D Slicer's processes, or with Windows' "Use Unicode UTF-8 for worldwide
-#: language support". `itk_path` then passes the file's short (8.3) name.
+#: language support". `itk_path` then passes the short (8.3) names Windows keeps.
 ITK_NEEDS_ASCII_PATHS = os.name == "nt" and _ansi_code_page() != 65001
 
 #: File name endings SimpleITK reads as a single volume.
@@ -393,16 +392,18 @@ def _replace(source: Path, target: Path) -> None:
             time.sleep(0.1)
 
 
-def itk_path(path: PathLike) -> str:
+def itk_path(path: PathLike, by_short_name: bool = False) -> str:
     """`path` as SimpleITK must be given it: unchanged, except where ITK_NEEDS_ASCII_PATHS and the path is not ASCII.
     There the folders take the short (8.3) names Windows keeps: a DICOM folder all of its path, a file the path of its
-    folder (a file's own short name loses what tells ITK its format: WYNIK_~1.GZ, so its name must be ASCII; files
-    written go through ASCII temporary names). Refuses what cannot be passed, saying what to do instead."""
+    folder, and its own short name only where the caller names the reader (`by_short_name`: NRRD, MetaImage), since a
+    short name loses the extension (WYNIK_~1.GZ) that tells ITK a NIfTI. Files written go through ASCII temporary
+    names. Refuses what cannot be passed, saying what to do instead."""
     text = str(path)
     if not ITK_NEEDS_ASCII_PATHS or text.isascii():
         return text
     target = Path(os.path.abspath(text))
-    folder, names = (target, []) if target.is_dir() else (target.parent, [target.name])
+    whole = target.is_dir() or (by_short_name and target.is_file())
+    folder, names = (target, []) if whole else (target.parent, [target.name])
     while not folder.exists() and folder.parent != folder:  # a file to be written in folders not made yet
         names.insert(0, folder.name)
         folder = folder.parent
@@ -457,7 +458,7 @@ def _read_file(path: Path) -> Tuple[sitk.Image, Optional[np.ndarray]]:
         # ITK picks MetaImage and NRRD readers by a lower-case suffix only: name them for V.MHA, CT.NRRD.
         image_io = {".mha": "MetaImageIO", ".mhd": "MetaImageIO", ".nrrd": "NrrdImageIO",
                     ".nhdr": "NrrdImageIO"}.get(path.suffix.lower(), "")
-        image = sitk.ReadImage(itk_path(path), imageIO=image_io)
+        image = sitk.ReadImage(itk_path(path, by_short_name=bool(image_io)), imageIO=image_io)
         if path.name.lower().endswith(NIFTI_SUFFIXES):
             _check_nifti_geometry(path, image)
         elif image_io == "NrrdImageIO" and not _nrrd_has_spacing(path):

@@ -1,7 +1,6 @@
 """Whether a process still exists, asked without disturbing it, on POSIX and on Windows.
 
-Free of torch: the Slicer module uses it too (job folders of a Slicer that was killed), as does a training run's
-lock (`runlock`).
+Free of torch, so that the Slicer module can use it (it removes the job folders of a Slicer that was killed).
 """
 from __future__ import annotations
 

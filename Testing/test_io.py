@@ -517,6 +517,9 @@ def test_paths_outside_ascii_reach_simpleitk_by_their_short_names_on_windows(tmp
                                          "ASCII.*Rename the file"):  # its short name, WYNIK_~1.GZ, hides the format
         read_volume(written)
     assert_same_volume(read_volume(written.rename(folder / "wynik.nii.gz")), limb, atol=1e-4)
+    nrrd = write_volume(limb, folder / "wynik_żółw.nrrd")  # its reader is named, so its short name will do
+    assert_same_volume(read_volume(nrrd), limb)
+    nrrd.unlink()
 
     short_names.clear()  # a volume that keeps no short names
     for source in (folder / "ct.nii.gz", folder / "dicom Sättiger"):

@@ -200,11 +200,13 @@ def anatomy_for(vol: Volume, cfg: ModelConfig, user_labels: Optional[Volume] = N
             f"{spec.source} anatomy with labels 0..{spec.num_classes}; give a label map made the same way "
             f"(python -m MedDiffFMLib preprocess --anatomy {spec.source}) or leave it out to have it computed")
     if used == "user" and from_image and spec.source == "threshold":
+        check_setup_memory(vol.shape, ANATOMY_EXTRA_COPIES)
         agreement = float(np.mean(labels == threshold_anatomy(vol)))
         if agreement < MIN_THRESHOLD_AGREEMENT:
+            shown = math.floor(agreement * 1000) / 10  # rounded down: 98.96 % must not read as the 99 % it lacks
             raise InputError(
                 f"this model's anatomy is HU thresholds of the CT itself (0 outside the body, 1 air/lung, 2 fat, "
-                f"3 soft tissue, 4 bone), and the label map given matches them in only {agreement:.0%} of the voxels: "
+                f"3 soft tissue, 4 bone), and the label map given matches them in only {shown:g} % of the voxels: "
                 "it is another kind of map (a lesion or organ mask?). Leave it out; the model computes its anatomy")
     log.info("anatomy condition: %s labels", used)
     return labels
