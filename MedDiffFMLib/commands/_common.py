@@ -247,7 +247,7 @@ def check_run_folder(args: argparse.Namespace) -> None:
     from ..validation import check_output_folder
 
     check_output_folder(args.out)
-    if torchrun_place().rank == 0:  # the first process of this very run may hold the lock already
+    if torchrun_place().rank == 0:  # only the first process: the others may find it holding this run's lock already
         check_run_lock(args.out)
     check_new_run(args.out, args.resume)
 
