@@ -43,7 +43,7 @@ Progress = Optional[Callable[[int, int], None]]
 INPUT_METHOD = "low-dose input"
 DENOISE_COLUMNS = ("case", "photons", "method", "psnr", "ssim", "seconds", "noise_std_hu")
 ANOMALY_COLUMNS = ("case", "pixel_auroc", "image_auroc", "best_dice", "best_dice_threshold", "pro",
-                   "lesion_slices", "healthy_slices")
+                   "lesion_slices", "healthy_slices", "case_score", "case_auroc")
 
 
 # ---------------------------------------------------------------- inputs
@@ -338,12 +338,13 @@ def _denoise_figure(case: str, by_dose: Dict[float, Dict[str, np.ndarray]], psnr
 
 @dataclass
 class AnomalyCase:
-    """An anomaly score map (higher = more abnormal), its lesion mask (same zyx shape), optionally the CT in HU
-    for the figure, and optionally the region that was searched (only its voxels are scored)."""
+    """An anomaly score map (higher = more abnormal), its lesion mask (same zyx shape; None for a healthy case),
+    optionally the CT in HU for the figure, and optionally the region that was searched (only its voxels are
+    scored)."""
 
     name: str
     scores: np.ndarray
-    mask: np.ndarray
+    mask: Optional[np.ndarray]
     image: Optional[np.ndarray] = None
     searched: Optional[np.ndarray] = None
 
@@ -357,20 +358,30 @@ def evaluate_anomaly(cases: Sequence[AnomalyCase], max_fpr: float = 0.3) -> List
     """Pixel AUROC, best Dice (and its threshold), PRO up to `max_fpr` per case, and image-level AUROC
     over axial slices (slice score = its highest voxel score; a slice is a lesion slice when the mask
     touches it; NaN unless a case has both kinds). A last row pools all slices of all cases for the
-    image AUROC and averages the other metrics. A case's `searched` region limits every metric to its voxels:
-    slices without any are left out, and a slice whose lesion lies wholly outside it counts as healthy (the
-    lesion voxels left out are logged). PRO's regions are whole lesions, clipped to the searched voxels."""
+    image AUROC and averages the other metrics over the lesion cases. A case's `searched` region limits every
+    metric to its voxels: slices without any are left out, and a slice whose lesion lies wholly outside it counts
+    as healthy (the lesion voxels left out are logged). PRO's regions are whole lesions, clipped to the searched
+    voxels.
+
+    Healthy cases (mask None) add healthy slices and a case to rank: every case gets `case_score`, the image score
+    of `detect-anomalies` (`metrics.anomaly_image_score`, its highest searched voxel score, as for a slice), and the
+    last row `case_auroc`, lesion cases against healthy ones by that score (NaN unless both kinds are given)."""
+    if all(case.mask is None for case in cases):
+        raise InputError("no case has a lesion: anomaly metrics need at least one (the others may be healthy)")
     rows, slice_scores, slice_labels = [], [], []
     for case in cases:
-        scores, mask = np.asarray(case.scores, dtype=np.float64), np.asarray(case.mask) > 0
+        scores = np.asarray(case.scores, dtype=np.float64)
+        healthy = case.mask is None
+        mask = np.zeros(scores.shape, bool) if healthy else np.asarray(case.mask) > 0
         if scores.shape != mask.shape or scores.ndim != 3:
             raise InputError(f"case {case.name}: scores {scores.shape} and mask {mask.shape} must be "
                              "3D volumes on the same grid.")
         if case.image is not None and np.shape(case.image) != scores.shape:
             raise InputError(f"case {case.name}: the image {np.shape(case.image)} is not on the score grid "
                              f"{scores.shape}.")
-        if not mask.any():
-            raise InputError(f"case {case.name}: the lesion mask is empty; anomaly metrics need a lesion.")
+        if not healthy and not mask.any():  # an empty mask given by mistake must not pass for a healthy case
+            raise InputError(f"case {case.name}: the lesion mask is empty. A case without a lesion is scored as "
+                             "healthy only when said so (no mask; on the command line, the word healthy).")
         searched = _searched_voxels(case, scores, mask)
         whole_lesions, mask = mask, mask & searched
         slices = len(scores)
@@ -380,23 +391,39 @@ def evaluate_anomaly(cases: Sequence[AnomalyCase], max_fpr: float = 0.3) -> List
         per_slice, has_lesion = per_slice[kept], has_lesion[kept]
         slice_scores.append(per_slice)
         slice_labels.append(has_lesion)
+        row = {"case": case.name, "image_auroc": _auroc_if_defined(per_slice, has_lesion),
+               "lesion_slices": int(has_lesion.sum()), "healthy_slices": int((~has_lesion).sum())}
         try:
-            dice_value, threshold = metrics.best_dice(scores[searched], mask[searched])
-            rows.append({"case": case.name, "pixel_auroc": metrics.pixel_auroc(scores[searched], mask[searched]),
-                         "image_auroc": _auroc_if_defined(per_slice, has_lesion),
-                         "best_dice": dice_value, "best_dice_threshold": threshold,
-                         "pro": metrics.pro_score(np.where(searched, scores, 0.0), whole_lesions, max_fpr,
-                                                  searched=searched),
-                         "lesion_slices": int(has_lesion.sum()), "healthy_slices": int((~has_lesion).sum())})
+            row["case_score"] = metrics.anomaly_image_score(scores[searched])
+            if healthy:
+                row.update(dict.fromkeys(("pixel_auroc", "best_dice", "best_dice_threshold", "pro"), float("nan")))
+            else:
+                row["best_dice"], row["best_dice_threshold"] = metrics.best_dice(scores[searched], mask[searched])
+                row["pixel_auroc"] = metrics.pixel_auroc(scores[searched], mask[searched])
+                row["pro"] = metrics.pro_score(np.where(searched, scores, 0.0), whole_lesions, max_fpr,
+                                               searched=searched)
         except (InputError, ValueError) as exc:  # e.g. NaN scores, or a mask covering every voxel
             raise InputError(f"case {case.name}: {exc}") from None
-    pooled = {"case": f"all {len(rows)} cases",
-              "image_auroc": _auroc_if_defined(np.concatenate(slice_scores), np.concatenate(slice_labels))}
-    for key in ("pixel_auroc", "best_dice", "pro", "lesion_slices", "healthy_slices"):
-        values = [r[key] for r in rows]
-        pooled[key] = sum(values) if key.endswith("slices") else float(np.mean(values))
-    pooled["best_dice_threshold"] = float("nan")
-    return rows + [pooled]
+        rows.append(row)
+    return rows + [_pooled_anomaly_row(rows, [case.mask is None for case in cases], slice_scores, slice_labels)]
+
+
+def _pooled_anomaly_row(rows: Sequence[Dict[str, object]], healthy: Sequence[bool],
+                        slice_scores: Sequence[np.ndarray], slice_labels: Sequence[np.ndarray]) -> Dict[str, object]:
+    """The last row of `evaluate_anomaly`: slices and cases ranked together, voxel metrics averaged over the lesion
+    cases (a healthy case has none). Per-case rows lack `case_auroc`, this row `case_score` (blank in the tables)."""
+    lesion_rows = [row for row, is_healthy in zip(rows, healthy) if not is_healthy]
+    n_healthy = len(rows) - len(lesion_rows)
+    pooled = {"case": f"all {len(rows)} cases" + (f" ({n_healthy} healthy)" if n_healthy else ""),
+              "image_auroc": _auroc_if_defined(np.concatenate(slice_scores), np.concatenate(slice_labels)),
+              "case_auroc": _auroc_if_defined(np.array([row["case_score"] for row in rows]),
+                                              ~np.array(healthy, bool)),
+              "best_dice_threshold": float("nan")}
+    for key in ("lesion_slices", "healthy_slices"):
+        pooled[key] = sum(row[key] for row in rows)
+    for key in ("pixel_auroc", "best_dice", "pro"):
+        pooled[key] = float(np.mean([row[key] for row in lesion_rows]))
+    return pooled
 
 
 def _searched_voxels(case: AnomalyCase, scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -413,7 +440,7 @@ def _searched_voxels(case: AnomalyCase, scores: np.ndarray, mask: np.ndarray) ->
         raise InputError(f"case {case.name}: the search region {searched.shape} is not on the score grid "
                          f"{scores.shape}.")
     outside = int((mask & ~searched).sum())
-    if outside == int(mask.sum()):
+    if mask.any() and outside == int(mask.sum()):
         raise InputError(f"case {case.name}: no lesion voxel lies inside the search region; nothing to detect.")
     if outside:
         log.warning("case %s: %d of the %d lesion voxels lie outside the search region and are not scored",
@@ -434,7 +461,9 @@ def write_anomaly_report(rows: Sequence[Dict[str, object]], cases: Sequence[Anom
     csv_name, md_name, *figures = report_files("anomaly", [case.name for case in cases])
     written = [write_csv(rows, ANOMALY_COLUMNS, out_dir / csv_name)]
     text = (f"# Anomaly detection\n\nPixel AUROC, image-level AUROC over axial slices, best Dice over "
-            f"thresholds, PRO integrated to FPR {max_fpr:g} (normalised).\n\n" + markdown_table(rows, ANOMALY_COLUMNS))
+            f"thresholds, PRO integrated to FPR {max_fpr:g} (normalised), each case's image score (its highest "
+            f"voxel score) and the AUROC of lesion cases against healthy ones by it (last row).\n\n"
+            + markdown_table(rows, ANOMALY_COLUMNS))
     written.append(write_text(text, out_dir / md_name))
     written += [_anomaly_figure(case, out_dir / figure) for case, figure in zip(cases, figures)]
     _warn_stale_figures(out_dir, "anomaly_", written)
@@ -451,19 +480,26 @@ def _warn_stale_figures(out_dir: Path, prefix: str, written: Sequence[Path]) -> 
 
 
 def _anomaly_figure(case: AnomalyCase, path: Path) -> Path:
-    """The axial slice with the most lesion: CT (if given), score map, both with the mask outline."""
-    mask = np.asarray(case.mask) > 0
-    z = int(np.argmax(mask.reshape(len(mask), -1).sum(axis=1)))
+    """The axial slice with the most lesion (a healthy case: the highest score): CT (if given), score map, both
+    with the mask outline."""
+    if case.mask is None:
+        mask = np.zeros(np.shape(case.scores), bool)
+        z = int(np.argmax(np.asarray(case.scores).reshape(len(mask), -1).max(axis=1)))
+    else:
+        mask = np.asarray(case.mask) > 0
+        z = int(np.argmax(mask.reshape(len(mask), -1).sum(axis=1)))
     panels = ([("CT", case.image[z], "gray", metrics.DENOISING_WINDOW_HU)] if case.image is not None else [])
     panels.append(("anomaly score", case.scores[z], "inferno", (None, None)))
     with png_figure(path, 110, nrows=1, ncols=len(panels), squeeze=False,
                     figsize=(3.2 * len(panels), 3.4)) as (fig, axes):
         for ax, (title, image, cmap, (low, high)) in zip(axes[0], panels):
             ax.imshow(image, cmap=cmap, vmin=low, vmax=high)
-            ax.contour(mask[z], levels=[0.5], colors="cyan", linewidths=0.8)
+            if mask[z].any():
+                ax.contour(mask[z], levels=[0.5], colors="cyan", linewidths=0.8)
             ax.set_title(title, fontsize=8)
             ax.set_axis_off()
-        fig.suptitle(f"{case.name}: slice {z} (lesion outlined)", fontsize=9)
+        shown = "healthy case: the slice scoring highest" if case.mask is None else "lesion outlined"
+        fig.suptitle(f"{case.name}: slice {z} ({shown})", fontsize=9)
         fig.tight_layout()
     return path
 

@@ -172,3 +172,29 @@ def test_denoise_probe_splits_the_error_into_bias_and_the_rest(monkeypatch, caps
     assert set(values) == {"PSNR", "bias HU", "rms HU", "PSNR without bias", "PSNR with white noise",
                            "PSNR of the mirror ensemble"}
     assert float(values["PSNR without bias"]) >= float(values["PSNR"]) - 0.01  # removing the mean error helps
+
+
+def test_anomaly_quality_adds_healthy_crops_apart_from_the_lesion(monkeypatch, capsys, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import anomaly_quality as benchmark
+
+    try:
+        grid = dict(spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=tuple(np.eye(3).ravel()))
+        image = np.full((4, 8, 12), -1000.0)
+        image[:, :, 8:] = -800.0  # lung on the right, like the lesion's own box
+        lesion = np.zeros(image.shape, np.uint8)
+        lesion[0, 1, 9] = 1
+        crops = benchmark.healthy_crops(benchmark.Volume(image, **grid), benchmark.Volume(lesion, **grid),
+                                        (2, 4, 4), count=4)
+        # Boxes on a grid of their size: the lesion's is left out, and the other three lung boxes come first.
+        assert [index for index, _ in crops] == [0, 1, 2, 3] and all(c.shape == (2, 4, 4) for _, c in crops)
+        assert [crop.origin for _, crop in crops[:3]] == [(8.0, 4.0, 0.0), (8.0, 0.0, 2.0), (8.0, 4.0, 2.0)]
+        assert all((crop.array == -800).all() for _, crop in crops[:3]) and (crops[3][1].array == -1000).all()
+        assert benchmark.main(["--out", str(tmp_path), "--healthy-crops", "2"]) == 0
+    finally:
+        sys.modules.pop("anomaly_quality", None)
+    rows = {line.split("|")[1].strip(): line.split("|")[2:] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| case")}
+    assert set(rows) == {"pyradiomics_lung1", "pyradiomics_lung1_healthy0", "pyradiomics_lung1_healthy1",
+                         "ibsi_sts_002", "ts_example_ct_sm", "all 5 cases (3 healthy)"}
+    assert rows["ts_example_ct_sm"][0].strip() == "n/a" and 0 <= float(rows["all 5 cases (3 healthy)"][-2]) <= 1

@@ -410,3 +410,64 @@ def test_cli_anomaly_takes_the_search_regions(tmp_path, capsys):
     assert main(["evaluate", "anomaly", "--scores", str(paths[0]), "--masks", str(paths[1]), "--regions",
                  str(paths[2]), str(paths[2]), "--out", str(out)]) == 2
     assert "one region) per score volume" in capsys.readouterr().err
+
+
+def test_healthy_cases_add_healthy_slices_and_a_case_ranking(tmp_path):
+    """A healthy case (mask None) has no voxel metrics; its slices join the pooled slice AUROC as healthy ones, and
+    the last row ranks lesion cases against healthy ones by each case's image score (detect-anomalies' score)."""
+    from MedDiffFMLib import metrics
+
+    mask = _nodule_crop()
+    lesion = harness.AnomalyCase("nodule", mask.astype(np.float32), mask)
+    hot_slice = np.full(mask.shape, 0.1)
+    hot_slice[2, 5, 5] = 2.0  # one voxel of one healthy slice scores above every lesion slice
+    rows = harness.evaluate_anomaly([lesion, harness.AnomalyCase("calm", np.full(mask.shape, 0.5), None),
+                                     harness.AnomalyCase("hot", hot_slice, None)])
+    nodule, calm, hot, pooled = rows
+    assert nodule["pixel_auroc"] == 1.0 and nodule["case_score"] == 1.0
+    assert calm["case_score"] == 0.5 and hot["case_score"] == 2.0
+    assert all(np.isnan(row[key]) for row in (calm, hot)
+               for key in ("pixel_auroc", "image_auroc", "best_dice", "best_dice_threshold", "pro"))
+    assert (calm["lesion_slices"], calm["healthy_slices"]) == (0, len(mask))
+    assert pooled["case"] == "all 3 cases (2 healthy)" and pooled["pixel_auroc"] == 1.0
+    assert pooled["pro"] == pytest.approx(1.0)
+    healthy_slices = nodule["healthy_slices"] + 2 * len(mask)
+    assert pooled["healthy_slices"] == healthy_slices and pooled["lesion_slices"] == nodule["lesion_slices"]
+    assert pooled["image_auroc"] == pytest.approx(1 - 1 / healthy_slices)  # only the hot slice outranks them
+    assert pooled["case_auroc"] == 0.5  # above "calm", below "hot"
+    assert "case_auroc" not in nodule and "case_score" not in pooled
+    assert metrics.anomaly_image_score(hot_slice) == hot["case_score"]
+    # A healthy case's search region limits its slices and its score like a lesion case's.
+    searched = np.zeros(mask.shape, bool)
+    searched[3:5, 20:40, 20:40] = True
+    limited = harness.evaluate_anomaly([lesion, harness.AnomalyCase("hot", hot_slice, None, searched=searched)])[1]
+    assert (limited["healthy_slices"], limited["case_score"]) == (2, 0.1)
+    written = harness.write_anomaly_report(rows, [lesion], tmp_path)
+    assert "| all 3 cases (2 healthy) |" in (tmp_path / "anomaly_results.md").read_text()
+    figure = harness.write_anomaly_report(rows, [harness.AnomalyCase("hot", hot_slice, None)], tmp_path / "h")[-1]
+    assert figure.name == "anomaly_hot.png" and figure.stat().st_size > 0 and written
+    # An empty mask is a mistake until said otherwise, and a table of healthy cases alone has nothing to detect.
+    with pytest.raises(InputError, match="scored as healthy only when said so"):
+        harness.evaluate_anomaly([lesion, harness.AnomalyCase("empty", hot_slice, np.zeros_like(mask))])
+    with pytest.raises(InputError, match="no case has a lesion"):
+        harness.evaluate_anomaly([harness.AnomalyCase("calm", hot_slice, None)])
+
+
+def test_cli_anomaly_takes_healthy_cases(tmp_path, capsys):
+    from MedDiffFMLib.io import Volume, write_volume
+
+    mask = _nodule_crop()
+    grid = dict(spacing=(0.7, 0.7, 5.0), origin=(0.0, 0.0, 0.0), direction=tuple(np.eye(3).ravel()))
+    calm = np.random.default_rng(3).normal(0, 0.1, mask.shape).astype(np.float32)
+    paths = [write_volume(Volume(array, **grid), tmp_path / f"{name}.nii.gz")
+             for array, name in ((mask.astype(np.float32), "s"), (mask.astype(np.uint8), "m"), (calm, "calm"))]
+    out = tmp_path / "out"
+    assert main(["evaluate", "anomaly", "--scores", str(paths[0]), str(paths[2]), "--masks", str(paths[1]),
+                 "healthy", "--out", str(out)]) == 0
+    assert "| all 2 cases (1 healthy) |" in capsys.readouterr().out
+    with open(out / "anomaly_results.csv") as handle:
+        lesion, healthy, pooled = csv.DictReader(handle)
+    assert healthy["case"] == "calm" and healthy["pixel_auroc"] == "nan" and healthy["lesion_slices"] == "0"
+    assert float(healthy["case_score"]) == pytest.approx(calm.max(), rel=1e-5)
+    assert float(pooled["case_auroc"]) == 1.0 and pooled["case_score"] == "" and lesion["case_auroc"] == ""
+    assert {p.name for p in out.glob("*.png")} == {"anomaly_s.png", "anomaly_calm.png"}

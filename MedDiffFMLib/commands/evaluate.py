@@ -18,6 +18,9 @@ HELP = ("Benchmark denoising on simulated low-dose CT against Gaussian/NLM/BM3D,
 
 log = logging.getLogger(__name__)
 
+#: In `evaluate anomaly --masks`, the word that stands for a case without a lesion.
+HEALTHY = "healthy"
+
 
 def _crop_size(text: str) -> int:
     """--crop: 0 (the whole slice) or an edge SSIM can filter, refused before any CT is read or denoised."""
@@ -86,7 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="score anomaly maps against lesion masks (AUROC, Dice, PRO)")
     ano.add_argument("--scores", type=Path, nargs="+", required=True, help="anomaly score volumes")
     ano.add_argument("--masks", type=Path, nargs="+", required=True,
-                     help="lesion masks, one per score volume, on the same grid")
+                     help=f"lesion masks, one per score volume, on the same grid; the word {HEALTHY} for a case "
+                     "without a lesion (it adds healthy slices, and a case to rank by image score)")
     ano.add_argument("--images", type=Path, nargs="*", default=[], help="the CTs, for the figures (optional)")
     ano.add_argument("--regions", type=Path, nargs="*", default=[],
                      help="the regions searched (the --mask given to detect-anomalies), one per score volume: "
@@ -194,7 +198,7 @@ def _run_anomaly(args: argparse.Namespace) -> int:
             scores = read_volume(score_path)
             if not np.isfinite(scores.array).all():
                 raise InputError("the score volume holds NaN or infinite values; fix the score map first")
-            mask = read_mask(mask_path, like=scores)
+            mask = None if str(mask_path) == HEALTHY else read_mask(mask_path, like=scores)
             image = read_volume(args.images[index]) if args.images else None
             searched = read_mask(args.regions[index], like=scores) if args.regions else None
             differences = [] if image is None else image.grid_differences(scores, names=("image", "scores"))
@@ -206,7 +210,8 @@ def _run_anomaly(args: argparse.Namespace) -> int:
         # Image-level AUROC and the figure go over axial slices, whatever axis the files store first.
         scores, mask, image, searched = (None if v is None else harness.axial_first(v, like=scores)
                                          for v in (scores, mask, image, searched))
-        cases.append(harness.AnomalyCase(name, scores.array, mask.array, None if image is None else image.array,
+        cases.append(harness.AnomalyCase(name, scores.array, None if mask is None else mask.array,
+                                         None if image is None else image.array,
                                          None if searched is None else searched.array))
     rows = harness.evaluate_anomaly(cases, max_fpr=args.max_fpr)
     for path in harness.write_anomaly_report(rows, cases, args.out, max_fpr=args.max_fpr):

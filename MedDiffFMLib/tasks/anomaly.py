@@ -10,7 +10,7 @@ input: the window's bottom), and the anomaly map is |input - x0| in HU, Gaussian
 the region.
 
 Threshold rule (user-overridable): mean + 3 standard deviations of the map inside the region.
-Image-level score: the 99th percentile of the map inside the region (HU), so one hot voxel does not decide.
+Image-level score: `metrics.anomaly_image_score`, the highest value of the (smoothed) map inside the region (HU).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .. import diffusion
+from .. import diffusion, metrics
 from ..errors import InputError
 from ..io import Volume
 from ..orientation import in_patient_axes
@@ -41,8 +41,6 @@ THRESHOLD_STDS = 3.0
 #: Below this many voxels in the search region, mean + THRESHOLD_STDS std of the region itself cannot single out
 #: anomalous voxels (a lesion is most of such a region; one voxel is its own mean): a warning asks for --threshold.
 MIN_THRESHOLD_REGION_VOXELS = 100
-#: Percentile of the map inside the region that is the image-level score.
-SCORE_PERCENTILE = 99.0
 
 
 @dataclass
@@ -133,7 +131,7 @@ def detect_anomalies(volume: Volume, model: torch.nn.Module, mask: Optional[Volu
             log.warning("the search region has only %d voxels, too few for an automatic threshold (mean + %g std "
                         "of the region itself); give one (--threshold HU), or search a larger region",
                         values.size, THRESHOLD_STDS)
-    score = float(np.percentile(values, SCORE_PERCENTILE))
+    score = metrics.anomaly_image_score(values)
     region_mask = volume.with_array(inside.astype(np.uint8))
     return AnomalyResult(
         anomaly_map=volume.with_array(anomaly.astype(np.float32)),
