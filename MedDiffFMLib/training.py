@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -231,14 +231,15 @@ def validation_losses(model: torch.nn.Module, schedule: Schedule, batch: dict,
 RUN_FILES = ("ema.safetensors", "ema.json", "ema-best.safetensors", "ema-best.json")
 
 
-def check_new_run(out_dir: Path, resume: bool) -> None:
+def check_new_run(out_dir: Path, resume: bool, resume_option: str = "resume=True") -> None:
     """Refuse to start a new run in a folder that holds one, or a run's model without its training state (a run
-    cleaned up to save space, a copied model): the new run would overwrite those files."""
+    cleaned up to save space, a copied model): the new run would overwrite those files. `resume_option` is how the
+    caller resumes (the commands: --resume)."""
     out_dir = Path(out_dir)
     if (out_dir / "last.json").exists():
         if not resume:
-            raise InputError(f"{out_dir} already holds a training run; continue it with --resume (resume=True) or "
-                             "train into a new folder")
+            raise InputError(f"{out_dir} already holds a training run; continue it with {resume_option} or train "
+                             "into a new folder")
         return
     found = [name for name in RUN_FILES if (out_dir / name).exists()]
     if found:
@@ -597,17 +598,28 @@ def _training_data(data) -> dict:
 
 def _case_changes(before: List[str], now: List[str]) -> Tuple[List[str], List[str]]:
     """(left out, added): the training CTs a run recorded that are not given now, and those given now that it did not
-    record. A record of an older version names each CT by its file name only: it is compared on those."""
-    if all("/" not in case for case in before):
-        now = [_file_name_only(case) for case in now]
-    return sorted((Counter(before) - Counter(now)).elements()), sorted((Counter(now) - Counter(before)).elements())
+    record. A record of an older version may name a CT without its folder: by file name (pre-training), or after an
+    empty folder ('/ct.nii.gz') or '..' (lesion fine-tuning, of a CT in the working folder or above it); such a name
+    matches a CT given now of that file name, in any folder."""
+    left_out, added = Counter(before) - Counter(now), Counter(now) - Counter(before)
+    for old in list(left_out.elements()):
+        folder, slash, name = old.rpartition("/")
+        if slash and folder not in ("", ".."):  # it names its folder, as this version's record does
+            continue
+        same = next((case for case in added.elements() if name in _file_name_forms(case)), None)
+        if same is not None:
+            left_out[old] -= 1
+            added[same] -= 1
+    return sorted(left_out.elements()), sorted(added.elements())
 
 
-def _file_name_only(case: str) -> str:
-    """'STS_002:CT_image.nii.gz' of 'STS_002:STS_002/CT_image.nii.gz' (`dataset.case_name` after the subject)."""
+def _file_name_forms(case: str) -> Set[str]:
+    """The names an older version may have recorded for `case` ('[subject:]folder/name': `dataset.case_name` after
+    the subject): its file name, and after the subject 'STS_002:CT_image.nii.gz'. A subject (an id of the shared data)
+    holds no colon, a folder's name may: the subject ends at the first one."""
     head, _, name = case.rpartition("/")
-    subject, colon, _ = head.rpartition(":")
-    return f"{subject}{colon}{name}"
+    subject, colon, _ = head.partition(":")
+    return {name, f"{subject}:{name}"} if colon else {name}
 
 
 def _run_data(trained_on: dict, training_on: dict, step: int, cts_changed: bool) -> dict:

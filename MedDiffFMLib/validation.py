@@ -27,6 +27,9 @@ CT_MIN_EXPECTED_HU = -50.0
 MAX_ANISOTROPY = 20.0
 #: Spacing ratio above which results on the coarse axis are warned to be blurry.
 WARN_ANISOTROPY = 6.0
+#: Largest departure (degrees) of the angle between two voxel axes from a right angle before a warning: the grids
+#: of scanners and resamplers are perpendicular to rounding; a hardened affine registration can shear them.
+MAX_SHEAR_DEGREES = 0.5
 #: Fewer voxels than this along an axis is too small for the network's patches.
 MIN_AXIS_VOXELS = 8
 #: Seeds are 0..MAX_SEED: torch generators take 64-bit seeds and map negative ones onto large ones (-1 would
@@ -80,6 +83,12 @@ def check_ct(vol: "Volume", log_warnings: bool = True) -> List[str]:
     from .orientation import AxisOrder  # which imports this module
 
     check_spacing(AxisOrder.of(vol.direction).spacing(vol.spacing), warnings)  # (x, y, z) in patient axes
+    shear = shear_degrees(vol.direction)
+    if shear > MAX_SHEAR_DEGREES:
+        warnings.append(f"the volume's axes are not perpendicular: two meet {shear:.1f} degrees off a right angle (a "
+                        "sheared grid, e.g. from a hardened affine transform). MedDiffFM works on the voxels as on a "
+                        "perpendicular grid, so shapes are sheared by that angle as it sees them, and results keep "
+                        "the input's grid; resample the CT onto a perpendicular grid for exact geometry")
     lo, hi = float(array.min()), float(array.max())
     if hi - lo < 1.0:
         raise InputError(f"the image is uniform (every voxel is {lo:.4g}): it holds no anatomy to work on (e.g. a "
@@ -101,6 +110,14 @@ def check_ct(vol: "Volume", log_warnings: bool = True) -> List[str]:
         for message in warnings:
             log.warning(message)
     return warnings
+
+
+def shear_degrees(direction: Sequence[float]) -> float:
+    """How far (degrees) the least perpendicular pair of a direction matrix's unit axes (its columns) is from a
+    right angle: 0 for every grid a scanner writes."""
+    axes = np.asarray(direction, dtype=float).reshape(3, 3)
+    cosines = np.abs((axes.T @ axes)[np.triu_indices(3, 1)])
+    return float(np.degrees(np.arcsin(min(float(cosines.max()), 1.0))))
 
 
 def check_spacing(spacing: Sequence[float], warnings: List[str]) -> None:

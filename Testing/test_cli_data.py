@@ -1,6 +1,7 @@
 """CLI `info` and `preprocess` on real CT, and every bad input of issue A item 6 (made from real CT)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -283,6 +284,18 @@ def test_a_2d_anatomy_map_given_alone_to_synthesize_is_named_as_the_anatomy(limb
     assert not (tmp_path / "out.nii.gz").exists()
 
 
+def test_synthesize_without_a_grid_says_so_first(tmp_path, capsys, monkeypatch):
+    """Given no grid, it asked for --region first (the grid's own message came only after, and after the model had
+    loaded): what is missing altogether comes first, before the model is loaded."""
+    import MedDiffFMLib.commands._common as common
+
+    monkeypatch.setattr(common, "model_from_args", lambda args: pytest.fail("the model was loaded"))
+    assert main(["synthesize", "-o", str(tmp_path / "out.nii.gz")]) == 2
+    assert "error: give the output size and spacing (--size X Y Z --spacing X Y Z)" in capsys.readouterr().err
+    assert main(["synthesize", "-o", str(tmp_path / "out.nii.gz"), "--size", "16", "16", "16"]) == 2
+    assert "error: choose the body region (--region" in capsys.readouterr().err  # the grid given, the region next
+
+
 def test_under_torchrun_only_the_first_process_logs(tmp_path):
     """torchrun runs the command once per process: the others would repeat every line; they report errors only."""
     def stderr(rank: str, world: str = "2") -> str:
@@ -423,3 +436,19 @@ def test_every_out_of_memory_hint_names_options_of_its_own_command():
         for option in re.findall(r"--[a-z][a-z-]*", OUT_OF_MEMORY_HINTS[key]):
             assert option in options, f"{command}: its out-of-memory hint names {option}, which it does not have"
     assert checked == set(OUT_OF_MEMORY_HINTS)  # no hint for a command that does not exist
+
+
+def test_a_sheared_grid_is_named_with_its_angle(limb):
+    """A hardened affine registration can leave a volume's axes at other than right angles; the tasks work on its
+    voxels as if they were not, so the user is told by how much (an oblique but perpendicular grid says nothing)."""
+    from MedDiffFMLib.validation import shear_degrees
+
+    tilt = np.radians(3.0)
+    sheared = dataclasses.replace(limb, direction=(1.0, 0, 0, 0, 1.0, float(np.sin(tilt)), 0, 0, float(np.cos(tilt))))
+    assert shear_degrees(sheared.direction) == pytest.approx(3.0)
+    assert any("two meet 3.0 degrees off a right angle" in w for w in check_ct(sheared, log_warnings=False))
+    turn = np.radians(20.0)
+    oblique = dataclasses.replace(limb, direction=(np.cos(turn), -np.sin(turn), 0, np.sin(turn), np.cos(turn), 0,
+                                                   0, 0, 1.0))
+    assert shear_degrees(oblique.direction) < 1e-6
+    assert not any("perpendicular" in w for w in check_ct(oblique, log_warnings=False))

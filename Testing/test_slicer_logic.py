@@ -291,6 +291,59 @@ def test_closed_surface_segment_exported_without_changing_the_segmentation(ct_no
     assert sitk.GetArrayFromImage(mask).sum() * np.prod(ct_image.GetSpacing()) == pytest.approx(ball_volume, rel=0.25)
 
 
+@pytest.mark.parametrize("where", ["ct under a transform", "segmentation under another transform", "both"])
+def test_segment_drawn_over_a_transformed_ct_is_exported_on_its_local_grid(ct_node, tmp_path, where):
+    """A job runs on the CT's own grid, without its transform: a segment painted where the CT is shown (world
+    coordinates, or under a transform of its own) must reach the same CT voxels, at any rotation."""
+    def rigid(name, degrees, shift):
+        a = np.deg2rad(degrees)
+        matrix = vtk.vtkMatrix4x4()
+        for i, row in enumerate([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]):
+            for j, value in enumerate(row):
+                matrix.SetElement(i, j, value)
+            matrix.SetElement(i, 3, shift[i])
+        transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+        transform.SetMatrixTransformToParent(matrix)
+        return transform
+
+    def to_world(transform):
+        if transform is None:
+            return np.eye(4)
+        matrix = vtk.vtkMatrix4x4()
+        transform.GetMatrixTransformToWorld(matrix)
+        return slicer.util.arrayFromVTKMatrix(matrix)
+
+    ct_transform = rigid("registration", 20.0, (5.0, -3.0, 2.0)) if where != "segmentation under another transform" \
+        else None
+    segmentation_transform = rigid("segmentation's", -15.0, (2.0, 4.0, -1.0)) if where != "ct under a transform" \
+        else None
+    if ct_transform is not None:
+        ct_node.SetAndObserveTransformNodeID(ct_transform.GetID())
+    labels = np.zeros(slicer.util.arrayFromVolume(ct_node).shape, np.uint8)
+    labels[6:10, 12:22, 20:30] = 1
+    # Painted on the CT's voxels as they are shown, stored in the segmentation's own coordinates.
+    drawn_to_local = np.linalg.inv(to_world(segmentation_transform)) @ to_world(ct_transform) @ \
+        volumes.ijkToRASArray(ct_node)
+    labelmap = slicer.util.addVolumeFromArray(labels, ijkToRAS=drawn_to_local,
+                                              nodeClassName="vtkMRMLLabelMapVolumeNode")
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    slicer.mrmlScene.RemoveNode(labelmap)
+    if segmentation_transform is not None:
+        segmentation.SetAndObserveTransformNodeID(segmentation_transform.GetID())
+    volumes.writeSegmentMask(segmentation, segmentation.GetSegmentation().GetNthSegmentID(0), ct_node,
+                             tmp_path / "m.nrrd")
+    mask = sitk.ReadImage(str(tmp_path / "m.nrrd"))
+    np.testing.assert_allclose(geometry.ijkToRASFromSitkGeometry(mask.GetSpacing(), mask.GetOrigin(),
+                                                                 mask.GetDirection()),
+                               volumes.ijkToRASArray(ct_node), atol=1e-4)  # the local grid, not the world's
+    got = sitk.GetArrayFromImage(mask)
+    if where == "both":  # Slicer resamples through both transforms: a voxel on the segment's edge may flip
+        assert np.count_nonzero(got != labels) <= 0.05 * labels.sum()
+    else:
+        np.testing.assert_array_equal(got, labels)
+
+
 def test_empty_or_unknown_segment_is_refused(ct_node, tmp_path):
     segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     empty_id = segmentation.GetSegmentation().AddEmptySegment("lesion")

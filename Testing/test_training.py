@@ -31,8 +31,8 @@ from MedDiffFMLib.io import read_mask, read_volume
 from MedDiffFMLib.network import MedDiffNet
 from MedDiffFMLib.preprocess import resample
 from MedDiffFMLib.runlock import LOCK_FILE, check_run_lock
-from MedDiffFMLib.training import (EMA, Rank, TrainSettings, _batches, setup_distributed, train, validation_batch,
-                                   validation_losses)
+from MedDiffFMLib.training import (EMA, Rank, TrainSettings, _batches, _case_changes, setup_distributed, train,
+                                   validation_batch, validation_losses)
 
 CASES = [CTCase(str(ABDOMEN_SMALL_NII), region="abdomen"), CTCase(str(LIMB_NII), region="other")]
 
@@ -257,6 +257,25 @@ def test_a_resume_on_other_cts_of_the_same_file_name_names_them_and_the_model_re
     assert load_model(run / "ema")[2]["training_data"] == trained_on == _state_record(run)[1]["training_data"]
 
 
+@pytest.mark.parametrize("before, now, changes", [
+    # No change: an older lesion fine-tune named a CT in the working folder "/ct.nii.gz" (one above it
+    # "../ct.nii.gz"), an older pre-training by file name after its subject; a folder's name may hold a colon.
+    (["/ct.nii.gz", "../up.nii.gz", "cases/b.nii.gz"], ["work/ct.nii.gz", "home/up.nii.gz", "cases/b.nii.gz"],
+     ([], [])),
+    (["ct.nii.gz", "STS_002:CT_image.nii.gz"], ["a:b/ct.nii.gz", "STS_002:c:d/CT_image.nii.gz"], ([], [])),
+    # Changes: another file, another subject, a named folder, one CT fewer.
+    (["/ct.nii.gz"], ["work/other.nii.gz"], (["/ct.nii.gz"], ["work/other.nii.gz"])),
+    (["STS_002:CT_image.nii.gz"], ["STS_005:STS_005/CT_image.nii.gz"],
+     (["STS_002:CT_image.nii.gz"], ["STS_005:STS_005/CT_image.nii.gz"])),
+    (["cases/ct.nii.gz"], ["other/ct.nii.gz"], (["cases/ct.nii.gz"], ["other/ct.nii.gz"])),
+    (["/ct.nii.gz", "/ct.nii.gz"], ["work/ct.nii.gz"], (["/ct.nii.gz"], [])),
+])
+def test_an_older_record_of_file_names_matches_the_same_cts_and_not_others(before, now, changes):
+    """A lesion fine-tune of an older version resumed on a CT in the working folder warned of a change that did not
+    happen, and so did a pre-training record resumed on a CT in a folder whose name holds a colon."""
+    assert _case_changes(before, now) == changes
+
+
 def _lock_holder(run):
     """A process that holds the run lock of `run` until killed, once it has said so."""
     code = ("import sys, time\nfrom MedDiffFMLib.runlock import run_lock\nwith run_lock(sys.argv[1]):\n"
@@ -320,7 +339,7 @@ def test_bad_settings_and_an_existing_run_are_refused_before_training(cfg, data,
     record = train(cfg, data, tmp_path / "run", _quiet(steps=1, batch_size=1))
     assert not record["stopped"]
     files = {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir()}
-    with pytest.raises(InputError, match="already holds a training run; continue it with --resume"):
+    with pytest.raises(InputError, match="already holds a training run; continue it with resume=True"):
         train(cfg, data, tmp_path / "run", _quiet(steps=2, batch_size=1))
     assert {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir()} == files
     # A finished model kept without its states (cleaned up, or copied in) is not overwritten either.
@@ -338,6 +357,23 @@ def test_bad_settings_and_an_existing_run_are_refused_before_training(cfg, data,
     (tmp_path / "killed").mkdir()
     (tmp_path / "killed" / "loss.csv").write_text("step,loss,grad_norm\n1,0.5,1.0\n")
     assert train(cfg, data, tmp_path / "killed", _quiet(steps=1, batch_size=1), resume=True)["step"] == 1
+
+
+def test_an_existing_run_is_refused_in_words_that_fit_the_command_and_the_api(cfg, tmp_path, capsys):
+    """The command named the API's resume=True beside --resume; each now names its own."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.json").write_text("{}")
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(cfg.to_dict()))
+    assert cli_main(["train", "--config", str(config), "--data", str(ABDOMEN_SMALL_NII), "--out", str(run),
+                     "--steps", "2", "--progress", "none"]) == 2
+    with pytest.raises(InputError) as refused:
+        train(cfg, None, run, _quiet(steps=2))  # refused before it reads any data
+    for said, option, other in ((capsys.readouterr().err, "--resume", "resume=True"),
+                                (str(refused.value), "resume=True", "--resume")):
+        assert f"{run} already holds a training run; continue it with {option} or train" in said
+        assert other not in said
 
 
 @pytest.mark.parametrize("part", ["model.", "ema.", "optim."])

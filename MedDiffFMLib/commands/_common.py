@@ -249,7 +249,7 @@ def check_run_folder(args: argparse.Namespace) -> None:
     check_output_folder(args.out)
     if torchrun_place().rank == 0:  # only the first process: the others may find it holding this run's lock already
         check_run_lock(args.out)
-    check_new_run(args.out, args.resume)
+    check_new_run(args.out, args.resume, resume_option="--resume")
 
 
 def training_result(record: dict, model_file: Path, kind: str) -> int:

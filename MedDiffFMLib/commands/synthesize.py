@@ -30,8 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..io import as_label_array, read_mask, read_volume, write_volume
-    from ..tasks.synthesis import synthesize
+    from ..tasks.synthesis import check_grid_given, synthesize
 
+    spacing = args.spacing or (1.0, 1.0, 1.0)
+    # First what is missing altogether: without a grid, the region's question below would come first and alone.
+    check_grid_given(args.size, spacing, args.reference, args.anatomy)
     if args.reference is None and args.region == "auto":
         raise InputError("choose the body region (--region head_neck, chest, abdomen or other); it can only be "
                          "guessed from a --reference CT")
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         _common.check_output_grids(grid, args.output)
     model = _common.model_from_args(args)
     volume = synthesize(model, region=_common.region_option(args), size_xyz=args.size,
-                        spacing_xyz=args.spacing or (1.0, 1.0, 1.0), reference=reference, anatomy_labels=anatomy,
+                        spacing_xyz=spacing, reference=reference, anatomy_labels=anatomy,
                         nfe=args.nfe, eta=args.eta, seed=args.seed,
                         progress=_common.progress_reporter(args.progress), **_common.sampler_options(args))
     write_volume(volume, args.output, overwrite=args.overwrite, inputs=[p for p in (args.reference, args.anatomy) if p])

@@ -68,8 +68,18 @@ def synthesize(model: torch.nn.Module, region: Optional[str] = None,
     return grid.with_array(np.clip(hu, max(window[0], common.CT_AIR_HU), window[1], out=hu))
 
 
+def check_grid_given(size_xyz, spacing_xyz, reference, anatomy_labels) -> None:
+    """Refuse a call that gives no output grid: neither a reference CT nor an anatomy label map, nor a size and
+    spacing. The command checks it first (with its file paths for the volumes), before the options that depend on
+    the grid and before loading the model."""
+    if reference is None and anatomy_labels is None and (size_xyz is None or spacing_xyz is None):
+        raise InputError("give the output size and spacing (--size X Y Z --spacing X Y Z), a reference "
+                         "CT (--reference) or an anatomy label map (--anatomy)")
+
+
 def _output_grid(size_xyz, spacing_xyz, reference: Optional[Volume], anatomy_labels: Optional[Volume]) -> Volume:
     """A Volume of zeros on the output grid."""
+    check_grid_given(size_xyz, spacing_xyz, reference, anatomy_labels)
     if reference is not None:
         check_ct(reference)
         like = reference
@@ -77,9 +87,6 @@ def _output_grid(size_xyz, spacing_xyz, reference: Optional[Volume], anatomy_lab
         _check_output_spacing(anatomy_labels.spacing)
         like = anatomy_labels
     else:
-        if size_xyz is None or spacing_xyz is None:
-            raise InputError("give the output size and spacing (--size X Y Z --spacing X Y Z), a reference "
-                             "CT (--reference) or an anatomy label map (--anatomy)")
         size = tuple(int(n) for n in size_xyz)
         spacing = tuple(float(s) for s in spacing_xyz)
         if len(size) != 3 or len(spacing) != 3:
