@@ -391,9 +391,9 @@ def evaluate_anomaly(cases: Sequence[AnomalyCase], max_fpr: float = 0.3) -> List
         per_slice, has_lesion = per_slice[kept], has_lesion[kept]
         slice_scores.append(per_slice)
         slice_labels.append(has_lesion)
-        row = {"case": case.name, "image_auroc": _auroc_if_defined(per_slice, has_lesion),
-               "lesion_slices": int(has_lesion.sum()), "healthy_slices": int((~has_lesion).sum())}
         try:
+            row = {"case": case.name, "image_auroc": _auroc_if_defined(per_slice, has_lesion),
+                   "lesion_slices": int(has_lesion.sum()), "healthy_slices": int((~has_lesion).sum())}
             row["case_score"] = metrics.anomaly_image_score(scores[searched])
             if healthy:
                 row.update(dict.fromkeys(("pixel_auroc", "best_dice", "best_dice_threshold", "pro"), float("nan")))
@@ -442,6 +442,8 @@ def _searched_voxels(case: AnomalyCase, scores: np.ndarray, mask: np.ndarray) ->
     outside = int((mask & ~searched).sum())
     if mask.any() and outside == int(mask.sum()):
         raise InputError(f"case {case.name}: no lesion voxel lies inside the search region; nothing to detect.")
+    if not searched.any():  # a healthy case's: it has no lesion to miss, and no voxel to score
+        raise InputError(f"case {case.name}: the search region is empty; nothing to score.")
     if outside:
         log.warning("case %s: %d of the %d lesion voxels lie outside the search region and are not scored",
                     case.name, outside, int(mask.sum()))
@@ -480,11 +482,14 @@ def _warn_stale_figures(out_dir: Path, prefix: str, written: Sequence[Path]) -> 
 
 
 def _anomaly_figure(case: AnomalyCase, path: Path) -> Path:
-    """The axial slice with the most lesion (a healthy case: the highest score): CT (if given), score map, both
-    with the mask outline."""
+    """The axial slice with the most lesion (a healthy case: the highest score in the searched region, whence its
+    `case_score`): CT (if given), score map, both with the mask outline."""
     if case.mask is None:
         mask = np.zeros(np.shape(case.scores), bool)
-        z = int(np.argmax(np.asarray(case.scores).reshape(len(mask), -1).max(axis=1)))
+        scored = np.asarray(case.scores, dtype=np.float64)
+        if case.searched is not None:
+            scored = np.where(np.asarray(case.searched) > 0, scored, -np.inf)
+        z = int(np.argmax(scored.reshape(len(mask), -1).max(axis=1)))
     else:
         mask = np.asarray(case.mask) > 0
         z = int(np.argmax(mask.reshape(len(mask), -1).sum(axis=1)))

@@ -602,7 +602,8 @@ def _case_changes(before: List[str], now: List[str]) -> Tuple[List[str], List[st
     empty folder ('/ct.nii.gz') or '..' (lesion fine-tuning, of a CT in the working folder or above it); such a name
     matches a CT given now of that file name, in any folder."""
     left_out, added = Counter(before) - Counter(now), Counter(now) - Counter(before)
-    for old in list(left_out.elements()):
+    # Names after a subject first: a bare file name would take any CT of that name, maybe the one a subject's names.
+    for old in sorted(left_out.elements(), key=lambda name: ":" not in name.rpartition("/")[2]):
         folder, slash, name = old.rpartition("/")
         if slash and folder not in ("", ".."):  # it names its folder, as this version's record does
             continue

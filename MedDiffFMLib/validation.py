@@ -116,6 +116,7 @@ def shear_degrees(direction: Sequence[float]) -> float:
     """How far (degrees) the least perpendicular pair of a direction matrix's unit axes (its columns) is from a
     right angle: 0 for every grid a scanner writes."""
     axes = np.asarray(direction, dtype=float).reshape(3, 3)
+    axes = axes / np.linalg.norm(axes, axis=0)  # a Volume made in code may give axes that are not unit vectors
     cosines = np.abs((axes.T @ axes)[np.triu_indices(3, 1)])
     return float(np.degrees(np.arcsin(min(float(cosines.max()), 1.0))))
 

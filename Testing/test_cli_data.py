@@ -446,6 +446,9 @@ def test_a_sheared_grid_is_named_with_its_angle(limb):
     tilt = np.radians(3.0)
     sheared = dataclasses.replace(limb, direction=(1.0, 0, 0, 0, 1.0, float(np.sin(tilt)), 0, 0, float(np.cos(tilt))))
     assert shear_degrees(sheared.direction) == pytest.approx(3.0)
+    assert shear_degrees(np.diag([4.0, 1.0, 1.0]).ravel()) == 0.0  # axes not of unit length are not sheared
+    stretched = np.array(sheared.direction).reshape(3, 3) * [1.0, 1.0, 5.0]
+    assert shear_degrees(stretched.ravel()) == pytest.approx(3.0)
     assert any("two meet 3.0 degrees off a right angle" in w for w in check_ct(sheared, log_warnings=False))
     turn = np.radians(20.0)
     oblique = dataclasses.replace(limb, direction=(np.cos(turn), -np.sin(turn), 0, np.sin(turn), np.cos(turn), 0,

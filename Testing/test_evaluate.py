@@ -471,3 +471,42 @@ def test_cli_anomaly_takes_healthy_cases(tmp_path, capsys):
     assert float(healthy["case_score"]) == pytest.approx(calm.max(), rel=1e-5)
     assert float(pooled["case_auroc"]) == 1.0 and pooled["case_score"] == "" and lesion["case_auroc"] == ""
     assert {p.name for p in out.glob("*.png")} == {"anomaly_s.png", "anomaly_calm.png"}
+
+
+def test_a_healthy_case_is_shown_and_refused_within_its_search_region(monkeypatch, tmp_path):
+    """A healthy case's figure showed the hottest slice of the whole map, outside the region that gave its score; an
+    empty region of a healthy case was refused as 'needs at least one voxel, and finite values'; and NaN scores
+    (API) were refused without the case's name."""
+    import contextlib
+
+    import matplotlib.pyplot as plt
+
+    shape = (6, 10, 10)
+    mask = np.zeros(shape, bool)
+    mask[4, 5, 5] = True
+    scores = np.full(shape, 0.1)
+    scores[0, 0, 0], scores[4, 5, 5] = 5.0, 1.0  # the hottest voxel lies outside the region searched
+    searched = np.zeros(shape, bool)
+    searched[3:, 2:8, 2:8] = True
+    healthy = harness.AnomalyCase("calm", scores, None, searched=searched)
+    assert harness.evaluate_anomaly([harness.AnomalyCase("les", scores, mask, searched=searched),
+                                     healthy])[1]["case_score"] == 1.0
+    titles = []
+
+    @contextlib.contextmanager
+    def figure(path, dpi, **options):
+        fig, axes = plt.subplots(**options)
+        yield fig, axes
+        titles.append(fig._suptitle.get_text())
+        plt.close(fig)
+
+    monkeypatch.setattr(harness, "png_figure", figure)
+    harness._anomaly_figure(healthy, tmp_path / "calm.png")
+    assert titles == ["calm: slice 4 (healthy case: the slice scoring highest)"]
+    lesion = harness.AnomalyCase("les", scores, mask)
+    with pytest.raises(InputError, match="case calm: the search region is empty"):
+        harness.evaluate_anomaly([lesion, dataclasses.replace(healthy, searched=np.zeros(shape, bool))])
+    scores_nan = scores.copy()
+    scores_nan[1, 1, 1] = np.nan
+    with pytest.raises(InputError, match="^case nan: "):
+        harness.evaluate_anomaly([harness.AnomalyCase("nan", scores_nan, mask)])

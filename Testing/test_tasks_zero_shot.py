@@ -664,6 +664,11 @@ def test_detect_anomalies_cli_end_to_end(ct_crop, tiny_model, tmp_path, capsys, 
     assert amap.array.min() >= 0 and summary["score_hu"] > 0
     assert set(np.unique(labels.array)) <= {0, 1}
     assert summary["anomalous_voxels"] == int(labels.array.sum())
+    assert summary["score_hu"] == pytest.approx(float(amap.array.max()), rel=1e-5)  # the image score: the map's peak
+    volume_ml = summary["anomalous_voxels"] * float(np.prod(amap.spacing)) / 1000
+    assert (f"image score {summary['score_hu']:.0f} HU (the map's highest value); threshold "
+            f"{summary['threshold_hu']:.0f} HU; {summary['anomalous_voxels']} voxels ({volume_ml:.2f} mL) above it"
+            in caplog.text)
 
 
 def test_synthesize_cli_end_to_end(ct_crop, tiny_model, tmp_path):

@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from ..io import read_mask, read_volume, write_volumes
     from ..tasks.anomaly import detect_anomalies
 
@@ -58,5 +60,8 @@ def run(args: argparse.Namespace) -> int:
     summary = {"score_hu": float(f"{result.score:.6g}"), "threshold_hu": float(f"{result.threshold:.6g}"),
                "anomalous_voxels": int(result.anomaly_mask.array.sum())}
     log.info("anomaly map written to %s", args.output)
+    log.info("image score %.0f HU (the map's highest value); threshold %.0f HU; %d voxels (%.2f mL) above it",
+             result.score, result.threshold, summary["anomalous_voxels"],
+             summary["anomalous_voxels"] * float(np.prod(volume.spacing)) / 1000.0)
     print(json.dumps(summary), flush=True)
     return 0
