@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--healthy-crops", type=int, default=3, help="healthy boxes per lesion CT (0: none)")
+    parser.add_argument("--t", type=int, help="MedDiffFM's noising step (default: detect-anomalies')")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
         import torch
 
         from MedDiffFMLib.tasks import common
-        from MedDiffFMLib.tasks.anomaly import detect_anomalies
+        from MedDiffFMLib.tasks.anomaly import DEFAULT_T, detect_anomalies
 
         torch.set_num_threads(1)
         device = common.choose_device(args.device)
@@ -122,7 +123,8 @@ def main(argv=None) -> int:
         # body region is known for these cases (crops are too small to guess it from).
         detectors["MedDiffFM"] = lambda image, case_id: detect_anomalies(
             image, network, mask=image.with_array(np.ones(image.shape, np.uint8)),
-            region=SHARED_CASES[case_id][1], seed=args.seed, device=device).anomaly_map.array
+            region=SHARED_CASES[case_id][1], t=DEFAULT_T if args.t is None else args.t, seed=args.seed,
+            device=device).anomaly_map.array
 
     for detector, score in detectors.items():
         cases = [harness.AnomalyCase(name, score(image, case_id), mask, image.array)

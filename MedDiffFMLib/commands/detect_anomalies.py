@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask-output", type=Path, help="thresholded anomaly mask (label map)")
     parser.add_argument("--threshold", type=float,
                         help=f"threshold on the map in HU (default: mean + {THRESHOLD_STDS:g} std inside the region)")
-    parser.add_argument("--t", type=int, default=DEFAULT_T, help="noising step (paper: 950)")
+    parser.add_argument("--t", type=int, default=DEFAULT_T, help="noising step (the paper: 950)")
     parser.add_argument("--smoothing", type=float, default=DEFAULT_SMOOTHING_MM, help="map smoothing sigma (mm)")
     parser.add_argument("--reconstruction", type=Path, help="also write the healthy reconstruction (HU)")
     parser.add_argument("--anatomy-labels", type=Path, help="anatomy label map on the CT grid (default: computed)")

@@ -18,9 +18,9 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", help="a registered name or a .safetensors model file to describe")
     parser.add_argument("--register", metavar="NAME",
-                        help="copy MODEL into your model folder ($MEDDIFFFM_HOME, default ~/.cache/meddifffm) as "
-                        "Models/meddifffm-NAME and list it in the Models.json there, which extension updates leave "
-                        "alone; the copy is verified first")
+                        help="copy MODEL into your own models ($MEDDIFFFM_HOME/user, default "
+                        "~/.cache/meddifffm/user) as Models/meddifffm-NAME and list it in the Models.json there, "
+                        "which extension updates leave alone; the copy is verified first")
     parser.add_argument("--description", help="one line for the registry; required with --register")
     parser.add_argument("--overwrite", action="store_true", help="with --register: replace a model of that name")
     parser.add_argument("--bundled", action="store_true",
