@@ -432,7 +432,7 @@ def test_anomaly_map_highlights_inserted_lesion():
 
 def test_anomaly_map_threshold_and_score_follow_their_rules():
     """With a prior so narrow that its reconstruction is its mean, and no smoothing, the map is |CT - mean| in HU
-    in the region (0 outside), the automatic threshold mean + 3 std of the map there, the score its 99th percentile
+    in the region (0 outside), the automatic threshold mean + 3 std of the map there, the score its highest value
     there."""
     prior, _, sick, _, body = smooth_phantom()
     prior.std = 1e-4
@@ -666,9 +666,19 @@ def test_detect_anomalies_cli_end_to_end(ct_crop, tiny_model, tmp_path, capsys, 
     assert summary["anomalous_voxels"] == int(labels.array.sum())
     assert summary["score_hu"] == pytest.approx(float(amap.array.max()), rel=1e-5)  # the image score: the map's peak
     volume_ml = summary["anomalous_voxels"] * float(np.prod(amap.spacing)) / 1000
-    assert (f"image score {summary['score_hu']:.0f} HU (the map's highest value); threshold "
-            f"{summary['threshold_hu']:.0f} HU; {summary['anomalous_voxels']} voxels ({volume_ml:.2f} mL) above it"
+    assert (f"image score {summary['score_hu']:g} HU (the map's highest value); threshold "
+            f"{summary['threshold_hu']:g} HU; {summary['anomalous_voxels']} voxels ({volume_ml:.2f} mL) above it"
             in caplog.text)
+
+
+def test_detect_anomalies_logs_a_small_threshold_as_given(ct_crop, tiny_model, tmp_path, capsys, caplog):
+    """The summary line rounded the threshold to whole HU: --threshold 0.0004 was logged as 'threshold 0 HU', a value
+    the command refuses, beside the JSON's 0.0004."""
+    caplog.set_level(logging.INFO)
+    assert run_cli("detect-anomalies", ct_crop, "-o", tmp_path / "map.nii.gz", "--model", tiny_model, "--device",
+                   "cpu", "--progress", "none", "--region", "abdomen", "--threshold", "0.0004") == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["threshold_hu"] == 0.0004
+    assert "; threshold 0.0004 HU; " in caplog.text
 
 
 def test_synthesize_cli_end_to_end(ct_crop, tiny_model, tmp_path):

@@ -60,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
     summary = {"score_hu": float(f"{result.score:.6g}"), "threshold_hu": float(f"{result.threshold:.6g}"),
                "anomalous_voxels": int(result.anomaly_mask.array.sum())}
     log.info("anomaly map written to %s", args.output)
-    log.info("image score %.0f HU (the map's highest value); threshold %.0f HU; %d voxels (%.2f mL) above it",
-             result.score, result.threshold, summary["anomalous_voxels"],
+    log.info("image score %g HU (the map's highest value); threshold %g HU; %d voxels (%.2f mL) above it",
+             summary["score_hu"], summary["threshold_hu"], summary["anomalous_voxels"],
              summary["anomalous_voxels"] * float(np.prod(volume.spacing)) / 1000.0)
     print(json.dumps(summary), flush=True)
     return 0

@@ -1,13 +1,13 @@
 """Zero-shot anomaly detection (paper, section 3.4): noise the image heavily, predict a healthy x0 in one
 step, and map |input - reconstruction|.
 
-Procedure: the image (in the model's region window, [-1, 1]) is restricted to a region of interest (a
-user mask, default the body from the anatomy map); outside it is set to -1 (the window's bottom, air in
-every region window). It is noised to step t (750; the paper's 950 is `t=950`) with seeded noise, x0 is predicted once by the
-sliding-window sampler (windows averaged; windows holding no voxel of the region are not evaluated, which
-leaves the map unchanged, and the reconstruction of the voxels no evaluated window holds is the masked
-input: the window's bottom), and the anomaly map is |input - x0| in HU, Gaussian-smoothed and zero outside
-the region.
+Procedure: the image (in the model's region window, [-1, 1]) is restricted to a region of interest (a user
+mask, default the body from the anatomy map); outside it is set to -1 (the window's bottom, air in every
+region window). It is noised to step t (750 by default; the paper's is 950) with seeded noise, x0 is predicted
+once by the sliding-window sampler (windows averaged; windows holding no voxel of the region are not
+evaluated, which leaves the map unchanged, and the reconstruction of the voxels no evaluated window holds is
+the masked input: the window's bottom), and the anomaly map is |input - x0| in HU, Gaussian-smoothed and zero
+outside the region.
 
 Threshold rule (user-overridable): mean + 3 standard deviations of the map inside the region.
 Image-level score: `metrics.anomaly_image_score`, the highest value of the (smoothed) map inside the region (HU).
