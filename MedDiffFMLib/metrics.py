@@ -139,9 +139,9 @@ def image_auroc(scores, labels) -> float:
 
 def anomaly_image_score(values: np.ndarray) -> float:
     """One anomaly score for an image: the highest value of its map in the region searched, as image-level anomaly
-    scores usually are (BMAD). `detect-anomalies` reports it, and the harness ranks slices and cases by it. A high
-    percentile would resist a hot voxel better, but cannot see a lesion smaller than the share it leaves out: a
-    lung nodule is 0.01 % of a chest CT."""
+    scores usually are (BMAD). `detect-anomalies` reports it, and the harness ranks cases by it (and slices by the
+    same maximum). A high percentile would resist a hot voxel better, but cannot see a lesion smaller than the share
+    it leaves out: a lung nodule is under 0.01 % of a chest CT."""
     values = np.ravel(values)
     if values.size == 0 or not np.isfinite(values).all():
         raise InputError("an image score needs at least one voxel, and finite values")

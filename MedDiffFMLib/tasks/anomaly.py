@@ -33,7 +33,7 @@ from . import common
 log = logging.getLogger(__name__)
 
 #: Noising step: small steps do not corrupt lesions enough to be "healed". The paper's 950 leaves the bundled model's
-#: one-step estimate near its prior, which fills vessels in the lung with air; 750 scored better on every measure of
+#: one-step estimate near its prior, which fills vessels in the lung with lung; 750 scored better on every measure of
 #: both validation lesions (benchmarks/README.md, session 25).
 DEFAULT_T = 750
 #: Gaussian smoothing of the anomaly map (mm).
