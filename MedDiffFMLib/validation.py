@@ -186,7 +186,8 @@ NAME_MAX_BYTES = 255
 #: devices (a ':' even writes into a hidden stream): such an output is refused before the work, not when it is written.
 WINDOWS_FILE_NAMES = os.name == "nt"
 _WINDOWS_RESERVED_CHARACTERS = frozenset('<>:"|?*')
-_WINDOWS_DEVICES = frozenset(["CON", "PRN", "AUX", "NUL"] + [f"{port}{n}" for port in ("COM", "LPT") for n in range(1, 10)])
+_WINDOWS_DEVICES = frozenset(["CON", "PRN", "AUX", "NUL"]
+                             + [f"{port}{n}" for port in ("COM", "LPT") for n in range(1, 10)])
 
 
 def _windows_name_problem(name: str) -> "str | None":

@@ -101,7 +101,8 @@ def windows_per_second(cfg, option: str, device: torch.device, batch: int, iters
     elif "compile" in parts:
         model = torch.compile(model, dynamic=False)
     args = inputs(cfg, batch, device, channels_last)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
+                else contextlib.nullcontext)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.no_grad(), autocast():
         for _ in range(2):  # warm-up: compilation, cuDNN's algorithm search
