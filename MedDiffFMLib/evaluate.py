@@ -385,7 +385,7 @@ def evaluate_anomaly(cases: Sequence[AnomalyCase], max_fpr: float = 0.3) -> List
         searched = _searched_voxels(case, scores, mask)
         whole_lesions, mask = mask, mask & searched
         slices = len(scores)
-        per_slice = np.where(searched, scores, -np.inf).reshape(slices, -1).max(axis=1)
+        per_slice = _slice_scores(scores, searched)
         has_lesion = mask.reshape(slices, -1).any(axis=1)
         kept = searched.reshape(slices, -1).any(axis=1)
         per_slice, has_lesion = per_slice[kept], has_lesion[kept]
@@ -424,6 +424,11 @@ def _pooled_anomaly_row(rows: Sequence[Dict[str, object]], healthy: Sequence[boo
     for key in ("pixel_auroc", "best_dice", "pro"):
         pooled[key] = float(np.mean([row[key] for row in lesion_rows]))
     return pooled
+
+
+def _slice_scores(scores: np.ndarray, searched: np.ndarray) -> np.ndarray:
+    """Each axial slice's score: its highest voxel score in the region searched (-inf where it has none)."""
+    return np.where(searched, scores, -np.inf).reshape(len(scores), -1).max(axis=1)
 
 
 def _searched_voxels(case: AnomalyCase, scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -486,10 +491,8 @@ def _anomaly_figure(case: AnomalyCase, path: Path) -> Path:
     `case_score`): CT (if given), score map, both with the mask outline."""
     if case.mask is None:
         mask = np.zeros(np.shape(case.scores), bool)
-        scored = np.asarray(case.scores, dtype=np.float64)
-        if case.searched is not None:
-            scored = np.where(np.asarray(case.searched) > 0, scored, -np.inf)
-        z = int(np.argmax(scored.reshape(len(mask), -1).max(axis=1)))
+        searched = np.ones(mask.shape, bool) if case.searched is None else np.asarray(case.searched) > 0
+        z = int(np.argmax(_slice_scores(np.asarray(case.scores, dtype=np.float64), searched)))
     else:
         mask = np.asarray(case.mask) > 0
         z = int(np.argmax(mask.reshape(len(mask), -1).sum(axis=1)))

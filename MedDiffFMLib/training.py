@@ -544,8 +544,9 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: 
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     trained_on, training_on = record.get("training_data") or {}, _training_data(data)
     before, now = trained_on.get("cases"), training_on.get("cases")
-    left_out, added = _case_changes(before, now) if before is not None and now is not None else ([], [])
-    same_cts = before is not None and now is not None and not (left_out or added)
+    both_known = before is not None and now is not None
+    left_out, added = _case_changes(before, now) if both_known else ([], [])
+    same_cts = both_known and not (left_out or added)
     if rank.main:
         # These fix which patches each step trains on: a resume under others continues on another stream.
         changed = [f"--{name.replace('_', '-')} {record['settings'][name]} -> {getattr(settings, name)}"
