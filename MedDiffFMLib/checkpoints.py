@@ -34,6 +34,10 @@ FORMAT = "meddifffm-model-1"
 STATE_FORMAT = "meddifffm-train-state-1"
 
 PathLike = Union[str, "os.PathLike[str]"]
+#: A model's two files; `--model` reads a name ending in one of them as a file.
+MODEL_FILE_SUFFIXES = (".safetensors", ".json")
+#: PyTorch's files, which may hold pickled code: refused, never loaded.
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 #: The keys `save_model` writes into a model description; a training record cannot replace them.
 RECORD_KEYS = ("format", "config", "patch_size", "anatomy", "windows", "dtype", "weights", "sha256", "size")
 
@@ -41,7 +45,7 @@ RECORD_KEYS = ("format", "config", "patch_size", "anatomy", "windows", "dtype", 
 def _weights_and_sidecar(path: PathLike) -> Tuple[Path, Path]:
     """`x`, `x.safetensors` or `x.json` -> (x.safetensors, x.json)."""
     path = Path(path)
-    base = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    base = path.with_suffix("") if path.suffix in MODEL_FILE_SUFFIXES else path
     return base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
 
 
@@ -112,8 +116,12 @@ def read_model_info(path: PathLike) -> dict:
     if info.get("format") == STATE_FORMAT:
         raise CheckpointError(f"{weights} is a training run's state (weights, EMA and optimizer to resume from), not a "
                               f"model; use the model the run exports, {sidecar.parent / 'ema.safetensors'}")
-    if info.get("format") != FORMAT:
-        raise CheckpointError(f"{sidecar} is not a MedDiffFM model description (format {info.get('format')!r}, "
+    found = info.get("format")
+    if isinstance(found, str) and found.startswith("meddifffm-model-") and found != FORMAT:
+        raise CheckpointError(f"{sidecar} describes a model of format {found!r}, which this version of MedDiffFM "
+                              f"cannot read (it reads {FORMAT!r}); use the MedDiffFM version that made the model")
+    if found != FORMAT:
+        raise CheckpointError(f"{sidecar} is not a MedDiffFM model description (format {found!r}, "
                               f"expected {FORMAT!r})")
     missing = [key for key in ("config", "sha256") if key not in info]
     if missing:
@@ -240,7 +248,7 @@ def resolve_model(name_or_path: PathLike) -> Path:
     path = Path(text)
     _refuse_pickle(path)
     weights, sidecar = _weights_and_sidecar(text)
-    is_path = any(sep in text for sep in (os.sep, os.altsep) if sep) or text.endswith((".safetensors", ".json"))
+    is_path = any(sep in text for sep in (os.sep, os.altsep) if sep) or text.endswith(MODEL_FILE_SUFFIXES)
     entry = None if is_path else next((m for m in registry() if m["name"] == text), None)
     if entry is not None:
         installed = installed_files(entry)
@@ -274,7 +282,7 @@ def resolve_model(name_or_path: PathLike) -> Path:
 
 
 def _refuse_pickle(path: Path) -> None:
-    if path.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin", ".pkl"):
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(f"{path}: MedDiffFM loads only .safetensors models with their .json description; "
                               f"{path.suffix} files can hold pickled code and are never loaded")
 
@@ -300,6 +308,10 @@ def register_model(source: PathLike, name: str, description: str, licence: str =
     # Resources/Models.schema.json's names: a file name of its own, which --model takes as a name, not a path.
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name.startswith("."):
         raise InputError(f"a model name is letters, digits, '.', '_' and '-' (not first a '.'), got {name!r}")
+    suffix = Path(name).suffix
+    if suffix in MODEL_FILE_SUFFIXES or suffix.lower() in PICKLE_SUFFIXES:  # --model would take it for a file
+        raise InputError(f"a model name may not end in a file suffix ({suffix}): --model reads {name!r} as a file, "
+                         "never as a registered name; give a name without it")
     if registry_path != BUNDLED_REGISTRY and any(m["name"] == name for m in read_registry(BUNDLED_REGISTRY)):
         raise InputError(f"{name} is the name of a model shipped with MedDiffFM (Resources/Models.json); give "
                          "yours another name")
@@ -310,10 +322,13 @@ def register_model(source: PathLike, name: str, description: str, licence: str =
     models = [m for m in read_registry(registry_path) if m["name"] != name]  # a damaged registry: before any copy
     folder = registry_path.parent / "Models"
     weights, sidecar = _weights_and_sidecar(folder / f"meddifffm-{name}")
-    for src, dst in ((src_weights, weights), (src_sidecar, sidecar)):
-        with atomic_path(dst) as tmp:
-            shutil.copyfile(src, tmp)
-    load_model_tensors(weights, info)
+    # The copies are checked before they replace anything: a training run may export a new model meanwhile.
+    with atomic_path(weights) as tmp_weights, atomic_path(sidecar) as tmp_sidecar:
+        shutil.copyfile(src_weights, tmp_weights)
+        shutil.copyfile(src_sidecar, tmp_sidecar)
+        if json.loads(tmp_sidecar.read_text()) != info or sha256_file(tmp_weights) != info["sha256"]:
+            raise CheckpointError(f"{src_weights} changed while it was registered (a training run exporting its "
+                                  "model?); nothing was installed: register it again")
     entry = {"name": name, "file": weights.relative_to(registry_path.parent).as_posix(), "url": None,
              "sha256": info["sha256"], "size": weights.stat().st_size, "description": description,
              "preset": info["config"]["name"], "licence": licence,
@@ -363,19 +378,28 @@ def _saved_states(out_dir: Path) -> Tuple[List[str], List[str]]:
 
 def training_state_record(out_dir: PathLike) -> dict:
     """The scalars (JSON) of the state a resume would start from, its tensors checked against their SHA-256 but not
-    loaded; {} when there is none to read. What a run needs to know before it prepares its data, e.g. the patch mix
-    it trained on."""
+    loaded; {} when there is no saved state. What a run needs to know before it prepares its data, e.g. the patch mix
+    it trained on; a run none of whose states is readable is refused here, as `load_training_state` would."""
     out_dir = Path(out_dir)
     if not (out_dir / "last.json").exists():
         return {}
-    for stem in _saved_states(out_dir)[0]:
+    kept, problems = _saved_states(out_dir)
+    for stem in kept:
         try:
             record = json.loads((out_dir / f"{stem}.json").read_text())
-            if sha256_file(out_dir / f"{stem}.safetensors") == record["sha256"]:
+            actual = sha256_file(out_dir / f"{stem}.safetensors")
+            if actual == record["sha256"]:
                 return record
-        except (OSError, ValueError, KeyError, TypeError):  # as load_training_state: that state is skipped
-            continue
-    return {}
+            problems.append(f"{stem}: its SHA-256 {actual[:12]}... does not match the recorded "
+                            f"{str(record['sha256'])[:12]}...")
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # as load_training_state: that state is skipped
+            problems.append(f"{stem}: {exc}")
+    raise _unreadable_run(out_dir, problems)
+
+
+def _unreadable_run(out_dir: Path, problems: List[str]) -> CheckpointError:
+    return CheckpointError(f"cannot resume from {out_dir}: the training state is unreadable "
+                           f"({'; '.join(problems)}); start a new run in another folder")
 
 
 def load_training_state(out_dir: PathLike) -> Optional[Tuple[Dict[str, torch.Tensor], dict]]:
@@ -403,5 +427,4 @@ def load_training_state(out_dir: PathLike) -> Optional[Tuple[Dict[str, torch.Ten
             for path in out_dir.glob(f"{bad}.*"):
                 path.rename(path.with_name(f"damaged-{path.name}"))
         return tensors, record
-    raise CheckpointError(f"cannot resume from {out_dir}: the training state is unreadable "
-                          f"({'; '.join(problems)}); start a new run in another folder")
+    raise _unreadable_run(out_dir, problems)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -28,8 +29,8 @@ from torch import nn
 
 from . import checkpoints
 from .anatomy import encode_anatomy
-from .checkpoints import (available_models, check_architecture, controlnet_task_in, load_model, load_training_state,
-                          read_model_info, resolve_model, save_model)
+from .checkpoints import (available_models, check_architecture, controlnet_task_in, load_model, read_model_info,
+                          resolve_model, save_model, training_state_record)
 from .conditioning import VolumeCondition, anatomy_spec, assemble, condition_channels
 from .config import ModelConfig
 from .dataset import case_name, case_spacings, split_cases, training_anatomy
@@ -39,7 +40,7 @@ from .network import MedDiffNet, check_loaded, uncompiled, unet_kwargs, use_oned
 from .orientation import AxisOrder
 from .position import global_coords
 from .preprocess import guess_region, resample, window_to_unit
-from .training import train
+from .training import is_controlnet_run, train
 from .validation import check_ct
 
 log = logging.getLogger(__name__)
@@ -120,14 +121,20 @@ def is_controlnet(model: nn.Module) -> bool:
     return isinstance(uncompiled(model), ControlledNet)
 
 
+#: The commands that run each kind of model, named when a model of another kind is refused (None: a base model).
+USED_BY = {"super-resolution": "super-resolve", "lesion": "generate-lesion and inpaint",
+           None: "synthesize, denoise, detect-anomalies and inpaint"}
+
+
 def check_task(model: nn.Module, task: str) -> None:
-    """Refuse a model that is not a ControlNet fine-tuned for `task`."""
+    """Refuse a model that is not a ControlNet fine-tuned for `task`, naming the registered one of that task."""
     check_loaded(model)
     found = getattr(model, "task", None) if is_controlnet(model) else None
     if found != task:
-        what = f"a {found} ControlNet" if found else "not a ControlNet fine-tuned model"
-        raise InputError(f"this task needs a model fine-tuned for {task} (`finetune --task {task}`); the "
-                         f"given model is {what}")
+        what = f"a {found} ControlNet" if found else "a base model, not a ControlNet"
+        raise InputError(f"this task needs a ControlNet fine-tuned for {task}, such as the registered `{task}` (the "
+                         f"task's default) or one of yours (`finetune --task {task}`); the given model is {what} "
+                         f"(for {USED_BY[found]})")
 
 
 # -- model files -------------------------------------------------------------------------------------
@@ -142,7 +149,7 @@ def base_record(base_name_or_path: str) -> dict:
     weights = resolve_model(base_name_or_path)
     name = str(base_name_or_path)
     if name not in available_models():
-        name = str(weights.resolve())
+        name = os.path.abspath(weights)  # links kept: the description lies beside the link, not its target
     return {"name": name, "sha256": read_model_info(weights)["sha256"]}
 
 
@@ -334,6 +341,57 @@ class LesionPatches(torch.utils.data.Dataset):
 
 
 # -- fine-tuning -------------------------------------------------------------------------------------
+def check_finetune_start(base: str, task: str, out_dir, resume: bool, factor: Optional[int] = None) -> dict:
+    """Refuse, before any data is prepared (it reads descriptions and the run's JSON only), a base that is a
+    ControlNet, or a resume of a pre-training run or of a fine-tuning run of another task, base or slice factor.
+    Returns what the run records of itself: its task, its base's SHA-256 and (super-resolution) its slice factor."""
+    if task not in TASKS:
+        raise InputError(f"unknown fine-tuning task {task!r}; choose one of {', '.join(TASKS)}")
+    found = controlnet_task_in(read_model_info(resolve_model(base)))
+    if found is not None:
+        raise InputError(f"{base} is already a ControlNet model (fine-tuned for {found}); fine-tune on a base "
+                         "model such as `default`")
+    run = {"task": task, "base_sha256": base_record(base)["sha256"]}
+    if factor is not None:
+        run["slice_factor"] = factor
+    if resume:
+        _check_resumed_run(Path(out_dir), base, run)
+    return run
+
+
+def _check_resumed_run(out_dir: Path, base: str, run: dict) -> None:
+    """Refuse to resume the run in `out_dir` unless it fine-tuned what `run` describes."""
+    record = training_state_record(out_dir)
+    if not record:
+        return  # no run yet (a run without a readable state was refused by training_state_record)
+    recorded = record.get("settings")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("extra"), dict):
+        raise CheckpointError(f"the training state in {out_dir} lacks its settings; it was not written by this "
+                              "version of MedDiffFM's finetune; start a new run in another folder")
+    if not is_controlnet_run(record):
+        raise InputError(f"{out_dir} holds a pre-training run, not a fine-tuning run; fine-tune into a new folder")
+    earlier = recorded["extra"].get("finetune", run)  # recorded before runs named their task: as asked
+    # A run recorded before the slice factor was stored is compared on what it recorded.
+    same_otherwise = all(earlier[key] == value for key, value in run.items() if key != "base_sha256" and key in earlier)
+    if earlier.get("base_sha256") != run["base_sha256"] and same_otherwise:
+        raise InputError(f"{out_dir} fine-tunes another base than {base}: the run began on weights with SHA-256 "
+                         f"{str(earlier.get('base_sha256'))[:12]}..., {base} has {run['base_sha256'][:12]}... "
+                         "(another model, or this one retrained since). A ControlNet fits only the exact base it "
+                         "was trained on: resume with --base set to that model, or fine-tune into a new folder")
+    if earlier != {key: value for key, value in run.items() if key in earlier}:
+        raise InputError(f"{out_dir} holds a fine-tuning run of another task, base model or slice factor "
+                         f"({_run_description(earlier)}); resume it with the same --task, --base and --factor, or "
+                         "fine-tune into a new folder")
+
+
+def _run_description(run: dict) -> str:
+    """'task super-resolution, base SHA-256 95c8d2ea0271..., slice factor 4' for a message."""
+    parts = [f"task {run.get('task')}", f"base SHA-256 {str(run.get('base_sha256'))[:12]}..."]
+    if "slice_factor" in run:
+        parts.append(f"slice factor {run['slice_factor']}")
+    return ", ".join(parts)
+
+
 def finetune(base: str, task: str, data, out_dir, settings, val_data=None, resume: bool = False,
              progress=None) -> dict:
     """Train a ControlNet for `task` on the frozen model `base` (name or path) with `training.train`.
@@ -342,46 +400,16 @@ def finetune(base: str, task: str, data, out_dir, settings, val_data=None, resum
     (`SuperResolutionPairs`, `LesionPatches`). The run folder's `ema.safetensors` (+ .json) is a ControlNet
     model file that `checkpoints.load_model` loads together with its base.
     """
-    if task not in TASKS:
-        raise InputError(f"unknown fine-tuning task {task!r}; choose one of {', '.join(TASKS)}")
+    factor = data.factor if isinstance(data, SuperResolutionPairs) else None
+    # Recorded with the training state, so --resume cannot continue another task's, base's or slice factor's run.
+    run = check_finetune_start(base, task, out_dir, resume, factor)
     base_model, cfg, _ = load_model(base)
-    if is_controlnet(base_model):
-        raise InputError(f"{base} is already a ControlNet model; fine-tune on a base model")
     record = base_record(base)
     if Path(str(base)).name.startswith("ema") and (Path(str(base)).parent / "last.json").exists():
         log.warning("the base %s is a training run's EMA model, which the run's next checkpoint replaces, and a "
                     "ControlNet fits only the exact base it was trained on: copy the base elsewhere (or register it) "
                     "and fine-tune on the copy", base)
-    # Recorded with the training state, so --resume cannot continue another task's, base's or slice factor's run.
-    run = {"task": task, "base_sha256": record["sha256"]}
-    if isinstance(data, SuperResolutionPairs):
-        run["slice_factor"] = data.factor
     settings = dataclasses.replace(settings, extra={**settings.extra, "finetune": run})
-    if resume:
-        state = load_training_state(out_dir)
-        recorded = state[1].get("settings") if state is not None else {"extra": {"finetune": run}}
-        extra = recorded.get("extra") if isinstance(recorded, dict) else None
-        if not isinstance(extra, dict):
-            raise CheckpointError(f"the training state in {out_dir} lacks its settings; it was not written by this "
-                                  "version of MedDiffFM's finetune; start a new run in another folder")
-        earlier = extra.get("finetune")
-        if earlier is None:  # recorded before runs named their task: tell the kind of run by its tensors
-            if not any(key.startswith("model.controlnet.") for key in state[0]):
-                raise InputError(f"{out_dir} holds a pre-training run, not a fine-tuning run; fine-tune into a "
-                                 "new folder")
-            earlier = run
-        # A run recorded before the slice factor was stored is compared on what it recorded.
-        same_otherwise = all(earlier[key] == value for key, value in run.items()
-                             if key != "base_sha256" and key in earlier)
-        if earlier.get("base_sha256") != run["base_sha256"] and same_otherwise:
-            raise InputError(f"{out_dir} fine-tunes another base than {base}: the run began on weights with SHA-256 "
-                             f"{str(earlier.get('base_sha256'))[:12]}..., {base} has {run['base_sha256'][:12]}... "
-                             "(another model, or this one retrained since). A ControlNet fits only the exact base it "
-                             "was trained on: resume with --base set to that model, or fine-tune into a new folder")
-        if earlier != {key: value for key, value in run.items() if key in earlier}:
-            raise InputError(f"{out_dir} holds a fine-tuning run of another task, base model or slice factor "
-                             f"({earlier}); resume it with the same --task, --base and --factor, or train into a "
-                             "new folder")
 
     def build(_cfg: ModelConfig) -> ControlledNet:
         return ControlledNet(copy.deepcopy(base_model), task)

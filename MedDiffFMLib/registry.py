@@ -25,6 +25,9 @@ _warned: Set[str] = set()  # warnings given once per process (registry() runs at
 
 RESOURCES = Path(__file__).resolve().parents[1] / "Resources"
 BUNDLED_REGISTRY = RESOURCES / "Models.json"
+#: The types Resources/Models.schema.json gives an entry's keys (the schema is not shipped with the extension).
+ENTRY_TYPES = {"name": str, "file": str, "url": (str, type(None)), "sha256": str, "size": int, "description": str,
+               "preset": str, "licence": str, "training": dict, "test_only": bool, "measured_times": dict}
 
 
 def cache_dir() -> Path:
@@ -41,16 +44,33 @@ def read_registry(path: Path) -> List[dict]:
     if not path.exists():
         return []
     try:
-        models = json.loads(path.read_text(encoding="utf-8"))["models"]
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:  # e.g. another user's file, or a folder of that name: as unusable as a damaged one
+        raise CheckpointError(f"the model registry {path} cannot be read ({exc.strerror or exc}); "
+                              f"{_remedy(path)}") from None
+    try:
+        models = json.loads(text)["models"]
         for entry in models:
             if not (isinstance(entry.get("name"), str) and isinstance(entry.get("file"), str)):
                 raise ValueError(f"an entry without a name or file: {json.dumps(entry)[:80]}")
+            wrong = [key for key, kind in ENTRY_TYPES.items() if key in entry and not _is_a(entry[key], kind)]
+            if wrong:  # the listing and the lookups would fail on it
+                raise ValueError(f"model {entry['name']}: {', '.join(wrong)} of the wrong type (Models.schema.json)")
         return models
     except (ValueError, KeyError, TypeError, AttributeError) as exc:  # Type/AttributeError: not objects
-        remedy = ("restore it from the repository or reinstall the extension" if path == BUNDLED_REGISTRY else
-                  "repair it, or delete it to forget the models registered there (their files stay in "
-                  f"{path.parent / 'Models'})")
-        raise CheckpointError(f"the model registry {path} is damaged ({exc}); {remedy}") from None
+        raise CheckpointError(f"the model registry {path} is damaged ({exc}); {_remedy(path)}") from None
+
+
+def _is_a(value, kind) -> bool:
+    return isinstance(value, kind) and not (isinstance(value, bool) and kind is int)  # JSON's true is no integer
+
+
+def _remedy(path: Path) -> str:
+    """What to do about a registry file that cannot be used."""
+    if path == BUNDLED_REGISTRY:
+        return "restore it from the repository or reinstall the extension"
+    return ("repair it, or delete it to forget the models registered there (their files stay in "
+            f"{path.parent / 'Models'})")
 
 
 def registry() -> List[dict]:

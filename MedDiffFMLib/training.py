@@ -518,13 +518,31 @@ def _config_difference(saved: dict, cfg: ModelConfig) -> str:
 
 
 def check_resume_config(out_dir, cfg: ModelConfig) -> dict:
-    """Refuse, before any data is prepared, to resume a run of another model configuration (reads JSON only).
-    Returns the newest state's record ({} when there is none to read), e.g. its `training_data`."""
+    """Refuse, before any data is prepared, to resume a ControlNet fine-tuning run or a run of another model
+    configuration (reads JSON only).
+    Returns the newest readable state's record ({} when there is no run yet), e.g. its `training_data`; a run
+    without a readable state is refused by training_state_record."""
     record = training_state_record(out_dir)  # the state train() resumes from, also when last.json is damaged
     if "config" not in record:
-        return {}  # no run yet, or no readable state: train() says what is wrong
+        return {}  # no run yet, or a state that records no config: train() says what is wrong
+    if is_controlnet_run(record):
+        raise _other_kind_of_run(out_dir)
     _refuse_other_config(Path(out_dir), record["config"], cfg)
     return record
+
+
+def is_controlnet_run(record: dict) -> bool:
+    """Whether a training state's record (its JSON) is of a ControlNet fine-tuning run: the run records its
+    fine-tuning in its settings, or (recorded before it did) its training data name their task."""
+    settings = record.get("settings")
+    extra = settings.get("extra") if isinstance(settings, dict) else None
+    data = record.get("training_data")
+    return (isinstance(extra, dict) and "finetune" in extra) or (isinstance(data, dict) and "task" in data)
+
+
+def _other_kind_of_run(out_dir) -> CheckpointError:
+    return CheckpointError(f"{out_dir} holds a run of another kind of model (a pre-training run and a ControlNet "
+                           "fine-tuning run cannot continue each other); train into a new folder")
 
 
 def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: Rank,
@@ -562,6 +580,9 @@ def _restore(out_dir: Path, cfg: ModelConfig, model, ema: EMA, optimizer, rank: 
         mix_before, mix_now = trained_on.get("mode_weights"), training_on.get("mode_weights")
         if mix_before and mix_now and _normalised(mix_before) != _normalised(mix_now):
             changed.append(f"patch mix {_mix(mix_before)} -> {_mix(mix_now)}")
+        share_before, share_now = trained_on.get("lesion_probability"), training_on.get("lesion_probability")
+        if None not in (share_before, share_now) and share_before != share_now:  # lesion fine-tuning's patch mix
+            changed.append(f"--lesion-probability {share_before:g} -> {share_now:g}")
         if changed:
             log.warning("resuming with other settings than the run was trained with (%s): the patches from here on "
                         "differ from a run that kept them; pass the old values to continue the same stream",
@@ -668,8 +689,7 @@ def _check_state_tensors(out_dir: Path, step: int, tensors: Dict[str, torch.Tens
             for prefix in ("model.", "ema.", "optim.")}
     expected = model.state_dict()
     if any(k.startswith("controlnet.") for k in part["model."]) != any(k.startswith("controlnet.") for k in expected):
-        raise CheckpointError(f"{out_dir} holds a run of another kind of model (a pre-training run and a "
-                              "ControlNet fine-tuning run cannot continue each other); train into a new folder")
+        raise _other_kind_of_run(out_dir)
     where = f"the training state of step {step} in {out_dir}"
     params = [p for group in optimizer.param_groups for p in group["params"]]
     wrong = []

@@ -105,6 +105,16 @@ def test_a_description_must_let_the_weights_be_checked(tiny, tmp_path):
     assert checkpoints.model_intact(tmp_path / "m") is True
 
 
+def test_a_model_of_another_format_version_is_named_as_such(tiny, tmp_path):
+    """It used to be called no MedDiffFM model description at all."""
+    cfg, state = tiny
+    save_model(state, cfg, tmp_path / "m", {})
+    _edit_description(tmp_path / "m", format="meddifffm-model-2")
+    with pytest.raises(CheckpointError, match="a model of format 'meddifffm-model-2', which this version of "
+                                              "MedDiffFM cannot read \\(it reads 'meddifffm-model-1'\\); use the"):
+        load_model(tmp_path / "m.safetensors")
+
+
 def test_integer_weights_are_refused_even_with_a_matching_hash(tiny, tmp_path):
     cfg, state = tiny
     save_model({k: (v * 100).to(torch.int8) for k, v in state.items()}, cfg, tmp_path / "m", {}, half=False)
@@ -211,6 +221,27 @@ def test_tasks_warn_when_they_run_a_test_model(caplog):
         load_for_task(str(resolve_model("tiny")), torch.device("cpu"))  # by its file's path too
     assert "model tiny-lesion is a test model (Resources/Models.json)" in caplog.text
     assert "meddifffm-tiny.safetensors is a test model" in caplog.text
+
+
+def test_a_model_given_by_links_is_read_by_the_links_names(tmp_path):
+    """A download cache (e.g. Hugging Face's) keeps a model's two files as links named after it, to blobs named by
+    their hashes: the description is the link beside the weights' link, not a file beside the blob."""
+    from MedDiffFMLib.finetune import base_record
+    from MedDiffFMLib.tasks.common import load_task_model as load_for_task
+
+    shipped = resolve_model("tiny")
+    (tmp_path / "blobs").mkdir()
+    shutil.copyfile(shipped, tmp_path / "blobs" / "b1")
+    shutil.copyfile(shipped.with_suffix(".json"), tmp_path / "blobs" / "b2")
+    link = tmp_path / "snapshot" / "model.safetensors"
+    link.parent.mkdir()
+    try:
+        link.symlink_to(tmp_path / "blobs" / "b1")
+        link.with_suffix(".json").symlink_to(tmp_path / "blobs" / "b2")
+    except OSError:  # Windows without the right to make links
+        pytest.skip("this system makes no symbolic links")
+    assert isinstance(load_for_task(str(link), torch.device("cpu")), MedDiffNet)
+    assert base_record(str(link))["name"] == str(link)  # a ControlNet on it finds its base by the link again
 
 
 def test_fine_tuned_tasks_default_to_controlnets_on_the_bundled_base():
@@ -435,6 +466,62 @@ def test_registering_a_damaged_model_or_into_a_damaged_registry_changes_nothing(
         resolve_model("gone")
 
 
+def test_a_user_registry_that_cannot_be_read_leaves_the_shipped_models_usable(caplog):
+    """As a damaged one does (README: the shipped models still run); here a folder has the registry's name, as
+    another user's unreadable file would be."""
+    registry_path = checkpoints.user_registry()
+    registry_path.mkdir(parents=True)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_model("tiny") == checkpoints.RESOURCES / "Models" / "meddifffm-tiny.safetensors"
+    assert f"the model registry {registry_path} cannot be read" in caplog.text
+    with pytest.raises(CheckpointError, match="cannot be read .*repair it, or delete it"):
+        checkpoints.register_model(resolve_model("tiny"), "mine", "a copy of tiny")
+    assert not (registry_path.parent / "Models").exists()
+
+
+@pytest.mark.parametrize("change", [{"training": "300 steps"}, {"description": None}, {"sha256": 5}, {"size": True}])
+def test_a_user_registry_entry_of_the_wrong_types_is_named_as_damage(change, caplog, capsys):
+    """The listing and the lookups of that name used to fail with a traceback (AttributeError, TypeError)."""
+    from MedDiffFMLib.commands.models import listing
+
+    checkpoints.register_model(resolve_model("tiny"), "mine", "a copy of tiny")
+    registry_path = checkpoints.user_registry()
+    entries = json.loads(registry_path.read_text())["models"]
+    registry_path.write_text(json.dumps({"models": [dict(entries[0], **change)]}))
+    with caplog.at_level(logging.WARNING):
+        assert "tiny" in [row["name"] for row in listing()] and "mine" not in checkpoints.available_models()
+    assert f"model mine: {next(iter(change))} of the wrong type (Models.schema.json)" in caplog.text
+
+
+def test_the_registry_checks_the_types_of_its_schema():
+    schema = json.loads((checkpoints.RESOURCES / "Models.schema.json").read_text())
+    json_types = {"string": str, "integer": int, "boolean": bool, "object": dict, "null": type(None)}
+    for key, spec in schema["properties"]["models"]["items"]["properties"].items():
+        kinds = tuple(json_types[kind] for kind in ([spec["type"]] if isinstance(spec["type"], str) else spec["type"]))
+        assert registry_module.ENTRY_TYPES[key] in (kinds, kinds[0]), key
+    assert set(registry_module.ENTRY_TYPES) == set(schema["properties"]["models"]["items"]["properties"])
+
+
+def test_a_model_replaced_while_it_is_registered_replaces_nothing(tiny, tmp_path, monkeypatch):
+    """A run's ema.safetensors is exported anew at each checkpoint: a copy taken after the check is not installed."""
+    cfg, state = tiny
+    checkpoints.register_model(resolve_model("tiny"), "mine", "a copy of tiny")
+    installed = checkpoints.user_registry().parent / "Models"
+    before = {path.name: path.read_bytes() for path in installed.iterdir()}
+    save_model(state, cfg, tmp_path / "ema", {"steps": 1})
+    checked = checkpoints.load_model
+
+    def exported_after_the_check(path):
+        loaded = checked(path)
+        save_model({k: v + 1 for k, v in state.items()}, cfg, tmp_path / "ema", {"steps": 2})
+        return loaded
+
+    monkeypatch.setattr(checkpoints, "load_model", exported_after_the_check)
+    with pytest.raises(CheckpointError, match="ema.safetensors changed while it was registered .* nothing was"):
+        checkpoints.register_model(tmp_path / "ema.safetensors", "mine", "replaced")
+    assert {path.name: path.read_bytes() for path in installed.iterdir()} == before
+
+
 def test_the_user_registry_cannot_take_a_shipped_name_and_never_hides_one(tmp_path, caplog, monkeypatch):
     tiny_file = resolve_model("tiny")
     with pytest.raises(InputError, match="default is the name of a model shipped with MedDiffFM"):
@@ -466,6 +553,14 @@ def test_the_user_registry_cannot_take_a_shipped_name_and_never_hides_one(tmp_pa
     # An entry written on Windows (by an earlier version) resolves everywhere.
     registry_path.write_text(json.dumps({"models": [dict(entries[0], file="Models\\meddifffm-mine.safetensors")]}))
     assert resolve_model("mine") == checkpoints.user_registry().parent / "Models" / "meddifffm-mine.safetensors"
+
+
+@pytest.mark.parametrize("name", ["mine.safetensors", "v1.json", "mine.PT"])
+def test_a_name_that_model_would_read_as_a_file_is_not_registered(name):
+    """Such a name could never be run by name, and `mine.safetensors` would share the files of `mine`."""
+    with pytest.raises(InputError, match=f"may not end in a file suffix .*--model reads '{name}' as a file"):
+        checkpoints.register_model(resolve_model("tiny"), name, "a copy of tiny")
+    assert not checkpoints.user_registry().parent.exists()
 
 
 def test_an_empty_model_name_is_refused_with_the_choices():
@@ -539,6 +634,20 @@ def test_the_models_command_lists_describes_verifies_and_registers(tmp_path, mon
     assert [entry["name"] for entry in checkpoints.read_registry(home / "Models.json")] == ["mine"]
     shipped = tmp_path / "Resources" / "Models" / "meddifffm-shipped.safetensors"
     assert checkpoints.sha256_file(shipped) == info["sha256"]
+
+
+@pytest.mark.parametrize("record", [{"validation_loss": "not measured"}, {"validation_loss": {"mean": "n/a"}},
+                                    {"base_model": "tiny"}])
+def test_the_models_command_describes_a_model_whose_training_record_has_other_types(record, tmp_path, capsys):
+    """The record beside the config is free-form (the hash covers the weights only); it used to end in a traceback."""
+    from MedDiffFMLib.cli import main
+
+    shipped = resolve_model("tiny")
+    shutil.copyfile(shipped, tmp_path / "mine.safetensors")
+    shutil.copyfile(shipped.with_suffix(".json"), tmp_path / "mine.json")
+    _edit_description(tmp_path / "mine", **record)
+    assert main(["models", str(tmp_path / "mine.safetensors")]) == 0
+    assert "trained    300 steps" in capsys.readouterr().out
 
 
 def test_replacing_a_registered_base_names_the_controlnets_it_orphans(tiny, tmp_path, caplog):

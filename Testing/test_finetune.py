@@ -1,6 +1,7 @@
 """ControlNet fine-tuning: weight copy, frozen base, exact equality at initialisation, training, model files."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -138,6 +139,20 @@ def test_a_compiled_controlnet_is_known_as_one(base, chest_nodule_crop):
     assert isinstance(job.sampler.cond, ControlledCondition)
 
 
+def test_a_model_of_another_kind_is_refused_with_the_model_to_use(base):
+    """The message named only `finetune --task ...`, as if a researcher had to train one: it names the registered
+    ControlNet of the task, and what the given model is for."""
+    for model, task, given in ((base, "super-resolution", "a base model, not a ControlNet (for synthesize, denoise"),
+                               (ControlledNet(base, "lesion"), "super-resolution",
+                                "a lesion ControlNet (for generate-lesion and inpaint)"),
+                               (ControlledNet(base, "super-resolution"), "lesion",
+                                "a super-resolution ControlNet (for super-resolve)")):
+        with pytest.raises(InputError) as error:
+            check_task(model, task)
+        assert f"such as the registered `{task}` (the task's default)" in str(error.value)
+        assert f"the given model is {given}" in str(error.value)
+
+
 def test_condition_without_control_channel_is_refused(base, chest_nodule_crop):
     x_t, t, cond, region = real_batch(base, chest_nodule_crop)
     with pytest.raises(ValueError, match="condition channels"):
@@ -267,6 +282,19 @@ def test_resumed_finetuning_equals_an_uninterrupted_run(base, chest_nodule_crop,
                  resume=True)
 
 
+def test_a_resume_with_another_lesion_probability_is_warned_about(base, chest_nodule_crop, tmp_path, caplog):
+    """The share of lesion-centred patches fixes which patches each step trains on, as the patch mix does for
+    pre-training; a resume with another share changed them without a word (the run's default came back, too)."""
+    data, weights = lesion_training_files(base, chest_nodule_crop, tmp_path)
+    settings = TrainSettings(steps=1, batch_size=1, validate_every=1000)
+    finetune(weights, "lesion", data, tmp_path / "run", settings)
+    other = LesionPatches([(tmp_path / "ct.nii.gz", tmp_path / "lesion.nii.gz", "chest")], base.cfg, seed=0,
+                          lesion_probability=0.5)
+    caplog.clear()
+    finetune(weights, "lesion", other, tmp_path / "run", dataclasses.replace(settings, steps=2), resume=True)
+    assert "resuming with other settings than the run was trained with (--lesion-probability 0.8 -> 0.5)" in caplog.text
+
+
 def test_finetuning_on_a_training_runs_ema_model_is_warned_about(base, chest_nodule_crop, tmp_path, caplog):
     data, _ = lesion_training_files(base, chest_nodule_crop, tmp_path)
     save_model(base.state_dict(), base.cfg, tmp_path / "run" / "ema", half=False)  # as a training run exports it
@@ -360,3 +388,37 @@ def test_the_finetune_command_trains_a_controlnet_and_refuses_bad_settings_befor
     assert info["training_data"]["regions"] == {"chest": 1}
     model, cfg, _ = load_model(run / "ema.safetensors")
     assert isinstance(model, ControlledNet) and cfg.name == "tiny"
+
+
+def test_wrong_base_or_run_folder_is_refused_before_the_data_are_prepared(base, chest_nodule_crop, tmp_path, capsys):
+    """A ControlNet given as the base, or a resume of a run of another task or of a pre-training run, was refused only
+    after every CT had been read and cached (minutes for a split); `train --resume` into a fine-tuning run too."""
+    from MedDiffFMLib.cli import main
+
+    data, weights = lesion_training_files(base, chest_nodule_crop, tmp_path)
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    finetune(weights, "lesion", data, run, TrainSettings(steps=1, batch_size=1, validate_every=1000))
+    common = ["--data", str(tmp_path / "ct.nii.gz"), "--region", "chest", "--cache-dir", str(cache), "--steps", "2",
+              "--batch-size", "1", "--progress", "none"]
+    resume_sr = ["finetune", "--task", "super-resolution", "--factor", "4", "--base", weights, "--out", str(run),
+                 "--resume"] + common
+    for argv, message in (
+            (resume_sr, "of another task, base model or slice factor \\(task lesion, base SHA-256 [0-9a-f]{12}"),
+            (["finetune", "--task", "super-resolution", "--base", str(run / "ema.safetensors"), "--out",
+              str(tmp_path / "new")] + common,
+             "ema.safetensors is already a ControlNet model \\(fine-tuned for lesion\\); fine-tune on a base "
+             "model such as `default`"),
+            (["train", "--preset", "tiny", "--out", str(run), "--resume"] + common,
+             "a pre-training run and a ControlNet fine-tuning run cannot continue each other")):
+        assert main(argv) == 2, argv
+        assert re.search(message, capsys.readouterr().err), argv
+        assert not cache.exists() and not (tmp_path / "new").exists(), argv
+    # The same state as a pre-training run records itself: no fine-tuning settings, no task in its training data.
+    state_record = run / (json.loads((run / "last.json").read_text())["state"] + ".json")
+    record = json.loads(state_record.read_text())
+    record["settings"]["extra"] = {}
+    del record["training_data"]["task"]
+    state_record.write_text(json.dumps(record))
+    assert main(resume_sr) == 2
+    assert "holds a pre-training run, not a fine-tuning run" in capsys.readouterr().err
+    assert not cache.exists()

@@ -715,6 +715,25 @@ def test_cli_refuses_conflicting_or_unusable_settings_before_preparing_data(cfg,
     assert sorted(cache.iterdir()) == entries  # no `default` entries were made
 
 
+def test_cli_refuses_a_resume_it_cannot_do_before_preparing_data(tmp_path, capsys):
+    """A run without a readable state, and a ControlNet's run, used to be refused only after the data were prepared
+    (minutes for a whole training set)."""
+    from MedDiffFMLib.checkpoints import save_training_state
+
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    train_args = ["train", "--preset", "tiny", "--data", str(ABDOMEN_SMALL_NII), "--cache-dir", str(cache), "--out",
+                  str(run), "--steps", "1", "--batch-size", "1", "--resume"]
+    finetuning = {"config": preset("tiny").to_dict(), "settings": {"extra": {"finetune": {"task": "lesion"}}}}
+    save_training_state(run, 4, {"model.controlnet.w": torch.zeros(1)}, finetuning)
+    assert cli_main(train_args) == 2
+    assert "holds a run of another kind of model" in capsys.readouterr().err
+    (run / "state-00000004.safetensors").unlink()  # e.g. deleted to save space
+    assert cli_main(train_args) == 2
+    assert re.search("cannot resume from .*run: the training state is unreadable \\(state-00000004: .*No such file",
+                     capsys.readouterr().err)
+    assert not cache.exists() and sorted(path.name for path in run.iterdir()) == ["last.json", "state-00000004.json"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="train() takes the GPU, where auto is bf16")
 def test_precision_auto_is_fp32_on_the_cpu_and_bf16_is_autocast(cfg, data, tmp_path):
     """The GPU runs train under bf16 autocast by default; `precision` lets one compare it with fp32 anywhere."""

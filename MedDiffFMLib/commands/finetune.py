@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..checkpoints import read_model_info, resolve_model
     from ..config import ModelConfig
-    from ..finetune import check_training_factor, finetune
+    from ..finetune import check_finetune_start, check_training_factor, finetune
     from ..training import TrainSettings
 
     _common.check_run_folder(args)
@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
                              checkpoint_every=args.checkpoint_every, num_workers=args.num_workers,
                              half_export=_common.half_export(args), low_noise_fraction=0.0, precision=args.precision)
     settings.check(cfg)  # before the (slow) data preparation
-    if args.task == "super-resolution":
-        check_training_factor(args.factor, cfg)
+    factor = check_training_factor(args.factor, cfg) if args.task == "super-resolution" else None
+    check_finetune_start(args.base, args.task, args.out, args.resume, factor)
     val_spec = args.val_data if args.val_data is not None else (["validation"] if args.data == ["train"] else [])
     _common.check_training_region(args, cfg.regions, args.data, val_spec)
     _check_masks(args, val_spec)  # before the (slow) data preparation

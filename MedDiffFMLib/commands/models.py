@@ -155,7 +155,9 @@ def _format_listing(rows: List[Dict[str, Any]]) -> str:
 
 def _format_description(report: Dict[str, Any]) -> str:
     cfg, training = report["config"], report["training"]
-    validation = (training.get("validation_loss") or {}).get("mean")
+    # The training record is free-form (its hash covers the weights only): a value of another type is left out.
+    losses = training.get("validation_loss")
+    validation = losses.get("mean") if isinstance(losses, dict) else None
     lines = [
         f"model      {report['model']}: {report['kind']}, {report['parameters'] / 1e6:.2f}M parameters",
         f"file       {report['file']} ({report['size_bytes']} bytes, SHA-256 {report['sha256']}: verified)",
@@ -163,9 +165,9 @@ def _format_description(report: Dict[str, Any]) -> str:
         f"{cfg['num_train_timesteps']} {cfg['schedule']} timesteps, {cfg['anatomy'].get('source')} anatomy",
         "windows    " + ", ".join(f"{region} [{lo:g}, {hi:g}] HU" for region, (lo, hi) in cfg["windows"].items()),
         f"trained    {training.get('steps')} steps, {training.get('wall_hours')} h on {training.get('device')}"
-        + ("" if validation is None else f", validation L1 {validation:.4f}"),
+        + (f", validation L1 {validation:.4f}" if isinstance(validation, (int, float)) else ""),
     ]
-    if report["base"]:
+    if isinstance(report["base"], dict):
         base = report["base"]
         lines.append(f"base       {base.get('name')} (SHA-256 {str(base.get('sha256'))[:12]}...)")
     if report["settings"]:

@@ -89,11 +89,14 @@ def load_task_model(name_or_path: str, device: torch.device, compile: bool = Fal
     from ..network import parameter_count
     from ..registry import RESOURCES, registry
 
-    weights = resolve_model(name_or_path).resolve()  # once: a registered name's files are checked on the way
+    # Resolved once (a registered name's files are checked on the way), but links are not followed: a model's
+    # description lies beside the name it was given by, not beside the file a link points at (a download cache's blob).
+    weights = resolve_model(name_or_path)
     model, cfg, info = load_checkpoint(weights, device)
     log.info("model %s: preset %s, %.2fM parameters, %s training steps, on %s", name_or_path, cfg.name,
              parameter_count(model) / 1e6, info.get("steps", "unknown"), device)
-    if any(entry.get("test_only") and (RESOURCES / entry["file"]).resolve() == weights for entry in registry()):
+    if any(entry.get("test_only") and (RESOURCES / entry["file"]).resolve() == weights.resolve()
+           for entry in registry()):
         log.warning("model %s is a test model (Resources/Models.json): it proves the code path end to end, and its "
                     "output is not clinically meaningful", name_or_path)
     model = model.eval()
