@@ -10,8 +10,10 @@ import csv
 import glob
 import gzip
 import hashlib
+import locale
 import logging
 import os
+import shutil
 import time
 import uuid
 import zlib
@@ -173,15 +175,21 @@ def sibling_path(path: PathLike, tag: str, suffix: Optional[str] = None) -> Path
     return path.with_name(stem + tag + (ending if suffix is None else suffix))
 
 
+def check_input_found(path: PathLike) -> Path:
+    """`path`, refused when nothing is there."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"input not found: {path}")
+    return path
+
+
 def read_volume(path: PathLike) -> Volume:
     """Read a CT as float32 HU: a NIfTI/NRRD/MHA file, a DICOM series folder or one file of a series.
 
     A folder with several DICOM series gives the series with the most files (logged; a tie is refused). A series
     with uneven slice gaps or gantry tilt is resampled onto an orthogonal grid of even slices (`_even_slices`).
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"input not found: {path}")
+    path = check_input_found(path)
     float_voxels = None
     if path.is_dir():
         image = _read_dicom_folder(path, series_id=None)
@@ -278,27 +286,37 @@ def as_label_array(array: np.ndarray, name: str = "mask") -> np.ndarray:
 
 
 def write_volume(vol: Volume, path: PathLike, overwrite: bool = False,
-                 inputs: Iterable[PathLike] = ()) -> Path:
-    """Write `vol` atomically to a NIfTI/NRRD/MHA file; returns the path written.
+                 inputs: Iterable[PathLike] = (), series: Optional["DerivedSeries"] = None) -> Path:
+    """Write `vol` atomically to a NIfTI/NRRD/MHA file, or to a folder as the DICOM series `series`; returns the
+    path written.
 
     Refuses an existing file unless `overwrite`, and always refuses any path listed in `inputs`.
     """
-    return write_volumes([(vol, path)], overwrite=overwrite, inputs=inputs)[0]
+    return write_volumes([(vol, path)], overwrite=overwrite, inputs=inputs, series=series)[0]
 
 
 def write_volumes(items: Sequence[Tuple[Volume, PathLike]], overwrite: bool = False,
-                  inputs: Iterable[PathLike] = ()) -> List[Path]:
+                  inputs: Iterable[PathLike] = (), series: Optional["DerivedSeries"] = None) -> List[Path]:
     """Write the (volume, path) pairs of one job all or none: each is checked and written to a temporary file
-    first, and only when all are complete do they replace their targets (back to back)."""
+    (or folder) first, and only when all are complete do they replace their targets (back to back). A path that
+    names a folder (`names_a_folder`) takes its volume as the new DICOM series `series` (see `write_series`)."""
     inputs = list(inputs)
     paths = [Path(path) for _, path in items]
     for vol, path in zip((vol for vol, _ in items), paths):
-        check_output_suffix(path)
-        check_output_path(path, inputs=inputs, overwrite=overwrite)
+        if names_a_folder(path):
+            _check_series_output(path, series, inputs)
+        else:
+            check_output_suffix(path)
+            check_output_path(path, inputs=inputs, overwrite=overwrite)
         _check_writable(vol, path)
+    # Read before any writing: a source that cannot be read is no disk problem.
+    tags = _series_tags(series) if any(map(names_a_folder, paths)) else {}
     try:
         with contextlib.ExitStack() as stack:
             for (vol, _), path in zip(items, paths):
+                if names_a_folder(path):
+                    _write_series_slices(vol, stack.enter_context(atomic_path(path, folder=True)), tags)
+                    continue
                 tmp = stack.enter_context(atomic_path(path))
                 sitk.WriteImage(vol.to_sitk(), itk_path(tmp), useCompression=True)
                 if path.name.lower().endswith(NIFTI_SUFFIXES):
@@ -313,6 +331,201 @@ def write_volumes(items: Sequence[Tuple[Volume, PathLike]], overwrite: bool = Fa
                          f"space and that {paths[0].parent} is writable, then retry (no partial file is left)"
                          ) from None
     return paths
+
+
+def names_a_folder(path: PathLike) -> bool:
+    """Whether an output path names a folder (one that exists, or a name without a suffix), which takes a result as
+    a DICOM series, rather than a file."""
+    path = Path(path)
+    return path.is_dir() or not path.suffix
+
+
+def is_dicom_input(path: PathLike) -> bool:
+    """Whether `read_volume` reads `path` as a DICOM series: a folder, or one DICOM file standing for its series."""
+    path = Path(path)
+    return path.is_dir() or (path.is_file() and is_dicom_file(path))
+
+
+#: DICOM tags (pydicom keyword: SimpleITK key) a result written as a DICOM series takes from the input series, so
+#: that it joins the patient's study beside it, and opens in the input's display window (in HU, as the result's are).
+INPUT_TAGS = {"PatientName": "0010|0010", "PatientID": "0010|0020", "PatientBirthDate": "0010|0030",
+              "PatientSex": "0010|0040", "StudyInstanceUID": "0020|000d", "StudyDate": "0008|0020",
+              "StudyTime": "0008|0030", "StudyID": "0020|0010", "StudyDescription": "0008|1030",
+              "AccessionNumber": "0008|0050", "ReferringPhysicianName": "0008|0090",
+              "FrameOfReferenceUID": "0020|0052", "PositionReferenceIndicator": "0020|1040",
+              "PatientPosition": "0018|5100", "BodyPartExamined": "0018|0015", "Laterality": "0020|0060",
+              "KVP": "0018|0060", "WindowCenter": "0028|1050", "WindowWidth": "0028|1051",
+              "WindowCenterWidthExplanation": "0028|1055"}
+
+#: Of INPUT_TAGS, those DICOM allows only with a value (UIDs; the window, where present): left out where the
+#: input's is empty. The others are copied as the input holds them, an empty one empty (an empty Laterality says
+#: unknown, an absent one an unpaired body part).
+VALUE_REQUIRED_TAGS = ("0020|000d", "0020|0052", "0028|1050", "0028|1051", "0028|1055")
+
+#: Tags a CT image must hold even without a value (DICOM type 2): patient, study, patient position, frame of
+#: reference, equipment and acquisition. Written empty where the input has none; GDCM would put today's date as the
+#: study's.
+TYPE_2_TAGS = ("0010|0010", "0010|0020", "0010|0030", "0010|0040", "0008|0020", "0008|0030", "0020|0010",
+               "0008|0050", "0008|0090", "0018|5100", "0020|1040", "0008|0070", "0018|0060", "0020|0012")
+
+#: Added to the input's Series Number for a result's series (subtracted where that would pass the largest
+#: number DICOM allows), so that the two do not share one.
+SERIES_NUMBER_OFFSET = 1000
+
+#: Longest series description (DICOM's LO value) and largest series number (IS value).
+DESCRIPTION_MAX_CHARS = 64
+SERIES_NUMBER_MAX = 2 ** 31 - 1
+
+
+@dataclass(frozen=True)
+class DerivedSeries:
+    """A result to be written as a new DICOM series of the study of an input series. `source`: that series as
+    `read_volume` took it (its folder, or one of its files); `derivation`: what was done ("denoised"), which ends the
+    series description; `keeps_grid`: the result is on the input's grid, so its slices are as thick as the input's
+    (which overlapping reconstructions make thicker than their spacing), else as thick as their spacing."""
+
+    source: Path
+    derivation: str
+    keeps_grid: bool = True
+
+
+def write_series(vol: Volume, folder: PathLike, series: DerivedSeries, inputs: Iterable[PathLike] = ()) -> Path:
+    """Write `vol` as a new DICOM series of the study of `series.source` into `folder` (new, or empty), atomically:
+    int16 HU slices along its third axis (rescale slope 1, intercept 0), each placed and oriented as the grid says,
+    so that `read_volume(folder)` gives the same grid and the values rounded to whole HU. Patient and study tags
+    come from the input series; the series and every slice get new UIDs."""
+    return write_volume(vol, folder, inputs=inputs, series=series)
+
+
+def new_uid() -> str:
+    """A new DICOM UID derived from a random UUID (the 2.25 root needs no registered organisation)."""
+    return f"2.25.{uuid.uuid4().int}"
+
+
+def _check_series_output(folder: Path, series: Optional[DerivedSeries], inputs: Sequence[PathLike]) -> None:
+    """Refuse a DICOM series output without a DICOM input series, or that is not a new or empty folder outside
+    the input series' folder."""
+    if series is None:
+        raise InputError(f"cannot write {folder}: a folder takes a DICOM series, which needs the input series it "
+                         "derives from (series=DerivedSeries(...)); or give a file name such as "
+                         f"{folder.with_name(folder.name + '.nii.gz')}")
+    source = Path(series.source)
+    if not is_dicom_input(source):
+        raise InputError(f"cannot write {folder} as a DICOM series: its source {source} is not a DICOM series")
+    # Nothing is written into the input series' folder, given itself or by one of its files.
+    check_output_path(folder, inputs=list(inputs) + [source if source.is_dir() else source.parent], series=True)
+
+
+def _check_series_grid(vol: Volume, name: str) -> None:
+    """Refuse a grid a DICOM series would read back otherwise: slices are stacked along the normal of their rows and
+    columns, so a sheared or left-handed grid would come back on another one."""
+    direction = np.asarray(vol.direction, dtype=float).reshape(3, 3)
+    if not has_perpendicular_axes(vol) or np.linalg.det(direction) < 0:
+        raise InputError(f"cannot write {name} as a DICOM series: the CT's slice axis is not the normal of its rows "
+                         "and columns (a sheared or left-handed grid), so a DICOM series would place the slices "
+                         "elsewhere; write a .nrrd or .mha file instead")
+
+
+def _series_file(source: Path) -> str:
+    """One file of the DICOM series `read_volume(source)` reads."""
+    if source.is_dir():
+        files_by_series, uid = _find_series(source, None)
+        return files_by_series[uid][0]
+    return str(source)
+
+
+def _series_tags(series: DerivedSeries) -> Dict[str, str]:
+    """The tags every slice of the new series holds: the input series' patient and study, and the new series'
+    own (fresh UID, description naming the task, a number apart from the input's, derived CT)."""
+    import pydicom  # decodes text in any character set; it is written back as UTF-8
+
+    source = pydicom.dcmread(_series_file(Path(series.source)), stop_before_pixels=True)
+    tags = {key: _dicom_text(source.get(keyword)) for keyword, key in INPUT_TAGS.items()
+            if keyword in source and (key not in VALUE_REQUIRED_TAGS or _dicom_text(source.get(keyword)).strip())}
+    for key in ("0020|000d", "0020|0052"):  # one study and one frame of reference for all slices, even if unnamed
+        tags.setdefault(key, new_uid())
+    for key in TYPE_2_TAGS:
+        tags.setdefault(key, "")
+    thickness = _dicom_text(source.get("SliceThickness")).strip()
+    if series.keeps_grid and thickness:
+        tags["0018|0050"] = thickness
+    suffix = f"MedDiffFM {series.derivation}"
+    described = _dicom_text(source.get("SeriesDescription"))[:DESCRIPTION_MAX_CHARS - len(suffix) - 1].strip()
+    try:
+        number = int(_dicom_text(source.get("SeriesNumber")).strip())
+    except ValueError:  # none, or not a number
+        number = 0
+    number += SERIES_NUMBER_OFFSET if number + SERIES_NUMBER_OFFSET <= SERIES_NUMBER_MAX else -SERIES_NUMBER_OFFSET
+    now = time.localtime()
+    tags.update({
+        "0008|0060": "CT", "0008|0016": "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
+        "0008|0008": "DERIVED\\SECONDARY\\AXIAL",  # a CT image's third value: a slice, not a localizer
+        "0020|000e": new_uid(), "0020|0011": str(number),
+        "0008|103e": f"{described} {suffix}".strip(),
+        "0008|2111": f"{series.derivation} by MedDiffFM, a generative model: not as acquired",
+        "0008|0021": time.strftime("%Y%m%d", now), "0008|0031": time.strftime("%H%M%S", now),
+        "0008|0023": time.strftime("%Y%m%d", now), "0008|0033": time.strftime("%H%M%S", now),
+        "0028|1052": "0", "0028|1053": "1", "0028|1054": "HU"})  # GDCM would say "US": unspecified units
+    if not all(value.isascii() for value in tags.values()):
+        tags["0008|0005"] = "ISO_IR 192"  # UTF-8
+    return tags
+
+
+def _dicom_text(value) -> str:
+    """A value pydicom read, as the text of its element: values joined by backslashes (a description typed with a
+    backslash reads as two values, which str() would write as a Python list), '' for none."""
+    from pydicom.multival import MultiValue
+
+    if value is None:
+        return ""
+    return "\\".join(map(str, value)) if isinstance(value, MultiValue) else str(value)
+
+
+def _write_series_slices(vol: Volume, folder: Path, tags: Dict[str, str]) -> None:
+    """`vol` as one int16 DICOM file per slice along its third axis in `folder`, each with `tags` and its own
+    position, orientation, thickness and spacing, instance number and SOP instance UID."""
+    rounded = np.rint(vol.array)
+    clipped = int(np.count_nonzero((rounded < -32768) | (rounded > 32767)))
+    if clipped:
+        log.warning("%d voxels lie beyond the -32768..32767 HU that DICOM's 16-bit slices hold; they are clipped",
+                    clipped)
+    image = vol.with_array(np.clip(rounded, -32768, 32767).astype(np.int16)).to_sitk()
+    d = vol.direction  # row-major: columns are the x (along a row), y and slice axes
+    orientation = "\\".join(_decimal_string(d[i]) for i in (0, 3, 6, 1, 4, 7))
+    thickness = _decimal_string(vol.spacing[2])
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()  # else ITK makes its own series and study UIDs
+    width = max(4, len(str(image.GetDepth())))
+    for k in range(image.GetDepth()):
+        plane = image[:, :, k:k + 1]  # 3D: as a 2D image, GDCM would give a CT Spacing Between Slices of 1 mm
+        for key, value in tags.items():
+            plane.SetMetaData(key, value)
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        plane.SetMetaData("0020|0032", "\\".join(_decimal_string(v) for v in position))
+        plane.SetMetaData("0020|0037", orientation)
+        if "0018|0050" not in tags:  # the input's, where the result keeps its grid
+            plane.SetMetaData("0018|0050", thickness)
+        plane.SetMetaData("0020|0013", str(k + 1))
+        plane.SetMetaData("0008|0018", new_uid())
+        writer.SetFileName(itk_path(folder / f"{k + 1:0{width}d}.dcm"))
+        with locale_kept():
+            writer.Execute(plane)
+
+
+@contextlib.contextmanager
+def locale_kept() -> Iterator[None]:
+    """Restore the process's locale after the block. GDCM, writing a DICOM slice with decimal tags (its position),
+    leaves the whole process in the C locale, after which Python reads and writes text files as ASCII by default."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _decimal_string(value: float) -> str:
+    """`value` as a DICOM decimal string: as many significant digits as its 16 characters hold."""
+    return next(text for text in (f"{value:.{digits}g}" for digits in range(15, 6, -1)) if len(text) <= 16)
 
 
 def has_perpendicular_axes(vol: Volume) -> bool:
@@ -333,9 +546,12 @@ def _check_writable(vol: Volume, path: Path) -> None:
 
 
 def check_output_grid(vol: Volume, path: PathLike) -> None:
-    """Refuse a NIfTI output for a sheared grid (known before a job runs: its outputs share the input's axes)."""
+    """Refuse a NIfTI output or a DICOM series for a grid it cannot store (known before a job runs: its outputs
+    share the input's axes)."""
     name = Path(path).name
-    if name.lower().endswith(NIFTI_SUFFIXES) and not has_perpendicular_axes(vol):
+    if names_a_folder(path):
+        _check_series_grid(vol, name)
+    elif name.lower().endswith(NIFTI_SUFFIXES) and not has_perpendicular_axes(vol):
         # ITK would make the axes perpendicular and move the voxels by millimetres without an error.
         raise InputError(f"cannot write {name}: the CT's axes are not perpendicular (a sheared grid, e.g. "
                          "from a gantry tilt), which NIfTI cannot store; write .nrrd or .mha instead")
@@ -358,8 +574,9 @@ def check_output_suffix(path: PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(final: PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `final` (same suffix); it replaces `final` only on success."""
+def atomic_path(final: PathLike, folder: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to `final` (same suffix); it replaces `final` only on success. `folder`: the
+    temporary path is a new folder to fill, which takes the place of `final` (absent, or an empty folder)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     # Same folder -> os.replace is atomic. The temp name ends in `final`'s suffix, in lower case, and has no other
@@ -373,11 +590,22 @@ def atomic_path(final: PathLike) -> Iterator[Path]:
     _remove_stale_temporaries(final.parent, f"-{stem}{suffix.lower()}")
     tmp = final.parent / f".tmp-{uuid.uuid4().hex[:8]}-{stem}{suffix.lower()}"
     try:
+        if folder:
+            tmp.mkdir()
         yield tmp
+        if folder and final.is_dir():
+            final.rmdir()  # an empty folder (a full one is refused before); a folder is not renamed onto another
         _replace(tmp, final)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        _remove_path(tmp)
+
+
+def _remove_path(path: Path) -> None:
+    """Remove a file, or a folder with what it holds; nothing if it is not there."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 def _replace(source: Path, target: Path) -> None:
@@ -440,12 +668,13 @@ def sha256_file(path: PathLike) -> str:
 
 
 def _remove_stale_temporaries(folder: Path, ending: str) -> None:
-    """Remove `atomic_path`'s temporary files for the same file name (`ending`) untouched for STALE_TEMPORARY_S."""
+    """Remove `atomic_path`'s temporary files and folders for the same name (`ending`) untouched for
+    STALE_TEMPORARY_S."""
     cutoff = time.time() - STALE_TEMPORARY_S
     for path in folder.glob(".tmp-" + "[0-9a-f]" * 8 + glob.escape(ending)):
         try:
-            if path.is_file() and path.stat().st_mtime < cutoff:
-                path.unlink()
+            if path.stat().st_mtime < cutoff:
+                _remove_path(path)
                 log.info("removed %s, left by an earlier write that was killed", path)
         except OSError:  # removed meanwhile by another writer, or not ours to remove: leave it
             pass
@@ -665,19 +894,7 @@ def holds_dicom_files(folder: Path) -> bool:
 
 
 def _read_dicom_folder(folder: Path, series_id: Optional[str]) -> sitk.Image:
-    itk_folder = itk_path(folder)
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(itk_folder)
-    if not series_ids:
-        for name in sorted(folder.iterdir()):  # e.g. a folder of an RTSTRUCT only: say what it holds
-            if name.is_file() and is_dicom_file(name):
-                _refuse_non_image_object(name)
-        raise InputError(
-            f"no DICOM series found in folder {folder} (sub-folders are not searched). Give the folder that "
-            "directly holds the DICOM files of the CT series, or a NIfTI/NRRD/MHA file.")
-    files_by_series = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(itk_folder, uid)
-                       for uid in series_ids}
-    if series_id is None or series_id not in files_by_series:
-        series_id = _largest_series(folder, files_by_series)
+    files_by_series, series_id = _find_series(folder, series_id)
     _warn_unread_files(folder, files_by_series)
     files = files_by_series[series_id]
     _refuse_non_image_object(files[0])
@@ -693,6 +910,25 @@ def _read_dicom_folder(folder: Path, series_id: Optional[str]) -> sitk.Image:
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(show_itk_warnings)
     return _even_slices(folder, files, image)
+
+
+def _find_series(folder: Path, series_id: Optional[str]) -> Tuple[Dict[str, Sequence[str]], str]:
+    """The files of each DICOM series in `folder` (sorted along the slice normal), and the UID of the series to
+    read: `series_id` if the folder holds it, else the largest."""
+    itk_folder = itk_path(folder)
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(itk_folder)
+    if not series_ids:
+        for name in sorted(folder.iterdir()):  # e.g. a folder of an RTSTRUCT only: say what it holds
+            if name.is_file() and is_dicom_file(name):
+                _refuse_non_image_object(name)
+        raise InputError(
+            f"no DICOM series found in folder {folder} (sub-folders are not searched). Give the folder that "
+            "directly holds the DICOM files of the CT series, or a NIfTI/NRRD/MHA file.")
+    files_by_series = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(itk_folder, uid)
+                       for uid in series_ids}
+    if series_id is None or series_id not in files_by_series:
+        series_id = _largest_series(folder, files_by_series)
+    return files_by_series, series_id
 
 
 def _largest_series(folder: Path, files_by_series: dict) -> str:

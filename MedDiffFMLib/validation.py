@@ -202,9 +202,12 @@ def _windows_name_problem(name: str) -> "str | None":
 
 
 def check_output_path(out: "os.PathLike[str] | str", inputs: Iterable["os.PathLike[str] | str"] = (),
-                      overwrite: bool = False, named_after: "os.PathLike[str] | str | None" = None) -> None:
+                      overwrite: bool = False, named_after: "os.PathLike[str] | str | None" = None,
+                      series: bool = False) -> None:
     """Refuse writing onto an input, onto a folder, or onto an existing file unless `overwrite`. `named_after`: the
-    output (-o) whose name `out` is derived from, which the messages then name, as the user never typed `out`."""
+    output (-o) whose name `out` is derived from, which the messages then name, as the user never typed `out`.
+    `series`: `out` is the folder of a DICOM series to be written, which must be new or empty (`overwrite` or not:
+    a series is not replaced file by file)."""
     out = Path(out)
     what, rename = ((f"output {out}", "choose another output path") if named_after is None else
                     (f"{out} (written beside -o {named_after}, named after it)", "choose another -o"))
@@ -218,16 +221,27 @@ def check_output_path(out: "os.PathLike[str] | str", inputs: Iterable["os.PathLi
     for source in inputs:
         source = Path(source)
         if out.resolve() == source.resolve() or (out.exists() and source.exists() and out.samefile(source)):
-            raise InputError(f"{what} is an input file; {rename}")
+            raise InputError(f"{what} is an input {'folder' if source.is_dir() else 'file'}; {rename}")
         if source.is_dir() and source.resolve() in out.resolve().parents:
             raise InputError(f"output {out} is inside the input folder {source}; choose another folder")
-    if out.is_dir():
+    if series:
+        _check_series_folder(out)
+    elif out.is_dir():
         raise InputError(f"{what} is a folder; " + (f"give a file name such as {out / 'result.nii.gz'}"
                                                       if named_after is None else rename))
-    if out.exists() and not overwrite:
+    elif out.exists() and not overwrite:
         raise InputError(f"{what} already exists; " + ("choose another name" if named_after is None else rename)
                          + " or allow overwriting (--overwrite)")
     _check_writable_folder(out.parent, name=out)
+
+
+def _check_series_folder(out: Path) -> None:
+    """Refuse a DICOM series output that names a file or a folder holding anything."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out} is a file; a DICOM series is written into a new or empty folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise InputError(f"output {out} is a folder that is not empty; a DICOM series is written into a new or "
+                         "empty folder (never beside other files, --overwrite or not): choose another folder")
 
 
 def check_output_folder(folder: "os.PathLike[str] | str") -> None:

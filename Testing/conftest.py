@@ -83,3 +83,35 @@ def grid_centre(vol):
     direction = np.asarray(vol.direction).reshape(3, 3)
     half = (np.array(list(reversed(vol.shape))) - 1) * np.asarray(vol.spacing) / 2.0
     return np.asarray(vol.origin) + direction @ half
+
+
+def oblique_dicom_series(vol, folder, tags=None):
+    """`vol` (rounded to int16 HU) turned onto an oblique grid and written with SimpleITK as a DICOM series into
+    `folder`, its slices in reverse file order; `tags` ("gggg|eeee": value) are added to every slice."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from MedDiffFMLib.io import locale_kept, new_uid
+
+    c, s = np.cos(np.radians(20.0)), np.sin(np.radians(20.0))
+    turned = np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]]) @ np.array([[1.0, 0, 0], [0, c, -s], [0, s, c]])
+    image = sitk.GetImageFromArray(np.rint(vol.array).astype(np.int16))
+    image.SetSpacing(vol.spacing)
+    image.SetOrigin((-120.5, 33.25, 410.0))
+    image.SetDirection(tuple(turned.ravel()))
+    folder.mkdir(parents=True)
+    series = {"0020|000e": new_uid(), "0020|000d": new_uid(), "0008|0060": "CT", "0020|0052": new_uid(),
+              "0020|0037": "\\".join(repr(float(v)) for v in turned.T.ravel()[:6]), **(tags or {})}
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        plane = image[:, :, k]
+        for key, value in series.items():
+            plane.SetMetaData(key, value)
+        plane.SetMetaData("0020|0032", "\\".join(repr(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))))
+        plane.SetMetaData("0020|0013", str(k + 1))
+        plane.SetMetaData("0008|0018", new_uid())
+        writer.SetFileName(str(folder / f"{image.GetDepth() - k:03d}.dcm"))
+        with locale_kept():  # GDCM would leave the tests that follow in the C locale
+            writer.Execute(plane)
+    return folder

@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import (ABDOMEN_DICOM, ABDOMEN_NII, CHEST_NODULE_NRRD, CHEST_NRRD, CT_DATA, HEAD_TILTED_DICOM,
-                      LIMB_MASK_NII, LIMB_NII, REPO, THREE_SLICE_DICOM, grid_centre)
+                      LIMB_MASK_NII, LIMB_NII, REPO, THREE_SLICE_DICOM, grid_centre, oblique_dicom_series)
 from MedDiffFMLib.cli import main
 from MedDiffFMLib.errors import InputError
 from MedDiffFMLib.io import Volume, read_volume, write_volume
@@ -455,3 +455,82 @@ def test_a_sheared_grid_is_named_with_its_angle(limb):
                                                    0, 0, 1.0))
     assert shear_degrees(oblique.direction) < 1e-6
     assert not any("perpendicular" in w for w in check_ct(oblique, log_warnings=False))
+
+
+SHARED = ["--device", "cpu", "--progress", "none", "--region", "chest"]
+
+
+def test_denoise_writes_a_dicom_series_of_the_input_study(chest_nodule_crop, tmp_path):
+    from pydicom import dcmread
+
+    source = oblique_dicom_series(chest_nodule_crop[0], tmp_path / "series",
+                                  {"0010|0010": "Doe^Jane", "0008|103e": "Chest 5mm", "0020|0011": "2"})
+    out = tmp_path / "denoised"
+    assert main(["denoise", str(source / "004.dcm"), "-o", str(out), "--seeds", "2", "--model", "tiny", "--nfe", "2",
+                 "--noise-level", "20"] + SHARED) == 0
+    vol, result = read_volume(source), read_volume(out)
+    assert result.grid_differences(vol, tol=1e-6) == [] and not np.array_equal(result.array, vol.array)
+    first, written = dcmread(str(source / "001.dcm")), dcmread(str(sorted(out.iterdir())[0]))
+    assert (str(written.PatientName), written.StudyInstanceUID) == ("Doe^Jane", first.StudyInstanceUID)
+    assert (written.SeriesDescription, int(written.SeriesNumber)) == ("Chest 5mm MedDiffFM denoised", 1002)
+    assert read_volume(tmp_path / "denoised_std.nii.gz").same_grid(vol)  # the spread over seeds: a file beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["denoised", "denoised_std.nii.gz", "series"]
+
+
+def test_a_folder_output_is_refused_where_no_dicom_series_can_go(chest_nodule_crop, tmp_path, capsys, monkeypatch):
+    from MedDiffFMLib.commands import _common
+
+    def refuse(args):
+        raise AssertionError("the model was loaded before the output was refused")
+
+    monkeypatch.setattr(_common, "model_from_args", refuse)
+    image, nodule = chest_nodule_crop
+    source = oblique_dicom_series(image, tmp_path / "series")
+    nifti = write_volume(image, tmp_path / "ct.nii.gz")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "old.dcm").write_bytes(b"an earlier series")
+    only = "a folder takes a DICOM series only as -o of denoise, inpaint, generate-lesion or super-resolve"
+    for argv, message in [
+            (["denoise", nifti, "-o", tmp_path / "out"], f"output {tmp_path / 'out'} has no file suffix; give a file "
+             f"name such as {tmp_path / 'out'}.nii.gz ({only} (their CT) with a DICOM series input; {nifti} is not "
+             "one)"),
+            (["denoise", nifti, "-o", tmp_path / "full"], f"output {tmp_path / 'full'} is a folder; give a file name "
+             f"such as {tmp_path / 'full' / 'result.nii.gz'} ({only}"),
+            (["detect-anomalies", source, "-o", tmp_path / "map"], f"has no file suffix; give a file name such as "
+             f"{tmp_path / 'map'}.nii.gz ({only}"),
+            (["denoise", source, "-o", tmp_path / "out", "--seeds", "2", "--uncertainty", tmp_path / "std"],
+             f"output {tmp_path / 'std'} has no file suffix"),
+            (["denoise", source, "-o", tmp_path / "full"], "is a folder that is not empty; a DICOM series is written "
+             "into a new or empty folder"),
+            (["denoise", source, "-o", source / "out"], f"output {source / 'out'} is inside the input folder"),
+            (["denoise", source / "002.dcm", "-o", source], f"output {source} is the folder of the input DICOM series"),
+            (["denoise", source / "002.dcm", "-o", source / "sub" / "out.nii.gz"],
+             "is inside the folder of the input DICOM series")]:
+        assert main([str(a) for a in argv] + SHARED) == 2, argv
+        assert message in " ".join(capsys.readouterr().err.split()), argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "full", "series"]
+    assert len(list(source.iterdir())) == 12
+    # The CT results of the other commands may go to a DICOM series: accepted up to the model's loading.
+    mask = write_volume(read_volume(source).with_array(nodule.array), tmp_path / "nodule.nii.gz")
+    monkeypatch.setattr(_common, "model_from_args", lambda args: (_ for _ in ()).throw(SystemExit(7)))
+    for argv in (["inpaint", "--mask", mask], ["generate-lesion", "--mask", mask], ["super-resolve"]):
+        with pytest.raises(SystemExit, match="7"):
+            main([str(a) for a in argv] + [str(source), "-o", str(tmp_path / "result")])
+
+
+def test_a_missing_input_is_named_as_such_when_o_names_a_folder(tmp_path, capsys):
+    """A mistyped DICOM folder was said to be no DICOM series, -o being told to take a file suffix instead."""
+    missing = tmp_path / "seriez"
+    assert main(["denoise", str(missing), "-o", str(tmp_path / "denoised"), "--model", "tiny"] + SHARED) == 2
+    assert f"error: input not found: {missing}\n" in capsys.readouterr().err
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_the_std_file_beside_a_dicom_series_is_named_after_the_whole_folder_name(chest_nodule_crop, tmp_path):
+    """A folder's dot is no suffix: `scan.v2` took `scan_std.nii.gz`, which a run into `scan.v1` shares (and with
+    --overwrite, replaces)."""
+    source = oblique_dicom_series(chest_nodule_crop[0], tmp_path / "series")
+    (tmp_path / "scan.v2").mkdir()
+    assert main(["denoise", str(source), "-o", str(tmp_path / "scan.v2"), "--seeds", "2", "--model", "tiny", "--nfe",
+                 "2", "--noise-level", "20"] + SHARED) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.v2", "scan.v2_std.nii.gz", "series"]

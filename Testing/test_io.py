@@ -1,6 +1,7 @@
 """CT and mask I/O on the real cases: geometry round trips, DICOM series choice, atomic safe writing."""
 from __future__ import annotations
 
+import locale
 import os
 import re
 import shutil
@@ -12,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import (ABDOMEN_DICOM, ABDOMEN_SMALL_NII, CHEST_NODULE_NRRD, CHEST_NRRD, HEAD_TILTED_DICOM, LIMB_MASK_NII,
-                      LIMB_NII, THREE_SLICE_DICOM)
+                      LIMB_NII, THREE_SLICE_DICOM, oblique_dicom_series)
 from MedDiffFMLib.errors import CheckpointError, InputError
 from MedDiffFMLib.io import Volume, atomic_path, check_output_suffix, read_mask, read_volume, write_volume
 
@@ -842,3 +843,147 @@ def test_slightly_oblique_nifti_written_here_reads_back():
                 back = read_volume(write_volume(vol, f"{folder}/oblique.nii.gz", overwrite=True))
                 np.testing.assert_allclose(back.direction, vol.direction, atol=1e-5)
                 np.testing.assert_allclose(back.origin, vol.origin, atol=1e-3)
+
+
+def read_slices(folder):
+    """pydicom datasets of the files in a folder (headers only), in name order."""
+    from pydicom import dcmread
+
+    return [dcmread(str(name), stop_before_pixels=True) for name in sorted(Path(folder).iterdir())]
+
+
+@pytest.fixture
+def chest_series(chest_nodule_crop, tmp_path):
+    """The real 48 x 48 x 12 chest crop as an oblique DICOM series of a named patient (read back as a Volume)."""
+    tags = {"0010|0010": "M\u00fcller^J\u00fcrgen", "0008|0005": "ISO_IR 192", "0010|0020": "P-0042",
+            "0008|0050": "ACC-17", "0020|0011": "3", "0008|103e": "Thorax 5.0 B31f", "0008|0020": "20240131",
+            "0018|0050": "7.5",  # slices thicker than their 5 mm spacing: an overlapping reconstruction
+            "0028|1050": "-600\\40", "0028|1051": "1500\\400", "0028|1055": "LUNG\\MEDIASTINUM"}
+    folder = oblique_dicom_series(chest_nodule_crop[0], tmp_path / "series", tags)
+    return folder, read_volume(folder)
+
+
+def test_a_result_written_as_a_dicom_series_joins_the_study_on_the_same_grid(chest_series, tmp_path):
+    from MedDiffFMLib.io import DerivedSeries, write_series
+
+    source, vol = chest_series
+    result = vol.with_array(vol.array + np.linspace(-0.45, 0.45, vol.array.size, dtype=np.float32).reshape(vol.shape))
+    process_locale = locale.setlocale(locale.LC_ALL)
+    out = write_series(result, tmp_path / "out", DerivedSeries(source, "denoised"))
+    assert locale.setlocale(locale.LC_ALL) == process_locale  # GDCM had left the C locale: text files read as ASCII
+    back = read_volume(out)
+    assert back.grid_differences(vol, tol=1e-6) == []
+    assert np.abs(np.asarray(vol.direction) - np.eye(3).ravel()).max() > 0.3  # oblique
+    np.testing.assert_array_equal(back.array, np.rint(result.array))  # int16 HU, rounded only
+    before, after = read_slices(source), read_slices(out)
+    assert len(after) == 12 and sorted(p.name for p in tmp_path.iterdir()) == ["out", "series"]  # no temporary left
+    for ds in after:
+        for keyword in ("PatientName", "PatientID", "StudyInstanceUID", "AccessionNumber", "StudyDate",
+                        "FrameOfReferenceUID", "WindowCenter", "WindowWidth", "WindowCenterWidthExplanation"):
+            assert ds.get(keyword) == before[0].get(keyword), keyword
+        assert ds.SeriesDescription == "Thorax 5.0 B31f MedDiffFM denoised" and ds.Modality == "CT"
+        assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"] and int(ds.SeriesNumber) == 1003
+        assert (float(ds.RescaleSlope), float(ds.RescaleIntercept)) == (1.0, 0.0)
+        assert float(ds.SliceThickness) == 7.5  # the input's: the result keeps its grid
+        assert ds.PatientPosition == ""  # a CT image must hold it: empty, as the input has none
+        # No tag gives another slice spacing than the positions do (ITK wrote a 2D image's 1 mm there).
+        assert float(ds.get("SpacingBetweenSlices", vol.spacing[2])) == pytest.approx(vol.spacing[2])
+    assert str(after[0].PatientName) == "M\u00fcller^J\u00fcrgen"
+    assert len({ds.SeriesInstanceUID for ds in after}) == 1
+    assert after[0].SeriesInstanceUID != before[0].SeriesInstanceUID
+    uids = {ds.SOPInstanceUID for ds in after}
+    assert len(uids) == 12 and not uids & {ds.SOPInstanceUID for ds in before}
+    again = read_slices(write_series(result, tmp_path / "again", DerivedSeries(source / "001.dcm", "resampled",
+                                                                               keeps_grid=False)))
+    assert again[0].SeriesInstanceUID != after[0].SeriesInstanceUID  # each result a series of its own
+    assert float(again[0].SliceThickness) == pytest.approx(vol.spacing[2])  # on a new grid: as thick as its spacing
+
+
+def test_a_dicom_series_output_is_refused_unless_new_or_empty_and_outside_the_input(chest_series, tmp_path):
+    from MedDiffFMLib.io import DerivedSeries, write_series
+
+    source, vol = chest_series
+    series = DerivedSeries(source, "denoised")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("kept")
+    for folder, message in [(tmp_path / "full", "is a folder that is not empty; a DICOM series is written into a new"),
+                            (source, "is an input folder"), (source / "sub", "is inside the input folder"),
+                            (tmp_path / "notes", "is a file; a DICOM series")]:
+        (tmp_path / "notes").write_text("a file without a suffix")
+        with pytest.raises(InputError, match=message):
+            write_series(vol, folder, series)
+    with pytest.raises(InputError, match="is inside the input folder"):  # a file given stands for its series
+        write_series(vol, source / "sub", DerivedSeries(source / "001.dcm", "denoised"))
+    with pytest.raises(InputError, match="its source .* is not a DICOM series"):
+        write_series(vol, tmp_path / "out", DerivedSeries(write_volume(vol, tmp_path / "ct.nrrd"), "denoised"))
+    with pytest.raises(InputError, match="a folder takes a DICOM series, which needs the input series"):
+        write_volume(vol, tmp_path / "out")
+    flipped = Volume(vol.array, vol.spacing, vol.origin,
+                     (np.asarray(vol.direction).reshape(3, 3) @ np.diag([1.0, 1.0, -1.0])).ravel())
+    with pytest.raises(InputError, match="left-handed grid"):
+        write_series(flipped, tmp_path / "out", series)
+    (tmp_path / "empty").mkdir()
+    assert_same_volume(read_volume(write_series(vol, tmp_path / "empty", series)), vol, atol=1e-6)
+    assert len(list(source.iterdir())) == 12 and (tmp_path / "full" / "notes.txt").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nrrd", "empty", "full", "notes", "series"]
+
+
+def test_a_dicom_series_that_fails_midway_leaves_nothing(chest_series, tmp_path, monkeypatch):
+    from MedDiffFMLib.io import DerivedSeries, write_volumes
+
+    source, vol = chest_series
+    written = []
+
+    def fail_at_the_fifth_slice(writer, image):
+        written.append(writer.GetFileName())
+        if len(written) == 5:
+            raise RuntimeError("No space left on device")
+        return original(writer, image)
+
+    original = sitk.ImageFileWriter.Execute
+    monkeypatch.setattr(sitk.ImageFileWriter, "Execute", fail_at_the_fifth_slice)
+    with pytest.raises(InputError, match="No space left on device.*no partial file is left"):
+        write_volumes([(vol, tmp_path / "std.nrrd"), (vol, tmp_path / "out")], series=DerivedSeries(source, "x"))
+    assert len(written) == 5 and sorted(p.name for p in tmp_path.iterdir()) == ["series"]
+    monkeypatch.undo()
+    stale = tmp_path / ".tmp-0123abcd-out"  # what a killed writer left; removed by the next write of "out"
+    stale.mkdir()
+    (stale / "0001.dcm").write_bytes(b"partial")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
+    write_volumes([(vol, tmp_path / "out")], series=DerivedSeries(source, "x"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "series"]
+
+
+def test_a_dicom_series_keeps_the_backslashes_of_the_input_text(chest_nodule_crop, tmp_path):
+    """A backslash separates values in DICOM text: a description typed with one reads as two values, which were
+    written back as a Python list ("['Thorax', 'Lung']")."""
+    from MedDiffFMLib.io import DerivedSeries, write_series
+
+    source = oblique_dicom_series(chest_nodule_crop[0], tmp_path / "series",
+                                  {"0008|103e": "Thorax\\Lung", "0008|1030": "CT\\Chest"})
+    out = write_series(read_volume(source), tmp_path / "out", DerivedSeries(source, "denoised"))
+    written = read_slices(out)[0]
+    assert list(written.StudyDescription) == ["CT", "Chest"]
+    assert list(written.SeriesDescription) == ["Thorax", "Lung MedDiffFM denoised"]
+
+
+def test_a_dicom_series_holds_what_a_ct_image_must_as_the_real_input_series_do(tmp_path):
+    """GDCM wrote today's date for the real de-identified head series' empty study date and time, as if the result
+    were of another study; KVP and other type 2 tags of a CT image, the third Image Type value and the input's
+    Laterality (present but empty: unknown) were missing; and Rescale Type US called the HU values unspecified."""
+    from MedDiffFMLib.io import DerivedSeries, write_series
+
+    vol = Volume(np.full((2, 3, 4), -3024.0, dtype=np.float32), (0.5, 0.5, 5.0), (0.0, 0.0, 0.0),
+                 tuple(np.eye(3).ravel()))
+    for name, folder in [("head", HEAD_TILTED_DICOM), ("abdomen", ABDOMEN_DICOM)]:
+        source = read_slices(folder)[0]
+        written = read_slices(write_series(vol, tmp_path / name, DerivedSeries(folder, "denoised")))[0]
+        for keyword in ("StudyDate", "StudyTime", "KVP", "PositionReferenceIndicator", "BodyPartExamined",
+                        "Laterality"):
+            assert written.get(keyword) == source.get(keyword), (name, keyword)  # absent stays absent
+        for keyword in ("Manufacturer", "AcquisitionNumber", "PatientBirthDate", "PatientSex"):
+            assert keyword in written, (name, keyword)  # type 2: present, even empty (the head has neither)
+        assert list(written.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"] and written.RescaleType == "HU"
+        assert name != "head" or written.StudyDate == ""  # the cases: the head's empty study date and time,
+        assert name != "abdomen" or written.Laterality == ""  # the abdomen's empty Laterality

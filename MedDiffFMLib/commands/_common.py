@@ -202,11 +202,45 @@ def reader_warnings(log_them: bool) -> Iterator[List[str]]:
                 reader_log.warning(message)
 
 
-def check_outputs(args: argparse.Namespace, inputs, volumes=(), others=(), derived=()) -> None:
-    """Refuse bad output paths before any computation (not after minutes of sampling). `derived`: those of the
-    outputs whose names this command made from -o (their messages say so)."""
+#: Said wherever a folder is refused as an output.
+SERIES_OUTPUTS = ("a folder takes a DICOM series only as -o of denoise, inpaint, generate-lesion or super-resolve "
+                  "(their CT) with a DICOM series input")
+
+
+def ct_output_help(what: str) -> str:
+    """The -o help of a command whose result is a CT, which may go to a DICOM series (see `series_output`)."""
+    return (f"{what}: a .nii.gz, .nii, .nrrd or .mha file; with a DICOM series input also a new or empty folder "
+            "(a name without a suffix), which takes it as a new DICOM series of the input's study")
+
+
+def folder_refusal(out: Path, why: str) -> Exception:
+    """The error for an output that names a folder (see io.names_a_folder) where a file is needed."""
     from ..errors import InputError
-    from ..io import check_output_suffix, is_dicom_file
+
+    if out.is_dir():
+        return InputError(f"output {out} is a folder; give a file name such as {out / 'result.nii.gz'} ({why})")
+    return InputError(f"output {out} has no file suffix; give a file name such as {out}.nii.gz ({why})")
+
+
+def series_output(args: argparse.Namespace, derivation: str, keeps_grid: bool = True):
+    """The io.DerivedSeries that -o takes when it names a folder (the CT result as a new DICOM series of the
+    input's study; `derivation` ends its description; `keeps_grid`: the result is on the input's grid), else None
+    (a file). A folder is refused unless the input is a DICOM series."""
+    from ..io import DerivedSeries, check_input_found, is_dicom_input, names_a_folder
+
+    if not names_a_folder(args.output):
+        return None
+    if not is_dicom_input(check_input_found(args.input)):  # a mistyped input is no fault of -o
+        raise folder_refusal(args.output, f"{SERIES_OUTPUTS}; {args.input} is not one")
+    return DerivedSeries(args.input, derivation, keeps_grid)
+
+
+def check_outputs(args: argparse.Namespace, inputs, volumes=(), others=(), derived=(), series=None) -> None:
+    """Refuse bad output paths before any computation (not after minutes of sampling). `derived`: those of the
+    outputs whose names this command made from -o (their messages say so). `series`: the DICOM series -o takes
+    (see `series_output`), None where -o is a file."""
+    from ..errors import InputError
+    from ..io import check_output_suffix, is_dicom_file, names_a_folder
     from ..validation import check_output_path
 
     inputs = [Path(p) for p in inputs if p is not None]
@@ -219,13 +253,17 @@ def check_outputs(args: argparse.Namespace, inputs, volumes=(), others=(), deriv
         if key in seen:  # one output would silently replace another, or fail after the whole run
             raise InputError(f"{out} is given for two different outputs; give each output its own file")
         seen.add(key)
-        if Path(key).parent in series_folders:
-            raise InputError(f"output {out} is inside the folder of the input DICOM series {Path(key).parent}; "
-                             "choose another folder")
-        check_output_path(out, inputs=inputs, overwrite=args.overwrite,  # says too when -o is a folder
+        for folder in series_folders:
+            if folder == Path(key) or folder in Path(key).parents:
+                raise InputError(f"output {out} is {'' if folder == Path(key) else 'inside '}the folder of the input "
+                                 f"DICOM series {folder}; choose another folder")
+        is_series = series is not None and out == args.output
+        if out in volumes and out not in derived and not is_series and names_a_folder(out):
+            raise folder_refusal(out, SERIES_OUTPUTS)
+        check_output_path(out, inputs=inputs, overwrite=args.overwrite, series=is_series,
                           named_after=args.output if out in derived else None)
     for out in volumes:
-        if out is not None:
+        if out is not None and not (series is not None and out == args.output):
             check_output_suffix(out)
 
 

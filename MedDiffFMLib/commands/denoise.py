@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  STEP_SPACING)
 
     parser.add_argument("input", type=Path, help="CT: NIfTI/NRRD/MHA file or DICOM series folder")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="denoised CT (.nii.gz, .nrrd, ...)")
+    parser.add_argument("-o", "--output", type=Path, required=True, help=_common.ct_output_help("denoised CT"))
     _common.add_model_arguments(parser)
     parser.set_defaults(model=DEFAULT_MODEL)
     parser.add_argument("--nfe", type=_common.positive_int,
@@ -65,10 +65,13 @@ def run(args: argparse.Namespace) -> int:
     uncertainty_path = args.uncertainty
     if uncertainty_path is not None and args.seeds < 2:
         raise InputError("--uncertainty is the standard deviation over seeds: add --seeds 2 or more")
-    if args.seeds > 1 and uncertainty_path is None:
-        uncertainty_path = sibling_path(args.output, "_std")
+    series = _common.series_output(args, "denoised")
+    if args.seeds > 1 and uncertainty_path is None:  # beside a DICOM series: a NIfTI file after its whole name
+        uncertainty_path = (args.output.with_name(f"{args.output.name}_std.nii.gz") if series else
+                            sibling_path(args.output, "_std"))
     _common.check_outputs(args, [args.input, args.mask, args.anatomy_labels], volumes=[args.output, uncertainty_path],
-                          others=[args.preview], derived=[] if args.uncertainty else [uncertainty_path])
+                          others=[args.preview], derived=[] if args.uncertainty else [uncertainty_path],
+                          series=series)
     if args.preview and args.preview.suffix.lower() != ".png":
         raise InputError(f"--preview {args.preview}: the preview is a PNG figure; give a name ending in .png")
     volume = read_volume(args.input)
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     outputs = [(result.denoised, args.output)]
     if result.uncertainty is not None:
         outputs.append((result.uncertainty, uncertainty_path))
-    write_volumes(outputs, overwrite=args.overwrite, inputs=inputs)
+    write_volumes(outputs, overwrite=args.overwrite, inputs=inputs, series=series)
     log.info("denoised CT written to %s (noise %.1f HU; %d pass(es), each logged above with its window, t_start "
              "and steps)", args.output, result.noise_hu, len(result.windows))
     if result.uncertainty is not None:

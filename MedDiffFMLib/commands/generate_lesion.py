@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("input", type=Path, help="CT: NIfTI/NRRD/MHA file or DICOM series folder")
     parser.add_argument("--mask", type=Path, required=True, help="lesion mask (label map > 0) on the CT grid")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="CT with the lesion (.nii.gz, ...)")
+    parser.add_argument("-o", "--output", type=Path, required=True, help=_common.ct_output_help("CT with the lesion"))
     _common.add_model_arguments(parser, nfe=100)
     parser.set_defaults(model=DEFAULT_MODEL)
     parser.add_argument("--margin-mm", type=float, default=DEFAULT_MARGIN_MM,
@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from ..io import read_mask, read_volume, write_volume
     from ..tasks.lesion import generate_lesion
 
-    _common.check_outputs(args, [args.input, args.mask], volumes=[args.output])
+    series = _common.series_output(args, "lesion generated")
+    _common.check_outputs(args, [args.input, args.mask], volumes=[args.output], series=series)
     volume = read_volume(args.input)
     _common.check_output_grids(volume, args.output)
     mask = read_mask(args.mask, like=volume)
@@ -43,6 +44,6 @@ def run(args: argparse.Namespace) -> int:
     result = generate_lesion(volume, mask, model, nfe=args.nfe, margin_mm=args.margin_mm,
                              region=_common.region_option(args), seed=args.seed,
                              progress=_common.progress_reporter(args.progress), **_common.sampler_options(args))
-    write_volume(result, args.output, overwrite=args.overwrite, inputs=[args.input, args.mask])
+    write_volume(result, args.output, overwrite=args.overwrite, inputs=[args.input, args.mask], series=series)
     log.info("CT with generated lesion written to %s", args.output)
     return 0

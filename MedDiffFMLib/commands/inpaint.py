@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("input", type=Path, help="CT: NIfTI/NRRD/MHA file or DICOM series folder")
     parser.add_argument("--mask", type=Path, required=True, help="region to inpaint (label map > 0) on the CT grid")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="inpainted CT (.nii.gz, .nrrd, ...)")
+    parser.add_argument("-o", "--output", type=Path, required=True, help=_common.ct_output_help("inpainted CT"))
     _common.add_model_arguments(parser, nfe=100)
     parser.set_defaults(model=DEFAULT_MODEL)
     parser.add_argument("--jump-length", type=_common.positive_int, default=DEFAULT_JUMP_LENGTH,
@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from ..io import read_mask, read_volume, write_volume
     from ..tasks.inpaint import inpaint
 
-    _common.check_outputs(args, [args.input, args.mask], volumes=[args.output])
+    series = _common.series_output(args, "inpainted")
+    _common.check_outputs(args, [args.input, args.mask], volumes=[args.output], series=series)
     volume = read_volume(args.input)
     _common.check_output_grids(volume, args.output)
     mask = read_mask(args.mask, like=volume)
@@ -47,6 +48,6 @@ def run(args: argparse.Namespace) -> int:
     result = inpaint(volume, mask, model, nfe=args.nfe, jump_length=args.jump_length, resample=args.resample,
                      margin_mm=args.margin_mm, region=_common.region_option(args), seed=args.seed,
                      progress=_common.progress_reporter(args.progress), **_common.sampler_options(args))
-    write_volume(result, args.output, overwrite=args.overwrite, inputs=[args.input, args.mask])
+    write_volume(result, args.output, overwrite=args.overwrite, inputs=[args.input, args.mask], series=series)
     log.info("inpainted CT written to %s", args.output)
     return 0

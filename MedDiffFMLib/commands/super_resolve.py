@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..tasks.super_resolution import DEFAULT_ZETA
 
     parser.add_argument("input", type=Path, help="thick-slice CT: NIfTI/NRRD/MHA file or DICOM series folder")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="thin-slice CT (.nii.gz, .nrrd, ...)")
+    parser.add_argument("-o", "--output", type=Path, required=True, help=_common.ct_output_help("thin-slice CT"))
     _common.add_model_arguments(parser, nfe=100)
     parser.set_defaults(model=DEFAULT_MODEL)
     parser.add_argument("--factor", type=int, default=5, help="thin slices per thick slice (paper: 5 mm -> 1 mm)")
@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from ..orientation import AxisOrder
     from ..tasks.super_resolution import super_resolve
 
-    _common.check_outputs(args, [args.input], volumes=[args.output])
+    series = _common.series_output(args, "super-resolved", keeps_grid=False)
+    _common.check_outputs(args, [args.input], volumes=[args.output], series=series)
     volume = read_volume(args.input)
     _common.check_output_grids(volume, args.output)
     model = _common.model_from_args(args)
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
                            zeta=args.zeta, region=_common.region_option(args), seed=args.seed,
                            project=not args.no_projection, progress=_common.progress_reporter(args.progress),
                            **_common.sampler_options(args))
-    write_volume(result, args.output, overwrite=args.overwrite, inputs=[args.input])
+    write_volume(result, args.output, overwrite=args.overwrite, inputs=[args.input], series=series)
     thin_axis = AxisOrder.of(result.direction).source[2]  # the head-foot axis, however the CT is stored
     log.info("%d thin slices of %.3g mm written to %s", result.shape[2 - thin_axis], result.spacing[thin_axis],
              args.output)
