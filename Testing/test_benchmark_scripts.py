@@ -198,3 +198,56 @@ def test_anomaly_quality_adds_healthy_crops_apart_from_the_lesion(monkeypatch, c
     assert set(rows) == {"pyradiomics_lung1", "pyradiomics_lung1_healthy0", "pyradiomics_lung1_healthy1",
                          "ibsi_sts_002", "ts_example_ct_sm", "all 5 cases (3 healthy)"}
     assert rows["ts_example_ct_sm"][0].strip() == "n/a" and 0 <= float(rows["all 5 cases (3 healthy)"][-2]) <= 1
+
+
+def test_synthetic_nodules_fill_their_sphere_and_keep_the_lung_texture(monkeypatch, capsys, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import synthetic_nodules as benchmark
+
+    try:
+        # A sphere's voxel shares add up to its volume, on fine and on thick slices alike.
+        share = benchmark.sphere_fraction((15, 15, 15), (1.0, 1.0, 1.0), (7.0, 7.0, 7.0), 5.0)
+        assert share.sum() == pytest.approx(4 / 3 * np.pi * 125, rel=0.02)
+        assert share[7, 7, 7] == 1 and share[0, 0, 0] == 0
+        thick = benchmark.sphere_fraction((3, 9, 9), (5.0, 1.0, 1.0), (5.0, 4.0, 4.0), 2.0)
+        assert thick.sum() * 5 == pytest.approx(4 / 3 * np.pi * 8, rel=0.05) and not thick[[0, 2]].any()
+
+        grid = dict(spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=tuple(np.eye(3).ravel()))
+        lung = -850 + 30 * np.random.default_rng(0).standard_normal((12, 12, 12))
+        box = benchmark.Volume(lung, **grid)
+        inside = np.ones(lung.shape, bool)
+        nodule, mask = benchmark.insert_nodule(box, inside, np.random.default_rng(1), 6.0, -20.0)
+        raised = nodule.array - lung
+        gap = -20 - np.median(lung)
+        assert raised.max() == pytest.approx(gap, rel=1e-4)
+        assert mask.sum() == pytest.approx(4 / 3 * np.pi * 27, rel=0.2)
+        centre = np.round(np.argwhere(mask).mean(axis=0))  # a voxel's centre: the mask is symmetric about it
+        assert np.allclose(raised / gap, benchmark.sphere_fraction(box.shape, box.spacing_zyx, centre, 3.0),
+                           atol=1e-4)  # the lung's own values are kept, raised by the share inside the sphere
+        assert not (mask & (raised < gap / 2)).any() and (raised[~mask] < gap / 2 + 1e-3).all()
+        again, _ = benchmark.insert_nodule(box, inside, np.random.default_rng(1), 6.0, -20.0)
+        assert np.array_equal(again.array, nodule.array)
+        assert benchmark.insert_nodule(box, inside, np.random.default_rng(1), 12.0, -20.0) is None  # no room
+        half = inside.copy()
+        half[:, :, 6:] = False  # e.g. air outside the body
+        for seed in range(5):
+            _, mask = benchmark.insert_nodule(box, half, np.random.default_rng(seed), 4.0, -20.0)
+            assert mask.any() and not mask[:, :, 5:].any()
+
+        lesion = np.zeros((2, 4, 8), bool)
+        lesion[0, 0, 0] = True
+        lung = np.ones(lesion.shape, bool)
+        lung[:, :, 6:] = False
+        boxes = benchmark.lung_boxes(lung, lesion, (2, 2, 2), min_lung=0.5)
+        assert [tuple(s.start for s in b) for b in boxes] == [(0, 0, 2), (0, 0, 4), (0, 2, 0), (0, 2, 2), (0, 2, 4)]
+
+        assert benchmark.main(["--out", str(tmp_path), "--min-lung", "0.7", "--nodules", "1"]) == 0
+    finally:
+        sys.modules.pop("synthetic_nodules", None)
+    rows = {line.split("|")[1].strip(): line.split("|")[2:] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| case")}
+    nodules = [name for name in rows if "_nodule" in name]
+    assert nodules and all(name.split("_nodule")[0] in rows for name in nodules)
+    assert all(float(rows[name][0]) > 0.8 for name in nodules)  # the reference detector finds inserted nodules
+    (last,) = [name for name in rows if name.startswith("all ")]
+    assert 0 <= float(rows[last][-2]) <= 1
