@@ -234,6 +234,12 @@ def test_synthetic_nodules_fill_their_sphere_and_keep_the_lung_texture(monkeypat
             _, mask = benchmark.insert_nodule(box, half, np.random.default_rng(seed), 4.0, -20.0)
             assert mask.any() and not mask[:, :, 5:].any()
 
+        # Lung is below -500 HU inside the body: the air around it is not.
+        chest = np.full((3, 80, 80), -1000.0)
+        chest[:, 10:70, 10:70] = 40.0
+        chest[:, 25:55, 25:55] = -850.0
+        assert np.array_equal(benchmark.lung_mask(benchmark.Volume(chest, **grid)), chest == -850)
+
         lesion = np.zeros((2, 4, 8), bool)
         lesion[0, 0, 0] = True
         lung = np.ones(lesion.shape, bool)

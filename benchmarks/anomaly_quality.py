@@ -82,6 +82,30 @@ def local_contrast(image: Volume, size_mm: float = 15.0, smoothing_mm: float = 1
     return np.abs(smooth - ndimage.median_filter(smooth, size=size))
 
 
+def meddifffm_detector(model: str, device: str, t, seed: int):
+    """`detect-anomalies`' map as f(crop, body region), searching the whole crop (a body mask is ill-defined in a
+    crop through the lung) with the region given (crops are too small to guess it from); `t` None: its default."""
+    import torch
+
+    from MedDiffFMLib.tasks import common
+    from MedDiffFMLib.tasks.anomaly import DEFAULT_T, detect_anomalies
+
+    torch.set_num_threads(1)
+    device = common.choose_device(device)
+    network = common.load_task_model(model, device)
+    return lambda image, region: detect_anomalies(
+        image, network, mask=image.with_array(np.ones(image.shape, np.uint8)), region=region,
+        t=DEFAULT_T if t is None else t, seed=seed, device=device).anomaly_map.array
+
+
+def report(detector: str, maps, cases, out: Path) -> None:
+    """Score one detector's `maps` of `cases` ((name, image, lesion mask or None)); write and print its tables."""
+    scored = [harness.AnomalyCase(name, scores, mask, image.array) for (name, image, mask), scores in zip(cases, maps)]
+    rows = harness.evaluate_anomaly(scored)
+    harness.write_anomaly_report(rows, scored, out / detector.replace(" ", "_"))
+    print(f"## {detector}\n\n{harness.markdown_table(rows, harness.ANOMALY_COLUMNS)}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, default=shared_data_root())
@@ -111,27 +135,11 @@ def main(argv=None) -> int:
 
     detectors = {"local contrast": lambda image, case_id: local_contrast(image)}
     if args.model:
-        import torch
-
-        from MedDiffFMLib.tasks import common
-        from MedDiffFMLib.tasks.anomaly import DEFAULT_T, detect_anomalies
-
-        torch.set_num_threads(1)
-        device = common.choose_device(args.device)
-        network = common.load_task_model(args.model, device)
-        # The crop is the region searched (a body mask is ill-defined in a crop through the lung), and the
-        # body region is known for these cases (crops are too small to guess it from).
-        detectors["MedDiffFM"] = lambda image, case_id: detect_anomalies(
-            image, network, mask=image.with_array(np.ones(image.shape, np.uint8)),
-            region=SHARED_CASES[case_id][1], t=DEFAULT_T if args.t is None else args.t, seed=args.seed,
-            device=device).anomaly_map.array
-
+        meddifffm = meddifffm_detector(args.model, args.device, args.t, args.seed)
+        detectors["MedDiffFM"] = lambda image, case_id: meddifffm(image, SHARED_CASES[case_id][1])
     for detector, score in detectors.items():
-        cases = [harness.AnomalyCase(name, score(image, case_id), mask, image.array)
-                 for name, case_id, image, mask in crops]
-        rows = harness.evaluate_anomaly(cases)
-        harness.write_anomaly_report(rows, cases, args.out / detector.replace(" ", "_"))
-        print(f"## {detector}\n\n{harness.markdown_table(rows, harness.ANOMALY_COLUMNS)}")
+        report(detector, [score(image, case_id) for _, case_id, image, _ in crops],
+               [(name, image, mask) for name, _, image, mask in crops], args.out)
     return 0
 
 

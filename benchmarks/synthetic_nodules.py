@@ -29,9 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from anomaly_quality import lesion_crop, local_contrast  # noqa: E402
+from anomaly_quality import lesion_crop, local_contrast, meddifffm_detector, report  # noqa: E402
 
-from MedDiffFMLib import evaluate as harness  # noqa: E402
 from MedDiffFMLib.anatomy import body_mask  # noqa: E402
 from MedDiffFMLib.dataset import SHARED_CASES, VALIDATION_SUBJECTS, shared_data_root  # noqa: E402
 from MedDiffFMLib.io import Volume, read_mask, read_volume  # noqa: E402
@@ -124,24 +123,10 @@ def main(argv=None) -> int:
 
     detectors = {"local contrast": local_contrast}
     if args.model:
-        import torch
-
-        from MedDiffFMLib.tasks import common
-        from MedDiffFMLib.tasks.anomaly import DEFAULT_T, detect_anomalies
-
-        torch.set_num_threads(1)
-        device = common.choose_device(args.device)
-        network = common.load_task_model(args.model, device)
-        # The box is the region searched, as in anomaly_quality.py.
-        detectors["MedDiffFM"] = lambda box: detect_anomalies(
-            box, network, mask=box.with_array(np.ones(box.shape, np.uint8)), region=region,
-            t=DEFAULT_T if args.t is None else args.t, seed=args.seed, device=device).anomaly_map.array
-
+        meddifffm = meddifffm_detector(args.model, args.device, args.t, args.seed)
+        detectors["MedDiffFM"] = lambda box: meddifffm(box, region)
     for detector, score in detectors.items():
-        scored = [harness.AnomalyCase(name, score(box), mask, box.array) for name, box, mask in cases]
-        rows = harness.evaluate_anomaly(scored)
-        harness.write_anomaly_report(rows, scored, args.out / detector.replace(" ", "_"))
-        print(f"## {detector}\n\n{harness.markdown_table(rows, harness.ANOMALY_COLUMNS)}")
+        report(detector, [score(box) for _, box, _ in cases], cases, args.out)
     return 0
 
 
