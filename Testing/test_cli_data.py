@@ -505,7 +505,10 @@ def test_a_folder_output_is_refused_where_no_dicom_series_can_go(chest_nodule_cr
             (["denoise", source, "-o", source / "out"], f"output {source / 'out'} is inside the input folder"),
             (["denoise", source / "002.dcm", "-o", source], f"output {source} is the folder of the input DICOM series"),
             (["denoise", source / "002.dcm", "-o", source / "sub" / "out.nii.gz"],
-             "is inside the folder of the input DICOM series")]:
+             "is inside the folder of the input DICOM series"),
+            (["denoise", source, "-o", tmp_path / "CT 2.0 denoised"], "cannot write CT 2.0 denoised: a DICOM series "
+             "goes into a folder whose name has no dot (e.g. CT 2_0 denoised) or into an existing empty folder"),
+            (["denoise", nifti, "-o", tmp_path / "CT 2.0 denoised"], "cannot write CT 2.0 denoised: use one of")]:
         assert main([str(a) for a in argv] + SHARED) == 2, argv
         assert message in " ".join(capsys.readouterr().err.split()), argv
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "full", "series"]

@@ -226,9 +226,15 @@ def series_output(args: argparse.Namespace, derivation: str, keeps_grid: bool = 
     """The io.DerivedSeries that -o takes when it names a folder (the CT result as a new DICOM series of the
     input's study; `derivation` ends its description; `keeps_grid`: the result is on the input's grid), else None
     (a file). A folder is refused unless the input is a DICOM series."""
-    from ..io import DerivedSeries, check_input_found, is_dicom_input, names_a_folder
+    from ..errors import InputError
+    from ..io import VOLUME_SUFFIXES, DerivedSeries, check_input_found, is_dicom_input, names_a_folder
 
     if not names_a_folder(args.output):
+        name = args.output.name
+        if is_dicom_input(args.input) and not name.lower().endswith(VOLUME_SUFFIXES):  # e.g. -o "CT 2.0 denoised"
+            raise InputError(f"cannot write {name}: a DICOM series goes into a folder whose name has no dot (e.g. "
+                             f"{name.replace('.', '_')}) or into an existing empty folder; a file needs one of "
+                             ".nii.gz, .nii, .nrrd, .mha")
         return None
     if not is_dicom_input(check_input_found(args.input)):  # a mistyped input is no fault of -o
         raise folder_refusal(args.output, f"{SERIES_OUTPUTS}; {args.input} is not one")
