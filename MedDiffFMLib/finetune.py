@@ -259,6 +259,10 @@ def lesion_cases(data_root, split: str) -> list:
     return cases
 
 
+#: Share of lesion fine-tuning patches centred on (near) a lesion.
+DEFAULT_LESION_PROBABILITY = 0.8
+
+
 class LesionPatches(torch.utils.data.Dataset):
     """Patches of CTs with lesion masks; the lesion mask of the patch is the control channel.
 
@@ -267,7 +271,7 @@ class LesionPatches(torch.utils.data.Dataset):
     patch), otherwise placed anywhere. Item `i` is drawn from `numpy.random.default_rng([seed, i])`.
     """
 
-    def __init__(self, cases, cfg: ModelConfig, seed: int = 0, lesion_probability: float = 0.8,
+    def __init__(self, cases, cfg: ModelConfig, seed: int = 0, lesion_probability: float = DEFAULT_LESION_PROBABILITY,
                  anatomy_dropout: Optional[float] = None, length: int = 1_000_000):
         if not 0.0 <= lesion_probability <= 1.0:
             raise InputError(f"the lesion-centred patch probability must be in [0, 1], got {lesion_probability}")

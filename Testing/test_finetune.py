@@ -292,7 +292,8 @@ def test_a_resume_with_another_lesion_probability_is_warned_about(base, chest_no
                           lesion_probability=0.5)
     caplog.clear()
     finetune(weights, "lesion", other, tmp_path / "run", dataclasses.replace(settings, steps=2), resume=True)
-    assert "resuming with other settings than the run was trained with (--lesion-probability 0.8 -> 0.5)" in caplog.text
+    assert ("resuming with other settings than the run was trained with (--lesion-probability 0.8 -> 0.5)"
+            in caplog.text)
 
 
 def test_finetuning_on_a_training_runs_ema_model_is_warned_about(base, chest_nodule_crop, tmp_path, caplog):
@@ -382,10 +383,19 @@ def test_the_finetune_command_trains_a_controlnet_and_refuses_bad_settings_befor
         assert re.search(message, capsys.readouterr().err), extra
         assert not run.exists() and not cache.exists()
     # The nodule crop is guessed `other` (too small to show a chest); --region says what it is.
-    assert main(common + ["--task", "lesion", "--data", str(ct), "--masks", str(lesion), "--region", "chest"]) == 0
+    lesion_run = ["--task", "lesion", "--data", str(ct), "--masks", str(lesion), "--region", "chest"]
+    assert main(common + lesion_run + ["--lesion-probability", "0.5"]) == 0
     info = json.loads((run / "ema.json").read_text())
     assert (info["kind"], info["task"], info["steps"]) == ("controlnet", "lesion", 2)
     assert info["training_data"]["regions"] == {"chest": 1}
+    capsys.readouterr()
+    # Resumed without the option, the run keeps its own share of lesion-centred patches (the default came back).
+    resumed = list(common)
+    resumed[resumed.index("--steps") + 1] = "3"
+    assert main(resumed + lesion_run + ["--resume"]) == 0
+    info = json.loads((run / "ema.json").read_text())
+    assert info["steps"] == 3 and info["training_data"]["lesion_probability"] == 0.5
+    assert "resuming with other settings" not in capsys.readouterr().err
     model, cfg, _ = load_model(run / "ema.safetensors")
     assert isinstance(model, ControlledNet) and cfg.name == "tiny"
 

@@ -27,16 +27,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-masks", nargs="+", help="lesion masks of --val-data (lesion task)")
     _common.add_run_arguments(parser)
     parser.add_argument("--factor", type=int, default=5, help="super-resolution: thin slices per thick slice")
-    parser.add_argument("--lesion-probability", type=float, default=0.8,
-                        help="lesion: share of patches centred on (near) a lesion")
+    parser.add_argument("--lesion-probability", type=float,
+                        help="lesion: share of patches centred on (near) a lesion (default 0.8; a resumed run keeps "
+                             "its own)")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..checkpoints import read_model_info, resolve_model
+    from ..checkpoints import read_model_info, resolve_model, training_state_record
     from ..config import ModelConfig
-    from ..finetune import check_finetune_start, check_training_factor, finetune
+    from ..finetune import DEFAULT_LESION_PROBABILITY, check_finetune_start, check_training_factor, finetune
     from ..training import TrainSettings
 
     _common.check_run_folder(args)
@@ -50,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
     settings.check(cfg)  # before the (slow) data preparation
     factor = check_training_factor(args.factor, cfg) if args.task == "super-resolution" else None
     check_finetune_start(args.base, args.task, args.out, args.resume, factor)
+    if args.task == "lesion" and args.lesion_probability is None:  # as train's patch mix: the run's own, if any
+        trained_on = (training_state_record(args.out).get("training_data") or {}) if args.resume else {}
+        args.lesion_probability = trained_on.get("lesion_probability", DEFAULT_LESION_PROBABILITY)
     val_spec = args.val_data if args.val_data is not None else (["validation"] if args.data == ["train"] else [])
     _common.check_training_region(args, cfg.regions, args.data, val_spec)
     _check_masks(args, val_spec)  # before the (slow) data preparation
