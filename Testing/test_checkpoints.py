@@ -588,6 +588,12 @@ def test_the_models_command_lists_describes_verifies_and_registers(tmp_path, mon
     model, _, info = load_model("tiny")
     assert report["verified"] and report["sha256"] == info["sha256"]
     assert report["parameters"] == sum(p.numel() for p in model.parameters())
+    # The description says what a model was trained on, and a ControlNet's task settings.
+    for name, data in (("super-resolution", "data       18 CTs (abdomen 1, chest 2, head_neck 1, other 14), slice "
+                                            "factor 5\n"),
+                       ("lesion", "data       14 CTs, 0.8 of the patches centred on a lesion\n")):
+        assert main(["models", name]) == 0
+        assert data in capsys.readouterr().out, name
     # A damaged copy is refused, whatever its description says.
     weights = checkpoints.resolve_model("tiny")
     for suffix in (".safetensors", ".json"):

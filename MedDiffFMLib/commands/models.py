@@ -153,6 +153,25 @@ def _format_listing(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _training_data(data: Any) -> str:
+    """What a model was trained on, in a line: its CTs by body region, and what its task adds (a super-resolution
+    ControlNet's slice factor, a lesion ControlNet's share of patches on a lesion); '' without a record. Values of
+    another type than this version writes are left out (the record is free-form)."""
+    if not isinstance(data, dict):
+        return ""
+    parts = []
+    cases, regions = data.get("cases"), data.get("regions")
+    if isinstance(cases, list):
+        by_region = (" (" + ", ".join(f"{region} {count}" for region, count in regions.items()) + ")"
+                     if isinstance(regions, dict) and regions else "")
+        parts.append(f"{len(cases)} CTs{by_region}")
+    if isinstance(data.get("slice_factor"), int):
+        parts.append(f"slice factor {data['slice_factor']}")
+    if isinstance(data.get("lesion_probability"), (int, float)):
+        parts.append(f"{data['lesion_probability']:g} of the patches centred on a lesion")
+    return ", ".join(parts)
+
+
 def _format_description(report: Dict[str, Any]) -> str:
     cfg, training = report["config"], report["training"]
     # The training record is free-form (its hash covers the weights only): a value of another type is left out.
@@ -167,6 +186,9 @@ def _format_description(report: Dict[str, Any]) -> str:
         f"trained    {training.get('steps')} steps, {training.get('wall_hours')} h on {training.get('device')}"
         + (f", validation L1 {validation:.4f}" if isinstance(validation, (int, float)) else ""),
     ]
+    data = _training_data(report.get("training_data"))
+    if data:
+        lines.append(f"data       {data}")
     if isinstance(report["base"], dict):
         base = report["base"]
         lines.append(f"base       {base.get('name')} (SHA-256 {str(base.get('sha256'))[:12]}...)")
