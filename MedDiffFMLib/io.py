@@ -315,7 +315,8 @@ def write_volumes(items: Sequence[Tuple[Volume, PathLike]], overwrite: bool = Fa
         with contextlib.ExitStack() as stack:
             for (vol, _), path in zip(items, paths):
                 if names_a_folder(path):
-                    _write_series_slices(vol, stack.enter_context(atomic_path(path, folder=True)), tags)
+                    folder = stack.enter_context(atomic_path(path, folder=True))
+                    _write_series_slices(vol, folder, {**tags, "0020|000e": new_uid()})  # each a series of its own
                     continue
                 tmp = stack.enter_context(atomic_path(path))
                 sitk.WriteImage(vol.to_sitk(), itk_path(tmp), useCompression=True)

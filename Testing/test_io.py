@@ -951,8 +951,10 @@ def test_a_dicom_series_that_fails_midway_leaves_nothing(chest_series, tmp_path,
     (stale / "0001.dcm").write_bytes(b"partial")
     hours_ago = time.time() - 2 * 3600
     os.utime(stale, (hours_ago, hours_ago))
-    write_volumes([(vol, tmp_path / "out")], series=DerivedSeries(source, "x"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "series"]
+    write_volumes([(vol, tmp_path / "out"), (vol, tmp_path / "out2")], series=DerivedSeries(source, "x"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out2", "series"]
+    # Two folders of one call are two series (they shared one Series Instance UID).
+    assert read_slices(tmp_path / "out")[0].SeriesInstanceUID != read_slices(tmp_path / "out2")[0].SeriesInstanceUID
 
 
 def test_a_dicom_series_keeps_the_backslashes_of_the_input_text(chest_nodule_crop, tmp_path):
