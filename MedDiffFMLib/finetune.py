@@ -345,10 +345,12 @@ class LesionPatches(torch.utils.data.Dataset):
 
 
 # -- fine-tuning -------------------------------------------------------------------------------------
-def check_finetune_start(base: str, task: str, out_dir, resume: bool, factor: Optional[int] = None) -> dict:
+def check_finetune_start(base: str, task: str, out_dir, resume: bool,
+                         factor: Optional[int] = None) -> Tuple[dict, dict]:
     """Refuse, before any data is prepared (it reads descriptions and the run's JSON only), a base that is a
     ControlNet, or a resume of a pre-training run or of a fine-tuning run of another task, base or slice factor.
-    Returns what the run records of itself: its task, its base's SHA-256 and (super-resolution) its slice factor."""
+    Returns what the run records of itself (its task, its base's SHA-256 and, for super-resolution, its slice
+    factor) and the record of the state a resume starts from ({} for a new run), e.g. its `training_data`."""
     if task not in TASKS:
         raise InputError(f"unknown fine-tuning task {task!r}; choose one of {', '.join(TASKS)}")
     found = controlnet_task_in(read_model_info(resolve_model(base)))
@@ -358,16 +360,14 @@ def check_finetune_start(base: str, task: str, out_dir, resume: bool, factor: Op
     run = {"task": task, "base_sha256": base_record(base)["sha256"]}
     if factor is not None:
         run["slice_factor"] = factor
-    if resume:
-        _check_resumed_run(Path(out_dir), base, run)
-    return run
+    return run, _check_resumed_run(Path(out_dir), base, run) if resume else {}
 
 
-def _check_resumed_run(out_dir: Path, base: str, run: dict) -> None:
-    """Refuse to resume the run in `out_dir` unless it fine-tuned what `run` describes."""
+def _check_resumed_run(out_dir: Path, base: str, run: dict) -> dict:
+    """Refuse to resume the run in `out_dir` unless it fine-tuned what `run` describes; returns its state's record."""
     record = training_state_record(out_dir)
     if not record:
-        return  # no run yet (a run without a readable state was refused by training_state_record)
+        return record  # no run yet (a run without a readable state was refused by training_state_record)
     recorded = record.get("settings")
     if not isinstance(recorded, dict) or not isinstance(recorded.get("extra"), dict):
         raise CheckpointError(f"the training state in {out_dir} lacks its settings; it was not written by this "
@@ -386,6 +386,7 @@ def _check_resumed_run(out_dir: Path, base: str, run: dict) -> None:
         raise InputError(f"{out_dir} holds a fine-tuning run of another task, base model or slice factor "
                          f"({_run_description(earlier)}); resume it with the same --task, --base and --factor, or "
                          "fine-tune into a new folder")
+    return record
 
 
 def _run_description(run: dict) -> str:
@@ -406,7 +407,7 @@ def finetune(base: str, task: str, data, out_dir, settings, val_data=None, resum
     """
     factor = data.factor if isinstance(data, SuperResolutionPairs) else None
     # Recorded with the training state, so --resume cannot continue another task's, base's or slice factor's run.
-    run = check_finetune_start(base, task, out_dir, resume, factor)
+    run, _ = check_finetune_start(base, task, out_dir, resume, factor)
     base_model, cfg, _ = load_model(base)
     record = base_record(base)
     if Path(str(base)).name.startswith("ema") and (Path(str(base)).parent / "last.json").exists():

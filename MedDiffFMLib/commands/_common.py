@@ -227,14 +227,14 @@ def series_output(args: argparse.Namespace, derivation: str, keeps_grid: bool = 
     input's study; `derivation` ends its description; `keeps_grid`: the result is on the input's grid), else None
     (a file). A folder is refused unless the input is a DICOM series."""
     from ..errors import InputError
-    from ..io import VOLUME_SUFFIXES, DerivedSeries, check_input_found, is_dicom_input, names_a_folder
+    from ..io import OUTPUT_SUFFIXES, VOLUME_SUFFIXES, DerivedSeries, check_input_found, is_dicom_input, names_a_folder
 
     if not names_a_folder(args.output):
         name = args.output.name
         if is_dicom_input(args.input) and not name.lower().endswith(VOLUME_SUFFIXES):  # e.g. -o "CT 2.0 denoised"
             raise InputError(f"cannot write {name}: a DICOM series goes into a folder whose name has no dot (e.g. "
                              f"{name.replace('.', '_')}) or into an existing empty folder; a file needs one of "
-                             ".nii.gz, .nii, .nrrd, .mha")
+                             f"{', '.join(OUTPUT_SUFFIXES)}")
         return None
     if not is_dicom_input(check_input_found(args.input)):  # a mistyped input is no fault of -o
         raise folder_refusal(args.output, f"{SERIES_OUTPUTS}; {args.input} is not one")
@@ -252,6 +252,7 @@ def check_outputs(args: argparse.Namespace, inputs, volumes=(), others=(), deriv
     inputs = [Path(p) for p in inputs if p is not None]
     # One DICOM file stands for its whole series: nothing is written beside it, as into a series folder given itself.
     series_folders = {p.parent.resolve() for p in inputs if p.is_file() and is_dicom_file(p)}
+    series_path = args.output if series is not None else None  # -o, where it takes a DICOM series
     outputs = [out for out in list(volumes) + list(others) if out is not None]
     seen = set()
     for out in outputs:
@@ -263,13 +264,13 @@ def check_outputs(args: argparse.Namespace, inputs, volumes=(), others=(), deriv
             if folder == Path(key) or folder in Path(key).parents:
                 raise InputError(f"output {out} is {'' if folder == Path(key) else 'inside '}the folder of the input "
                                  f"DICOM series {folder}; choose another folder")
-        is_series = series is not None and out == args.output
+        is_series = out == series_path
         if out in volumes and out not in derived and not is_series and names_a_folder(out):
             raise folder_refusal(out, SERIES_OUTPUTS)
         check_output_path(out, inputs=inputs, overwrite=args.overwrite, series=is_series,
                           named_after=args.output if out in derived else None)
     for out in volumes:
-        if out is not None and not (series is not None and out == args.output):
+        if out is not None and out != series_path:
             check_output_suffix(out)
 
 

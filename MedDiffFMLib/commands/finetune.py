@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..checkpoints import read_model_info, resolve_model, training_state_record
+    from ..checkpoints import read_model_info, resolve_model
     from ..config import ModelConfig
     from ..finetune import DEFAULT_LESION_PROBABILITY, check_finetune_start, check_training_factor, finetune
     from ..training import TrainSettings
@@ -50,9 +50,9 @@ def run(args: argparse.Namespace) -> int:
                              half_export=_common.half_export(args), low_noise_fraction=0.0, precision=args.precision)
     settings.check(cfg)  # before the (slow) data preparation
     factor = check_training_factor(args.factor, cfg) if args.task == "super-resolution" else None
-    check_finetune_start(args.base, args.task, args.out, args.resume, factor)
+    _, resumed = check_finetune_start(args.base, args.task, args.out, args.resume, factor)
     if args.task == "lesion" and args.lesion_probability is None:  # as train's patch mix: the run's own, if any
-        trained_on = (training_state_record(args.out).get("training_data") or {}) if args.resume else {}
+        trained_on = resumed.get("training_data") or {}
         args.lesion_probability = trained_on.get("lesion_probability", DEFAULT_LESION_PROBABILITY)
     val_spec = args.val_data if args.val_data is not None else (["validation"] if args.data == ["train"] else [])
     _common.check_training_region(args, cfg.regions, args.data, val_spec)
